@@ -1,0 +1,271 @@
+//! The stored object model: every object has Kubernetes-shaped metadata, a spec and a status.
+//!
+//! Objects are stored as JSON. `resource_version` is never stored: it is the store's
+//! `mod_revision` of the key, filled in on every read (as Kubernetes does over etcd).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::service::ServiceSpec;
+
+/// Metadata shared by every object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Store revision of the last write of this object (0 = not yet stored).
+    #[serde(default)]
+    pub resource_version: u64,
+    /// Bumped on every change of `spec`.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    /// Set when graceful deletion has begun (RFC 3339); the owner finishes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
+}
+
+impl ObjectMeta {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Implemented by every stored kind.
+pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// Kind name, as in the API (`Service`).
+    const KIND: &'static str;
+    /// Store key prefix, ending in `/`; the key of an object is `PREFIX + name`.
+    const PREFIX: &'static str;
+    fn metadata(&self) -> &ObjectMeta;
+    fn metadata_mut(&mut self) -> &mut ObjectMeta;
+    fn key(&self) -> String {
+        format!("{}{}", Self::PREFIX, self.metadata().name)
+    }
+    fn key_for(name: &str) -> String {
+        format!("{}{}", Self::PREFIX, name)
+    }
+}
+
+macro_rules! object {
+    ($t:ty, $kind:literal, $prefix:literal) => {
+        impl Object for $t {
+            const KIND: &'static str = $kind;
+            const PREFIX: &'static str = $prefix;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+    #[serde(default)]
+    pub status: ServiceStatus,
+}
+object!(Service, "Service", "/registry/services/");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Instances that exist and are not being deleted.
+    #[serde(default)]
+    pub replicas: u32,
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Hash of the spec the current instances are created from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spec_hash: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instance
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    pub metadata: ObjectMeta,
+    pub spec: InstanceSpec,
+    #[serde(default)]
+    pub status: InstanceStatus,
+}
+object!(Instance, "Instance", "/registry/instances/");
+
+impl Instance {
+    /// True when the gateway may send new requests to this instance.
+    pub fn is_routable(&self) -> bool {
+        self.metadata.deletion_timestamp.is_none()
+            && self.status.ready
+            && self.status.phase == Phase::Running
+    }
+}
+
+/// What an instance runs. Written by the controller, immutable once created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSpec {
+    /// Owning service.
+    pub service: String,
+    /// Node the instance is bound to.
+    pub node: String,
+    /// Hash of `template`, identifies the revision the instance runs.
+    pub spec_hash: String,
+    /// Snapshot of the service spec at creation.
+    pub template: ServiceSpec,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Accepted, process not started yet.
+    #[default]
+    Pending,
+    /// Process started; startup probe (if any) not yet passed.
+    Starting,
+    /// Process running and past its startup probe.
+    Running,
+    /// Process exited and is waiting for its next restart.
+    Backoff,
+    /// Waiting for a restart after repeated consecutive failures.
+    CrashLoopBackOff,
+    /// Stop signal sent; waiting for the process group to exit.
+    Stopping,
+    /// Exited successfully and will not be restarted.
+    Succeeded,
+    /// Exited unsuccessfully and will not be restarted.
+    Failed,
+}
+
+impl Phase {
+    /// No process will run for this instance again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Backoff => "Backoff",
+            Phase::CrashLoopBackOff => "CrashLoopBackOff",
+            Phase::Stopping => "Stopping",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Observed state of an instance. Written by the agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default)]
+    pub ready: bool,
+    /// Restarts of the process within this instance.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Address other components use to reach the instance's ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Allocated host port per named port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// RFC 3339, start of the current process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// Human-readable reason for the current phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// `Completed`, `Error`, `OOMKilled`, `Signaled`, `LivenessFailed`, `Stopped`.
+    pub reason: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    /// RFC 3339.
+    pub sampled_at: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub metadata: ObjectMeta,
+    pub involved: ObjectRef,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// Short CamelCase reason (`Started`, `Killed`, `OOMKilled`, `Unhealthy`, …).
+    pub reason: String,
+    pub message: String,
+    /// Component that reported it (`agent/local`, `controller`, `api`).
+    pub source: String,
+    /// RFC 3339.
+    pub timestamp: String,
+}
+object!(Event, "Event", "/registry/events/");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// Current time as RFC 3339 with millisecond precision (UTC).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}

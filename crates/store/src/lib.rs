@@ -1,0 +1,95 @@
+//! Revisioned key-value store with etcd's semantics: one global revision bumped by every write,
+//! per-key `create_revision`/`mod_revision`/`version`, compare-and-swap, prefix lists read at a
+//! revision, and watches that resume from a revision or answer `Compacted` so the client relists.
+
+mod error;
+pub mod typed;
+
+pub use error::StoreError;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+/// A global store revision. Every successful write bumps it by one.
+pub type Revision = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key.
+    pub create_revision: Revision,
+    /// Revision of the last write of the key (an object's `resource_version`).
+    pub mod_revision: Revision,
+    /// Number of writes since creation (1 after create).
+    pub version: u64,
+}
+
+/// Condition a write needs to hold, checked atomically with the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Write unconditionally.
+    None,
+    /// The key must not exist.
+    Absent,
+    /// The key must exist with exactly this `mod_revision`.
+    ModRevision(Revision),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListResult {
+    pub items: Vec<KeyValue>,
+    /// Revision the list was read at; watch from it to see every later change.
+    pub revision: Revision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put { kv: KeyValue, prev: Option<KeyValue> },
+    Delete { key: String, revision: Revision, prev: Option<KeyValue> },
+}
+
+impl WatchEvent {
+    pub fn revision(&self) -> Revision {
+        match self {
+            WatchEvent::Put { kv, .. } => kv.mod_revision,
+            WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { kv, .. } => &kv.key,
+            WatchEvent::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// A live watch. Events arrive in revision order. If the watcher falls too far behind, it
+/// receives one `Err(StoreError::Compacted { .. })` and then the channel closes: relist.
+#[derive(Debug)]
+pub struct Watch {
+    pub rx: mpsc::Receiver<Result<WatchEvent, StoreError>>,
+}
+
+impl Watch {
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, StoreError>> {
+        self.rx.recv().await
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// All keys starting with `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError>;
+    /// Writes `value`; returns the stored key-value. `Conflict` if `pre` does not hold.
+    async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition)
+    -> Result<KeyValue, StoreError>;
+    /// Deletes `key`; returns the deleted value, `None` if absent (and `pre` is `None`).
+    async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError>;
+    /// Events for keys under `prefix` with revision > `after`.
+    /// `Compacted` if `after` is older than the retained history.
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError>;
+    /// The current global revision.
+    fn revision(&self) -> Revision;
+}
