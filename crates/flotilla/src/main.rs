@@ -1,1 +1,173 @@
-fn main() {}
+//! The `flotilla` binary: CLI parsing and wiring only.
+
+mod client;
+mod commands;
+mod context;
+mod output;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about = "Run and supervise services on one machine or a small fleet")]
+pub struct Cli {
+    /// API address (host:port or URL); default: from the context file written by `up`.
+    #[arg(long, global = true, env = "FLOTILLA_API")]
+    pub api: Option<String>,
+    /// Bearer token; default: the token file named in the context file.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory (store, logs, admin token).
+    #[arg(long, global = true, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format of flotilla's own logs.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FLOTILLA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run everything on this machine: store, API, controller, agent, gateway.
+    Up(UpArgs),
+    /// Create or update the services in a file.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List objects.
+    Get {
+        #[arg(value_enum)]
+        kind: Kind,
+        /// Only this one.
+        name: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Label selector (`app=web,tier!=db`).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+        /// Instances of this service only.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Show a service in detail: spec, instances and recent events.
+    Describe {
+        #[arg(value_enum)]
+        kind: DescribeKind,
+        name: String,
+    },
+    /// Print the logs of a service's instances.
+    Logs {
+        service: String,
+        #[arg(long)]
+        instance: Option<String>,
+        /// Keep streaming new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// List events, oldest first.
+    Events {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete a service; its instances stop gracefully.
+    Delete {
+        #[arg(value_enum)]
+        kind: DescribeKind,
+        name: String,
+    },
+    /// Print the client's (and the server's, if reachable) version.
+    Version,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Kind {
+    #[value(alias = "service", alias = "svc")]
+    Services,
+    #[value(alias = "instance", alias = "inst")]
+    Instances,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DescribeKind {
+    #[value(alias = "services", alias = "svc")]
+    Service,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// A flotilla file: `[up]` settings and services to apply at start.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// API listen address [default: 127.0.0.1:7070].
+    #[arg(long)]
+    pub api_listen: Option<String>,
+    /// Gateway listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub gateway_listen: Option<String>,
+    /// Metrics listen address [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Node name of this machine.
+    #[arg(long, default_value = "local")]
+    pub node: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_up = matches!(cli.command, Command::Up(_));
+    init_logging(cli.log_format, is_up);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, is_up: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if is_up { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,1 +1,33 @@
+//! flotilla's control plane: the HTTP API, the service controller, events and metrics.
 
+pub mod api;
+pub mod controller;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod openapi;
+pub mod plan;
+pub mod selector;
+
+pub use api::{ApiState, ApplyRequest, ApplyResult, LogSource, apply, router};
+pub use controller::ServiceController;
+pub use error::ApiError;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves `router` on `listener` until `shutdown`, then finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}

@@ -2,10 +2,12 @@
 //! per-key `create_revision`/`mod_revision`/`version`, compare-and-swap, prefix lists read at a
 //! revision, and watches that resume from a revision or answer `Compacted` so the client relists.
 
+pub mod embedded;
 mod error;
 pub mod typed;
 
-pub use error::StoreError;
+pub use embedded::{EmbeddedStore, StoreOptions};
+pub use error::{BoxError, StoreError};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -45,8 +47,15 @@ pub struct ListResult {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
-    Put { kv: KeyValue, prev: Option<KeyValue> },
-    Delete { key: String, revision: Revision, prev: Option<KeyValue> },
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
+    Delete {
+        key: String,
+        revision: Revision,
+        prev: Option<KeyValue>,
+    },
 }
 
 impl WatchEvent {
@@ -83,8 +92,12 @@ pub trait Store: Send + Sync + 'static {
     /// All keys starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError>;
     /// Writes `value`; returns the stored key-value. `Conflict` if `pre` does not hold.
-    async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition)
-    -> Result<KeyValue, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+    ) -> Result<KeyValue, StoreError>;
     /// Deletes `key`; returns the deleted value, `None` if absent (and `pre` is `None`).
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError>;
     /// Events for keys under `prefix` with revision > `after`.

@@ -1,0 +1,220 @@
+//! Starting processes and signalling them: the only place with `pre_exec`.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Gid, Pid, Uid};
+
+/// Everything needed to start one process of an instance.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Added to the agent's own environment.
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+    pub uid: Option<Uid>,
+    pub gid: Option<Gid>,
+    /// RLIMIT_NOFILE (soft and hard).
+    pub open_files: Option<u64>,
+    /// `cgroup.procs` files the child joins before exec.
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+/// Resolves a user given by name or number.
+pub fn resolve_user(spec: &str) -> Result<(Uid, Gid), String> {
+    if let Ok(n) = spec.parse::<u32>() {
+        let uid = Uid::from_raw(n);
+        let gid = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map_or(Gid::from_raw(n), |u| u.gid);
+        return Ok((uid, gid));
+    }
+    match nix::unistd::User::from_name(spec) {
+        Ok(Some(u)) => Ok((u.uid, u.gid)),
+        Ok(None) => Err(format!("user {spec:?} does not exist")),
+        Err(e) => Err(format!("cannot look up user {spec:?}: {e}")),
+    }
+}
+
+/// Resolves a group given by name or number.
+pub fn resolve_group(spec: &str) -> Result<Gid, String> {
+    if let Ok(n) = spec.parse::<u32>() {
+        return Ok(Gid::from_raw(n));
+    }
+    match nix::unistd::Group::from_name(spec) {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => Err(format!("group {spec:?} does not exist")),
+        Err(e) => Err(format!("cannot look up group {spec:?}: {e}")),
+    }
+}
+
+/// A pipe for the child's stdout and stderr: (read end for the agent, write end for the child).
+pub fn output_pipe() -> std::io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
+    Ok((rx, w))
+}
+
+/// Starts the process in its own process group, with stdout+stderr on `output`.
+///
+/// In the child, between fork and exec (async-signal-safe calls only, nothing allocates):
+/// join the cgroups, set RLIMIT_NOFILE, drop to the configured group/user, then arm
+/// `PR_SET_PDEATHSIG(SIGKILL)` (after the credential change, which would clear it) and check
+/// the agent did not die in the meantime.
+pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(&spec.env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(output.try_clone()?))
+        .stderr(std::process::Stdio::from(output))
+        .process_group(0);
+    if let Some(w) = &spec.workdir {
+        cmd.current_dir(w);
+    }
+    let procs: Vec<CString> = spec
+        .cgroup_procs
+        .iter()
+        .map(|p| CString::new(p.as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let open_files = spec.open_files;
+    let (uid, gid) = (spec.uid, spec.gid);
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure only makes async-signal-safe system calls (open, write, close,
+    // setrlimit, setgroups, setgid, setuid, prctl, getppid) on data prepared before fork;
+    // it does not allocate or take locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::fcntl::{OFlag, open};
+            use nix::sys::stat::Mode;
+            for p in &procs {
+                let fd = open(p.as_c_str(), OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+                nix::unistd::write(&fd, b"0")?;
+            }
+            if let Some(n) = open_files {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)?;
+            }
+            if let Some(g) = gid {
+                nix::unistd::setgroups(&[g])?;
+                nix::unistd::setgid(g)?;
+            }
+            if let Some(u) = uid {
+                nix::unistd::setuid(u)?;
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Parses a stop signal name: `SIGTERM`, `TERM`, `sigterm`, or a number.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let up = name.trim().to_ascii_uppercase();
+    if let Ok(n) = up.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    full.parse().ok()
+}
+
+/// Signals a process group; a vanished group is not an error.
+pub fn signal_group(pgid: u32, sig: Signal) {
+    if let Ok(p) = i32::try_from(pgid) {
+        let _ = killpg(Pid::from_raw(p), sig);
+    }
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`, from `/proc`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((state, pgrp)) = parse_stat(&stat) {
+            if pgrp == pgid && state != 'Z' && state != 'X' {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// (state, pgrp) from a `/proc/<pid>/stat` line (the comm field may contain anything).
+pub fn parse_stat(stat: &str) -> Option<(char, u32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut it = rest.split_whitespace();
+    let state = it.next()?.chars().next()?;
+    let _ppid = it.next()?;
+    let pgrp = it.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("SIGTERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("HUP"), Some(Signal::SIGHUP));
+        assert_eq!(parse_signal("2"), Some(Signal::SIGINT));
+        assert_eq!(parse_signal("NOPE"), None);
+    }
+
+    #[test]
+    fn stat_parsing() {
+        assert_eq!(parse_stat("123 (a b) c) S 1 456 456 0"), Some(('S', 456)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn users() {
+        assert_eq!(resolve_user("root").unwrap().0, Uid::from_raw(0));
+        assert_eq!(resolve_user("0").unwrap().1, Gid::from_raw(0));
+        assert!(resolve_user("no-such-user-flotilla").is_err());
+        assert_eq!(resolve_group("12345").unwrap(), Gid::from_raw(12345));
+    }
+
+    #[tokio::test]
+    async fn spawn_in_own_group_with_output_pipe() {
+        use tokio::io::AsyncReadExt;
+        let (mut rx, w) = output_pipe().unwrap();
+        let spec = LaunchSpec {
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo out; echo err >&2; echo \"$X $(ulimit -n)\"".into()],
+            env: BTreeMap::from([("X".to_string(), "hello".to_string())]),
+            workdir: Some(std::env::temp_dir()),
+            uid: None,
+            gid: None,
+            open_files: Some(123),
+            cgroup_procs: vec![],
+        };
+        let mut child = spawn(&spec, w).unwrap();
+        let pid = child.id().unwrap();
+        let st = child.wait().await.unwrap();
+        assert!(st.success());
+        let mut out = String::new();
+        rx.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "out\nerr\nhello 123\n");
+        assert!(group_members(pid).is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! A small HTTP client for the API, on hyper (the same stack as the gateway and the server).
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+pub struct Client {
+    base: String,
+    token: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+/// An error answered by the API, rendered for people.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+    pub details: Vec<(String, String)>,
+    pub request_id: Option<String>,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.details.len() > 1 {
+            write!(f, "{} ({}):", self.status.as_u16(), reason(self.status))?;
+            for (field, message) in &self.details {
+                write!(f, "\n  {field}: {message}")?;
+            }
+        } else {
+            write!(f, "{}", self.message)?;
+            if let Some(field) = &self.field {
+                write!(f, " (field {field})")?;
+            }
+        }
+        if let Some(id) = &self.request_id {
+            write!(f, " [request {id}]")?;
+        }
+        Ok(())
+    }
+}
+
+fn reason(s: StatusCode) -> &'static str {
+    s.canonical_reason().unwrap_or("error")
+}
+
+impl std::error::Error for ApiFailure {}
+
+impl Client {
+    pub fn new(base: &str, token: String) -> Self {
+        let http = HyperClient::builder(TokioExecutor::new()).build_http();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Request<Full<Bytes>>> {
+        let uri: Uri = format!("{}{}", self.base, path)
+            .parse()
+            .with_context(|| format!("bad API address {:?}", self.base))?;
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token));
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+    }
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>> {
+        self.http.request(request).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the flotilla API at {} ({e}); is `flotilla up` running? (set --api / FLOTILLA_API)",
+                self.base
+            )
+        })
+    }
+
+    /// Sends a request and returns the body, turning API errors into [`ApiFailure`].
+    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes)> {
+        let response = self.send(self.request(method, path, body)?).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the API's answer")?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(failure(status, &bytes).into());
+        }
+        Ok((status, bytes))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (_, body) = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&body).with_context(|| format!("unexpected answer from GET {path}"))
+    }
+
+    /// Streams the body of a GET, calling `chunk` for each piece until the server ends it.
+    pub async fn stream(&self, path: &str, mut chunk: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let response = self.send(self.request(Method::GET, path, None)?).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.context("reading the API's answer")?.to_bytes();
+            return Err(failure(status, &bytes).into());
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the API closed the stream")?;
+            if let Some(data) = frame.data_ref() {
+                chunk(data)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn failure(status: StatusCode, body: &[u8]) -> ApiFailure {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let error = &value["error"];
+    let message = error["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{} {}", status.as_u16(), String::from_utf8_lossy(body).trim()));
+    let details = error["details"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|d| {
+                    (
+                        d["field"].as_str().unwrap_or_default().to_string(),
+                        d["message"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ApiFailure {
+        status,
+        message,
+        field: error["field"].as_str().map(str::to_string),
+        details,
+        request_id: value["requestId"].as_str().map(str::to_string),
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn ensure_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name.contains('?') || name.contains('#') {
+        bail!("invalid {kind} name {name:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The client commands: each turns resolved arguments into API calls and prints the result.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use flotilla_spec::{Event, FlotillaFile, Instance, Service};
+use hyper::Method;
+use serde::Deserialize;
+
+use crate::client::{Client, encode, ensure_name};
+use crate::context::{self, api_url};
+use crate::output;
+use crate::{Cli, Command, Kind, Output};
+
+#[derive(Deserialize)]
+struct List<T> {
+    items: Vec<T>,
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let Cli {
+        api,
+        token,
+        data_dir,
+        command,
+        ..
+    } = cli;
+    if let Command::Up(args) = command {
+        return crate::up::run(args, data_dir).await;
+    }
+    if let Command::Version = command {
+        println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
+        if let Ok(client) = connect(api, token, data_dir) {
+            match client.get::<serde_json::Value>("/version").await {
+                Ok(v) => println!("flotilla {} (server)", v["version"].as_str().unwrap_or("?")),
+                Err(e) => println!("server: not reachable ({e})"),
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let client = connect(api, token, data_dir)?;
+    match command {
+        Command::Apply { file } => apply(&client, &file).await,
+        Command::Get {
+            kind,
+            name,
+            output,
+            selector,
+            service,
+        } => get(&client, kind, name, output, selector, service).await,
+        Command::Describe { name, .. } => describe(&client, &name).await,
+        Command::Logs {
+            service,
+            instance,
+            follow,
+            tail,
+        } => logs(&client, &service, instance, follow, tail).await,
+        Command::Events { follow, output } => events(&client, follow, output).await,
+        Command::Delete { name, .. } => {
+            ensure_name("service", &name)?;
+            client
+                .call(Method::DELETE, &format!("/api/v1/services/{name}"), None)
+                .await?;
+            println!("service/{name} deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(_) | Command::Version => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Finds the API and the token: flags/env first, then the context file `up` wrote, then the
+/// default address with the token from the data directory.
+fn connect(
+    api: Option<String>,
+    token: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<Client> {
+    let ctx = context::read_context()?;
+    let base = match (&api, &ctx) {
+        (Some(a), _) => api_url(a),
+        (None, Some((_, c))) => c.api.clone(),
+        (None, None) => api_url(context::DEFAULT_API),
+    };
+    let token = match (token, &ctx, data_dir) {
+        (Some(t), _, _) => t,
+        (None, _, Some(dir)) => context::read_token(&dir.join(context::TOKEN_FILE))?,
+        (None, Some((_, c)), None) => context::read_token(&c.token_file)?,
+        (None, None, None) => context::read_token(&context::default_data_dir()?.join(context::TOKEN_FILE))
+            .context("no token: start `flotilla up`, or pass --token / FLOTILLA_TOKEN")?,
+    };
+    Ok(Client::new(&base, token))
+}
+
+/// Parses a flotilla file, printing every error with file:line:col, and resolves relative
+/// paths against the file's directory.
+pub fn load_file(path: &Path) -> Result<FlotillaFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let shown = path.display().to_string();
+    let mut file = match flotilla_spec::parse_file(&text, &shown) {
+        Ok(f) => f,
+        Err(errors) => bail!("{} is invalid:\n{errors}", shown),
+    };
+    let abs = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let base = abs
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".to_string());
+    for spec in file.service.values_mut() {
+        flotilla_spec::resolve_paths(spec, &base);
+    }
+    Ok(file)
+}
+
+async fn apply(client: &Client, path: &Path) -> Result<ExitCode> {
+    let file = load_file(path)?;
+    if file.service.is_empty() {
+        bail!("{} declares no [service.NAME] table", path.display());
+    }
+    let mut failed = false;
+    for (name, spec) in &file.service {
+        let body = serde_json::json!({ "metadata": { "name": name }, "spec": spec });
+        match client
+            .call(Method::POST, "/api/v1/services", Some(serde_json::to_vec(&body)?))
+            .await
+        {
+            Ok((_, bytes)) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                println!("service/{name} {}", v["result"].as_str().unwrap_or("applied"));
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("error: service/{name}: {e:#}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn get(
+    client: &Client,
+    kind: Kind,
+    name: Option<String>,
+    out: Output,
+    selector: Option<String>,
+    service: Option<String>,
+) -> Result<ExitCode> {
+    let mut query = Vec::new();
+    if let Some(s) = &selector {
+        query.push(format!("labelSelector={}", encode(s)));
+    }
+    if let Some(s) = &service {
+        query.push(format!("service={}", encode(s)));
+    }
+    let q = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    };
+    let stdout = &mut std::io::stdout().lock();
+    match (kind, name) {
+        (Kind::Services, Some(name)) => {
+            ensure_name("service", &name)?;
+            let s: Service = client.get(&format!("/api/v1/services/{name}")).await?;
+            print_items(stdout, out, &[s], output::services_table)?;
+        }
+        (Kind::Services, None) => {
+            let l: List<Service> = client.get(&format!("/api/v1/services{q}")).await?;
+            print_items(stdout, out, &l.items, output::services_table)?;
+        }
+        (Kind::Instances, Some(name)) => {
+            ensure_name("instance", &name)?;
+            let i: Instance = client.get(&format!("/api/v1/instances/{name}")).await?;
+            print_items(stdout, out, &[i], output::instances_table)?;
+        }
+        (Kind::Instances, None) => {
+            let l: List<Instance> = client.get(&format!("/api/v1/instances{q}")).await?;
+            print_items(stdout, out, &l.items, output::instances_table)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_items<T: serde::Serialize>(
+    w: &mut impl Write,
+    out: Output,
+    items: &[T],
+    table: fn(&[T]) -> String,
+) -> Result<()> {
+    match out {
+        Output::Json => {
+            let v = if items.len() == 1 {
+                serde_json::to_value(&items[0])?
+            } else {
+                serde_json::json!({ "items": items })
+            };
+            writeln!(w, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        Output::Table => write!(w, "{}", table(items))?,
+    }
+    Ok(())
+}
+
+async fn describe(client: &Client, name: &str) -> Result<ExitCode> {
+    ensure_name("service", name)?;
+    let service: Service = client.get(&format!("/api/v1/services/{name}")).await?;
+    let instances: List<Instance> = client
+        .get(&format!("/api/v1/instances?service={}", encode(name)))
+        .await?;
+    let events: List<Event> = client.get("/api/v1/events").await?;
+    let related: Vec<Event> = events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved.name == name || instances.items.iter().any(|i| i.metadata.name == e.involved.name)
+        })
+        .collect();
+    let recent = &related[related.len().saturating_sub(20)..];
+    print!("{}", output::describe_service(&service, &instances.items, recent));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(
+    client: &Client,
+    service: &str,
+    instance: Option<String>,
+    follow: bool,
+    tail: Option<usize>,
+) -> Result<ExitCode> {
+    ensure_name("service", service)?;
+    let mut query = Vec::new();
+    if let Some(i) = &instance {
+        query.push(format!("instance={}", encode(i)));
+    }
+    if let Some(t) = tail {
+        query.push(format!("tail={t}"));
+    }
+    if follow {
+        query.push("follow=true".to_string());
+    }
+    let path = format!("/api/v1/services/{service}/logs?{}", query.join("&"));
+    let mut stdout = std::io::stdout();
+    client
+        .stream(&path, |chunk| {
+            stdout.write_all(chunk)?;
+            stdout.flush()?;
+            Ok(())
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> {
+    if !follow {
+        let l: List<Event> = client.get("/api/v1/events").await?;
+        print_items(&mut std::io::stdout().lock(), out, &l.items, output::events_table)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut pending = Vec::new();
+    let mut header = out == Output::Table;
+    client
+        .stream("/api/v1/events?follow=true", |chunk| {
+            pending.extend_from_slice(chunk);
+            let mut stdout = std::io::stdout().lock();
+            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                match out {
+                    Output::Json => stdout.write_all(&line)?,
+                    Output::Table => {
+                        let e: Event = serde_json::from_slice(&line).context("bad event from the API")?;
+                        if header {
+                            write!(stdout, "{}", output::events_header())?;
+                            header = false;
+                        }
+                        write!(stdout, "{}", output::event_row(&e))?;
+                    }
+                }
+            }
+            stdout.flush()?;
+            Ok(())
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,256 @@
+//! `flotilla up`: every component in one process, on the embedded store.
+//!
+//! Start-up order: store → token → listeners (so addresses are known and errors are early) →
+//! controller, agent, gateway, API → apply the file's services through the API's own apply path.
+//! Shutdown (SIGINT/SIGTERM): the gateway and API stop accepting, the agent stops every
+//! workload gracefully (stop signal, grace period, SIGKILL of what is left), then exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use async_trait::async_trait;
+use bytes::Bytes;
+use flotilla_agent::{Agent, AgentConfig};
+use flotilla_gateway::{Gateway, GatewayConfig};
+use flotilla_server::{ApplyRequest, LogSource, ServiceController};
+use flotilla_store::{EmbeddedStore, Store};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::UpArgs;
+use crate::context::{self, ContextFile};
+
+/// Serves instance logs from the agent's files.
+struct AgentLogs {
+    data_dir: PathBuf,
+}
+
+#[async_trait]
+impl LogSource for AgentLogs {
+    async fn read(&self, instance: &str, tail: Option<usize>) -> Result<Vec<u8>, String> {
+        flotilla_agent::logs::read(&self.data_dir, instance, tail)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn follow(
+        &self,
+        instance: &str,
+        tail: Option<usize>,
+        shutdown: CancellationToken,
+    ) -> mpsc::Receiver<Result<Bytes, String>> {
+        let mut inner = flotilla_agent::logs::follow(&self.data_dir, instance, tail, shutdown.clone());
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    item = inner.recv() => item,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item.map_err(|e| e.to_string())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("invalid {what} address {addr:?} (expected host:port)"))?;
+    TcpListener::bind(parsed)
+        .await
+        .with_context(|| format!("cannot listen for the {what} on {addr}"))
+}
+
+pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCode> {
+    let started = Instant::now();
+    let file = match &args.file {
+        Some(path) => Some(crate::commands::load_file(path)?),
+        None => None,
+    };
+    let up = file.as_ref().and_then(|f| f.up.clone()).unwrap_or_default();
+    let file_dir = args
+        .file
+        .as_ref()
+        .and_then(|p| std::path::absolute(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+
+    let data_dir = match (data_dir_flag, &up.data_dir, &file_dir) {
+        (Some(d), _, _) => d,
+        (None, Some(d), Some(base)) => base.join(d),
+        (None, Some(d), None) => PathBuf::from(d),
+        (None, None, _) => context::default_data_dir()?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let data_dir = std::path::absolute(&data_dir)?;
+
+    let store_path = data_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&store_path)
+            .with_context(|| format!("opening the store at {} (is another `flotilla up` using this data directory?)", store_path.display()))?,
+    );
+    let token = context::ensure_token(&data_dir)?;
+
+    let api_addr = args.api_listen.or(up.api).unwrap_or_else(|| context::DEFAULT_API.to_string());
+    let gw_addr = args
+        .gateway_listen
+        .or(up.gateway)
+        .unwrap_or_else(|| context::DEFAULT_GATEWAY.to_string());
+    let metrics_addr = args
+        .metrics_listen
+        .or(up.metrics)
+        .unwrap_or_else(|| context::DEFAULT_METRICS.to_string());
+    let api_listener = bind("API", &api_addr).await?;
+    let metrics_listener = bind("metrics", &metrics_addr).await?;
+    let api_local = api_listener.local_addr()?;
+    let metrics_local = metrics_listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let mut registry = Registry::default();
+    let controller = ServiceController::new(store.clone(), &args.node, &mut registry);
+    let agent = Agent::new(
+        AgentConfig::new(&args.node, data_dir.clone()),
+        store.clone(),
+        &mut registry,
+    )
+    .map_err(|e| anyhow!(e))
+    .context("starting the agent")?;
+    let gw_socket: SocketAddr = gw_addr
+        .parse()
+        .with_context(|| format!("invalid gateway address {gw_addr:?} (expected host:port)"))?;
+    let gateway = Gateway::bind(GatewayConfig::new(gw_socket), store.clone(), &mut registry)
+        .await
+        .with_context(|| format!("cannot listen for the gateway on {gw_addr}"))?;
+    let gw_local = gateway.local_addr();
+    let api_state = flotilla_server::ApiState::new(
+        store.clone(),
+        token,
+        Arc::new(AgentLogs {
+            data_dir: data_dir.clone(),
+        }),
+        &mut registry,
+        shutdown.clone(),
+    );
+    let registry = Arc::new(registry);
+
+    // Every task is owned here and ends when `shutdown` is cancelled.
+    let agent_shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn({
+        let s = shutdown.clone();
+        async move {
+            controller.run(s).await;
+            Ok::<_, anyhow::Error>("controller")
+        }
+    });
+    let agent_task = tokio::spawn({
+        let s = agent_shutdown.clone();
+        async move { agent.run(s).await }
+    });
+    tasks.spawn({
+        let s = shutdown.clone();
+        async move {
+            gateway.run(s).await.context("gateway")?;
+            Ok("gateway")
+        }
+    });
+    tasks.spawn({
+        let s = shutdown.clone();
+        let router = flotilla_server::router(api_state);
+        async move {
+            flotilla_server::serve(api_listener, router, s).await.context("API server")?;
+            Ok("api")
+        }
+    });
+    tasks.spawn({
+        let s = shutdown.clone();
+        let router = flotilla_server::metrics::router(registry.clone());
+        async move {
+            flotilla_server::serve(metrics_listener, router, s).await.context("metrics server")?;
+            Ok("metrics")
+        }
+    });
+
+    // The file's services go through the same apply as the API.
+    if let Some(file) = &file {
+        for (name, spec) in &file.service {
+            match flotilla_server::apply(&*store, ApplyRequest::new(name, spec.clone()), "up").await {
+                Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
+                Err(e) => {
+                    shutdown.cancel();
+                    agent_shutdown.cancel();
+                    return Err(anyhow!("service {name}: {}", e.message));
+                }
+            }
+        }
+    }
+
+    let api_url = format!("http://{api_local}");
+    let ctx_path = context::write_context(&ContextFile {
+        api: api_url.clone(),
+        token_file: data_dir.join(context::TOKEN_FILE),
+        gateway: format!("http://{gw_local}"),
+        metrics: format!("http://{metrics_local}/metrics"),
+        pid: std::process::id(),
+    })?;
+    println!("flotilla {} is up in {:.0?}", env!("CARGO_PKG_VERSION"), started.elapsed());
+    println!("  API       {api_url}  (token: {})", data_dir.join(context::TOKEN_FILE).display());
+    println!("  gateway   http://{gw_local}");
+    println!("  metrics   http://{metrics_local}/metrics");
+    println!("  data      {}", data_dir.display());
+    println!("  context   {}", ctx_path.display());
+    println!("Ctrl-C stops every workload and exits.");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut failed: Option<anyhow::Error> = None;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
+        done = tasks.join_next() => {
+            let e = match done {
+                Some(Ok(Ok(name))) => anyhow!("{name} stopped unexpectedly"),
+                Some(Ok(Err(e))) => e,
+                Some(Err(e)) => anyhow!("a task failed: {e}"),
+                None => anyhow!("no tasks left"),
+            };
+            tracing::error!(error = %e, "shutting down after a failure");
+            failed = Some(e);
+        }
+    }
+    // Stop the controller first so nothing new is created, then the workloads, then the rest.
+    shutdown.cancel();
+    agent_shutdown.cancel();
+    match agent_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "agent shutdown reported an error"),
+        Err(e) => tracing::error!(error = %e, "agent task failed"),
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "task ended with an error");
+        }
+    }
+    if let Ok(Some((_, ctx))) = context::read_context()
+        && ctx.pid == std::process::id()
+        && let Ok(dir) = context::config_dir()
+    {
+        let _ = std::fs::remove_file(dir.join("context.json"));
+    }
+    tracing::info!("all workloads stopped; bye");
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}

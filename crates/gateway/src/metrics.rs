@@ -1,0 +1,132 @@
+//! The gateway's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets_range};
+use prometheus_client::registry::Registry;
+
+/// `route` label value of requests no route matched.
+pub const NO_ROUTE: &str = "none";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Service name, or [`NO_ROUTE`].
+    pub route: String,
+    /// `1xx` … `5xx`.
+    pub status_class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// Handles to the registered metrics (cheap to clone: they share their values).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    upstream_errors: Family<RouteLabels, Counter>,
+}
+
+/// 100 µs … 10 s, three buckets per decade.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets_range(0.000_1, 10.0, 16))
+}
+
+impl Metrics {
+    /// Registers `flotilla_gateway_requests_total{route,status_class}`,
+    /// `flotilla_gateway_request_duration_seconds{route}` and
+    /// `flotilla_gateway_upstream_errors_total{route}` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::unregistered();
+        registry.register(
+            "flotilla_gateway_requests",
+            "Requests answered by the gateway, by route (service; none when no route matched) \
+             and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_request_duration_seconds",
+            "Time from receiving a request to sending the response head, by route",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_upstream_errors",
+            "Failed attempts to get a response from an upstream instance (each retry counts)",
+            metrics.upstream_errors.clone(),
+        );
+        metrics
+    }
+
+    /// Metrics that are not exported anywhere.
+    pub fn unregistered() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            upstream_errors: Family::default(),
+        }
+    }
+
+    pub fn observe(&self, route: &str, status: http::StatusCode, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status_class: status_class(status),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn upstream_error(&self, route: &str) {
+        self.upstream_errors
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+}
+
+fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names_and_buckets() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics.observe("web", http::StatusCode::OK, 0.002);
+        metrics.observe(NO_ROUTE, http::StatusCode::NOT_FOUND, 0.000_05);
+        metrics.upstream_error("web");
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"flotilla_gateway_requests_total{route="web",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"flotilla_gateway_requests_total{route="none",status_class="4xx"} 1"#));
+        assert!(text.contains(r#"flotilla_gateway_upstream_errors_total{route="web"} 1"#));
+        assert!(text.contains(r#"flotilla_gateway_request_duration_seconds_bucket{le="0.0001",route="web"}"#)
+            || text.contains(r#"flotilla_gateway_request_duration_seconds_bucket{route="web",le="0.0001"}"#), "{text}");
+        assert!(text.contains(r#"le="10.0""#) || text.contains(r#"le="10""#), "{text}");
+    }
+}

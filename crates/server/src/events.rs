@@ -1,0 +1,64 @@
+//! Recording and pruning Events.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use flotilla_spec::{Event, EventType, Object, ObjectMeta, ObjectRef, now_rfc3339};
+use flotilla_store::{Store, StoreError, typed};
+use rand::Rng;
+
+/// Events kept in the store; older ones are pruned.
+pub const MAX_EVENTS: usize = 1000;
+
+/// Name for a new event: sorts chronologically, unique across writers.
+pub fn event_name() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let suffix: u32 = rand::rng().random();
+    format!("{nanos:020}-{suffix:08x}")
+}
+
+/// Stores an event. Failures are logged, never propagated: events are for people.
+pub async fn record(
+    store: &dyn Store,
+    kind: &str,
+    name: &str,
+    event_type: EventType,
+    reason: &str,
+    message: impl Into<String>,
+    source: &str,
+) {
+    let message = message.into();
+    let event = Event {
+        metadata: ObjectMeta::named(event_name()),
+        involved: ObjectRef {
+            kind: kind.to_string(),
+            name: name.to_string(),
+        },
+        kind: event_type,
+        reason: reason.to_string(),
+        message: message.clone(),
+        source: source.to_string(),
+        timestamp: now_rfc3339(),
+    };
+    match event_type {
+        EventType::Normal => tracing::info!(kind, name, reason, %message, "event"),
+        EventType::Warning => tracing::warn!(kind, name, reason, %message, "event"),
+    }
+    if let Err(error) = typed::create(store, event).await {
+        tracing::warn!(%error, "could not record event");
+    }
+}
+
+/// Deletes the oldest events beyond `keep`. Returns how many were deleted.
+pub async fn prune(store: &dyn Store, keep: usize) -> Result<usize, StoreError> {
+    let listed = store.list(Event::PREFIX).await?;
+    let excess = listed.items.len().saturating_sub(keep);
+    for kv in &listed.items[..excess] {
+        store
+            .delete(&kv.key, flotilla_store::Precondition::None)
+            .await?;
+    }
+    Ok(excess)
+}

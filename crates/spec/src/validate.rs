@@ -1,0 +1,516 @@
+//! Validation of parsed specs: pure functions returning every problem found.
+//!
+//! [`validate_spec`] returns paths relative to the spec (`probes.readiness.period`); callers
+//! put their own prefix in front (`service.web.` in a file, `spec.` in an API object).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::error::FieldError;
+use crate::expand::{is_var_name, template_vars};
+use crate::file::{FlotillaFile, UpConfig};
+use crate::path::FieldPath;
+use crate::service::{Probe, RouteSpec, ServiceSpec};
+
+/// Stop signals a service may ask for, in canonical form. The spec accepts each of them in any
+/// case, with or without the `SIG` prefix (`SIGTERM`, `TERM`, `sigterm`, `term`).
+pub const STOP_SIGNALS: &[&str] = &["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2"];
+
+/// Most replicas one service may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+/// Most named ports per service.
+pub const MAX_PORTS: usize = 16;
+/// Longest port name (as Kubernetes).
+pub const MAX_PORT_NAME_LEN: usize = 15;
+/// Longest stop grace period.
+pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(3600);
+/// Shortest probe period.
+pub const MIN_PROBE_PERIOD: Duration = Duration::from_millis(10);
+/// Smallest memory limit.
+pub const MIN_MEMORY: u64 = 1 << 20;
+
+/// Start of the message for an invalid `env` key (located at the key, not the value).
+pub(crate) const ENV_NAME_ERROR: &str = "invalid environment variable name";
+
+/// The canonical name (`SIGTERM`) of an allowed stop signal written in any accepted form.
+pub fn normalize_signal_name(s: &str) -> Option<&'static str> {
+    let upper = s.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    STOP_SIGNALS
+        .iter()
+        .copied()
+        .find(|canon| canon.strip_prefix("SIG") == Some(bare))
+}
+
+/// Checks a service name: a DNS label (RFC 1123 as Kubernetes uses it, but starting with a
+/// letter): lowercase letters, digits and `-`, at most 63 characters, starting with a letter
+/// and not ending with `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    dns_label(name, 63).map_err(|why| format!("invalid name {name:?}: {why}"))
+}
+
+fn dns_label(s: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > max {
+        return Err(format!("must be at most {max} characters"));
+    }
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err("must start with a lowercase letter".into());
+    }
+    if s.ends_with('-') {
+        return Err("must not end with `-`".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "invalid character {c:?}: only lowercase letters, digits and `-` are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a route host: a lowercase DNS name (labels of letters, digits and `-`, separated by
+/// dots), without scheme, port or path.
+pub fn validate_hostname(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("must not be empty (leave `host` out to match any host)".into());
+    }
+    if host.contains("://") {
+        return Err("must be a host name, without a scheme".into());
+    }
+    if host.contains(':') {
+        return Err("must be a host name, without a port".into());
+    }
+    if host.contains('/') {
+        return Err("must be a host name, without a path".into());
+    }
+    if host.len() > 253 {
+        return Err("must be at most 253 characters".into());
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err("must not contain empty labels".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} must not start or end with `-`"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            return Err(format!(
+                "invalid character {c:?}: only lowercase letters, digits, `-` and `.` are allowed"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a service: its name (error path: the root) and its spec.
+pub fn validate_service(name: &str, spec: &ServiceSpec) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if let Err(m) = validate_name(name) {
+        errs.push(FieldError::new(FieldPath::root(), m));
+    }
+    errs.extend(validate_spec(spec));
+    errs
+}
+
+/// Checks a service spec. Paths are relative to the spec.
+pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
+    let mut v = Errs::default();
+    let root = FieldPath::root();
+
+    if spec.command.trim().is_empty() {
+        v.push(root.key("command"), "must not be empty");
+    }
+    for (i, arg) in spec.args.iter().enumerate() {
+        if let Err(e) = template_vars(arg) {
+            v.push(root.key("args").index(i), e.to_string());
+        }
+    }
+    if let Some(w) = &spec.workdir {
+        if w.trim().is_empty() {
+            v.push(root.key("workdir"), "must not be empty when set");
+        }
+    }
+    for (k, val) in &spec.env {
+        let p = root.key("env").key(k.clone());
+        if !is_var_name(k) {
+            v.push(
+                p.clone(),
+                format!("{ENV_NAME_ERROR} {k:?}: expected [A-Za-z_][A-Za-z0-9_]*"),
+            );
+        }
+        if let Err(e) = template_vars(val) {
+            v.push(p, e.to_string());
+        }
+    }
+    if let Some(u) = &spec.user {
+        if u.trim().is_empty() {
+            v.push(root.key("user"), "must not be empty when set");
+        }
+    }
+    if let Some(g) = &spec.group {
+        if g.trim().is_empty() {
+            v.push(root.key("group"), "must not be empty when set");
+        }
+    }
+    if spec.replicas > MAX_REPLICAS {
+        v.push(
+            root.key("replicas"),
+            format!("must be at most {MAX_REPLICAS} (got {})", spec.replicas),
+        );
+    }
+
+    // Ports.
+    if spec.ports.len() > MAX_PORTS {
+        v.push(
+            root.key("ports"),
+            format!("at most {MAX_PORTS} ports are allowed (got {})", spec.ports.len()),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for (i, port) in spec.ports.iter().enumerate() {
+        let p = root.key("ports").index(i);
+        if let Err(why) = dns_label(port, MAX_PORT_NAME_LEN) {
+            v.push(p.clone(), format!("invalid port name {port:?}: {why}"));
+        }
+        if !seen.insert(port.as_str()) {
+            v.push(p, format!("duplicate port name {port:?}"));
+        }
+    }
+
+    // Resources.
+    let r = &spec.resources;
+    let rp = root.key("resources");
+    if let Some(cpu) = r.cpu {
+        if cpu.0 < 1 {
+            v.push(rp.key("cpu"), "must be at least 1m when set");
+        }
+    }
+    if let Some(mem) = r.memory {
+        if mem.0 < MIN_MEMORY {
+            v.push(rp.key("memory"), format!("must be at least 1Mi when set (got {mem})"));
+        }
+    }
+    if r.pids == Some(0) {
+        v.push(rp.key("pids"), "must be at least 1 when set");
+    }
+    if r.open_files == Some(0) {
+        v.push(rp.key("open_files"), "must be at least 1 when set");
+    }
+
+    // Probes.
+    let pp = root.key("probes");
+    for (name, probe) in [
+        ("startup", &spec.probes.startup),
+        ("readiness", &spec.probes.readiness),
+        ("liveness", &spec.probes.liveness),
+    ] {
+        if let Some(probe) = probe {
+            check_probe(&mut v, &pp.key(name), name, probe, &spec.ports);
+        }
+    }
+
+    // Restart.
+    let rs = &spec.restart;
+    let rsp = root.key("restart");
+    if rs.backoff_initial.0 < Duration::from_millis(1) {
+        v.push(rsp.key("backoff_initial"), "must be at least 1ms");
+    }
+    if rs.backoff_initial > rs.backoff_max {
+        v.push(
+            rsp.key("backoff_initial"),
+            format!(
+                "must not be longer than backoff_max ({} > {})",
+                rs.backoff_initial, rs.backoff_max
+            ),
+        );
+    }
+
+    // Stop.
+    let sp = root.key("stop");
+    if normalize_signal_name(&spec.stop.signal).is_none() {
+        v.push(
+            sp.key("signal"),
+            format!(
+                "unsupported stop signal {:?}: expected one of {}",
+                spec.stop.signal,
+                STOP_SIGNALS.join(", ")
+            ),
+        );
+    }
+    if spec.stop.grace_period.0 > MAX_GRACE_PERIOD {
+        v.push(
+            sp.key("grace_period"),
+            format!("must be at most 1h (got {})", spec.stop.grace_period),
+        );
+    }
+
+    // Routes.
+    let mut seen_routes: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    for (i, route) in spec.routes.iter().enumerate() {
+        let p = root.key("routes").index(i);
+        check_route(&mut v, &p, route, &spec.ports);
+        if let Some(first) = seen_routes.insert(route_key(route), i) {
+            // Keep the first index for later duplicates.
+            seen_routes.insert(route_key(route), first);
+            v.push(
+                p,
+                format!(
+                    "duplicate route {}: same host and path as routes[{first}]",
+                    describe_route(route)
+                ),
+            );
+        }
+    }
+
+    v.0
+}
+
+fn check_probe(v: &mut Errs, p: &FieldPath, kind: &str, probe: &Probe, ports: &[String]) {
+    let set = [
+        probe.http.is_some(),
+        probe.tcp.is_some(),
+        probe.exec.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        v.push(
+            p.clone(),
+            format!("exactly one of `http`, `tcp`, `exec` must be set (found {set})"),
+        );
+    }
+    if let Some(http) = &probe.http {
+        if !http.path.starts_with('/') {
+            v.push(p.key("http").key("path"), format!("must start with `/` (got {:?})", http.path));
+        }
+        check_port_ref(v, &p.key("http"), http.port.as_deref(), ports);
+    }
+    if let Some(tcp) = &probe.tcp {
+        check_port_ref(v, &p.key("tcp"), tcp.port.as_deref(), ports);
+    }
+    if let Some(exec) = &probe.exec {
+        match exec.command.first() {
+            None => v.push(p.key("exec").key("command"), "must not be empty"),
+            Some(c) if c.trim().is_empty() => v.push(
+                p.key("exec").key("command").index(0),
+                "the program must not be empty",
+            ),
+            Some(_) => {}
+        }
+    }
+    if probe.period.0 < MIN_PROBE_PERIOD {
+        v.push(
+            p.key("period"),
+            format!("must be at least 10ms (got {})", probe.period),
+        );
+    }
+    if probe.timeout.0.is_zero() {
+        v.push(p.key("timeout"), "must be greater than 0");
+    } else if probe.timeout > probe.period {
+        v.push(
+            p.key("timeout"),
+            format!(
+                "must not be longer than period ({} > {})",
+                probe.timeout, probe.period
+            ),
+        );
+    }
+    if probe.success_threshold < 1 {
+        v.push(p.key("success_threshold"), "must be at least 1");
+    } else if kind != "readiness" && probe.success_threshold != 1 {
+        v.push(
+            p.key("success_threshold"),
+            format!("must be 1 for a {kind} probe"),
+        );
+    }
+    if probe.failure_threshold < 1 {
+        v.push(p.key("failure_threshold"), "must be at least 1");
+    }
+}
+
+fn check_port_ref(v: &mut Errs, p: &FieldPath, port: Option<&str>, ports: &[String]) {
+    match port {
+        Some(name) if !ports.iter().any(|x| x == name) => {
+            let msg = if ports.is_empty() {
+                format!("unknown port {name:?}: the service declares no `ports`")
+            } else {
+                format!(
+                    "unknown port {name:?}: expected one of {}",
+                    ports
+                        .iter()
+                        .map(|x| format!("{x:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            v.push(p.key("port"), msg);
+        }
+        Some(_) => {}
+        None if ports.is_empty() => v.push(
+            p.clone(),
+            "needs a port, but the service declares no `ports`",
+        ),
+        None => {}
+    }
+}
+
+fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String]) {
+    if !route.path.starts_with('/') {
+        v.push(p.key("path"), format!("must start with `/` (got {:?})", route.path));
+    } else if route.path.contains(['?', '#']) {
+        v.push(p.key("path"), "must be a path prefix, without query or fragment");
+    }
+    if let Some(host) = &route.host {
+        if let Err(why) = validate_hostname(host) {
+            v.push(p.key("host"), format!("invalid host {host:?}: {why}"));
+        }
+    }
+    check_port_ref(v, p, route.port.as_deref(), ports);
+}
+
+/// Normalized (host, path) of a route: two routes with equal keys match the same requests.
+fn route_key(r: &RouteSpec) -> (Option<String>, String) {
+    let path = r.path.trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    (r.host.as_ref().map(|h| h.to_ascii_lowercase()), path.to_string())
+}
+
+fn describe_route(r: &RouteSpec) -> String {
+    format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path)
+}
+
+/// A route of one service that matches the same host and path as a route of another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "route {host_path} of service {service:?} (routes[{route}]) conflicts with routes[{other_route}] of service {other_service:?}"
+)]
+pub struct RouteConflict {
+    /// The service whose route conflicts (the later one in the list).
+    pub service: String,
+    /// Index of the conflicting route in `service`'s routes.
+    pub route: usize,
+    /// The service that claimed the host and path first (earlier in the list).
+    pub other_service: String,
+    pub other_route: usize,
+    /// `host/path` (`*` for any host).
+    pub host_path: String,
+}
+
+impl RouteConflict {
+    /// As a field error with a path relative to `service`'s spec (`routes[i]`).
+    pub fn to_field_error(&self) -> FieldError {
+        FieldError::new(
+            FieldPath::root().key("routes").index(self.route),
+            format!(
+                "route {} is already used by routes[{}] of service {:?}",
+                self.host_path, self.other_route, self.other_service
+            ),
+        )
+    }
+}
+
+/// Finds routes with the same host and path in two different services. Each conflict is
+/// reported once, against the service that comes later in `services`: to check a new service
+/// against stored ones, put the stored ones first and the new one last. Routes repeated within
+/// one service are reported by [`validate_spec`] instead.
+pub fn validate_routes_across(services: &[(&str, &ServiceSpec)]) -> Vec<RouteConflict> {
+    let mut claimed: BTreeMap<(Option<String>, String), (&str, usize)> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (service, spec) in services {
+        for (i, route) in spec.routes.iter().enumerate() {
+            let key = route_key(route);
+            match claimed.get(&key) {
+                Some((other, j)) if other != service => out.push(RouteConflict {
+                    service: service.to_string(),
+                    route: i,
+                    other_service: other.to_string(),
+                    other_route: *j,
+                    host_path: describe_route(route),
+                }),
+                Some(_) => {}
+                None => {
+                    claimed.insert(key, (service, i));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Checks the `[up]` table. Paths are relative to it.
+pub fn validate_up(up: &UpConfig) -> Vec<FieldError> {
+    let mut v = Errs::default();
+    for (name, addr) in [
+        ("api", &up.api),
+        ("gateway", &up.gateway),
+        ("metrics", &up.metrics),
+    ] {
+        if let Some(a) = addr {
+            if a.parse::<SocketAddr>().is_err() {
+                v.push(
+                    FieldPath::root().key(name),
+                    format!("invalid address {a:?}: expected IP:PORT such as \"127.0.0.1:8080\""),
+                );
+            }
+        }
+    }
+    if let Some(d) = &up.data_dir {
+        if d.trim().is_empty() {
+            v.push(FieldPath::root().key("data_dir"), "must not be empty when set");
+        }
+    }
+    v.0
+}
+
+/// Checks a whole file: `[up]`, every service (name and spec) and routes across services.
+/// Paths are from the file's root (`service.web.replicas`).
+pub fn validate_file(file: &FlotillaFile) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if let Some(up) = &file.up {
+        let prefix = FieldPath::root().key("up");
+        errs.extend(validate_up(up).into_iter().map(|e| e.prefixed(&prefix)));
+    }
+    for (name, spec) in &file.service {
+        let prefix = FieldPath::root().key("service").key(name.clone());
+        errs.extend(
+            validate_service(name, spec)
+                .into_iter()
+                .map(|e| e.prefixed(&prefix)),
+        );
+    }
+    let list: Vec<(&str, &ServiceSpec)> = file
+        .service
+        .iter()
+        .map(|(n, s)| (n.as_str(), s))
+        .collect();
+    for c in validate_routes_across(&list) {
+        let prefix = FieldPath::root().key("service").key(c.service.clone());
+        errs.push(c.to_field_error().prefixed(&prefix));
+    }
+    errs
+}
+
+#[derive(Default)]
+struct Errs(Vec<FieldError>);
+
+impl Errs {
+    fn push(&mut self, path: FieldPath, message: impl Into<String>) {
+        self.0.push(FieldError::new(path, message));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+//! Errors of the store and of the typed helpers.
+
+use std::error::Error as StdError;
+
+use crate::{Precondition, Revision};
+
+/// Boxed source of a backend error.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write's precondition did not hold; nothing was written.
+    #[error("conflict on {key}: expected {expected:?}, found {}", describe_actual(*.actual))]
+    Conflict {
+        key: String,
+        expected: Precondition,
+        /// `mod_revision` of the key when the write was attempted (`None`: absent).
+        actual: Option<Revision>,
+    },
+    /// The requested revision is older than the retained event history (or the watcher fell
+    /// behind): list again and watch from the list's revision.
+    #[error("revision {requested} is compacted; oldest revision to watch from is {oldest}")]
+    Compacted {
+        requested: Revision,
+        /// The smallest `after` a new watch accepts right now.
+        oldest: Revision,
+    },
+    /// The storage backend failed (IO, corruption, a panicked blocking task).
+    #[error("store backend error: {context}")]
+    Backend {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A stored value could not be decoded as the expected type.
+    #[error("cannot decode the value of {key}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value could not be encoded for storage.
+    #[error("cannot encode the value of {key}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An update needs the `resource_version` it read (compare-and-swap), and it was 0.
+    #[error("update of {key} needs metadata.resourceVersion (read the object first)")]
+    MissingResourceVersion { key: String },
+    /// A delete event carried no previous value, so the deleted object cannot be rebuilt.
+    #[error("delete event for {key} carries no previous value")]
+    MissingPrevious { key: String },
+    /// The store has been closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+fn describe_actual(actual: Option<Revision>) -> String {
+    match actual {
+        Some(rev) => format!("mod_revision {rev}"),
+        None => "no key".to_owned(),
+    }
+}
+
+impl StoreError {
+    pub(crate) fn backend(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Backend {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A precondition failed: re-read and retry (or report a conflict to the client).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// The watch cannot resume: list again.
+    pub fn is_compacted(&self) -> bool {
+        matches!(self, StoreError::Compacted { .. })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self, StoreError::Closed)
+    }
+
+    /// Bad data in the store (or a type that does not match it), not a transient failure.
+    pub fn is_decode(&self) -> bool {
+        matches!(self, StoreError::Decode { .. })
+    }
+
+    /// Worth retrying the same request later (the backend may recover).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend { .. })
+    }
+}

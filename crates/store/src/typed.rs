@@ -1,0 +1,482 @@
+//! Typed access to stored objects ([`flotilla_spec::Object`]) over any [`Store`].
+//!
+//! Objects are stored as JSON under `T::PREFIX + name`. `metadata.resource_version` is never
+//! trusted from storage (it is written as 0): every read sets it to the key's `mod_revision`, and
+//! [`update`] / [`delete`] use it for compare-and-swap.
+//!
+//! [`Reflector`] / [`run_reflector`] keep an always-current map of every object of a kind
+//! (list, then watch, relist when compacted), for controllers, the agent and the gateway.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_spec::Object;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{KeyValue, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
+
+/// Most read-modify-write attempts [`modify`] makes before giving up with the last `Conflict`.
+pub const MODIFY_ATTEMPTS: usize = 32;
+
+/// Decodes a stored object and sets its `resource_version` to the key's `mod_revision`.
+pub fn decode<T: Object>(kv: &KeyValue) -> Result<T, StoreError> {
+    let mut obj: T = serde_json::from_slice(&kv.value).map_err(|source| StoreError::Decode {
+        key: kv.key.clone(),
+        source,
+    })?;
+    obj.metadata_mut().resource_version = kv.mod_revision;
+    Ok(obj)
+}
+
+/// Encodes an object for storage, with `resource_version` zeroed (it lives in the store's
+/// `mod_revision`, not in the value).
+pub fn encode<T: Object>(obj: &T) -> Result<Vec<u8>, StoreError> {
+    let encode_err = |source| StoreError::Encode {
+        key: obj.key(),
+        source,
+    };
+    if obj.metadata().resource_version == 0 {
+        return serde_json::to_vec(obj).map_err(encode_err);
+    }
+    let mut stored = obj.clone();
+    stored.metadata_mut().resource_version = 0;
+    serde_json::to_vec(&stored).map_err(encode_err)
+}
+
+/// A random, UUID-v4-shaped identifier (`8-4-4-4-12` lowercase hex).
+pub fn new_uid() -> String {
+    let mut b: u128 = rand::random();
+    b = (b & !(0xF << 76)) | (0x4 << 76); // version 4
+    b = (b & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        b >> 96,
+        (b >> 80) & 0xFFFF,
+        (b >> 64) & 0xFFFF,
+        (b >> 48) & 0xFFFF,
+        b & 0xFFFF_FFFF_FFFF
+    )
+}
+
+/// The object `name` of kind `T`, if it exists.
+pub async fn get<T: Object>(store: &dyn Store, name: &str) -> Result<Option<T>, StoreError> {
+    match store.get(&T::key_for(name)).await? {
+        Some(kv) => decode(&kv).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Every object of kind `T`, in name order, and the revision they were read at (watch from it).
+pub async fn list<T: Object>(store: &dyn Store) -> Result<(Vec<T>, Revision), StoreError> {
+    let listed = store.list(T::PREFIX).await?;
+    let items = listed
+        .items
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<T>, _>>()?;
+    Ok((items, listed.revision))
+}
+
+/// Stores a new object; `Conflict` if one of that name exists. Fills `uid` if empty,
+/// `creation_timestamp` if unset and `generation = 1` if 0. Returns the stored object (with its
+/// `resource_version`).
+pub async fn create<T: Object>(store: &dyn Store, mut obj: T) -> Result<T, StoreError> {
+    let meta = obj.metadata_mut();
+    if meta.uid.is_empty() {
+        meta.uid = new_uid();
+    }
+    if meta.creation_timestamp.is_none() {
+        meta.creation_timestamp = Some(flotilla_spec::now_rfc3339());
+    }
+    if meta.generation == 0 {
+        meta.generation = 1;
+    }
+    meta.resource_version = 0;
+    let kv = store
+        .put(&obj.key(), encode(&obj)?, Precondition::Absent)
+        .await?;
+    obj.metadata_mut().resource_version = kv.mod_revision;
+    Ok(obj)
+}
+
+/// Replaces an object if it is unchanged since it was read: compare-and-swap on
+/// `metadata.resource_version` (`MissingResourceVersion` if 0, `Conflict` if stale or deleted).
+/// Does not touch `generation`: the caller bumps it when it changes the spec.
+pub async fn update<T: Object>(store: &dyn Store, mut obj: T) -> Result<T, StoreError> {
+    let rv = obj.metadata().resource_version;
+    if rv == 0 {
+        return Err(StoreError::MissingResourceVersion { key: obj.key() });
+    }
+    let kv = store
+        .put(&obj.key(), encode(&obj)?, Precondition::ModRevision(rv))
+        .await?;
+    obj.metadata_mut().resource_version = kv.mod_revision;
+    Ok(obj)
+}
+
+/// Deletes the object `name` (only at revision `rv` when given). Returns the deleted object,
+/// `None` if there was none.
+pub async fn delete<T: Object>(
+    store: &dyn Store,
+    name: &str,
+    rv: Option<Revision>,
+) -> Result<Option<T>, StoreError> {
+    let pre = rv.map_or(Precondition::None, Precondition::ModRevision);
+    match store.delete(&T::key_for(name), pre).await? {
+        Some(kv) => decode(&kv).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Read-modify-write with retries on conflict (up to [`MODIFY_ATTEMPTS`]). `f` edits the current
+/// object and returns whether to write it (`false`: no write, the current object is returned).
+/// `f` may run several times, each time on a freshly read object. `None` if the object does not
+/// exist.
+pub async fn modify<T: Object>(
+    store: &dyn Store,
+    name: &str,
+    mut f: impl FnMut(&mut T) -> bool,
+) -> Result<Option<T>, StoreError> {
+    let mut last_conflict = None;
+    for _ in 0..MODIFY_ATTEMPTS {
+        let Some(mut obj) = get::<T>(store, name).await? else {
+            return Ok(None);
+        };
+        if !f(&mut obj) {
+            return Ok(Some(obj));
+        }
+        let rv = obj.metadata().resource_version;
+        // The key is the one read, whatever `f` did to the metadata.
+        let meta = obj.metadata_mut();
+        meta.name = name.to_owned();
+        meta.resource_version = rv;
+        match update(store, obj).await {
+            Ok(stored) => return Ok(Some(stored)),
+            Err(err) if err.is_conflict() => {
+                tracing::debug!(kind = T::KIND, name, "modify conflicted; retrying");
+                last_conflict = Some(err);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last_conflict.unwrap_or_else(|| StoreError::Conflict {
+        key: T::key_for(name),
+        expected: Precondition::None,
+        actual: None,
+    }))
+}
+
+/// A change to an object of kind `T`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypedEvent<T> {
+    /// Created or updated: the new object, `resource_version` = the write's revision.
+    Put(T),
+    /// Deleted: the last stored object, with `resource_version` set to the revision of the
+    /// delete (as Kubernetes does), so a client can resume a watch from it.
+    Deleted(T),
+}
+
+impl<T: Object> TypedEvent<T> {
+    pub fn object(&self) -> &T {
+        match self {
+            TypedEvent::Put(obj) | TypedEvent::Deleted(obj) => obj,
+        }
+    }
+    pub fn into_object(self) -> T {
+        match self {
+            TypedEvent::Put(obj) | TypedEvent::Deleted(obj) => obj,
+        }
+    }
+    pub fn name(&self) -> &str {
+        &self.object().metadata().name
+    }
+    /// Revision of the change.
+    pub fn revision(&self) -> Revision {
+        self.object().metadata().resource_version
+    }
+}
+
+/// Converts a raw event under `T::PREFIX` into a typed one.
+pub fn typed_event<T: Object>(event: &WatchEvent) -> Result<TypedEvent<T>, StoreError> {
+    match event {
+        WatchEvent::Put { kv, .. } => decode(kv).map(TypedEvent::Put),
+        WatchEvent::Delete {
+            key,
+            revision,
+            prev,
+        } => {
+            let prev = prev
+                .as_ref()
+                .ok_or_else(|| StoreError::MissingPrevious { key: key.clone() })?;
+            let mut obj: T = decode(prev)?;
+            obj.metadata_mut().resource_version = *revision;
+            Ok(TypedEvent::Deleted(obj))
+        }
+    }
+}
+
+/// A watch over every object of kind `T`.
+#[derive(Debug)]
+pub struct TypedWatch<T> {
+    inner: Watch,
+    _kind: PhantomData<fn() -> T>,
+}
+
+impl<T: Object> TypedWatch<T> {
+    /// The next change. `Err(Compacted)` (then `None`) when the watch cannot go on: relist.
+    /// A value that does not decode gives `Err(Decode)` naming its key, and the watch goes on.
+    pub async fn next(&mut self) -> Option<Result<TypedEvent<T>, StoreError>> {
+        let event = self.inner.next().await?;
+        Some(event.and_then(|e| typed_event(&e)))
+    }
+
+    pub fn into_inner(self) -> Watch {
+        self.inner
+    }
+}
+
+/// Watches every object of kind `T` changed after revision `after`.
+pub async fn watch<T: Object>(
+    store: &dyn Store,
+    after: Revision,
+) -> Result<TypedWatch<T>, StoreError> {
+    Ok(TypedWatch {
+        inner: store.watch(T::PREFIX, after).await?,
+        _kind: PhantomData,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reflector
+
+/// Every object of a kind, by name: a snapshot published by a reflector.
+pub type ObjectMap<T> = Arc<BTreeMap<String, T>>;
+
+/// Most events folded into one published snapshot.
+const MAX_EVENTS_PER_PUBLISH: usize = 1_024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Keeps `tx` holding the full current map of objects of kind `T` (name → object): lists,
+/// publishes, watches from the list's revision and publishes after every change (events already
+/// queued are folded into one publication), relists on `Compacted` or any other watch error
+/// (after a backoff for errors other than `Compacted`).
+///
+/// Every full list is published with `send_replace`, so receivers are notified even when nothing
+/// changed: the first notification a receiver sees after creation is the first complete list.
+/// Objects whose value does not decode as `T` are left out of the map, with a warning.
+///
+/// Returns `Ok(())` when `shutdown` is cancelled or every receiver is dropped; `Err(Closed)` if
+/// the store is closed.
+pub async fn run_reflector<T: Object>(
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    tx: watch::Sender<ObjectMap<T>>,
+) -> Result<(), StoreError> {
+    reflect(store, shutdown, tx, None).await
+}
+
+/// A running reflector (see [`run_reflector`]) owned by this handle: dropping the handle or
+/// cancelling the token it was started with stops it.
+#[derive(Debug)]
+pub struct Reflector<T: Object> {
+    rx: watch::Receiver<ObjectMap<T>>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<Result<(), StoreError>>>,
+}
+
+impl<T: Object> Reflector<T> {
+    /// Lists the objects (so the reflector is synced when this returns), then follows changes in
+    /// a spawned task until `shutdown` is cancelled or the handle is dropped.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let (map, revision) = relist::<T>(store.as_ref()).await?;
+        let (tx, rx) = watch::channel(Arc::new(map.clone()));
+        let cancel = shutdown.child_token();
+        let task = tokio::spawn(reflect(store, cancel.clone(), tx, Some((map, revision))));
+        Ok(Self {
+            rx,
+            cancel,
+            task: Some(task),
+        })
+    }
+
+    /// The current map.
+    pub fn current(&self) -> ObjectMap<T> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver of every new map (its current value is marked seen).
+    pub fn subscribe(&self) -> watch::Receiver<ObjectMap<T>> {
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// Stops the reflector and waits for its task to end.
+    pub async fn stop(mut self) -> Result<(), StoreError> {
+        self.cancel.cancel();
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| StoreError::backend("reflector task failed", e))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl<T: Object> Drop for Reflector<T> {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn relist<T: Object>(
+    store: &dyn Store,
+) -> Result<(BTreeMap<String, T>, Revision), StoreError> {
+    let listed = store.list(T::PREFIX).await?;
+    let mut map = BTreeMap::new();
+    for kv in &listed.items {
+        let Some(name) = kv.key.strip_prefix(T::PREFIX) else {
+            continue;
+        };
+        match decode::<T>(kv) {
+            Ok(obj) => {
+                map.insert(name.to_owned(), obj);
+            }
+            Err(err) => {
+                tracing::warn!(kind = T::KIND, error = %err, "skipping undecodable object");
+            }
+        }
+    }
+    Ok((map, listed.revision))
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    Shutdown,
+    Relist(Option<StoreError>),
+}
+
+async fn reflect<T: Object>(
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    tx: watch::Sender<ObjectMap<T>>,
+    mut listed: Option<(BTreeMap<String, T>, Revision)>,
+) -> Result<(), StoreError> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let (map, revision) = match listed.take() {
+            Some(listed) => listed,
+            None => {
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tx.closed() => return Ok(()),
+                    result = relist::<T>(store.as_ref()) => result,
+                };
+                match result {
+                    Ok((map, revision)) => {
+                        tx.send_replace(Arc::new(map.clone()));
+                        (map, revision)
+                    }
+                    Err(StoreError::Closed) => return Err(StoreError::Closed),
+                    Err(err) => {
+                        tracing::warn!(kind = T::KIND, error = %err, "reflector list failed");
+                        if !pause(&shutdown, &mut backoff).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        match follow(store.as_ref(), &shutdown, &tx, map, revision).await {
+            WatchEnd::Shutdown => return Ok(()),
+            WatchEnd::Relist(Some(StoreError::Closed)) => return Err(StoreError::Closed),
+            WatchEnd::Relist(Some(err)) if err.is_compacted() => {
+                tracing::debug!(kind = T::KIND, error = %err, "reflector relisting");
+                backoff = BACKOFF_MIN;
+            }
+            WatchEnd::Relist(err) => {
+                tracing::warn!(kind = T::KIND, error = ?err, "reflector watch ended; relisting");
+                if !pause(&shutdown, &mut backoff).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Waits out the backoff (doubling it); false if shut down meanwhile.
+async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+async fn follow<T: Object>(
+    store: &dyn Store,
+    shutdown: &CancellationToken,
+    tx: &watch::Sender<ObjectMap<T>>,
+    mut map: BTreeMap<String, T>,
+    revision: Revision,
+) -> WatchEnd {
+    let mut watch = match store.watch(T::PREFIX, revision).await {
+        Ok(watch) => watch,
+        Err(err) => return WatchEnd::Relist(Some(err)),
+    };
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return WatchEnd::Shutdown,
+            _ = tx.closed() => return WatchEnd::Shutdown,
+            event = watch.next() => event,
+        };
+        let mut next = first;
+        let mut applied = 0;
+        loop {
+            match next {
+                None => return WatchEnd::Relist(None),
+                Some(Err(err)) => return WatchEnd::Relist(Some(err)),
+                Some(Ok(event)) => apply_event(&mut map, &event),
+            }
+            applied += 1;
+            if applied >= MAX_EVENTS_PER_PUBLISH {
+                break;
+            }
+            match watch.rx.try_recv() {
+                Ok(event) => next = Some(event),
+                Err(_) => break,
+            }
+        }
+        tx.send_replace(Arc::new(map.clone()));
+    }
+}
+
+fn apply_event<T: Object>(map: &mut BTreeMap<String, T>, event: &WatchEvent) {
+    let Some(name) = event.key().strip_prefix(T::PREFIX) else {
+        return;
+    };
+    match event {
+        WatchEvent::Put { kv, .. } => match decode::<T>(kv) {
+            Ok(obj) => {
+                map.insert(name.to_owned(), obj);
+            }
+            Err(err) => {
+                tracing::warn!(kind = T::KIND, error = %err, "dropping undecodable object");
+                map.remove(name);
+            }
+        },
+        WatchEvent::Delete { .. } => {
+            map.remove(name);
+        }
+    }
+}
