@@ -62,7 +62,7 @@ pub enum AgentError {
     /// Invalid agent configuration.
     #[error("invalid agent configuration: {0}")]
     Config(String),
-    /// A metric could not be registered.
+    /// No log directory exists for the instance.
     #[error("log for instance {instance} not found under {}", dir.display())]
     LogNotFound { instance: String, dir: PathBuf },
 }

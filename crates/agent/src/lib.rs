@@ -1,1 +1,321 @@
+//! flotilla's node agent (the kubelet's job): runs the instances bound to this node as real
+//! processes — own process group, cgroup limits (v1 or v2), rlimits, captured and rotated logs
+//! — probes them, restarts them with backoff, reports their status and usage, and stops them
+//! gracefully with nothing left behind.
+//!
+//! Structure: [`Agent::run`] follows the node's Instances through a store reflector and owns one
+//! worker task per instance (`worker`); the decision logic is pure and unit-tested
+//! ([`backoff`], [`probe::ProbeState`], exit classification), the OS-facing parts sit in
+//! [`cgroup`] (file-level, testable on a fake tree), `process` (spawn, signals) and [`logs`].
 
+pub mod backoff;
+pub mod cgroup;
+mod error;
+pub mod logs;
+mod metrics;
+mod ports;
+pub mod probe;
+mod process;
+mod worker;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_spec::Instance;
+use flotilla_store::Store;
+use flotilla_store::typed::Reflector;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use cgroup::CgroupMode;
+pub use error::AgentError;
+
+use crate::cgroup::Detected;
+use crate::worker::{Desired, Shared};
+
+/// Extra time, beyond the longest grace period, that shutdown waits for workers.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
+
+/// Configuration of the node agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name: the agent runs the instances whose `spec.node` equals it.
+    pub node: String,
+    /// Logs live under `<data_dir>/logs/<instance>/`.
+    pub data_dir: PathBuf,
+    /// Address reported in `status.host` (instances listen on it).
+    pub host: String,
+    pub cgroups: CgroupMode,
+    /// Size at which an instance's log file is rotated.
+    pub log_max_bytes: u64,
+    /// Log files kept per instance, the current one included.
+    pub log_max_files: u32,
+    /// How often CPU and memory usage is sampled.
+    pub usage_interval: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults: host 127.0.0.1, cgroups auto, 10 MiB × 3 log files, usage every 5 s.
+    pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node: node.into(),
+            data_dir: data_dir.into(),
+            host: "127.0.0.1".to_string(),
+            cgroups: CgroupMode::Auto,
+            log_max_bytes: 10 << 20,
+            log_max_files: 3,
+            usage_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The node agent. Build with [`Agent::new`], then [`Agent::run`] until shutdown.
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.shared.config.node)
+            .field("cgroups", &self.cgroup_version())
+            .finish()
+    }
+}
+
+struct WorkerEntry {
+    uid: String,
+    desired: watch::Sender<Desired>,
+    task: tokio::task::Id,
+}
+
+impl Agent {
+    /// Detects cgroups (per `config.cgroups`), registers the metrics on `registry` and prepares
+    /// the data directory.
+    pub fn new(
+        config: AgentConfig,
+        store: Arc<dyn Store>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<Self, AgentError> {
+        if config.node.is_empty() || config.node.contains('/') || config.node.contains('\0') {
+            return Err(AgentError::Config(format!("invalid node name {:?}", config.node)));
+        }
+        let logs = config.data_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| AgentError::io("create directory", logs, e))?;
+        let (cgroups, cgroup_note) = match cgroup::detect(config.cgroups, &config.node) {
+            Detected::Enabled(cg) => {
+                tracing::info!(node = %config.node, version = cg.version(), "using cgroups for instance limits");
+                (Some(cg), None)
+            }
+            Detected::Disabled(why) => {
+                if config.cgroups != CgroupMode::Disabled {
+                    tracing::warn!(node = %config.node, reason = %why, "running instances without cgroups: no resource limits, no OOM detection");
+                }
+                (None, Some(why))
+            }
+        };
+        let metrics = metrics::Metrics::register(registry);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                cgroups,
+                cgroup_note,
+                ports: ports::PortAllocator::new(),
+                metrics,
+            }),
+        })
+    }
+
+    /// `"v1"`, `"v2"`, or `None` when running without cgroups.
+    pub fn cgroup_version(&self) -> Option<&'static str> {
+        self.shared.cgroups.as_ref().map(|c| c.version())
+    }
+
+    /// Runs until `shutdown`: sweeps leftovers of a previous run, then starts, supervises and
+    /// stops this node's instances. On shutdown, stops every local instance gracefully (in
+    /// parallel), sets them back to `Pending` and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let node = self.shared.config.node.clone();
+        self.sweep().await;
+        let reflector = Reflector::<Instance>::start(self.shared.store.clone(), &shutdown)
+            .await
+            .map_err(|source| AgentError::Store {
+                op: "list",
+                key: <Instance as flotilla_spec::Object>::PREFIX.to_string(),
+                source,
+            })?;
+        let mut rx = reflector.subscribe();
+        let mut map = reflector.current();
+        let mut workers: HashMap<String, WorkerEntry> = HashMap::new();
+        let mut tasks: JoinSet<(String, String, Desired)> = JoinSet::new();
+        let mut deleted_uids: HashSet<String> = HashSet::new();
+        tracing::info!(node = %node, "agent running");
+        self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
+        let mut result = Ok(());
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = rx.changed() => {
+                    if r.is_err() {
+                        if !shutdown.is_cancelled() {
+                            tracing::error!(node = %node, "instance reflector ended; stopping the agent");
+                            result = Err(AgentError::Config("instance reflector ended (store closed?)".into()));
+                        }
+                        break;
+                    }
+                    map = rx.borrow_and_update().clone();
+                    deleted_uids.retain(|uid| map.values().any(|i| &i.metadata.uid == uid));
+                    self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
+                }
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    match done {
+                        Ok((id, (name, uid, end))) => {
+                            if workers.get(&name).is_some_and(|w| w.task == id) {
+                                workers.remove(&name);
+                            }
+                            if end == Desired::Delete {
+                                deleted_uids.insert(uid);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(node = %node, error = %e, "instance worker failed");
+                            let id = e.id();
+                            workers.retain(|_, w| w.task != id);
+                        }
+                    }
+                    self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
+                }
+            }
+        }
+        self.shutdown_workers(&mut workers, &mut tasks, &map).await;
+        let _ = reflector.stop().await;
+        tracing::info!(node = %node, "agent stopped");
+        result
+    }
+
+    /// Starts workers for new instances and tells existing ones what is wanted now.
+    fn reconcile(
+        &self,
+        map: &BTreeMap<String, Instance>,
+        workers: &mut HashMap<String, WorkerEntry>,
+        tasks: &mut JoinSet<(String, String, Desired)>,
+        deleted_uids: &HashSet<String>,
+    ) {
+        let node = &self.shared.config.node;
+        for (name, inst) in map.iter().filter(|(_, i)| &i.spec.node == node) {
+            let deleting = inst.metadata.deletion_timestamp.is_some();
+            if let Some(w) = workers.get(name) {
+                if w.uid != inst.metadata.uid {
+                    raise(&w.desired, Desired::Gone);
+                } else if deleting {
+                    raise(&w.desired, Desired::Delete);
+                }
+                continue;
+            }
+            if deleted_uids.contains(&inst.metadata.uid) {
+                continue;
+            }
+            if !deleting && inst.status.phase.is_terminal() {
+                continue;
+            }
+            let initial = if deleting { Desired::Delete } else { Desired::Run };
+            let (tx, rx) = watch::channel(initial);
+            let shared = self.shared.clone();
+            let inst = inst.clone();
+            let (n, uid) = (name.clone(), inst.metadata.uid.clone());
+            let handle = tasks.spawn(async move {
+                let end = worker::run(shared, inst, rx).await;
+                (n, uid.clone(), end)
+            });
+            tracing::debug!(instance = %name, "worker started");
+            workers.insert(
+                name.clone(),
+                WorkerEntry {
+                    uid: inst_uid(map, name),
+                    desired: tx,
+                    task: handle.id(),
+                },
+            );
+        }
+        for (name, w) in workers.iter() {
+            let here = map.get(name).is_some_and(|i| &i.spec.node == node);
+            if !here {
+                raise(&w.desired, Desired::Gone);
+            }
+        }
+    }
+
+    async fn shutdown_workers(
+        &self,
+        workers: &mut HashMap<String, WorkerEntry>,
+        tasks: &mut JoinSet<(String, String, Desired)>,
+        map: &BTreeMap<String, Instance>,
+    ) {
+        if tasks.is_empty() {
+            return;
+        }
+        tracing::info!(node = %self.shared.config.node, instances = workers.len(), "stopping local instances");
+        for w in workers.values() {
+            raise(&w.desired, Desired::Shutdown);
+        }
+        let longest = map
+            .values()
+            .map(|i| i.spec.template.stop.grace_period.0)
+            .max()
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + longest + SHUTDOWN_SLACK;
+        while !tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Err(e))) => tracing::error!(error = %e, "instance worker failed during shutdown"),
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::error!(left = tasks.len(), "instance workers did not stop in time; aborting them");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                }
+            }
+        }
+        workers.clear();
+    }
+
+    /// Kills and removes every cgroup left under this node's scope by a previous run (which
+    /// may have been SIGKILLed and so could not clean up).
+    async fn sweep(&self) {
+        let Some(cg) = &self.shared.cgroups else {
+            return;
+        };
+        let names = match cg.instances() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list leftover cgroups");
+                return;
+            }
+        };
+        for name in names {
+            let pids = cg.pids(&name).map(|p| p.len()).unwrap_or(0);
+            tracing::info!(instance = %name, processes = pids, "sweeping leftover cgroup of a previous run");
+            cgroup::kill_until_empty(cg.as_ref(), &name, Duration::from_secs(5)).await;
+            cgroup::remove_with_retry(cg.as_ref(), &name, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn inst_uid(map: &BTreeMap<String, Instance>, name: &str) -> String {
+    map.get(name).map(|i| i.metadata.uid.clone()).unwrap_or_default()
+}
+
+/// Moves a worker's desired state forward (never back: Gone > Shutdown > Delete > Run).
+fn raise(tx: &watch::Sender<Desired>, to: Desired) {
+    tx.send_if_modified(|d| {
+        if to > *d {
+            *d = to;
+            true
+        } else {
+            false
+        }
+    });
+}

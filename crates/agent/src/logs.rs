@@ -433,7 +433,10 @@ mod tests {
                 // give the follower a chance to see each rotation
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
                 while got.len() < expect.len() {
-                    let c = tokio::time::timeout_at(deadline, rx.recv()).await.unwrap().unwrap().unwrap();
+                    let Ok(c) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+                        panic!("follow stalled:\n got {:?}\n want {:?}", String::from_utf8_lossy(&got), String::from_utf8_lossy(&expect));
+                    };
+                    let c = c.unwrap().unwrap();
                     got.extend_from_slice(&c);
                 }
             }

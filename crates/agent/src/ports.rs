@@ -37,6 +37,7 @@ impl PortAllocator {
         }
     }
 
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.in_use.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

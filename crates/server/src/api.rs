@@ -205,43 +205,6 @@ fn request_id() -> String {
 // ------------------------------------------------------------------------------------------
 // Services
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApplyBody {
-    metadata: ApplyMeta,
-    spec: ServiceSpec,
-    /// Accepted (and ignored) so that `get -o json` output can be applied back.
-    #[serde(default)]
-    #[allow(dead_code)]
-    status: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ApplyMeta {
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    /// When set, the apply only succeeds if the stored object still has this version.
-    #[serde(default)]
-    resource_version: Option<u64>,
-    // Read-only fields that may come back from `get -o json`; ignored.
-    #[serde(default)]
-    #[allow(dead_code)]
-    uid: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    generation: Option<u64>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    creation_timestamp: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    deletion_timestamp: Option<String>,
-}
-
 #[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplyResult {
@@ -256,29 +219,29 @@ struct ApplyResponse {
     service: Service,
 }
 
-/// Parses an apply body; errors name the field path and the line:col in the body.
-fn parse_apply(body: &[u8]) -> ApiResult<ApplyBody> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed: Result<ApplyBody, _> = serde_path_to_error::deserialize(&mut de);
-    match parsed {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = format!(
-                "invalid request body at line {} column {}: {}",
-                inner.line(),
-                inner.column(),
-                inner
-            );
-            let error = if inner.is_syntax() || inner.is_eof() || path == "." {
-                ApiError::bad_request(message)
-            } else {
-                ApiError::invalid(message).with_field(path)
-            };
-            Err(error)
+/// Parses an apply body (a `Service` object); every error names the field path and the
+/// line:col in the body.
+fn parse_apply(body: &[u8]) -> ApiResult<Service> {
+    flotilla_spec::parse_service_object_json(body).map_err(|errors| {
+        let problems: Vec<FieldProblem> = errors
+            .0
+            .iter()
+            .map(|e| FieldProblem {
+                field: if e.path.is_empty() { "body".to_string() } else { e.path.clone() },
+                message: format!("line {} column {}: {}", e.line, e.col, e.message),
+            })
+            .collect();
+        if errors.0.iter().all(|e| e.path.is_empty()) {
+            let mut error = ApiError::bad_request(format!(
+                "malformed request body: {}",
+                problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
+            ));
+            error.details = problems;
+            error
+        } else {
+            validation_error(problems)
         }
-    }
+    })
 }
 
 fn validation_error(problems: Vec<FieldProblem>) -> ApiError {
@@ -295,13 +258,13 @@ fn validation_error(problems: Vec<FieldProblem>) -> ApiError {
 
 /// Create or update a service from a `{metadata, spec}` body.
 async fn apply_service(State(state): State<ApiState>, body: Bytes) -> ApiResult<Response> {
-    let body = parse_apply(&body)?;
+    let service = parse_apply(&body)?;
     let request = ApplyRequest {
-        name: body.metadata.name,
-        labels: body.metadata.labels,
-        annotations: body.metadata.annotations,
-        resource_version: body.metadata.resource_version,
-        spec: body.spec,
+        name: service.metadata.name,
+        labels: service.metadata.labels,
+        annotations: service.metadata.annotations,
+        resource_version: Some(service.metadata.resource_version),
+        spec: service.spec,
     };
     let (result, service) = apply(&*state.store, request, "api").await?;
     let status = if result == ApplyResult::Created {

@@ -316,7 +316,7 @@ mod tests {
             let ready_after = remaining.iter().filter(|i| i.is_routable()).count();
             prop_assert!(ready_after >= ready_before.min(replicas as usize));
             // After creates, exactly `replicas` live instances of the current spec.
-            let hash = new_flotilla_spec::spec_hash(&svc.spec);
+            let hash = flotilla_spec::spec_hash(&new_svc.spec);
             let current_after = remaining
                 .iter()
                 .filter(|i| i.spec.spec_hash == hash && !i.status.phase.is_terminal())

@@ -122,7 +122,10 @@ mod tests {
             path: "service.web.replicas".into(),
             message: "must be at most 1000".into(),
         };
-        assert_eq!(e.to_string(), "f.toml:3:5: service.web.replicas: must be at most 1000");
+        assert_eq!(
+            e.to_string(),
+            "f.toml:3:5: service.web.replicas: must be at most 1000"
+        );
         let e2 = SpecError {
             file: None,
             line: 1,

@@ -177,10 +177,15 @@ mod tests {
             expand("${NOPE}", &v).unwrap_err().to_string(),
             "unknown variable `NOPE` in `${NOPE}`"
         );
-        assert_eq!(expand("ab${PORT", &v), Err(ExpandError::Unterminated { at: 2 }));
+        assert_eq!(
+            expand("ab${PORT", &v),
+            Err(ExpandError::Unterminated { at: 2 })
+        );
         assert_eq!(
             expand("${}", &v),
-            Err(ExpandError::InvalidName { name: String::new() })
+            Err(ExpandError::InvalidName {
+                name: String::new()
+            })
         );
         assert_eq!(
             expand("${1X}", &v),

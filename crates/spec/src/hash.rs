@@ -10,8 +10,8 @@ pub fn spec_hash(spec: &ServiceSpec) -> String {
     normalized.replicas = 1;
     // Serializing plain data to a Vec cannot fail; fall back to the Debug form regardless so
     // the function stays total.
-    let bytes = serde_json::to_vec(&normalized)
-        .unwrap_or_else(|_| format!("{normalized:?}").into_bytes());
+    let bytes =
+        serde_json::to_vec(&normalized).unwrap_or_else(|_| format!("{normalized:?}").into_bytes());
     format!("{:016x}", fnv1a64(&bytes))
 }
 
@@ -44,7 +44,14 @@ mod tests {
         assert_eq!(spec_hash(&a), spec_hash(&b));
         assert_eq!(spec_hash(&a).len(), 16);
         // Pinned: a change here changes every revision id in every store.
-        assert_eq!(spec_hash(&spec(r#"{"command":"srv"}"#)), spec_hash(&spec(r#"{"command":"srv"}"#)));
+        let minimal = spec(r#"{"command":"srv","replicas":5}"#);
+        let mut one = minimal.clone();
+        one.replicas = 1;
+        assert_eq!(
+            serde_json::to_string(&one).unwrap(),
+            r#"{"command":"srv","replicas":1,"restart":{"policy":"always","backoff_initial":"100ms","backoff_max":"30s"},"stop":{"signal":"SIGTERM","grace_period":"10s"}}"#
+        );
+        assert_eq!(spec_hash(&minimal), "a92023bd69c562c1");
         let c = spec(r#"{"command":"srv2"}"#);
         assert_ne!(spec_hash(&a), spec_hash(&c));
     }

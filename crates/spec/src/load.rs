@@ -81,7 +81,11 @@ pub fn parse_service_object_json(body: &[u8]) -> Result<Service, SpecErrors> {
             ));
         }
         let prefix = FieldPath::root().key("spec");
-        errs.extend(validate_spec(&svc.spec).into_iter().map(|e| e.prefixed(&prefix)));
+        errs.extend(
+            validate_spec(&svc.spec)
+                .into_iter()
+                .map(|e| e.prefixed(&prefix)),
+        );
         errs
     })
 }
@@ -319,7 +323,10 @@ fn unknown_message(what: &str, name: &str, candidates: &[String]) -> String {
         return format!("unknown {what} `{name}`");
     }
     let list: Vec<String> = candidates.iter().map(|c| format!("`{c}`")).collect();
-    format!("unknown {what} `{name}`; expected one of {}", list.join(", "))
+    format!(
+        "unknown {what} `{name}`; expected one of {}",
+        list.join(", ")
+    )
 }
 
 /// The known name closest to `name`, if it is close enough to be what the user meant.
@@ -389,7 +396,12 @@ fn toml_to_json(
             Ok(n) => Some(Value::from(n)),
             Err(_) => bad(format!("integer {i} is out of range")),
         },
-        DeValue::Float(f) => match f.as_str().parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+        DeValue::Float(f) => match f
+            .as_str()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+        {
             Some(n) => Some(Value::Number(n)),
             None => bad(format!("invalid number {f}: must be finite")),
         },
@@ -413,3 +425,6 @@ fn toml_to_json(
         DeValue::Table(t) => Some(toml_table_to_json(t, path, errs, removed)),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -105,7 +105,10 @@ mod tests {
             .index(0)
             .key("host");
         assert_eq!(p.to_string(), "service.web.routes[0].host");
-        assert_eq!(FieldPath::root().key("env").key("A.B").to_string(), "env.\"A.B\"");
+        assert_eq!(
+            FieldPath::root().key("env").key("A.B").to_string(),
+            "env.\"A.B\""
+        );
         assert_eq!(FieldPath::root().to_string(), "");
         assert_eq!(p.parent().to_string(), "service.web.routes[0]");
     }

@@ -55,7 +55,9 @@ pub fn parse_cpu(s: &str) -> Result<Millicores, String> {
 
 fn cores_to_millis(cores: f64) -> Result<Millicores, String> {
     if !cores.is_finite() || cores < 0.0 || cores > 1_000_000.0 {
-        return Err(format!("invalid cpu {cores}: must be between 0 and 1000000 cores"));
+        return Err(format!(
+            "invalid cpu {cores}: must be between 0 and 1000000 cores"
+        ));
     }
     Ok(Millicores((cores * 1000.0).round() as u64))
 }
@@ -63,9 +65,7 @@ fn cores_to_millis(cores: f64) -> Result<Millicores, String> {
 /// Parses `"64Mi"`, `"1Gi"`, `"512Ki"`, `"500M"`, `"1G"`, `"1000"` into bytes.
 pub fn parse_bytes(s: &str) -> Result<ByteSize, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| bad_bytes(s))?;
     let mult: u64 = match unit {
@@ -80,7 +80,9 @@ pub fn parse_bytes(s: &str) -> Result<ByteSize, String> {
         "T" => 1_000_000_000_000,
         _ => return Err(bad_bytes(s)),
     };
-    n.checked_mul(mult).map(ByteSize).ok_or_else(|| bad_bytes(s))
+    n.checked_mul(mult)
+        .map(ByteSize)
+        .ok_or_else(|| bad_bytes(s))
 }
 
 fn bad_bytes(s: &str) -> String {
@@ -89,9 +91,9 @@ fn bad_bytes(s: &str) -> String {
 
 /// Parses `"100ms"`, `"10s"`, `"1m30s"`.
 pub fn parse_duration(s: &str) -> Result<Dur, String> {
-    humantime::parse_duration(s.trim())
-        .map(Dur)
-        .map_err(|e| format!("invalid duration {s:?}: {e} (expected e.g. \"100ms\", \"10s\", \"1m\")"))
+    humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        format!("invalid duration {s:?}: {e} (expected e.g. \"100ms\", \"10s\", \"1m\")")
+    })
 }
 
 impl fmt::Display for Millicores {
@@ -103,7 +105,12 @@ impl fmt::Display for Millicores {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        for (unit, mult) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        for (unit, mult) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
             if n >= mult && n % mult == 0 {
                 return write!(f, "{}{unit}", n / mult);
             }

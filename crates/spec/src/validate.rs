@@ -15,7 +15,9 @@ use crate::service::{Probe, RouteSpec, ServiceSpec};
 
 /// Stop signals a service may ask for, in canonical form. The spec accepts each of them in any
 /// case, with or without the `SIG` prefix (`SIGTERM`, `TERM`, `sigterm`, `term`).
-pub const STOP_SIGNALS: &[&str] = &["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2"];
+pub const STOP_SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
+];
 
 /// Most replicas one service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
@@ -175,7 +177,10 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     if spec.ports.len() > MAX_PORTS {
         v.push(
             root.key("ports"),
-            format!("at most {MAX_PORTS} ports are allowed (got {})", spec.ports.len()),
+            format!(
+                "at most {MAX_PORTS} ports are allowed (got {})",
+                spec.ports.len()
+            ),
         );
     }
     let mut seen = BTreeSet::new();
@@ -199,7 +204,10 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     }
     if let Some(mem) = r.memory {
         if mem.0 < MIN_MEMORY {
-            v.push(rp.key("memory"), format!("must be at least 1Mi when set (got {mem})"));
+            v.push(
+                rp.key("memory"),
+                format!("must be at least 1Mi when set (got {mem})"),
+            );
         }
     }
     if r.pids == Some(0) {
@@ -294,7 +302,10 @@ fn check_probe(v: &mut Errs, p: &FieldPath, kind: &str, probe: &Probe, ports: &[
     }
     if let Some(http) = &probe.http {
         if !http.path.starts_with('/') {
-            v.push(p.key("http").key("path"), format!("must start with `/` (got {:?})", http.path));
+            v.push(
+                p.key("http").key("path"),
+                format!("must start with `/` (got {:?})", http.path),
+            );
         }
         check_port_ref(v, &p.key("http"), http.port.as_deref(), ports);
     }
@@ -369,9 +380,15 @@ fn check_port_ref(v: &mut Errs, p: &FieldPath, port: Option<&str>, ports: &[Stri
 
 fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String]) {
     if !route.path.starts_with('/') {
-        v.push(p.key("path"), format!("must start with `/` (got {:?})", route.path));
+        v.push(
+            p.key("path"),
+            format!("must start with `/` (got {:?})", route.path),
+        );
     } else if route.path.contains(['?', '#']) {
-        v.push(p.key("path"), "must be a path prefix, without query or fragment");
+        v.push(
+            p.key("path"),
+            "must be a path prefix, without query or fragment",
+        );
     }
     if let Some(host) = &route.host {
         if let Err(why) = validate_hostname(host) {
@@ -385,7 +402,10 @@ fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String])
 fn route_key(r: &RouteSpec) -> (Option<String>, String) {
     let path = r.path.trim_end_matches('/');
     let path = if path.is_empty() { "/" } else { path };
-    (r.host.as_ref().map(|h| h.to_ascii_lowercase()), path.to_string())
+    (
+        r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        path.to_string(),
+    )
 }
 
 fn describe_route(r: &RouteSpec) -> String {
@@ -469,7 +489,10 @@ pub fn validate_up(up: &UpConfig) -> Vec<FieldError> {
     }
     if let Some(d) = &up.data_dir {
         if d.trim().is_empty() {
-            v.push(FieldPath::root().key("data_dir"), "must not be empty when set");
+            v.push(
+                FieldPath::root().key("data_dir"),
+                "must not be empty when set",
+            );
         }
     }
     v.0
@@ -491,11 +514,8 @@ pub fn validate_file(file: &FlotillaFile) -> Vec<FieldError> {
                 .map(|e| e.prefixed(&prefix)),
         );
     }
-    let list: Vec<(&str, &ServiceSpec)> = file
-        .service
-        .iter()
-        .map(|(n, s)| (n.as_str(), s))
-        .collect();
+    let list: Vec<(&str, &ServiceSpec)> =
+        file.service.iter().map(|(n, s)| (n.as_str(), s)).collect();
     for c in validate_routes_across(&list) {
         let prefix = FieldPath::root().key("service").key(c.service.clone());
         errs.push(c.to_field_error().prefixed(&prefix));

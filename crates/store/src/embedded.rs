@@ -249,8 +249,7 @@ fn init_tables(db: &Database) -> Result<Revision, redb::Error> {
     let revision = {
         txn.open_table(KV)?;
         let meta = txn.open_table(META)?;
-        let rev = meta.get(REVISION_KEY)?.map(|g| g.value()).unwrap_or(0);
-        rev
+        meta.get(REVISION_KEY)?.map(|g| g.value()).unwrap_or(0)
     };
     txn.commit()?;
     Ok(revision)

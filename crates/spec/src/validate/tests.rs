@@ -31,9 +31,7 @@ fn base_is_valid() {
 fn service_name() {
     check(
         "[service.Web]\ncommand = \"x\"\n",
-        &[
-            "f.toml:1:10: service.Web: invalid name \"Web\": must start with a lowercase letter",
-        ],
+        &["f.toml:1:10: service.Web: invalid name \"Web\": must start with a lowercase letter"],
     );
     check(
         "[service.1web]\ncommand = \"x\"\n",
@@ -45,7 +43,9 @@ fn service_name() {
     );
     check(
         "[service.web_1]\ncommand = \"x\"\n",
-        &["f.toml:1:10: service.web_1: invalid name \"web_1\": invalid character '_': only lowercase letters, digits and `-` are allowed"],
+        &[
+            "f.toml:1:10: service.web_1: invalid name \"web_1\": invalid character '_': only lowercase letters, digits and `-` are allowed",
+        ],
     );
     let long = "a".repeat(64);
     check(
@@ -54,7 +54,10 @@ fn service_name() {
             "f.toml:1:10: service.{long}: invalid name \"{long}\": must be at most 63 characters"
         )],
     );
-    check(&format!("[service.{}]\ncommand = \"x\"\n", "a".repeat(63)), &[]);
+    check(
+        &format!("[service.{}]\ncommand = \"x\"\n", "a".repeat(63)),
+        &[],
+    );
     check("[service.a-1]\ncommand = \"x\"\n", &[]);
 }
 
@@ -106,7 +109,10 @@ fn ports() {
     );
     let many: Vec<String> = (0..17).map(|i| format!("\"p{i}\"")).collect();
     check(
-        &format!("[service.web]\ncommand = \"x\"\nports = [{}]\n", many.join(", ")),
+        &format!(
+            "[service.web]\ncommand = \"x\"\nports = [{}]\n",
+            many.join(", ")
+        ),
         &["f.toml:3:9: service.web.ports: at most 16 ports are allowed (got 17)"],
     );
 }
@@ -132,11 +138,15 @@ fn resources() {
 fn probe_kinds() {
     check_base(
         "[service.web.probes.readiness]\nperiod = \"1s\"\n",
-        &["f.toml:4:21: service.web.probes.readiness: exactly one of `http`, `tcp`, `exec` must be set (found 0)"],
+        &[
+            "f.toml:4:21: service.web.probes.readiness: exactly one of `http`, `tcp`, `exec` must be set (found 0)",
+        ],
     );
     check_base(
         "[service.web.probes.liveness]\ntcp = {}\nexec = { command = [\"true\"] }\n",
-        &["f.toml:4:21: service.web.probes.liveness: exactly one of `http`, `tcp`, `exec` must be set (found 2)"],
+        &[
+            "f.toml:4:21: service.web.probes.liveness: exactly one of `http`, `tcp`, `exec` must be set (found 2)",
+        ],
     );
     check_base(
         "[service.web.probes.startup]\nexec = { command = [] }\n[service.web.probes.liveness]\nexec = { command = [\"\"] }\n",
@@ -198,7 +208,9 @@ fn probe_http_and_ports() {
 fn restart() {
     check_base(
         "restart = { policy = \"on-failure\", backoff_initial = \"1m\", backoff_max = \"30s\" }\n",
-        &["f.toml:4:54: service.web.restart.backoff_initial: must not be longer than backoff_max (1m > 30s)"],
+        &[
+            "f.toml:4:54: service.web.restart.backoff_initial: must not be longer than backoff_max (1m > 30s)",
+        ],
     );
     check_base(
         "restart = { backoff_initial = \"0s\" }\n",
@@ -209,7 +221,9 @@ fn restart() {
 
 #[test]
 fn stop() {
-    for ok in ["SIGTERM", "TERM", "term", "SigInt", "usr2", "SIGHUP", "QUIT"] {
+    for ok in [
+        "SIGTERM", "TERM", "term", "SigInt", "usr2", "SIGHUP", "QUIT",
+    ] {
         check_base(&format!("stop = {{ signal = \"{ok}\" }}\n"), &[]);
     }
     check_base(
@@ -258,7 +272,9 @@ fn routes() {
 fn duplicate_routes_in_one_service() {
     check_base(
         "[[service.web.routes]]\npath = \"/api\"\n[[service.web.routes]]\npath = \"/api/\"\n[[service.web.routes]]\npath = \"/api\"\nhost = \"a.b\"\n",
-        &["f.toml:6:1: service.web.routes[1]: duplicate route */api/: same host and path as routes[0]"],
+        &[
+            "f.toml:6:1: service.web.routes[1]: duplicate route */api/: same host and path as routes[0]",
+        ],
     );
 }
 
@@ -280,7 +296,9 @@ fn routes_across_services() {
     );
     check(
         text,
-        &["f.toml:8:28: service.b.routes[1]: route h.io/ is already used by routes[0] of service \"a\""],
+        &[
+            "f.toml:8:28: service.b.routes[1]: route h.io/ is already used by routes[0] of service \"a\"",
+        ],
     );
 }
 
@@ -288,8 +306,10 @@ fn routes_across_services() {
 fn routes_across_list_api() {
     use crate::validate::{RouteConflict, validate_routes_across};
     let spec = |routes: &str| -> crate::ServiceSpec {
-        serde_json::from_str(&format!(r#"{{"command":"x","ports":["http"],"routes":{routes}}}"#))
-            .unwrap()
+        serde_json::from_str(&format!(
+            r#"{{"command":"x","ports":["http"],"routes":{routes}}}"#
+        ))
+        .unwrap()
     };
     let stored1 = spec(r#"[{"path":"/"}]"#);
     let stored2 = spec(r#"[{"host":"a.io","path":"/x"}]"#);
@@ -332,7 +352,8 @@ fn up_table() {
 #[test]
 fn validate_service_direct() {
     use crate::validate::validate_service;
-    let spec: crate::ServiceSpec = serde_json::from_str(r#"{"command":"","replicas":2000}"#).unwrap();
+    let spec: crate::ServiceSpec =
+        serde_json::from_str(r#"{"command":"","replicas":2000}"#).unwrap();
     let errs: Vec<String> = validate_service("Bad", &spec)
         .iter()
         .map(ToString::to_string)

@@ -1,0 +1,713 @@
+//! One task per instance: start the process, probe it, restart it by policy, stop it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_spec::{
+    Event, EventType, ExitInfo, Instance, InstanceStatus, ObjectMeta, ObjectRef, Object, Phase, ServiceSpec, Usage,
+    now_rfc3339,
+};
+use flotilla_store::{Store, typed};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{self, Decision};
+use crate::cgroup::{self, CgroupManager, Limits};
+use crate::logs::{self, LogWriter};
+use crate::metrics::{self, Metrics};
+use crate::ports::PortAllocator;
+use crate::probe::{self, ProbeContext, ProbeEvent};
+use crate::process::{self, LaunchSpec};
+use crate::{AgentConfig, AgentError};
+
+/// How long leftover processes get to die after SIGKILL before we give up (and log).
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the output pump may take to drain after the processes are gone.
+const PUMP_DRAIN: Duration = Duration::from_secs(2);
+/// Poll interval while waiting for a stopping process group to exit.
+const STOP_POLL: Duration = Duration::from_millis(25);
+
+/// State shared by the agent and its workers.
+pub(crate) struct Shared {
+    pub config: AgentConfig,
+    pub store: Arc<dyn Store>,
+    pub cgroups: Option<Arc<dyn CgroupManager>>,
+    /// Why cgroups are not used, when they are not.
+    pub cgroup_note: Option<String>,
+    pub ports: PortAllocator,
+    pub metrics: Metrics,
+}
+
+/// What the agent wants from a worker. Later variants win over earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Desired {
+    Run,
+    /// `deletion_timestamp` set: stop, clean up, delete the instance from the store.
+    Delete,
+    /// The agent shuts down: stop, clean up, set the status back to Pending.
+    Shutdown,
+    /// Vanished from the store (or rebound elsewhere): stop and clean up, no store writes.
+    Gone,
+}
+
+enum EvKind {
+    Startup,
+    Other,
+}
+
+/// How a process run ended.
+enum RunEnd {
+    Exited(ExitInfo, Duration),
+    Stop(Desired),
+}
+
+/// Classifies an exit (pure). `killed_for`: the reason when the agent killed the process
+/// because of a failed probe.
+pub(crate) fn classify(status: Option<ExitStatus>, oom: bool, killed_for: Option<&str>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.and_then(|s| s.code());
+    let signal = status.and_then(|s| s.signal());
+    let reason = if let Some(r) = killed_for {
+        r
+    } else if oom {
+        "OOMKilled"
+    } else if signal.is_some() {
+        "Signaled"
+    } else if code == Some(0) {
+        "Completed"
+    } else {
+        "Error"
+    };
+    ExitInfo {
+        code,
+        signal,
+        oom_killed: oom,
+        reason: reason.to_string(),
+        at: now_rfc3339(),
+    }
+}
+
+/// CPU use in millicores from a CPU-time delta over a wall-time delta (pure).
+pub(crate) fn millicores(cpu_ns: u64, wall: Duration) -> u64 {
+    let wall_ns = wall.as_nanos().max(1);
+    u64::try_from(u128::from(cpu_ns) * 1000 / wall_ns).unwrap_or(u64::MAX)
+}
+
+/// `PORT_<NAME>` for a port name.
+pub(crate) fn port_var(name: &str) -> String {
+    format!("PORT_{}", name.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The process environment and expanded args (pure).
+pub(crate) fn build_env(
+    instance: &str,
+    service: &str,
+    node: &str,
+    spec: &ServiceSpec,
+    ports: &BTreeMap<String, u16>,
+) -> Result<(BTreeMap<String, String>, Vec<String>), AgentError> {
+    let mut platform = BTreeMap::new();
+    platform.insert("FLOTILLA_INSTANCE".to_string(), instance.to_string());
+    platform.insert("FLOTILLA_SERVICE".to_string(), service.to_string());
+    platform.insert("FLOTILLA_NODE".to_string(), node.to_string());
+    for (i, name) in spec.ports.iter().enumerate() {
+        if let Some(p) = ports.get(name) {
+            if i == 0 {
+                platform.insert("PORT".to_string(), p.to_string());
+            }
+            platform.insert(port_var(name), p.to_string());
+        }
+    }
+    let mut vars = spec.env.clone();
+    vars.extend(platform.clone());
+    let mut env = BTreeMap::new();
+    for (k, v) in &spec.env {
+        let x = flotilla_spec::expand(v, &vars).map_err(|source| AgentError::Expand {
+            instance: instance.to_string(),
+            what: format!("env {k}"),
+            source,
+        })?;
+        env.insert(k.clone(), x);
+    }
+    env.extend(platform);
+    let args = spec
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            flotilla_spec::expand(a, &env).map_err(|source| AgentError::Expand {
+                instance: instance.to_string(),
+                what: format!("args[{i}]"),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((env, args))
+}
+
+/// Runs the worker of one instance until it is told to stop, then cleans up. Returns what
+/// ended it.
+pub(crate) async fn run(shared: Arc<Shared>, inst: Instance, desired: watch::Receiver<Desired>) -> Desired {
+    let mut w = Worker::new(shared, &inst, desired);
+    let end = w.main().await;
+    w.finish(end).await;
+    end
+}
+
+struct Prepared {
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    uid: Option<Uid>,
+    gid: Option<Gid>,
+    log: Arc<Mutex<LogWriter>>,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    name: String,
+    service: String,
+    spec: ServiceSpec,
+    desired: watch::Receiver<Desired>,
+    ports: BTreeMap<String, u16>,
+    /// The instance's cgroup, once created.
+    cg: Option<Arc<dyn CgroupManager>>,
+    /// Shown in status: e.g. running without limits.
+    note: Option<String>,
+    restarts: u32,
+    consecutive: u32,
+    last_usage: Option<(Instant, u64)>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, inst: &Instance, desired: watch::Receiver<Desired>) -> Self {
+        Self {
+            name: inst.metadata.name.clone(),
+            service: inst.spec.service.clone(),
+            spec: inst.spec.template.clone(),
+            desired,
+            ports: BTreeMap::new(),
+            cg: None,
+            note: None,
+            restarts: inst.status.restarts,
+            consecutive: 0,
+            last_usage: None,
+            shared,
+        }
+    }
+
+    fn desired_now(&self) -> Desired {
+        *self.desired.borrow()
+    }
+
+    /// Waits until the agent wants something other than `Run`.
+    async fn until_stop(desired: &mut watch::Receiver<Desired>) -> Desired {
+        loop {
+            let d = *desired.borrow_and_update();
+            if d != Desired::Run {
+                return d;
+            }
+            if desired.changed().await.is_err() {
+                return Desired::Shutdown;
+            }
+        }
+    }
+
+    async fn main(&mut self) -> Desired {
+        if self.desired_now() != Desired::Run {
+            return self.desired_now();
+        }
+        let prepared = match self.prepare() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(instance = %self.name, error = %e, "cannot prepare instance");
+                let msg = e.to_string();
+                self.set_status(move |s| {
+                    s.phase = Phase::Failed;
+                    s.ready = false;
+                    s.pid = None;
+                    s.message = Some(msg.clone());
+                })
+                .await;
+                self.event(EventType::Warning, "FailedToStart", &e.to_string()).await;
+                return Self::until_stop(&mut self.desired).await;
+            }
+        };
+        loop {
+            match self.run_once(&prepared).await {
+                RunEnd::Stop(d) => return d,
+                RunEnd::Exited(exit, ran_for) => {
+                    if let Some(d) = self.after_exit(exit, ran_for).await {
+                        return d;
+                    }
+                }
+            }
+        }
+    }
+
+    fn prepare(&mut self) -> Result<Prepared, AgentError> {
+        for name in &self.spec.ports {
+            let port = self.shared.ports.allocate().map_err(|e| AgentError::Port {
+                instance: self.name.clone(),
+                port: name.clone(),
+                message: e.to_string(),
+            })?;
+            self.ports.insert(name.clone(), port);
+        }
+        let (env, args) = build_env(&self.name, &self.service, &self.shared.config.node, &self.spec, &self.ports)?;
+        let ident = |message: String| AgentError::Identity {
+            instance: self.name.clone(),
+            message,
+        };
+        let (mut uid, mut gid) = (None, None);
+        if let Some(u) = &self.spec.user {
+            let (u, g) = process::resolve_user(u).map_err(ident)?;
+            uid = Some(u);
+            gid = Some(g);
+        }
+        if let Some(g) = &self.spec.group {
+            gid = Some(process::resolve_group(g).map_err(ident)?);
+        }
+        let dir = logs::log_dir(&self.shared.config.data_dir, &self.name);
+        let log = LogWriter::open(&dir, self.shared.config.log_max_bytes, self.shared.config.log_max_files)?;
+        let limits = Limits {
+            memory_bytes: self.spec.resources.memory.map(|b| b.0),
+            cpu_millicores: self.spec.resources.cpu.map(|c| c.0),
+            pids: self.spec.resources.pids,
+        };
+        let wants_limits = limits != Limits::default();
+        match &self.shared.cgroups {
+            Some(cg) => match cg.create(&self.name, &limits) {
+                Ok(()) => self.cg = Some(cg.clone()),
+                Err(e) => {
+                    tracing::warn!(instance = %self.name, error = %e, "running without cgroup (no limits, no OOM detection)");
+                    self.note = Some(format!("running without resource limits: {e}"));
+                }
+            },
+            None if wants_limits => {
+                let why = self.shared.cgroup_note.clone().unwrap_or_else(|| "cgroups unavailable".into());
+                self.note = Some(format!("running without resource limits: {why}"));
+            }
+            None => {}
+        }
+        Ok(Prepared {
+            env,
+            args,
+            uid,
+            gid,
+            log: Arc::new(Mutex::new(log)),
+        })
+    }
+
+    async fn run_once(&mut self, p: &Prepared) -> RunEnd {
+        let oom_before = self.oom_kills();
+        let launch = LaunchSpec {
+            program: self.spec.command.clone(),
+            args: p.args.clone(),
+            env: p.env.clone(),
+            workdir: self.spec.workdir.as_ref().map(PathBuf::from),
+            uid: p.uid,
+            gid: p.gid,
+            open_files: self.spec.resources.open_files,
+            cgroup_procs: self.cg.as_ref().map(|c| c.procs_files(&self.name)).unwrap_or_default(),
+        };
+        let started = Instant::now();
+        let spawned = process::output_pipe().and_then(|(rx, w)| process::spawn(&launch, w).map(|c| (rx, c)));
+        let (out_rx, mut child) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                let msg = format!("cannot start {:?}: {e}", self.spec.command);
+                tracing::warn!(instance = %self.name, error = %e, "spawn failed");
+                self.event(EventType::Warning, "FailedToStart", &msg).await;
+                let mut exit = classify(None, false, None);
+                exit.reason = "Error".to_string();
+                self.note = Some(msg);
+                return RunEnd::Exited(exit, started.elapsed());
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let pump_cancel = CancellationToken::new();
+        let pump = tokio::spawn(logs::pump(out_rx, p.log.clone(), self.name.clone(), pump_cancel.clone()));
+
+        let has_startup = self.spec.probes.startup.is_some();
+        let has_readiness = self.spec.probes.readiness.is_some();
+        let started_at = now_rfc3339();
+        let (host, ports, note) = (self.shared.config.host.clone(), self.ports.clone(), self.note.clone());
+        self.set_status(move |s| {
+            s.phase = if has_startup { Phase::Starting } else { Phase::Running };
+            s.ready = !has_startup && !has_readiness;
+            s.pid = Some(pid);
+            s.host = Some(host.clone());
+            s.ports = ports.clone();
+            s.started_at = Some(started_at.clone());
+            s.message = note.clone();
+        })
+        .await;
+        self.event(EventType::Normal, "Started", &format!("started process {pid} ({})", self.spec.command)).await;
+        tracing::info!(instance = %self.name, pid, "process started");
+
+        let (ptx, mut prx) = mpsc::channel(16);
+        let probe_cancel = CancellationToken::new();
+        let ctx = ProbeContext {
+            ports: self.ports.clone(),
+            first_port: self.spec.ports.first().cloned(),
+            env: p.env.clone(),
+            workdir: self.spec.workdir.as_ref().map(PathBuf::from),
+        };
+        let probes = tokio::spawn(probe::run_probes(self.spec.probes.clone(), ctx, ptx, probe_cancel.clone()));
+        let mut usage_tick = tokio::time::interval(self.shared.config.usage_interval.max(Duration::from_millis(100)));
+        usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.last_usage = None;
+
+        let mut killed_for: Option<&'static str> = None;
+        let mut stop: Option<Desired> = None;
+        let status = loop {
+            tokio::select! {
+                st = child.wait() => break st.ok(),
+                ev = prx.recv() => {
+                    let Some(ev) = ev else { continue };
+                    let ev_kind = if matches!(ev, ProbeEvent::StartupFailed(_)) { EvKind::Startup } else { EvKind::Other };
+                    match ev {
+                        ProbeEvent::CheckFailed { probe, message } => {
+                            tracing::debug!(instance = %self.name, probe, %message, "probe check failed");
+                            self.shared.metrics.probe_failures.get_or_create(&metrics::probe(&self.service, probe)).inc();
+                        }
+                        ProbeEvent::StartupPassed => {
+                            if has_startup {
+                                self.set_status(|s| s.phase = Phase::Running).await;
+                            }
+                        }
+                        ProbeEvent::Ready(ready, message) => {
+                            self.set_status(move |s| s.ready = ready).await;
+                            if !ready {
+                                self.event(EventType::Warning, "Unhealthy", &format!("readiness probe failed: {message}")).await;
+                            }
+                        }
+                        ProbeEvent::StartupFailed(message) | ProbeEvent::LivenessFailed(message) => {
+                            let (which, reason) = if has_startup && matches!(ev_kind, EvKind::Startup) {
+                                ("startup", "StartupFailed")
+                            } else {
+                                ("liveness", "LivenessFailed")
+                            };
+                            killed_for = Some(reason);
+                            self.event(EventType::Warning, "Unhealthy", &format!("{which} probe failed: {message}")).await;
+                            self.event(EventType::Warning, "Killed", &format!("stopping process {pid}: {which} probe failed")).await;
+                            self.set_status(|s| s.ready = false).await;
+                            break self.terminate(&mut child, pid).await;
+                        }
+                    }
+                }
+                r = self.desired.changed() => {
+                    let d = if r.is_err() { Desired::Shutdown } else { *self.desired.borrow_and_update() };
+                    if d == Desired::Run {
+                        continue;
+                    }
+                    if d != Desired::Gone {
+                        self.set_status(|s| { s.phase = Phase::Stopping; s.ready = false; }).await;
+                    }
+                    stop = Some(d);
+                    break self.terminate(&mut child, pid).await;
+                }
+                _ = usage_tick.tick() => self.sample_usage().await,
+            }
+        };
+        probe_cancel.cancel();
+        let _ = probes.await;
+        self.kill_leftovers(pid).await;
+        let mut pump = pump;
+        if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
+            pump_cancel.cancel();
+            let _ = pump.await;
+        }
+        if let Some(d) = stop {
+            return RunEnd::Stop(d);
+        }
+        let oom = self.oom_kills() > oom_before;
+        RunEnd::Exited(classify(status, oom, killed_for), started.elapsed())
+    }
+
+    /// Returns `Some` when the worker should end.
+    async fn after_exit(&mut self, exit: ExitInfo, ran_for: Duration) -> Option<Desired> {
+        let success = exit.reason == "Completed";
+        let what = match (exit.code, exit.signal) {
+            (_, Some(sig)) => format!("killed by signal {sig}"),
+            (Some(code), None) => format!("exited with code {code}"),
+            (None, None) => "could not be started".to_string(),
+        };
+        tracing::info!(instance = %self.name, reason = %exit.reason, %what, "process ended");
+        if exit.oom_killed {
+            self.shared.metrics.oom_kills.get_or_create(&metrics::service(&self.service)).inc();
+            self.event(EventType::Warning, "OOMKilled", &format!("process {what}: memory limit exceeded")).await;
+        } else {
+            let ty = if success { EventType::Normal } else { EventType::Warning };
+            self.event(ty, "Exited", &format!("process {what} ({})", exit.reason)).await;
+        }
+        self.consecutive = backoff::next_failure_count(self.consecutive, ran_for);
+        let rs = &self.spec.restart;
+        let decision = backoff::decide(rs.policy, success, self.consecutive, rs.backoff_initial.0, rs.backoff_max.0);
+        let note = self.note.clone();
+        match decision {
+            Decision::Stop { phase } => {
+                self.set_status(move |s| {
+                    s.phase = phase;
+                    s.ready = false;
+                    s.pid = None;
+                    s.last_exit = Some(exit.clone());
+                    s.message = note.clone();
+                })
+                .await;
+                Some(Self::until_stop(&mut self.desired).await)
+            }
+            Decision::Restart { delay, phase } => {
+                self.restarts = self.restarts.saturating_add(1);
+                self.shared.metrics.restarts.get_or_create(&metrics::service(&self.service)).inc();
+                let restarts = self.restarts;
+                let message = if delay.is_zero() {
+                    note.clone()
+                } else {
+                    Some(format!("restarting in {} after {} consecutive exits", humantime::format_duration(delay), self.consecutive))
+                };
+                self.set_status(move |s| {
+                    s.phase = phase;
+                    s.ready = false;
+                    s.pid = None;
+                    s.restarts = restarts;
+                    s.last_exit = Some(exit.clone());
+                    s.message = message.clone();
+                    s.usage = None;
+                })
+                .await;
+                if delay.is_zero() {
+                    return None;
+                }
+                self.event(EventType::Warning, "BackOff", &format!("back-off {}: restarting failed process", humantime::format_duration(delay))).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => None,
+                    d = Self::until_stop(&mut self.desired) => Some(d),
+                }
+            }
+        }
+    }
+
+    /// Sends the stop signal to the process group, waits up to the grace period for the
+    /// process, its group and its cgroup to empty, then SIGKILLs whatever is left.
+    async fn terminate(&mut self, child: &mut tokio::process::Child, pid: u32) -> Option<ExitStatus> {
+        let sig = process::parse_signal(&self.spec.stop.signal).unwrap_or(Signal::SIGTERM);
+        let grace = self.spec.stop.grace_period.0;
+        tracing::info!(instance = %self.name, pid, signal = %sig, ?grace, "stopping process group");
+        process::signal_group(pid, sig);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut status = None;
+        loop {
+            if status.is_none() {
+                tokio::select! {
+                    st = child.wait() => status = Some(st.ok()),
+                    _ = tokio::time::sleep(STOP_POLL) => {}
+                }
+            } else {
+                tokio::time::sleep(STOP_POLL).await;
+            }
+            if status.is_some() && process::group_members(pid).is_empty() && self.cgroup_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(instance = %self.name, "grace period over; killing what is left");
+                break;
+            }
+        }
+        self.kill_leftovers(pid).await;
+        match status {
+            Some(s) => s,
+            None => tokio::time::timeout(KILL_TIMEOUT, child.wait()).await.ok().and_then(Result::ok),
+        }
+    }
+
+    fn cgroup_empty(&self) -> bool {
+        match &self.cg {
+            Some(cg) => cg.pids(&self.name).map(|p| p.is_empty()).unwrap_or(true),
+            None => true,
+        }
+    }
+
+    /// SIGKILLs everything left in the cgroup and in the process group.
+    async fn kill_leftovers(&self, pgid: u32) {
+        if let Some(cg) = &self.cg {
+            cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
+        }
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        while pgid != 0 && !process::group_members(pgid).is_empty() {
+            process::signal_group(pgid, Signal::SIGKILL);
+            if Instant::now() >= deadline {
+                tracing::warn!(instance = %self.name, pgid, "process group survives SIGKILL");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.cg
+            .as_ref()
+            .and_then(|cg| cg.oom_kills(&self.name).ok())
+            .unwrap_or(0)
+    }
+
+    async fn sample_usage(&mut self) {
+        let Some(cg) = &self.cg else { return };
+        let u = match cg.usage(&self.name) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(instance = %self.name, error = %e, "usage sample failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let cpu = match self.last_usage {
+            Some((t0, c0)) => millicores(u.cpu_ns.saturating_sub(c0), now - t0),
+            None => 0,
+        };
+        let first = self.last_usage.is_none();
+        self.last_usage = Some((now, u.cpu_ns));
+        if first {
+            return;
+        }
+        let labels = metrics::instance(&self.service, &self.name);
+        self.shared.metrics.cpu_millicores.get_or_create(&labels).set(i64::try_from(cpu).unwrap_or(i64::MAX));
+        self.shared
+            .metrics
+            .memory_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(u.memory_bytes).unwrap_or(i64::MAX));
+        let usage = Usage {
+            cpu_millicores: cpu,
+            memory_bytes: u.memory_bytes,
+            sampled_at: now_rfc3339(),
+        };
+        self.set_status(move |s| s.usage = Some(usage.clone())).await;
+    }
+
+    /// Cleanup after the last process: cgroup, ports, metrics, and the store by `end`.
+    async fn finish(&mut self, end: Desired) {
+        if let Some(cg) = self.cg.take() {
+            cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
+            cgroup::remove_with_retry(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
+        } else if let Some(cg) = &self.shared.cgroups {
+            // A cgroup may exist from before (e.g. prepare failed after creating it).
+            let _ = cg.remove(&self.name);
+        }
+        self.shared.ports.release(self.ports.values().copied());
+        self.shared.metrics.forget_instance(&self.service, &self.name);
+        match end {
+            Desired::Delete => {
+                match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await {
+                    Ok(_) => tracing::info!(instance = %self.name, "instance stopped and deleted"),
+                    Err(e) => tracing::warn!(instance = %self.name, error = %e, "cannot delete instance"),
+                }
+                self.event(EventType::Normal, "Stopped", "instance stopped").await;
+            }
+            Desired::Shutdown => {
+                self.set_status(|s| {
+                    s.phase = Phase::Pending;
+                    s.ready = false;
+                    s.pid = None;
+                    s.usage = None;
+                    s.message = Some("agent shut down".to_string());
+                })
+                .await;
+                self.event(EventType::Normal, "Stopped", "instance stopped: agent shut down").await;
+            }
+            Desired::Gone | Desired::Run => {
+                tracing::info!(instance = %self.name, "instance gone from the store; stopped");
+            }
+        }
+    }
+
+    /// Writes the status through a read-modify-write; failures are logged, not fatal.
+    async fn set_status(&self, f: impl Fn(&mut InstanceStatus)) {
+        let r = typed::modify::<Instance>(self.shared.store.as_ref(), &self.name, |i| {
+            let before = i.status.clone();
+            f(&mut i.status);
+            i.status != before
+        })
+        .await;
+        match r {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!(instance = %self.name, "status not written: instance is gone"),
+            Err(e) => tracing::warn!(instance = %self.name, error = %e, "cannot write instance status"),
+        }
+    }
+
+    async fn event(&self, kind: EventType, reason: &str, message: &str) {
+        let ev = Event {
+            metadata: ObjectMeta::named(format!("{}.{:016x}", self.name, rand::random::<u64>())),
+            involved: ObjectRef {
+                kind: Instance::KIND.to_string(),
+                name: self.name.clone(),
+            },
+            kind,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            source: format!("agent/{}", self.shared.config.node),
+            timestamp: now_rfc3339(),
+        };
+        if let Err(e) = typed::create(self.shared.store.as_ref(), ev).await {
+            tracing::warn!(instance = %self.name, reason, error = %e, "cannot record event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn exit_classification() {
+        let code = |c: i32| Some(ExitStatus::from_raw(c << 8));
+        let sig = |s: i32| Some(ExitStatus::from_raw(s));
+        assert_eq!(classify(code(0), false, None).reason, "Completed");
+        assert_eq!(classify(code(3), false, None).reason, "Error");
+        assert_eq!(classify(code(3), false, None).code, Some(3));
+        let k = classify(sig(9), false, None);
+        assert_eq!((k.reason.as_str(), k.signal), ("Signaled", Some(9)));
+        let o = classify(sig(9), true, None);
+        assert_eq!((o.reason.as_str(), o.oom_killed), ("OOMKilled", true));
+        assert_eq!(classify(sig(15), false, Some("LivenessFailed")).reason, "LivenessFailed");
+        assert_eq!(classify(None, false, None).reason, "Error");
+    }
+
+    #[test]
+    fn cpu_math() {
+        assert_eq!(millicores(500_000_000, Duration::from_secs(1)), 500);
+        assert_eq!(millicores(4_000_000_000, Duration::from_secs(2)), 2000);
+        assert_eq!(millicores(1, Duration::ZERO), 1000);
+    }
+
+    #[test]
+    fn env_and_args() {
+        let mut spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "command": "app",
+            "args": ["--port", "${PORT}", "--admin=${PORT_ADMIN_API}", "${GREETING}", "$$HOME"],
+            "ports": ["http", "admin-api"],
+            "env": {"GREETING": "hello ${FLOTILLA_INSTANCE}", "URL": "http://127.0.0.1:${PORT_HTTP}/"}
+        }))
+        .unwrap();
+        let ports = BTreeMap::from([("http".to_string(), 8001), ("admin-api".to_string(), 8002)]);
+        let (env, args) = build_env("web-1", "web", "n1", &spec, &ports).unwrap();
+        assert_eq!(env["PORT"], "8001");
+        assert_eq!(env["PORT_HTTP"], "8001");
+        assert_eq!(env["PORT_ADMIN_API"], "8002");
+        assert_eq!(env["FLOTILLA_SERVICE"], "web");
+        assert_eq!(env["FLOTILLA_NODE"], "n1");
+        assert_eq!(env["GREETING"], "hello web-1");
+        assert_eq!(env["URL"], "http://127.0.0.1:8001/");
+        assert_eq!(args, vec!["--port", "8001", "--admin=8002", "hello web-1", "$HOME"]);
+        spec.args = vec!["${NOPE}".into()];
+        let e = build_env("web-1", "web", "n1", &spec, &ports).unwrap_err().to_string();
+        assert!(e.contains("args[0]") && e.contains("NOPE"), "{e}");
+    }
+}
