@@ -142,12 +142,13 @@ impl Gateway {
         store: Arc<dyn Store>,
         registry: &mut Registry,
     ) -> Result<Self, GatewayError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(GatewayError::LocalAddr)?;
         // Stopped by `run` at its end, or by their `Drop` if the gateway never runs.
         let unowned = CancellationToken::new();

@@ -3,7 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets_range};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// `route` label value of requests no route matched.
@@ -32,9 +32,15 @@ pub struct Metrics {
     upstream_errors: Family<RouteLabels, Counter>,
 }
 
-/// 100 µs … 10 s, three buckets per decade.
+/// Upper bounds of the request duration buckets: 100 µs … 10 s, log-spaced (1, 2.5, 5 per
+/// decade) so the exposition shows round numbers.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets_range(0.000_1, 10.0, 16))
+    Histogram::new(DURATION_BUCKETS)
 }
 
 impl Metrics {
@@ -123,10 +129,21 @@ mod tests {
             text.contains(r#"flotilla_gateway_requests_total{route="web",status_class="2xx"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"flotilla_gateway_requests_total{route="none",status_class="4xx"} 1"#));
+        assert!(
+            text.contains(r#"flotilla_gateway_requests_total{route="none",status_class="4xx"} 1"#)
+        );
         assert!(text.contains(r#"flotilla_gateway_upstream_errors_total{route="web"} 1"#));
-        assert!(text.contains(r#"flotilla_gateway_request_duration_seconds_bucket{le="0.0001",route="web"}"#)
-            || text.contains(r#"flotilla_gateway_request_duration_seconds_bucket{route="web",le="0.0001"}"#), "{text}");
-        assert!(text.contains(r#"le="10.0""#) || text.contains(r#"le="10""#), "{text}");
+        assert!(
+            text.contains(
+                r#"flotilla_gateway_request_duration_seconds_bucket{le="0.0001",route="web"}"#
+            ) || text.contains(
+                r#"flotilla_gateway_request_duration_seconds_bucket{route="web",le="0.0001"}"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"le="10.0""#) || text.contains(r#"le="10""#),
+            "{text}"
+        );
     }
 }

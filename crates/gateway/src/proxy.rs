@@ -109,10 +109,7 @@ impl Proxy {
             Match::NoReadyEndpoint(route) => {
                 let reason = format!("no ready instance for service {:?}\n", route.service);
                 let service = route.service.clone();
-                (
-                    Some(service),
-                    text(StatusCode::SERVICE_UNAVAILABLE, reason),
-                )
+                (Some(service), text(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
             Match::Ready(route) => {
                 let response = self.forward(req, &route, peer, host).await;
@@ -319,10 +316,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_stripped() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut headers);

@@ -187,8 +187,7 @@ impl RouteTable {
                 None => table.any_host.push(route),
             }
         }
-        let longest_first =
-            |a: &Arc<Route>, b: &Arc<Route>| b.path.len().cmp(&a.path.len());
+        let longest_first = |a: &Arc<Route>, b: &Arc<Route>| b.path.len().cmp(&a.path.len());
         for list in table.by_host.values_mut() {
             list.sort_by(longest_first);
         }
@@ -303,7 +302,9 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 fn longest_match<'r>(routes: &'r [Arc<Route>], path: &str) -> Option<&'r Arc<Route>> {
     // Sorted longest first: the first match is the longest.
-    routes.iter().find(|route| prefix_matches(&route.path, path))
+    routes
+        .iter()
+        .find(|route| prefix_matches(&route.path, path))
 }
 
 #[cfg(test)]
@@ -417,7 +418,10 @@ mod tests {
             service("root", vec![route(None, "/")]),
         ];
         let table = RouteTable::build(&services, &[]);
-        assert_eq!(service_of(&table, "shop", "/api/x"), Some("shop-api".into()));
+        assert_eq!(
+            service_of(&table, "shop", "/api/x"),
+            Some("shop-api".into())
+        );
         assert_eq!(service_of(&table, "shop", "/other"), Some("root".into()));
 
         let only_host = vec![service("shop-api", vec![route(Some("shop"), "/api")])];
@@ -451,8 +455,15 @@ mod tests {
         let Match::Ready(route) = table.lookup("h", "/") else {
             panic!("expected a ready route");
         };
-        let authorities: Vec<_> = route.endpoints.iter().map(|e| e.authority.as_str()).collect();
-        assert_eq!(authorities, ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9007"]);
+        let authorities: Vec<_> = route
+            .endpoints
+            .iter()
+            .map(|e| e.authority.as_str())
+            .collect();
+        assert_eq!(
+            authorities,
+            ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9007"]
+        );
         // Round-robin over all of them.
         let starts: Vec<_> = (0..4).map(|_| route.next_start().unwrap()).collect();
         assert_eq!(starts, [0, 1, 2, 0]);
@@ -498,7 +509,10 @@ mod tests {
     fn conflicting_routes_go_to_the_first_service_by_name() {
         let services = vec![
             service("zeta", vec![route(Some("a"), "/x/")]),
-            service("alpha", vec![route(Some("A"), "/x"), route(Some("a"), "/x")]),
+            service(
+                "alpha",
+                vec![route(Some("A"), "/x"), route(Some("a"), "/x")],
+            ),
         ];
         let table = RouteTable::build(&services, &[]);
         assert_eq!(service_of(&table, "a", "/x"), Some("alpha".into()));
@@ -541,10 +555,7 @@ mod tests {
     }
 
     fn arb_routes() -> impl Strategy<Value = Vec<RouteModel>> {
-        prop::collection::vec(
-            (0..4usize, prop::option::of(arb_host()), arb_path()),
-            0..12,
-        )
+        prop::collection::vec((0..4usize, prop::option::of(arb_host()), arb_path()), 0..12)
     }
 
     /// Mangles a host the way clients may send it: case and an optional port.

@@ -24,6 +24,7 @@ pub use quantity::{ByteSize, Dur, Millicores};
 pub use resolve::resolve_paths;
 pub use service::*;
 pub use validate::{
-    RouteConflict, STOP_SIGNALS, normalize_signal_name, validate_file, validate_hostname,
-    validate_name, validate_routes_across, validate_service, validate_spec, validate_up,
+    PLATFORM_VARS, RouteConflict, STOP_SIGNALS, normalize_signal_name, port_env_var,
+    template_variables, validate_file, validate_hostname, validate_name, validate_routes_across,
+    validate_service, validate_spec, validate_up,
 };

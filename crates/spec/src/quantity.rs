@@ -54,7 +54,7 @@ pub fn parse_cpu(s: &str) -> Result<Millicores, String> {
 }
 
 fn cores_to_millis(cores: f64) -> Result<Millicores, String> {
-    if !cores.is_finite() || cores < 0.0 || cores > 1_000_000.0 {
+    if !cores.is_finite() || !(0.0..=1_000_000.0).contains(&cores) {
         return Err(format!(
             "invalid cpu {cores}: must be between 0 and 1000000 cores"
         ));
@@ -111,7 +111,7 @@ impl fmt::Display for ByteSize {
             ("Mi", 1 << 20),
             ("Ki", 1 << 10),
         ] {
-            if n >= mult && n % mult == 0 {
+            if n >= mult && n.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", n / mult);
             }
         }

@@ -134,15 +134,14 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     if spec.command.trim().is_empty() {
         v.push(root.key("command"), "must not be empty");
     }
+    let known = template_variables(spec);
     for (i, arg) in spec.args.iter().enumerate() {
-        if let Err(e) = template_vars(arg) {
-            v.push(root.key("args").index(i), e.to_string());
-        }
+        check_template(&mut v, root.key("args").index(i), arg, &known);
     }
-    if let Some(w) = &spec.workdir {
-        if w.trim().is_empty() {
-            v.push(root.key("workdir"), "must not be empty when set");
-        }
+    if let Some(w) = &spec.workdir
+        && w.trim().is_empty()
+    {
+        v.push(root.key("workdir"), "must not be empty when set");
     }
     for (k, val) in &spec.env {
         let p = root.key("env").key(k.clone());
@@ -152,19 +151,17 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
                 format!("{ENV_NAME_ERROR} {k:?}: expected [A-Za-z_][A-Za-z0-9_]*"),
             );
         }
-        if let Err(e) = template_vars(val) {
-            v.push(p, e.to_string());
-        }
+        check_template(&mut v, p, val, &known);
     }
-    if let Some(u) = &spec.user {
-        if u.trim().is_empty() {
-            v.push(root.key("user"), "must not be empty when set");
-        }
+    if let Some(u) = &spec.user
+        && u.trim().is_empty()
+    {
+        v.push(root.key("user"), "must not be empty when set");
     }
-    if let Some(g) = &spec.group {
-        if g.trim().is_empty() {
-            v.push(root.key("group"), "must not be empty when set");
-        }
+    if let Some(g) = &spec.group
+        && g.trim().is_empty()
+    {
+        v.push(root.key("group"), "must not be empty when set");
     }
     if spec.replicas > MAX_REPLICAS {
         v.push(
@@ -197,18 +194,18 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     // Resources.
     let r = &spec.resources;
     let rp = root.key("resources");
-    if let Some(cpu) = r.cpu {
-        if cpu.0 < 1 {
-            v.push(rp.key("cpu"), "must be at least 1m when set");
-        }
+    if let Some(cpu) = r.cpu
+        && cpu.0 < 1
+    {
+        v.push(rp.key("cpu"), "must be at least 1m when set");
     }
-    if let Some(mem) = r.memory {
-        if mem.0 < MIN_MEMORY {
-            v.push(
-                rp.key("memory"),
-                format!("must be at least 1Mi when set (got {mem})"),
-            );
-        }
+    if let Some(mem) = r.memory
+        && mem.0 < MIN_MEMORY
+    {
+        v.push(
+            rp.key("memory"),
+            format!("must be at least 1Mi when set (got {mem})"),
+        );
     }
     if r.pids == Some(0) {
         v.push(rp.key("pids"), "must be at least 1 when set");
@@ -283,6 +280,46 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     }
 
     v.0
+}
+
+/// Variables flotilla sets for every instance (besides `PORT` and `PORT_<NAME>`).
+pub const PLATFORM_VARS: &[&str] = &["FLOTILLA_INSTANCE", "FLOTILLA_SERVICE", "FLOTILLA_NODE"];
+
+/// The environment variable holding the host port of a named port: `PORT_<NAME>`, upper-cased,
+/// `-` → `_` (`admin-api` → `PORT_ADMIN_API`).
+pub fn port_env_var(port: &str) -> String {
+    format!("PORT_{}", port.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Every variable `${…}` may name in this spec's args and env values: the keys of `env`,
+/// [`PLATFORM_VARS`], and `PORT` plus `PORT_<NAME>` when the service has ports.
+pub fn template_variables(spec: &ServiceSpec) -> BTreeSet<String> {
+    let mut known: BTreeSet<String> = spec.env.keys().cloned().collect();
+    known.extend(PLATFORM_VARS.iter().map(|s| s.to_string()));
+    if !spec.ports.is_empty() {
+        known.insert("PORT".to_string());
+    }
+    known.extend(spec.ports.iter().map(|p| port_env_var(p)));
+    known
+}
+
+fn check_template(v: &mut Errs, p: FieldPath, template: &str, known: &BTreeSet<String>) {
+    match template_vars(template) {
+        Err(e) => v.push(p, e.to_string()),
+        Ok(names) => {
+            for name in names.iter().filter(|n| !known.contains(*n)) {
+                let hint = if name.starts_with("PORT") {
+                    "not a port of this service (see `ports`)"
+                } else {
+                    "not set in `env` nor by flotilla"
+                };
+                v.push(
+                    p.clone(),
+                    format!("unknown variable `{name}` in `${{{name}}}`: {hint}"),
+                );
+            }
+        }
+    }
 }
 
 fn check_probe(v: &mut Errs, p: &FieldPath, kind: &str, probe: &Probe, ports: &[String]) {
@@ -390,10 +427,10 @@ fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String])
             "must be a path prefix, without query or fragment",
         );
     }
-    if let Some(host) = &route.host {
-        if let Err(why) = validate_hostname(host) {
-            v.push(p.key("host"), format!("invalid host {host:?}: {why}"));
-        }
+    if let Some(host) = &route.host
+        && let Err(why) = validate_hostname(host)
+    {
+        v.push(p.key("host"), format!("invalid host {host:?}: {why}"));
     }
     check_port_ref(v, p, route.port.as_deref(), ports);
 }
@@ -478,22 +515,22 @@ pub fn validate_up(up: &UpConfig) -> Vec<FieldError> {
         ("gateway", &up.gateway),
         ("metrics", &up.metrics),
     ] {
-        if let Some(a) = addr {
-            if a.parse::<SocketAddr>().is_err() {
-                v.push(
-                    FieldPath::root().key(name),
-                    format!("invalid address {a:?}: expected IP:PORT such as \"127.0.0.1:8080\""),
-                );
-            }
-        }
-    }
-    if let Some(d) = &up.data_dir {
-        if d.trim().is_empty() {
+        if let Some(a) = addr
+            && a.parse::<SocketAddr>().is_err()
+        {
             v.push(
-                FieldPath::root().key("data_dir"),
-                "must not be empty when set",
+                FieldPath::root().key(name),
+                format!("invalid address {a:?}: expected IP:PORT such as \"127.0.0.1:8080\""),
             );
         }
+    }
+    if let Some(d) = &up.data_dir
+        && d.trim().is_empty()
+    {
+        v.push(
+            FieldPath::root().key("data_dir"),
+            "must not be empty when set",
+        );
     }
     v.0
 }

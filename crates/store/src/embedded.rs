@@ -411,7 +411,14 @@ impl Writer {
                     Op::Put { key, .. } | Op::Delete { key, .. } => key.as_str(),
                 };
                 let current = match kv.get(key).map_err(backend(format!("reading {key}")))? {
-                    Some(guard) => Some(decode_record(key, guard.value())?),
+                    Some(guard) => match decode_record(key, guard.value()) {
+                        Ok(current) => Some(current),
+                        Err(err) => {
+                            // A corrupt record fails the writes to its key only.
+                            results.push(Err(err));
+                            continue;
+                        }
+                    },
                     None => None,
                 };
                 match &req.op {

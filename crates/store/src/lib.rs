@@ -1,6 +1,10 @@
 //! Revisioned key-value store with etcd's semantics: one global revision bumped by every write,
 //! per-key `create_revision`/`mod_revision`/`version`, compare-and-swap, prefix lists read at a
 //! revision, and watches that resume from a revision or answer `Compacted` so the client relists.
+//!
+//! - [`EmbeddedStore`]: the default backend, one redb file (see [`embedded`]).
+//! - [`typed`]: get/list/create/update/delete/modify/watch of [`flotilla_spec::Object`]s, and the
+//!   [`typed::Reflector`] that keeps a live map of every object of a kind.
 
 pub mod embedded;
 mod error;

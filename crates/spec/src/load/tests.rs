@@ -446,3 +446,15 @@ proptest! {
         prop_assert_eq!(parse_file(&text, "f").unwrap(), file);
     }
 }
+
+#[test]
+fn deep_nesting_does_not_overflow() {
+    for depth in [100, 5_000] {
+        let text = format!("a = {}{}\n", "[".repeat(depth), "]".repeat(depth));
+        let _ = parse_file(&text, "f");
+        let text = format!("a = {}1{}\n", "{ b = ".repeat(depth), " }".repeat(depth));
+        let _ = parse_file(&text, "f");
+        let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(parse_service_json(body.as_bytes()).is_err());
+    }
+}

@@ -377,3 +377,23 @@ fn signal_names() {
     assert_eq!(normalize_signal_name("KILL"), None);
     assert_eq!(normalize_signal_name(""), None);
 }
+
+#[test]
+fn template_variables_must_exist() {
+    check_base(
+        concat!(
+            "args = [\"${PORT}\", \"${PORT_ADMIN}\", \"${FLOTILLA_INSTANCE}\", \"${GREETING}\", \"$HOME\", \"${HOME}\"]\n",
+            "env = { GREETING = \"hi ${FLOTILLA_SERVICE} on ${PORT_HTTP}\", URL = \"${PORT_WEB}\" }\n",
+        ),
+        &[
+            "f.toml:4:85: service.web.args[5]: unknown variable `HOME` in `${HOME}`: not set in `env` nor by flotilla",
+            "f.toml:5:68: service.web.env.URL: unknown variable `PORT_WEB` in `${PORT_WEB}`: not a port of this service (see `ports`)",
+        ],
+    );
+    check(
+        "[service.web]\ncommand = \"x\"\nargs = [\"${PORT}\"]\n",
+        &[
+            "f.toml:3:9: service.web.args[0]: unknown variable `PORT` in `${PORT}`: not a port of this service (see `ports`)",
+        ],
+    );
+}

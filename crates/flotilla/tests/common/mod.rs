@@ -1,0 +1,406 @@
+//! Harness for end-to-end tests: a real `flotilla up` process on loopback with its own data
+//! directory, context directory and node name, plus small blocking HTTP helpers.
+#![allow(dead_code, clippy::disallowed_macros)] // test harness prints skip notices
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn flotilla_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flotilla"))
+}
+
+/// The demo service, built next to `flotilla` by `cargo test --workspace` / `cargo build`.
+pub fn demo_bin() -> PathBuf {
+    let p = flotilla_bin().with_file_name("flotilla-demo");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (or the whole suite) first",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        // The interval of a deadline-bounded poll, not synchronization: the condition is
+        // re-checked each time.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// True when cgroup v1 memory/cpu/pids or cgroup v2 can be written here.
+pub fn cgroups_available() -> bool {
+    if !is_root() {
+        return false;
+    }
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        || (Path::new("/sys/fs/cgroup/memory").exists() && Path::new("/sys/fs/cgroup/pids").exists())
+}
+
+/// Returns false (after printing why) when a test needing root and cgroups cannot run.
+pub fn require_cgroups(test: &str) -> bool {
+    if cgroups_available() {
+        return true;
+    }
+    println!("skipped: {test} needs root and writable cgroups (v1 or v2); run the suite as root");
+    false
+}
+
+pub struct Http {
+    pub status: u16,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request with `Connection: close`; `None` if the connection failed.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<Http> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    Some(Http { status, body })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub struct Up {
+    pub dir: tempfile::TempDir,
+    pub node: String,
+    pub child: Option<Child>,
+    pub api: String,
+    pub gateway: String,
+    pub metrics: String,
+    pub token: String,
+}
+
+impl Up {
+    /// Writes `services` (TOML `[service.*]` tables) to a file and runs `flotilla up -f` on it.
+    pub fn start(services: &str) -> Up {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = format!("t{}", rand_suffix());
+        let file = dir.path().join("flotilla.toml");
+        let text = format!(
+            "[up]\napi = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n{services}"
+        );
+        std::fs::write(&file, text).expect("write file");
+        let mut up = Up {
+            dir,
+            node,
+            child: None,
+            api: String::new(),
+            gateway: String::new(),
+            metrics: String::new(),
+            token: String::new(),
+        };
+        up.spawn();
+        up
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts (or restarts) `flotilla up` and waits until its API answers.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.config_dir().join("context.json"));
+        let log = std::fs::File::create(self.dir.path().join(format!("up-{}.log", rand_suffix()))).expect("log");
+        let child = Command::new(flotilla_bin())
+            .args(["up", "-f"])
+            .arg(self.dir.path().join("flotilla.toml"))
+            .args(["--node", &self.node])
+            .env("FLOTILLA_CONFIG_DIR", self.config_dir())
+            .env("PATH", path_with_demo())
+            .env("FLOTILLA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla up");
+        self.child = Some(child);
+        let ctx: Value = wait_for("flotilla up to write its context file", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("flotilla up exited early with {status}:\n{}", self.up_logs());
+            }
+            let bytes = std::fs::read(self.config_dir().join("context.json")).ok()?;
+            serde_json::from_slice(&bytes).ok()
+        });
+        let strip = |v: &Value| {
+            v.as_str()
+                .unwrap_or_default()
+                .trim_start_matches("http://")
+                .trim_end_matches("/metrics")
+                .to_string()
+        };
+        self.api = strip(&ctx["api"]);
+        self.gateway = strip(&ctx["gateway"]);
+        self.metrics = strip(&ctx["metrics"]);
+        self.token = std::fs::read_to_string(ctx["tokenFile"].as_str().expect("token file"))
+            .expect("token")
+            .trim()
+            .to_string();
+    }
+
+    pub fn up_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("up-") {
+                    out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs the CLI against this `up`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(flotilla_bin())
+            .args(args)
+            .env("FLOTILLA_CONFIG_DIR", self.config_dir())
+            .env_remove("FLOTILLA_API")
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_DATA_DIR")
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run flotilla")
+    }
+
+    pub fn api_get(&self, path: &str) -> Value {
+        let auth = format!("Bearer {}", self.token);
+        let r = http(&self.api, "GET", path, &[("Authorization", &auth)], "").expect("API reachable");
+        assert!(r.status < 300, "GET {path}: {} {}", r.status, r.body);
+        serde_json::from_str(&r.body).expect("JSON")
+    }
+
+    pub fn instances(&self, service: &str) -> Vec<Value> {
+        let v = self.api_get(&format!("/api/v1/instances?service={service}"));
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn ready_instances(&self, service: &str) -> Vec<Value> {
+        self.instances(service)
+            .into_iter()
+            .filter(|i| i["status"]["ready"] == true && i["metadata"]["deletionTimestamp"].is_null())
+            .collect()
+    }
+
+    pub fn wait_ready(&self, service: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} ready instances of {service}"), Duration::from_secs(30), || {
+            let ready = self.ready_instances(service);
+            (ready.len() == n && self.instances(service).len() == n).then_some(ready)
+        })
+    }
+
+    pub fn through_gateway(&self, host: &str, path: &str) -> Option<Http> {
+        http(&self.gateway, "GET", path, &[("Host", host)], "")
+    }
+
+    /// The cgroup directories of this node (v1 memory controller, or v2).
+    pub fn node_cgroups(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for (ctrl, path) in own_cgroups() {
+            let base = if ctrl.is_empty() {
+                PathBuf::from("/sys/fs/cgroup")
+            } else {
+                PathBuf::from("/sys/fs/cgroup").join(&ctrl)
+            };
+            let d = base.join(path.trim_start_matches('/')).join(format!("flotilla-{}", self.node));
+            dirs.push(d);
+        }
+        dirs
+    }
+
+    /// Instance cgroups that still exist under this node.
+    pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for d in self.node_cgroups() {
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        left.push(e.path());
+                    }
+                }
+            }
+        }
+        left
+    }
+
+    /// Processes whose working directory is inside this test's directory (every workload's).
+    pub fn workload_pids(&self) -> Vec<u32> {
+        let me = std::process::id();
+        let up = self.child.as_ref().map(|c| c.id());
+        let root = std::fs::canonicalize(self.dir.path()).unwrap_or_else(|_| self.dir.path().to_path_buf());
+        let mut pids = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+                if pid == me || Some(pid) == up {
+                    continue;
+                }
+                if let Ok(cwd) = std::fs::read_link(e.path().join("cwd"))
+                    && cwd.starts_with(&root)
+                {
+                    // Zombies are already dead; only count live ones.
+                    let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                    let live = state.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')).unwrap_or(false);
+                    if live {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    /// Sends SIGTERM to `flotilla up` and waits for it to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = wait_for("flotilla up to exit after SIGTERM", Duration::from_secs(60), || {
+            child.try_wait().ok().flatten()
+        });
+        status.code()
+    }
+
+    /// SIGKILLs `flotilla up`, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        // Last resort so a failed test never leaves workloads behind.
+        for pid in self.workload_pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// (controller, path) pairs from /proc/self/cgroup, for the controllers flotilla uses.
+fn own_cgroups() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if v2 && ctrls.is_empty() {
+            out.push((String::new(), path.to_string()));
+        } else if !v2 {
+            for c in ctrls.split(',') {
+                if matches!(c, "memory" | "pids") {
+                    out.push((c.to_string(), path.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn path_with_demo() -> String {
+    let dir = demo_bin().parent().map(Path::to_path_buf).unwrap_or_default();
+    format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+pub fn rand_suffix() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", n, std::process::id() % 4096)
+}
+
+/// The body the demo answers on `/`, which names the instance.
+pub fn instance_of(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .skip_while(|w| *w != "from")
+        .nth(1)
+        .map(str::to_string)
+}
+
+pub fn port_of(instance: &Value, name: &str) -> u16 {
+    instance["status"]["ports"][name].as_u64().expect("port") as u16
+}
+
+pub fn name_of(instance: &Value) -> String {
+    instance["metadata"]["name"].as_str().expect("name").to_string()
+}
+
+pub fn demo_service(name: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        r#"
+[service.{name}]
+command = "flotilla-demo"
+args = ["--port", "${{PORT}}"]
+replicas = {replicas}
+ports = ["http"]
+stop = {{ grace_period = "5s" }}
+{extra}
+
+[service.{name}.probes.readiness]
+http = {{ path = "/health" }}
+period = "200ms"
+timeout = "500ms"
+failure_threshold = 1
+
+[[service.{name}.routes]]
+host = "{name}.test"
+path = "/"
+"#
+    )
+}
