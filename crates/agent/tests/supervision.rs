@@ -227,10 +227,11 @@ async fn never_policy_ends_in_succeeded_or_failed() {
 async fn stop_signals_the_group_before_sigkill() {
     let h = start("stop", |_| {}).await;
     let w = h.work();
+    // `$$$$` is a literal `$$` after flotilla's `${VAR}` expansion of args.
     let script = format!(
         r#"trap 'echo term > {w}/termed; exit 0' TERM
-sh -c 'trap "echo child > {w}/child-termed; exit 0" TERM; echo $$ > {w}/child.pid; while :; do sleep 0.05; done' &
-sh -c 'trap "" TERM; echo $$ > {w}/stubborn.pid; exec sleep 300' &
+sh -c 'trap "echo child > {w}/child-termed; exit 0" TERM; echo $$$$ > {w}/child.pid; while :; do sleep 0.05; done' &
+sh -c 'trap "" TERM; echo $$$$ > {w}/stubborn.pid; exec sleep 300' &
 echo started
 while :; do sleep 0.05; done"#,
         w = w.display()

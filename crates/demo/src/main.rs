@@ -37,6 +37,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 /// Longest delay `/slow` accepts, so a typo cannot pin a connection for days.
 const MAX_SLOW_MS: u64 = 10 * 60 * 1000;
@@ -79,26 +80,40 @@ struct State {
     memory: Mutex<Vec<Vec<u8>>>,
     /// Cancelled when shutdown begins: hanging requests give up then.
     shutdown: CancellationToken,
+    /// Cancelled by `POST /crash`: the process exits with code 1 at once.
+    crash: CancellationToken,
 }
 
 type Body = Full<Bytes>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Plain lines on stderr: the agent captures them, and tests look for their messages.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("flotilla-demo: cannot start the runtime: {e}");
+            tracing::error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args));
+    // A crash must not wait for in-flight work (a long allocation, hung requests).
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("flotilla-demo: {message}");
+            tracing::error!("{message}");
             ExitCode::FAILURE
         }
     }
@@ -119,12 +134,13 @@ async fn run(args: Args) -> Result<(), String> {
         hang: AtomicBool::new(false),
         memory: Mutex::new(Vec::new()),
         shutdown: CancellationToken::new(),
+        crash: CancellationToken::new(),
     });
 
     if let Some(mb) = args.alloc_mb {
         let block = allocate(mb)?;
         keep(&state, block);
-        eprintln!("allocated {mb} MiB at start-up");
+        tracing::info!("allocated {mb} MiB at start-up");
     }
 
     // Install the handlers before announcing the address, so a signal sent right after the
@@ -140,21 +156,28 @@ async fn run(args: Args) -> Result<(), String> {
     let local = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
-    eprintln!(
+    tracing::info!(
         "flotilla-demo listening on http://{local} (pid {}, instance {})",
-        state.pid, state.name
+        state.pid,
+        state.name
     );
 
-    if let Some(after) = args.crash_after {
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            eprintln!(
-                "crashing as asked (--crash-after {})",
-                humantime::format_duration(after)
-            );
-            std::process::exit(1);
-        });
-    }
+    let crash_after = async {
+        match args.crash_after {
+            Some(after) => {
+                tokio::time::sleep(after).await;
+                format!(
+                    "crashing as asked (--crash-after {})",
+                    humantime::format_duration(after)
+                )
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let crash_asked = async {
+        state.crash.cancelled().await;
+        "crashing as asked (POST /crash)".to_string()
+    };
 
     let ignore_sigterm = args.ignore_sigterm;
     let shutdown = state.shutdown.clone();
@@ -164,14 +187,14 @@ async fn run(args: Args) -> Result<(), String> {
             tokio::select! {
                 _ = sigterm.recv() => {
                     if ignore_sigterm {
-                        eprintln!("received SIGTERM, ignoring it (--ignore-sigterm)");
+                        tracing::warn!("received SIGTERM, ignoring it (--ignore-sigterm)");
                         continue;
                     }
-                    eprintln!("received SIGTERM, shutting down");
+                    tracing::info!("received SIGTERM, shutting down");
                     break;
                 }
                 _ = sigint.recv() => {
-                    eprintln!("received SIGINT, shutting down");
+                    tracing::info!("received SIGINT, shutting down");
                     break;
                 }
             }
@@ -179,8 +202,13 @@ async fn run(args: Args) -> Result<(), String> {
         shutdown.cancel();
     };
 
-    serve(listener, state, signals).await;
-    eprintln!("stopped");
+    // A crash ends everything at once: no draining, exit code 1.
+    tokio::select! {
+        () = serve(listener, state.clone(), signals) => {}
+        reason = crash_after => return Err(reason),
+        reason = crash_asked => return Err(reason),
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -197,7 +225,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, stop: impl Future<Outpu
                     Ok((stream, _peer)) => stream,
                     Err(e) => {
                         // Usually EMFILE: back off briefly instead of spinning.
-                        eprintln!("accept failed: {e}");
+                        tracing::warn!("accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -233,7 +261,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         (&Method::GET, "/pid") => text(StatusCode::OK, format!("{}\n", state.pid)),
         (&Method::GET, "/slow") => match query_u64(query, "ms") {
             Some(ms) if ms <= MAX_SLOW_MS => {
-                eprintln!("slow request: answering in {ms} ms");
+                tracing::info!("slow request: answering in {ms} ms");
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 text(StatusCode::OK, format!("slow response after {ms} ms\n"))
             }
@@ -244,26 +272,26 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         },
         (&Method::POST, "/fail-readiness") => {
             state.not_ready.store(true, Ordering::SeqCst);
-            eprintln!("readiness now failing");
+            tracing::info!("readiness now failing");
             text(StatusCode::OK, "readiness now failing\n")
         }
         (&Method::POST, "/recover") => {
             state.not_ready.store(false, Ordering::SeqCst);
             state.hang.store(false, Ordering::SeqCst);
-            eprintln!("recovered");
+            tracing::info!("recovered");
             text(StatusCode::OK, "recovered\n")
         }
         (&Method::POST, "/hang") => {
             state.hang.store(true, Ordering::SeqCst);
-            eprintln!("health checks now hang");
+            tracing::info!("health checks now hang");
             text(StatusCode::OK, "health checks now hang\n")
         }
         (&Method::POST, "/crash") => {
-            eprintln!("crashing as asked (POST /crash)");
-            // Exit right after the answer has had a moment to leave.
-            tokio::spawn(async {
+            // Crash right after the answer has had a moment to leave.
+            let crash = state.crash.clone();
+            tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                std::process::exit(1);
+                crash.cancel();
             });
             text(StatusCode::OK, "crashing\n")
         }
@@ -308,7 +336,7 @@ async fn alloc(state: &Arc<State>, mb: u64) -> Response<Body> {
         }
     };
     let total = keep(state, block);
-    eprintln!("allocated {mb} MiB (holding {total} MiB)");
+    tracing::info!("allocated {mb} MiB (holding {total} MiB)");
     text(
         StatusCode::OK,
         format!("allocated {mb} MiB, holding {total} MiB\n"),

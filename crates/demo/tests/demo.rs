@@ -41,7 +41,6 @@ impl Demo {
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[demo] {line}");
                 if tx.send(line).await.is_err() {
                     break;
                 }

@@ -108,7 +108,7 @@ impl Body for AttemptBody {
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Some(body) => body.size_hint(),
-            None => self.replay.hint.clone(),
+            None => self.replay.hint,
         }
     }
 }

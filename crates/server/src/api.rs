@@ -322,7 +322,7 @@ pub async fn apply(
         })
         .collect();
     problems.extend(
-        flotilla_spec::validate_service(&name, &spec)
+        flotilla_spec::validate_spec(&spec)
             .into_iter()
             .map(|e| FieldProblem {
                 field: format!("spec.{}", e.path),

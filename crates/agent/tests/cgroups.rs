@@ -1,0 +1,175 @@
+//! Real cgroups (needs root and writable cgroup v1 or v2; skipped with a message otherwise).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use flotilla_agent::cgroup::{self, CgroupMode, Detected, Limits};
+use flotilla_spec::Phase;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_exceeded_is_reported_oom_killed() {
+    let h = start("oom", |_| {}).await;
+    if !h.needs_root_cgroups("memory_limit_exceeded_is_reported_oom_killed") {
+        return;
+    }
+    h.create(
+        "hog",
+        json!({
+            "command": "python3",
+            "args": ["-c", "import time\nx = b'x' * (256 << 20)\ntime.sleep(30)"],
+            "resources": {"memory": "48Mi"},
+            "restart": {"policy": "never"}
+        }),
+    )
+    .await;
+    let i = h.wait_instance("hog", T, "failed", |i| i.status.phase == Phase::Failed).await;
+    let e = i.status.last_exit.unwrap();
+    assert!(e.oom_killed, "{e:?}");
+    assert_eq!(e.reason, "OOMKilled");
+    assert!(h.has_event("hog", "OOMKilled").await);
+    assert!(h.metrics_text().contains("flotilla_oom_kills_total{service=\"svc\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
+    let h = start("pids", |_| {}).await;
+    if !h.needs_root_cgroups("fork_bomb_stops_at_pids_max_and_stop_leaves_nothing") {
+        return;
+    }
+    let w = h.work();
+    let script = format!(
+        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; echo loop-done > {}/done; wait",
+        w.display()
+    );
+    h.create(
+        "bomb",
+        json!({"command": "sh", "args": ["-c", script], "resources": {"pids": 20}, "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    h.wait_instance("bomb", T, "running", |i| i.status.phase == Phase::Running).await;
+    wait_for("fork loop finished", T, || async { w.join("done").exists().then_some(()) }).await;
+    let procs: Vec<u32> = match h.cgroups {
+        Some("v1") => {
+            let f = v1_scope("pids", &h.node).join("bomb/cgroup.procs");
+            let s = std::fs::read_to_string(&f).unwrap();
+            s.lines().map(|l| l.parse().unwrap()).collect()
+        }
+        _ => Vec::new(),
+    };
+    if h.cgroups == Some("v1") {
+        assert!(procs.len() <= 20 && procs.len() >= 10, "{} processes", procs.len());
+        let events = std::fs::read_to_string(v1_scope("pids", &h.node).join("bomb/pids.events")).unwrap();
+        assert!(!events.contains("max 0"), "{events}");
+    }
+    h.delete("bomb").await;
+    h.wait_gone("bomb", T).await;
+    for p in procs {
+        assert!(!alive(p), "{p} survived");
+    }
+    if h.cgroups == Some("v1") {
+        for c in ["memory", "pids", "cpu", "cpuacct"] {
+            assert!(!v1_scope(c, &h.node).join("bomb").exists(), "{c} cgroup not removed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setsid_grandchild_is_killed_on_stop() {
+    let h = start("setsid", |_| {}).await;
+    if !h.needs_root_cgroups("setsid_grandchild_is_killed_on_stop") {
+        return;
+    }
+    let w = h.work();
+    let marker = format!("flotilla-setsid-{}", h.node);
+    // The grandchild leaves the process group (setsid) and ignores SIGTERM: only the cgroup
+    // can find it.
+    let script = format!(
+        "trap 'echo term > {w}/termed; exit 0' TERM\n\
+         setsid sh -c 'trap \"\" TERM; echo $$$$ > {w}/gc.pid; exec python3 -c \"import time; time.sleep(300)\" {marker}' &\n\
+         while :; do sleep 0.05; done",
+        w = w.display()
+    );
+    h.create(
+        "daemonizer",
+        json!({"command": "sh", "args": ["-c", script], "stop": {"grace_period": "500ms"}}),
+    )
+    .await;
+    h.wait_instance("daemonizer", T, "running", |i| i.status.phase == Phase::Running).await;
+    let gc = wait_for("grandchild pid", T, || async { read_pid(&w.join("gc.pid")) }).await;
+    wait_for("grandchild exec", T, || async { (!pids_with_cmdline(&marker).is_empty()).then_some(()) }).await;
+    h.delete("daemonizer").await;
+    h.wait_gone("daemonizer", T).await;
+    assert!(w.join("termed").exists());
+    assert!(!alive(gc), "setsid grandchild {gc} survived");
+    assert!(pids_with_cmdline(&marker).is_empty());
+    if h.cgroups == Some("v1") {
+        assert!(!v1_scope("memory", &h.node).join("daemonizer").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_sweep_kills_leftovers_of_a_previous_run() {
+    let root = nix::unistd::geteuid().is_root();
+    let node = unique_node("sweep");
+    let cg = match cgroup::detect(CgroupMode::Auto, &node) {
+        Detected::Enabled(cg) if root => cg,
+        _ => {
+            println!("skipped: startup_sweep_kills_leftovers_of_a_previous_run needs root and writable cgroup v1/v2");
+            return;
+        }
+    };
+    // A "previous run" that was SIGKILLed: a cgroup with a process in it.
+    cg.create("old-1", &Limits::default()).unwrap();
+    let mut child = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    let pid = child.id();
+    cg.add_pid("old-1", pid).unwrap();
+    assert_eq!(cg.pids("old-1").unwrap(), vec![pid]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let mut h = start_with(dir, store, node, |_| {}).await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(!status.success());
+    wait_for("leftover cgroup removed", T, || async { cg.instances().unwrap().is_empty().then_some(()) }).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_sampled_and_cpu_is_limited() {
+    let h = start("usage", |_| {}).await;
+    if !h.needs_root_cgroups("usage_is_sampled_and_cpu_is_limited") {
+        return;
+    }
+    h.create(
+        "spin",
+        json!({"command": "sh", "args": ["-c", "while :; do :; done"], "resources": {"cpu": "200m", "memory": "64Mi"}, "stop": {"grace_period": "200ms"}}),
+    )
+    .await;
+    // Let a few samples accumulate, then check one after the first second.
+    let deadline = Instant::now() + T;
+    let mut samples = Vec::new();
+    while samples.len() < 4 {
+        assert!(Instant::now() < deadline, "no usage samples: {samples:?}");
+        if let Some(u) = h.get("spin").await.and_then(|i| i.status.usage) {
+            if samples.last() != Some(&u) {
+                samples.push(u);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = samples.last().unwrap();
+    assert!(last.cpu_millicores > 50 && last.cpu_millicores < 400, "{samples:?}");
+    assert!(last.memory_bytes > 0);
+    let m = h.metrics_text();
+    assert!(m.contains("flotilla_instance_cpu_millicores{service=\"svc\",instance=\"spin\"}"), "{m}");
+    h.delete("spin").await;
+    h.wait_gone("spin", T).await;
+    assert!(!h.metrics_text().contains("instance=\"spin\""));
+}
