@@ -54,7 +54,11 @@ pub fn decide(
     };
     if !restart {
         return Decision::Stop {
-            phase: if success { Phase::Succeeded } else { Phase::Failed },
+            phase: if success {
+                Phase::Succeeded
+            } else {
+                Phase::Failed
+            },
         };
     }
     Decision::Restart {
@@ -79,7 +83,18 @@ mod tests {
         let i = 100 * MS;
         let m = Duration::from_secs(1);
         let delays: Vec<_> = (1..=7).map(|n| backoff_delay(n, i, m)).collect();
-        assert_eq!(delays, vec![0 * MS, 100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]);
+        assert_eq!(
+            delays,
+            vec![
+                Duration::ZERO,
+                100 * MS,
+                200 * MS,
+                400 * MS,
+                800 * MS,
+                1000 * MS,
+                1000 * MS
+            ]
+        );
         assert_eq!(backoff_delay(u32::MAX, i, m), m);
     }
 
@@ -89,23 +104,36 @@ mod tests {
         let m = Duration::from_secs(30);
         assert_eq!(
             decide(RestartPolicy::Always, true, 1, i, m),
-            Decision::Restart { delay: Duration::ZERO, phase: Phase::Backoff }
+            Decision::Restart {
+                delay: Duration::ZERO,
+                phase: Phase::Backoff
+            }
         );
         assert_eq!(
             decide(RestartPolicy::OnFailure, true, 1, i, m),
-            Decision::Stop { phase: Phase::Succeeded }
+            Decision::Stop {
+                phase: Phase::Succeeded
+            }
         );
         assert_eq!(
             decide(RestartPolicy::OnFailure, false, 2, i, m),
-            Decision::Restart { delay: i, phase: Phase::Backoff }
+            Decision::Restart {
+                delay: i,
+                phase: Phase::Backoff
+            }
         );
         assert_eq!(
             decide(RestartPolicy::Always, false, 3, i, m),
-            Decision::Restart { delay: 2 * i, phase: Phase::CrashLoopBackOff }
+            Decision::Restart {
+                delay: 2 * i,
+                phase: Phase::CrashLoopBackOff
+            }
         );
         assert_eq!(
             decide(RestartPolicy::Never, false, 5, i, m),
-            Decision::Stop { phase: Phase::Failed }
+            Decision::Stop {
+                phase: Phase::Failed
+            }
         );
     }
 

@@ -23,9 +23,6 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The process of an instance could not be started.
-    #[error("cannot start {instance}: {message}")]
-    Spawn { instance: String, message: String },
     /// A `${VAR}` in an arg or env value could not be expanded.
     #[error("instance {instance}: cannot expand {what}: {source}")]
     Expand {
@@ -51,13 +48,6 @@ pub enum AgentError {
         key: String,
         #[source]
         source: StoreError,
-    },
-    /// A stored object could not be decoded or encoded.
-    #[error("cannot decode or encode {key}: {source}")]
-    Codec {
-        key: String,
-        #[source]
-        source: serde_json::Error,
     },
     /// Invalid agent configuration.
     #[error("invalid agent configuration: {0}")]

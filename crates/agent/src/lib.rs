@@ -101,7 +101,10 @@ impl Agent {
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, AgentError> {
         if config.node.is_empty() || config.node.contains('/') || config.node.contains('\0') {
-            return Err(AgentError::Config(format!("invalid node name {:?}", config.node)));
+            return Err(AgentError::Config(format!(
+                "invalid node name {:?}",
+                config.node
+            )));
         }
         let logs = config.data_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| AgentError::io("create directory", logs, e))?;
@@ -193,6 +196,9 @@ impl Agent {
         }
         self.shutdown_workers(&mut workers, &mut tasks, &map).await;
         let _ = reflector.stop().await;
+        if let Some(cg) = &self.shared.cgroups {
+            cg.remove_scope();
+        }
         tracing::info!(node = %node, "agent stopped");
         result
     }
@@ -222,7 +228,11 @@ impl Agent {
             if !deleting && inst.status.phase.is_terminal() {
                 continue;
             }
-            let initial = if deleting { Desired::Delete } else { Desired::Run };
+            let initial = if deleting {
+                Desired::Delete
+            } else {
+                Desired::Run
+            };
             let (tx, rx) = watch::channel(initial);
             let shared = self.shared.clone();
             let inst = inst.clone();
@@ -270,10 +280,15 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + longest + SHUTDOWN_SLACK;
         while !tasks.is_empty() {
             match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-                Ok(Some(Err(e))) => tracing::error!(error = %e, "instance worker failed during shutdown"),
+                Ok(Some(Err(e))) => {
+                    tracing::error!(error = %e, "instance worker failed during shutdown")
+                }
                 Ok(_) => {}
                 Err(_) => {
-                    tracing::error!(left = tasks.len(), "instance workers did not stop in time; aborting them");
+                    tracing::error!(
+                        left = tasks.len(),
+                        "instance workers did not stop in time; aborting them"
+                    );
                     tasks.abort_all();
                     while tasks.join_next().await.is_some() {}
                 }
@@ -305,7 +320,9 @@ impl Agent {
 }
 
 fn inst_uid(map: &BTreeMap<String, Instance>, name: &str) -> String {
-    map.get(name).map(|i| i.metadata.uid.clone()).unwrap_or_default()
+    map.get(name)
+        .map(|i| i.metadata.uid.clone())
+        .unwrap_or_default()
 }
 
 /// Moves a worker's desired state forward (never back: Gone > Shutdown > Delete > Run).

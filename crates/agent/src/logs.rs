@@ -151,11 +151,11 @@ pub async fn pump<R: AsyncRead + Unpin>(
 fn write_lines(writer: &Mutex<LogWriter>, chunk: &[u8], instance: &str, warned: &mut bool) {
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
     for line in chunk.split_inclusive(|b| *b == b'\n') {
-        if let Err(e) = w.write_line(line) {
-            if !*warned {
-                tracing::warn!(instance, error = %e, "cannot write instance log");
-                *warned = true;
-            }
+        if let Err(e) = w.write_line(line)
+            && !*warned
+        {
+            tracing::warn!(instance, error = %e, "cannot write instance log");
+            *warned = true;
         }
     }
 }
@@ -204,10 +204,10 @@ fn read_all(dir: &Path, instance: &str, current_limit: Option<u64>) -> Result<Ve
     for (i, f) in files.iter().enumerate() {
         match std::fs::read(f) {
             Ok(mut data) => {
-                if i == last {
-                    if let Some(limit) = current_limit {
-                        data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-                    }
+                if i == last
+                    && let Some(limit) = current_limit
+                {
+                    data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
                 }
                 out.extend_from_slice(&data);
             }
@@ -219,7 +219,11 @@ fn read_all(dir: &Path, instance: &str, current_limit: Option<u64>) -> Result<Ve
 }
 
 /// The instance's log (all retained files, oldest first), or its last `tail_lines` lines.
-pub async fn read(data_dir: &Path, instance: &str, tail_lines: Option<usize>) -> Result<Vec<u8>, AgentError> {
+pub async fn read(
+    data_dir: &Path,
+    instance: &str,
+    tail_lines: Option<usize>,
+) -> Result<Vec<u8>, AgentError> {
     let dir = log_dir(data_dir, instance);
     let instance = instance.to_string();
     let join = tokio::task::spawn_blocking(move || {
@@ -284,11 +288,16 @@ async fn follow_loop(
     let mut file = loop {
         match tokio::fs::File::open(&cur).await {
             Ok(f) => break f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => tokio::time::sleep(FOLLOW_POLL).await,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::time::sleep(FOLLOW_POLL).await
+            }
             Err(e) => return Err(AgentError::io("open log", &cur, e)),
         }
     };
-    let meta = file.metadata().await.map_err(|e| AgentError::io("stat log", &cur, e))?;
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| AgentError::io("stat log", &cur, e))?;
     let mut inode = meta.ino();
     let mut pos = meta.len();
     let initial = {
@@ -311,12 +320,19 @@ async fn follow_loop(
     loop {
         // Drain what is there.
         loop {
-            let n = file.read(&mut buf).await.map_err(|e| AgentError::io("read log", &cur, e))?;
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| AgentError::io("read log", &cur, e))?;
             if n == 0 {
                 break;
             }
             pos += n as u64;
-            if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+            if tx
+                .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
         }
@@ -324,10 +340,17 @@ async fn follow_loop(
         match tokio::fs::metadata(&cur).await {
             Ok(m) if m.ino() != inode => {
                 // Rotated: drain the old file (done above on the next round), then switch.
-                let n = file.read(&mut buf).await.map_err(|e| AgentError::io("read log", &cur, e))?;
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| AgentError::io("read log", &cur, e))?;
                 if n > 0 {
                     pos += n as u64;
-                    if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    if tx
+                        .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
                         return Ok(());
                     }
                     continue;
@@ -364,7 +387,8 @@ mod tests {
         let dir = t.path().join("logs/i");
         let mut w = LogWriter::open(&dir, 100, 3).unwrap();
         for i in 0..30 {
-            w.write_line(format!("line {i:04} ..........\n").as_bytes()).unwrap();
+            w.write_line(format!("line {i:04} ..........\n").as_bytes())
+                .unwrap();
         }
         let names: Vec<String> = {
             let mut v: Vec<_> = std::fs::read_dir(&dir)
@@ -379,7 +403,10 @@ mod tests {
             let s = std::fs::read_to_string(dir.join(n)).unwrap();
             assert!(s.len() <= 100, "{n} has {} bytes", s.len());
             assert!(s.ends_with('\n'));
-            assert!(s.lines().all(|l| l.starts_with("line ") && l.len() == 20), "{s}");
+            assert!(
+                s.lines().all(|l| l.starts_with("line ") && l.len() == 20),
+                "{s}"
+            );
         }
         let cur = std::fs::read_to_string(dir.join("output.log")).unwrap();
         assert!(cur.contains("line 0029"));
@@ -391,7 +418,10 @@ mod tests {
         let mut w = LogWriter::open(t.path(), 10, 1).unwrap();
         w.write_line(b"aaaaaaa\n").unwrap();
         w.write_line(b"bbbbbbb\n").unwrap();
-        assert_eq!(std::fs::read_to_string(t.path().join(CURRENT)).unwrap(), "bbbbbbb\n");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join(CURRENT)).unwrap(),
+            "bbbbbbb\n"
+        );
     }
 
     #[test]
@@ -411,7 +441,10 @@ mod tests {
         pump(input, w.clone(), "web-1".into(), CancellationToken::new()).await;
         let all = read(t.path(), "web-1", None).await.unwrap();
         assert_eq!(all, b"one\ntwo\nthree-without-newline\n");
-        assert_eq!(read(t.path(), "web-1", Some(1)).await.unwrap(), b"three-without-newline\n");
+        assert_eq!(
+            read(t.path(), "web-1", Some(1)).await.unwrap(),
+            b"three-without-newline\n"
+        );
         assert!(matches!(
             read(t.path(), "nope", None).await,
             Err(AgentError::LogNotFound { .. })
@@ -420,7 +453,11 @@ mod tests {
         let stop = CancellationToken::new();
         let mut rx = follow(t.path(), "web-1", Some(2), stop.clone());
         let mut got = Vec::new();
-        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap().unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         got.extend_from_slice(&first);
         assert_eq!(got, b"two\nthree-without-newline\n");
         // Write enough to rotate several times; follow must see every line exactly once.
@@ -435,16 +472,25 @@ mod tests {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
                 while got.len() < expect.len() {
                     let Ok(c) = tokio::time::timeout_at(deadline, rx.recv()).await else {
-                        panic!("follow stalled:\n got {:?}\n want {:?}", String::from_utf8_lossy(&got), String::from_utf8_lossy(&expect));
+                        panic!(
+                            "follow stalled:\n got {:?}\n want {:?}",
+                            String::from_utf8_lossy(&got),
+                            String::from_utf8_lossy(&expect)
+                        );
                     };
                     let c = c.unwrap().unwrap();
                     got.extend_from_slice(&c);
                 }
             }
         }
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expect));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expect)
+        );
         stop.cancel();
-        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
         assert!(end.is_none());
     }
 }

@@ -82,13 +82,28 @@ mod tests {
         let mut reg = Registry::default();
         let m = Metrics::register(&mut reg);
         m.restarts.get_or_create(&service("web")).inc();
-        m.probe_failures.get_or_create(&probe("web", "liveness")).inc();
-        m.cpu_millicores.get_or_create(&instance("web", "web-1")).set(250);
+        m.probe_failures
+            .get_or_create(&probe("web", "liveness"))
+            .inc();
+        m.cpu_millicores
+            .get_or_create(&instance("web", "web-1"))
+            .set(250);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(out.contains("flotilla_instance_restarts_total{service=\"web\"} 1"), "{out}");
-        assert!(out.contains("flotilla_probe_failures_total{service=\"web\",probe=\"liveness\"} 1"), "{out}");
-        assert!(out.contains("flotilla_instance_cpu_millicores{service=\"web\",instance=\"web-1\"} 250"), "{out}");
+        assert!(
+            out.contains("flotilla_instance_restarts_total{service=\"web\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("flotilla_probe_failures_total{service=\"web\",probe=\"liveness\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "flotilla_instance_cpu_millicores{service=\"web\",instance=\"web-1\"} 250"
+            ),
+            "{out}"
+        );
         m.forget_instance("web", "web-1");
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();

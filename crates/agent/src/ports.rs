@@ -18,7 +18,9 @@ impl PortAllocator {
     /// A free port on 127.0.0.1 not handed out before (and not yet released).
     pub fn allocate(&self) -> std::io::Result<u16> {
         for _ in 0..64 {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+                .local_addr()?
+                .port();
             let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
             if in_use.insert(port) {
                 return Ok(port);

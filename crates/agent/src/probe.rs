@@ -75,7 +75,9 @@ pub struct ProbeContext {
 
 impl ProbeContext {
     fn port(&self, name: Option<&String>) -> Result<u16, String> {
-        let name = name.or(self.first_port.as_ref()).ok_or("no port to probe")?;
+        let name = name
+            .or(self.first_port.as_ref())
+            .ok_or("no port to probe")?;
         self.ports
             .get(name)
             .copied()
@@ -92,7 +94,10 @@ pub async fn check(probe: &Probe, ctx: &ProbeContext) -> Result<(), String> {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
             Ok(Ok(code)) => Err(format!("HTTP GET {} on port {port}: status {code}", h.path)),
             Ok(Err(e)) => Err(format!("HTTP GET {} on port {port}: {e}", h.path)),
-            Err(_) => Err(format!("HTTP GET {} on port {port}: timed out after {timeout:?}", h.path)),
+            Err(_) => Err(format!(
+                "HTTP GET {} on port {port}: timed out after {timeout:?}",
+                h.path
+            )),
         };
     }
     if let Some(t) = &probe.tcp {
@@ -100,7 +105,9 @@ pub async fn check(probe: &Probe, ctx: &ProbeContext) -> Result<(), String> {
         return match tokio::time::timeout(timeout, TcpStream::connect(("127.0.0.1", port))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("TCP connect to port {port}: {e}")),
-            Err(_) => Err(format!("TCP connect to port {port}: timed out after {timeout:?}")),
+            Err(_) => Err(format!(
+                "TCP connect to port {port}: timed out after {timeout:?}"
+            )),
         };
     }
     if let Some(x) = &probe.exec {
@@ -126,7 +133,12 @@ async fn http_get(port: u16, path: &str) -> std::io::Result<u16> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let line = String::from_utf8_lossy(&buf);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP status line");
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "malformed HTTP status line",
+        )
+    };
     let mut parts = line.split_whitespace();
     match parts.next() {
         Some(v) if v.starts_with("HTTP/") => {}
@@ -173,7 +185,10 @@ async fn exec(command: &[String], ctx: &ProbeContext, timeout: Duration) -> Resu
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeEvent {
     /// One check failed (`probe`: `startup`, `readiness`, `liveness`).
-    CheckFailed { probe: &'static str, message: String },
+    CheckFailed {
+        probe: &'static str,
+        message: String,
+    },
     StartupPassed,
     /// The startup probe reached its failure threshold: restart.
     StartupFailed(String),
@@ -190,10 +205,10 @@ pub async fn run_probes(
     cancel: CancellationToken,
 ) {
     let body = async {
-        if let Some(p) = &probes.startup {
-            if !startup(p, &ctx, &tx).await {
-                return;
-            }
+        if let Some(p) = &probes.startup
+            && !startup(p, &ctx, &tx).await
+        {
+            return;
         }
         let _ = tx.send(ProbeEvent::StartupPassed).await;
         tokio::join!(
@@ -257,9 +272,15 @@ async fn readiness(p: Option<&Probe>, ctx: &ProbeContext, tx: &mpsc::Sender<Prob
         }
         if let Some(ready) = st.observe(r.is_ok()) {
             ever_ready |= ready;
-            let _ = tx.send(ProbeEvent::Ready(ready, r.err().unwrap_or_default())).await;
+            let _ = tx
+                .send(ProbeEvent::Ready(ready, r.err().unwrap_or_default()))
+                .await;
         }
-        let wait = if ever_ready { period } else { period.min(FAST_READINESS_PERIOD) };
+        let wait = if ever_ready {
+            period
+        } else {
+            period.min(FAST_READINESS_PERIOD)
+        };
         tokio::time::sleep(wait).await;
     }
 }
@@ -315,7 +336,11 @@ mod tests {
         assert_eq!(start.observe(false), None);
         assert_eq!(start.observe(true), Some(true));
         let mut start = ProbeState::new(0, 0, None);
-        assert_eq!(start.observe(false), Some(false), "thresholds are at least 1");
+        assert_eq!(
+            start.observe(false),
+            Some(false),
+            "thresholds are at least 1"
+        );
     }
 
     fn probe() -> Probe {
@@ -347,7 +372,9 @@ mod tests {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            let _ = s
+                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await;
         });
         port
     }
@@ -377,7 +404,12 @@ mod tests {
         t.tcp = Some(TcpProbe {
             port: Some("nope".to_string()),
         });
-        assert!(check(&t, &ctx(port)).await.unwrap_err().contains("unknown port"));
+        assert!(
+            check(&t, &ctx(port))
+                .await
+                .unwrap_err()
+                .contains("unknown port")
+        );
 
         let mut x = probe();
         x.exec = Some(ExecProbe {
@@ -415,7 +447,13 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_probes(probes, ctx(1), tx, cancel.clone()));
         assert_eq!(rx.recv().await, Some(ProbeEvent::StartupPassed));
-        assert!(matches!(rx.recv().await, Some(ProbeEvent::CheckFailed { probe: "readiness", .. })));
+        assert!(matches!(
+            rx.recv().await,
+            Some(ProbeEvent::CheckFailed {
+                probe: "readiness",
+                ..
+            })
+        ));
         std::fs::write(&flag, "").unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

@@ -95,7 +95,11 @@ pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::proce
             use nix::fcntl::{OFlag, open};
             use nix::sys::stat::Mode;
             for p in &procs {
-                let fd = open(p.as_c_str(), OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+                let fd = open(
+                    p.as_c_str(),
+                    OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
                 nix::unistd::write(&fd, b"0")?;
             }
             if let Some(n) = open_files {
@@ -124,7 +128,11 @@ pub fn parse_signal(name: &str) -> Option<Signal> {
     if let Ok(n) = up.parse::<i32>() {
         return Signal::try_from(n).ok();
     }
-    let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
     full.parse().ok()
 }
 
@@ -148,10 +156,12 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        if let Some((state, pgrp)) = parse_stat(&stat) {
-            if pgrp == pgid && state != 'Z' && state != 'X' {
-                out.push(pid);
-            }
+        if let Some((state, pgrp)) = parse_stat(&stat)
+            && pgrp == pgid
+            && state != 'Z'
+            && state != 'X'
+        {
+            out.push(pid);
         }
     }
     out
@@ -200,7 +210,10 @@ mod tests {
         let (mut rx, w) = output_pipe().unwrap();
         let spec = LaunchSpec {
             program: "sh".into(),
-            args: vec!["-c".into(), "echo out; echo err >&2; echo \"$X $(ulimit -n)\"".into()],
+            args: vec![
+                "-c".into(),
+                "echo out; echo err >&2; echo \"$X $(ulimit -n)\"".into(),
+            ],
             env: BTreeMap::from([("X".to_string(), "hello".to_string())]),
             workdir: Some(std::env::temp_dir()),
             uid: None,

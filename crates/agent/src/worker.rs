@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_spec::{
-    Event, EventType, ExitInfo, Instance, InstanceStatus, ObjectMeta, ObjectRef, Object, Phase, ServiceSpec, Usage,
-    now_rfc3339,
+    Event, EventType, ExitInfo, Instance, InstanceStatus, Object, ObjectMeta, ObjectRef, Phase,
+    ServiceSpec, Usage, now_rfc3339,
 };
 use flotilla_store::{Store, typed};
 use nix::sys::signal::Signal;
@@ -68,7 +68,11 @@ enum RunEnd {
 
 /// Classifies an exit (pure). `killed_for`: the reason when the agent killed the process
 /// because of a failed probe.
-pub(crate) fn classify(status: Option<ExitStatus>, oom: bool, killed_for: Option<&str>) -> ExitInfo {
+pub(crate) fn classify(
+    status: Option<ExitStatus>,
+    oom: bool,
+    killed_for: Option<&str>,
+) -> ExitInfo {
     use std::os::unix::process::ExitStatusExt;
     let code = status.and_then(|s| s.code());
     let signal = status.and_then(|s| s.signal());
@@ -152,7 +156,11 @@ pub(crate) fn build_env(
 
 /// Runs the worker of one instance until it is told to stop, then cleans up. Returns what
 /// ended it.
-pub(crate) async fn run(shared: Arc<Shared>, inst: Instance, desired: watch::Receiver<Desired>) -> Desired {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    inst: Instance,
+    desired: watch::Receiver<Desired>,
+) -> Desired {
     let mut w = Worker::new(shared, &inst, desired);
     let end = w.main().await;
     w.finish(end).await;
@@ -233,7 +241,8 @@ impl Worker {
                     s.message = Some(msg.clone());
                 })
                 .await;
-                self.event(EventType::Warning, "FailedToStart", &e.to_string()).await;
+                self.event(EventType::Warning, "FailedToStart", &e.to_string())
+                    .await;
                 return Self::until_stop(&mut self.desired).await;
             }
         };
@@ -258,7 +267,13 @@ impl Worker {
             })?;
             self.ports.insert(name.clone(), port);
         }
-        let (env, args) = build_env(&self.name, &self.service, &self.shared.config.node, &self.spec, &self.ports)?;
+        let (env, args) = build_env(
+            &self.name,
+            &self.service,
+            &self.shared.config.node,
+            &self.spec,
+            &self.ports,
+        )?;
         let ident = |message: String| AgentError::Identity {
             instance: self.name.clone(),
             message,
@@ -273,7 +288,11 @@ impl Worker {
             gid = Some(process::resolve_group(g).map_err(ident)?);
         }
         let dir = logs::log_dir(&self.shared.config.data_dir, &self.name);
-        let log = LogWriter::open(&dir, self.shared.config.log_max_bytes, self.shared.config.log_max_files)?;
+        let log = LogWriter::open(
+            &dir,
+            self.shared.config.log_max_bytes,
+            self.shared.config.log_max_files,
+        )?;
         let limits = Limits {
             memory_bytes: self.spec.resources.memory.map(|b| b.0),
             cpu_millicores: self.spec.resources.cpu.map(|c| c.0),
@@ -289,7 +308,11 @@ impl Worker {
                 }
             },
             None if wants_limits => {
-                let why = self.shared.cgroup_note.clone().unwrap_or_else(|| "cgroups unavailable".into());
+                let why = self
+                    .shared
+                    .cgroup_note
+                    .clone()
+                    .unwrap_or_else(|| "cgroups unavailable".into());
                 self.note = Some(format!("running without resource limits: {why}"));
             }
             None => {}
@@ -313,10 +336,15 @@ impl Worker {
             uid: p.uid,
             gid: p.gid,
             open_files: self.spec.resources.open_files,
-            cgroup_procs: self.cg.as_ref().map(|c| c.procs_files(&self.name)).unwrap_or_default(),
+            cgroup_procs: self
+                .cg
+                .as_ref()
+                .map(|c| c.procs_files(&self.name))
+                .unwrap_or_default(),
         };
         let started = Instant::now();
-        let spawned = process::output_pipe().and_then(|(rx, w)| process::spawn(&launch, w).map(|c| (rx, c)));
+        let spawned =
+            process::output_pipe().and_then(|(rx, w)| process::spawn(&launch, w).map(|c| (rx, c)));
         let (out_rx, mut child) = match spawned {
             Ok(x) => x,
             Err(e) => {
@@ -331,14 +359,27 @@ impl Worker {
         };
         let pid = child.id().unwrap_or(0);
         let pump_cancel = CancellationToken::new();
-        let pump = tokio::spawn(logs::pump(out_rx, p.log.clone(), self.name.clone(), pump_cancel.clone()));
+        let pump = tokio::spawn(logs::pump(
+            out_rx,
+            p.log.clone(),
+            self.name.clone(),
+            pump_cancel.clone(),
+        ));
 
         let has_startup = self.spec.probes.startup.is_some();
         let has_readiness = self.spec.probes.readiness.is_some();
         let started_at = now_rfc3339();
-        let (host, ports, note) = (self.shared.config.host.clone(), self.ports.clone(), self.note.clone());
+        let (host, ports, note) = (
+            self.shared.config.host.clone(),
+            self.ports.clone(),
+            self.note.clone(),
+        );
         self.set_status(move |s| {
-            s.phase = if has_startup { Phase::Starting } else { Phase::Running };
+            s.phase = if has_startup {
+                Phase::Starting
+            } else {
+                Phase::Running
+            };
             s.ready = !has_startup && !has_readiness;
             s.pid = Some(pid);
             s.host = Some(host.clone());
@@ -347,7 +388,12 @@ impl Worker {
             s.message = note.clone();
         })
         .await;
-        self.event(EventType::Normal, "Started", &format!("started process {pid} ({})", self.spec.command)).await;
+        self.event(
+            EventType::Normal,
+            "Started",
+            &format!("started process {pid} ({})", self.spec.command),
+        )
+        .await;
         tracing::info!(instance = %self.name, pid, "process started");
 
         let (ptx, mut prx) = mpsc::channel(16);
@@ -358,8 +404,18 @@ impl Worker {
             env: p.env.clone(),
             workdir: self.spec.workdir.as_ref().map(PathBuf::from),
         };
-        let probes = tokio::spawn(probe::run_probes(self.spec.probes.clone(), ctx, ptx, probe_cancel.clone()));
-        let mut usage_tick = tokio::time::interval(self.shared.config.usage_interval.max(Duration::from_millis(100)));
+        let probes = tokio::spawn(probe::run_probes(
+            self.spec.probes.clone(),
+            ctx,
+            ptx,
+            probe_cancel.clone(),
+        ));
+        let mut usage_tick = tokio::time::interval(
+            self.shared
+                .config
+                .usage_interval
+                .max(Duration::from_millis(100)),
+        );
         usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_usage = None;
 
@@ -440,15 +496,35 @@ impl Worker {
         };
         tracing::info!(instance = %self.name, reason = %exit.reason, %what, "process ended");
         if exit.oom_killed {
-            self.shared.metrics.oom_kills.get_or_create(&metrics::service(&self.service)).inc();
-            self.event(EventType::Warning, "OOMKilled", &format!("process {what}: memory limit exceeded")).await;
+            self.shared
+                .metrics
+                .oom_kills
+                .get_or_create(&metrics::service(&self.service))
+                .inc();
+            self.event(
+                EventType::Warning,
+                "OOMKilled",
+                &format!("process {what}: memory limit exceeded"),
+            )
+            .await;
         } else {
-            let ty = if success { EventType::Normal } else { EventType::Warning };
-            self.event(ty, "Exited", &format!("process {what} ({})", exit.reason)).await;
+            let ty = if success {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            self.event(ty, "Exited", &format!("process {what} ({})", exit.reason))
+                .await;
         }
         self.consecutive = backoff::next_failure_count(self.consecutive, ran_for);
         let rs = &self.spec.restart;
-        let decision = backoff::decide(rs.policy, success, self.consecutive, rs.backoff_initial.0, rs.backoff_max.0);
+        let decision = backoff::decide(
+            rs.policy,
+            success,
+            self.consecutive,
+            rs.backoff_initial.0,
+            rs.backoff_max.0,
+        );
         let note = self.note.clone();
         match decision {
             Decision::Stop { phase } => {
@@ -464,12 +540,20 @@ impl Worker {
             }
             Decision::Restart { delay, phase } => {
                 self.restarts = self.restarts.saturating_add(1);
-                self.shared.metrics.restarts.get_or_create(&metrics::service(&self.service)).inc();
+                self.shared
+                    .metrics
+                    .restarts
+                    .get_or_create(&metrics::service(&self.service))
+                    .inc();
                 let restarts = self.restarts;
                 let message = if delay.is_zero() {
                     note.clone()
                 } else {
-                    Some(format!("restarting in {} after {} consecutive exits", humantime::format_duration(delay), self.consecutive))
+                    Some(format!(
+                        "restarting in {} after {} consecutive exits",
+                        humantime::format_duration(delay),
+                        self.consecutive
+                    ))
                 };
                 self.set_status(move |s| {
                     s.phase = phase;
@@ -484,7 +568,15 @@ impl Worker {
                 if delay.is_zero() {
                     return None;
                 }
-                self.event(EventType::Warning, "BackOff", &format!("back-off {}: restarting failed process", humantime::format_duration(delay))).await;
+                self.event(
+                    EventType::Warning,
+                    "BackOff",
+                    &format!(
+                        "back-off {}: restarting failed process",
+                        humantime::format_duration(delay)
+                    ),
+                )
+                .await;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => None,
                     d = Self::until_stop(&mut self.desired) => Some(d),
@@ -495,7 +587,11 @@ impl Worker {
 
     /// Sends the stop signal to the process group, waits up to the grace period for the
     /// process, its group and its cgroup to empty, then SIGKILLs whatever is left.
-    async fn terminate(&mut self, child: &mut tokio::process::Child, pid: u32) -> Option<ExitStatus> {
+    async fn terminate(
+        &mut self,
+        child: &mut tokio::process::Child,
+        pid: u32,
+    ) -> Option<ExitStatus> {
         let sig = process::parse_signal(&self.spec.stop.signal).unwrap_or(Signal::SIGTERM);
         let grace = self.spec.stop.grace_period.0;
         tracing::info!(instance = %self.name, pid, signal = %sig, ?grace, "stopping process group");
@@ -522,7 +618,10 @@ impl Worker {
         self.kill_leftovers(pid).await;
         match status {
             Some(s) => s,
-            None => tokio::time::timeout(KILL_TIMEOUT, child.wait()).await.ok().and_then(Result::ok),
+            None => tokio::time::timeout(KILL_TIMEOUT, child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok),
         }
     }
 
@@ -576,7 +675,11 @@ impl Worker {
             return;
         }
         let labels = metrics::instance(&self.service, &self.name);
-        self.shared.metrics.cpu_millicores.get_or_create(&labels).set(i64::try_from(cpu).unwrap_or(i64::MAX));
+        self.shared
+            .metrics
+            .cpu_millicores
+            .get_or_create(&labels)
+            .set(i64::try_from(cpu).unwrap_or(i64::MAX));
         self.shared
             .metrics
             .memory_bytes
@@ -587,7 +690,8 @@ impl Worker {
             memory_bytes: u.memory_bytes,
             sampled_at: now_rfc3339(),
         };
-        self.set_status(move |s| s.usage = Some(usage.clone())).await;
+        self.set_status(move |s| s.usage = Some(usage.clone()))
+            .await;
     }
 
     /// Cleanup after the last process: cgroup, ports, metrics, and the store by `end`.
@@ -600,14 +704,20 @@ impl Worker {
             let _ = cg.remove(&self.name);
         }
         self.shared.ports.release(self.ports.values().copied());
-        self.shared.metrics.forget_instance(&self.service, &self.name);
+        self.shared
+            .metrics
+            .forget_instance(&self.service, &self.name);
         match end {
             Desired::Delete => {
-                match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await {
+                match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await
+                {
                     Ok(_) => tracing::info!(instance = %self.name, "instance stopped and deleted"),
-                    Err(e) => tracing::warn!(instance = %self.name, error = %e, "cannot delete instance"),
+                    Err(e) => {
+                        tracing::warn!(instance = %self.name, error = %e, "cannot delete instance")
+                    }
                 }
-                self.event(EventType::Normal, "Stopped", "instance stopped").await;
+                self.event(EventType::Normal, "Stopped", "instance stopped")
+                    .await;
             }
             Desired::Shutdown => {
                 self.set_status(|s| {
@@ -618,7 +728,12 @@ impl Worker {
                     s.message = Some("agent shut down".to_string());
                 })
                 .await;
-                self.event(EventType::Normal, "Stopped", "instance stopped: agent shut down").await;
+                self.event(
+                    EventType::Normal,
+                    "Stopped",
+                    "instance stopped: agent shut down",
+                )
+                .await;
             }
             Desired::Gone | Desired::Run => {
                 tracing::info!(instance = %self.name, "instance gone from the store; stopped");
@@ -636,8 +751,12 @@ impl Worker {
         .await;
         match r {
             Ok(Some(_)) => {}
-            Ok(None) => tracing::debug!(instance = %self.name, "status not written: instance is gone"),
-            Err(e) => tracing::warn!(instance = %self.name, error = %e, "cannot write instance status"),
+            Ok(None) => {
+                tracing::debug!(instance = %self.name, "status not written: instance is gone")
+            }
+            Err(e) => {
+                tracing::warn!(instance = %self.name, error = %e, "cannot write instance status")
+            }
         }
     }
 
@@ -676,7 +795,10 @@ mod tests {
         assert_eq!((k.reason.as_str(), k.signal), ("Signaled", Some(9)));
         let o = classify(sig(9), true, None);
         assert_eq!((o.reason.as_str(), o.oom_killed), ("OOMKilled", true));
-        assert_eq!(classify(sig(15), false, Some("LivenessFailed")).reason, "LivenessFailed");
+        assert_eq!(
+            classify(sig(15), false, Some("LivenessFailed")).reason,
+            "LivenessFailed"
+        );
         assert_eq!(classify(None, false, None).reason, "Error");
     }
 
@@ -705,9 +827,14 @@ mod tests {
         assert_eq!(env["FLOTILLA_NODE"], "n1");
         assert_eq!(env["GREETING"], "hello web-1");
         assert_eq!(env["URL"], "http://127.0.0.1:8001/");
-        assert_eq!(args, vec!["--port", "8001", "--admin=8002", "hello web-1", "$HOME"]);
+        assert_eq!(
+            args,
+            vec!["--port", "8001", "--admin=8002", "hello web-1", "$HOME"]
+        );
         spec.args = vec!["${NOPE}".into()];
-        let e = build_env("web-1", "web", "n1", &spec, &ports).unwrap_err().to_string();
+        let e = build_env("web-1", "web", "n1", &spec, &ports)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("args[0]") && e.contains("NOPE"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ const T: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_limit_exceeded_is_reported_oom_killed() {
-    let h = start("oom", |_| {}).await;
+    let mut h = start("oom", |_| {}).await;
     if !h.needs_root_cgroups("memory_limit_exceeded_is_reported_oom_killed") {
         return;
     }
@@ -27,44 +27,58 @@ async fn memory_limit_exceeded_is_reported_oom_killed() {
         }),
     )
     .await;
-    let i = h.wait_instance("hog", T, "failed", |i| i.status.phase == Phase::Failed).await;
+    let i = h
+        .wait_instance("hog", T, "failed", |i| i.status.phase == Phase::Failed)
+        .await;
     let e = i.status.last_exit.unwrap();
     assert!(e.oom_killed, "{e:?}");
     assert_eq!(e.reason, "OOMKilled");
     assert!(h.has_event("hog", "OOMKilled").await);
-    assert!(h.metrics_text().contains("flotilla_oom_kills_total{service=\"svc\"} 1"));
+    assert!(
+        h.metrics_text()
+            .contains("flotilla_oom_kills_total{service=\"svc\"} 1")
+    );
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
-    let h = start("pids", |_| {}).await;
+    let mut h = start("pids", |_| {}).await;
     if !h.needs_root_cgroups("fork_bomb_stops_at_pids_max_and_stop_leaves_nothing") {
         return;
     }
-    let w = h.work();
-    let script = format!(
-        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; echo loop-done > {}/done; wait",
-        w.display()
-    );
+    // dash gives up on the first fork that fails: the instance then restarts, which is fine;
+    // what matters is that the cgroup never holds more than pids.max processes.
+    let script = "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; wait";
     h.create(
         "bomb",
         json!({"command": "sh", "args": ["-c", script], "resources": {"pids": 20}, "stop": {"grace_period": "1s"}}),
     )
     .await;
-    h.wait_instance("bomb", T, "running", |i| i.status.phase == Phase::Running).await;
-    wait_for("fork loop finished", T, || async { w.join("done").exists().then_some(()) }).await;
-    let procs: Vec<u32> = match h.cgroups {
-        Some("v1") => {
-            let f = v1_scope("pids", &h.node).join("bomb/cgroup.procs");
-            let s = std::fs::read_to_string(&f).unwrap();
-            s.lines().map(|l| l.parse().unwrap()).collect()
-        }
-        _ => Vec::new(),
-    };
+    h.wait_instance("bomb", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
+    let mut procs: Vec<u32> = Vec::new();
     if h.cgroups == Some("v1") {
-        assert!(procs.len() <= 20 && procs.len() >= 10, "{} processes", procs.len());
-        let events = std::fs::read_to_string(v1_scope("pids", &h.node).join("bomb/pids.events")).unwrap();
-        assert!(!events.contains("max 0"), "{events}");
+        let scope = v1_scope("pids", &h.node).join("bomb");
+        let max_hits = wait_for("pids.max reached", T, || async {
+            let ev = std::fs::read_to_string(scope.join("pids.events")).ok()?;
+            let n: u64 = ev
+                .lines()
+                .find_map(|l| l.strip_prefix("max "))?
+                .trim()
+                .parse()
+                .ok()?;
+            (n > 0).then_some(n)
+        })
+        .await;
+        assert!(max_hits > 0);
+        let s = std::fs::read_to_string(scope.join("cgroup.procs")).unwrap_or_default();
+        procs = s.lines().filter_map(|l| l.parse().ok()).collect();
+        assert!(procs.len() <= 20, "{} processes", procs.len());
+        let peak: u64 = std::fs::read_to_string(scope.join("pids.peak"))
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+        assert!(peak <= 20, "peak {peak}");
     }
     h.delete("bomb").await;
     h.wait_gone("bomb", T).await;
@@ -73,14 +87,24 @@ async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
     }
     if h.cgroups == Some("v1") {
         for c in ["memory", "pids", "cpu", "cpuacct"] {
-            assert!(!v1_scope(c, &h.node).join("bomb").exists(), "{c} cgroup not removed");
+            assert!(
+                !v1_scope(c, &h.node).join("bomb").exists(),
+                "{c} cgroup not removed"
+            );
         }
+    }
+    h.stop().await;
+    if h.cgroups == Some("v1") {
+        assert!(
+            !v1_scope("pids", &h.node).exists(),
+            "node scope not removed on stop"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setsid_grandchild_is_killed_on_stop() {
-    let h = start("setsid", |_| {}).await;
+    let mut h = start("setsid", |_| {}).await;
     if !h.needs_root_cgroups("setsid_grandchild_is_killed_on_stop") {
         return;
     }
@@ -99,9 +123,18 @@ async fn setsid_grandchild_is_killed_on_stop() {
         json!({"command": "sh", "args": ["-c", script], "stop": {"grace_period": "500ms"}}),
     )
     .await;
-    h.wait_instance("daemonizer", T, "running", |i| i.status.phase == Phase::Running).await;
-    let gc = wait_for("grandchild pid", T, || async { read_pid(&w.join("gc.pid")) }).await;
-    wait_for("grandchild exec", T, || async { (!pids_with_cmdline(&marker).is_empty()).then_some(()) }).await;
+    h.wait_instance("daemonizer", T, "running", |i| {
+        i.status.phase == Phase::Running
+    })
+    .await;
+    let gc = wait_for("grandchild pid", T, || async {
+        read_pid(&w.join("gc.pid"))
+    })
+    .await;
+    wait_for("grandchild exec", T, || async {
+        (!pids_with_cmdline(&marker).is_empty()).then_some(())
+    })
+    .await;
     h.delete("daemonizer").await;
     h.wait_gone("daemonizer", T).await;
     assert!(w.join("termed").exists());
@@ -110,6 +143,7 @@ async fn setsid_grandchild_is_killed_on_stop() {
     if h.cgroups == Some("v1") {
         assert!(!v1_scope("memory", &h.node).join("daemonizer").exists());
     }
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,13 +153,19 @@ async fn startup_sweep_kills_leftovers_of_a_previous_run() {
     let cg = match cgroup::detect(CgroupMode::Auto, &node) {
         Detected::Enabled(cg) if root => cg,
         _ => {
-            println!("skipped: startup_sweep_kills_leftovers_of_a_previous_run needs root and writable cgroup v1/v2");
+            skip(
+                "startup_sweep_kills_leftovers_of_a_previous_run",
+                &format!("root: {root}"),
+            );
             return;
         }
     };
     // A "previous run" that was SIGKILLed: a cgroup with a process in it.
     cg.create("old-1", &Limits::default()).unwrap();
-    let mut child = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
     let pid = child.id();
     cg.add_pid("old-1", pid).unwrap();
     assert_eq!(cg.pids("old-1").unwrap(), vec![pid]);
@@ -134,16 +174,22 @@ async fn startup_sweep_kills_leftovers_of_a_previous_run() {
     let store = open_store(dir.path());
     let mut h = start_with(dir, store, node, |_| {}).await;
     let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!status.success());
-    wait_for("leftover cgroup removed", T, || async { cg.instances().unwrap().is_empty().then_some(()) }).await;
+    wait_for("leftover cgroup removed", T, || async {
+        cg.instances().unwrap().is_empty().then_some(())
+    })
+    .await;
     assert!(started.elapsed() < Duration::from_secs(10));
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_sampled_and_cpu_is_limited() {
-    let h = start("usage", |_| {}).await;
+    let mut h = start("usage", |_| {}).await;
     if !h.needs_root_cgroups("usage_is_sampled_and_cpu_is_limited") {
         return;
     }
@@ -157,19 +203,26 @@ async fn usage_is_sampled_and_cpu_is_limited() {
     let mut samples = Vec::new();
     while samples.len() < 4 {
         assert!(Instant::now() < deadline, "no usage samples: {samples:?}");
-        if let Some(u) = h.get("spin").await.and_then(|i| i.status.usage) {
-            if samples.last() != Some(&u) {
-                samples.push(u);
-            }
+        if let Some(u) = h.get("spin").await.and_then(|i| i.status.usage)
+            && samples.last() != Some(&u)
+        {
+            samples.push(u);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let last = samples.last().unwrap();
-    assert!(last.cpu_millicores > 50 && last.cpu_millicores < 400, "{samples:?}");
+    assert!(
+        last.cpu_millicores > 50 && last.cpu_millicores < 400,
+        "{samples:?}"
+    );
     assert!(last.memory_bytes > 0);
     let m = h.metrics_text();
-    assert!(m.contains("flotilla_instance_cpu_millicores{service=\"svc\",instance=\"spin\"}"), "{m}");
+    assert!(
+        m.contains("flotilla_instance_cpu_millicores{service=\"svc\",instance=\"spin\"}"),
+        "{m}"
+    );
     h.delete("spin").await;
     h.wait_gone("spin", T).await;
     assert!(!h.metrics_text().contains("instance=\"spin\""));
+    h.stop().await;
 }

@@ -12,7 +12,7 @@ const T: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
-    let h = start("run", |_| {}).await;
+    let mut h = start("run", |_| {}).await;
     let script = r#"echo "port=$PORT http=$PORT_HTTP admin=$PORT_ADMIN_API inst=$FLOTILLA_INSTANCE svc=$FLOTILLA_SERVICE node=$FLOTILLA_NODE greet=$GREETING arg=$1"; echo to-stderr >&2; exec python3 -m http.server --bind 127.0.0.1 "$PORT""#;
     h.create(
         "web-1",
@@ -28,17 +28,25 @@ async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
     .await;
     let started = Instant::now();
     let inst = h
-        .wait_instance("web-1", T, "running and ready", |i| i.status.phase == Phase::Running && i.status.ready)
+        .wait_instance("web-1", T, "running and ready", |i| {
+            i.status.phase == Phase::Running && i.status.ready
+        })
         .await;
     // Readiness is polled fast (100 ms) until first ready, although the period is 10 s.
-    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
     let http = inst.status.ports["http"];
     let admin = inst.status.ports["admin-api"];
     assert_ne!(http, admin);
     assert_eq!(inst.status.host.as_deref(), Some("127.0.0.1"));
     let pid = inst.status.pid.unwrap();
 
-    let log = flotilla_agent::logs::read(&h.data_dir(), "web-1", None).await.unwrap();
+    let log = flotilla_agent::logs::read(&h.data_dir(), "web-1", None)
+        .await
+        .unwrap();
     let log = String::from_utf8_lossy(&log);
     let want = format!(
         "port={http} http={http} admin={admin} inst=web-1 svc=svc node={} greet=hi-web-1 arg=a-{admin}",
@@ -57,7 +65,11 @@ async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
     assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
 
     // kill -9: restarted at once (first restart), restarts = 1, ready again, same ports.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let inst = h
         .wait_instance("web-1", T, "restarted and ready", |i| {
             i.status.restarts == 1 && i.status.ready && i.status.pid.is_some_and(|p| p != pid)
@@ -66,7 +78,10 @@ async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
     let exit = inst.status.last_exit.clone().unwrap();
     assert_eq!((exit.reason.as_str(), exit.signal), ("Signaled", Some(9)));
     assert_eq!(inst.status.ports["http"], http);
-    assert!(h.metrics_text().contains("flotilla_instance_restarts_total{service=\"svc\"} 1"));
+    assert!(
+        h.metrics_text()
+            .contains("flotilla_instance_restarts_total{service=\"svc\"} 1")
+    );
 
     // Delete: stopped, deleted from the store, the process is gone.
     let pid2 = inst.status.pid.unwrap();
@@ -74,11 +89,12 @@ async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
     h.wait_gone("web-1", T).await;
     assert!(!alive(pid2));
     assert!(h.has_event("web-1", "Stopped").await);
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_rotate_into_whole_lines() {
-    let h = start("logs", |c| {
+    let mut h = start("logs", |c| {
         c.log_max_bytes = 4096;
         c.log_max_files = 3;
     })
@@ -107,16 +123,26 @@ async fn logs_rotate_into_whole_lines() {
     for n in &names {
         let s = std::fs::read_to_string(dir.join(n)).unwrap();
         assert!(s.len() <= 4096);
-        assert!(s.lines().all(|l| l.starts_with("line ") && l.ends_with('.')), "{n}: {s}");
+        assert!(
+            s.lines()
+                .all(|l| l.starts_with("line ") && l.ends_with('.')),
+            "{n}: {s}"
+        );
     }
-    let tail = flotilla_agent::logs::read(&h.data_dir(), "chatty", Some(2)).await.unwrap();
+    let tail = flotilla_agent::logs::read(&h.data_dir(), "chatty", Some(2))
+        .await
+        .unwrap();
     let tail = String::from_utf8(tail).unwrap();
-    assert!(tail.starts_with("line 398 ") && tail.contains("line 399 "), "{tail}");
+    assert!(
+        tail.starts_with("line 398 ") && tail.contains("line 399 "),
+        "{tail}"
+    );
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_failure_restarts_and_readiness_failure_does_not() {
-    let h = start("probe", |_| {}).await;
+    let mut h = start("probe", |_| {}).await;
     let w = h.work();
     let dead = w.join("dead");
     let ready = w.join("ready");
@@ -141,33 +167,47 @@ async fn liveness_failure_restarts_and_readiness_failure_does_not() {
         }),
     )
     .await;
-    let live = h.wait_instance("live", T, "running", |i| i.status.phase == Phase::Running && i.status.ready).await;
-    let r = h.wait_instance("ready", T, "ready", |i| i.status.ready).await;
+    let live = h
+        .wait_instance("live", T, "running", |i| {
+            i.status.phase == Phase::Running && i.status.ready
+        })
+        .await;
+    let r = h
+        .wait_instance("ready", T, "ready", |i| i.status.ready)
+        .await;
 
     std::fs::write(&dead, "").unwrap();
     std::fs::remove_file(&ready).unwrap();
     let live2 = h
         .wait_instance("live", T, "restarted after liveness failure", |i| {
-            i.status.restarts >= 1 && i.status.last_exit.as_ref().is_some_and(|e| e.reason == "LivenessFailed")
+            i.status.restarts >= 1
+                && i.status
+                    .last_exit
+                    .as_ref()
+                    .is_some_and(|e| e.reason == "LivenessFailed")
         })
         .await;
     assert_ne!(live2.status.pid, live.status.pid);
     assert!(h.has_event("live", "Killed").await);
     assert!(h.metrics_text().contains("probe=\"liveness\""));
 
-    let r2 = h.wait_instance("ready", T, "unready", |i| !i.status.ready).await;
+    let r2 = h
+        .wait_instance("ready", T, "unready", |i| !i.status.ready)
+        .await;
     assert_eq!(r2.status.restarts, 0);
     assert_eq!(r2.status.pid, r.status.pid);
     assert_eq!(r2.status.phase, Phase::Running);
     assert!(h.has_event("ready", "Unhealthy").await);
     // And back.
     std::fs::write(&ready, "").unwrap();
-    h.wait_instance("ready", T, "ready again", |i| i.status.ready).await;
+    h.wait_instance("ready", T, "ready again", |i| i.status.ready)
+        .await;
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_backs_off_with_growing_delay() {
-    let h = start("crash", |_| {}).await;
+    let mut h = start("crash", |_| {}).await;
     h.create(
         "crash",
         json!({
@@ -180,10 +220,10 @@ async fn crash_loop_backs_off_with_growing_delay() {
     let mut seen: Vec<(u32, Instant)> = Vec::new();
     let deadline = Instant::now() + T;
     let mut crash_loop = false;
-    while seen.last().map_or(true, |(n, _)| *n < 5) {
+    while seen.last().is_none_or(|(n, _)| *n < 5) {
         assert!(Instant::now() < deadline, "no 5 restarts in time: {seen:?}");
         if let Some(i) = h.get("crash").await {
-            if seen.last().map_or(true, |(n, _)| *n != i.status.restarts) {
+            if seen.last().is_none_or(|(n, _)| *n != i.status.restarts) {
                 seen.push((i.status.restarts, Instant::now()));
             }
             crash_loop |= i.status.phase == Phase::CrashLoopBackOff;
@@ -202,18 +242,38 @@ async fn crash_loop_backs_off_with_growing_delay() {
     assert!(g5 >= Duration::from_millis(700) && g5 > g4, "{seen:?}");
     assert!(h.has_event("crash", "BackOff").await);
     assert!(h.has_event("crash", "Exited").await);
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_policy_ends_in_succeeded_or_failed() {
-    let h = start("never", |_| {}).await;
-    h.create("ok", json!({"command": "true", "restart": {"policy": "never"}})).await;
-    h.create("bad", json!({"command": "false", "restart": {"policy": "on-failure", "backoff_initial": "10s"}})).await;
-    h.create("nocmd", json!({"command": "/nonexistent/flotilla-test", "restart": {"policy": "never"}})).await;
-    h.wait_instance("ok", T, "succeeded", |i| i.status.phase == Phase::Succeeded).await;
-    let b = h.wait_instance("bad", T, "restarted once then backing off", |i| i.status.restarts >= 1 && i.status.phase == Phase::Backoff).await;
+    let mut h = start("never", |_| {}).await;
+    h.create(
+        "ok",
+        json!({"command": "true", "restart": {"policy": "never"}}),
+    )
+    .await;
+    h.create(
+        "bad",
+        json!({"command": "false", "restart": {"policy": "on-failure", "backoff_initial": "10s"}}),
+    )
+    .await;
+    h.create(
+        "nocmd",
+        json!({"command": "/nonexistent/flotilla-test", "restart": {"policy": "never"}}),
+    )
+    .await;
+    h.wait_instance("ok", T, "succeeded", |i| i.status.phase == Phase::Succeeded)
+        .await;
+    let b = h
+        .wait_instance("bad", T, "restarted once then backing off", |i| {
+            i.status.restarts >= 1 && i.status.phase == Phase::Backoff
+        })
+        .await;
     assert_eq!(b.status.last_exit.unwrap().code, Some(1));
-    let n = h.wait_instance("nocmd", T, "failed", |i| i.status.phase == Phase::Failed).await;
+    let n = h
+        .wait_instance("nocmd", T, "failed", |i| i.status.phase == Phase::Failed)
+        .await;
     assert!(n.status.message.unwrap_or_default().contains("nonexistent"));
     // Deleting a terminal instance still removes it.
     h.delete("ok").await;
@@ -221,11 +281,12 @@ async fn never_policy_ends_in_succeeded_or_failed() {
     // Deleting during backoff as well.
     h.delete("bad").await;
     h.wait_gone("bad", T).await;
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_signals_the_group_before_sigkill() {
-    let h = start("stop", |_| {}).await;
+    let mut h = start("stop", |_| {}).await;
     let w = h.work();
     // `$$$$` is a literal `$$` after flotilla's `${VAR}` expansion of args.
     let script = format!(
@@ -241,29 +302,53 @@ while :; do sleep 0.05; done"#,
         json!({"command": "sh", "args": ["-c", script], "stop": {"signal": "TERM", "grace_period": "1s"}}),
     )
     .await;
-    let inst = h.wait_instance("stopper", T, "running", |i| i.status.phase == Phase::Running).await;
+    let inst = h
+        .wait_instance("stopper", T, "running", |i| {
+            i.status.phase == Phase::Running
+        })
+        .await;
     let pid = inst.status.pid.unwrap();
     let child = wait_for("child pid", T, || async { read_pid(&w.join("child.pid")) }).await;
-    let stubborn = wait_for("stubborn pid", T, || async { read_pid(&w.join("stubborn.pid")) }).await;
+    let stubborn = wait_for("stubborn pid", T, || async {
+        read_pid(&w.join("stubborn.pid"))
+    })
+    .await;
     let started = Instant::now();
     h.delete("stopper").await;
     h.wait_gone("stopper", T).await;
     // The whole group got SIGTERM; the one ignoring it was SIGKILLed after the grace period.
     assert!(w.join("termed").exists());
     assert!(w.join("child-termed").exists());
-    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     for p in [pid, child, stubborn] {
         assert!(!alive(p), "pid {p} survived");
     }
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_shutdown_stops_instances_and_sets_pending() {
     let mut h = start("shutdown", |_| {}).await;
-    h.create("a", json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}})).await;
-    h.create("b", json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}})).await;
-    let a = h.wait_instance("a", T, "running", |i| i.status.phase == Phase::Running).await;
-    let b = h.wait_instance("b", T, "running", |i| i.status.phase == Phase::Running).await;
+    h.create(
+        "a",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    h.create(
+        "b",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    let a = h
+        .wait_instance("a", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
+    let b = h
+        .wait_instance("b", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
     h.stop().await;
     for (name, pid) in [("a", a.status.pid.unwrap()), ("b", b.status.pid.unwrap())] {
         let i = h.get(name).await.expect("not deleted on shutdown");
@@ -272,4 +357,27 @@ async fn agent_shutdown_stops_instances_and_sets_pending() {
         assert_eq!(i.status.pid, None);
         assert!(!alive(pid));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_limits_are_reported_as_not_applied() {
+    let mut h = start("nocg", |c| c.cgroups = flotilla_agent::CgroupMode::Disabled).await;
+    assert_eq!(h.cgroups, None);
+    h.create(
+        "limited",
+        json!({"command": "sleep", "args": ["60"], "resources": {"memory": "64Mi"}, "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    let i = h
+        .wait_instance("limited", T, "running", |i| {
+            i.status.phase == Phase::Running
+        })
+        .await;
+    let msg = i.status.message.unwrap_or_default();
+    assert!(msg.contains("running without resource limits"), "{msg}");
+    let pid = i.status.pid.unwrap();
+    h.delete("limited").await;
+    h.wait_gone("limited", T).await;
+    assert!(!alive(pid));
+    h.stop().await;
 }

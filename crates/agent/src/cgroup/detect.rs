@@ -54,7 +54,8 @@ pub fn parse_proc_cgroup(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
             continue;
         };
         if ctrls.is_empty() {
@@ -87,7 +88,10 @@ fn join_base(mount: &CgroupMount, path: &str) -> PathBuf {
 pub const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
 
 /// Base directory per v1 controller.
-pub fn v1_bases(mounts: &[CgroupMount], procs: &BTreeMap<String, String>) -> BTreeMap<String, PathBuf> {
+pub fn v1_bases(
+    mounts: &[CgroupMount],
+    procs: &BTreeMap<String, String>,
+) -> BTreeMap<String, PathBuf> {
     let mut out = BTreeMap::new();
     for ctrl in V1_CONTROLLERS {
         let Some(m) = mounts
@@ -137,7 +141,9 @@ pub fn detect(mode: CgroupMode, node: &str) -> Detected {
         };
         return match V2Cgroups::init(base.clone(), node) {
             Ok(m) => Detected::Enabled(Arc::new(m)),
-            Err(e) => Detected::Disabled(format!("cgroup v2 at {} not usable: {e}", base.display())),
+            Err(e) => {
+                Detected::Disabled(format!("cgroup v2 at {} not usable: {e}", base.display()))
+            }
         };
     }
     let bases = v1_bases(&mounts, &procs);
@@ -176,7 +182,10 @@ mod tests {
         let mounts = parse_mountinfo(MOUNTINFO);
         assert_eq!(mounts.len(), 5);
         let bases = v1_bases(&mounts, &parse_proc_cgroup(PROC_CGROUP));
-        assert_eq!(bases["memory"], PathBuf::from("/sys/fs/cgroup/memory/process_api/ae19"));
+        assert_eq!(
+            bases["memory"],
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/ae19")
+        );
         assert_eq!(bases["cpu"], PathBuf::from("/sys/fs/cgroup/cpu"));
         assert_eq!(bases["cpuacct"], PathBuf::from("/sys/fs/cgroup/cpuacct"));
         assert_eq!(bases["pids"], PathBuf::from("/sys/fs/cgroup/pids"));
@@ -194,7 +203,9 @@ mod tests {
         assert_eq!(bases["cpuacct"], bases["cpu"]);
         assert_eq!(
             v2_base(&mounts, &procs),
-            Some(PathBuf::from("/sys/fs/cgroup/system.slice/flotilla.service"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/system.slice/flotilla.service"
+            ))
         );
     }
 }

@@ -80,6 +80,8 @@ pub trait CgroupManager: Send + Sync + std::fmt::Debug {
     fn remove(&self, instance: &str) -> Result<(), AgentError>;
     /// Names of the instance cgroups that exist under this node's scope (for the start-up sweep).
     fn instances(&self) -> Result<Vec<String>, AgentError>;
+    /// Removes the node's (empty) scope directory when the agent stops; best effort.
+    fn remove_scope(&self);
 }
 
 /// SIGKILLs everything in the instance's cgroup until it is empty (processes may fork while
@@ -98,7 +100,11 @@ pub async fn kill_until_empty(cg: &dyn CgroupManager, instance: &str, timeout: D
             return true;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(instance, left = pids.len(), "processes survive in cgroup after SIGKILL");
+            tracing::warn!(
+                instance,
+                left = pids.len(),
+                "processes survive in cgroup after SIGKILL"
+            );
             return false;
         }
         let used_fs = round % 4 == 0 && cg.kill_via_fs(instance).unwrap_or(false);
@@ -133,7 +139,12 @@ pub async fn remove_with_retry(cg: &dyn CgroupManager, instance: &str, timeout: 
 // ---------------------------------------------------------------------------------------------
 // Small file helpers shared by both backends.
 
-pub(crate) fn cg_err(op: &'static str, instance: &str, path: &Path, e: std::io::Error) -> AgentError {
+pub(crate) fn cg_err(
+    op: &'static str,
+    instance: &str,
+    path: &Path,
+    e: std::io::Error,
+) -> AgentError {
     AgentError::Cgroup {
         op,
         instance: instance.to_string(),
@@ -156,9 +167,12 @@ pub(crate) fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
 
 pub(crate) fn read_u64(path: &Path) -> std::io::Result<u64> {
     let s = std::fs::read_to_string(path)?;
-    s.trim()
-        .parse()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a number: {s:?}")))
+    s.trim().parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a number: {s:?}"),
+        )
+    })
 }
 
 /// Value of `key` in a flat-keyed file (`key value` per line), e.g. `memory.events`.
@@ -204,10 +218,10 @@ pub(crate) fn subdirs(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            if let Some(name) = entry.file_name().to_str() {
-                out.push(name.to_string());
-            }
+        if entry.file_type()?.is_dir()
+            && let Some(name) = entry.file_name().to_str()
+        {
+            out.push(name.to_string());
         }
     }
     out.sort();

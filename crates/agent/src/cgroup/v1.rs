@@ -46,7 +46,9 @@ impl V1Cgroups {
             }
         }
         if scopes.is_empty() {
-            return Err(last_err.unwrap_or_else(|| AgentError::Config("no cgroup v1 controllers".into())));
+            return Err(
+                last_err.unwrap_or_else(|| AgentError::Config("no cgroup v1 controllers".into()))
+            );
         }
         Ok(Self { scopes, dirs })
     }
@@ -67,7 +69,9 @@ impl CgroupManager for V1Cgroups {
 
     fn create(&self, instance: &str, limits: &Limits) -> Result<(), AgentError> {
         if !valid_component(instance) {
-            return Err(AgentError::Config(format!("invalid instance name {instance:?}")));
+            return Err(AgentError::Config(format!(
+                "invalid instance name {instance:?}"
+            )));
         }
         for d in &self.dirs {
             let d = d.join(instance);
@@ -79,7 +83,9 @@ impl CgroupManager for V1Cgroups {
         }
         if let Some(mem) = self.dir("memory", instance) {
             // Always write, so a reused directory does not keep an old limit.
-            let v = limits.memory_bytes.map_or("-1".to_string(), |b| b.to_string());
+            let v = limits
+                .memory_bytes
+                .map_or("-1".to_string(), |b| b.to_string());
             // memsw must stay >= the memory limit: raise order matters when lowering/raising.
             let memsw = mem.join("memory.memsw.limit_in_bytes");
             let has_memsw = memsw.exists();
@@ -92,7 +98,11 @@ impl CgroupManager for V1Cgroups {
             }
         }
         if let Some(cpu) = self.dir("cpu", instance) {
-            self.write(instance, &cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            self.write(
+                instance,
+                &cpu.join("cpu.cfs_period_us"),
+                &CPU_PERIOD_US.to_string(),
+            )?;
             let quota = limits
                 .cpu_millicores
                 .map_or("-1".to_string(), |m| cpu_quota_us(m).to_string());
@@ -106,7 +116,10 @@ impl CgroupManager for V1Cgroups {
     }
 
     fn procs_files(&self, instance: &str) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.join(instance).join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|d| d.join(instance).join("cgroup.procs"))
+            .collect()
     }
 
     fn add_pid(&self, instance: &str, pid: u32) -> Result<(), AgentError> {
@@ -163,6 +176,12 @@ impl CgroupManager for V1Cgroups {
         first.map_or(Ok(()), Err)
     }
 
+    fn remove_scope(&self) {
+        for d in &self.dirs {
+            let _ = rmdir(d);
+        }
+    }
+
     fn instances(&self) -> Result<Vec<String>, AgentError> {
         let mut all = Vec::new();
         for d in &self.dirs {
@@ -202,9 +221,18 @@ mod tests {
         };
         cg.create("web-1", &limits).unwrap();
         let rd = |p: &str| std::fs::read_to_string(t.path().join(p)).unwrap();
-        assert_eq!(rd("memory/nested/flotilla-n1/web-1/memory.limit_in_bytes"), "67108864");
-        assert_eq!(rd("memory/nested/flotilla-n1/web-1/memory.memsw.limit_in_bytes"), "67108864");
-        assert_eq!(rd("cpu/nested/flotilla-n1/web-1/cpu.cfs_period_us"), "100000");
+        assert_eq!(
+            rd("memory/nested/flotilla-n1/web-1/memory.limit_in_bytes"),
+            "67108864"
+        );
+        assert_eq!(
+            rd("memory/nested/flotilla-n1/web-1/memory.memsw.limit_in_bytes"),
+            "67108864"
+        );
+        assert_eq!(
+            rd("cpu/nested/flotilla-n1/web-1/cpu.cfs_period_us"),
+            "100000"
+        );
         assert_eq!(rd("cpu/nested/flotilla-n1/web-1/cpu.cfs_quota_us"), "25000");
         assert_eq!(rd("pids/nested/flotilla-n1/web-1/pids.max"), "50");
         assert!(t.path().join("cpuacct/nested/flotilla-n1/web-1").is_dir());

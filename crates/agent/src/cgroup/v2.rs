@@ -47,22 +47,25 @@ impl V2Cgroups {
             .collect::<Vec<_>>()
             .join(" ");
         let subtree = base.join("cgroup.subtree_control");
-        if !enable.is_empty() {
-            if let Err(e) = write_file(&subtree, &enable) {
-                if e.raw_os_error() != Some(nix::libc::EBUSY) {
-                    return Err(AgentError::io("enable controllers in", subtree, e));
-                }
-                // No-internal-processes rule: move ourselves into a leaf, then retry.
-                let leaf = base.join("flotilla-supervisor");
-                std::fs::create_dir_all(&leaf).map_err(|e| AgentError::io("create cgroup", leaf.clone(), e))?;
-                let procs = leaf.join("cgroup.procs");
-                write_file(&procs, &std::process::id().to_string())
-                    .map_err(|e| AgentError::io("move agent into", procs, e))?;
-                write_file(&subtree, &enable).map_err(|e| AgentError::io("enable controllers in", subtree, e))?;
+        if !enable.is_empty()
+            && let Err(e) = write_file(&subtree, &enable)
+        {
+            if e.raw_os_error() != Some(nix::libc::EBUSY) {
+                return Err(AgentError::io("enable controllers in", subtree, e));
             }
+            // No-internal-processes rule: move ourselves into a leaf, then retry.
+            let leaf = base.join("flotilla-supervisor");
+            std::fs::create_dir_all(&leaf)
+                .map_err(|e| AgentError::io("create cgroup", leaf.clone(), e))?;
+            let procs = leaf.join("cgroup.procs");
+            write_file(&procs, &std::process::id().to_string())
+                .map_err(|e| AgentError::io("move agent into", procs, e))?;
+            write_file(&subtree, &enable)
+                .map_err(|e| AgentError::io("enable controllers in", subtree, e))?;
         }
         let scope = base.join(scope_name);
-        std::fs::create_dir_all(&scope).map_err(|e| AgentError::io("create cgroup", scope.clone(), e))?;
+        std::fs::create_dir_all(&scope)
+            .map_err(|e| AgentError::io("create cgroup", scope.clone(), e))?;
         if !enable.is_empty() {
             let f = scope.join("cgroup.subtree_control");
             write_file(&f, &enable).map_err(|e| AgentError::io("enable controllers in", f, e))?;
@@ -90,7 +93,9 @@ impl CgroupManager for V2Cgroups {
 
     fn create(&self, instance: &str, limits: &Limits) -> Result<(), AgentError> {
         if !valid_component(instance) {
-            return Err(AgentError::Config(format!("invalid instance name {instance:?}")));
+            return Err(AgentError::Config(format!(
+                "invalid instance name {instance:?}"
+            )));
         }
         let d = self.dir(instance);
         match std::fs::create_dir(&d) {
@@ -99,11 +104,17 @@ impl CgroupManager for V2Cgroups {
             Err(e) => return Err(cg_err("mkdir", instance, &d, e)),
         }
         if self.has("memory") {
-            let v = limits.memory_bytes.map_or("max".to_string(), |b| b.to_string());
+            let v = limits
+                .memory_bytes
+                .map_or("max".to_string(), |b| b.to_string());
             self.write(instance, &d.join("memory.max"), &v)?;
             let swap = d.join("memory.swap.max");
             if swap.exists() {
-                let s = if limits.memory_bytes.is_some() { "0" } else { "max" };
+                let s = if limits.memory_bytes.is_some() {
+                    "0"
+                } else {
+                    "max"
+                };
                 self.write(instance, &swap, s)?;
             }
         }
@@ -147,7 +158,8 @@ impl CgroupManager for V2Cgroups {
     fn usage(&self, instance: &str) -> Result<RawUsage, AgentError> {
         let d = self.dir(instance);
         let stat = d.join("cpu.stat");
-        let usec = read_keyed(&stat, "usage_usec").map_err(|e| cg_err("read", instance, &stat, e))?;
+        let usec =
+            read_keyed(&stat, "usage_usec").map_err(|e| cg_err("read", instance, &stat, e))?;
         let mem = d.join("memory.current");
         let memory_bytes = if self.has("memory") {
             read_u64(&mem).map_err(|e| cg_err("read", instance, &mem, e))?
@@ -173,6 +185,10 @@ impl CgroupManager for V2Cgroups {
     fn remove(&self, instance: &str) -> Result<(), AgentError> {
         let d = self.dir(instance);
         rmdir(&d).map_err(|e| cg_err("rmdir", instance, &d, e))
+    }
+
+    fn remove_scope(&self) {
+        let _ = rmdir(&self.scope);
     }
 
     fn instances(&self) -> Result<Vec<String>, AgentError> {
@@ -228,14 +244,24 @@ mod tests {
 
         cg.create("web-2", &Limits::default()).unwrap();
         let d2 = base.join("flotilla-n1/web-2");
-        assert_eq!(std::fs::read_to_string(d2.join("memory.max")).unwrap(), "max");
-        assert_eq!(std::fs::read_to_string(d2.join("cpu.max")).unwrap(), "max 100000");
+        assert_eq!(
+            std::fs::read_to_string(d2.join("memory.max")).unwrap(),
+            "max"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d2.join("cpu.max")).unwrap(),
+            "max 100000"
+        );
         assert_eq!(cg.instances().unwrap(), vec!["web-1", "web-2"]);
 
         std::fs::write(d.join("cgroup.procs"), "7\n8\n").unwrap();
         assert_eq!(cg.pids("web-1").unwrap(), vec![7, 8]);
         assert_eq!(cg.procs_files("web-1"), vec![d.join("cgroup.procs")]);
-        std::fs::write(d.join("cpu.stat"), "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n").unwrap();
+        std::fs::write(
+            d.join("cpu.stat"),
+            "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n",
+        )
+        .unwrap();
         std::fs::write(d.join("memory.current"), "8192\n").unwrap();
         assert_eq!(
             cg.usage("web-1").unwrap(),
@@ -244,7 +270,11 @@ mod tests {
                 memory_bytes: 8192
             }
         );
-        std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         assert_eq!(cg.oom_kills("web-1").unwrap(), 1);
 
         // No cgroup.kill (kernel < 5.14): the caller signals each pid.
@@ -258,7 +288,14 @@ mod tests {
     fn missing_controllers_are_skipped() {
         let (_t, base) = fake("memory");
         let cg = V2Cgroups::init(base.clone(), "n1").unwrap();
-        cg.create("x", &Limits { cpu_millicores: Some(100), ..Limits::default() }).unwrap();
+        cg.create(
+            "x",
+            &Limits {
+                cpu_millicores: Some(100),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
         assert!(!base.join("flotilla-n1/x/cpu.max").exists());
         assert!(base.join("flotilla-n1/x/memory.max").exists());
     }

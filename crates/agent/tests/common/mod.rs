@@ -82,10 +82,7 @@ impl Harness {
         if root && self.cgroups.is_some() {
             return true;
         }
-        println!(
-            "skipped: {test} needs root and writable cgroup v1/v2 (root: {root}, cgroups: {:?})",
-            self.cgroups
-        );
+        skip(test, &format!("root: {root}, cgroups: {:?}", self.cgroups));
         false
     }
 
@@ -104,7 +101,9 @@ impl Harness {
     }
 
     pub async fn get(&self, name: &str) -> Option<Instance> {
-        typed::get::<Instance>(self.store.as_ref(), name).await.unwrap()
+        typed::get::<Instance>(self.store.as_ref(), name)
+            .await
+            .unwrap()
     }
 
     pub async fn delete(&self, name: &str) {
@@ -118,11 +117,16 @@ impl Harness {
 
     pub async fn events(&self, instance: &str) -> Vec<Event> {
         let (evs, _) = typed::list::<Event>(self.store.as_ref()).await.unwrap();
-        evs.into_iter().filter(|e| e.involved.name == instance).collect()
+        evs.into_iter()
+            .filter(|e| e.involved.name == instance)
+            .collect()
     }
 
     pub async fn has_event(&self, instance: &str, reason: &str) -> bool {
-        self.events(instance).await.iter().any(|e| e.reason == reason)
+        self.events(instance)
+            .await
+            .iter()
+            .any(|e| e.reason == reason)
     }
 
     /// Polls the instance until `f` holds; panics with the last status after `timeout`.
@@ -136,10 +140,10 @@ impl Harness {
         let deadline = Instant::now() + timeout;
         loop {
             let inst = self.get(name).await;
-            if let Some(i) = &inst {
-                if f(i) {
-                    return i.clone();
-                }
+            if let Some(i) = &inst
+                && f(i)
+            {
+                return i.clone();
             }
             if Instant::now() >= deadline {
                 panic!("timed out after {timeout:?} waiting for {name}: {what}; last: {inst:#?}");
@@ -151,14 +155,18 @@ impl Harness {
     pub async fn wait_gone(&self, name: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.get(name).await.is_some() {
-            assert!(Instant::now() < deadline, "{name} not deleted within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{name} not deleted within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub fn metrics_text(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap()).unwrap();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
+            .unwrap();
         out
     }
 
@@ -178,6 +186,15 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Prints the line CI greps for when a test cannot run here.
+#[allow(
+    clippy::disallowed_macros,
+    reason = "the skip notice must reach the test output"
+)]
+pub fn skip(test: &str, why: &str) {
+    println!("skipped: {test} needs root and writable cgroup v1/v2 ({why})");
 }
 
 /// Polls `f` until it returns `Some`, bounded by `timeout`.
@@ -240,7 +257,9 @@ pub fn v1_scope(controller: &str, node: &str) -> PathBuf {
         .find_map(|l| {
             let mut p = l.splitn(3, ':');
             let (_, c, path) = (p.next()?, p.next()?, p.next()?);
-            c.split(',').any(|x| x == controller).then(|| path.to_string())
+            c.split(',')
+                .any(|x| x == controller)
+                .then(|| path.to_string())
         })
         .unwrap_or_else(|| "/".to_string());
     PathBuf::from("/sys/fs/cgroup")

@@ -395,7 +395,7 @@ stop = {{ grace_period = "5s" }}
 [service.{name}.probes.readiness]
 http = {{ path = "/health" }}
 period = "200ms"
-timeout = "500ms"
+timeout = "200ms"
 failure_threshold = 1
 
 [[service.{name}.routes]]
