@@ -61,7 +61,12 @@ impl Client {
         }
     }
 
-    fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Request<Full<Bytes>>> {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Request<Full<Bytes>>> {
         let uri: Uri = format!("{}{}", self.base, path)
             .parse()
             .with_context(|| format!("bad API address {:?}", self.base))?;
@@ -75,7 +80,10 @@ impl Client {
         Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>> {
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         self.http.request(request).await.map_err(|e| {
             anyhow!(
                 "cannot reach the flotilla API at {} ({e}); is `flotilla up` running? (set --api / FLOTILLA_API)",
@@ -85,7 +93,12 @@ impl Client {
     }
 
     /// Sends a request and returns the body, turning API errors into [`ApiFailure`].
-    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes)> {
         let response = self.send(self.request(method, path, body)?).await?;
         let status = response.status();
         let bytes = response
@@ -106,12 +119,20 @@ impl Client {
     }
 
     /// Streams the body of a GET, calling `chunk` for each piece until the server ends it.
-    pub async fn stream(&self, path: &str, mut chunk: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    pub async fn stream(
+        &self,
+        path: &str,
+        mut chunk: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let response = self.send(self.request(Method::GET, path, None)?).await?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await.context("reading the API's answer")?.to_bytes();
+            let bytes = body
+                .collect()
+                .await
+                .context("reading the API's answer")?
+                .to_bytes();
             return Err(failure(status, &bytes).into());
         }
         while let Some(frame) = body.frame().await {
@@ -130,7 +151,13 @@ fn failure(status: StatusCode, body: &[u8]) -> ApiFailure {
     let message = error["message"]
         .as_str()
         .map(str::to_string)
-        .unwrap_or_else(|| format!("{} {}", status.as_u16(), String::from_utf8_lossy(body).trim()));
+        .unwrap_or_else(|| {
+            format!(
+                "{} {}",
+                status.as_u16(),
+                String::from_utf8_lossy(body).trim()
+            )
+        });
     let details = error["details"]
         .as_array()
         .map(|items| {

@@ -87,8 +87,10 @@ fn connect(
         (Some(t), _, _) => t,
         (None, _, Some(dir)) => context::read_token(&dir.join(context::TOKEN_FILE))?,
         (None, Some((_, c)), None) => context::read_token(&c.token_file)?,
-        (None, None, None) => context::read_token(&context::default_data_dir()?.join(context::TOKEN_FILE))
-            .context("no token: start `flotilla up`, or pass --token / FLOTILLA_TOKEN")?,
+        (None, None, None) => {
+            context::read_token(&context::default_data_dir()?.join(context::TOKEN_FILE))
+                .context("no token: start `flotilla up`, or pass --token / FLOTILLA_TOKEN")?
+        }
     };
     Ok(Client::new(&base, token))
 }
@@ -96,7 +98,8 @@ fn connect(
 /// Parses a flotilla file, printing every error with file:line:col, and resolves relative
 /// paths against the file's directory.
 pub fn load_file(path: &Path) -> Result<FlotillaFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let shown = path.display().to_string();
     let mut file = match flotilla_spec::parse_file(&text, &shown) {
         Ok(f) => f,
@@ -122,12 +125,19 @@ async fn apply(client: &Client, path: &Path) -> Result<ExitCode> {
     for (name, spec) in &file.service {
         let body = serde_json::json!({ "metadata": { "name": name }, "spec": spec });
         match client
-            .call(Method::POST, "/api/v1/services", Some(serde_json::to_vec(&body)?))
+            .call(
+                Method::POST,
+                "/api/v1/services",
+                Some(serde_json::to_vec(&body)?),
+            )
             .await
         {
             Ok((_, bytes)) => {
                 let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                println!("service/{name} {}", v["result"].as_str().unwrap_or("applied"));
+                println!(
+                    "service/{name} {}",
+                    v["result"].as_str().unwrap_or("applied")
+                );
             }
             Err(e) => {
                 failed = true;
@@ -135,7 +145,11 @@ async fn apply(client: &Client, path: &Path) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn get(
@@ -213,11 +227,18 @@ async fn describe(client: &Client, name: &str) -> Result<ExitCode> {
         .items
         .into_iter()
         .filter(|e| {
-            e.involved.name == name || instances.items.iter().any(|i| i.metadata.name == e.involved.name)
+            e.involved.name == name
+                || instances
+                    .items
+                    .iter()
+                    .any(|i| i.metadata.name == e.involved.name)
         })
         .collect();
     let recent = &related[related.len().saturating_sub(20)..];
-    print!("{}", output::describe_service(&service, &instances.items, recent));
+    print!(
+        "{}",
+        output::describe_service(&service, &instances.items, recent)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -254,7 +275,12 @@ async fn logs(
 async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> {
     if !follow {
         let l: List<Event> = client.get("/api/v1/events").await?;
-        print_items(&mut std::io::stdout().lock(), out, &l.items, output::events_table)?;
+        print_items(
+            &mut std::io::stdout().lock(),
+            out,
+            &l.items,
+            output::events_table,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut pending = Vec::new();
@@ -268,7 +294,8 @@ async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> 
                 match out {
                     Output::Json => stdout.write_all(&line)?,
                     Output::Table => {
-                        let e: Event = serde_json::from_slice(&line).context("bad event from the API")?;
+                        let e: Event =
+                            serde_json::from_slice(&line).context("bad event from the API")?;
                         if header {
                             write!(stdout, "{}", output::events_header())?;
                             header = false;

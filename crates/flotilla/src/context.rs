@@ -43,7 +43,9 @@ pub fn config_dir() -> Result<PathBuf> {
     }
     match home() {
         Some(h) => Ok(h.join(".config/flotilla")),
-        None => bail!("cannot find the context file: set FLOTILLA_CONFIG_DIR, or --api and --token"),
+        None => {
+            bail!("cannot find the context file: set FLOTILLA_CONFIG_DIR, or --api and --token")
+        }
     }
 }
 
@@ -128,7 +130,8 @@ fn random_token() -> String {
 }
 
 pub fn read_token(path: &Path) -> Result<String> {
-    let t = fs::read_to_string(path).with_context(|| format!("reading the token from {}", path.display()))?;
+    let t = fs::read_to_string(path)
+        .with_context(|| format!("reading the token from {}", path.display()))?;
     Ok(t.trim().to_string())
 }
 

@@ -1,4 +1,5 @@
 //! The `flotilla` binary: CLI parsing and wiring only.
+#![allow(clippy::disallowed_macros)] // the CLI is the one place that prints to the terminal
 
 mod client;
 mod commands;
@@ -12,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "flotilla", version, about = "Run and supervise services on one machine or a small fleet")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Run and supervise services on one machine or a small fleet"
+)]
 pub struct Cli {
     /// API address (host:port or URL); default: from the context file written by `up`.
     #[arg(long, global = true, env = "FLOTILLA_API")]
@@ -162,7 +167,8 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat, is_up: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if is_up { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter =
+        EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

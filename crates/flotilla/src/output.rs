@@ -78,7 +78,10 @@ pub fn services_table(items: &[Service]) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "READY", "INSTANCES", "GENERATION", "ROUTES", "AGE"], rows)
+    table(
+        &["NAME", "READY", "INSTANCES", "GENERATION", "ROUTES", "AGE"],
+        rows,
+    )
 }
 
 fn mib(bytes: u64) -> String {
@@ -120,7 +123,10 @@ pub fn instances_table(items: &[Instance]) -> String {
                 phase(i),
                 if i.status.ready { "yes" } else { "no" }.to_string(),
                 i.status.restarts.to_string(),
-                i.status.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                i.status
+                    .pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 if ports.is_empty() { "-".into() } else { ports },
                 cpu,
                 mem,
@@ -129,13 +135,18 @@ pub fn instances_table(items: &[Instance]) -> String {
         })
         .collect();
     table(
-        &["NAME", "SERVICE", "PHASE", "READY", "RESTARTS", "PID", "PORTS", "CPU", "MEMORY", "AGE"],
+        &[
+            "NAME", "SERVICE", "PHASE", "READY", "RESTARTS", "PID", "PORTS", "CPU", "MEMORY", "AGE",
+        ],
         rows,
     )
 }
 
 pub fn events_header() -> String {
-    format!("{:<24} {:<8} {:<14} {:<28} {}\n", "TIME", "TYPE", "REASON", "OBJECT", "MESSAGE")
+    format!(
+        "{:<24} {:<8} {:<14} {:<28} {}\n",
+        "TIME", "TYPE", "REASON", "OBJECT", "MESSAGE"
+    )
 }
 
 pub fn event_row(e: &Event) -> String {
@@ -162,14 +173,27 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
     let m = &s.metadata;
     let _ = writeln!(out, "Name:          {}", m.name);
     let _ = writeln!(out, "UID:           {}", m.uid);
-    let _ = writeln!(out, "Generation:    {} (observed {})", m.generation, s.status.observed_generation);
+    let _ = writeln!(
+        out,
+        "Generation:    {} (observed {})",
+        m.generation, s.status.observed_generation
+    );
     let _ = writeln!(out, "Version:       {}", m.resource_version);
-    let _ = writeln!(out, "Created:       {} ({} ago)", m.creation_timestamp.as_deref().unwrap_or("-"), age(m.creation_timestamp.as_deref()));
+    let _ = writeln!(
+        out,
+        "Created:       {} ({} ago)",
+        m.creation_timestamp.as_deref().unwrap_or("-"),
+        age(m.creation_timestamp.as_deref())
+    );
     if !m.labels.is_empty() {
         let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "Labels:        {}", labels.join(","));
     }
-    let _ = writeln!(out, "Replicas:      {} desired, {} ready", s.spec.replicas, s.status.ready_replicas);
+    let _ = writeln!(
+        out,
+        "Replicas:      {} desired, {} ready",
+        s.spec.replicas, s.status.ready_replicas
+    );
     let _ = writeln!(out, "Spec hash:     {}", s.status.spec_hash);
     let _ = writeln!(out, "\nSpec:");
     let spec = toml::to_string(&s.spec).unwrap_or_else(|e| format!("(cannot render: {e})\n"));
@@ -190,8 +214,12 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
                     "  {}: last exit {} (code {}, signal {}) at {}",
                     i.metadata.name,
                     exit.reason,
-                    exit.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-                    exit.signal.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    exit.code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    exit.signal
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     exit.at
                 );
             }

@@ -45,7 +45,8 @@ impl LogSource for AgentLogs {
         tail: Option<usize>,
         shutdown: CancellationToken,
     ) -> mpsc::Receiver<Result<Bytes, String>> {
-        let mut inner = flotilla_agent::logs::follow(&self.data_dir, instance, tail, shutdown.clone());
+        let mut inner =
+            flotilla_agent::logs::follow(&self.data_dir, instance, tail, shutdown.clone());
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -96,13 +97,18 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let data_dir = std::path::absolute(&data_dir)?;
 
     let store_path = data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&store_path)
-            .with_context(|| format!("opening the store at {} (is another `flotilla up` using this data directory?)", store_path.display()))?,
-    );
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path).with_context(|| {
+        format!(
+            "opening the store at {} (is another `flotilla up` using this data directory?)",
+            store_path.display()
+        )
+    })?);
     let token = context::ensure_token(&data_dir)?;
 
-    let api_addr = args.api_listen.or(up.api).unwrap_or_else(|| context::DEFAULT_API.to_string());
+    let api_addr = args
+        .api_listen
+        .or(up.api)
+        .unwrap_or_else(|| context::DEFAULT_API.to_string());
     let gw_addr = args
         .gateway_listen
         .or(up.gateway)
@@ -169,7 +175,9 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         let s = shutdown.clone();
         let router = flotilla_server::router(api_state);
         async move {
-            flotilla_server::serve(api_listener, router, s).await.context("API server")?;
+            flotilla_server::serve(api_listener, router, s)
+                .await
+                .context("API server")?;
             Ok("api")
         }
     });
@@ -177,7 +185,9 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         let s = shutdown.clone();
         let router = flotilla_server::metrics::router(registry.clone());
         async move {
-            flotilla_server::serve(metrics_listener, router, s).await.context("metrics server")?;
+            flotilla_server::serve(metrics_listener, router, s)
+                .await
+                .context("metrics server")?;
             Ok("metrics")
         }
     });
@@ -185,7 +195,8 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     // The file's services go through the same apply as the API.
     if let Some(file) = &file {
         for (name, spec) in &file.service {
-            match flotilla_server::apply(&*store, ApplyRequest::new(name, spec.clone()), "up").await {
+            match flotilla_server::apply(&*store, ApplyRequest::new(name, spec.clone()), "up").await
+            {
                 Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
                 Err(e) => {
                     shutdown.cancel();
@@ -204,8 +215,15 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         metrics: format!("http://{metrics_local}/metrics"),
         pid: std::process::id(),
     })?;
-    println!("flotilla {} is up in {:.0?}", env!("CARGO_PKG_VERSION"), started.elapsed());
-    println!("  API       {api_url}  (token: {})", data_dir.join(context::TOKEN_FILE).display());
+    println!(
+        "flotilla {} is up in {:.0?}",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed()
+    );
+    println!(
+        "  API       {api_url}  (token: {})",
+        data_dir.join(context::TOKEN_FILE).display()
+    );
     println!("  gateway   http://{gw_local}");
     println!("  metrics   http://{metrics_local}/metrics");
     println!("  data      {}", data_dir.display());

@@ -20,7 +20,9 @@ fn three_replicas_all_get_traffic_through_the_gateway() {
 
     let mut seen = BTreeSet::new();
     for _ in 0..60 {
-        let r = up.through_gateway("web.test", "/").expect("gateway reachable");
+        let r = up
+            .through_gateway("web.test", "/")
+            .expect("gateway reachable");
         assert_eq!(r.status, 200, "{}", r.body);
         seen.insert(instance_of(&r.body).expect("instance in body"));
         if seen.len() == 3 {
@@ -30,11 +32,17 @@ fn three_replicas_all_get_traffic_through_the_gateway() {
     assert_eq!(seen, names, "traffic must reach every ready instance");
 
     // No route → 404 with a reason; the CLI lists what runs.
-    let r = up.through_gateway("nothing.test", "/").expect("gateway reachable");
+    let r = up
+        .through_gateway("nothing.test", "/")
+        .expect("gateway reachable");
     assert_eq!(r.status, 404);
     assert!(r.body.contains("no route"), "{}", r.body);
     let out = up.cli(&["get", "instances"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     for n in &names {
         assert!(table.contains(n.as_str()), "{table}");
@@ -50,7 +58,11 @@ fn killed_instance_is_replaced_while_traffic_flows() {
     let ready = up.wait_ready("web", 2);
     let victim = &ready[0];
     let pid = victim["status"]["pid"].as_u64().expect("pid") as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
 
     // Keep sending requests until the victim is back; none may fail.
     let started = Instant::now();
@@ -65,19 +77,34 @@ fn killed_instance_is_replaced_while_traffic_flows() {
             Some(r) => failures.push(format!("{} {}", r.status, r.body.trim())),
             None => failures.push("connection failed".to_string()),
         }
-        let back = up
-            .instances("web")
-            .iter()
-            .any(|i| name_of(i) == name && i["status"]["ready"] == true && i["status"]["restarts"].as_u64() >= Some(1));
+        let back = up.instances("web").iter().any(|i| {
+            name_of(i) == name
+                && i["status"]["ready"] == true
+                && i["status"]["restarts"].as_u64() >= Some(1)
+        });
         if back && sent >= 20 {
             break;
         }
-        assert!(started.elapsed() < T, "instance {name} not back after {T:?}");
+        assert!(
+            started.elapsed() < T,
+            "instance {name} not back after {T:?}"
+        );
     }
-    assert!(failures.is_empty(), "{} of {sent} requests failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {failures:?}",
+        failures.len()
+    );
     let inst = up.instances("web");
-    let revived = inst.iter().find(|i| name_of(i) == name).expect("still there");
-    assert_ne!(revived["status"]["pid"].as_u64(), Some(pid as u64), "a new process runs");
+    let revived = inst
+        .iter()
+        .find(|i| name_of(i) == name)
+        .expect("still there");
+    assert_ne!(
+        revived["status"]["pid"].as_u64(),
+        Some(pid as u64),
+        "a new process runs"
+    );
 }
 
 #[test]
@@ -96,7 +123,14 @@ failure_threshold = 2
 
     // Readiness failure: out of the gateway, not restarted.
     let port = port_of(a, "http");
-    let r = http(&format!("127.0.0.1:{port}"), "POST", "/fail-readiness", &[], "").expect("demo reachable");
+    let r = http(
+        &format!("127.0.0.1:{port}"),
+        "POST",
+        "/fail-readiness",
+        &[],
+        "",
+    )
+    .expect("demo reachable");
     assert_eq!(r.status, 200);
     let a_name = name_of(a);
     wait_for("instance to become unready", T, || {
@@ -108,10 +142,21 @@ failure_threshold = 2
     for _ in 0..20 {
         let r = up.through_gateway("web.test", "/").expect("gateway");
         assert_eq!(r.status, 200);
-        assert_ne!(instance_of(&r.body).as_deref(), Some(a_name.as_str()), "unready instance got traffic");
+        assert_ne!(
+            instance_of(&r.body).as_deref(),
+            Some(a_name.as_str()),
+            "unready instance got traffic"
+        );
     }
-    let a_now = up.instances("web").into_iter().find(|i| name_of(i) == a_name).expect("a");
-    assert_eq!(a_now["status"]["restarts"], 0, "readiness failure must not restart");
+    let a_now = up
+        .instances("web")
+        .into_iter()
+        .find(|i| name_of(i) == a_name)
+        .expect("a");
+    assert_eq!(
+        a_now["status"]["restarts"], 0,
+        "readiness failure must not restart"
+    );
 
     // Liveness failure (hang): restarted.
     let b_name = name_of(b);
@@ -122,7 +167,10 @@ failure_threshold = 2
             .into_iter()
             .find(|i| name_of(i) == b_name && i["status"]["restarts"].as_u64() >= Some(1))
     });
-    let reason = restarted["status"]["lastExit"]["reason"].as_str().unwrap_or_default().to_string();
+    let reason = restarted["status"]["lastExit"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(reason, "LivenessFailed", "{restarted}");
     up.wait_ready("web", 1 + 1);
 }
@@ -150,9 +198,17 @@ restart = { backoff_initial = "200ms", backoff_max = "5s" }
     // Backoff grows: restarts over the next second stay few.
     let before = inst["status"]["restarts"].as_u64().unwrap_or(0);
     let t0 = Instant::now();
-    wait_for("a second to pass", T, || (t0.elapsed() >= Duration::from_secs(1)).then_some(()));
-    let after = up.instances("crashy")[0]["status"]["restarts"].as_u64().unwrap_or(0);
-    assert!(after - before <= 3, "restarted {} times in 1s despite backoff", after - before);
+    wait_for("a second to pass", T, || {
+        (t0.elapsed() >= Duration::from_secs(1)).then_some(())
+    });
+    let after = up.instances("crashy")[0]["status"]["restarts"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        after - before <= 3,
+        "restarted {} times in 1s despite backoff",
+        after - before
+    );
     let logs = up.cli(&["logs", "crashy"]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("starting"));
 }
@@ -203,7 +259,10 @@ resources = { pids = 20 }
     // The shell gives up with "Cannot fork" once the cgroup is full.
     wait_for("fork failures in the log", T, || {
         let out = up.cli(&["logs", "bomb"]);
-        String::from_utf8_lossy(&out.stdout).to_lowercase().contains("fork").then_some(())
+        String::from_utf8_lossy(&out.stdout)
+            .to_lowercase()
+            .contains("fork")
+            .then_some(())
     });
     for _ in 0..10 {
         let n = up.workload_pids().len();
@@ -240,13 +299,24 @@ stop = {{ grace_period = "5s" }}
     let mut up = Up::start(&services);
     up.wait_ready("web", 2);
     up.wait_ready("graceful", 1);
-    wait_for("workloads to be running", T, || (up.workload_pids().len() >= 3).then_some(()));
+    wait_for("workloads to be running", T, || {
+        (up.workload_pids().len() >= 3).then_some(())
+    });
 
     let out = up.cli(&["delete", "service", "graceful"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for("graceful's instance to be gone", T, || up.instances("graceful").is_empty().then_some(()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("graceful's instance to be gone", T, || {
+        up.instances("graceful").is_empty().then_some(())
+    });
     let got = std::fs::read_to_string(&marker).unwrap_or_default();
-    assert!(got.contains("term"), "the workload got SIGTERM before being killed");
+    assert!(
+        got.contains("term"),
+        "the workload got SIGTERM before being killed"
+    );
 
     // Ctrl-C (SIGTERM) of up: exits 0 and leaves no process and no cgroup behind.
     let code = up.stop();
@@ -276,20 +346,27 @@ fn kill9_of_up_then_restart_keeps_services_and_reconverges() {
     up.spawn();
     let after = up.api_get("/api/v1/services/web");
     assert_eq!(before["metadata"]["uid"], after["metadata"]["uid"]);
-    assert_eq!(before["metadata"]["generation"], after["metadata"]["generation"]);
+    assert_eq!(
+        before["metadata"]["generation"],
+        after["metadata"]["generation"]
+    );
     assert_eq!(before["spec"], after["spec"]);
     let ready = wait_for("2 ready instances with new processes", T, || {
         let ready = up.ready_instances("web");
-        let fresh = ready
-            .iter()
-            .all(|i| i["status"]["pid"].as_u64().is_some_and(|p| !old_pids.contains(&p)));
+        let fresh = ready.iter().all(|i| {
+            i["status"]["pid"]
+                .as_u64()
+                .is_some_and(|p| !old_pids.contains(&p))
+        });
         (ready.len() == 2 && up.instances("web").len() == 2 && fresh).then_some(ready)
     });
     assert_eq!(ready.len(), 2);
     // The old processes did not survive their supervisor.
     for pid in old_pids {
         let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z");
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z");
         assert!(!alive, "old workload {pid} still runs");
     }
     let r = up.through_gateway("web.test", "/").expect("gateway");
@@ -303,16 +380,31 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let before = up.api_get("/api/v1/services/web");
 
     let cases = [
-        ("syntax.toml", "[service.web]\ncommand = \"x\nreplicas = 2\n", "syntax.toml:2:"),
-        ("unknown.toml", "[service.web]\ncommand = \"x\"\nreplica = 2\n", "did you mean `replicas`"),
-        ("invalid.toml", "[service.web]\ncommand = \"x\"\nresources = { memory = \"lots\" }\n", "service.web.resources.memory"),
+        (
+            "syntax.toml",
+            "[service.web]\ncommand = \"x\nreplicas = 2\n",
+            "syntax.toml:2:",
+        ),
+        (
+            "unknown.toml",
+            "[service.web]\ncommand = \"x\"\nreplica = 2\n",
+            "did you mean `replicas`",
+        ),
+        (
+            "invalid.toml",
+            "[service.web]\ncommand = \"x\"\nresources = { memory = \"lots\" }\n",
+            "service.web.resources.memory",
+        ),
     ];
     for (file, text, expect) in cases {
         std::fs::write(up.dir.path().join(file), text).expect("write");
         let out = up.cli(&["apply", "-f", file]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} must be refused");
-        assert!(err.contains(expect), "{file}: expected {expect:?} in:\n{err}");
+        assert!(
+            err.contains(expect),
+            "{file}: expected {expect:?} in:\n{err}"
+        );
     }
 
     // Straight to the API: no token, bad token, malformed body, invalid value.
@@ -320,13 +412,26 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(r.status, 401);
     assert!(r.body.contains("requestId"), "{}", r.body);
     let auth = format!("Bearer {}", up.token);
-    let r = http(&up.api, "POST", "/api/v1/services", &[("Authorization", &auth), ("Content-Type", "application/json")], "{\"metadata\":").expect("api");
+    let r = http(
+        &up.api,
+        "POST",
+        "/api/v1/services",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        "{\"metadata\":",
+    )
+    .expect("api");
     assert_eq!(r.status, 400, "{}", r.body);
     let r = http(
         &up.api,
         "POST",
         "/api/v1/services",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         r#"{"metadata":{"name":"web"},"spec":{"command":"x","replicas":"three"}}"#,
     )
     .expect("api");
@@ -346,17 +451,30 @@ fn logs_events_and_metrics_are_exposed() {
     }
     let name = name_of(&ready[0]);
     let out = up.cli(&["logs", "web", "--instance", &name]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = up.cli(&["events"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Started") || text.contains("Created"), "{text}");
+    assert!(
+        text.contains("Started") || text.contains("Created"),
+        "{text}"
+    );
 
     // A restart shows up in the restart counter.
     let pid = ready[0]["status"]["pid"].as_u64().expect("pid") as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
     let m = wait_for("the restart to be counted", T, || {
         let m = http(&up.metrics, "GET", "/metrics", &[], "")?;
-        m.body.contains("flotilla_instance_restarts_total{service=\"web\"} 1").then_some(m)
+        m.body
+            .contains("flotilla_instance_restarts_total{service=\"web\"} 1")
+            .then_some(m)
     });
     assert_eq!(m.status, 200);
     for series in [
@@ -365,13 +483,19 @@ fn logs_events_and_metrics_are_exposed() {
         "flotilla_gateway_request_duration_seconds_bucket",
         "flotilla_api_request_duration_seconds_bucket",
     ] {
-        assert!(m.body.contains(series), "missing {series} in /metrics:\n{}", m.body);
+        assert!(
+            m.body.contains(series),
+            "missing {series} in /metrics:\n{}",
+            m.body
+        );
     }
     if cgroups_available() {
         // Usage is sampled from the cgroup.
         wait_for("memory usage of the instance", T, || {
             let m = http(&up.metrics, "GET", "/metrics", &[], "")?;
-            m.body.contains("flotilla_instance_memory_bytes{service=\"web\"").then_some(())
+            m.body
+                .contains("flotilla_instance_memory_bytes{service=\"web\"")
+                .then_some(())
         });
     }
     let out = up.cli(&["version"]);

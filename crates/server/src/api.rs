@@ -159,7 +159,10 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         let status = response.status();
         let error = ApiError::new(status, "BadRequest", rejection);
         tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request rejected");
-        response = (status, Json(serde_json::json!({ "error": error, "requestId": id })))
+        response = (
+            status,
+            Json(serde_json::json!({ "error": error, "requestId": id })),
+        )
             .into_response();
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -227,14 +230,22 @@ fn parse_apply(body: &[u8]) -> ApiResult<Service> {
             .0
             .iter()
             .map(|e| FieldProblem {
-                field: if e.path.is_empty() { "body".to_string() } else { e.path.clone() },
+                field: if e.path.is_empty() {
+                    "body".to_string()
+                } else {
+                    e.path.clone()
+                },
                 message: format!("line {} column {}: {}", e.line, e.col, e.message),
             })
             .collect();
         if errors.0.iter().all(|e| e.path.is_empty()) {
             let mut error = ApiError::bad_request(format!(
                 "malformed request body: {}",
-                problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ));
             error.details = problems;
             error
@@ -382,9 +393,20 @@ pub async fn apply(
                 }
                 Err(e) => return Err(e.into()),
             };
-            let message = format!("service created (generation {})", created.metadata.generation);
-            events::record(store, Service::KIND, &name, EventType::Normal, "Applied", message, source)
-                .await;
+            let message = format!(
+                "service created (generation {})",
+                created.metadata.generation
+            );
+            events::record(
+                store,
+                Service::KIND,
+                &name,
+                EventType::Normal,
+                "Applied",
+                message,
+                source,
+            )
+            .await;
             Ok((ApplyResult::Created, created))
         }
         Some(mut current) => {
@@ -416,8 +438,16 @@ pub async fn apply(
                 "service configured (generation {})",
                 updated.metadata.generation
             );
-            events::record(store, Service::KIND, &name, EventType::Normal, "Applied", message, source)
-                .await;
+            events::record(
+                store,
+                Service::KIND,
+                &name,
+                EventType::Normal,
+                "Applied",
+                message,
+                source,
+            )
+            .await;
             Ok((ApplyResult::Configured, updated))
         }
     }
@@ -528,7 +558,10 @@ fn flag(query: &BTreeMap<String, String>, name: &str) -> ApiResult<bool> {
     }
 }
 
-fn number<T: std::str::FromStr>(query: &BTreeMap<String, String>, name: &str) -> ApiResult<Option<T>> {
+fn number<T: std::str::FromStr>(
+    query: &BTreeMap<String, String>,
+    name: &str,
+) -> ApiResult<Option<T>> {
     match query.get(name) {
         None => Ok(None),
         Some(v) => v.parse().map(Some).map_err(|_| {
@@ -541,7 +574,9 @@ fn number<T: std::str::FromStr>(query: &BTreeMap<String, String>, name: &str) ->
 }
 
 fn event_matches(e: &Event, query: &BTreeMap<String, String>) -> bool {
-    query.get("kind").is_none_or(|k| k.eq_ignore_ascii_case(&e.involved.kind))
+    query
+        .get("kind")
+        .is_none_or(|k| k.eq_ignore_ascii_case(&e.involved.kind))
         && query.get("name").is_none_or(|n| n == &e.involved.name)
 }
 
@@ -569,7 +604,10 @@ async fn list_events(
 ) -> ApiResult<Response> {
     let follow = flag(&query, "follow")?;
     let (items, rev) = typed::list::<Event>(&*state.store).await?;
-    let items: Vec<Event> = items.into_iter().filter(|e| event_matches(e, &query)).collect();
+    let items: Vec<Event> = items
+        .into_iter()
+        .filter(|e| event_matches(e, &query))
+        .collect();
     if !follow {
         return Ok(Json(List {
             items,
@@ -635,7 +673,8 @@ async fn watch(
             )));
         }
     };
-    let after: Revision = number(&query, "resourceVersion")?.unwrap_or_else(|| state.store.revision());
+    let after: Revision =
+        number(&query, "resourceVersion")?.unwrap_or_else(|| state.store.revision());
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let mut watch = match state.store.watch(prefix, after).await {
         Ok(w) => w,
@@ -732,10 +771,8 @@ async fn service_logs(
             .with_field("query.instance"));
         }
         targets = vec![wanted.clone()];
-    } else if targets.is_empty() {
-        if typed::get::<Service>(&*state.store, &name).await?.is_none() {
-            return Err(ApiError::not_found(format!("service {name} not found")));
-        }
+    } else if targets.is_empty() && typed::get::<Service>(&*state.store, &name).await?.is_none() {
+        return Err(ApiError::not_found(format!("service {name} not found")));
     }
     let prefixed = targets.len() > 1;
 
@@ -811,8 +848,9 @@ async fn version() -> Json<serde_json::Value> {
 
 async fn openapi() -> Response {
     let mut response = crate::openapi::DOCUMENT.into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -196,7 +196,10 @@ impl ServiceController {
 
     async fn execute(&self, service: Option<&Service>, action: Action) -> Result<(), StoreError> {
         match action {
-            Action::Create { service: name, spec_hash } => {
+            Action::Create {
+                service: name,
+                spec_hash,
+            } => {
                 let Some(service) = service else {
                     return Ok(());
                 };
@@ -253,7 +256,11 @@ impl ServiceController {
         Ok(())
     }
 
-    async fn update_status(&self, service: &Service, owned: &[&Instance]) -> Result<(), StoreError> {
+    async fn update_status(
+        &self,
+        service: &Service,
+        owned: &[&Instance],
+    ) -> Result<(), StoreError> {
         let live: Vec<&&Instance> = owned
             .iter()
             .filter(|i| i.metadata.deletion_timestamp.is_none() && !i.status.phase.is_terminal())

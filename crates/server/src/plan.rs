@@ -11,7 +11,10 @@ pub enum Action {
     /// Create one instance of `service` from its current spec.
     Create { service: String, spec_hash: String },
     /// Begin graceful deletion of an instance (the agent drains, stops and removes it).
-    Delete { instance: String, reason: DeleteReason },
+    Delete {
+        instance: String,
+        reason: DeleteReason,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,7 +58,9 @@ fn key(k: &str, term: &str) -> Result<String, String> {
     if valid(k) {
         Ok(k.to_string())
     } else {
-        Err(format!("invalid label selector term {term:?}: bad key {k:?}"))
+        Err(format!(
+            "invalid label selector term {term:?}: bad key {k:?}"
+        ))
     }
 }
 
@@ -67,7 +69,9 @@ fn value(v: &str, term: &str) -> Result<String, String> {
     if v.is_empty() || valid(v) {
         Ok(v.to_string())
     } else {
-        Err(format!("invalid label selector term {term:?}: bad value {v:?}"))
+        Err(format!(
+            "invalid label selector term {term:?}: bad value {v:?}"
+        ))
     }
 }
 

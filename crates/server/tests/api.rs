@@ -76,12 +76,7 @@ async fn call(
         .expect("request");
     let resp = router.clone().oneshot(req).await.expect("response");
     let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
@@ -111,9 +106,21 @@ async fn requests_without_a_valid_token_are_refused() {
 
     let (status, _) = call(&f.router, "GET", "/api/v1/services", Some("wrong"), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = call(&f.router, "POST", "/api/v1/services", Some("wrong"), Some(hello(1))).await;
+    let (status, _) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some("wrong"),
+        Some(hello(1)),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(typed::get::<Service>(&*f.store, "hello").await.unwrap().is_none());
+    assert!(
+        typed::get::<Service>(&*f.store, "hello")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Liveness needs no token.
     let (status, _) = call(&f.router, "GET", "/healthz", None, None).await;
@@ -123,24 +130,52 @@ async fn requests_without_a_valid_token_are_refused() {
 #[tokio::test]
 async fn apply_creates_then_is_idempotent_then_configures() {
     let f = fixture();
-    let (status, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(2))).await;
+    let (status, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(2)),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["result"], "created");
     assert_eq!(body["service"]["metadata"]["generation"], 1);
     let rev = f.store.revision();
 
-    let (status, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(2))).await;
+    let (status, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(2)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["result"], "unchanged");
     assert_eq!(f.store.revision(), rev, "an unchanged apply must not write");
 
-    let (status, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(3))).await;
+    let (status, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(3)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["result"], "configured");
     assert_eq!(body["service"]["metadata"]["generation"], 2);
     assert_eq!(body["service"]["spec"]["replicas"], 3);
 
-    let (status, body) = call(&f.router, "GET", "/api/v1/services/hello", Some(TOKEN), None).await;
+    let (status, body) = call(
+        &f.router,
+        "GET",
+        "/api/v1/services/hello",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert!(body["metadata"]["resourceVersion"].as_u64().unwrap() > 0);
 }
@@ -148,8 +183,18 @@ async fn apply_creates_then_is_idempotent_then_configures() {
 #[tokio::test]
 async fn malformed_and_invalid_bodies_name_where_and_change_nothing() {
     let f = fixture();
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
-    let before = typed::get::<Service>(&*f.store, "hello").await.unwrap().unwrap();
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
+    let before = typed::get::<Service>(&*f.store, "hello")
+        .await
+        .unwrap()
+        .unwrap();
     let rev = f.store.revision();
 
     // Broken JSON: 400 with line and column.
@@ -177,7 +222,10 @@ async fn malformed_and_invalid_bodies_name_where_and_change_nothing() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "spec");
     let msg = body["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("`replica`") && msg.contains("`replicas`"), "{msg}");
+    assert!(
+        msg.contains("`replica`") && msg.contains("`replicas`"),
+        "{msg}"
+    );
 
     // Invalid values: every problem listed with its path.
     let (status, body) = call(
@@ -213,11 +261,21 @@ async fn malformed_and_invalid_bodies_name_where_and_change_nothing() {
     assert_eq!(body["error"]["field"], "metadata.name");
 
     // Bad query parameter.
-    let (status, body) = call(&f.router, "GET", "/api/v1/services?labelSelector=a%20b", Some(TOKEN), None).await;
+    let (status, body) = call(
+        &f.router,
+        "GET",
+        "/api/v1/services?labelSelector=a%20b",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["field"], "query.labelSelector");
 
-    let after = typed::get::<Service>(&*f.store, "hello").await.unwrap().unwrap();
+    let after = typed::get::<Service>(&*f.store, "hello")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(before, after);
     assert_eq!(f.store.revision(), rev, "rejected requests must not write");
 }
@@ -225,41 +283,113 @@ async fn malformed_and_invalid_bodies_name_where_and_change_nothing() {
 #[tokio::test]
 async fn stale_resource_version_conflicts() {
     let f = fixture();
-    let (_, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
-    let rv = body["service"]["metadata"]["resourceVersion"].as_u64().unwrap();
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(2))).await;
+    let (_, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
+    let rv = body["service"]["metadata"]["resourceVersion"]
+        .as_u64()
+        .unwrap();
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(2)),
+    )
+    .await;
 
     let mut stale: Value = serde_json::from_str(&hello(5)).unwrap();
     stale["metadata"]["resourceVersion"] = json!(rv);
-    let (status, body) =
-        call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(stale.to_string())).await;
+    let (status, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(stale.to_string()),
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["field"], "metadata.resourceVersion");
-    let stored = typed::get::<Service>(&*f.store, "hello").await.unwrap().unwrap();
+    let stored = typed::get::<Service>(&*f.store, "hello")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.spec.replicas, 2);
 }
 
 #[tokio::test]
 async fn routes_may_not_collide_across_services() {
     let f = fixture();
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
     let other = hello(1).replace("\"name\":\"hello\"", "\"name\":\"other\"");
-    let (status, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(other)).await;
+    let (status, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(other),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "spec.routes[0]");
-    assert!(typed::get::<Service>(&*f.store, "other").await.unwrap().is_none());
+    assert!(
+        typed::get::<Service>(&*f.store, "other")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
 async fn delete_and_not_found() {
     let f = fixture();
-    let (status, body) = call(&f.router, "DELETE", "/api/v1/services/nope", Some(TOKEN), None).await;
+    let (status, body) = call(
+        &f.router,
+        "DELETE",
+        "/api/v1/services/nope",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["reason"], "NotFound");
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
-    let (status, _) = call(&f.router, "DELETE", "/api/v1/services/hello", Some(TOKEN), None).await;
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
+    let (status, _) = call(
+        &f.router,
+        "DELETE",
+        "/api/v1/services/hello",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = call(&f.router, "GET", "/api/v1/services/hello", Some(TOKEN), None).await;
+    let (status, _) = call(
+        &f.router,
+        "GET",
+        "/api/v1/services/hello",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = call(&f.router, "GET", "/no/such/path", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -271,7 +401,14 @@ async fn openapi_and_events_are_served() {
     let (status, body) = call(&f.router, "GET", "/openapi.json", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["openapi"], "3.1.0");
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
     let (status, body) = call(&f.router, "GET", "/api/v1/events", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
     let reasons: Vec<&str> = body["items"]
@@ -286,9 +423,25 @@ async fn openapi_and_events_are_served() {
 #[tokio::test]
 async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
     let f = fixture();
-    let (_, body) = call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
-    let rv = body["service"]["metadata"]["resourceVersion"].as_u64().unwrap();
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(2))).await;
+    let (_, body) = call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
+    let rv = body["service"]["metadata"]["resourceVersion"]
+        .as_u64()
+        .unwrap();
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(2)),
+    )
+    .await;
 
     let req = Request::builder()
         .uri(format!("/api/v1/watch/services?resourceVersion={rv}"))
@@ -313,9 +466,13 @@ async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
     {
         let s = EmbeddedStore::open(&path).unwrap();
         for i in 0..3 {
-            s.put(&format!("/registry/services/x{i}"), b"{}".to_vec(), flotilla_store::Precondition::None)
-                .await
-                .unwrap();
+            s.put(
+                &format!("/registry/services/x{i}"),
+                b"{}".to_vec(),
+                flotilla_store::Precondition::None,
+            )
+            .await
+            .unwrap();
         }
     }
     let reopened: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).unwrap());
@@ -327,9 +484,19 @@ async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
         &mut registry,
         CancellationToken::new(),
     ));
-    let (status, body) = call(&router, "GET", "/api/v1/watch/services?resourceVersion=1", Some(TOKEN), None).await;
+    let (status, body) = call(
+        &router,
+        "GET",
+        "/api/v1/watch/services?resourceVersion=1",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let text = body.as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+    let text = body
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| body.to_string());
     assert!(text.contains("\"code\":410"), "{text}");
 }
 
@@ -338,23 +505,55 @@ async fn controller_converges_instances_to_replicas() {
     let f = fixture();
     let mut registry = Registry::default();
     let controller = ServiceController::new(f.store.clone(), "local", &mut registry);
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(3))).await;
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(3)),
+    )
+    .await;
     controller.reconcile_all().await.unwrap();
     let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
     assert_eq!(instances.len(), 3);
-    assert!(instances.iter().all(|i| i.spec.service == "hello" && i.spec.node == "local"));
+    assert!(
+        instances
+            .iter()
+            .all(|i| i.spec.service == "hello" && i.spec.node == "local")
+    );
     // Reconciling again changes nothing (no duplicate creates).
     controller.reconcile_all().await.unwrap();
     assert_eq!(typed::list::<Instance>(&*f.store).await.unwrap().0.len(), 3);
 
-    call(&f.router, "POST", "/api/v1/services", Some(TOKEN), Some(hello(1))).await;
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
     controller.reconcile_all().await.unwrap();
     let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
-    let deleting = instances.iter().filter(|i| i.metadata.deletion_timestamp.is_some()).count();
+    let deleting = instances
+        .iter()
+        .filter(|i| i.metadata.deletion_timestamp.is_some())
+        .count();
     assert_eq!(deleting, 2);
 
-    call(&f.router, "DELETE", "/api/v1/services/hello", Some(TOKEN), None).await;
+    call(
+        &f.router,
+        "DELETE",
+        "/api/v1/services/hello",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     controller.reconcile_all().await.unwrap();
     let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
-    assert!(instances.iter().all(|i| i.metadata.deletion_timestamp.is_some()));
+    assert!(
+        instances
+            .iter()
+            .all(|i| i.metadata.deletion_timestamp.is_some())
+    );
 }

@@ -32,7 +32,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         // The interval of a deadline-bounded poll, not synchronization: the condition is
         // re-checked each time.
         #[allow(clippy::disallowed_methods)]
@@ -50,7 +53,8 @@ pub fn cgroups_available() -> bool {
         return false;
     }
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        || (Path::new("/sys/fs/cgroup/memory").exists() && Path::new("/sys/fs/cgroup/pids").exists())
+        || (Path::new("/sys/fs/cgroup/memory").exists()
+            && Path::new("/sys/fs/cgroup/pids").exists())
 }
 
 /// Returns false (after printing why) when a test needing root and cgroups cannot run.
@@ -68,10 +72,21 @@ pub struct Http {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; `None` if the connection failed.
-pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<Http> {
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<Http> {
     let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("Host: {addr}\r\n"));
     }
@@ -86,15 +101,23 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Some(Http { status, body })
 }
 
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -148,7 +171,8 @@ impl Up {
     /// Starts (or restarts) `flotilla up` and waits until its API answers.
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.config_dir().join("context.json"));
-        let log = std::fs::File::create(self.dir.path().join(format!("up-{}.log", rand_suffix()))).expect("log");
+        let log = std::fs::File::create(self.dir.path().join(format!("up-{}.log", rand_suffix())))
+            .expect("log");
         let child = Command::new(flotilla_bin())
             .args(["up", "-f"])
             .arg(self.dir.path().join("flotilla.toml"))
@@ -162,15 +186,22 @@ impl Up {
             .spawn()
             .expect("spawn flotilla up");
         self.child = Some(child);
-        let ctx: Value = wait_for("flotilla up to write its context file", Duration::from_secs(30), || {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!("flotilla up exited early with {status}:\n{}", self.up_logs());
-            }
-            let bytes = std::fs::read(self.config_dir().join("context.json")).ok()?;
-            serde_json::from_slice(&bytes).ok()
-        });
+        let ctx: Value = wait_for(
+            "flotilla up to write its context file",
+            Duration::from_secs(30),
+            || {
+                if let Some(c) = self.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    panic!(
+                        "flotilla up exited early with {status}:\n{}",
+                        self.up_logs()
+                    );
+                }
+                let bytes = std::fs::read(self.config_dir().join("context.json")).ok()?;
+                serde_json::from_slice(&bytes).ok()
+            },
+        );
         let strip = |v: &Value| {
             v.as_str()
                 .unwrap_or_default()
@@ -214,7 +245,8 @@ impl Up {
 
     pub fn api_get(&self, path: &str) -> Value {
         let auth = format!("Bearer {}", self.token);
-        let r = http(&self.api, "GET", path, &[("Authorization", &auth)], "").expect("API reachable");
+        let r =
+            http(&self.api, "GET", path, &[("Authorization", &auth)], "").expect("API reachable");
         assert!(r.status < 300, "GET {path}: {} {}", r.status, r.body);
         serde_json::from_str(&r.body).expect("JSON")
     }
@@ -227,15 +259,21 @@ impl Up {
     pub fn ready_instances(&self, service: &str) -> Vec<Value> {
         self.instances(service)
             .into_iter()
-            .filter(|i| i["status"]["ready"] == true && i["metadata"]["deletionTimestamp"].is_null())
+            .filter(|i| {
+                i["status"]["ready"] == true && i["metadata"]["deletionTimestamp"].is_null()
+            })
             .collect()
     }
 
     pub fn wait_ready(&self, service: &str, n: usize) -> Vec<Value> {
-        wait_for(&format!("{n} ready instances of {service}"), Duration::from_secs(30), || {
-            let ready = self.ready_instances(service);
-            (ready.len() == n && self.instances(service).len() == n).then_some(ready)
-        })
+        wait_for(
+            &format!("{n} ready instances of {service}"),
+            Duration::from_secs(30),
+            || {
+                let ready = self.ready_instances(service);
+                (ready.len() == n && self.instances(service).len() == n).then_some(ready)
+            },
+        )
     }
 
     pub fn through_gateway(&self, host: &str, path: &str) -> Option<Http> {
@@ -251,7 +289,9 @@ impl Up {
             } else {
                 PathBuf::from("/sys/fs/cgroup").join(&ctrl)
             };
-            let d = base.join(path.trim_start_matches('/')).join(format!("flotilla-{}", self.node));
+            let d = base
+                .join(path.trim_start_matches('/'))
+                .join(format!("flotilla-{}", self.node));
             dirs.push(d);
         }
         dirs
@@ -276,11 +316,14 @@ impl Up {
     pub fn workload_pids(&self) -> Vec<u32> {
         let me = std::process::id();
         let up = self.child.as_ref().map(|c| c.id());
-        let root = std::fs::canonicalize(self.dir.path()).unwrap_or_else(|_| self.dir.path().to_path_buf());
+        let root = std::fs::canonicalize(self.dir.path())
+            .unwrap_or_else(|_| self.dir.path().to_path_buf());
         let mut pids = Vec::new();
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for e in entries.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
                 if pid == me || Some(pid) == up {
                     continue;
                 }
@@ -289,7 +332,10 @@ impl Up {
                 {
                     // Zombies are already dead; only count live ones.
                     let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                    let live = state.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')).unwrap_or(false);
+                    let live = state
+                        .rsplit_once(") ")
+                        .map(|(_, r)| !r.starts_with('Z'))
+                        .unwrap_or(false);
                     if live {
                         pids.push(pid);
                     }
@@ -304,9 +350,11 @@ impl Up {
         let mut child = self.child.take()?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let status = wait_for("flotilla up to exit after SIGTERM", Duration::from_secs(60), || {
-            child.try_wait().ok().flatten()
-        });
+        let status = wait_for(
+            "flotilla up to exit after SIGTERM",
+            Duration::from_secs(60),
+            || child.try_wait().ok().flatten(),
+        );
         status.code()
     }
 
@@ -326,7 +374,10 @@ impl Drop for Up {
         }
         // Last resort so a failed test never leaves workloads behind.
         for pid in self.workload_pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -338,7 +389,11 @@ fn own_cgroups() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (_, ctrls, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
         if v2 && ctrls.is_empty() {
             out.push((String::new(), path.to_string()));
         } else if !v2 {
@@ -353,8 +408,15 @@ fn own_cgroups() -> Vec<(String, String)> {
 }
 
 fn path_with_demo() -> String {
-    let dir = demo_bin().parent().map(Path::to_path_buf).unwrap_or_default();
-    format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default())
+    let dir = demo_bin()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 pub fn rand_suffix() -> String {
@@ -378,7 +440,10 @@ pub fn port_of(instance: &Value, name: &str) -> u16 {
 }
 
 pub fn name_of(instance: &Value) -> String {
-    instance["metadata"]["name"].as_str().expect("name").to_string()
+    instance["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string()
 }
 
 pub fn demo_service(name: &str, replicas: u32, extra: &str) -> String {
