@@ -194,7 +194,11 @@ impl Drop for Harness {
     reason = "the skip notice must reach the test output"
 )]
 pub fn skip(test: &str, why: &str) {
-    println!("skipped: {test} needs root and writable cgroup v1/v2 ({why})");
+    // Straight to the stderr handle: libtest does not capture it, so the notice is seen.
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!("skipped: {test} needs root and writable cgroup v1/v2 ({why})\n"),
+    );
 }
 
 /// Polls `f` until it returns `Some`, bounded by `timeout`.

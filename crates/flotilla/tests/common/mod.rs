@@ -57,12 +57,19 @@ pub fn cgroups_available() -> bool {
             && Path::new("/sys/fs/cgroup/pids").exists())
 }
 
+/// Prints a skip notice where people see it: libtest captures `print!`, not the stderr handle.
+pub fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
 /// Returns false (after printing why) when a test needing root and cgroups cannot run.
 pub fn require_cgroups(test: &str) -> bool {
     if cgroups_available() {
         return true;
     }
-    println!("skipped: {test} needs root and writable cgroups (v1 or v2); run the suite as root");
+    skip(&format!(
+        "{test} needs root and writable cgroups (v1 or v2); run the suite as root"
+    ));
     false
 }
 
