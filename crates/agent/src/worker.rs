@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_spec::{
-    Event, EventType, ExitInfo, Instance, InstanceStatus, Object, ObjectMeta, ObjectRef, Phase,
-    ServiceSpec, Usage, now_rfc3339,
+    EventType, ExitInfo, Instance, InstanceStatus, Object, Phase, ServiceSpec, Usage, now_rfc3339,
 };
 use flotilla_store::{Store, typed};
 use nix::sys::signal::Signal;
@@ -761,21 +760,17 @@ impl Worker {
     }
 
     async fn event(&self, kind: EventType, reason: &str, message: &str) {
-        let ev = Event {
-            metadata: ObjectMeta::named(format!("{}.{:016x}", self.name, rand::random::<u64>())),
-            involved: ObjectRef {
-                kind: Instance::KIND.to_string(),
-                name: self.name.clone(),
-            },
+        let source = format!("agent/{}", self.shared.config.node);
+        flotilla_store::events::record(
+            self.shared.store.as_ref(),
+            Instance::KIND,
+            &self.name,
             kind,
-            reason: reason.to_string(),
-            message: message.to_string(),
-            source: format!("agent/{}", self.shared.config.node),
-            timestamp: now_rfc3339(),
-        };
-        if let Err(e) = typed::create(self.shared.store.as_ref(), ev).await {
-            tracing::warn!(instance = %self.name, reason, error = %e, "cannot record event");
-        }
+            reason,
+            message,
+            &source,
+        )
+        .await;
     }
 }
 

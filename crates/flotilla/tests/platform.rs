@@ -503,3 +503,84 @@ fn logs_events_and_metrics_are_exposed() {
     let out = up.cli(&["version"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("(server)"));
 }
+
+#[test]
+fn logs_and_events_follow_stream_new_output() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    let up = Up::start(
+        r#"
+[service.ticker]
+command = "sh"
+args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
+"#,
+    );
+    wait_for("the ticker to run", T, || {
+        up.instances("ticker")
+            .iter()
+            .any(|i| i["status"]["phase"] == "Running")
+            .then_some(())
+    });
+
+    // Each follower runs as a real CLI process; lines arrive through a channel read with a
+    // deadline, and the process is killed at the end.
+    let follow = |args: &[&str]| {
+        let mut child = Command::new(flotilla_bin())
+            .args(args)
+            .env("FLOTILLA_CONFIG_DIR", up.config_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn follower");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::sync_channel::<String>(1024);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    };
+    let until = |rx: &mpsc::Receiver<String>, what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {what} within {T:?}"),
+            }
+        }
+    };
+
+    let (mut logs, rx) = follow(&["logs", "ticker", "-f", "--tail", "1"]);
+    let first = until(&rx, "a tick", &|l| l.contains("tick-"));
+    let n: u64 = first
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("tick number");
+    // A tick written after the follow began proves it streams, not just dumps the file.
+    until(&rx, "a later tick", &|l| {
+        l.rsplit('-')
+            .next()
+            .and_then(|m| m.trim().parse::<u64>().ok())
+            .is_some_and(|m| m >= n + 3)
+    });
+    let _ = logs.kill();
+    let _ = logs.wait();
+
+    let (mut events, rx) = follow(&["events", "-f"]);
+    until(&rx, "the header", &|l| l.starts_with("TIME"));
+    let out = up.cli(&["delete", "service", "ticker"]);
+    assert!(out.status.success());
+    until(&rx, "the Deleted event", &|l| {
+        l.contains("Deleted") && l.contains("service/ticker")
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+}

@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult, FieldProblem};
-use crate::events;
 use crate::selector::Selector;
+use flotilla_store::events;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -92,11 +92,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services", get(list_services).post(apply_service))
         .route(
             "/api/v1/services/{name}",
-            get(get_service).delete(delete_service),
+            get(get_object::<Service>).delete(delete_service),
         )
         .route("/api/v1/services/{name}/logs", get(service_logs))
         .route("/api/v1/instances", get(list_instances))
-        .route("/api/v1/instances/{name}", get(get_instance))
+        .route("/api/v1/instances/{name}", get(get_object::<Instance>))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/watch/{kind}", get(watch))
         .route("/version", get(version))
@@ -484,14 +484,15 @@ async fn list_services(
     }))
 }
 
-async fn get_service(
+/// `GET /api/v1/{kind}/{name}` for any stored kind.
+async fn get_object<T: Object>(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Service>> {
-    typed::get::<Service>(&*state.store, &name)
+) -> ApiResult<Json<T>> {
+    typed::get::<T>(&*state.store, &name)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))
+        .ok_or_else(|| ApiError::not_found(format!("{} {name} not found", T::KIND.to_lowercase())))
 }
 
 async fn delete_service(
@@ -532,16 +533,6 @@ async fn list_instances(
             .collect(),
         resource_version: rev,
     }))
-}
-
-async fn get_instance(
-    State(state): State<ApiState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Instance>> {
-    typed::get::<Instance>(&*state.store, &name)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("instance {name} not found")))
 }
 
 // ------------------------------------------------------------------------------------------

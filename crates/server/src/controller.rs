@@ -19,8 +19,8 @@ use prometheus_client::registry::Registry;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::events;
 use crate::plan::{Action, plan};
+use flotilla_store::events;
 
 const SOURCE: &str = "controller";
 /// Reconcile everything at least this often, even without notifications.

@@ -3,7 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod error;
-pub mod events;
+
 pub mod metrics;
 pub mod openapi;
 pub mod plan;

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 mod error;
+pub mod events;
 pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};

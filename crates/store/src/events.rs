@@ -2,8 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::{Precondition, Store, StoreError, typed};
 use flotilla_spec::{Event, EventType, Object, ObjectMeta, ObjectRef, now_rfc3339};
-use flotilla_store::{Store, StoreError, typed};
 use rand::Rng;
 
 /// Events kept in the store; older ones are pruned.
@@ -56,9 +56,7 @@ pub async fn prune(store: &dyn Store, keep: usize) -> Result<usize, StoreError> 
     let listed = store.list(Event::PREFIX).await?;
     let excess = listed.items.len().saturating_sub(keep);
     for kv in &listed.items[..excess] {
-        store
-            .delete(&kv.key, flotilla_store::Precondition::None)
-            .await?;
+        store.delete(&kv.key, Precondition::None).await?;
     }
     Ok(excess)
 }
