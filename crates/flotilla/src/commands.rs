@@ -40,9 +40,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // A file is checked before anything is contacted: its errors don't need a server.
+    let file = match &command {
+        Command::Apply { file } => Some((file.clone(), load_file(file)?)),
+        _ => None,
+    };
     let client = connect(api, token, data_dir)?;
     match command {
-        Command::Apply { file } => apply(&client, &file).await,
+        Command::Apply { .. } => match file {
+            Some((path, parsed)) => apply(&client, &path, parsed).await,
+            None => Ok(ExitCode::FAILURE),
+        },
         Command::Get {
             kind,
             name,
@@ -88,8 +96,15 @@ fn connect(
         (None, _, Some(dir)) => context::read_token(&dir.join(context::TOKEN_FILE))?,
         (None, Some((_, c)), None) => context::read_token(&c.token_file)?,
         (None, None, None) => {
-            context::read_token(&context::default_data_dir()?.join(context::TOKEN_FILE))
-                .context("no token: start `flotilla up`, or pass --token / FLOTILLA_TOKEN")?
+            let path = context::default_data_dir()?.join(context::TOKEN_FILE);
+            if !path.exists() {
+                bail!(
+                    "no running flotilla found: no context file in {} and no token at {}; start `flotilla up`, or pass --api and --token (FLOTILLA_API, FLOTILLA_TOKEN)",
+                    context::config_dir()?.display(),
+                    path.display()
+                );
+            }
+            context::read_token(&path)?
         }
     };
     Ok(Client::new(&base, token))
@@ -116,8 +131,7 @@ pub fn load_file(path: &Path) -> Result<FlotillaFile> {
     Ok(file)
 }
 
-async fn apply(client: &Client, path: &Path) -> Result<ExitCode> {
-    let file = load_file(path)?;
+async fn apply(client: &Client, path: &Path, file: FlotillaFile) -> Result<ExitCode> {
     if file.service.is_empty() {
         bail!("{} declares no [service.NAME] table", path.display());
     }

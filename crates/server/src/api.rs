@@ -157,7 +157,14 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         response = (status, Json(body)).into_response();
     } else if let Some(rejection) = rejection_message(&mut response).await {
         let status = response.status();
-        let error = ApiError::new(status, "BadRequest", rejection);
+        let reason = match status.as_u16() {
+            405 => "MethodNotAllowed",
+            413 => "PayloadTooLarge",
+            415 => "UnsupportedMediaType",
+            422 => "Invalid",
+            _ => "BadRequest",
+        };
+        let error = ApiError::new(status, reason, rejection);
         tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request rejected");
         response = (
             status,
