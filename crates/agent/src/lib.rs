@@ -13,13 +13,14 @@ pub mod cgroup;
 mod error;
 pub mod logs;
 mod metrics;
-mod ports;
+pub mod ports;
 pub mod probe;
 mod process;
 mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ pub use cgroup::CgroupMode;
 pub use error::AgentError;
 
 use crate::cgroup::Detected;
-use crate::worker::{Desired, Shared};
+use crate::worker::{Desired, Held, Shared};
 
 /// Extra time, beyond the longest grace period, that shutdown waits for workers.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
@@ -53,12 +54,21 @@ pub struct AgentConfig {
     pub log_max_bytes: u64,
     /// Log files kept per instance, the current one included.
     pub log_max_files: u32,
-    /// How often CPU and memory usage is sampled.
+    /// How often CPU and memory usage is sampled (for the metrics).
     pub usage_interval: Duration,
+    /// How often, at most, the sampled usage is written into `status.usage` (and only when
+    /// it changed): every status write is a durable store write that also wakes the
+    /// controller and the gateway.
+    pub usage_status_interval: Duration,
+    /// Host ports handed to instances come from this range. The default is 20000–32767
+    /// clipped to stay out of the kernel's ephemeral range (`ip_local_port_range`), so an
+    /// outgoing connection never takes an instance's port while it restarts.
+    pub port_range: RangeInclusive<u16>,
 }
 
 impl AgentConfig {
-    /// Defaults: host 127.0.0.1, cgroups auto, 10 MiB × 3 log files, usage every 5 s.
+    /// Defaults: host 127.0.0.1, cgroups auto, 10 MiB × 3 log files, usage sampled every 5 s
+    /// and written to the status at most every 30 s, ports per [`ports::default_port_range`].
     pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             node: node.into(),
@@ -68,8 +78,34 @@ impl AgentConfig {
             log_max_bytes: 10 << 20,
             log_max_files: 3,
             usage_interval: Duration::from_secs(5),
+            usage_status_interval: Duration::from_secs(30),
+            port_range: ports::default_port_range(ports::ephemeral_range()),
         }
     }
+}
+
+/// Name of the cgroup directory (the "scope") under which an agent creates its instances'
+/// cgroups, inside the agent's own cgroup: `flotilla-<node>-<h>`, where `<h>` is 8 hex digits
+/// of the 32-bit FNV-1a hash of the canonical `data_dir` (as given when it cannot be
+/// canonicalized, e.g. before it exists).
+///
+/// The data directory is part of the name because two agents may share a node name (two
+/// `flotilla up` with different data directories both default to node `local`): each sweeps
+/// its scope at start-up and removes it at exit, which must not touch the other's instances.
+pub fn cgroup_scope_name(node: &str, data_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    format!(
+        "flotilla-{node}-{:08x}",
+        fnv1a32(canonical.as_os_str().as_bytes())
+    )
+}
+
+/// 32-bit FNV-1a: small, stable across builds and platforms (unlike std's `DefaultHasher`).
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The node agent. Build with [`Agent::new`], then [`Agent::run`] until shutdown.
@@ -90,7 +126,14 @@ struct WorkerEntry {
     uid: String,
     desired: watch::Sender<Desired>,
     task: tokio::task::Id,
+    /// What the worker's processes hold, for cleaning up after a worker that panicked or was
+    /// aborted.
+    held: Arc<std::sync::Mutex<Held>>,
 }
+
+/// What a worker task returns: instance name, uid, what ended it, and whether the instance
+/// was deleted from the store.
+type WorkerResult = (String, String, Desired, bool);
 
 impl Agent {
     /// Detects cgroups (per `config.cgroups`), registers the metrics on `registry` and prepares
@@ -108,9 +151,10 @@ impl Agent {
         }
         let logs = config.data_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| AgentError::io("create directory", logs, e))?;
-        let (cgroups, cgroup_note) = match cgroup::detect(config.cgroups, &config.node) {
+        let scope = cgroup_scope_name(&config.node, &config.data_dir);
+        let (cgroups, cgroup_note) = match cgroup::detect(config.cgroups, &scope) {
             Detected::Enabled(cg) => {
-                tracing::info!(node = %config.node, version = cg.version(), "using cgroups for instance limits");
+                tracing::info!(node = %config.node, version = cg.version(), %scope, "using cgroups for instance limits");
                 (Some(cg), None)
             }
             Detected::Disabled(why) => {
@@ -123,11 +167,11 @@ impl Agent {
         let metrics = metrics::Metrics::register(registry);
         Ok(Self {
             shared: Arc::new(Shared {
+                ports: ports::PortAllocator::new(config.port_range.clone()),
                 config,
                 store,
                 cgroups,
                 cgroup_note,
-                ports: ports::PortAllocator::new(),
                 metrics,
             }),
         })
@@ -154,7 +198,7 @@ impl Agent {
         let mut rx = reflector.subscribe();
         let mut map = reflector.current();
         let mut workers: HashMap<String, WorkerEntry> = HashMap::new();
-        let mut tasks: JoinSet<(String, String, Desired)> = JoinSet::new();
+        let mut tasks: JoinSet<WorkerResult> = JoinSet::new();
         let mut deleted_uids: HashSet<String> = HashSet::new();
         tracing::info!(node = %node, "agent running");
         self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
@@ -176,18 +220,28 @@ impl Agent {
                 }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
-                        Ok((id, (name, uid, end))) => {
+                        Ok((id, (name, uid, end, deleted))) => {
                             if workers.get(&name).is_some_and(|w| w.task == id) {
                                 workers.remove(&name);
                             }
-                            if end == Desired::Delete {
+                            if end == Desired::Delete && deleted {
                                 deleted_uids.insert(uid);
                             }
                         }
                         Err(e) => {
                             tracing::error!(node = %node, error = %e, "instance worker failed");
                             let id = e.id();
-                            workers.retain(|_, w| w.task != id);
+                            let failed: Vec<String> = workers
+                                .iter()
+                                .filter(|(_, w)| w.task == id)
+                                .map(|(n, _)| n.clone())
+                                .collect();
+                            for name in failed {
+                                if let Some(w) = workers.remove(&name) {
+                                    // Before reconcile can start a new worker for it.
+                                    self.clean_up_after_worker(&name, &w.held).await;
+                                }
+                            }
                         }
                     }
                     self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
@@ -208,7 +262,7 @@ impl Agent {
         &self,
         map: &BTreeMap<String, Instance>,
         workers: &mut HashMap<String, WorkerEntry>,
-        tasks: &mut JoinSet<(String, String, Desired)>,
+        tasks: &mut JoinSet<WorkerResult>,
         deleted_uids: &HashSet<String>,
     ) {
         let node = &self.shared.config.node;
@@ -237,9 +291,11 @@ impl Agent {
             let shared = self.shared.clone();
             let inst = inst.clone();
             let (n, uid) = (name.clone(), inst.metadata.uid.clone());
+            let held = Arc::new(std::sync::Mutex::new(Held::default()));
+            let h = held.clone();
             let handle = tasks.spawn(async move {
-                let end = worker::run(shared, inst, rx).await;
-                (n, uid.clone(), end)
+                let (end, deleted) = worker::run(shared, inst, rx, h).await;
+                (n, uid.clone(), end, deleted)
             });
             tracing::debug!(instance = %name, "worker started");
             workers.insert(
@@ -248,6 +304,7 @@ impl Agent {
                     uid: inst_uid(map, name),
                     desired: tx,
                     task: handle.id(),
+                    held,
                 },
             );
         }
@@ -262,7 +319,7 @@ impl Agent {
     async fn shutdown_workers(
         &self,
         workers: &mut HashMap<String, WorkerEntry>,
-        tasks: &mut JoinSet<(String, String, Desired)>,
+        tasks: &mut JoinSet<WorkerResult>,
         map: &BTreeMap<String, Instance>,
     ) {
         if tasks.is_empty() {
@@ -279,11 +336,17 @@ impl Agent {
             .unwrap_or_default();
         let deadline = tokio::time::Instant::now() + longest + SHUTDOWN_SLACK;
         while !tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            match tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {
+                Ok(Some(Ok((id, (name, ..))))) => {
+                    if workers.get(&name).is_some_and(|w| w.task == id) {
+                        workers.remove(&name);
+                    }
+                }
                 Ok(Some(Err(e))) => {
+                    // Its entry stays in `workers`: cleaned up below.
                     tracing::error!(error = %e, "instance worker failed during shutdown")
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(_) => {
                     tracing::error!(
                         left = tasks.len(),
@@ -294,7 +357,29 @@ impl Agent {
                 }
             }
         }
-        workers.clear();
+        // Workers that panicked or were aborted (and workers replaced by a newer one whose
+        // entry is gone, which finished normally) may have left processes behind.
+        for (name, w) in workers.drain() {
+            self.clean_up_after_worker(&name, &w.held).await;
+        }
+    }
+
+    /// After a worker ended abnormally (panic, abort): kills its process group and
+    /// everything in the instance's cgroup, removes the cgroup and releases its ports.
+    async fn clean_up_after_worker(&self, name: &str, held: &std::sync::Mutex<Held>) {
+        let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
+        tracing::warn!(instance = %name, pgid = ?held.pgid, "cleaning up after an abnormally ended worker");
+        if let Some(pgid) = held.pgid {
+            process::kill_group_until_empty(pgid, worker::KILL_TIMEOUT).await;
+        }
+        if let Some(cg) = &self.shared.cgroups {
+            cgroup::kill_until_empty(cg.as_ref(), name, worker::KILL_TIMEOUT).await;
+            cgroup::remove_with_retry(cg.as_ref(), name, worker::KILL_TIMEOUT).await;
+        }
+        self.shared.ports.release(held.ports);
+        if let Some(service) = &held.service {
+            self.shared.metrics.forget_instance(service, name);
+        }
     }
 
     /// Kills and removes every cgroup left under this node's scope by a previous run (which

@@ -11,6 +11,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::process::{self, LaunchSpec};
+use nix::sys::signal::Signal;
+
 /// Readiness is probed at most this far apart until the instance first becomes ready.
 pub const FAST_READINESS_PERIOD: Duration = Duration::from_millis(100);
 
@@ -71,6 +74,12 @@ pub struct ProbeContext {
     pub first_port: Option<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    /// Exec probes run as the instance does: as this user and group, with this
+    /// RLIMIT_NOFILE, inside the instance's cgroup (these `cgroup.procs` files).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub open_files: Option<u64>,
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl ProbeContext {
@@ -147,38 +156,42 @@ async fn http_get(port: u16, path: &str) -> std::io::Result<u16> {
     parts.next().and_then(|c| c.parse().ok()).ok_or_else(bad)
 }
 
+/// Runs an exec probe with the instance's identity, rlimits and cgroup (the same pre-exec
+/// path as the instance's own process), in its own process group; on timeout the whole group
+/// is SIGKILLed. Whatever the command left running in its group is killed too.
 async fn exec(command: &[String], ctx: &ProbeContext, timeout: Duration) -> Result<(), String> {
     let Some((prog, args)) = command.split_first() else {
         return Err("exec probe has an empty command".to_string());
     };
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args)
-        .envs(&ctx.env)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(w) = &ctx.workdir {
-        cmd.current_dir(w);
-    }
+    let launch = LaunchSpec {
+        program: prog.clone(),
+        args: args.to_vec(),
+        env: ctx.env.clone(),
+        workdir: ctx.workdir.clone(),
+        uid: ctx.uid.map(nix::unistd::Uid::from_raw),
+        gid: ctx.gid.map(nix::unistd::Gid::from_raw),
+        open_files: ctx.open_files,
+        cgroup_procs: ctx.cgroup_procs.clone(),
+    };
+    let mut cmd = process::command(&launch).map_err(|e| format!("exec {prog}: {e}"))?;
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().map_err(|e| format!("exec {prog}: {e}"))?;
-    let pgid = child.id();
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let pgid = child.id().unwrap_or(0);
+    let r = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(st)) if st.success() => Ok(()),
         Ok(Ok(st)) => Err(format!("exec {prog}: {st}")),
         Ok(Err(e)) => Err(format!("exec {prog}: {e}")),
         Err(_) => {
-            if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pgid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            process::signal_group(pgid, Signal::SIGKILL);
             let _ = child.kill().await;
             Err(format!("exec {prog}: timed out after {timeout:?}"))
         }
+    };
+    if pgid != 0 && !process::group_members(pgid).is_empty() {
+        process::signal_group(pgid, Signal::SIGKILL);
     }
+    r
 }
 
 /// What the probe loop tells the worker.
@@ -197,7 +210,9 @@ pub enum ProbeEvent {
     LivenessFailed(String),
 }
 
-/// Runs the probes of one process until `cancel`; reports through `tx`.
+/// Runs the probes of one process until `cancel`; reports through `tx`. Does not return
+/// before `cancel`, even when there is nothing (left) to probe, so `tx` stays open and the
+/// worker's receiver never reports a closed channel while the process runs.
 pub async fn run_probes(
     probes: Probes,
     ctx: ProbeContext,
@@ -218,7 +233,7 @@ pub async fn run_probes(
     };
     tokio::select! {
         _ = cancel.cancelled() => {}
-        _ = body => {}
+        _ = body => cancel.cancelled().await,
     }
 }
 
@@ -362,6 +377,10 @@ mod tests {
             first_port: Some("http".to_string()),
             env: BTreeMap::from([("WANT".to_string(), "yes".to_string())]),
             workdir: None,
+            uid: None,
+            gid: None,
+            open_files: None,
+            cgroup_procs: Vec::new(),
         }
     }
 

@@ -62,19 +62,28 @@ pub fn output_pipe() -> std::io::Result<(tokio::net::unix::pipe::Receiver, Owned
 }
 
 /// Starts the process in its own process group, with stdout+stderr on `output`.
+pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = command(spec)?;
+    cmd.stdout(std::process::Stdio::from(output.try_clone()?))
+        .stderr(std::process::Stdio::from(output));
+    cmd.spawn()
+}
+
+/// The command for `spec`, stdin on /dev/null (the caller sets stdout and stderr): its own
+/// process group, SIGKILLed if the `Child` is dropped before it was waited for (a worker that
+/// panics or is aborted leaves no process running unsupervised).
 ///
 /// In the child, between fork and exec (async-signal-safe calls only, nothing allocates):
 /// join the cgroups, set RLIMIT_NOFILE, drop to the configured group/user, then arm
 /// `PR_SET_PDEATHSIG(SIGKILL)` (after the credential change, which would clear it) and check
-/// the agent did not die in the meantime.
-pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::process::Child> {
+/// the agent did not die in the meantime. Used for instance processes and exec probes alike.
+pub fn command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(&spec.env)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(output.try_clone()?))
-        .stderr(std::process::Stdio::from(output))
-        .process_group(0);
+        .process_group(0)
+        .kill_on_drop(true);
     if let Some(w) = &spec.workdir {
         cmd.current_dir(w);
     }
@@ -119,7 +128,7 @@ pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::proce
             Ok(())
         });
     }
-    cmd.spawn()
+    Ok(cmd)
 }
 
 /// Parses a stop signal name: `SIGTERM`, `TERM`, `sigterm`, or a number.
@@ -141,6 +150,21 @@ pub fn signal_group(pgid: u32, sig: Signal) {
     if let Ok(p) = i32::try_from(pgid) {
         let _ = killpg(Pid::from_raw(p), sig);
     }
+}
+
+/// SIGKILLs a process group until no live member is left, bounded by `timeout`. Returns true
+/// when the group ended up empty.
+pub async fn kill_group_until_empty(pgid: u32, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while pgid != 0 && !group_members(pgid).is_empty() {
+        signal_group(pgid, Signal::SIGKILL);
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(pgid, "process group survives SIGKILL");
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// Live (non-zombie) processes whose process group is `pgid`, from `/proc`.

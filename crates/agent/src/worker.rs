@@ -25,7 +25,10 @@ use crate::process::{self, LaunchSpec};
 use crate::{AgentConfig, AgentError};
 
 /// How long leftover processes get to die after SIGKILL before we give up (and log).
-const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest pause between attempts to delete a stopped instance from the store.
+const DELETE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const DELETE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// How long the output pump may take to drain after the processes are gone.
 const PUMP_DRAIN: Duration = Duration::from_secs(2);
 /// Poll interval while waiting for a stopping process group to exit.
@@ -54,6 +57,16 @@ pub(crate) enum Desired {
     Gone,
 }
 
+/// What a worker's processes hold right now, kept outside the worker task (the agent has a
+/// handle) so that the agent can clean up after a worker that panicked or was aborted.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// Process group of the running process.
+    pub pgid: Option<u32>,
+    pub ports: Vec<u16>,
+    pub service: Option<String>,
+}
+
 enum EvKind {
     Startup,
     Other,
@@ -62,7 +75,21 @@ enum EvKind {
 /// How a process run ended.
 enum RunEnd {
     Exited(ExitInfo, Duration),
+    /// The process could not be started (preparation or spawn failed); the message says why.
+    StartFailed(String),
     Stop(Desired),
+}
+
+#[cfg(test)]
+pub(crate) static PANIC_AFTER_START: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Test hook: true (once) when the worker of `name` is to panic right after starting.
+#[cfg(test)]
+fn take_panic(name: &str) -> bool {
+    let mut v = PANIC_AFTER_START.lock().unwrap_or_else(|p| p.into_inner());
+    let before = v.len();
+    v.retain(|n| n != name);
+    v.len() != before
 }
 
 /// Classifies an exit (pure). `killed_for`: the reason when the agent killed the process
@@ -154,16 +181,17 @@ pub(crate) fn build_env(
 }
 
 /// Runs the worker of one instance until it is told to stop, then cleans up. Returns what
-/// ended it.
+/// ended it, and whether the instance was deleted from the store.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     inst: Instance,
     desired: watch::Receiver<Desired>,
-) -> Desired {
-    let mut w = Worker::new(shared, &inst, desired);
+    held: Arc<Mutex<Held>>,
+) -> (Desired, bool) {
+    let mut w = Worker::new(shared, &inst, desired, held);
     let end = w.main().await;
-    w.finish(end).await;
-    end
+    let deleted = w.finish(end).await;
+    (end, deleted)
 }
 
 struct Prepared {
@@ -188,10 +216,24 @@ struct Worker {
     restarts: u32,
     consecutive: u32,
     last_usage: Option<(Instant, u64)>,
+    /// When `status.usage` was last written during this run, and what was written.
+    usage_written: Option<(Instant, u64, u64)>,
+    /// Phase in which the last `FailedToStart` event was recorded (events are recorded on
+    /// a change of phase only, not on every retry); reset by a successful start.
+    start_failure_phase: Option<Phase>,
+    held: Arc<Mutex<Held>>,
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, inst: &Instance, desired: watch::Receiver<Desired>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        inst: &Instance,
+        desired: watch::Receiver<Desired>,
+        held: Arc<Mutex<Held>>,
+    ) -> Self {
+        if let Ok(mut h) = held.lock() {
+            h.service = Some(inst.spec.service.clone());
+        }
         Self {
             name: inst.metadata.name.clone(),
             service: inst.spec.service.clone(),
@@ -203,8 +245,15 @@ impl Worker {
             restarts: inst.status.restarts,
             consecutive: 0,
             last_usage: None,
+            usage_written: None,
+            start_failure_phase: None,
+            held,
             shared,
         }
+    }
+
+    fn hold(&self, f: impl FnOnce(&mut Held)) {
+        f(&mut self.held.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     fn desired_now(&self) -> Desired {
@@ -225,46 +274,123 @@ impl Worker {
     }
 
     async fn main(&mut self) -> Desired {
-        if self.desired_now() != Desired::Run {
-            return self.desired_now();
+        let mut prepared: Option<Prepared> = None;
+        loop {
+            // Before every start and restart: a stop requested meanwhile (deletion, shutdown)
+            // wins over starting again.
+            let d = self.desired_now();
+            if d != Desired::Run {
+                return d;
+            }
+            if prepared.is_none() {
+                match self.prepare() {
+                    Ok(p) => prepared = Some(p),
+                    Err(e) => {
+                        tracing::warn!(instance = %self.name, error = %e, "cannot prepare instance");
+                        if let Some(d) = self.after_start_failure(e.to_string()).await {
+                            return d;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(p) = prepared.as_ref() else { continue };
+            let next = match self.run_once(p).await {
+                RunEnd::Stop(d) => return d,
+                RunEnd::Exited(exit, ran_for) => self.after_exit(exit, ran_for).await,
+                RunEnd::StartFailed(msg) => self.after_start_failure(msg).await,
+            };
+            if let Some(d) = next {
+                return d;
+            }
         }
-        let prepared = match self.prepare() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(instance = %self.name, error = %e, "cannot prepare instance");
-                let msg = e.to_string();
+    }
+
+    /// A failed start (preparation or spawn) is a failed attempt like a crash: under `always`
+    /// and `on-failure` it is retried with backoff and counted in `restarts`; under `never`
+    /// the instance ends `Failed`. Returns `Some` when the worker should end.
+    async fn after_start_failure(&mut self, msg: String) -> Option<Desired> {
+        self.consecutive = backoff::next_failure_count(self.consecutive, Duration::ZERO);
+        let rs = &self.spec.restart;
+        let decision = backoff::decide(
+            rs.policy,
+            false,
+            self.consecutive,
+            rs.backoff_initial.0,
+            rs.backoff_max.0,
+        );
+        match decision {
+            Decision::Stop { phase } => {
+                let m = msg.clone();
                 self.set_status(move |s| {
-                    s.phase = Phase::Failed;
+                    s.phase = phase;
                     s.ready = false;
                     s.pid = None;
-                    s.message = Some(msg.clone());
+                    s.usage = None;
+                    s.message = Some(m.clone());
                 })
                 .await;
-                self.event(EventType::Warning, "FailedToStart", &e.to_string())
-                    .await;
-                return Self::until_stop(&mut self.desired).await;
+                self.event(EventType::Warning, "FailedToStart", &msg).await;
+                Some(Self::until_stop(&mut self.desired).await)
             }
-        };
-        loop {
-            match self.run_once(&prepared).await {
-                RunEnd::Stop(d) => return d,
-                RunEnd::Exited(exit, ran_for) => {
-                    if let Some(d) = self.after_exit(exit, ran_for).await {
-                        return d;
-                    }
+            Decision::Restart { delay, phase } => {
+                self.restarts = self.restarts.saturating_add(1);
+                self.shared
+                    .metrics
+                    .restarts
+                    .get_or_create(&metrics::service(&self.service))
+                    .inc();
+                let restarts = self.restarts;
+                let message = if delay.is_zero() {
+                    format!("{msg}; retrying")
+                } else {
+                    format!(
+                        "{msg}; retrying in {} after {} consecutive failures",
+                        humantime::format_duration(delay),
+                        self.consecutive
+                    )
+                };
+                let m = message.clone();
+                self.set_status(move |s| {
+                    s.phase = phase;
+                    s.ready = false;
+                    s.pid = None;
+                    s.restarts = restarts;
+                    s.usage = None;
+                    s.message = Some(m.clone());
+                })
+                .await;
+                if self.start_failure_phase != Some(phase) {
+                    self.start_failure_phase = Some(phase);
+                    self.event(EventType::Warning, "FailedToStart", &message)
+                        .await;
+                }
+                if delay.is_zero() {
+                    return None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => None,
+                    d = Self::until_stop(&mut self.desired) => Some(d),
                 }
             }
         }
     }
 
+    /// Allocates ports (keeping those of an earlier attempt), resolves the identity, builds
+    /// the environment, opens the log, creates the cgroup. May be retried after a failure.
     fn prepare(&mut self) -> Result<Prepared, AgentError> {
+        self.note = None;
         for name in &self.spec.ports {
+            if self.ports.contains_key(name) {
+                continue;
+            }
             let port = self.shared.ports.allocate().map_err(|e| AgentError::Port {
                 instance: self.name.clone(),
                 port: name.clone(),
                 message: e.to_string(),
             })?;
             self.ports.insert(name.clone(), port);
+            self.hold(|h| h.ports.push(port));
         }
         let (env, args) = build_env(
             &self.name,
@@ -347,16 +473,13 @@ impl Worker {
         let (out_rx, mut child) = match spawned {
             Ok(x) => x,
             Err(e) => {
-                let msg = format!("cannot start {:?}: {e}", self.spec.command);
                 tracing::warn!(instance = %self.name, error = %e, "spawn failed");
-                self.event(EventType::Warning, "FailedToStart", &msg).await;
-                let mut exit = classify(None, false, None);
-                exit.reason = "Error".to_string();
-                self.note = Some(msg);
-                return RunEnd::Exited(exit, started.elapsed());
+                return RunEnd::StartFailed(format!("cannot start {:?}: {e}", self.spec.command));
             }
         };
         let pid = child.id().unwrap_or(0);
+        self.hold(|h| h.pgid = Some(pid));
+        self.start_failure_phase = None;
         let pump_cancel = CancellationToken::new();
         let pump = tokio::spawn(logs::pump(
             out_rx,
@@ -394,6 +517,10 @@ impl Worker {
         )
         .await;
         tracing::info!(instance = %self.name, pid, "process started");
+        #[cfg(test)]
+        if take_panic(&self.name) {
+            panic!("test hook: worker of {} panics after start", self.name);
+        }
 
         let (ptx, mut prx) = mpsc::channel(16);
         let probe_cancel = CancellationToken::new();
@@ -402,6 +529,10 @@ impl Worker {
             first_port: self.spec.ports.first().cloned(),
             env: p.env.clone(),
             workdir: self.spec.workdir.as_ref().map(PathBuf::from),
+            uid: p.uid.map(Uid::as_raw),
+            gid: p.gid.map(Gid::as_raw),
+            open_files: launch.open_files,
+            cgroup_procs: launch.cgroup_procs.clone(),
         };
         let probes = tokio::spawn(probe::run_probes(
             self.spec.probes.clone(),
@@ -417,14 +548,21 @@ impl Worker {
         );
         usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_usage = None;
+        self.usage_written = None;
 
         let mut killed_for: Option<&'static str> = None;
         let mut stop: Option<Desired> = None;
+        // Every branch must be disabled once its source is exhausted: a closed channel is
+        // ready at once and forever, and would turn this loop into a busy loop.
+        let mut probes_open = true;
         let status = loop {
             tokio::select! {
                 st = child.wait() => break st.ok(),
-                ev = prx.recv() => {
-                    let Some(ev) = ev else { continue };
+                ev = prx.recv(), if probes_open => {
+                    let Some(ev) = ev else {
+                        probes_open = false;
+                        continue;
+                    };
                     let ev_kind = if matches!(ev, ProbeEvent::StartupFailed(_)) { EvKind::Startup } else { EvKind::Other };
                     match ev {
                         ProbeEvent::CheckFailed { probe, message } => {
@@ -473,6 +611,7 @@ impl Worker {
         probe_cancel.cancel();
         let _ = probes.await;
         self.kill_leftovers(pid).await;
+        self.hold(|h| h.pgid = None);
         let mut pump = pump;
         if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
             pump_cancel.cancel();
@@ -636,14 +775,8 @@ impl Worker {
         if let Some(cg) = &self.cg {
             cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
         }
-        let deadline = Instant::now() + KILL_TIMEOUT;
-        while pgid != 0 && !process::group_members(pgid).is_empty() {
-            process::signal_group(pgid, Signal::SIGKILL);
-            if Instant::now() >= deadline {
-                tracing::warn!(instance = %self.name, pgid, "process group survives SIGKILL");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if !process::kill_group_until_empty(pgid, KILL_TIMEOUT).await {
+            tracing::warn!(instance = %self.name, pgid, "process group survives SIGKILL");
         }
     }
 
@@ -684,6 +817,19 @@ impl Worker {
             .memory_bytes
             .get_or_create(&labels)
             .set(i64::try_from(u.memory_bytes).unwrap_or(i64::MAX));
+        // The status gets the usage at most every `usage_status_interval`, and only when it
+        // changed: each write is a durable store write that wakes the controller and gateway.
+        let due = match self.usage_written {
+            None => true,
+            Some((at, c, m)) => {
+                now.duration_since(at) >= self.shared.config.usage_status_interval
+                    && (c, m) != (cpu, u.memory_bytes)
+            }
+        };
+        if !due {
+            return;
+        }
+        self.usage_written = Some((now, cpu, u.memory_bytes));
         let usage = Usage {
             cpu_millicores: cpu,
             memory_bytes: u.memory_bytes,
@@ -694,7 +840,8 @@ impl Worker {
     }
 
     /// Cleanup after the last process: cgroup, ports, metrics, and the store by `end`.
-    async fn finish(&mut self, end: Desired) {
+    /// Returns whether the instance was deleted from the store.
+    async fn finish(&mut self, end: Desired) -> bool {
         if let Some(cg) = self.cg.take() {
             cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
             cgroup::remove_with_retry(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
@@ -703,20 +850,15 @@ impl Worker {
             let _ = cg.remove(&self.name);
         }
         self.shared.ports.release(self.ports.values().copied());
+        self.hold(|h| *h = Held::default());
         self.shared
             .metrics
             .forget_instance(&self.service, &self.name);
         match end {
             Desired::Delete => {
-                match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await
-                {
-                    Ok(_) => tracing::info!(instance = %self.name, "instance stopped and deleted"),
-                    Err(e) => {
-                        tracing::warn!(instance = %self.name, error = %e, "cannot delete instance")
-                    }
-                }
                 self.event(EventType::Normal, "Stopped", "instance stopped")
                     .await;
+                return self.delete_from_store().await;
             }
             Desired::Shutdown => {
                 self.set_status(|s| {
@@ -737,6 +879,43 @@ impl Worker {
             Desired::Gone | Desired::Run => {
                 tracing::info!(instance = %self.name, "instance gone from the store; stopped");
             }
+        }
+        false
+    }
+
+    /// Deletes the stopped instance from the store, retrying with capped exponential backoff
+    /// until it succeeds or the agent wants more than a deletion (shutdown, instance gone).
+    /// Returns whether it was deleted.
+    async fn delete_from_store(&mut self) -> bool {
+        let mut delay = DELETE_RETRY_FIRST;
+        loop {
+            match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await {
+                Ok(_) => {
+                    tracing::info!(instance = %self.name, "instance stopped and deleted");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %self.name, error = %e, retry_in = ?delay, "cannot delete instance");
+                }
+            }
+            let wait_beyond_delete = async {
+                loop {
+                    if *self.desired.borrow_and_update() > Desired::Delete {
+                        return;
+                    }
+                    if self.desired.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_beyond_delete => {
+                    tracing::warn!(instance = %self.name, "instance not deleted from the store: agent stopping");
+                    return false;
+                }
+            }
+            delay = delay.saturating_mul(2).min(DELETE_RETRY_MAX);
         }
     }
 

@@ -59,7 +59,7 @@ async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
         .await;
     let mut procs: Vec<u32> = Vec::new();
     if h.cgroups == Some("v1") {
-        let scope = v1_scope("pids", &h.node).join("bomb");
+        let scope = v1_scope("pids", &h.scope()).join("bomb");
         let max_hits = wait_for("pids.max reached", T, || async {
             let ev = std::fs::read_to_string(scope.join("pids.events")).ok()?;
             let n: u64 = ev
@@ -88,7 +88,7 @@ async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
     if h.cgroups == Some("v1") {
         for c in ["memory", "pids", "cpu", "cpuacct"] {
             assert!(
-                !v1_scope(c, &h.node).join("bomb").exists(),
+                !v1_scope(c, &h.scope()).join("bomb").exists(),
                 "{c} cgroup not removed"
             );
         }
@@ -96,7 +96,7 @@ async fn fork_bomb_stops_at_pids_max_and_stop_leaves_nothing() {
     h.stop().await;
     if h.cgroups == Some("v1") {
         assert!(
-            !v1_scope("pids", &h.node).exists(),
+            !v1_scope("pids", &h.scope()).exists(),
             "node scope not removed on stop"
         );
     }
@@ -141,7 +141,7 @@ async fn setsid_grandchild_is_killed_on_stop() {
     assert!(!alive(gc), "setsid grandchild {gc} survived");
     assert!(pids_with_cmdline(&marker).is_empty());
     if h.cgroups == Some("v1") {
-        assert!(!v1_scope("memory", &h.node).join("daemonizer").exists());
+        assert!(!v1_scope("memory", &h.scope()).join("daemonizer").exists());
     }
     h.stop().await;
 }
@@ -150,7 +150,11 @@ async fn setsid_grandchild_is_killed_on_stop() {
 async fn startup_sweep_kills_leftovers_of_a_previous_run() {
     let root = nix::unistd::geteuid().is_root();
     let node = unique_node("sweep");
-    let cg = match cgroup::detect(CgroupMode::Auto, &node) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let scope = flotilla_agent::cgroup_scope_name(&node, &data);
+    let cg = match cgroup::detect(CgroupMode::Auto, &scope) {
         Detected::Enabled(cg) if root => cg,
         _ => {
             skip(
@@ -170,7 +174,6 @@ async fn startup_sweep_kills_leftovers_of_a_previous_run() {
     cg.add_pid("old-1", pid).unwrap();
     assert_eq!(cg.pids("old-1").unwrap(), vec![pid]);
 
-    let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let mut h = start_with(dir, store, node, |_| {}).await;
     let started = Instant::now();
@@ -224,5 +227,126 @@ async fn usage_is_sampled_and_cpu_is_limited() {
     h.delete("spin").await;
     h.wait_gone("spin", T).await;
     assert!(!h.metrics_text().contains("instance=\"spin\""));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_one_node_name_keep_apart() {
+    // Two `flotilla up` with different data directories and the same (default) node name:
+    // the second one's start-up sweep and exit must not touch the first one's instances.
+    let node = unique_node("twin");
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let mut a = start_with(dir, store, node.clone(), |_| {}).await;
+    if !a.needs_root_cgroups("two_agents_with_one_node_name_keep_apart") {
+        return;
+    }
+    a.create(
+        "first",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    let i = a
+        .wait_instance("first", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
+    let pid = i.status.pid.unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = open_store(dir2.path());
+    let mut b = start_with(dir2, store2, node, |_| {}).await;
+    assert_ne!(a.scope(), b.scope());
+    assert!(a.scope().starts_with(&format!("flotilla-{}-", a.node)));
+    // b has swept when it runs an instance of its own.
+    b.create(
+        "second",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    b.wait_instance("second", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
+    b.stop().await;
+    assert!(
+        alive(pid),
+        "the other agent's start-up or exit killed {pid}"
+    );
+    let again = a.get("first").await.unwrap();
+    assert_eq!(
+        (again.status.pid, again.status.restarts),
+        (Some(pid), 0),
+        "{again:#?}"
+    );
+    a.stop().await;
+    assert!(!alive(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_probes_run_as_the_instance_in_its_cgroup() {
+    let mut h = start("execid", |_| {}).await;
+    if !h.needs_root_cgroups("exec_probes_run_as_the_instance_in_its_cgroup") {
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        skip(
+            "exec_probes_run_as_the_instance_in_its_cgroup",
+            "no user nobody",
+        );
+        return;
+    };
+    // Ready only when the probe runs with the instance's uid, RLIMIT_NOFILE and cgroup.
+    let check = format!(
+        "test \"$(id -u)\" = {} && test \"$(ulimit -n)\" = 77 && grep -q '/{}/probed$' /proc/self/cgroup",
+        nobody.uid,
+        h.scope()
+    );
+    h.create(
+        "probed",
+        json!({
+            "command": "sleep", "args": ["300"],
+            "user": "nobody",
+            "resources": {"open_files": 77},
+            "probes": {"readiness": {"exec": {"command": ["sh", "-c", check]}, "period": "100ms"}},
+            "stop": {"grace_period": "1s"}
+        }),
+    )
+    .await;
+    h.wait_instance("probed", T, "ready", |i| i.status.ready)
+        .await;
+    h.delete("probed").await;
+    h.wait_gone("probed", T).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_written_to_the_status_rarely() {
+    let mut h = start("usagew", |c| {
+        c.usage_interval = Duration::from_millis(100);
+        c.usage_status_interval = Duration::from_secs(30);
+    })
+    .await;
+    if !h.needs_root_cgroups("usage_is_written_to_the_status_rarely") {
+        return;
+    }
+    h.create(
+        "quiet",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    let i = h
+        .wait_instance("quiet", T, "usage reported", |i| i.status.usage.is_some())
+        .await;
+    let rv = i.metadata.resource_version;
+    // Over a window of many samples, the metrics are updated but the object is not written.
+    let window = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < window {
+        let now = h.get("quiet").await.unwrap();
+        assert_eq!(now.metadata.resource_version, rv, "{now:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = h.metrics_text();
+    assert!(
+        m.contains("flotilla_instance_memory_bytes{service=\"svc\",instance=\"quiet\"}"),
+        "{m}"
+    );
+    h.delete("quiet").await;
+    h.wait_gone("quiet", T).await;
     h.stop().await;
 }

@@ -41,6 +41,9 @@ async fn starts_with_ports_env_args_logs_and_restarts_after_kill9() {
     let http = inst.status.ports["http"];
     let admin = inst.status.ports["admin-api"];
     assert_ne!(http, admin);
+    // From the agent's range, outside the kernel's ephemeral range.
+    let range = flotilla_agent::AgentConfig::new("n", "/").port_range;
+    assert!(range.contains(&http) && range.contains(&admin), "{range:?}");
     assert_eq!(inst.status.host.as_deref(), Some("127.0.0.1"));
     let pid = inst.status.pid.unwrap();
 
@@ -379,5 +382,139 @@ async fn without_cgroups_limits_are_reported_as_not_applied() {
     h.delete("limited").await;
     h.wait_gone("limited", T).await;
     assert!(!alive(pid));
+    h.stop().await;
+}
+
+#[test]
+fn instance_without_probes_uses_no_cpu() {
+    // The agent runs on this runtime's threads, named so that their CPU time can be told
+    // apart from that of the tests running in parallel.
+    const THREADS: &str = "flotilla-idle";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut h = start("idle", |c| c.usage_interval = Duration::from_secs(5)).await;
+        h.create(
+            "idle",
+            json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+        )
+        .await;
+        h.wait_instance("idle", T, "running and ready", |i| {
+            i.status.phase == Phase::Running && i.status.ready
+        })
+        .await;
+        // A measurement window (not synchronization): a worker spinning on a closed channel
+        // burns a whole CPU in it.
+        let (cpu0, t0) = (threads_cpu_seconds(THREADS), Instant::now());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let used = threads_cpu_seconds(THREADS) - cpu0;
+        let wall = t0.elapsed().as_secs_f64();
+        assert!(
+            used < 0.2 * wall,
+            "agent used {used:.2}s CPU in {wall:.2}s with one idle instance"
+        );
+        h.delete("idle").await;
+        h.wait_gone("idle", T).await;
+        h.stop().await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_failures_back_off_unless_policy_is_never() {
+    let mut h = start("startfail", |_| {}).await;
+    let backoff = json!({"policy": "always", "backoff_initial": "50ms", "backoff_max": "200ms"});
+    h.create(
+        "nouser",
+        json!({"command": "sleep", "args": ["300"], "user": "no-such-user-flotilla", "restart": backoff}),
+    )
+    .await;
+    h.create(
+        "badexpand",
+        json!({"command": "sleep", "args": ["${NOPE}"],
+               "restart": {"policy": "on-failure", "backoff_initial": "50ms", "backoff_max": "200ms"}}),
+    )
+    .await;
+    h.create(
+        "nobinary",
+        json!({"command": "/nonexistent/flotilla-test", "restart": backoff}),
+    )
+    .await;
+    h.create(
+        "nouser-never",
+        json!({"command": "sleep", "args": ["300"], "user": "no-such-user-flotilla", "restart": {"policy": "never"}}),
+    )
+    .await;
+    for (name, why) in [
+        ("nouser", "no-such-user-flotilla"),
+        ("badexpand", "NOPE"),
+        ("nobinary", "nonexistent"),
+    ] {
+        let i = h
+            .wait_instance(name, T, "retrying in CrashLoopBackOff", |i| {
+                i.status.phase == Phase::CrashLoopBackOff && i.status.restarts >= 5
+            })
+            .await;
+        let msg = i.status.message.clone().unwrap_or_default();
+        assert!(
+            msg.contains(why) && msg.contains("retrying"),
+            "{name}: {msg}"
+        );
+        // One event per phase change (Backoff, CrashLoopBackOff), not one per attempt.
+        let n = h
+            .events(name)
+            .await
+            .iter()
+            .filter(|e| e.reason == "FailedToStart")
+            .count();
+        assert!((1..=2).contains(&n), "{name}: {n} FailedToStart events");
+    }
+    let n = h
+        .wait_instance("nouser-never", T, "failed", |i| {
+            i.status.phase == Phase::Failed
+        })
+        .await;
+    assert!(
+        n.status
+            .message
+            .unwrap_or_default()
+            .contains("no-such-user-flotilla")
+    );
+    assert_eq!(n.status.restarts, 0);
+    assert!(h.has_event("nouser-never", "FailedToStart").await);
+    // Deleting while backing off removes it.
+    for name in ["nouser", "badexpand", "nobinary", "nouser-never"] {
+        h.delete(name).await;
+    }
+    for name in ["nouser", "badexpand", "nobinary", "nouser-never"] {
+        h.wait_gone(name, T).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_store_delete_is_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: open_store(dir.path()),
+        fail_deletes: AtomicU32::new(3),
+        failed: AtomicU32::new(0),
+    });
+    let mut h = start_with(dir, flaky.clone(), unique_node("flaky"), |_| {}).await;
+    h.create(
+        "doomed",
+        json!({"command": "sleep", "args": ["300"], "stop": {"grace_period": "1s"}}),
+    )
+    .await;
+    h.wait_instance("doomed", T, "running", |i| i.status.phase == Phase::Running)
+        .await;
+    h.delete("doomed").await;
+    h.wait_gone("doomed", T).await;
+    assert_eq!(flaky.failed.load(Ordering::SeqCst), 3);
     h.stop().await;
 }

@@ -191,7 +191,7 @@ async fn get(
         (Kind::Services, Some(name)) => {
             ensure_name("service", &name)?;
             let s: Service = client.get(&format!("/api/v1/services/{name}")).await?;
-            print_items(stdout, out, &[s], output::services_table)?;
+            print_one(stdout, out, &s, output::services_table)?;
         }
         (Kind::Services, None) => {
             let l: List<Service> = client.get(&format!("/api/v1/services{q}")).await?;
@@ -200,7 +200,7 @@ async fn get(
         (Kind::Instances, Some(name)) => {
             ensure_name("instance", &name)?;
             let i: Instance = client.get(&format!("/api/v1/instances/{name}")).await?;
-            print_items(stdout, out, &[i], output::instances_table)?;
+            print_one(stdout, out, &i, output::instances_table)?;
         }
         (Kind::Instances, None) => {
             let l: List<Instance> = client.get(&format!("/api/v1/instances{q}")).await?;
@@ -210,6 +210,7 @@ async fn get(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A list prints as a table or as `{"items": [...]}`, whatever its length.
 fn print_items<T: serde::Serialize>(
     w: &mut impl Write,
     out: Output,
@@ -218,14 +219,24 @@ fn print_items<T: serde::Serialize>(
 ) -> Result<()> {
     match out {
         Output::Json => {
-            let v = if items.len() == 1 {
-                serde_json::to_value(&items[0])?
-            } else {
-                serde_json::json!({ "items": items })
-            };
+            let v = serde_json::json!({ "items": items });
             writeln!(w, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         Output::Table => write!(w, "{}", table(items))?,
+    }
+    Ok(())
+}
+
+/// One named object prints as a table row or as the object itself.
+fn print_one<T: serde::Serialize + Clone>(
+    w: &mut impl Write,
+    out: Output,
+    item: &T,
+    table: fn(&[T]) -> String,
+) -> Result<()> {
+    match out {
+        Output::Json => writeln!(w, "{}", serde_json::to_string_pretty(item)?)?,
+        Output::Table => write!(w, "{}", table(std::slice::from_ref(item)))?,
     }
     Ok(())
 }

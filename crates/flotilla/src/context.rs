@@ -109,17 +109,22 @@ pub fn ensure_token(data_dir: &Path) -> Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
+    // Written to a private temporary file and renamed into place, so the token is never
+    // readable by others, whatever mode an old file had.
     let token = random_token();
+    let tmp = data_dir.join(format!("{TOKEN_FILE}.{}", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     f.write_all(token.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
+    fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
     Ok(token)
 }
 

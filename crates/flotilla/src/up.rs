@@ -24,6 +24,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::UpArgs;
+
+/// How long servers and the controller get to finish after shutdown begins.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::context::{self, ContextFile};
 
 /// Serves instance logs from the agent's files.
@@ -34,9 +37,12 @@ struct AgentLogs {
 #[async_trait]
 impl LogSource for AgentLogs {
     async fn read(&self, instance: &str, tail: Option<usize>) -> Result<Vec<u8>, String> {
-        flotilla_agent::logs::read(&self.data_dir, instance, tail)
-            .await
-            .map_err(|e| e.to_string())
+        match flotilla_agent::logs::read(&self.data_dir, instance, tail).await {
+            Ok(bytes) => Ok(bytes),
+            // Not started yet (or failed before its first output): nothing to show.
+            Err(flotilla_agent::AgentError::LogNotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn follow(
@@ -153,14 +159,11 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     // Every task is owned here and ends when `shutdown` is cancelled.
     let agent_shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn({
+    let controller_task = tokio::spawn({
         let s = shutdown.clone();
-        async move {
-            controller.run(s).await;
-            Ok::<_, anyhow::Error>("controller")
-        }
+        async move { controller.run(s).await }
     });
-    let agent_task = tokio::spawn({
+    let mut agent_task = tokio::spawn({
         let s = agent_shutdown.clone();
         async move { agent.run(s).await }
     });
@@ -192,73 +195,123 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         }
     });
 
-    // The file's services go through the same apply as the API.
+    // The file's services go through the same apply as the API. A failure stops everything
+    // through the normal shutdown below, so nothing already started is left behind.
+    let mut failed: Option<anyhow::Error> = None;
     if let Some(file) = &file {
         for (name, spec) in &file.service {
             match flotilla_server::apply(&*store, ApplyRequest::new(name, spec.clone()), "up").await
             {
                 Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
                 Err(e) => {
-                    shutdown.cancel();
-                    agent_shutdown.cancel();
-                    return Err(anyhow!("service {name}: {}", e.message));
+                    failed = Some(anyhow!("service {name}: {}", e.message));
+                    break;
                 }
             }
         }
     }
 
-    let api_url = format!("http://{api_local}");
-    let ctx_path = context::write_context(&ContextFile {
-        api: api_url.clone(),
-        token_file: data_dir.join(context::TOKEN_FILE),
-        gateway: format!("http://{gw_local}"),
-        metrics: format!("http://{metrics_local}/metrics"),
-        pid: std::process::id(),
-    })?;
-    println!(
-        "flotilla {} is up in {:.0?}",
-        env!("CARGO_PKG_VERSION"),
-        started.elapsed()
-    );
-    println!(
-        "  API       {api_url}  (token: {})",
-        data_dir.join(context::TOKEN_FILE).display()
-    );
-    println!("  gateway   http://{gw_local}");
-    println!("  metrics   http://{metrics_local}/metrics");
-    println!("  data      {}", data_dir.display());
-    println!("  context   {}", ctx_path.display());
-    println!("Ctrl-C stops every workload and exits.");
+    if failed.is_none() {
+        let api_url = format!("http://{api_local}");
+        let ctx_path = context::write_context(&ContextFile {
+            api: api_url.clone(),
+            token_file: data_dir.join(context::TOKEN_FILE),
+            gateway: format!("http://{gw_local}"),
+            metrics: format!("http://{metrics_local}/metrics"),
+            pid: std::process::id(),
+        });
+        let ctx_path = match ctx_path {
+            Ok(p) => p.display().to_string(),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not write the context file; the CLI needs --api and --token");
+                "(not written)".to_string()
+            }
+        };
+        println!(
+            "flotilla {} is up in {:.0?}",
+            env!("CARGO_PKG_VERSION"),
+            started.elapsed()
+        );
+        println!(
+            "  API       {api_url}  (token: {})",
+            data_dir.join(context::TOKEN_FILE).display()
+        );
+        println!("  gateway   http://{gw_local}");
+        println!("  metrics   http://{metrics_local}/metrics");
+        println!("  data      {}", data_dir.display());
+        println!("  context   {ctx_path}");
+        println!("Ctrl-C stops every workload and exits.");
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let mut failed: Option<anyhow::Error> = None;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
-        done = tasks.join_next() => {
-            let e = match done {
-                Some(Ok(Ok(name))) => anyhow!("{name} stopped unexpectedly"),
-                Some(Ok(Err(e))) => e,
-                Some(Err(e)) => anyhow!("a task failed: {e}"),
-                None => anyhow!("no tasks left"),
-            };
-            tracing::error!(error = %e, "shutting down after a failure");
-            failed = Some(e);
+    let mut agent_done = None;
+    if failed.is_none() {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
+            done = &mut agent_task => {
+                failed = Some(match done {
+                    Ok(Ok(())) => anyhow!("the agent stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow!(e).context("agent"),
+                    Err(e) => anyhow!("the agent failed: {e}"),
+                });
+                agent_done = Some(());
+            }
+            done = tasks.join_next() => {
+                failed = Some(match done {
+                    Some(Ok(Ok(name))) => anyhow!("{name} stopped unexpectedly"),
+                    Some(Ok(Err(e))) => e,
+                    Some(Err(e)) => anyhow!("a task failed: {e}"),
+                    None => anyhow!("no tasks left"),
+                });
+            }
         }
     }
-    // Stop the controller first so nothing new is created, then the workloads, then the rest.
+    if let Some(e) = &failed {
+        tracing::error!(error = %format!("{e:#}"), "shutting down after a failure");
+    }
+    // A second signal means "now": exit without waiting for workloads to finish. Direct
+    // children die with us (PR_SET_PDEATHSIG); the next start sweeps what is left in cgroups.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without waiting for workloads");
+        #[allow(clippy::disallowed_methods)] // the user asked twice; nothing is left to clean up
+        std::process::exit(130);
+    });
+
+    // 1. Stop the controller (nothing new is created) and stop accepting requests.
     shutdown.cancel();
-    agent_shutdown.cancel();
-    match agent_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "agent shutdown reported an error"),
-        Err(e) => tracing::error!(error = %e, "agent task failed"),
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, controller_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("controller did not stop in time");
     }
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Err(e)) = done {
-            tracing::warn!(error = %e, "task ended with an error");
+    // 2. Stop every workload gracefully (each has its own grace period).
+    agent_shutdown.cancel();
+    if agent_done.is_none() {
+        match agent_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "agent shutdown reported an error"),
+            Err(e) => tracing::error!(error = %e, "agent task failed"),
         }
+    }
+    // 3. The API, gateway and metrics servers finish in-flight requests, within a deadline.
+    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::warn!(error = %format!("{e:#}"), "task ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("servers did not finish within {SHUTDOWN_DEADLINE:?}; closing them");
+        tasks.abort_all();
     }
     if let Ok(Some((_, ctx))) = context::read_context()
         && ctx.pid == std::process::id()

@@ -49,7 +49,10 @@ fn three_replicas_all_get_traffic_through_the_gateway() {
     }
     let out = up.cli(&["get", "services", "-o", "json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["status"]["readyReplicas"], 3, "{v}");
+    assert_eq!(v["items"][0]["status"]["readyReplicas"], 3, "{v}");
+    let out = up.cli(&["get", "services", "web", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["metadata"]["name"], "web", "{v}");
 }
 
 #[test]
@@ -583,4 +586,74 @@ args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
     });
     let _ = events.kill();
     let _ = events.wait();
+}
+
+#[test]
+fn restart_policy_never_is_honoured() {
+    let up = Up::start(
+        r#"
+[service.once]
+command = "sh"
+args = ["-c", "echo ran-once"]
+restart = { policy = "never" }
+"#,
+    );
+    let done = wait_for("the instance to succeed", T, || {
+        up.instances("once")
+            .into_iter()
+            .find(|i| i["status"]["phase"] == "Succeeded")
+    });
+    // It stays: neither restarted nor replaced by a new instance.
+    let t0 = Instant::now();
+    wait_for("a second to pass", T, || {
+        (t0.elapsed() >= Duration::from_secs(1)).then_some(())
+    });
+    let now = up.instances("once");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(name_of(&now[0]), name_of(&done));
+    assert_eq!(now[0]["status"]["restarts"], 0);
+    let logs = String::from_utf8_lossy(&up.cli(&["logs", "once"]).stdout).to_string();
+    assert_eq!(logs.matches("ran-once").count(), 1, "{logs}");
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_block_shutdown() {
+    use std::io::Write as _;
+    // A chatty workload: its log grows by megabytes per second.
+    let mut up = Up::start(
+        r#"
+[service.chatty]
+command = "sh"
+args = ["-c", "while true; do seq 1 100000; done"]
+"#,
+    );
+    let inst = wait_for("the chatty instance", T, || {
+        up.instances("chatty")
+            .into_iter()
+            .find(|i| i["status"]["phase"] == "Running")
+    });
+    // Follow its log and never read, so every buffer between the two ends fills up.
+    let mut stalled = std::net::TcpStream::connect(&up.api).expect("connect");
+    write!(
+        stalled,
+        "GET /api/v1/services/chatty/logs?follow=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        up.token
+    )
+    .expect("request");
+    // Once the log has rotated, more than 10 MiB were offered to a client that read nothing.
+    let rotated = up
+        .data_dir()
+        .join("logs")
+        .join(name_of(&inst))
+        .join("output.log.1");
+    wait_for("the log to rotate", T, || rotated.exists().then_some(()));
+    let t0 = Instant::now();
+    let code = up.stop();
+    assert_eq!(code, Some(0), "{}", up.up_logs());
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    drop(stalled);
 }

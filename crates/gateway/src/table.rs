@@ -170,7 +170,9 @@ impl RouteTable {
                         path,
                         port,
                         endpoints,
-                        next: AtomicUsize::new(0),
+                        // A random start, so a table rebuilt between two requests does not
+                        // send both to the first endpoint.
+                        next: AtomicUsize::new(rand::random::<u32>() as usize),
                     },
                 );
             }

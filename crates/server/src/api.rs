@@ -27,6 +27,9 @@ use crate::error::{ApiError, ApiResult, FieldProblem};
 use crate::selector::Selector;
 use flotilla_store::events;
 
+/// Held across the route check and the write of an apply.
+static APPLY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Buffered chunks per streaming response.
@@ -351,6 +354,11 @@ pub async fn apply(
         return Err(validation_error(problems));
     }
 
+    // Applies are serialized so the route check below and the write are one step: two
+    // concurrent applies cannot both claim a route. (Process-wide: one API server per store
+    // today; across servers this becomes a store transaction.)
+    let _serialized = APPLY_LOCK.lock().await;
+
     // Routes must not collide with another service's.
     let (others, _) = typed::list::<Service>(store).await?;
     let mut all: Vec<(&str, &ServiceSpec)> = others
@@ -584,6 +592,15 @@ fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(line)
 }
 
+/// Sends one chunk of a streaming response unless the server shuts down first: a client that
+/// stops reading must not keep the server from exiting. False means stop streaming.
+async fn send_chunk(tx: &mpsc::Sender<Bytes>, chunk: Bytes, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        sent = tx.send(chunk) => sent.is_ok(),
+    }
+}
+
 fn stream_response(rx: mpsc::Receiver<Bytes>, content_type: &'static str) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -618,7 +635,7 @@ async fn list_events(
     let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
         for e in &items {
-            if tx.send(ndjson_line(e)).await.is_err() {
+            if !send_chunk(&tx, ndjson_line(e), &shutdown).await {
                 return;
             }
         }
@@ -628,7 +645,7 @@ async fn list_events(
                 _ = tx.closed() => return,
                 ev = watch.next() => match ev {
                     Some(Ok(typed::TypedEvent::Put(e))) if event_matches(&e, &query) => {
-                        if tx.send(ndjson_line(&e)).await.is_err() {
+                        if !send_chunk(&tx, ndjson_line(&e), &shutdown).await {
                             return;
                         }
                     }
@@ -694,7 +711,7 @@ async fn watch(
             let line = match ev {
                 None => return,
                 Some(Err(StoreError::Compacted { requested, oldest })) => {
-                    let _ = tx.send(ndjson_line(&expired(requested, oldest))).await;
+                    send_chunk(&tx, ndjson_line(&expired(requested, oldest)), &shutdown).await;
                     return;
                 }
                 Some(Err(error)) => {
@@ -704,7 +721,7 @@ async fn watch(
                 Some(Ok(ev)) => watch_line(&ev),
             };
             if let Some(line) = line
-                && tx.send(line).await.is_err()
+                && !send_chunk(&tx, line, &shutdown).await
             {
                 return;
             }
@@ -808,7 +825,7 @@ async fn service_logs(
                     Some(Ok(bytes)) => {
                         let mut out = Vec::with_capacity(bytes.len());
                         append_lines(&mut out, &instance, &bytes, prefixed);
-                        if tx.send(Bytes::from(out)).await.is_err() {
+                        if !send_chunk(&tx, Bytes::from(out), &shutdown).await {
                             shutdown.cancel();
                             return;
                         }

@@ -10,7 +10,7 @@ use flotilla_spec::{Instance, Phase, Service};
 pub enum Action {
     /// Create one instance of `service` from its current spec.
     Create { service: String, spec_hash: String },
-    /// Begin graceful deletion of an instance (the agent drains, stops and removes it).
+    /// Begin graceful deletion: the gateway stops routing to it, the agent stops it and removes it.
     Delete {
         instance: String,
         reason: DeleteReason,
@@ -25,8 +25,6 @@ pub enum DeleteReason {
     ScaleDown,
     /// Runs an older spec and enough current ones are ready.
     Replaced,
-    /// Finished for good (Succeeded/Failed); a replacement is created.
-    Terminal,
 }
 
 impl DeleteReason {
@@ -35,7 +33,6 @@ impl DeleteReason {
             DeleteReason::ServiceGone => "service deleted",
             DeleteReason::ScaleDown => "scaled down",
             DeleteReason::Replaced => "replaced by a newer spec",
-            DeleteReason::Terminal => "exited and will not restart",
         }
     }
 }
@@ -54,7 +51,8 @@ fn ready(i: &Instance) -> bool {
 /// Guarantees (property-tested): only instances of this service are touched; nothing is deleted
 /// twice; when the spec changes, old instances are removed only as new ones become ready, so
 /// ready instances never drop below what was ready; the result converges to exactly
-/// `replicas` live instances of the current spec.
+/// `replicas` instances of the current spec (terminal ones included: they honour their
+/// restart policy and are not replaced until the spec changes).
 pub fn plan(name: &str, service: Option<&Service>, instances: &[&Instance]) -> Vec<Action> {
     let mut actions = Vec::new();
     let live: Vec<&Instance> = instances
@@ -72,15 +70,11 @@ pub fn plan(name: &str, service: Option<&Service>, instances: &[&Instance]) -> V
     let hash = flotilla_spec::spec_hash(&service.spec);
     let replicas = service.spec.replicas as usize;
 
-    // Terminal instances never run again: remove them; they don't count.
-    let (terminal, running): (Vec<&Instance>, Vec<&Instance>) =
-        live.into_iter().partition(|i| i.status.phase.is_terminal());
-    for i in terminal {
-        actions.push(delete(i, DeleteReason::Terminal));
-    }
-
+    // A terminal instance (Succeeded/Failed: only under restart policy `never` or `on-failure`)
+    // has done what its policy asked. It still counts toward `replicas`, so the policy is
+    // honoured rather than turned into "replace at once"; it is replaced when the spec changes.
     let (mut current, old): (Vec<&Instance>, Vec<&Instance>) =
-        running.into_iter().partition(|i| i.spec.spec_hash == hash);
+        live.into_iter().partition(|i| i.spec.spec_hash == hash);
 
     // Scale the current spec to `replicas`: create the missing ones, or remove the extras,
     // least useful first (not ready, then newest).
@@ -130,6 +124,7 @@ fn delete(i: &Instance, reason: DeleteReason) -> Action {
 fn removal_order(a: &Instance, b: &Instance) -> std::cmp::Ordering {
     let score = |i: &Instance| {
         (
+            !i.status.phase.is_terminal(),
             ready(i),
             i.status.phase == Phase::Running,
             std::cmp::Reverse(i.metadata.creation_timestamp.clone()),
@@ -227,13 +222,28 @@ mod tests {
     }
 
     #[test]
-    fn terminal_instance_is_replaced() {
+    fn terminal_instance_is_kept_until_the_spec_changes() {
         let svc = service("a", 1);
         let mut i1 = instance("web-1", &svc, false);
         i1.status.phase = Phase::Failed;
-        let a = plan("web", Some(&svc), &[&i1]);
+        assert!(
+            plan("web", Some(&svc), &[&i1]).is_empty(),
+            "restart policy is honoured"
+        );
+        let changed = service("b", 1);
+        let a = plan("web", Some(&changed), &[&i1]);
         assert_eq!(creates(&a), 1);
         assert_eq!(deletes(&a), vec!["web-1".to_string()]);
+    }
+
+    #[test]
+    fn scale_down_removes_terminal_first() {
+        let svc = service("a", 1);
+        let i1 = instance("web-1", &svc, true);
+        let mut i2 = instance("web-2", &svc, false);
+        i2.status.phase = Phase::Succeeded;
+        let a = plan("web", Some(&svc), &[&i1, &i2]);
+        assert_eq!(deletes(&a), vec!["web-2".to_string()]);
     }
 
     #[test]
@@ -318,16 +328,16 @@ mod tests {
             let ready_before = owned.iter().filter(|i| i.is_routable()).count();
             let ready_after = remaining.iter().filter(|i| i.is_routable()).count();
             prop_assert!(ready_after >= ready_before.min(replicas as usize));
-            // After creates, exactly `replicas` live instances of the current spec.
+            // After creates, exactly `replicas` instances of the current spec.
             let hash = flotilla_spec::spec_hash(&new_svc.spec);
             let current_after = remaining
                 .iter()
-                .filter(|i| i.spec.spec_hash == hash && !i.status.phase.is_terminal())
+                .filter(|i| i.spec.spec_hash == hash)
                 .count() + creates(&actions);
             prop_assert_eq!(current_after, replicas as usize);
-            // Terminal instances are always removed.
+            // Terminal instances of an old spec are always removed.
             for i in &remaining {
-                prop_assert!(!i.status.phase.is_terminal());
+                prop_assert!(!(i.status.phase.is_terminal() && i.spec.spec_hash != hash));
             }
         }
     }

@@ -71,13 +71,23 @@ pub async fn get<T: Object>(store: &dyn Store, name: &str) -> Result<Option<T>, 
 }
 
 /// Every object of kind `T`, in name order, and the revision they were read at (watch from it).
+///
+/// A value that does not decode (written by another version, say) is left out with a warning
+/// naming its key, as the reflector does: one bad object must not stop every list, and with it
+/// the controller and the API.
 pub async fn list<T: Object>(store: &dyn Store) -> Result<(Vec<T>, Revision), StoreError> {
     let listed = store.list(T::PREFIX).await?;
     let items = listed
         .items
         .iter()
-        .map(decode)
-        .collect::<Result<Vec<T>, _>>()?;
+        .filter_map(|kv| match decode(kv) {
+            Ok(obj) => Some(obj),
+            Err(error) => {
+                tracing::warn!(key = %kv.key, %error, "skipping an object that does not decode");
+                None
+            }
+        })
+        .collect();
     Ok((items, listed.revision))
 }
 

@@ -120,8 +120,9 @@ pub enum Detected {
     Disabled(String),
 }
 
-/// Picks and initialises the backend for `mode` on this host.
-pub fn detect(mode: CgroupMode, node: &str) -> Detected {
+/// Picks and initialises the backend for `mode` on this host; instance cgroups go under
+/// `<agent's own cgroup>/<scope>` (see [`crate::cgroup_scope_name`]).
+pub fn detect(mode: CgroupMode, scope: &str) -> Detected {
     if mode == CgroupMode::Disabled {
         return Detected::Disabled("cgroups disabled by configuration".to_string());
     }
@@ -139,7 +140,7 @@ pub fn detect(mode: CgroupMode, node: &str) -> Detected {
         let Some(base) = v2_base(&mounts, &procs) else {
             return Detected::Disabled("no cgroup2 mount found".to_string());
         };
-        return match V2Cgroups::init(base.clone(), node) {
+        return match V2Cgroups::init(base.clone(), scope) {
             Ok(m) => Detected::Enabled(Arc::new(m)),
             Err(e) => {
                 Detected::Disabled(format!("cgroup v2 at {} not usable: {e}", base.display()))
@@ -150,7 +151,7 @@ pub fn detect(mode: CgroupMode, node: &str) -> Detected {
     if bases.is_empty() {
         return Detected::Disabled("no cgroup v1 or v2 hierarchy found".to_string());
     }
-    match V1Cgroups::init(bases, node) {
+    match V1Cgroups::init(bases, scope) {
         Ok(m) => Detected::Enabled(Arc::new(m)),
         Err(e) => Detected::Disabled(format!("cgroup v1 not usable: {e}")),
     }

@@ -3,7 +3,8 @@
 //! behaviour is unit-tested against a fake cgroupfs in a tempdir; the real thing is exercised by
 //! the root integration tests.
 //!
-//! Layout: `<base>/flotilla-<node>/<instance>`, where `<base>` is, per controller, the mount
+//! Layout: `<base>/<scope>/<instance>`, where `<scope>` is [`crate::cgroup_scope_name`]
+//! (`flotilla-<node>-<hash of the data directory>`) and `<base>` is, per controller, the mount
 //! point plus the path of the agent's own cgroup from `/proc/self/cgroup` (flotilla may itself
 //! run nested inside a container's cgroup).
 

@@ -12,7 +12,7 @@ use crate::AgentError;
 
 #[derive(Debug)]
 pub struct V1Cgroups {
-    /// Controller → `<base>/flotilla-<node>`.
+    /// Controller → `<base>/<scope>` (see [`crate::cgroup_scope_name`]).
     scopes: BTreeMap<String, PathBuf>,
     /// Distinct scope directories (co-mounted controllers share one).
     dirs: Vec<PathBuf>,
@@ -20,18 +20,19 @@ pub struct V1Cgroups {
 
 impl V1Cgroups {
     /// `bases`: controller → the agent's own cgroup directory in that controller's hierarchy.
-    /// Creates `<base>/flotilla-<node>` in each; controllers where that fails are left out
+    /// Creates `<base>/<scope_name>` in each; controllers where that fails are left out
     /// (with a warning); fails when none is usable.
-    pub fn init(bases: BTreeMap<String, PathBuf>, node: &str) -> Result<Self, AgentError> {
-        let scope_name = format!("flotilla-{node}");
-        if !valid_component(&scope_name) {
-            return Err(AgentError::Config(format!("invalid node name {node:?}")));
+    pub fn init(bases: BTreeMap<String, PathBuf>, scope_name: &str) -> Result<Self, AgentError> {
+        if !valid_component(scope_name) {
+            return Err(AgentError::Config(format!(
+                "invalid cgroup scope name {scope_name:?}"
+            )));
         }
         let mut scopes = BTreeMap::new();
         let mut dirs: Vec<PathBuf> = Vec::new();
         let mut last_err = None;
         for (ctrl, base) in bases {
-            let scope = base.join(&scope_name);
+            let scope = base.join(scope_name);
             match std::fs::create_dir_all(&scope) {
                 Ok(()) => {
                     if !dirs.contains(&scope) {
@@ -203,7 +204,7 @@ mod tests {
         for c in ["memory", "cpu", "cpuacct", "pids"] {
             bases.insert(c.to_string(), t.path().join(c).join("nested"));
         }
-        let cg = V1Cgroups::init(bases, "n1").unwrap();
+        let cg = V1Cgroups::init(bases, "flotilla-n1").unwrap();
         (t, cg)
     }
 

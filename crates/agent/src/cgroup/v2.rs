@@ -1,12 +1,12 @@
 //! cgroup v2 (unified hierarchy).
 //!
 //! Controllers are enabled top-down: `+memory +cpu +pids` (those the base offers) in the
-//! base's `cgroup.subtree_control`, then in `flotilla-<node>`'s. The no-internal-processes rule
-//! forbids enabling controllers for children of a non-root cgroup that has processes of its
-//! own; when the base is such a cgroup (typically the agent's own service cgroup), the agent
+//! base's `cgroup.subtree_control`, then in the node scope's (`flotilla-<node>-<hash>`). The
+//! no-internal-processes rule forbids enabling controllers for children of a non-root cgroup
+//! that has processes of its own; when the base is such a cgroup (typically the agent's own service cgroup), the agent
 //! moves itself into a leaf `<base>/flotilla-supervisor` and retries. If other processes still
 //! live in the base, enabling fails and the agent runs without cgroups (with a warning).
-//! `flotilla-<node>` never holds processes itself; instances are leaves below it.
+//! The node scope never holds processes itself; instances are leaves below it.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ const WANTED: [&str; 3] = ["memory", "cpu", "pids"];
 
 #[derive(Debug)]
 pub struct V2Cgroups {
-    /// `<base>/flotilla-<node>`.
+    /// `<base>/<scope>` (see [`crate::cgroup_scope_name`]).
     scope: PathBuf,
     /// Controllers enabled for instances.
     controllers: Vec<String>,
@@ -28,10 +28,11 @@ pub struct V2Cgroups {
 
 impl V2Cgroups {
     /// `base`: the agent's own cgroup directory (mount point + path from `/proc/self/cgroup`).
-    pub fn init(base: PathBuf, node: &str) -> Result<Self, AgentError> {
-        let scope_name = format!("flotilla-{node}");
-        if !valid_component(&scope_name) {
-            return Err(AgentError::Config(format!("invalid node name {node:?}")));
+    pub fn init(base: PathBuf, scope_name: &str) -> Result<Self, AgentError> {
+        if !valid_component(scope_name) {
+            return Err(AgentError::Config(format!(
+                "invalid cgroup scope name {scope_name:?}"
+            )));
         }
         let available_file = base.join("cgroup.controllers");
         let available = std::fs::read_to_string(&available_file)
@@ -211,7 +212,7 @@ mod tests {
     #[test]
     fn init_enables_controllers_top_down() {
         let (_t, base) = fake("cpuset cpu io memory hugetlb pids rdma misc\n");
-        let cg = V2Cgroups::init(base.clone(), "n1").unwrap();
+        let cg = V2Cgroups::init(base.clone(), "flotilla-n1").unwrap();
         assert_eq!(cg.version(), "v2");
         assert_eq!(
             std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap(),
@@ -226,7 +227,7 @@ mod tests {
     #[test]
     fn limits_usage_oom_kill_and_sweep_listing() {
         let (_t, base) = fake("cpu memory pids");
-        let cg = V2Cgroups::init(base.clone(), "n1").unwrap();
+        let cg = V2Cgroups::init(base.clone(), "flotilla-n1").unwrap();
         let d = base.join("flotilla-n1/web-1");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("memory.swap.max"), "max").unwrap();
@@ -287,7 +288,7 @@ mod tests {
     #[test]
     fn missing_controllers_are_skipped() {
         let (_t, base) = fake("memory");
-        let cg = V2Cgroups::init(base.clone(), "n1").unwrap();
+        let cg = V2Cgroups::init(base.clone(), "flotilla-n1").unwrap();
         cg.create(
             "x",
             &Limits {

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::{Agent, AgentConfig, AgentError, CgroupMode};
-use flotilla_spec::{Event, Instance, InstanceSpec, ObjectMeta};
-use flotilla_store::{EmbeddedStore, Store, typed};
+use flotilla_spec::{Event, Instance, InstanceSpec, Object, ObjectMeta};
+use flotilla_store::{
+    EmbeddedStore, KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, typed,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +49,7 @@ pub async fn start_with(
 ) -> Harness {
     let mut config = AgentConfig::new(node.clone(), dir.path().join("data"));
     config.usage_interval = Duration::from_millis(200);
+    config.usage_status_interval = Duration::from_millis(200);
     config.cgroups = CgroupMode::Auto;
     tweak(&mut config);
     let mut registry = prometheus_client::registry::Registry::default();
@@ -68,6 +71,11 @@ pub async fn start_with(
 impl Harness {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Name of this agent's cgroup scope directory.
+    pub fn scope(&self) -> String {
+        flotilla_agent::cgroup_scope_name(&self.node, &self.data_dir())
     }
 
     pub fn work(&self) -> PathBuf {
@@ -253,8 +261,8 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
     out
 }
 
-/// The node's scope directory in a v1 controller hierarchy.
-pub fn v1_scope(controller: &str, node: &str) -> PathBuf {
+/// The agent's scope directory (see `Harness::scope`) in a v1 controller hierarchy.
+pub fn v1_scope(controller: &str, scope: &str) -> PathBuf {
     let pc = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let rel = pc
         .lines()
@@ -269,5 +277,75 @@ pub fn v1_scope(controller: &str, node: &str) -> PathBuf {
     PathBuf::from("/sys/fs/cgroup")
         .join(controller)
         .join(rel.trim_start_matches('/'))
-        .join(format!("flotilla-{node}"))
+        .join(scope)
+}
+
+/// A store whose first `fail_deletes` deletions of instances fail (a backend error).
+pub struct FlakyStore {
+    pub inner: Arc<dyn Store>,
+    pub fail_deletes: std::sync::atomic::AtomicU32,
+    pub failed: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+    ) -> Result<KeyValue, StoreError> {
+        self.inner.put(key, value, pre).await
+    }
+    async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError> {
+        use std::sync::atomic::Ordering;
+        if key.starts_with(<Instance as Object>::PREFIX)
+            && self
+                .fail_deletes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Backend {
+                context: format!("delete {key}"),
+                source: "injected failure".into(),
+            });
+        }
+        self.inner.delete(key, pre).await
+    }
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        self.inner.watch(prefix, after).await
+    }
+    fn revision(&self) -> Revision {
+        self.inner.revision()
+    }
+}
+
+/// CPU time (user + system, in seconds) used so far by this process's threads named `name`.
+pub fn threads_cpu_seconds(name: &str) -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut ticks = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        let Some(i) = stat.rfind(')') else { continue };
+        // After the comm: state(3) ppid ... utime(14) stime(15).
+        let f: Vec<&str> = stat[i + 1..].split_whitespace().collect();
+        let n = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += n(11) + n(12);
+    }
+    ticks as f64 / hz
 }
