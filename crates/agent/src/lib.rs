@@ -421,3 +421,110 @@ fn raise(tx: &watch::Sender<Desired>, to: Desired) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_spec::{InstanceSpec, ObjectMeta, Phase};
+    use flotilla_store::typed;
+
+    #[test]
+    fn scope_name_depends_on_node_and_data_dir() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let sa = cgroup_scope_name("local", a.path());
+        assert!(sa.starts_with("flotilla-local-") && sa.len() == "flotilla-local-".len() + 8);
+        std::fs::create_dir(a.path().join("x")).unwrap();
+        assert_eq!(sa, cgroup_scope_name("local", &a.path().join("x/..")));
+        assert_ne!(sa, cgroup_scope_name("local", b.path()));
+        assert_ne!(sa, cgroup_scope_name("other", a.path()));
+        // FNV-1a reference values.
+        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+        assert_eq!(fnv1a32(b"foobar"), 0xbf9c_f968);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn worker_panic_leaves_no_process_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let node = format!("tpanic-{}", std::process::id());
+        let config = AgentConfig::new(node.clone(), dir.path().join("data"));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let agent = Agent::new(config, store.clone(), &mut registry).unwrap();
+        let Some(cg) = agent.shared.cgroups.clone() else {
+            return; // needs cgroups (root); covered by the integration tests' skip notices
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        worker::PANIC_AFTER_START
+            .lock()
+            .unwrap()
+            .push("panicky".to_string());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        let inst = Instance {
+            metadata: ObjectMeta::named("panicky"),
+            spec: InstanceSpec {
+                service: "svc".to_string(),
+                node,
+                spec_hash: "h".to_string(),
+                template: serde_json::from_value(serde_json::json!({
+                    "command": "sh", "args": ["-c", "sleep 300 & exec sleep 300"],
+                    "stop": {"grace_period": "1s"}
+                }))
+                .unwrap(),
+            },
+            status: Default::default(),
+        };
+        typed::create(store.as_ref(), inst).await.unwrap();
+        let get = || async {
+            typed::get::<Instance>(store.as_ref(), "panicky")
+                .await
+                .unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let first = loop {
+            if let Some(pid) = get().await.and_then(|i| i.status.pid) {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The worker panicked after the start; the agent cleans up and starts a new worker.
+        let second = loop {
+            let i = get().await.unwrap();
+            if let Some(pid) = i.status.pid
+                && pid != first
+                && i.status.phase == Phase::Running
+            {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never restarted: {i:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            process::group_members(first).is_empty(),
+            "processes of the panicked worker survive"
+        );
+        let pids = cg.pids("panicky").unwrap();
+        assert!(!pids.is_empty());
+        for p in pids {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            if let Some((_, pgrp)) = process::parse_stat(&stat) {
+                assert_eq!(
+                    pgrp, second,
+                    "process {p} in the cgroup is not of the new run"
+                );
+            }
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert!(process::group_members(second).is_empty());
+    }
+}

@@ -151,7 +151,8 @@ mod tests {
         // Inside: the larger piece.
         assert_eq!(default_port_range(Some((22000, 24000))), 24001..=32767);
         // Covering it all: the largest piece outside, anywhere.
-        assert_eq!(default_port_range(Some((10000, 60000))), 60001..=65535);
+        assert_eq!(default_port_range(Some((10000, 60000))), 1024..=9999);
+        assert_eq!(default_port_range(Some((5000, 60000))), 60001..=65535);
         assert_eq!(default_port_range(Some((1024, 65535))), 20000..=32767);
         assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
         assert_eq!(parse_range("9 1"), None);

@@ -958,6 +958,117 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
+    /// A store that, once the worker records the first restart of the instance, tells the
+    /// worker to delete it: the stop request arrives while the worker is about to restart.
+    struct StopOnRestart {
+        inner: Arc<dyn Store>,
+        desired: watch::Sender<Desired>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for StopOnRestart {
+        async fn get(
+            &self,
+            key: &str,
+        ) -> Result<Option<flotilla_store::KeyValue>, flotilla_store::StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<flotilla_store::ListResult, flotilla_store::StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            pre: flotilla_store::Precondition,
+        ) -> Result<flotilla_store::KeyValue, flotilla_store::StoreError> {
+            let restarted = key == Instance::key_for("i")
+                && serde_json::from_slice::<Instance>(&value).is_ok_and(|i| i.status.restarts >= 1);
+            let r = self.inner.put(key, value, pre).await;
+            if restarted {
+                self.desired.send_replace(Desired::Delete);
+            }
+            r
+        }
+        async fn delete(
+            &self,
+            key: &str,
+            pre: flotilla_store::Precondition,
+        ) -> Result<Option<flotilla_store::KeyValue>, flotilla_store::StoreError> {
+            self.inner.delete(key, pre).await
+        }
+        async fn watch(
+            &self,
+            prefix: &str,
+            after: flotilla_store::Revision,
+        ) -> Result<flotilla_store::Watch, flotilla_store::StoreError> {
+            self.inner.watch(prefix, after).await
+        }
+        fn revision(&self) -> flotilla_store::Revision {
+            self.inner.revision()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_requested_before_an_immediate_restart_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> =
+            Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let inst = Instance {
+            metadata: flotilla_spec::ObjectMeta::named("i"),
+            spec: flotilla_spec::InstanceSpec {
+                service: "svc".to_string(),
+                node: "n".to_string(),
+                spec_hash: "h".to_string(),
+                template: serde_json::from_value(serde_json::json!({
+                    "command": "sh", "args": ["-c", "exit 1"],
+                    "restart": {"policy": "always"}
+                }))
+                .unwrap(),
+            },
+            status: Default::default(),
+        };
+        let inst = typed::create(inner.as_ref(), inst).await.unwrap();
+        let (tx, rx) = watch::channel(Desired::Run);
+        let store = Arc::new(StopOnRestart {
+            inner: inner.clone(),
+            desired: tx,
+        });
+        let mut registry = prometheus_client::registry::Registry::default();
+        let mut config = AgentConfig::new("n", dir.path().join("data"));
+        config.cgroups = crate::CgroupMode::Disabled;
+        let shared = Arc::new(Shared {
+            ports: PortAllocator::new(config.port_range.clone()),
+            config,
+            store,
+            cgroups: None,
+            cgroup_note: None,
+            metrics: Metrics::register(&mut registry),
+        });
+        let held = Arc::new(Mutex::new(Held::default()));
+        let (end, deleted) =
+            tokio::time::timeout(Duration::from_secs(15), run(shared, inst, rx, held.clone()))
+                .await
+                .unwrap();
+        assert_eq!((end, deleted), (Desired::Delete, true));
+        let (events, _) = typed::list::<flotilla_spec::Event>(inner.as_ref())
+            .await
+            .unwrap();
+        let starts = events.iter().filter(|e| e.reason == "Started").count();
+        assert_eq!(starts, 1, "restarted although a stop was pending");
+        assert!(
+            typed::get::<Instance>(inner.as_ref(), "i")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let h = held.lock().unwrap();
+        assert!(h.pgid.is_none() && h.ports.is_empty());
+    }
+
     #[test]
     fn exit_classification() {
         let code = |c: i32| Some(ExitStatus::from_raw(c << 8));

@@ -22,6 +22,7 @@
 //! builder; rate limits and timeouts wrap [`proxy::Proxy::handle`].
 
 mod body;
+pub mod conn;
 pub mod metrics;
 pub mod proxy;
 pub mod table;
@@ -49,6 +50,7 @@ pub use body::{BoxError, GatewayBody};
 pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable};
 
+use crate::conn::ConnInfo;
 use crate::proxy::{Proxy, error_chain};
 
 /// Longest time a client may take to send a request head.
@@ -169,7 +171,6 @@ impl Gateway {
             table: Arc::new(ArcSwap::from_pointee(table)),
             client: proxy::upstream_client(),
             metrics: Metrics::register(registry),
-            scheme: "http",
         });
         tracing::info!(addr = %local_addr, "gateway listening");
         Ok(Self {
@@ -212,6 +213,7 @@ impl Gateway {
         ));
 
         let graceful = GracefulShutdown::new();
+        let mut next_conn: u64 = 0;
         let mut connections = JoinSet::new();
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -232,7 +234,9 @@ impl Gateway {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
                     let proxy = proxy.clone();
-                    let service = service_fn(move |req| proxy.clone().handle(req, peer));
+                    next_conn += 1;
+                    let info = Arc::new(ConnInfo::plain(peer, local_addr, next_conn));
+                    let service = service_fn(move |req| proxy.clone().handle(req, info.clone()));
                     let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                     connections.spawn(async move {
                         if let Err(e) = conn.await {

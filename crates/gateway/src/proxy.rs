@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::GatewayError;
 use crate::body::{AttemptBody, GatewayBody, Replay, full, stream};
+use crate::conn::ConnInfo;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::table::{Match, Route, RouteTable};
 
@@ -66,8 +67,6 @@ pub struct Proxy {
     pub table: Arc<ArcSwap<RouteTable>>,
     pub client: UpstreamClient,
     pub metrics: Metrics,
-    /// `X-Forwarded-Proto` value: the scheme clients used to reach the gateway.
-    pub scheme: &'static str,
 }
 
 impl Proxy {
@@ -75,10 +74,10 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: Arc<ConnInfo>,
     ) -> Result<Response<GatewayBody>, Infallible> {
         let started = Instant::now();
-        let (route, response) = self.route(req, peer).await;
+        let (route, response) = self.route(req, &conn).await;
         self.metrics.observe(
             route.as_deref().unwrap_or(NO_ROUTE),
             response.status(),
@@ -91,7 +90,7 @@ impl Proxy {
     async fn route(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &ConnInfo,
     ) -> (Option<String>, Response<GatewayBody>) {
         let host = request_host(&req);
         // The guard is released before any await.
@@ -112,7 +111,7 @@ impl Proxy {
                 (Some(service), text(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
             Match::Ready(route) => {
-                let response = self.forward(req, &route, peer, host).await;
+                let response = self.forward(req, &route, conn, host).await;
                 (Some(route.service.clone()), response)
             }
         }
@@ -122,7 +121,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         route: &Route,
-        peer: SocketAddr,
+        conn: &ConnInfo,
         host: String,
     ) -> Response<GatewayBody> {
         let (parts, body) = req.into_parts();
@@ -138,7 +137,7 @@ impl Proxy {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::EXPECT);
-        add_forwarded(&mut headers, peer, self.scheme, &host);
+        add_forwarded(&mut headers, conn.peer, conn.scheme(), &host);
         let idempotent = is_idempotent(&parts.method);
         let replay = Replay::new(body);
 
