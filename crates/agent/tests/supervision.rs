@@ -200,7 +200,11 @@ async fn liveness_failure_restarts_and_readiness_failure_does_not() {
     assert_eq!(r2.status.restarts, 0);
     assert_eq!(r2.status.pid, r.status.pid);
     assert_eq!(r2.status.phase, Phase::Running);
-    assert!(h.has_event("ready", "Unhealthy").await);
+    // The event is recorded just after the status write.
+    wait_for("Unhealthy event", T, || async {
+        h.has_event("ready", "Unhealthy").await.then_some(())
+    })
+    .await;
     // And back.
     std::fs::write(&ready, "").unwrap();
     h.wait_instance("ready", T, "ready again", |i| i.status.ready)

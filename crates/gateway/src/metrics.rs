@@ -100,6 +100,60 @@ impl Metrics {
     }
 }
 
+/// Connection-level metrics, kept by the connection layer (`listener.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Client connections open now (both listeners).
+    pub open: prometheus_client::metrics::gauge::Gauge,
+    /// Connections turned away because `max_connections` were open.
+    pub refused: Counter,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_errors: Counter,
+    /// Connections the gateway closed, by reason: `header` (no complete request head within
+    /// `header_read_timeout`), `idle` (no request within `idle_timeout`), `stalled` (nothing
+    /// moved while closing).
+    pub closed: Family<CloseLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: &'static str,
+}
+
+impl ConnectionMetrics {
+    /// Registers `flotilla_gateway_open_connections`, `flotilla_gateway_refused_connections_total`,
+    /// `flotilla_gateway_tls_handshake_errors_total` and
+    /// `flotilla_gateway_closed_connections_total{reason}`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "flotilla_gateway_open_connections",
+            "Client connections open now",
+            metrics.open.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_refused_connections",
+            "Client connections refused because the connection limit was reached",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_tls_handshake_errors",
+            "TLS handshakes that failed or timed out",
+            metrics.tls_handshake_errors.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_closed_connections",
+            "Client connections closed by the gateway's timeouts, by reason",
+            metrics.closed.clone(),
+        );
+        metrics
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&CloseLabels { reason }).inc();
+    }
+}
+
 fn status_class(status: http::StatusCode) -> &'static str {
     match status.as_u16() {
         100..=199 => "1xx",

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_spec::{
-    EventType, Instance, InstanceSpec, Object, ObjectMeta, Phase, Service, now_rfc3339,
+    EventType, Instance, InstanceSpec, Object, ObjectMeta, Phase, Revision, RevisionSpec, Service,
+    annotations, now_rfc3339,
 };
 use flotilla_store::{Store, StoreError, typed};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,11 +21,15 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::{Action, plan};
+use crate::rollout;
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
 /// Reconcile everything at least this often, even without notifications.
 const RESYNC: Duration = Duration::from_secs(10);
+/// While a rollout is in progress, time passes matters (min_ready, progress deadline): look
+/// this often.
+const RESYNC_ROLLING: Duration = Duration::from_millis(250);
 /// Prune old events this often.
 const EVENT_GC: Duration = Duration::from_secs(30);
 
@@ -107,7 +112,8 @@ impl ServiceController {
                 }
             };
             loop {
-                self.reconcile_all_logged().await;
+                let busy = self.reconcile_all_logged().await;
+                let resync = if busy { RESYNC_ROLLING } else { RESYNC };
                 if last_gc.elapsed() >= EVENT_GC {
                     last_gc = tokio::time::Instant::now();
                     if let Err(error) = events::prune(&*self.store, events::MAX_EVENTS).await {
@@ -118,7 +124,7 @@ impl ServiceController {
                     _ = shutdown.cancelled() => return,
                     ev = services.next() => if !matches!(ev, Some(Ok(_))) { continue 'rewatch },
                     ev = instances.next() => if !matches!(ev, Some(Ok(_))) { continue 'rewatch },
-                    _ = tokio::time::sleep(RESYNC) => {}
+                    _ = tokio::time::sleep(resync) => {}
                 }
                 // Coalesce a burst of changes into one pass.
                 while let Ok(ev) = services.rx.try_recv() {
@@ -135,22 +141,35 @@ impl ServiceController {
         }
     }
 
-    async fn reconcile_all_logged(&self) {
+    /// True when a rollout is in progress (or the pass failed): reconcile again soon.
+    async fn reconcile_all_logged(&self) -> bool {
         self.metrics.reconciles.inc();
-        if let Err(error) = self.reconcile_all().await {
-            self.metrics.reconcile_errors.inc();
-            tracing::warn!(%error, "reconcile failed; will retry");
+        match self.reconcile_all().await {
+            Ok(busy) => busy,
+            Err(error) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::warn!(%error, "reconcile failed; will retry");
+                true
+            }
         }
     }
 
-    /// One pass over every service. Public for tests.
-    pub async fn reconcile_all(&self) -> Result<(), StoreError> {
+    /// One pass over every service; true while some rollout is in progress. Public for tests.
+    pub async fn reconcile_all(&self) -> Result<bool, StoreError> {
         let (services, _) = typed::list::<Service>(&*self.store).await?;
         let (instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
 
         let mut by_service: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
         for i in &instances {
             by_service.entry(&i.spec.service).or_default().push(i);
+        }
+        let mut revisions_by_service: BTreeMap<&str, Vec<&Revision>> = BTreeMap::new();
+        for r in &revisions {
+            revisions_by_service.entry(&r.spec.service).or_default().push(r);
+        }
+        for list in revisions_by_service.values_mut() {
+            list.sort_by_key(|r| r.spec.number);
         }
         let services_by_name: BTreeMap<&str, &Service> = services
             .iter()
@@ -160,22 +179,21 @@ impl ServiceController {
             .keys()
             .copied()
             .chain(by_service.keys().copied())
+            .chain(revisions_by_service.keys().copied())
             .collect();
 
         let mut first_error = None;
+        let mut busy = false;
         for name in names {
             let service = services_by_name.get(name).copied();
             let owned = by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
-            for action in plan(name, service, owned) {
-                if let Err(error) = self.execute(service, action).await {
-                    tracing::warn!(service = name, %error, "action failed");
+            let history = revisions_by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
+            match self.reconcile_service(name, service, owned, history).await {
+                Ok(b) => busy |= b,
+                Err(error) => {
+                    tracing::warn!(service = name, %error, "reconcile of service failed");
                     first_error.get_or_insert(error);
                 }
-            }
-            if let Some(service) = service
-                && let Err(error) = self.update_status(service, owned).await
-            {
-                first_error.get_or_insert(error);
             }
         }
 
@@ -190,8 +208,219 @@ impl ServiceController {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(busy),
         }
+    }
+
+    /// Revisions, instances and status of one service. True while its rollout is in progress.
+    async fn reconcile_service(
+        &self,
+        name: &str,
+        service: Option<&Service>,
+        owned: &[&Instance],
+        history: &[&Revision],
+    ) -> Result<bool, StoreError> {
+        let now = std::time::SystemTime::now();
+        let Some(service) = service else {
+            // Gone: stop its instances and forget its revisions.
+            for action in plan(name, None, owned, now) {
+                self.execute(None, action).await?;
+            }
+            for r in history {
+                typed::delete::<Revision>(&*self.store, &r.metadata.name, None).await?;
+            }
+            return Ok(false);
+        };
+
+        let revision = self.ensure_revision(service, history).await?;
+        let desired = rollout::desired(service);
+        for action in plan(name, Some(&desired), owned, now) {
+            self.execute(Some(service), action).await?;
+        }
+
+        let judgement = rollout::judge(service, revision, owned, now);
+        if let Some(failure) = &judgement.failed {
+            events::record(
+                &*self.store,
+                Service::KIND,
+                name,
+                EventType::Warning,
+                "RolloutFailed",
+                format!("revision {revision}: {}", failure.reason),
+                SOURCE,
+            )
+            .await;
+            if service.spec.deploy.auto_rollback {
+                self.roll_back(service, revision, history, &failure.reason).await?;
+            }
+        }
+        if judgement.completed {
+            let phase = judgement
+                .status
+                .rollout
+                .as_ref()
+                .map(|r| r.phase.as_str())
+                .unwrap_or_default();
+            let (kind, reason) = if phase == "RolledBack" {
+                (EventType::Warning, "RolledBack")
+            } else {
+                (EventType::Normal, "RolloutComplete")
+            };
+            let message = judgement
+                .status
+                .rollout
+                .as_ref()
+                .map(|r| r.message.clone())
+                .unwrap_or_default();
+            events::record(&*self.store, Service::KIND, name, kind, reason, message, SOURCE).await;
+        }
+        let busy = judgement
+            .status
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.phase == flotilla_spec::RolloutPhase::Progressing)
+            || !desired.min_ready.is_zero() && judgement.status.available_replicas < desired.replicas;
+        let generation = service.metadata.generation;
+        let status = judgement.status;
+        typed::modify::<Service>(&*self.store, name, |s| {
+            // The spec may have moved on since our list; only report on what we looked at.
+            if s.metadata.generation != generation || s.status == status {
+                return false;
+            }
+            s.status = status.clone();
+            true
+        })
+        .await?;
+        Ok(busy)
+    }
+
+    /// The number of the revision for the service's current spec, recording a new one (and
+    /// pruning the history) when the spec changed.
+    async fn ensure_revision(
+        &self,
+        service: &Service,
+        history: &[&Revision],
+    ) -> Result<u64, StoreError> {
+        let hash = rollout::target_hash(service);
+        let latest = history.last();
+        if let Some(r) = latest
+            && r.spec.template_hash == hash
+        {
+            return Ok(r.spec.number);
+        }
+        let number = latest.map_or(1, |r| r.spec.number + 1);
+        let name = &service.metadata.name;
+        let token = service
+            .metadata
+            .annotations
+            .get(annotations::RESTARTED_AT)
+            .cloned();
+        let cause = service
+            .metadata
+            .annotations
+            .get(annotations::CHANGE_CAUSE)
+            .cloned()
+            .unwrap_or_else(|| "apply".to_string());
+        let changes = match latest {
+            Some(prev) => {
+                let mut c = rollout::changes(&prev.spec.template, &service.spec);
+                if c.is_empty() && prev.spec.restart_token != token {
+                    c.push("restart".to_string());
+                }
+                c
+            }
+            None => Vec::new(),
+        };
+        let mut metadata = ObjectMeta::named(Revision::name_for(name, number));
+        metadata
+            .labels
+            .insert("flotilla.dev/service".to_string(), name.clone());
+        let revision = Revision {
+            metadata,
+            spec: RevisionSpec {
+                service: name.clone(),
+                number,
+                template_hash: hash,
+                template: service.spec.clone(),
+                restart_token: token,
+                cause: cause.clone(),
+                changes: changes.clone(),
+            },
+        };
+        match typed::create(&*self.store, revision).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let what = if changes.is_empty() {
+            String::new()
+        } else {
+            format!(" (changed: {})", changes.join(", "))
+        };
+        events::record(
+            &*self.store,
+            Service::KIND,
+            name,
+            EventType::Normal,
+            "RolloutStarted",
+            format!("revision {number} ({cause}){what}"),
+            SOURCE,
+        )
+        .await;
+        // Keep the newest `revision_history`, and always the last good one.
+        let keep = service.spec.deploy.revision_history as usize;
+        let last_good = service.status.last_good_revision;
+        let total = history.len() + 1;
+        if total > keep {
+            for r in history.iter().take(total - keep) {
+                if r.spec.number != last_good {
+                    typed::delete::<Revision>(&*self.store, &r.metadata.name, None).await?;
+                }
+            }
+        }
+        Ok(number)
+    }
+
+    /// Returns the service to its last good revision after a failed rollout.
+    async fn roll_back(
+        &self,
+        service: &Service,
+        failed_revision: u64,
+        history: &[&Revision],
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let good = service.status.last_good_revision;
+        let Some(target) = history
+            .iter()
+            .find(|r| r.spec.number == good && good != failed_revision)
+        else {
+            tracing::warn!(service = %service.metadata.name, "rollout failed and there is no earlier good revision to return to");
+            return Ok(());
+        };
+        let cause = format!("automatic rollback from revision {failed_revision}: {reason}");
+        let template = target.spec.template.clone();
+        let token = target.spec.restart_token.clone();
+        let generation = service.metadata.generation;
+        let written = typed::modify::<Service>(&*self.store, &service.metadata.name, |s| {
+            if s.metadata.generation != generation {
+                return false; // someone applied meanwhile: theirs wins
+            }
+            restore_template(s, &template, token.as_deref(), &cause);
+            true
+        })
+        .await?;
+        if written.is_some() {
+            events::record(
+                &*self.store,
+                Service::KIND,
+                &service.metadata.name,
+                EventType::Warning,
+                "RollingBack",
+                format!("returning to revision {good}: {reason}"),
+                SOURCE,
+            )
+            .await;
+        }
+        Ok(())
     }
 
     async fn execute(&self, service: Option<&Service>, action: Action) -> Result<(), StoreError> {
@@ -255,42 +484,32 @@ impl ServiceController {
         }
         Ok(())
     }
+}
 
-    async fn update_status(
-        &self,
-        service: &Service,
-        owned: &[&Instance],
-    ) -> Result<(), StoreError> {
-        let live: Vec<&&Instance> = owned
-            .iter()
-            .filter(|i| i.metadata.deletion_timestamp.is_none() && !i.status.phase.is_terminal())
-            .collect();
-        let replicas = live.len() as u32;
-        let ready = live.iter().filter(|i| i.is_routable()).count() as u32;
-        let generation = service.metadata.generation;
-        let hash = flotilla_spec::spec_hash(&service.spec);
-        typed::modify::<Service>(&*self.store, &service.metadata.name, |s| {
-            // The spec may have moved on since our list; only report on what we looked at.
-            if s.metadata.generation != generation {
-                return false;
-            }
-            let st = &mut s.status;
-            if st.observed_generation == generation
-                && st.replicas == replicas
-                && st.ready_replicas == ready
-                && st.spec_hash == hash
-            {
-                return false;
-            }
-            st.observed_generation = generation;
-            st.replicas = replicas;
-            st.ready_replicas = ready;
-            st.spec_hash = hash.clone();
-            true
-        })
-        .await?;
-        Ok(())
+/// Puts a revision's template back as the service's spec, keeping `replicas` and `deploy`
+/// (which are not part of revisions), with the revision's restart token and a change cause.
+pub fn restore_template(
+    s: &mut Service,
+    template: &flotilla_spec::ServiceSpec,
+    restart_token: Option<&str>,
+    cause: &str,
+) {
+    let replicas = s.spec.replicas;
+    let deploy = s.spec.deploy.clone();
+    s.spec = template.clone();
+    s.spec.replicas = replicas;
+    s.spec.deploy = deploy;
+    s.metadata.generation += 1;
+    let ann = &mut s.metadata.annotations;
+    match restart_token {
+        Some(t) => {
+            ann.insert(annotations::RESTARTED_AT.to_string(), t.to_string());
+        }
+        None => {
+            ann.remove(annotations::RESTARTED_AT);
+        }
     }
+    ann.insert(annotations::CHANGE_CAUSE.to_string(), cause.to_string());
 }
 
 /// Five characters of `[a-z0-9]`, as instance name suffixes.

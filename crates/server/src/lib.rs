@@ -7,6 +7,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod plan;
+pub mod rollout;
 pub mod selector;
 
 pub use api::{ApiState, ApplyRequest, ApplyResult, LogSource, apply, router};

@@ -1,9 +1,11 @@
-//! A flotilla file: optional `[up]` settings for `flotilla up`, and `[service.NAME]` tables.
+//! A flotilla file: optional `[up]` settings for `flotilla up`, an optional `[gateway]` table
+//! (TLS, limits), and `[service.NAME]` tables.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::quantity::{ByteSize, Dur};
 use crate::service::ServiceSpec;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -12,6 +14,9 @@ pub struct FlotillaFile {
     /// Settings used only by `flotilla up`; ignored by `flotilla apply`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub up: Option<UpConfig>,
+    /// Edge gateway settings: TLS listener and certificates, limits, access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySection>,
     /// Services by name.
     #[serde(default)]
     pub service: BTreeMap<String, ServiceSpec>,
@@ -33,4 +38,69 @@ pub struct UpConfig {
     /// Data directory (store, logs, token); relative to the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,
+}
+
+/// `[gateway]`: how the edge gateway faces clients. Every field is optional; defaults are the
+/// gateway's own (`docs/spec.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// HTTPS listen address (`IP:PORT`); needs at least one certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_listen: Option<String>,
+    /// Certificates chosen by SNI; `[[gateway.certificates]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateSection>,
+    #[serde(default, skip_serializing_if = "GatewayLimitsSection::is_empty")]
+    pub limits: GatewayLimitsSection,
+    /// One JSON line per request on the gateway's log.
+    #[serde(default)]
+    pub access_log: bool,
+    /// How long in-flight requests may finish after shutdown begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<Dur>,
+}
+
+/// One certificate (PEM chain and key files; relative paths resolve against the file's directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    /// Host names it serves: exact (`api.example.com`) or one-label wildcards (`*.example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Served to clients without SNI or asking for an unknown name (else the first certificate).
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// `[gateway.limits]`: protection against slow, greedy or hostile clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLimitsSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_max_concurrent_streams: Option<u32>,
+}
+
+impl GatewayLimitsSection {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }

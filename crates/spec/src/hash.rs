@@ -4,15 +4,27 @@ use crate::service::ServiceSpec;
 
 /// Hash identifying the revision a spec describes: FNV-1a 64 over the spec's JSON, as 16
 /// lowercase hex digits. Stable across runs, machines and Rust versions (it depends only on the
-/// serialized form). `replicas` is not part of it: scaling does not make a new revision.
+/// serialized form). `replicas` and `deploy` are not part of it: scaling, or changing how
+/// rollouts run, does not make a new revision.
 pub fn spec_hash(spec: &ServiceSpec) -> String {
     let mut normalized = spec.clone();
     normalized.replicas = 1;
+    normalized.deploy = crate::deploy::DeploySpec::default();
     // Serializing plain data to a Vec cannot fail; fall back to the Debug form regardless so
     // the function stays total.
     let bytes =
         serde_json::to_vec(&normalized).unwrap_or_else(|_| format!("{normalized:?}").into_bytes());
     format!("{:016x}", fnv1a64(&bytes))
+}
+
+/// The hash of what an instance runs: the spec's hash, mixed with a restart token when
+/// `flotilla restart` asked for new instances of an unchanged spec.
+pub fn template_hash(spec: &ServiceSpec, restart_token: Option<&str>) -> String {
+    let base = spec_hash(spec);
+    match restart_token {
+        None => base,
+        Some(token) => format!("{:016x}", fnv1a64(format!("{base}/{token}").as_bytes())),
+    }
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -1,5 +1,6 @@
 //! flotilla's types, file parsing and validation. No IO: callers hand in text and a file name.
 
+pub mod deploy;
 pub mod error;
 pub mod expand;
 pub mod file;
@@ -13,10 +14,13 @@ pub mod resolve;
 pub mod service;
 pub mod validate;
 
+pub use deploy::{DeploySpec, Scale};
 pub use error::{FieldError, SpecError, SpecErrors};
 pub use expand::{ExpandError, expand, expand_with, is_var_name, template_vars};
-pub use file::{FlotillaFile, UpConfig};
-pub use hash::spec_hash;
+pub use file::{
+    CertificateSection, FlotillaFile, GatewayLimitsSection, GatewaySection, UpConfig,
+};
+pub use hash::{spec_hash, template_hash};
 pub use load::{parse_file, parse_service_json, parse_service_object_json, suggest};
 pub use object::*;
 pub use path::{FieldPath, PathSeg};

@@ -97,9 +97,118 @@ pub struct ServiceStatus {
     pub replicas: u32,
     #[serde(default)]
     pub ready_replicas: u32,
-    /// Hash of the spec the current instances are created from.
+    /// Hash of what the instances of the current revision run (see `template_hash`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub spec_hash: String,
+    /// Number of the revision being rolled out, or rolled out.
+    #[serde(default)]
+    pub revision: u64,
+    /// Last revision whose rollout completed: where an automatic rollback returns.
+    #[serde(default)]
+    pub last_good_revision: u64,
+    /// Instances running the current revision (not being deleted).
+    #[serde(default)]
+    pub updated_replicas: u32,
+    /// Instances of the current revision ready for at least `deploy.min_ready`.
+    #[serde(default)]
+    pub available_replicas: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Progress of the current rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub phase: RolloutPhase,
+    /// Why the rollout is in this phase, for people.
+    #[serde(default)]
+    pub message: String,
+    /// Revision the rollout started from (0: none).
+    #[serde(default)]
+    pub from_revision: u64,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339: last time an instance of the new revision became available.
+    pub last_progress_at: String,
+    /// Set while the service runs a revision that an automatic rollback returned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutPhase {
+    /// New instances are being started and old ones replaced.
+    Progressing,
+    /// Every instance runs the current revision and is available.
+    Complete,
+    /// The rollout stopped: crash loop, or no progress within the deadline (no auto-rollback).
+    Failed,
+    /// A failed rollout was undone automatically; the service runs the last good revision.
+    RolledBack,
+    /// `flotilla rollout pause`: nothing is started or stopped for the rollout.
+    Paused,
+}
+
+impl RolloutPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutPhase::Progressing => "Progressing",
+            RolloutPhase::Complete => "Complete",
+            RolloutPhase::Failed => "Failed",
+            RolloutPhase::RolledBack => "RolledBack",
+            RolloutPhase::Paused => "Paused",
+        }
+    }
+}
+
+/// Annotations flotilla manages on services; `apply` keeps them.
+pub mod annotations {
+    /// Set by `flotilla restart`: a new value makes new instances of an unchanged spec.
+    pub const RESTARTED_AT: &str = "flotilla.dev/restartedAt";
+    /// Set by `flotilla rollout pause`.
+    pub const PAUSED: &str = "flotilla.dev/paused";
+    /// Why the spec last changed (`rollback to revision 3`), recorded on the next revision.
+    pub const CHANGE_CAUSE: &str = "flotilla.dev/change-cause";
+    /// Prefix of every flotilla-managed annotation.
+    pub const PREFIX: &str = "flotilla.dev/";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revision
+
+/// An immutable snapshot of a service's spec; a rollout moves instances to the newest one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    pub metadata: ObjectMeta,
+    pub spec: RevisionSpec,
+}
+object!(Revision, "Revision", "/registry/revisions/");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionSpec {
+    pub service: String,
+    /// 1, 2, 3, … per service.
+    pub number: u64,
+    /// `template_hash` of the template and restart token: instances carry it as `specHash`.
+    pub template_hash: String,
+    pub template: ServiceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_token: Option<String>,
+    /// Why this revision exists: `apply`, `restart`, `rollback to revision 2`, ….
+    #[serde(default)]
+    pub cause: String,
+    /// Field paths that differ from the previous revision (`args`, `env.GREETING`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+}
+
+impl Revision {
+    pub fn name_for(service: &str, number: u64) -> String {
+        format!("{service}.{number}")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,6 +309,9 @@ pub struct InstanceStatus {
     /// RFC 3339, start of the current process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// RFC 3339: since when `ready` has been true (absent while not ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitInfo>,
     /// Human-readable reason for the current phase.

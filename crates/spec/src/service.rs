@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::deploy::DeploySpec;
 use crate::quantity::{ByteSize, Dur, Millicores};
 
 /// One service, as written under `[service.NAME]` in a flotilla file or in the API's `spec`.
@@ -42,6 +43,9 @@ pub struct ServiceSpec {
     pub stop: StopSpec,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
+    /// Rolling-update settings (not part of a revision).
+    #[serde(default, skip_serializing_if = "DeploySpec::is_default")]
+    pub deploy: DeploySpec,
 }
 
 fn default_replicas() -> u32 {
@@ -207,11 +211,13 @@ impl Default for StopSpec {
     }
 }
 
-/// Gateway rule: requests whose host and path prefix match go to `port` of ready instances.
+/// Gateway rule: requests whose host, path prefix (and headers, if given) match go to `port` of
+/// ready instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
-    /// Exact host name (port ignored); absent matches any host.
+    /// Exact host name (port ignored), or `*.example.com` for any subdomain; absent matches any
+    /// host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Path prefix, matched on whole segments (`/api` matches `/api/x`, not `/apix`).
@@ -220,4 +226,80 @@ pub struct RouteSpec {
     /// Named port; defaults to the service's first port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<String>,
+    /// Request headers that must all be present with exactly these values (names in any case).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Remove the matched prefix from the path sent upstream (`/api/x` → `/x`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub strip_prefix: bool,
+    /// Replace the matched prefix with this path (`rewrite = "/v2"`: `/api/x` → `/v2/x`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
+    /// Deadline for the upstream's response head, retries included (504 past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    /// Answer plain-HTTP requests with a redirect to the same URL over HTTPS.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub redirect_https: bool,
+    /// Protocol spoken to the instances: `http1` (default) or `h2c` (cleartext HTTP/2, for gRPC).
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub upstream: UpstreamProtocol,
+    /// Per-client-IP token bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+impl Default for RouteSpec {
+    fn default() -> Self {
+        Self {
+            host: None,
+            path: root_path(),
+            port: None,
+            headers: BTreeMap::new(),
+            strip_prefix: false,
+            rewrite: None,
+            timeout: None,
+            redirect_https: false,
+            upstream: UpstreamProtocol::default(),
+            rate_limit: None,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How the gateway talks to a route's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over cleartext (gRPC backends).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A token bucket per client IP: `requests_per_second` sustained, bursts of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests_per_second: u32,
+    /// Bucket size; defaults to `requests_per_second`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+impl RateLimitSpec {
+    /// The bucket size in force.
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.requests_per_second)
+    }
 }

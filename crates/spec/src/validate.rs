@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::FieldError;
 use crate::expand::{is_var_name, template_vars};
-use crate::file::{FlotillaFile, UpConfig};
+use crate::file::{FlotillaFile, GatewaySection, UpConfig};
 use crate::path::FieldPath;
 use crate::service::{Probe, RouteSpec, ServiceSpec};
 
@@ -262,7 +262,7 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     }
 
     // Routes.
-    let mut seen_routes: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    let mut seen_routes: BTreeMap<RouteKey, usize> = BTreeMap::new();
     for (i, route) in spec.routes.iter().enumerate() {
         let p = root.key("routes").index(i);
         check_route(&mut v, &p, route, &spec.ports);
@@ -279,7 +279,47 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
         }
     }
 
+    check_deploy(&mut v, &root.key("deploy"), &spec.deploy);
     v.0
+}
+
+/// Rolling-update settings: a rollout must be able to move, and its timers must be sane.
+fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
+    use crate::deploy::Scale;
+    if matches!(d.max_surge, Scale::Count(0) | Scale::Percent(0))
+        && matches!(d.max_unavailable, Scale::Count(0) | Scale::Percent(0))
+    {
+        v.push(
+            p.key("max_surge"),
+            "max_surge and max_unavailable cannot both be 0: a rollout could never move",
+        );
+    }
+    for (name, limit) in [(&d.max_surge, "max_surge"), (&d.max_unavailable, "max_unavailable")] {
+        if let Scale::Count(n) = name
+            && *n > MAX_REPLICAS
+        {
+            v.push(p.key(limit), format!("must be at most {MAX_REPLICAS} (got {n})"));
+        }
+    }
+    let hour = std::time::Duration::from_secs(3600);
+    if d.min_ready.0 > hour {
+        v.push(p.key("min_ready"), "must be at most 1h");
+    }
+    if d.pre_stop_delay.0 > hour {
+        v.push(p.key("pre_stop_delay"), "must be at most 1h");
+    }
+    if d.progress_deadline.0 < std::time::Duration::from_secs(1) {
+        v.push(p.key("progress_deadline"), "must be at least 1s");
+    }
+    if d.progress_deadline.0 <= d.min_ready.0 {
+        v.push(
+            p.key("progress_deadline"),
+            "must be longer than min_ready, or no rollout could ever make progress",
+        );
+    }
+    if d.revision_history == 0 || d.revision_history > 100 {
+        v.push(p.key("revision_history"), "must be between 1 and 100");
+    }
 }
 
 /// Variables flotilla sets for every instance (besides `PORT` and `PORT_<NAME>`).
@@ -428,25 +468,130 @@ fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String])
         );
     }
     if let Some(host) = &route.host
-        && let Err(why) = validate_hostname(host)
+        && let Err(why) = validate_route_host(host)
     {
         v.push(p.key("host"), format!("invalid host {host:?}: {why}"));
     }
     check_port_ref(v, p, route.port.as_deref(), ports);
+    for (name, value) in &route.headers {
+        let hp = p.key("headers").key(name);
+        if let Err(why) = validate_header_name(name) {
+            v.push(hp.clone(), format!("invalid header name {name:?}: {why}"));
+        }
+        if value.len() > MAX_ROUTE_HEADER_VALUE
+            || value.trim() != value
+            || !value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            v.push(
+                hp,
+                format!(
+                    "header value must be printable ASCII without leading or trailing spaces, \
+                     at most {MAX_ROUTE_HEADER_VALUE} characters"
+                ),
+            );
+        }
+    }
+    if let Some(rewrite) = &route.rewrite {
+        if route.strip_prefix {
+            v.push(
+                p.key("rewrite"),
+                "cannot be combined with `strip_prefix = true` (`rewrite = \"/\"` strips)",
+            );
+        } else if !rewrite.starts_with('/') {
+            v.push(
+                p.key("rewrite"),
+                format!("must start with `/` (got {rewrite:?})"),
+            );
+        } else if rewrite.contains(['?', '#']) {
+            v.push(p.key("rewrite"), "must be a path, without query or fragment");
+        }
+    }
+    if let Some(timeout) = route.timeout
+        && (timeout.0.is_zero() || timeout.0 > MAX_ROUTE_TIMEOUT)
+    {
+        v.push(
+            p.key("timeout"),
+            format!("must be more than 0 and at most 1h (got {timeout})"),
+        );
+    }
+    if let Some(limit) = &route.rate_limit {
+        let rp = p.key("rate_limit");
+        if !(1..=MAX_RATE).contains(&limit.requests_per_second) {
+            v.push(
+                rp.key("requests_per_second"),
+                format!(
+                    "must be between 1 and {MAX_RATE} (got {})",
+                    limit.requests_per_second
+                ),
+            );
+        }
+        if let Some(burst) = limit.burst
+            && !(1..=MAX_RATE).contains(&burst)
+        {
+            v.push(
+                rp.key("burst"),
+                format!("must be between 1 and {MAX_RATE} (got {burst})"),
+            );
+        }
+    }
 }
 
-/// Normalized (host, path) of a route: two routes with equal keys match the same requests.
-fn route_key(r: &RouteSpec) -> (Option<String>, String) {
+/// Longest route `headers` value.
+pub const MAX_ROUTE_HEADER_VALUE: usize = 1024;
+/// Longest route timeout.
+pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Highest `rate_limit.requests_per_second` and `burst`.
+pub const MAX_RATE: u32 = 1_000_000;
+
+/// Checks a route host: a host name as [`validate_hostname`] accepts, or `*.` followed by one
+/// (any subdomain of it, at any depth).
+pub fn validate_route_host(host: &str) -> Result<(), String> {
+    match host.strip_prefix("*.") {
+        Some(rest) => validate_hostname(rest).map_err(|why| format!("after `*.`: {why}")),
+        None if host.contains('*') => {
+            Err("a wildcard must be the whole first label (`*.example.com`)".into())
+        }
+        None => validate_hostname(host),
+    }
+}
+
+/// Checks an HTTP header name (an RFC 9110 token), as a route may match on.
+pub fn validate_header_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if let Some(c) = name.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(*c))
+    }) {
+        return Err(format!("invalid character {c:?}"));
+    }
+    Ok(())
+}
+
+/// Normalized (host, path, headers) of a route.
+fn route_key(r: &RouteSpec) -> RouteKey {
     let path = r.path.trim_end_matches('/');
     let path = if path.is_empty() { "/" } else { path };
     (
         r.host.as_ref().map(|h| h.to_ascii_lowercase()),
         path.to_string(),
+        r.headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
     )
 }
 
+/// (host, path, headers): two routes with equal keys match the same requests.
+type RouteKey = (Option<String>, String, BTreeMap<String, String>);
+
 fn describe_route(r: &RouteSpec) -> String {
-    format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path)
+    let mut out = format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path);
+    if !r.headers.is_empty() {
+        let headers: Vec<String> = r.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(" [{}]", headers.join(", ")));
+    }
+    out
 }
 
 /// A route of one service that matches the same host and path as a route of another.
@@ -484,7 +629,7 @@ impl RouteConflict {
 /// against stored ones, put the stored ones first and the new one last. Routes repeated within
 /// one service are reported by [`validate_spec`] instead.
 pub fn validate_routes_across(services: &[(&str, &ServiceSpec)]) -> Vec<RouteConflict> {
-    let mut claimed: BTreeMap<(Option<String>, String), (&str, usize)> = BTreeMap::new();
+    let mut claimed: BTreeMap<RouteKey, (&str, usize)> = BTreeMap::new();
     let mut out = Vec::new();
     for (service, spec) in services {
         for (i, route) in spec.routes.iter().enumerate() {
@@ -535,6 +680,137 @@ pub fn validate_up(up: &UpConfig) -> Vec<FieldError> {
     v.0
 }
 
+/// Checks the `[gateway]` table. Paths are relative to it.
+pub fn validate_gateway(gw: &GatewaySection) -> Vec<FieldError> {
+    let mut v = Errs::default();
+    let root = FieldPath::root();
+    if let Some(a) = &gw.tls_listen {
+        if a.parse::<SocketAddr>().is_err() {
+            v.push(
+                root.key("tls_listen"),
+                format!("invalid address {a:?}: expected IP:PORT such as \"0.0.0.0:8443\""),
+            );
+        } else if gw.certificates.is_empty() {
+            v.push(
+                root.key("tls_listen"),
+                "needs at least one [[gateway.certificates]] entry",
+            );
+        }
+    }
+    if gw.tls_listen.is_none() && !gw.certificates.is_empty() {
+        v.push(
+            root.key("certificates"),
+            "certificates are served on `tls_listen`, which is not set",
+        );
+    }
+    check_certificates(&mut v, &root.key("certificates"), gw);
+    check_gateway_limits(&mut v, &root.key("limits"), gw);
+    if let Some(grace) = gw.shutdown_grace
+        && grace.0 > MAX_GRACE_PERIOD
+    {
+        v.push(root.key("shutdown_grace"), "must be at most 1h");
+    }
+    v.0
+}
+
+fn check_certificates(v: &mut Errs, p: &FieldPath, gw: &GatewaySection) {
+    let mut claimed: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut default: Option<usize> = None;
+    for (i, c) in gw.certificates.iter().enumerate() {
+        let p = p.index(i);
+        for (field, path) in [("cert", &c.cert), ("key", &c.key)] {
+            if path.trim().is_empty() {
+                v.push(p.key(field), "must not be empty");
+            }
+        }
+        if c.default {
+            match default {
+                Some(first) => v.push(
+                    p.key("default"),
+                    format!("only one certificate may be the default (certificates[{first}] is)"),
+                ),
+                None => default = Some(i),
+            }
+        } else if c.hosts.is_empty() {
+            v.push(
+                p.key("hosts"),
+                "must name at least one host (or set `default = true`)",
+            );
+        }
+        for (j, host) in c.hosts.iter().enumerate() {
+            let hp = p.key("hosts").index(j);
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if let Err(why) = validate_hostname(bare) {
+                v.push(
+                    hp,
+                    format!("invalid host {host:?}: {why} (a wildcard is `*.` then a name)"),
+                );
+                continue;
+            }
+            if let Some(first) = claimed.insert(host.as_str(), i)
+                && first != i
+            {
+                v.push(
+                    hp,
+                    format!("host {host:?} is already served by certificates[{first}]"),
+                );
+            }
+        }
+    }
+}
+
+fn check_gateway_limits(v: &mut Errs, p: &FieldPath, gw: &GatewaySection) {
+    let l = &gw.limits;
+    let ms = Duration::from_millis;
+    for (name, value, min, max) in [
+        ("header_read_timeout", l.header_read_timeout, ms(100), ms(600_000)),
+        ("idle_timeout", l.idle_timeout, ms(1000), ms(3_600_000)),
+        ("tls_handshake_timeout", l.tls_handshake_timeout, ms(100), ms(600_000)),
+    ] {
+        if let Some(d) = value
+            && !(min..=max).contains(&d.0)
+        {
+            v.push(
+                p.key(name),
+                format!(
+                    "must be between {} and {} (got {d})",
+                    crate::quantity::Dur(min),
+                    crate::quantity::Dur(max)
+                ),
+            );
+        }
+    }
+    let ranges: [(&str, Option<u64>, u64, u64); 5] = [
+        (
+            "max_header_bytes",
+            l.max_header_bytes.map(|b| b.0),
+            8 << 10,
+            1 << 20,
+        ),
+        ("max_headers", l.max_headers.map(u64::from), 1, 1000),
+        ("max_body_bytes", l.max_body_bytes.map(|b| b.0), 1, u64::MAX),
+        ("max_connections", l.max_connections.map(u64::from), 1, 1_000_000),
+        (
+            "h2_max_concurrent_streams",
+            l.h2_max_concurrent_streams.map(u64::from),
+            1,
+            10_000,
+        ),
+    ];
+    for (name, value, min, max) in ranges {
+        if let Some(n) = value
+            && !(min..=max).contains(&n)
+        {
+            let message = if max == u64::MAX {
+                format!("must be at least {min} (got {n})")
+            } else {
+                format!("must be between {min} and {max} (got {n})")
+            };
+            v.push(p.key(name), message);
+        }
+    }
+}
+
 /// Checks a whole file: `[up]`, every service (name and spec) and routes across services.
 /// Paths are from the file's root (`service.web.replicas`).
 pub fn validate_file(file: &FlotillaFile) -> Vec<FieldError> {
@@ -542,6 +818,14 @@ pub fn validate_file(file: &FlotillaFile) -> Vec<FieldError> {
     if let Some(up) = &file.up {
         let prefix = FieldPath::root().key("up");
         errs.extend(validate_up(up).into_iter().map(|e| e.prefixed(&prefix)));
+    }
+    if let Some(gateway) = &file.gateway {
+        let prefix = FieldPath::root().key("gateway");
+        errs.extend(
+            validate_gateway(gateway)
+                .into_iter()
+                .map(|e| e.prefixed(&prefix)),
+        );
     }
     for (name, spec) in &file.service {
         let prefix = FieldPath::root().key("service").key(name.clone());

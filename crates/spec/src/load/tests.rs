@@ -211,7 +211,7 @@ fn all_errors_across_services_in_document_order() {
         vec![
             "f.toml:2:11: service.b.command: must not be empty",
             // service.a has a deserialization error, so its values are not validated further.
-            "f.toml:6:1: service.a: unknown field `colour`; expected one of `command`, `args`, `workdir`, `env`, `user`, `group`, `replicas`, `ports`, `resources`, `probes`, `restart`, `stop`, `routes`",
+            "f.toml:6:1: service.a: unknown field `colour`; expected one of `command`, `args`, `workdir`, `env`, `user`, `group`, `replicas`, `ports`, `resources`, `probes`, `restart`, `stop`, `routes`, `deploy`",
             "f.toml:9:12: service.c.replicas: must be at most 1000 (got 5000)",
         ]
     );
@@ -286,7 +286,7 @@ fn json_syntax_errors() {
     assert_eq!(json_errors(""), vec!["1:0: EOF while parsing a value"]);
     assert_eq!(
         json_errors("[]"),
-        vec!["1:1: invalid length 0, expected struct ServiceSpec with 13 elements"]
+        vec!["1:1: invalid length 0, expected struct ServiceSpec with 14 elements"]
     );
     let e = parse_service_json(b"{\"command\": \"\xff\"}").unwrap_err();
     assert_eq!(e.len(), 1);
@@ -457,4 +457,89 @@ fn deep_nesting_does_not_overflow() {
         let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
         assert!(parse_service_json(body.as_bytes()).is_err());
     }
+}
+
+// ---- [gateway] ------------------------------------------------------------------------------
+
+#[test]
+fn gateway_section_parses() {
+    let text = r#"
+[gateway]
+tls_listen = "0.0.0.0:8443"
+access_log = true
+shutdown_grace = "5s"
+
+[gateway.limits]
+header_read_timeout = "5s"
+max_header_bytes = "32Ki"
+max_connections = 5000
+
+[[gateway.certificates]]
+hosts = ["api.example.com", "*.example.com"]
+cert = "certs/example.pem"
+key = "certs/example.key"
+
+[[gateway.certificates]]
+cert = "/etc/tls/default.pem"
+key = "/etc/tls/default.key"
+default = true
+"#;
+    let f = parse_file(text, "f.toml").unwrap();
+    let gw = f.gateway.unwrap();
+    assert_eq!(gw.tls_listen.as_deref(), Some("0.0.0.0:8443"));
+    assert!(gw.access_log);
+    assert_eq!(gw.certificates.len(), 2);
+    assert_eq!(gw.certificates[0].hosts, ["api.example.com", "*.example.com"]);
+    assert!(gw.certificates[1].default);
+    assert_eq!(gw.limits.max_header_bytes, Some(ByteSize(32 << 10)));
+    assert_eq!(
+        gw.limits.header_read_timeout,
+        Some(Dur(std::time::Duration::from_secs(5)))
+    );
+    assert_eq!(gw.limits.max_connections, Some(5000));
+}
+
+#[test]
+fn gateway_section_errors_are_located() {
+    let text = r#"
+[gateway]
+tls_listen = "localhost:8443"
+
+[gateway.limits]
+max_header_bytes = "1Ki"
+idle_timeout = "10ms"
+
+[[gateway.certificates]]
+hosts = ["Bad_Host", "*.ok.example", "*.ok.example"]
+cert = ""
+key = "k.pem"
+
+[[gateway.certificates]]
+cert = "c.pem"
+key = "k.pem"
+"#;
+    let errs = errors(text);
+    let expected = [
+        "f.toml:3:14: gateway.tls_listen: invalid address \"localhost:8443\"",
+        "f.toml:6:20: gateway.limits.max_header_bytes: must be between 8192 and 1048576",
+        "f.toml:7:16: gateway.limits.idle_timeout: must be between 1s and 1h",
+        "f.toml:10:10: gateway.certificates[0].hosts[0]: invalid host \"Bad_Host\"",
+        "f.toml:10:42: gateway.certificates[0].hosts[2]: host \"*.ok.example\" is already served",
+        "f.toml:11:8: gateway.certificates[0].cert: must not be empty",
+        "f.toml:14:1: gateway.certificates[1].hosts: must name at least one host",
+    ];
+    assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    for (got, want) in errs.iter().zip(expected) {
+        assert!(got.starts_with(want), "{got:?} does not start with {want:?}");
+    }
+
+    let errs = errors("[gateway]\nbogus = 1\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("f.toml:2:1: gateway: unknown field `bogus`"), "{errs:?}");
+
+    let errs = errors(
+        "[[gateway.certificates]]\nhosts = [\"a.example\"]\ncert = \"c\"\nkey = \"k\"\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("gateway.certificates: certificates are served on `tls_listen`"));
 }

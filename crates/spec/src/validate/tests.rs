@@ -397,3 +397,65 @@ fn template_variables_must_exist() {
         ],
     );
 }
+
+#[test]
+fn route_matching_and_forwarding_fields() {
+    check_base(
+        concat!(
+            "[[service.web.routes]]\n",
+            "host = \"*.web.io\"\n",
+            "path = \"/api\"\n",
+            "headers = { \"X-Canary\" = \"1\" }\n",
+            "strip_prefix = true\n",
+            "timeout = \"2s\"\n",
+            "redirect_https = true\n",
+            "upstream = \"h2c\"\n",
+            "rate_limit = { requests_per_second = 10, burst = 20 }\n",
+            "[[service.web.routes]]\n",
+            "path = \"/api\"\n",
+            "rewrite = \"/v2\"\n",
+        ),
+        &[],
+    );
+    check_base(
+        concat!(
+            "[[service.web.routes]]\n",
+            "host = \"a.*.io\"\n",
+            "headers = { \"x y\" = \"1\", ok = \" padded\" }\n",
+            "strip_prefix = true\n",
+            "rewrite = \"/v2\"\n",
+            "timeout = \"0s\"\n",
+            "rate_limit = { requests_per_second = 0, burst = 0 }\n",
+            "[[service.web.routes]]\n",
+            "host = \"*.\"\n",
+            "rewrite = \"v2\"\n",
+        ),
+        &[
+            "f.toml:5:8: service.web.routes[0].host: invalid host \"a.*.io\": a wildcard must be the whole first label (`*.example.com`)",
+            "f.toml:6:21: service.web.routes[0].headers.\"x y\": invalid header name \"x y\": invalid character ' '",
+            "f.toml:6:31: service.web.routes[0].headers.ok: header value must be printable ASCII without leading or trailing spaces, at most 1024 characters",
+            "f.toml:8:11: service.web.routes[0].rewrite: cannot be combined with `strip_prefix = true` (`rewrite = \"/\"` strips)",
+            "f.toml:9:11: service.web.routes[0].timeout: must be more than 0 and at most 1h (got 0s)",
+            "f.toml:10:38: service.web.routes[0].rate_limit.requests_per_second: must be between 1 and 1000000 (got 0)",
+            "f.toml:10:49: service.web.routes[0].rate_limit.burst: must be between 1 and 1000000 (got 0)",
+            "f.toml:12:8: service.web.routes[1].host: invalid host \"*.\": after `*.`: must not be empty (leave `host` out to match any host)",
+            "f.toml:13:11: service.web.routes[1].rewrite: must start with `/` (got \"v2\")",
+        ],
+    );
+    check_base(
+        "[[service.web.routes]]\nupstream = \"h3\"\n",
+        &["f.toml:5:12: service.web.routes[0].upstream: unknown value `h3`; expected one of `http1`, `h2c`"],
+    );
+}
+
+#[test]
+fn routes_differing_only_in_headers_are_distinct() {
+    check_base(
+        concat!(
+            "[[service.web.routes]]\npath = \"/api\"\n",
+            "[[service.web.routes]]\npath = \"/api\"\nheaders = { x-canary = \"1\" }\n",
+            "[[service.web.routes]]\npath = \"/api\"\nheaders = { X-Canary = \"1\" }\n",
+        ),
+        &["f.toml:9:1: service.web.routes[2]: duplicate route */api [X-Canary=1]: same host and path as routes[1]"],
+    );
+}
