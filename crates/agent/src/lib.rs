@@ -64,6 +64,23 @@ pub struct AgentConfig {
     /// clipped to stay out of the kernel's ephemeral range (`ip_local_port_range`), so an
     /// outgoing connection never takes an instance's port while it restarts.
     pub port_range: RangeInclusive<u16>,
+    /// Confirms that the gateway stopped routing to an instance, before its stop signal.
+    pub drain: Option<Arc<dyn DrainHook>>,
+}
+
+/// Something that routes traffic to instances and can confirm it stopped doing so. In
+/// `flotilla up` the in-process gateway implements it; across machines the pre-stop delay
+/// covers propagation instead.
+#[async_trait::async_trait]
+pub trait DrainHook: Send + Sync + 'static {
+    /// Returns once no new request will be sent to `instance`.
+    async fn unrouted(&self, instance: &str);
+}
+
+impl std::fmt::Debug for dyn DrainHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DrainHook")
+    }
 }
 
 impl AgentConfig {
@@ -80,6 +97,7 @@ impl AgentConfig {
             usage_interval: Duration::from_secs(5),
             usage_status_interval: Duration::from_secs(30),
             port_range: ports::default_port_range(ports::ephemeral_range()),
+            drain: None,
         }
     }
 }

@@ -45,6 +45,9 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
 }
 
+/// Longest wait for the drain hook's confirmation.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the agent wants from a worker. Later variants win over earlier ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Desired {
@@ -603,6 +606,9 @@ impl Worker {
                         self.set_status(|s| { s.phase = Phase::Stopping; s.ready = false; }).await;
                     }
                     stop = Some(d);
+                    if d == Desired::Delete {
+                        self.drain().await;
+                    }
                     break self.terminate(&mut child, pid).await;
                 }
                 _ = usage_tick.tick() => self.sample_usage().await,
@@ -720,6 +726,26 @@ impl Worker {
                     d = Self::until_stop(&mut self.desired) => Some(d),
                 }
             }
+        }
+    }
+
+    /// Before the stop signal of a deleted instance: wait until the gateway no longer routes to
+    /// it (the drain hook, in-process in `flotilla up`), then the service's pre-stop delay, so
+    /// no new request reaches a process that is shutting down. In-flight requests finish after
+    /// the signal, within the grace period. Agent shutdown skips this: the gateway is closing.
+    async fn drain(&self) {
+        if let Some(hook) = &self.shared.config.drain {
+            if tokio::time::timeout(DRAIN_WAIT, hook.unrouted(&self.name))
+                .await
+                .is_err()
+            {
+                tracing::warn!(instance = %self.name, "gateway did not confirm unrouting in time");
+            }
+        }
+        let delay = self.spec.deploy.pre_stop_delay.0;
+        if !delay.is_zero() {
+            tracing::debug!(instance = %self.name, ?delay, "pre-stop delay");
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -924,6 +950,13 @@ impl Worker {
         let r = typed::modify::<Instance>(self.shared.store.as_ref(), &self.name, |i| {
             let before = i.status.clone();
             f(&mut i.status);
+            // `readySince` follows `ready`: rollouts count an instance as available only once
+            // it has been ready for `deploy.min_ready`.
+            if !i.status.ready {
+                i.status.ready_since = None;
+            } else if !before.ready || i.status.ready_since.is_none() {
+                i.status.ready_since = Some(now_rfc3339());
+            }
             i.status != before
         })
         .await;

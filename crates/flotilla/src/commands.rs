@@ -74,6 +74,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             println!("service/{name} deleted");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rollout(cmd) => crate::rollout::run(&client, cmd).await,
+        Command::Restart { service } => crate::rollout::restart(&client, &service).await,
         Command::Up(_) | Command::Version => Ok(ExitCode::SUCCESS),
     }
 }

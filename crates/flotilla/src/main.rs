@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod context;
 mod output;
+mod rollout;
 mod up;
 
 use std::path::PathBuf;
@@ -103,8 +104,40 @@ pub enum Command {
         kind: DescribeKind,
         name: String,
     },
+    /// Follow, inspect and steer rolling updates.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Replace every instance of a service, one by one, without changing its spec.
+    Restart { service: String },
     /// Print the client's (and the server's, if reachable) version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Show the rollout's progress until it finishes; exit 0 when complete, 1 when it failed
+    /// or was rolled back, 2 on timeout.
+    Status {
+        service: String,
+        /// Print the state once and exit (0 complete, 1 failed/rolled back, 3 in progress).
+        #[arg(long)]
+        no_watch: bool,
+        /// Give up after this long (e.g. `5m`).
+        #[arg(long, default_value = "10m")]
+        timeout: humantime::Duration,
+    },
+    /// List the service's revisions and what changed in each.
+    History { service: String },
+    /// Go back to the previous revision, or to `--to-revision`.
+    Undo {
+        service: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+    /// Stop starting and stopping instances for the current rollout.
+    Pause { service: String },
+    /// Continue a paused rollout.
+    Resume { service: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

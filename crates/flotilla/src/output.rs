@@ -72,7 +72,12 @@ pub fn services_table(items: &[Service]) -> String {
                 s.metadata.name.clone(),
                 format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
                 s.status.replicas.to_string(),
-                s.metadata.generation.to_string(),
+                s.status.revision.to_string(),
+                s.status
+                    .rollout
+                    .as_ref()
+                    .map(|r| r.phase.as_str().to_string())
+                    .unwrap_or_else(|| "-".to_string()),
                 routes(s),
                 age(s.metadata.creation_timestamp.as_deref()),
             ]
@@ -194,6 +199,14 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
         "Replicas:      {} desired, {} ready",
         s.spec.replicas, s.status.ready_replicas
     );
+    let _ = writeln!(
+        out,
+        "Revision:      {} (last good {})",
+        s.status.revision, s.status.last_good_revision
+    );
+    if let Some(r) = &s.status.rollout {
+        let _ = writeln!(out, "Rollout:       {}: {}", r.phase.as_str(), r.message);
+    }
     let _ = writeln!(out, "Spec hash:     {}", s.status.spec_hash);
     let _ = writeln!(out, "\nSpec:");
     let spec = toml::to_string(&s.spec).unwrap_or_else(|e| format!("(cannot render: {e})\n"));
@@ -237,4 +250,24 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
         }
     }
     out
+}
+
+pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64) -> String {
+    let rows = items
+        .iter()
+        .map(|r| {
+            let mark = if r.spec.number == current { "*" } else { "" };
+            vec![
+                format!("{}{mark}", r.spec.number),
+                age(r.metadata.creation_timestamp.as_deref()),
+                r.spec.cause.clone(),
+                if r.spec.changes.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.spec.changes.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(&["REVISION", "AGE", "CAUSE", "CHANGED"], rows)
 }

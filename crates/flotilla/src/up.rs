@@ -141,10 +141,18 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let gw_socket: SocketAddr = gw_addr
         .parse()
         .with_context(|| format!("invalid gateway address {gw_addr:?} (expected host:port)"))?;
-    let gateway = Gateway::bind(GatewayConfig::new(gw_socket), store.clone(), &mut registry)
+    let gw_config = match file.as_ref().and_then(|f| f.gateway.as_ref()) {
+        Some(section) => {
+            let base = file_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            GatewayConfig::from_section(gw_socket, section, &base).context("[gateway]")?
+        }
+        None => GatewayConfig::new(gw_socket),
+    };
+    let gateway = Gateway::bind(gw_config, store.clone(), &mut registry)
         .await
-        .with_context(|| format!("cannot listen for the gateway on {gw_addr}"))?;
+        .with_context(|| format!("cannot start the gateway on {gw_addr}"))?;
     let gw_local = gateway.local_addr();
+    let gw_tls = gateway.tls_local_addr();
     let api_state = flotilla_server::ApiState::new(
         store.clone(),
         token,
@@ -237,6 +245,9 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
             data_dir.join(context::TOKEN_FILE).display()
         );
         println!("  gateway   http://{gw_local}");
+        if let Some(tls) = gw_tls {
+            println!("  gateway   https://{tls}");
+        }
         println!("  metrics   http://{metrics_local}/metrics");
         println!("  data      {}", data_dir.display());
         println!("  context   {ctx_path}");

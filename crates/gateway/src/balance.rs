@@ -201,7 +201,10 @@ impl EndpointState {
         peers: &[Arc<EndpointState>],
         policy: &UpstreamPolicy,
     ) -> Option<Duration> {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if failures < policy.eject_after.max(1) || self.is_ejected_at(now_ms) {
             return None;
         }
@@ -286,8 +289,7 @@ impl EndpointRegistry {
         let mut map = self.lock();
         map.retain(|_, state| {
             Arc::strong_count(state) > 1
-                || now.saturating_sub(state.last_listed.load(Ordering::Relaxed))
-                    < millis(retention)
+                || now.saturating_sub(state.last_listed.load(Ordering::Relaxed)) < millis(retention)
         });
         map.len()
     }

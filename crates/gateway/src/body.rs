@@ -1,7 +1,8 @@
-//! Bodies: the client's request body shared between upstream attempts, and the gateway's
-//! response body type.
+//! Bodies: the client's request body shared between upstream attempts (with the body size
+//! limit), and the gateway's response body type.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -9,6 +10,8 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::balance::InFlight;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -21,27 +24,84 @@ pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
         .boxed_unsync()
 }
 
-pub fn stream(body: Incoming) -> GatewayBody {
-    body.map_err(BoxError::from).boxed_unsync()
+/// An upstream response body that keeps its endpoint's in-flight count until it ends (or is
+/// dropped), so least-in-flight balancing sees streaming responses as load.
+pub fn tracked(body: Incoming, guard: InFlight) -> GatewayBody {
+    Tracked {
+        body,
+        guard: Some(guard),
+    }
+    .boxed_unsync()
+}
+
+struct Tracked {
+    body: Incoming,
+    guard: Option<InFlight>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard = None;
+        }
+        polled.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The request body was longer than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
 }
 
 /// The client's request body, handed from one upstream attempt to the next until an attempt
 /// starts reading it. After a failed attempt, [`Replay::unsent`] tells whether the body is
 /// still whole (never polled), i.e. whether the request can go to another endpoint without
-/// buffering anything.
+/// buffering anything. Reading more than `limit` bytes fails the attempt and sets
+/// [`Replay::too_large`].
 #[derive(Debug, Clone)]
 pub struct Replay {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    shared: Arc<Shared>,
     hint: SizeHint,
     end: bool,
 }
 
+#[derive(Debug)]
+struct Shared {
+    slot: Mutex<Option<Incoming>>,
+    limit: u64,
+    read: AtomicU64,
+    too_large: AtomicBool,
+}
+
 impl Replay {
-    pub fn new(body: Incoming) -> Self {
+    pub fn new(body: Incoming, limit: u64) -> Self {
         Self {
             hint: body.size_hint(),
             end: body.is_end_stream(),
-            slot: Arc::new(Mutex::new(Some(body))),
+            shared: Arc::new(Shared {
+                slot: Mutex::new(Some(body)),
+                limit,
+                read: AtomicU64::new(0),
+                too_large: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -55,7 +115,12 @@ impl Replay {
 
     /// True while no attempt has read any of the body.
     pub fn unsent(&self) -> bool {
-        lock(&self.slot).is_some()
+        lock(&self.shared.slot).is_some()
+    }
+
+    /// True once more than the limit was read.
+    pub fn too_large(&self) -> bool {
+        self.shared.too_large.load(Ordering::Relaxed)
     }
 }
 
@@ -69,6 +134,26 @@ fn lock(slot: &Mutex<Option<Incoming>>) -> MutexGuard<'_, Option<Incoming>> {
 pub struct AttemptBody {
     replay: Replay,
     body: Option<Incoming>,
+}
+
+impl AttemptBody {
+    /// An empty body (upgrade requests, local tests).
+    pub fn empty() -> Self {
+        let empty = Replay {
+            shared: Arc::new(Shared {
+                slot: Mutex::new(None),
+                limit: 0,
+                read: AtomicU64::new(0),
+                too_large: AtomicBool::new(false),
+            }),
+            hint: SizeHint::with_exact(0),
+            end: true,
+        };
+        Self {
+            replay: empty,
+            body: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,17 +170,36 @@ impl Body for AttemptBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if this.body.is_none() {
-            match lock(&this.replay.slot).take() {
+            if this.replay.end {
+                return Poll::Ready(None);
+            }
+            match lock(&this.replay.shared.slot).take() {
                 Some(body) => this.body = Some(body),
                 // Only reachable if a caller retried after a read began: fail loudly rather than
                 // send a truncated body.
                 None => return Poll::Ready(Some(Err(BodyTaken.into()))),
             }
         }
-        match this.body.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
-            None => Poll::Ready(None),
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let shared = &this.replay.shared;
+            let read =
+                shared.read.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            if read > shared.limit {
+                shared.too_large.store(true, Ordering::Relaxed);
+                this.body = None;
+                return Poll::Ready(Some(Err(BodyTooLarge {
+                    limit: shared.limit,
+                }
+                .into())));
+            }
         }
+        polled.map_err(BoxError::from)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -22,6 +22,8 @@ pub struct GatewayConfig {
     pub access_log: bool,
     /// How long in-flight requests may run on after shutdown begins (default 10 s).
     pub shutdown_grace: Duration,
+    /// Balancing, passive health and retry settings (owned by the request layer).
+    pub upstream: crate::balance::UpstreamPolicy,
 }
 
 impl GatewayConfig {
@@ -36,6 +38,7 @@ impl GatewayConfig {
             limits: Limits::default(),
             access_log: false,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            upstream: crate::balance::UpstreamPolicy::default(),
         }
     }
 
@@ -58,7 +61,9 @@ impl GatewayConfig {
             config.shutdown_grace = grace.0;
         }
         if let Some(addr) = &section.tls_listen {
-            let addr = addr.parse().map_err(|_| ConfigError::Address(addr.clone()))?;
+            let addr = addr
+                .parse()
+                .map_err(|_| ConfigError::Address(addr.clone()))?;
             config.tls_listen = Some(addr);
             config.tls = Some(TlsConfig {
                 certificates: section

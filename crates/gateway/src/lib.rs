@@ -1,11 +1,15 @@
-//! flotilla's edge gateway: an HTTP/1.1 reverse proxy that routes by host and longest path
-//! prefix to the ready instances of services.
+//! flotilla's edge gateway: a reverse proxy that routes by host and longest path prefix to the
+//! ready instances of services.
 //!
 //! ```text
 //! store ──reflectors (Service, Instance)──▶ RouteTable::build ──ArcSwap──▶ per-request lookup
 //!                                                                              │
-//! client ──TCP──▶ accept loop ──hyper http1──▶ Proxy::handle ──pooled client──▶ instance
+//! client ──TCP (+TLS, SNI)──▶ listener ──hyper-util auto (h1/h2)──▶ Proxy::handle ──▶ instance
 //! ```
+//!
+//! The connection layer (`listener.rs`, `tls.rs`, [`config`]) owns sockets, TLS, protocol
+//! negotiation, timeouts and limits; it hands each request to [`proxy::Proxy::handle`] with the
+//! connection's [`conn::ConnInfo`].
 //!
 //! - The routing table is a pure function of the stored objects ([`RouteTable::build`]),
 //!   rebuilt on every change and swapped in atomically; requests never wait for a rebuild.
@@ -14,68 +18,45 @@
 //!   retried on the next endpoint when its body was never read, so nothing is sent twice.
 //! - Answers of the gateway itself are short plain text: 404 (no route), 503 (no ready
 //!   instance), 502 (upstream failed). Internal error details go to the logs only.
-//! - Shutdown stops accepting, lets in-flight requests finish within
-//!   [`GatewayConfig::shutdown_grace`], then closes what is left.
-//!
-//! Seams for the hardening work: TLS wraps the accepted stream before `serve_connection`
-//! (and sets [`proxy::Proxy::scheme`]); HTTP/2 swaps `http1::Builder` for hyper-util's `auto`
-//! builder; rate limits and timeouts wrap [`proxy::Proxy::handle`].
+//! - Shutdown stops accepting on every listener, shuts connections down gracefully (HTTP/1
+//!   `Connection: close` after the current response, HTTP/2 GOAWAY), lets in-flight requests
+//!   finish within [`GatewayConfig::shutdown_grace`], then closes what is left.
 
+mod access_log;
+pub mod balance;
 mod body;
+pub mod config;
 pub mod conn;
+mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
+pub mod retry;
 pub mod table;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flotilla_spec::object::{Instance, Service};
 use flotilla_store::Store;
 use flotilla_store::StoreError;
 use flotilla_store::typed::{ObjectMap, Reflector};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use body::{BoxError, GatewayBody};
+pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig};
 pub use metrics::Metrics;
-pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable};
+pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
-use crate::conn::ConnInfo;
+use crate::listener::{ConnLayer, Listeners};
+use crate::metrics::ConnectionMetrics;
 use crate::proxy::{Proxy, error_chain};
-
-/// Longest time a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause after a failed `accept` (usually out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// Address to accept client connections on.
-    pub listen: SocketAddr,
-    /// How long in-flight requests may run on after shutdown begins (default 10 s).
-    pub shutdown_grace: Duration,
-}
-
-impl GatewayConfig {
-    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-    pub fn new(listen: SocketAddr) -> Self {
-        Self {
-            listen,
-            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
-        }
-    }
-}
+use crate::tls::{CertFiles, CertResolver, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -87,6 +68,10 @@ pub enum GatewayError {
     },
     #[error("cannot read the address the gateway listens on")]
     LocalAddr(#[source] std::io::Error),
+    #[error("tls_listen is set but no certificate is configured")]
+    TlsWithoutCertificates,
+    #[error("cannot set up TLS")]
+    Tls(#[source] TlsError),
     #[error("cannot {action} from the store")]
     Store {
         action: &'static str,
@@ -111,7 +96,10 @@ impl GatewayError {
         match self {
             GatewayError::Upstream { retryable, .. } => *retryable,
             GatewayError::Store { source, .. } => source.is_transient(),
-            GatewayError::Bind { .. } | GatewayError::LocalAddr(_) => false,
+            GatewayError::Bind { .. }
+            | GatewayError::LocalAddr(_)
+            | GatewayError::TlsWithoutCertificates
+            | GatewayError::Tls(_) => false,
         }
     }
 }
@@ -121,6 +109,9 @@ pub struct Gateway {
     config: GatewayConfig,
     listener: TcpListener,
     local_addr: SocketAddr,
+    tls_listener: Option<(TcpListener, SocketAddr)>,
+    certs: Option<CertFiles>,
+    layer: Arc<ConnLayer>,
     proxy: Arc<Proxy>,
     services: Reflector<Service>,
     instances: Reflector<Instance>,
@@ -130,28 +121,33 @@ impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
             .field("local_addr", &self.local_addr)
+            .field("tls_local_addr", &self.tls_local_addr())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl Gateway {
-    /// Binds the listener, registers the metrics and loads the routing table from the store
-    /// (so the gateway routes correctly from its first request). The store is then followed
-    /// until [`run`](Gateway::run) ends or the gateway is dropped.
+    /// Binds the listeners, loads the TLS certificates, registers the metrics and loads the
+    /// routing table from the store (so the gateway routes correctly from its first request).
+    /// The store is then followed until [`run`](Gateway::run) ends or the gateway is dropped.
     pub async fn bind(
         config: GatewayConfig,
         store: Arc<dyn Store>,
         registry: &mut Registry,
     ) -> Result<Self, GatewayError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(GatewayError::LocalAddr)?;
+        let (listener, local_addr) = bind_tcp(config.listen).await?;
+        let (tls_listener, certs, acceptor) = match (config.tls_listen, &config.tls) {
+            (None, _) => (None, None, None),
+            (Some(_), None) => return Err(GatewayError::TlsWithoutCertificates),
+            (Some(addr), Some(tls)) => {
+                let certs = CertFiles::load(tls).map_err(GatewayError::Tls)?;
+                let server = tls::server_config(certs.resolver()).map_err(GatewayError::Tls)?;
+                let bound = bind_tcp(addr).await?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(server);
+                (Some(bound), Some(certs), Some(acceptor))
+            }
+        };
         // Stopped by `run` at its end, or by their `Drop` if the gateway never runs.
         let unowned = CancellationToken::new();
         let services = Reflector::<Service>::start(store.clone(), &unowned)
@@ -166,17 +162,41 @@ impl Gateway {
                 action: "list instances",
                 source,
             })?;
-        let table = build_table(&services.current(), &instances.current(), &mut Vec::new());
+        let state = Arc::new(TableState::new(config.upstream.clone()));
+        let table = build_table(
+            &services.current(),
+            &instances.current(),
+            &state,
+            &mut Vec::new(),
+        );
         let proxy = Arc::new(Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
             client: proxy::upstream_client(),
+            h2c: proxy::h2c_client(),
             metrics: Metrics::register(registry),
+            limits: config.limits.clone(),
+            access_log: config.access_log,
+            state,
+            tunnels: proxy::Tunnels::default(),
         });
-        tracing::info!(addr = %local_addr, "gateway listening");
+        let layer = Arc::new(ConnLayer::new(
+            proxy.clone(),
+            config.limits.clone(),
+            ConnectionMetrics::register(registry),
+            acceptor,
+        ));
+        tracing::info!(
+            addr = %local_addr,
+            tls_addr = ?tls_listener.as_ref().map(|(_, a)| *a),
+            "gateway listening"
+        );
         Ok(Self {
             config,
             listener,
             local_addr,
+            tls_listener,
+            certs,
+            layer,
             proxy,
             services,
             instances,
@@ -185,6 +205,17 @@ impl Gateway {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the TLS listener, if there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The TLS certificate resolver, for certificates obtained at run time (ACME):
+    /// see [`CertResolver::set_dynamic`].
+    pub fn cert_resolver(&self) -> Option<Arc<CertResolver>> {
+        self.certs.as_ref().map(CertFiles::resolver)
     }
 
     /// The routing table in force right now.
@@ -199,6 +230,9 @@ impl Gateway {
             config,
             listener,
             local_addr,
+            tls_listener,
+            certs,
+            layer,
             proxy,
             services,
             instances,
@@ -209,66 +243,39 @@ impl Gateway {
             services.subscribe(),
             instances.subscribe(),
             proxy.table.clone(),
+            proxy.state.clone(),
             stop_updates.clone(),
         ));
+        let housekeeper = tokio::spawn(housekeeping(proxy.state.clone(), stop_updates.clone()));
 
-        let graceful = GracefulShutdown::new();
-        let mut next_conn: u64 = 0;
-        let mut connections = JoinSet::new();
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                            continue;
-                        }
-                    };
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                    let proxy = proxy.clone();
-                    next_conn += 1;
-                    let info = Arc::new(ConnInfo::plain(peer, local_addr, next_conn));
-                    let service = service_fn(move |req| proxy.clone().handle(req, info.clone()));
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    connections.spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %error_chain(&e), "client connection ended");
-                        }
-                    });
-                }
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
-        }
+        let reloader = certs.map(|certs| {
+            let interval = config
+                .tls
+                .as_ref()
+                .map_or(TlsConfig::DEFAULT_RELOAD_INTERVAL, |t| t.reload_interval);
+            tokio::spawn(certs.watch(interval, stop_updates.clone()))
+        });
 
-        drop(listener);
-        tracing::info!(
-            addr = %local_addr,
-            connections = connections.len(),
-            grace = ?config.shutdown_grace,
-            "gateway stopping: draining connections"
-        );
-        if tokio::time::timeout(config.shutdown_grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                connections = connections.len(),
-                "shutdown grace elapsed; closing the remaining connections"
-            );
-        }
-        connections.shutdown().await;
+        let listeners = Listeners {
+            plain: listener,
+            plain_addr: local_addr,
+            tls: tls_listener,
+        };
+        listener::serve(layer, listeners, shutdown, config.shutdown_grace).await;
+        // Upgraded connections (WebSockets) outlive their HTTP connection: cut them now.
+        proxy.tunnels.close().await;
 
         stop_updates.cancel();
         if let Err(e) = updater.await {
             tracing::warn!(error = %e, "routing table updater failed");
+        }
+        if let Err(e) = housekeeper.await {
+            tracing::warn!(error = %e, "gateway housekeeping failed");
+        }
+        if let Some(reloader) = reloader
+            && let Err(e) = reloader.await
+        {
+            tracing::warn!(error = %e, "certificate reloader failed");
         }
         for (kind, result) in [
             ("services", services.stop().await),
@@ -283,12 +290,21 @@ impl Gateway {
     }
 }
 
+async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(GatewayError::LocalAddr)?;
+    Ok((listener, local))
+}
+
 /// Rebuilds and swaps the table whenever services or instances change, until `stop` or until
 /// the store stops publishing (the last table then stays in force).
 async fn keep_table_current(
     mut services: watch::Receiver<ObjectMap<Service>>,
     mut instances: watch::Receiver<ObjectMap<Instance>>,
     table: Arc<ArcSwap<RouteTable>>,
+    state: Arc<TableState>,
     stop: CancellationToken,
 ) {
     let mut conflicts = Vec::new();
@@ -304,8 +320,29 @@ async fn keep_table_current(
         }
         let services_now = services.borrow_and_update().clone();
         let instances_now = instances.borrow_and_update().clone();
-        let next = build_table(&services_now, &instances_now, &mut conflicts);
+        let next = build_table(&services_now, &instances_now, &state, &mut conflicts);
         table.store(Arc::new(next));
+    }
+}
+
+/// How often state no table uses is forgotten and rate limiters drop refilled buckets.
+const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sweeps the state shared by routing tables until `stop`.
+async fn housekeeping(state: Arc<TableState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A sweep visits every tracked client: off the runtime's worker threads.
+        let state = state.clone();
+        match tokio::task::spawn_blocking(move || state.sweep()).await {
+            Ok(clients) => tracing::trace!(clients, "rate limiters swept"),
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
     }
 }
 
@@ -313,9 +350,10 @@ async fn keep_table_current(
 fn build_table(
     services: &ObjectMap<Service>,
     instances: &ObjectMap<Instance>,
+    state: &TableState,
     known: &mut Vec<RouteConflict>,
 ) -> RouteTable {
-    let table = RouteTable::build(services.values(), instances.values());
+    let table = RouteTable::build_with(services.values(), instances.values(), state);
     if table.conflicts() != known.as_slice() {
         for c in table.conflicts() {
             tracing::warn!(

@@ -30,6 +30,11 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
     upstream_errors: Family<RouteLabels, Counter>,
+    connect_errors: Family<RouteLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    retries_refused: Family<RouteLabels, Counter>,
+    ejections: Family<RouteLabels, Counter>,
+    rate_limited: Family<RouteLabels, Counter>,
 }
 
 /// Upper bounds of the request duration buckets: 100 µs … 10 s, log-spaced (1, 2.5, 5 per
@@ -65,6 +70,31 @@ impl Metrics {
             "Failed attempts to get a response from an upstream instance (each retry counts)",
             metrics.upstream_errors.clone(),
         );
+        registry.register(
+            "flotilla_gateway_upstream_connect_errors",
+            "Failed connection attempts to upstream instances",
+            metrics.connect_errors.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_retries",
+            "Requests sent again to another endpoint",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_retries_refused",
+            "Retries that were safe but refused because the retry budget was spent",
+            metrics.retries_refused.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_ejections",
+            "Endpoints ejected by passive health checking",
+            metrics.ejections.clone(),
+        );
+        registry.register(
+            "flotilla_gateway_rate_limited",
+            "Requests refused with 429 by a route's rate limit",
+            metrics.rate_limited.clone(),
+        );
         metrics
     }
 
@@ -74,6 +104,11 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             upstream_errors: Family::default(),
+            connect_errors: Family::default(),
+            retries: Family::default(),
+            retries_refused: Family::default(),
+            ejections: Family::default(),
+            rate_limited: Family::default(),
         }
     }
 
@@ -151,6 +186,37 @@ impl ConnectionMetrics {
 
     pub fn closed(&self, reason: &'static str) {
         self.closed.get_or_create(&CloseLabels { reason }).inc();
+    }
+}
+
+/// Per-route counters of the request path.
+impl Metrics {
+    fn inc(family: &Family<RouteLabels, Counter>, route: &str) {
+        family
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn connect_error(&self, route: &str) {
+        Self::inc(&self.connect_errors, route);
+    }
+
+    pub fn retry(&self, route: &str) {
+        Self::inc(&self.retries, route);
+    }
+
+    pub fn retry_refused(&self, route: &str) {
+        Self::inc(&self.retries_refused, route);
+    }
+
+    pub fn ejection(&self, route: &str) {
+        Self::inc(&self.ejections, route);
+    }
+
+    pub fn rate_limited(&self, route: &str) {
+        Self::inc(&self.rate_limited, route);
     }
 }
 

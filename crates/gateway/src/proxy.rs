@@ -1,5 +1,19 @@
-//! Forwarding one request: route lookup, local answers (404/503/502), upstream attempts with
-//! retries, header rewriting and metrics.
+//! Forwarding one request: route lookup, local answers (404/503/502/504/413/429, redirects),
+//! upstream attempts with retries, header rewriting, upgrades and metrics.
+//!
+//! Per request: look the route up (host, path, headers) in the table in force, keep the
+//! `Arc<Route>` to the end (a table swap never cuts a request), redirect to HTTPS or refuse
+//! with 429 if the route says so, then try endpoints chosen by P2C ([`crate::balance`]) until
+//! one answers, within the route's deadline.
+//!
+//! **Retries are only made where they are safe**, and each needs the service's retry budget
+//! ([`crate::retry`]):
+//! - the connection to the endpoint could not be established: nothing was sent, any method;
+//! - the method is idempotent and the request body was never read, and the attempt failed
+//!   before an answer (connection reset, endpoint killed) or the endpoint answered 502 or 503.
+//!
+//! Anything else (a POST whose connection broke after sending, a body already streamed) is
+//! answered 502 rather than risk doing it twice.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,23 +22,30 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::GatewayError;
-use crate::body::{AttemptBody, GatewayBody, Replay, full, stream};
+use crate::access_log;
+use crate::balance::{self, EndpointState, InFlight};
+use crate::body::{AttemptBody, GatewayBody, Replay, full, tracked};
 use crate::conn::ConnInfo;
 use crate::metrics::{Metrics, NO_ROUTE};
-use crate::table::{Match, Route, RouteTable};
+use crate::ratelimit::retry_after_secs;
+use crate::table::{Match, Route, RouteTable, TableState, normalize_host};
 
-/// Most endpoints one request is tried on.
-const MAX_ATTEMPTS: usize = 3;
+use flotilla_spec::service::UpstreamProtocol;
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const POOL_MAX_IDLE_PER_HOST: usize = 64;
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Longest host or path echoed back in a 404 body.
 const ECHO_LIMIT: usize = 128;
 
@@ -48,17 +69,60 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 pub type UpstreamClient = Client<HttpConnector, AttemptBody>;
 
-/// Pooled keep-alive HTTP/1.1 client for upstream instances.
-pub fn upstream_client() -> UpstreamClient {
+fn connector() -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.enforce_http(true);
+    connector
+}
+
+/// Pooled keep-alive HTTP/1.1 client for upstream instances.
+pub fn upstream_client() -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         .pool_timer(TokioTimer::new())
-        .build(connector)
+        .build(connector())
+}
+
+/// Cleartext HTTP/2 (prior knowledge) client for `upstream = "h2c"` routes (gRPC): one
+/// multiplexed connection per endpoint, kept alive with pings.
+pub fn h2c_client() -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(H2_KEEPALIVE)
+        .http2_keep_alive_timeout(H2_KEEPALIVE)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .build(connector())
+}
+
+/// Upgraded connections (WebSocket and others) being relayed; each is a task owned here and
+/// ended by [`Tunnels::close`].
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Tunnels {
+    /// Cuts every tunnel and waits for their tasks to end.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Tunnels open now.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
 }
 
 /// Everything a connection needs to proxy its requests; shared by all connections.
@@ -66,7 +130,27 @@ pub fn upstream_client() -> UpstreamClient {
 pub struct Proxy {
     pub table: Arc<ArcSwap<RouteTable>>,
     pub client: UpstreamClient,
+    /// For `upstream = "h2c"` routes.
+    pub h2c: UpstreamClient,
     pub metrics: Metrics,
+    /// The gateway's limits; the proxy enforces `max_body_bytes` (413).
+    pub limits: crate::config::Limits,
+    /// Write one log line per request.
+    pub access_log: bool,
+    /// State that survives table rebuilds (endpoints, limiters, budgets) and the policy.
+    pub state: Arc<TableState>,
+    pub tunnels: Tunnels,
+}
+
+/// What became of a request, for metrics and the access log.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Service of the matched route.
+    pub service: Option<String>,
+    /// Instance of the endpoint that answered (or failed last).
+    pub instance: Option<String>,
+    /// Upstream attempts made.
+    pub attempts: u32,
 }
 
 impl Proxy {
@@ -77,25 +161,35 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<GatewayBody>, Infallible> {
         let started = Instant::now();
-        let (route, response) = self.route(req, &conn).await;
+        let logged = self.access_log.then(|| access_log::Logged::of(&req));
+        let mut outcome = Outcome::default();
+        let response = self.route(req, &conn, &mut outcome).await;
+        let elapsed = started.elapsed();
         self.metrics.observe(
-            route.as_deref().unwrap_or(NO_ROUTE),
+            outcome.service.as_deref().unwrap_or(NO_ROUTE),
             response.status(),
-            started.elapsed().as_secs_f64(),
+            elapsed.as_secs_f64(),
         );
+        if let Some(request) = logged {
+            access_log::log(&request, &conn, response.status(), &outcome, elapsed);
+        }
         Ok(response)
     }
 
-    /// The answer and the service that produced it (`None`: no route).
+    /// The answer to a request; fills in `outcome`.
     async fn route(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
-    ) -> (Option<String>, Response<GatewayBody>) {
+        outcome: &mut Outcome,
+    ) -> Response<GatewayBody> {
         let host = request_host(&req);
         // The guard is released before any await.
-        let found = self.table.load().lookup(&host, req.uri().path());
-        match found {
+        let found = self
+            .table
+            .load()
+            .lookup_request(&host, req.uri().path(), req.headers());
+        let route = match found {
             Match::NoRoute => {
                 tracing::debug!(%host, path = req.uri().path(), "no route");
                 let reason = format!(
@@ -103,84 +197,219 @@ impl Proxy {
                     clip(&host),
                     clip(req.uri().path())
                 );
-                (None, text(StatusCode::NOT_FOUND, reason))
+                return text(StatusCode::NOT_FOUND, reason);
             }
-            Match::NoReadyEndpoint(route) => {
-                let reason = format!("no ready instance for service {:?}\n", route.service);
-                let service = route.service.clone();
-                (Some(service), text(StatusCode::SERVICE_UNAVAILABLE, reason))
-            }
-            Match::Ready(route) => {
-                let response = self.forward(req, &route, conn, host).await;
-                (Some(route.service.clone()), response)
-            }
+            Match::NoReadyEndpoint(route) | Match::Ready(route) => route,
+        };
+        outcome.service = Some(route.service.clone());
+        if route.redirect_https && !conn.tls {
+            return redirect_to_https(&req, &host);
         }
+        if let Some(limiter) = &route.rate_limit
+            && let Err(wait) = limiter.check(conn.peer.ip())
+        {
+            self.metrics.rate_limited(&route.service);
+            let mut response = text(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(wait)),
+            );
+            return response;
+        }
+        if route.endpoints.is_empty() {
+            let reason = format!("no ready instance for service {:?}\n", route.service);
+            return text(StatusCode::SERVICE_UNAVAILABLE, reason);
+        }
+        self.forward(req, &route, conn, host, outcome).await
     }
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
-        route: &Route,
+        mut req: Request<Incoming>,
+        route: &Arc<Route>,
         conn: &ConnInfo,
         host: String,
+        outcome: &mut Outcome,
     ) -> Response<GatewayBody> {
+        let limit = self.limits.max_body_bytes;
+        if content_length(req.headers()).is_some_and(|len| len > limit) {
+            return too_large(limit);
+        }
+        let upgrade = upgrade_protocol(&req);
+        if upgrade.is_some() && route.upstream == UpstreamProtocol::H2c {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "protocol upgrades are not supported on this route\n",
+            );
+        }
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let path_and_query = match parts.uri.path_and_query() {
-            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-            _ => {
+        let Some(path_and_query) = upstream_path_and_query(route, &parts.uri) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "request target must be an absolute path\n",
+            );
+        };
+        let mut headers = parts.headers;
+        let wants_trailers = te_trailers(&headers);
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::EXPECT);
+        if wants_trailers {
+            // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
+        }
+        match route.upstream {
+            // HTTP/2 carries the host in `:authority`; the original is in X-Forwarded-Host.
+            UpstreamProtocol::H2c => {
+                headers.remove(header::HOST);
+            }
+            UpstreamProtocol::Http1 => {
+                if !headers.contains_key(header::HOST)
+                    && let Ok(value) = HeaderValue::from_str(&host)
+                {
+                    headers.insert(header::HOST, value);
+                }
+            }
+        }
+        add_forwarded(&mut headers, conn.peer, conn.scheme(), &host);
+        let idempotent = is_idempotent(&parts.method);
+        let replay = Replay::new(body, limit);
+        let policy = &self.state.policy;
+        let deadline = route.timeout.unwrap_or(policy.default_timeout);
+        route.retry_budget.request();
+
+        let request = UpstreamRequest {
+            method: &parts.method,
+            path_and_query: &path_and_query,
+            headers: &headers,
+            replay: &replay,
+            idempotent,
+            upgrade: upgrade.is_some(),
+        };
+        let attempts = self.attempts(route, &request, outcome);
+        let answer = match tokio::time::timeout(deadline, attempts).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::warn!(
+                    service = %route.service,
+                    timeout = ?deadline,
+                    "upstream did not answer in time"
+                );
                 return text(
-                    StatusCode::BAD_REQUEST,
-                    "request target must be an absolute path\n",
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("upstream timed out for service {:?}\n", route.service),
                 );
             }
         };
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::EXPECT);
-        add_forwarded(&mut headers, conn.peer, conn.scheme(), &host);
-        let idempotent = is_idempotent(&parts.method);
-        let replay = Replay::new(body);
+        match answer {
+            Answer::Upstream(response, guard) => {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade)
+                {
+                    return self.tunnel(response, client_upgrade, protocol, guard, route);
+                }
+                into_client_response(response, guard)
+            }
+            Answer::TooLarge => too_large(limit),
+            Answer::Failed => text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream error for service {:?}\n", route.service),
+            ),
+        }
+    }
 
-        let (Some(first), n) = (route.next_start(), route.endpoints.len()) else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no ready instance for service {:?}\n", route.service),
-            );
-        };
-        for attempt in 0..n.min(MAX_ATTEMPTS) {
-            let endpoint = &route.endpoints[(first + attempt) % n];
-            let uri = match Uri::builder()
-                .scheme("http")
-                .authority(endpoint.authority.as_str())
-                .path_and_query(path_and_query.clone())
-                .build()
-            {
-                Ok(uri) => uri,
+    /// Tries endpoints until one answers or retrying is no longer safe or allowed.
+    async fn attempts(
+        &self,
+        route: &Route,
+        request: &UpstreamRequest<'_>,
+        outcome: &mut Outcome,
+    ) -> Answer {
+        let policy = &self.state.policy;
+        let mut tried: u64 = 0;
+        // An upstream 502/503 kept while a retry is tried; the answer if retries run out.
+        let mut held: Option<(Response<Incoming>, InFlight)> = None;
+        for attempt in 0..policy.max_attempts.max(1) {
+            let Some(index) = balance::choose(&route.endpoints, tried) else {
+                break;
+            };
+            if attempt > 0 {
+                if !route.retry_budget.try_retry() {
+                    self.metrics.retry_refused(&route.service);
+                    tracing::debug!(service = %route.service, "retry budget spent");
+                    break;
+                }
+                self.metrics.retry(&route.service);
+            }
+            if index < 64 {
+                tried |= 1 << index;
+            }
+            let endpoint = &route.endpoints[index];
+            outcome.attempts += 1;
+            outcome.instance = Some(endpoint.instance.clone());
+            let upstream = match request.build(endpoint, route.upstream) {
+                Ok(upstream) => upstream,
                 Err(source) => {
                     let err = GatewayError::Upstream {
                         service: route.service.clone(),
                         endpoint: endpoint.authority.clone(),
                         retryable: true,
-                        source: source.into(),
+                        source,
                     };
-                    tracing::warn!(error = %err, "bad endpoint address");
+                    tracing::warn!(error = %error_chain(&err), "bad endpoint address");
                     self.metrics.upstream_error(&route.service);
                     continue;
                 }
             };
-            let mut upstream = Request::new(replay.attempt());
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri;
-            *upstream.version_mut() = Version::HTTP_11;
-            *upstream.headers_mut() = headers.clone();
-
-            match self.client.request(upstream).await {
-                Ok(response) => return into_client_response(response),
+            let guard = endpoint.start();
+            let sent = Instant::now();
+            let client = match route.upstream {
+                UpstreamProtocol::Http1 => &self.client,
+                UpstreamProtocol::H2c => &self.h2c,
+            };
+            match client.request(upstream).await {
+                Ok(response) => {
+                    let status = response.status();
+                    if !status.is_server_error() {
+                        endpoint.on_success(sent.elapsed(), policy);
+                        return Answer::Upstream(response, guard);
+                    }
+                    self.failed(route, endpoint, Some(sent.elapsed()));
+                    let retryable = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    ) && request.idempotent
+                        && !request.upgrade
+                        && request.replay.unsent();
+                    if !retryable {
+                        return Answer::Upstream(response, guard);
+                    }
+                    tracing::debug!(
+                        instance = %endpoint.instance,
+                        %status,
+                        attempt,
+                        "upstream answered with a retryable status"
+                    );
+                    held = Some((response, guard));
+                }
                 Err(source) => {
+                    drop(guard);
+                    if request.replay.too_large() {
+                        return Answer::TooLarge;
+                    }
                     self.metrics.upstream_error(&route.service);
+                    if source.is_connect() {
+                        self.metrics.connect_error(&route.service);
+                    }
+                    self.failed(route, endpoint, None);
                     // Safe to retry: nothing was sent (connect failed), or the method is
                     // idempotent — and either way the body was never read.
-                    let retryable = replay.unsent() && (source.is_connect() || idempotent);
+                    let retryable =
+                        request.replay.unsent() && (source.is_connect() || request.idempotent);
                     let err = GatewayError::Upstream {
                         service: route.service.clone(),
                         endpoint: endpoint.authority.clone(),
@@ -194,22 +423,203 @@ impl Proxy {
                         "upstream request failed"
                     );
                     if !retryable {
-                        break;
+                        return held.map_or(Answer::Failed, |(r, g)| Answer::Upstream(r, g));
                     }
                 }
             }
         }
-        text(
-            StatusCode::BAD_GATEWAY,
-            format!("upstream error for service {:?}\n", route.service),
-        )
+        held.map_or(Answer::Failed, |(r, g)| Answer::Upstream(r, g))
+    }
+
+    /// Passive health: counts a failure, ejecting the endpoint when it is due.
+    fn failed(&self, route: &Route, endpoint: &EndpointState, latency: Option<Duration>) {
+        if let Some(time) = endpoint.on_failure(latency, &route.endpoints, &self.state.policy) {
+            self.metrics.ejection(&route.service);
+            tracing::warn!(
+                service = %route.service,
+                instance = %endpoint.instance,
+                endpoint = %endpoint.authority,
+                ejected_for = ?time,
+                latency_ewma = ?endpoint.ewma(),
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Answers 101 to the client and relays bytes between the two upgraded connections in a
+    /// task owned by [`Proxy::tunnels`].
+    fn tunnel(
+        &self,
+        mut response: Response<Incoming>,
+        client: hyper::upgrade::OnUpgrade,
+        protocol: HeaderValue,
+        guard: InFlight,
+        route: &Route,
+    ) -> Response<GatewayBody> {
+        let upstream = hyper::upgrade::on(&mut response);
+        let stop = self.tunnels.stop.clone();
+        let service = route.service.clone();
+        self.tunnels.tracker.spawn(async move {
+            let relay = async {
+                let (client, upstream) = tokio::try_join!(client, upstream)?;
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                Ok::<(), crate::BoxError>(())
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = relay => {
+                    if let Err(e) = result {
+                        tracing::debug!(%service, error = %error_chain(e.as_ref()), "upgraded connection ended");
+                    }
+                }
+            }
+            drop(guard);
+        });
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+        Response::from_parts(parts, full(bytes::Bytes::new()))
     }
 }
 
-fn into_client_response(response: Response<Incoming>) -> Response<GatewayBody> {
+/// What one request sends upstream, whichever endpoint gets it.
+struct UpstreamRequest<'a> {
+    method: &'a Method,
+    path_and_query: &'a PathAndQuery,
+    headers: &'a HeaderMap,
+    replay: &'a Replay,
+    idempotent: bool,
+    upgrade: bool,
+}
+
+impl UpstreamRequest<'_> {
+    fn build(
+        &self,
+        endpoint: &EndpointState,
+        protocol: UpstreamProtocol,
+    ) -> Result<Request<AttemptBody>, crate::BoxError> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(endpoint.authority.as_str())
+            .path_and_query(self.path_and_query.clone())
+            .build()?;
+        let mut upstream = Request::new(self.replay.attempt());
+        *upstream.method_mut() = self.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.version_mut() = match protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        };
+        *upstream.headers_mut() = self.headers.clone();
+        Ok(upstream)
+    }
+}
+
+enum Answer {
+    /// An upstream response (the in-flight guard goes with its body).
+    Upstream(Response<Incoming>, InFlight),
+    /// The request body was longer than the limit (413).
+    TooLarge,
+    /// No endpoint answered (502).
+    Failed,
+}
+
+fn into_client_response(response: Response<Incoming>, guard: InFlight) -> Response<GatewayBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, stream(body))
+    // An h2c upstream's answer goes to the client in the client's protocol.
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, tracked(body, guard))
+}
+
+fn too_large(limit: u64) -> Response<GatewayBody> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {limit} bytes\n"),
+    )
+}
+
+/// The declared body length, if any (an unparsable one is left to hyper, which rejects it).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Whether the client accepts trailers (`TE: trailers`).
+fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// The path and query to send upstream: the route's rewrite applied to the path.
+fn upstream_path_and_query(route: &Route, uri: &Uri) -> Option<PathAndQuery> {
+    let pq = uri.path_and_query()?;
+    if !pq.as_str().starts_with('/') {
+        return None;
+    }
+    if route.rewrite.is_none() {
+        return Some(pq.clone());
+    }
+    let mut out = route.upstream_path(pq.path());
+    if let Some(query) = pq.query() {
+        out.push('?');
+        out.push_str(query);
+    }
+    PathAndQuery::try_from(out).ok()
+}
+
+/// A redirect to the same URL over HTTPS: 301 for GET and HEAD, 308 (method and body kept)
+/// otherwise.
+fn redirect_to_https<B>(req: &Request<B>, host: &str) -> Response<GatewayBody> {
+    let host = normalize_host(host);
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{pq}");
+    let Ok(location) = HeaderValue::from_str(&location) else {
+        return text(StatusCode::BAD_REQUEST, "invalid host\n");
+    };
+    if host.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "missing host\n");
+    }
+    let status = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::PERMANENT_REDIRECT
+    };
+    let mut response = text(status, "");
+    response.headers_mut().insert(header::LOCATION, location);
+    response
 }
 
 /// The host a request was sent to: the URI authority (absolute form) or the `Host` header;
@@ -262,6 +672,33 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: &'static str
         && !host.is_empty()
     {
         headers.insert(X_FORWARDED_HOST.clone(), value);
+    }
+
+    // RFC 7239: append this hop's element to what earlier proxies wrote.
+    let node = match peer.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto={scheme}");
+    if !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        element.push_str(&format!(";host=\"{host}\""));
+    }
+    let prior: Vec<&str> = headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = if prior.is_empty() {
+        element
+    } else {
+        format!("{}, {element}", prior.join(", "))
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, value);
     }
 }
 
@@ -340,6 +777,19 @@ mod tests {
         assert_eq!(headers["x-forwarded-for"], "10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "Example.com:8080");
+        assert_eq!(
+            headers["forwarded"],
+            "for=10.0.0.9;proto=http;host=\"Example.com:8080\""
+        );
+
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("forwarded", HeaderValue::from_static("for=192.0.2.60"));
+        add_forwarded(&mut headers, v6, "https", "");
+        assert_eq!(
+            headers["forwarded"],
+            "for=192.0.2.60, for=\"[2001:db8::1]\";proto=https"
+        );
 
         let mut headers = HeaderMap::new();
         headers.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));

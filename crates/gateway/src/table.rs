@@ -1,60 +1,94 @@
-//! The routing table: a pure function of the stored Services and Instances.
+//! The routing table: a pure function of the stored Services and Instances (plus the state that
+//! survives rebuilds: endpoint health, rate-limit buckets, retry budgets).
 //!
-//! [`RouteTable::build`] turns every Service's routes into [`Route`]s carrying the addresses of
-//! the service's routable instances; [`RouteTable::lookup`] picks the route for a request's host
-//! and path. Neither does IO, so both are unit- and property-tested; the gateway rebuilds the
-//! table on every store change and swaps it in atomically.
+//! [`RouteTable::build_with`] turns every Service's routes into [`Route`]s carrying the states of
+//! the service's routable instances; [`RouteTable::lookup_request`] picks the route for a
+//! request. Neither does IO, so both are unit- and property-tested; the gateway rebuilds the
+//! table on every store change and swaps it in atomically. A request keeps the `Arc<Route>` it
+//! matched until it ends, so a swap never cuts it.
 //!
 //! Matching rules:
 //! - hosts compare case-insensitively, without a `:port` and without a trailing dot;
-//! - routes naming the request's host win over any-host routes, whatever their paths;
-//! - among the routes of one host class, the longest path prefix wins;
+//! - host classes, most specific first: the exact host, then wildcards (`*.example.com` matches
+//!   `a.example.com` and `a.b.example.com`, not `example.com`; the longest suffix first), then
+//!   any-host routes. A class is only left when none of its routes matches the path and headers;
+//! - within a class, the longest path prefix wins; for the same prefix, a route with header
+//!   conditions (all present with exactly the given values) beats one without, and more
+//!   conditions beat fewer;
 //! - prefixes match whole segments: `/api` matches `/api` and `/api/x`, not `/apix`
 //!   (`/api/` is the same prefix as `/api`; `/` matches every path);
-//! - when two services claim the same host and path, the one whose name sorts first wins and the
-//!   clash is reported in [`RouteTable::conflicts`].
+//! - when two services claim the same host, path and headers, the one whose name sorts first
+//!   wins and the clash is reported in [`RouteTable::conflicts`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use flotilla_spec::object::{Instance, Service};
+use flotilla_spec::service::{RateLimitSpec, UpstreamProtocol};
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
 
-/// One upstream address of a route: a routable instance's host and port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    /// Instance name.
-    pub instance: String,
-    /// `host:port` (`[v6]:port` for IPv6 hosts), ready for a URI authority.
-    pub authority: String,
-}
+pub use crate::balance::EndpointState as Endpoint;
+use crate::balance::{EndpointRegistry, UpstreamPolicy};
+use crate::ratelimit::{DEFAULT_MAX_KEYS, RouteLimiter};
+use crate::retry::RetryBudget;
 
 /// A route with the endpoints it currently balances over.
 #[derive(Debug)]
 pub struct Route {
     /// Owning service (also the `route` label of the gateway's metrics).
     pub service: String,
-    /// Normalized host; `None` matches any host.
+    /// Normalized host (`*.example.com` for a wildcard); `None` matches any host.
     pub host: Option<String>,
     /// Normalized path prefix (`/` or `/a/b`, never a trailing `/`).
     pub path: String,
+    /// Header conditions, all of which must hold.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Named port the endpoints listen on (`None` when the service has no port at all).
     pub port: Option<String>,
+    /// What replaces the matched prefix upstream (`strip_prefix` is `Some("/")`).
+    pub rewrite: Option<String>,
+    /// Deadline for the upstream's response head (retries included).
+    pub timeout: Option<Duration>,
+    pub redirect_https: bool,
+    pub upstream: UpstreamProtocol,
+    pub rate_limit: Option<Arc<RouteLimiter>>,
+    /// Shared by every route of the service.
+    pub retry_budget: Arc<RetryBudget>,
     /// Ready endpoints, in instance-name order.
-    pub endpoints: Vec<Endpoint>,
-    /// Round-robin cursor.
-    next: AtomicUsize,
+    pub endpoints: Vec<Arc<Endpoint>>,
 }
 
 impl Route {
-    /// Index into `endpoints` where the next request starts (round-robin); `None` if there are
-    /// no endpoints. Retries continue at the following indices.
-    pub fn next_start(&self) -> Option<usize> {
-        if self.endpoints.is_empty() {
-            None
+    /// Whether the request's headers satisfy the route's header conditions.
+    pub fn headers_match(&self, headers: &HeaderMap) -> bool {
+        self.headers
+            .iter()
+            .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+    }
+
+    /// The path (and query) to send upstream for a request `path` this route matched.
+    pub fn upstream_path(&self, path: &str) -> String {
+        let Some(replacement) = &self.rewrite else {
+            return path.to_owned();
+        };
+        let rest = if self.path == "/" {
+            path
         } else {
-            Some(self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len())
+            path.get(self.path.len()..).unwrap_or_default()
+        };
+        let mut out = String::with_capacity(replacement.len() + rest.len() + 1);
+        out.push_str(replacement.trim_end_matches('/'));
+        if rest.is_empty() || !rest.starts_with('/') {
+            out.push('/');
         }
+        out.push_str(rest);
+        if out.len() > 1 && rest.is_empty() && !replacement.ends_with('/') {
+            // `/api` → rewrite `/v2`: keep `/v2`, not `/v2/`.
+            out.pop();
+        }
+        out
     }
 }
 
@@ -79,7 +113,8 @@ impl Match {
     }
 }
 
-/// Two services claiming the same host and path; `winner` (first by name) gets the traffic.
+/// Two services claiming the same host, path and headers; `winner` (first by name) gets the
+/// traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConflict {
     pub host: Option<String>,
@@ -88,23 +123,124 @@ pub struct RouteConflict {
     pub loser: String,
 }
 
+/// (host, path, headers), normalized.
+type RouteKey = (Option<String>, String, Vec<(String, String)>);
+
+/// What outlives a routing table: endpoint state, rate limiters per route, retry budgets per
+/// service. Entries no table holds are dropped by [`TableState::sweep`].
+#[derive(Debug)]
+pub struct TableState {
+    pub policy: UpstreamPolicy,
+    pub endpoints: EndpointRegistry,
+    /// Most clients tracked by one route's rate limiter.
+    pub max_rate_limit_keys: usize,
+    limiters: Mutex<HashMap<(String, RouteKey), Arc<RouteLimiter>>>,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+}
+
+impl Default for TableState {
+    fn default() -> Self {
+        Self::new(UpstreamPolicy::default())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only map operations run under these locks; a poisoned map is still consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TableState {
+    pub fn new(policy: UpstreamPolicy) -> Self {
+        Self {
+            policy,
+            endpoints: EndpointRegistry::default(),
+            max_rate_limit_keys: DEFAULT_MAX_KEYS,
+            limiters: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn limiter(
+        &self,
+        service: &str,
+        key: &RouteKey,
+        spec: RateLimitSpec,
+    ) -> Option<Arc<RouteLimiter>> {
+        let mut limiters = lock(&self.limiters);
+        let k = (service.to_owned(), key.clone());
+        if let Some(existing) = limiters.get(&k)
+            && *existing.spec() == spec
+        {
+            return Some(existing.clone());
+        }
+        let limiter = Arc::new(RouteLimiter::new(spec, self.max_rate_limit_keys)?);
+        limiters.insert(k, limiter.clone());
+        Some(limiter)
+    }
+
+    fn budget(&self, service: &str) -> Arc<RetryBudget> {
+        lock(&self.budgets)
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                Arc::new(RetryBudget::new(
+                    self.policy.retry_ratio,
+                    self.policy.retry_floor,
+                    self.policy.retry_window,
+                ))
+            })
+            .clone()
+    }
+
+    /// Every rate limiter in use.
+    pub fn limiters(&self) -> Vec<Arc<RouteLimiter>> {
+        lock(&self.limiters).values().cloned().collect()
+    }
+
+    /// Housekeeping: forgets what no table holds any more (endpoints after the retention),
+    /// and lets rate limiters forget clients whose buckets refilled. Returns the number of
+    /// rate-limited clients still tracked.
+    pub fn sweep(&self) -> usize {
+        self.endpoints.sweep(self.policy.endpoint_retention);
+        lock(&self.budgets).retain(|_, b| Arc::strong_count(b) > 1);
+        let limiters: Vec<Arc<RouteLimiter>> = {
+            let mut map = lock(&self.limiters);
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            map.values().cloned().collect()
+        };
+        // Outside the lock: a sweep visits every tracked client.
+        limiters.iter().map(|l| l.retain_recent()).sum()
+    }
+}
+
 /// An immutable routing table; build a new one for every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    /// Routes per normalized host, longest path first.
+    /// Routes per normalized exact host, most specific first.
     by_host: HashMap<String, Vec<Arc<Route>>>,
-    /// Any-host routes, longest path first.
+    /// Routes per wildcard suffix (`example.com` for `*.example.com`), most specific first.
+    wildcard: HashMap<String, Vec<Arc<Route>>>,
+    /// Any-host routes, most specific first.
     any_host: Vec<Arc<Route>>,
     conflicts: Vec<RouteConflict>,
 }
 
 impl RouteTable {
-    /// Builds the table from every Service's routes and the routable Instances.
+    /// [`build_with`](Self::build_with) a fresh state (tests, one-off tables).
+    pub fn build<'a, S, I>(services: S, instances: I) -> RouteTable
+    where
+        S: IntoIterator<Item = &'a Service>,
+        I: IntoIterator<Item = &'a Instance>,
+    {
+        Self::build_with(services, instances, &TableState::default())
+    }
+
+    /// Builds the table from every Service's routes and the routable Instances, taking the
+    /// endpoints', rate limiters' and retry budgets' state from `state`.
     ///
     /// An instance is an endpoint of a route when it belongs to the route's service,
     /// [`Instance::is_routable`] holds, and it reports a `status.host` and a host port for the
     /// route's port (the route's `port`, else the service's first port).
-    pub fn build<'a, S, I>(services: S, instances: I) -> RouteTable
+    pub fn build_with<'a, S, I>(services: S, instances: I, state: &TableState) -> RouteTable
     where
         S: IntoIterator<Item = &'a Service>,
         I: IntoIterator<Item = &'a Instance>,
@@ -126,8 +262,8 @@ impl RouteTable {
             list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         }
 
-        // (host, path) -> route; the first service by name keeps a contested key.
-        let mut routes: BTreeMap<(Option<String>, String), Route> = BTreeMap::new();
+        // key -> route; the first service by name keeps a contested key.
+        let mut routes: BTreeMap<RouteKey, Route> = BTreeMap::new();
         let mut conflicts = Vec::new();
         for service in services {
             let name = &service.metadata.name;
@@ -142,7 +278,29 @@ impl RouteTable {
                     .map(normalize_host)
                     .filter(|h| !h.is_empty());
                 let path = normalize_prefix(&spec.path);
-                let key = (host.clone(), path.clone());
+                // Validation rejects bad names and values; a stored object that slipped through
+                // gets a condition that never holds rather than none.
+                let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
+                let mut header_key = Vec::new();
+                let mut impossible = false;
+                for (k, v) in &spec.headers {
+                    match (
+                        HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_str(v),
+                    ) {
+                        (Ok(name), Ok(value)) => {
+                            header_key.push((name.as_str().to_owned(), v.clone()));
+                            headers.push((name, value));
+                        }
+                        _ => impossible = true,
+                    }
+                }
+                if impossible {
+                    tracing::warn!(service = %name, path = %path, "route has an invalid header condition; it matches nothing");
+                    continue;
+                }
+                header_key.sort();
+                let key = (host.clone(), path.clone(), header_key);
                 if let Some(existing) = routes.get(&key) {
                     if existing.service != *name {
                         conflicts.push(RouteConflict {
@@ -160,19 +318,31 @@ impl RouteTable {
                     .or_else(|| service.spec.ports.first().cloned());
                 let endpoints = port
                     .as_deref()
-                    .map(|port| endpoints_for(ready, port))
+                    .map(|port| endpoints_for(ready, port, &state.endpoints))
                     .unwrap_or_default();
+                let rewrite = if spec.strip_prefix {
+                    Some("/".to_owned())
+                } else {
+                    spec.rewrite.clone()
+                };
+                let rate_limit = spec
+                    .rate_limit
+                    .and_then(|limit| state.limiter(name, &key, limit));
                 routes.insert(
                     key,
                     Route {
                         service: name.clone(),
                         host,
                         path,
+                        headers,
                         port,
+                        rewrite,
+                        timeout: spec.timeout.map(|t| t.0),
+                        redirect_https: spec.redirect_https,
+                        upstream: spec.upstream,
+                        rate_limit,
+                        retry_budget: state.budget(name),
                         endpoints,
-                        // A random start, so a table rebuilt between two requests does not
-                        // send both to the first endpoint.
-                        next: AtomicUsize::new(rand::random::<u32>() as usize),
                     },
                 );
             }
@@ -184,38 +354,81 @@ impl RouteTable {
         };
         for route in routes.into_values() {
             let route = Arc::new(route);
-            match &route.host {
-                Some(host) => table.by_host.entry(host.clone()).or_default().push(route),
+            match route.host.as_deref() {
+                Some(host) => match host.strip_prefix("*.") {
+                    Some(suffix) => table
+                        .wildcard
+                        .entry(suffix.to_owned())
+                        .or_default()
+                        .push(route),
+                    None => table
+                        .by_host
+                        .entry(host.to_owned())
+                        .or_default()
+                        .push(route),
+                },
                 None => table.any_host.push(route),
             }
         }
-        let longest_first = |a: &Arc<Route>, b: &Arc<Route>| b.path.len().cmp(&a.path.len());
+        // Longest prefix first; for one prefix, more header conditions first.
+        let most_specific_first = |a: &Arc<Route>, b: &Arc<Route>| {
+            b.path
+                .len()
+                .cmp(&a.path.len())
+                .then(b.headers.len().cmp(&a.headers.len()))
+        };
         for list in table.by_host.values_mut() {
-            list.sort_by(longest_first);
+            list.sort_by(most_specific_first);
         }
-        table.any_host.sort_by(longest_first);
+        for list in table.wildcard.values_mut() {
+            list.sort_by(most_specific_first);
+        }
+        table.any_host.sort_by(most_specific_first);
         table
     }
 
     /// The route for a request's `host` (a `Host` header or URI authority, any case, with or
-    /// without `:port`; empty if the request has none) and `path`.
+    /// without `:port`; empty if the request has none) and `path`, ignoring header conditions'
+    /// routes (as for a request without headers).
     pub fn lookup(&self, host: &str, path: &str) -> Match {
+        self.lookup_request(host, path, &HeaderMap::new())
+    }
+
+    /// The route for a request's host, path and headers.
+    pub fn lookup_request(&self, host: &str, path: &str, headers: &HeaderMap) -> Match {
         let host = normalize_host(host);
-        let found = self
-            .by_host
-            .get(&host)
-            .and_then(|routes| longest_match(routes, path))
-            .or_else(|| longest_match(&self.any_host, path));
-        match found {
+        let find = |routes: &[Arc<Route>]| {
+            routes
+                .iter()
+                .find(|r| prefix_matches(&r.path, path) && r.headers_match(headers))
+                .cloned()
+        };
+        let mut found = self.by_host.get(&host).and_then(|routes| find(routes));
+        if found.is_none() && !self.wildcard.is_empty() {
+            // Suffixes after each dot, longest first: a.b.example.com → b.example.com, …
+            let mut rest = host.as_str();
+            while let Some((_, suffix)) = rest.split_once('.') {
+                if let Some(route) = self.wildcard.get(suffix).and_then(|routes| find(routes)) {
+                    found = Some(route);
+                    break;
+                }
+                rest = suffix;
+            }
+        }
+        match found.or_else(|| find(&self.any_host)) {
             None => Match::NoRoute,
-            Some(route) if route.endpoints.is_empty() => Match::NoReadyEndpoint(route.clone()),
-            Some(route) => Match::Ready(route.clone()),
+            Some(route) if route.endpoints.is_empty() => Match::NoReadyEndpoint(route),
+            Some(route) => Match::Ready(route),
         }
     }
 
     /// Every route, host routes first (hosts in no particular order).
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.by_host.values().flatten().chain(&self.any_host)
+        self.by_host
+            .values()
+            .flatten()
+            .chain(self.wildcard.values().flatten())
+            .chain(&self.any_host)
     }
 
     /// Clashing routes found while building.
@@ -224,11 +437,15 @@ impl RouteTable {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_host.is_empty() && self.any_host.is_empty()
+        self.by_host.is_empty() && self.wildcard.is_empty() && self.any_host.is_empty()
     }
 }
 
-fn endpoints_for(instances: &[&Instance], port: &str) -> Vec<Endpoint> {
+fn endpoints_for(
+    instances: &[&Instance],
+    port: &str,
+    registry: &EndpointRegistry,
+) -> Vec<Arc<Endpoint>> {
     instances
         .iter()
         .filter_map(|instance| {
@@ -237,10 +454,7 @@ fn endpoints_for(instances: &[&Instance], port: &str) -> Vec<Endpoint> {
             if host.is_empty() || number == 0 {
                 return None;
             }
-            Some(Endpoint {
-                instance: instance.metadata.name.clone(),
-                authority: authority(host, number),
-            })
+            Some(registry.get(&instance.metadata.name, &authority(host, number)))
         })
         .collect()
 }
@@ -302,13 +516,6 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-fn longest_match<'r>(routes: &'r [Arc<Route>], path: &str) -> Option<&'r Arc<Route>> {
-    // Sorted longest first: the first match is the longest.
-    routes
-        .iter()
-        .find(|route| prefix_matches(&route.path, path))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -331,7 +538,7 @@ mod tests {
         RouteSpec {
             host: host.map(str::to_string),
             path: path.to_string(),
-            port: None,
+            ..RouteSpec::default()
         }
     }
 
@@ -466,9 +673,6 @@ mod tests {
             authorities,
             ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9007"]
         );
-        // Round-robin over all of them.
-        let starts: Vec<_> = (0..4).map(|_| route.next_start().unwrap()).collect();
-        assert_eq!(starts, [0, 1, 2, 0]);
     }
 
     #[test]
@@ -478,9 +682,9 @@ mod tests {
         svc.spec.routes = vec![
             route(None, "/"),
             RouteSpec {
-                host: None,
                 path: "/admin".into(),
                 port: Some("admin".into()),
+                ..RouteSpec::default()
             },
         ];
         let mut inst = instance("web-1", "web", 9001, true);
@@ -529,10 +733,156 @@ mod tests {
         );
     }
 
+    #[test]
+    fn exact_host_beats_wildcard_beats_any_host() {
+        let services = vec![
+            service("any", vec![route(None, "/")]),
+            service("wild", vec![route(Some("*.example.com"), "/")]),
+            service("deep", vec![route(Some("*.eu.example.com"), "/api")]),
+            service("exact", vec![route(Some("shop.example.com"), "/")]),
+        ];
+        let table = RouteTable::build(&services, &[]);
+        assert_eq!(
+            service_of(&table, "shop.example.com", "/x"),
+            Some("exact".into())
+        );
+        assert_eq!(
+            service_of(&table, "Blog.Example.com:80", "/x"),
+            Some("wild".into())
+        );
+        assert_eq!(
+            service_of(&table, "a.b.example.com", "/"),
+            Some("wild".into())
+        );
+        // The longer wildcard suffix first, falling back to the shorter when its paths miss.
+        assert_eq!(
+            service_of(&table, "x.eu.example.com", "/api/1"),
+            Some("deep".into())
+        );
+        assert_eq!(
+            service_of(&table, "x.eu.example.com", "/web"),
+            Some("wild".into())
+        );
+        // A wildcard does not match the bare domain.
+        assert_eq!(service_of(&table, "example.com", "/"), Some("any".into()));
+        assert_eq!(service_of(&table, "other.org", "/"), Some("any".into()));
+    }
+
+    #[test]
+    fn header_routes_beat_the_same_prefix_without_headers() {
+        let mut canary = route(None, "/api");
+        canary.headers.insert("X-Canary".into(), "1".into());
+        let services = vec![
+            service("stable", vec![route(None, "/api")]),
+            service("canary", vec![canary]),
+            service("deeper", vec![route(None, "/api/v2")]),
+        ];
+        let table = RouteTable::build(&services, &[]);
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let lookup = |path, headers: &HeaderMap| {
+            table
+                .lookup_request("h", path, headers)
+                .route()
+                .map(|r| r.service.clone())
+        };
+        assert_eq!(lookup("/api/x", &with(&[])), Some("stable".into()));
+        assert_eq!(
+            lookup("/api/x", &with(&[("x-canary", "1")])),
+            Some("canary".into())
+        );
+        assert_eq!(
+            lookup("/api/x", &with(&[("x-canary", "2")])),
+            Some("stable".into())
+        );
+        // Any of several values of the header may match.
+        assert_eq!(
+            lookup("/api/x", &with(&[("x-canary", "0"), ("x-canary", "1")])),
+            Some("canary".into())
+        );
+        // A longer prefix still wins over a header route.
+        assert_eq!(
+            lookup("/api/v2/x", &with(&[("x-canary", "1")])),
+            Some("deeper".into())
+        );
+        assert!(table.conflicts().is_empty());
+    }
+
+    #[test]
+    fn strip_and_rewrite_replace_the_matched_prefix() {
+        let built = |path: &str, strip: bool, rewrite: Option<&str>| {
+            let mut r = route(None, path);
+            r.strip_prefix = strip;
+            r.rewrite = rewrite.map(str::to_string);
+            let table = RouteTable::build(&[service("s", vec![r])], &[]);
+            table.lookup("h", path).route().cloned().unwrap()
+        };
+        let strip = built("/api", true, None);
+        assert_eq!(strip.upstream_path("/api/x/y"), "/x/y");
+        assert_eq!(strip.upstream_path("/api"), "/");
+        assert_eq!(strip.upstream_path("/api/"), "/");
+        let rewrite = built("/api", false, Some("/v2"));
+        assert_eq!(rewrite.upstream_path("/api/x"), "/v2/x");
+        assert_eq!(rewrite.upstream_path("/api"), "/v2");
+        let slash = built("/api", false, Some("/v2/"));
+        assert_eq!(slash.upstream_path("/api/x"), "/v2/x");
+        assert_eq!(slash.upstream_path("/api"), "/v2/");
+        let root = built("/", false, Some("/base"));
+        assert_eq!(root.upstream_path("/x"), "/base/x");
+        assert_eq!(root.upstream_path("/"), "/base/");
+        let none = built("/api", false, None);
+        assert_eq!(none.upstream_path("/api/x"), "/api/x");
+    }
+
+    #[test]
+    fn endpoint_and_limiter_state_survive_rebuilds() {
+        let state = TableState::default();
+        let mut limited = route(None, "/");
+        limited.rate_limit = Some(RateLimitSpec {
+            requests_per_second: 5,
+            burst: None,
+        });
+        let services = vec![service("web", vec![limited])];
+        let instances = vec![instance("web-1", "web", 9001, true)];
+        let first = RouteTable::build_with(&services, &instances, &state);
+        let Match::Ready(r1) = first.lookup("h", "/") else {
+            panic!("ready route expected")
+        };
+        let _in_flight = r1.endpoints[0].start();
+        let second = RouteTable::build_with(&services, &instances, &state);
+        let Match::Ready(r2) = second.lookup("h", "/") else {
+            panic!("ready route expected")
+        };
+        assert!(Arc::ptr_eq(&r1.endpoints[0], &r2.endpoints[0]));
+        assert_eq!(r2.endpoints[0].in_flight(), 1);
+        assert!(Arc::ptr_eq(
+            r1.rate_limit.as_ref().unwrap(),
+            r2.rate_limit.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&r1.retry_budget, &r2.retry_budget));
+        // A changed quota is a new limiter.
+        let mut faster = route(None, "/");
+        faster.rate_limit = Some(RateLimitSpec {
+            requests_per_second: 50,
+            burst: None,
+        });
+        let third = RouteTable::build_with(&[service("web", vec![faster])], &instances, &state);
+        let r3 = third.lookup("h", "/").route().cloned().unwrap();
+        assert!(!Arc::ptr_eq(
+            r1.rate_limit.as_ref().unwrap(),
+            r3.rate_limit.as_ref().unwrap()
+        ));
+    }
+
     // ---- property tests against a brute-force model ----------------------------------------
 
-    /// (service index, host or any, path prefix)
-    type RouteModel = (usize, Option<String>, String);
+    /// (service index, host or any, path prefix, needs `x-c: 1`)
+    type RouteModel = (usize, Option<String>, String, bool);
 
     fn arb_segment() -> impl Strategy<Value = String> {
         prop::sample::select(vec!["a", "ab", "b", "api", "apix", "v1"]).prop_map(str::to_string)
@@ -553,17 +903,44 @@ mod tests {
     }
 
     fn arb_host() -> impl Strategy<Value = String> {
-        prop::sample::select(vec!["a.example", "b.example", "c.example"]).prop_map(str::to_string)
+        prop::sample::select(vec![
+            "a.example",
+            "b.example",
+            "x.a.example",
+            "*.example",
+            "*.a.example",
+        ])
+        .prop_map(str::to_string)
     }
 
     fn arb_routes() -> impl Strategy<Value = Vec<RouteModel>> {
-        prop::collection::vec((0..4usize, prop::option::of(arb_host()), arb_path()), 0..12)
+        prop::collection::vec(
+            (
+                0..4usize,
+                prop::option::of(arb_host()),
+                arb_path(),
+                prop::bool::weighted(0.3),
+            ),
+            0..12,
+        )
     }
 
     /// Mangles a host the way clients may send it: case and an optional port.
     fn arb_request_host() -> impl Strategy<Value = String> {
-        (arb_host(), any::<bool>(), prop::option::of(1u16..)).prop_map(|(h, upper, port)| {
-            let h = if upper { h.to_uppercase() } else { h };
+        let host = prop::sample::select(vec![
+            "a.example",
+            "b.example",
+            "x.a.example",
+            "y.x.a.example",
+            "example",
+            "other",
+        ]);
+        (host, any::<bool>(), prop::option::of(1u16..)).prop_map(|(h, upper, port)| {
+            let h = if upper {
+                h.to_uppercase()
+            } else {
+                h.to_string()
+            };
             match port {
                 Some(p) => format!("{h}:{p}"),
                 None => h,
@@ -576,31 +953,63 @@ mod tests {
             .map(|i| {
                 let routes = model
                     .iter()
-                    .filter(|(s, _, _)| *s == i)
-                    .map(|(_, h, p)| route(h.as_deref(), p))
+                    .filter(|(s, _, _, _)| *s == i)
+                    .map(|(_, h, p, hdr)| {
+                        let mut r = route(h.as_deref(), p);
+                        if *hdr {
+                            r.headers.insert("x-c".into(), "1".into());
+                        }
+                        r
+                    })
                     .collect();
                 service(&format!("svc{i}"), routes)
             })
             .collect()
     }
 
-    /// The specification, written as plainly as possible.
-    fn model_lookup(model: &[RouteModel], host: &str, path: &str) -> Option<(usize, String)> {
+    /// The specification, written as plainly as possible: the most specific host class with a
+    /// matching route, then the longest prefix, then header routes, then the first service.
+    fn model_lookup(
+        model: &[RouteModel],
+        host: &str,
+        path: &str,
+        with_header: bool,
+    ) -> Option<(usize, String)> {
         let host = normalize_host(host);
-        let best = |want_host: bool| {
-            model
-                .iter()
-                .filter(|(_, h, _)| match h {
-                    Some(h) => want_host && normalize_host(h) == host,
-                    None => !want_host,
-                })
-                .filter(|(_, _, p)| prefix_matches(&normalize_prefix(p), path))
-                // Longest prefix; among equal keys the first service by name (index).
-                .map(|(s, _, p)| (normalize_prefix(p), *s))
-                .min_by(|(pa, sa), (pb, sb)| pb.len().cmp(&pa.len()).then(sa.cmp(sb)))
-                .map(|(p, s)| (s, p))
+        // Lower is more specific; None: the route's host does not apply.
+        let class = |h: &Option<String>| -> Option<usize> {
+            match h {
+                None => Some(10_000),
+                Some(h) => match h.strip_prefix("*.") {
+                    Some(suffix) if host.ends_with(&format!(".{suffix}")) => {
+                        Some(1_000 - suffix.len())
+                    }
+                    Some(_) => None,
+                    None => (normalize_host(h) == host).then_some(0),
+                },
+            }
         };
-        best(true).or_else(|| best(false))
+        model
+            .iter()
+            .filter(|(_, _, p, hdr)| {
+                prefix_matches(&normalize_prefix(p), path) && (!hdr || with_header)
+            })
+            .filter_map(|(s, h, p, hdr)| Some((class(h)?, normalize_prefix(p), *hdr, *s)))
+            .min_by(|(ca, pa, ha, sa), (cb, pb, hb, sb)| {
+                ca.cmp(cb)
+                    .then(pb.len().cmp(&pa.len()))
+                    .then(hb.cmp(ha))
+                    .then(sa.cmp(sb))
+            })
+            .map(|(_, p, _, s)| (s, p))
+    }
+
+    fn request_headers(with_header: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if with_header {
+            headers.insert("x-c", HeaderValue::from_static("1"));
+        }
+        headers
     }
 
     proptest! {
@@ -609,13 +1018,15 @@ mod tests {
             model in arb_routes(),
             host in arb_request_host(),
             path in arb_path(),
+            with_header in any::<bool>(),
         ) {
             let table = RouteTable::build(&services_from(&model), &[]);
             let got = table
-                .lookup(&host, &path)
+                .lookup_request(&host, &path, &request_headers(with_header))
                 .route()
                 .map(|r| (r.service.clone(), r.path.clone()));
-            let want = model_lookup(&model, &host, &path).map(|(s, p)| (format!("svc{s}"), p));
+            let want = model_lookup(&model, &host, &path, with_header)
+                .map(|(s, p)| (format!("svc{s}"), p));
             prop_assert_eq!(got, want);
         }
 
@@ -630,8 +1041,16 @@ mod tests {
                 prop_assert!(path.starts_with(route.path.as_str()));
                 let rest = &path[route.path.len()..];
                 prop_assert!(route.path == "/" || rest.is_empty() || rest.starts_with('/'));
+                prop_assert!(route.headers.is_empty());
                 if let Some(h) = &route.host {
-                    prop_assert_eq!(h, &normalize_host(&host));
+                    let want = normalize_host(&host);
+                    match h.strip_prefix("*.") {
+                        Some(suffix) => {
+                            let dotted = format!(".{suffix}");
+                            prop_assert!(want.ends_with(&dotted));
+                        }
+                        None => prop_assert_eq!(h, &want),
+                    }
                 }
             }
         }

@@ -11,9 +11,12 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_spec::{Event, EventType, Instance, Object, ObjectMeta, Service, ServiceSpec};
+use flotilla_spec::{
+    Event, EventType, Instance, Object, ObjectMeta, Revision as ServiceRevision, Service,
+    ServiceSpec, annotations,
+};
 use flotilla_store::{Revision, Store, StoreError, WatchEvent, typed};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -98,6 +101,11 @@ pub fn router(state: ApiState) -> Router {
             get(get_object::<Service>).delete(delete_service),
         )
         .route("/api/v1/services/{name}/logs", get(service_logs))
+        .route("/api/v1/services/{name}/revisions", get(list_revisions))
+        .route("/api/v1/services/{name}/rollback", post(rollback))
+        .route("/api/v1/services/{name}/pause", post(pause))
+        .route("/api/v1/services/{name}/resume", post(resume))
+        .route("/api/v1/services/{name}/restart", post(restart))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}", get(get_object::<Instance>))
         .route("/api/v1/events", get(list_events))
@@ -394,6 +402,9 @@ pub async fn apply(
             let mut metadata = ObjectMeta::named(&name);
             metadata.labels = labels;
             metadata.annotations = annotations;
+            metadata
+                .annotations
+                .retain(|k, _| !k.starts_with(annotations::PREFIX));
             let service = Service {
                 metadata,
                 spec,
@@ -435,6 +446,15 @@ pub async fn apply(
                 .with_field("metadata.resourceVersion"));
             }
             let spec_changed = current.spec != spec;
+            // Annotations flotilla manages (pause, restart token, change cause) are kept: the
+            // user's file does not know them.
+            let mut annotations = annotations;
+            annotations.retain(|k, _| !k.starts_with(annotations::PREFIX));
+            for (k, v) in &current.metadata.annotations {
+                if k.starts_with(annotations::PREFIX) {
+                    annotations.insert(k.clone(), v.clone());
+                }
+            }
             if !spec_changed
                 && current.metadata.labels == labels
                 && current.metadata.annotations == annotations
@@ -443,6 +463,7 @@ pub async fn apply(
             }
             if spec_changed {
                 current.metadata.generation += 1;
+                annotations.insert(annotations::CHANGE_CAUSE.to_string(), "apply".to_string());
             }
             current.spec = spec;
             current.metadata.labels = labels;
@@ -528,6 +549,196 @@ async fn delete_service(
     )
     .await;
     Ok(Json(deleted))
+}
+
+// ------------------------------------------------------------------------------------------
+// Rollouts
+
+/// The service's revisions, oldest first.
+async fn revisions_of(store: &dyn Store, name: &str) -> ApiResult<Vec<ServiceRevision>> {
+    let (all, _) = typed::list::<ServiceRevision>(store).await?;
+    let mut mine: Vec<ServiceRevision> =
+        all.into_iter().filter(|r| r.spec.service == name).collect();
+    mine.sort_by_key(|r| r.spec.number);
+    Ok(mine)
+}
+
+async fn existing_service(store: &dyn Store, name: &str) -> ApiResult<Service> {
+    typed::get::<Service>(store, name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))
+}
+
+async fn list_revisions(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<List<ServiceRevision>>> {
+    let service = existing_service(&*state.store, &name).await?;
+    Ok(Json(List {
+        items: revisions_of(&*state.store, &name).await?,
+        resource_version: service.metadata.resource_version,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RollbackBody {
+    /// Revision to return to; default: the one before the current revision.
+    #[serde(default)]
+    to_revision: Option<u64>,
+}
+
+/// `rollout undo`: the service's spec becomes that of an earlier revision (a new revision
+/// records it), through the same compare-and-swap as any write.
+async fn rollback(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Service>> {
+    let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "invalid rollback request at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ))
+            .with_field("body")
+        })?
+    };
+    let service = existing_service(&*state.store, &name).await?;
+    let history = revisions_of(&*state.store, &name).await?;
+    let current = service.status.revision;
+    let target = match body.to_revision {
+        Some(n) => history.iter().find(|r| r.spec.number == n).ok_or_else(|| {
+            let known: Vec<String> = history.iter().map(|r| r.spec.number.to_string()).collect();
+            ApiError::not_found(format!(
+                "service {name} has no revision {n} (kept: {})",
+                known.join(", ")
+            ))
+            .with_field("toRevision")
+        })?,
+        None => history
+            .iter()
+            .rev()
+            .find(|r| r.spec.number < current)
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "service {name} has no revision before {current} to go back to"
+                ))
+            })?,
+    };
+    if target.spec.template_hash == crate::rollout::target_hash(&service) {
+        return Err(ApiError::conflict(format!(
+            "service {name} already runs the spec of revision {}",
+            target.spec.number
+        )));
+    }
+    let number = target.spec.number;
+    let mut updated = service.clone();
+    crate::controller::restore_template(
+        &mut updated,
+        &target.spec.template,
+        target.spec.restart_token.as_deref(),
+        &format!("rollback to revision {number}"),
+    );
+    let updated = typed::update(&*state.store, updated).await?;
+    events::record(
+        &*state.store,
+        Service::KIND,
+        &name,
+        EventType::Normal,
+        "RollbackRequested",
+        format!("returning to the spec of revision {number}"),
+        "api",
+    )
+    .await;
+    Ok(Json(updated))
+}
+
+/// Sets or clears a flotilla-managed annotation with compare-and-swap; returns the service.
+async fn set_annotation(
+    state: &ApiState,
+    name: &str,
+    key: &str,
+    value: Option<String>,
+    cause: Option<&str>,
+) -> ApiResult<Service> {
+    let updated = typed::modify::<Service>(&*state.store, name, |s| {
+        let ann = &mut s.metadata.annotations;
+        let before = ann.clone();
+        match &value {
+            Some(v) => {
+                ann.insert(key.to_string(), v.clone());
+            }
+            None => {
+                ann.remove(key);
+            }
+        }
+        if let Some(c) = cause {
+            ann.insert(annotations::CHANGE_CAUSE.to_string(), c.to_string());
+        }
+        *ann != before
+    })
+    .await?;
+    match updated {
+        Some(s) => Ok(s),
+        None => existing_service(&*state.store, name).await,
+    }
+}
+
+async fn pause(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Service>> {
+    existing_service(&*state.store, &name).await?;
+    let s = set_annotation(
+        &state,
+        &name,
+        annotations::PAUSED,
+        Some("true".into()),
+        None,
+    )
+    .await?;
+    Ok(Json(s))
+}
+
+async fn resume(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Service>> {
+    existing_service(&*state.store, &name).await?;
+    let s = set_annotation(&state, &name, annotations::PAUSED, None, None).await?;
+    Ok(Json(s))
+}
+
+/// A rolling restart: new instances of the same spec, one revision later.
+async fn restart(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Service>> {
+    existing_service(&*state.store, &name).await?;
+    let token = flotilla_spec::now_rfc3339();
+    let s = set_annotation(
+        &state,
+        &name,
+        annotations::RESTARTED_AT,
+        Some(token),
+        Some("restart"),
+    )
+    .await?;
+    events::record(
+        &*state.store,
+        Service::KIND,
+        &name,
+        EventType::Normal,
+        "RestartRequested",
+        "rolling restart requested",
+        "api",
+    )
+    .await;
+    Ok(Json(s))
 }
 
 // ------------------------------------------------------------------------------------------

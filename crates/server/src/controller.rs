@@ -166,7 +166,10 @@ impl ServiceController {
         }
         let mut revisions_by_service: BTreeMap<&str, Vec<&Revision>> = BTreeMap::new();
         for r in &revisions {
-            revisions_by_service.entry(&r.spec.service).or_default().push(r);
+            revisions_by_service
+                .entry(&r.spec.service)
+                .or_default()
+                .push(r);
         }
         for list in revisions_by_service.values_mut() {
             list.sort_by_key(|r| r.spec.number);
@@ -187,7 +190,10 @@ impl ServiceController {
         for name in names {
             let service = services_by_name.get(name).copied();
             let owned = by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
-            let history = revisions_by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
+            let history = revisions_by_service
+                .get(name)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             match self.reconcile_service(name, service, owned, history).await {
                 Ok(b) => busy |= b,
                 Err(error) => {
@@ -251,7 +257,8 @@ impl ServiceController {
             )
             .await;
             if service.spec.deploy.auto_rollback {
-                self.roll_back(service, revision, history, &failure.reason).await?;
+                self.roll_back(service, revision, history, &failure.reason)
+                    .await?;
             }
         }
         if judgement.completed {
@@ -272,14 +279,24 @@ impl ServiceController {
                 .as_ref()
                 .map(|r| r.message.clone())
                 .unwrap_or_default();
-            events::record(&*self.store, Service::KIND, name, kind, reason, message, SOURCE).await;
+            events::record(
+                &*self.store,
+                Service::KIND,
+                name,
+                kind,
+                reason,
+                message,
+                SOURCE,
+            )
+            .await;
         }
         let busy = judgement
             .status
             .rollout
             .as_ref()
             .is_some_and(|r| r.phase == flotilla_spec::RolloutPhase::Progressing)
-            || !desired.min_ready.is_zero() && judgement.status.available_replicas < desired.replicas;
+            || !desired.min_ready.is_zero()
+                && judgement.status.available_replicas < desired.replicas;
         let generation = service.metadata.generation;
         let status = judgement.status;
         typed::modify::<Service>(&*self.store, name, |s| {

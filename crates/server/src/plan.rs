@@ -14,7 +14,10 @@ pub enum Action {
     /// Create one instance of `service` from its current spec.
     Create { service: String, spec_hash: String },
     /// Begin graceful deletion: the gateway stops routing to it, the agent stops it and removes it.
-    Delete { instance: String, reason: DeleteReason },
+    Delete {
+        instance: String,
+        reason: DeleteReason,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +123,10 @@ pub fn plan(
     let min_available = replicas.saturating_sub(d.max_unavailable as usize);
     let is_available = |i: &Instance| available(i, d.min_ready, now);
 
-    let (mut new, old): (Vec<&Instance>, Vec<&Instance>) =
-        live.iter().copied().partition(|i| i.spec.spec_hash == d.target_hash);
+    let (mut new, old): (Vec<&Instance>, Vec<&Instance>) = live
+        .iter()
+        .copied()
+        .partition(|i| i.spec.spec_hash == d.target_hash);
     let mut running_total = owned.iter().filter(|i| running(i)).count();
     let mut available_total = live.iter().filter(|i| is_available(i)).count();
 
@@ -180,7 +185,12 @@ fn delete(i: &Instance, reason: DeleteReason) -> Action {
 }
 
 /// Orders instances from least to most useful to keep.
-fn usefulness(a: &Instance, b: &Instance, min_ready: Duration, now: SystemTime) -> std::cmp::Ordering {
+fn usefulness(
+    a: &Instance,
+    b: &Instance,
+    min_ready: Duration,
+    now: SystemTime,
+) -> std::cmp::Ordering {
     let score = |i: &Instance| {
         (
             !i.status.phase.is_terminal(),
@@ -225,7 +235,11 @@ mod tests {
                 template: template(),
             },
             status: InstanceStatus {
-                phase: if ready { Phase::Running } else { Phase::Starting },
+                phase: if ready {
+                    Phase::Running
+                } else {
+                    Phase::Starting
+                },
                 ready,
                 ..Default::default()
             },
@@ -253,7 +267,11 @@ mod tests {
     #[test]
     fn start_up_creates_replicas() {
         let a = plan("web", Some(&desired(3, "h1", 1, 0)), &[], now());
-        assert_eq!(creates(&a), 3, "creating from nothing is bounded by replicas + surge");
+        assert_eq!(
+            creates(&a),
+            3,
+            "creating from nothing is bounded by replicas + surge"
+        );
         assert!(deletes(&a).is_empty());
     }
 
@@ -293,7 +311,9 @@ mod tests {
 
     #[test]
     fn rolling_update_surges_then_replaces_one_for_one() {
-        let o: Vec<Instance> = (0..3).map(|n| instance(&format!("web-o{n}"), "h1", true)).collect();
+        let o: Vec<Instance> = (0..3)
+            .map(|n| instance(&format!("web-o{n}"), "h1", true))
+            .collect();
         let refs: Vec<&Instance> = o.iter().collect();
         // Surge 1, unavailable 0: one new instance, nothing old stops yet.
         let a = plan("web", Some(&desired(3, "h2", 1, 0)), &refs, now());
@@ -318,9 +338,18 @@ mod tests {
         let o2 = instance("web-o2", "h1", true);
         let mut n1 = instance("web-n1", "h2", false);
         n1.status.phase = Phase::CrashLoopBackOff;
-        let a = plan("web", Some(&desired(2, "h2", 1, 0)), &[&o1, &o2, &n1], now());
+        let a = plan(
+            "web",
+            Some(&desired(2, "h2", 1, 0)),
+            &[&o1, &o2, &n1],
+            now(),
+        );
         assert!(deletes(&a).is_empty(), "{a:?}");
-        assert_eq!(creates(&a), 0, "the surge is used up by the crash-looping instance");
+        assert_eq!(
+            creates(&a),
+            0,
+            "the surge is used up by the crash-looping instance"
+        );
     }
 
     #[test]
@@ -337,7 +366,10 @@ mod tests {
         let mut o1 = o1;
         o1.status.ready_since = Some("2020-01-01T00:00:00Z".into());
         let a = plan("web", Some(&d), &[&o1, &n1], now());
-        assert!(deletes(&a).is_empty(), "new instance not ready long enough: {a:?}");
+        assert!(
+            deletes(&a).is_empty(),
+            "new instance not ready long enough: {a:?}"
+        );
         let later = now() + Duration::from_secs(6);
         let a = plan("web", Some(&d), &[&o1, &n1], later);
         assert_eq!(deletes(&a), vec!["web-o1".to_string()]);
@@ -382,7 +414,10 @@ mod tests {
         for (step, (ready_pick, finish_pick)) in moves.iter().enumerate() {
             let refs: Vec<&Instance> = world.iter().collect();
             let running_before = world.iter().filter(|i| running(i)).count();
-            let avail_before = world.iter().filter(|i| available(i, Duration::ZERO, now())).count();
+            let avail_before = world
+                .iter()
+                .filter(|i| available(i, Duration::ZERO, now()))
+                .count();
             let actions = plan("web", Some(&d), &refs, now());
             let dels = deletes(&actions);
             let mut uniq = dels.clone();
@@ -395,7 +430,10 @@ mod tests {
                         let i = world.iter_mut().find(|i| &i.metadata.name == instance);
                         prop_assert!(i.is_some());
                         if let Some(i) = i {
-                            prop_assert!(i.metadata.deletion_timestamp.is_none(), "deleting a deleting instance");
+                            prop_assert!(
+                                i.metadata.deletion_timestamp.is_none(),
+                                "deleting a deleting instance"
+                            );
                             i.metadata.deletion_timestamp = Some("now".into());
                         }
                     }
@@ -406,14 +444,25 @@ mod tests {
                 }
             }
             let running_after = world.iter().filter(|i| running(i)).count();
-            let avail_after = world.iter().filter(|i| available(i, Duration::ZERO, now())).count();
+            let avail_after = world
+                .iter()
+                .filter(|i| available(i, Duration::ZERO, now()))
+                .count();
             prop_assert!(
                 running_after <= max_total.max(running_before),
-                "step {}: {} running > {} (was {})", step, running_after, max_total, running_before
+                "step {}: {} running > {} (was {})",
+                step,
+                running_after,
+                max_total,
+                running_before
             );
             prop_assert!(
                 avail_after >= min_avail.min(avail_before),
-                "step {}: {} available < {} (was {})", step, avail_after, min_avail, avail_before
+                "step {}: {} available < {} (was {})",
+                step,
+                avail_after,
+                min_avail,
+                avail_before
             );
             // The world moves.
             if new_ever_ready {

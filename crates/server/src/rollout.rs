@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use flotilla_spec::{
-    Instance, Phase, RolloutPhase, RolloutStatus, Service, ServiceSpec, ServiceStatus,
-    annotations, template_hash,
+    Instance, Phase, RolloutPhase, RolloutStatus, Service, ServiceSpec, ServiceStatus, annotations,
+    template_hash,
 };
 use serde_json::Value;
 
@@ -84,7 +84,11 @@ fn diff(a: &Value, b: &Value, path: &str, depth: usize, out: &mut Vec<String>) {
                 );
             }
         }
-        _ => out.push(if path.is_empty() { "spec".into() } else { path.into() }),
+        _ => out.push(if path.is_empty() {
+            "spec".into()
+        } else {
+            path.into()
+        }),
     }
 }
 
@@ -141,7 +145,10 @@ pub fn judge(
 
     let mut status = old.clone();
     status.observed_generation = service.metadata.generation;
-    status.replicas = live.iter().filter(|i| !i.status.phase.is_terminal()).count() as u32;
+    status.replicas = live
+        .iter()
+        .filter(|i| !i.status.phase.is_terminal())
+        .count() as u32;
     status.ready_replicas = live.iter().filter(|i| i.is_routable()).count() as u32;
     status.spec_hash = d.target_hash.clone();
     status.updated_replicas = updated;
@@ -155,6 +162,7 @@ pub fn judge(
         started_at: now_s.clone(),
         last_progress_at: now_s.clone(),
         rolled_back_from: None,
+        cause: String::new(),
     });
     let mut failed = None;
     let mut completed = false;
@@ -177,6 +185,7 @@ pub fn judge(
                 .starts_with("automatic rollback")
                 .then_some(status.revision)
                 .filter(|r| *r > 0),
+            cause,
         };
         status.revision = revision;
     }
@@ -206,16 +215,13 @@ pub fn judge(
             match rollout.rolled_back_from {
                 Some(bad) => {
                     rollout.phase = RolloutPhase::RolledBack;
-                    if !rollout.message.starts_with("rolled back") {
-                        rollout.message = format!(
-                            "rolled back from revision {bad} to revision {revision}{}",
-                            rollout
-                                .message
-                                .split_once(": ")
-                                .map(|(_, why)| format!(": {why}"))
-                                .unwrap_or_default()
-                        );
-                    }
+                    let why = rollout
+                        .cause
+                        .split_once(": ")
+                        .map(|(_, why)| format!(": {why}"))
+                        .unwrap_or_default();
+                    rollout.message =
+                        format!("rolled back from revision {bad} to revision {revision}{why}");
                 }
                 None => {
                     rollout.phase = RolloutPhase::Complete;
@@ -269,7 +275,13 @@ fn crash_loop(new: &[&Instance]) -> Option<String> {
             let exit = s
                 .last_exit
                 .as_ref()
-                .map(|e| format!(" (last exit: {}{})", e.reason, e.code.map(|c| format!(" code {c}")).unwrap_or_default()))
+                .map(|e| {
+                    format!(
+                        " (last exit: {}{})",
+                        e.reason,
+                        e.code.map(|c| format!(" code {c}")).unwrap_or_default()
+                    )
+                })
                 .unwrap_or_default();
             format!(
                 "instance {} is {} after {} restarts{exit}",
@@ -293,7 +305,10 @@ mod tests {
     fn changes_name_the_fields() {
         let a = spec(r#"{"command":"srv","args":["a"],"env":{"A":"1","B":"2"},"replicas":2}"#);
         let b = spec(r#"{"command":"srv","args":["b"],"env":{"A":"1","B":"3"},"replicas":5}"#);
-        assert_eq!(changes(&a, &b), vec!["args".to_string(), "env.B".to_string()]);
+        assert_eq!(
+            changes(&a, &b),
+            vec!["args".to_string(), "env.B".to_string()]
+        );
         assert!(changes(&a, &a).is_empty());
     }
 }

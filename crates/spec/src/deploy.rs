@@ -98,7 +98,11 @@ impl Scale {
             Scale::Count(n) => n,
             Scale::Percent(p) => {
                 let scaled = u64::from(replicas) * u64::from(p);
-                let n = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
+                let n = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
                 u32::try_from(n).unwrap_or(u32::MAX)
             }
         }
@@ -141,7 +145,11 @@ impl de::Visitor<'_> for ScaleVisitor {
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Scale, E> {
         let t = v.trim();
-        let bad = || E::custom(format!("invalid {v:?}: expected a count such as 1 or a percentage such as \"25%\""));
+        let bad = || {
+            E::custom(format!(
+                "invalid {v:?}: expected a count such as 1 or a percentage such as \"25%\""
+            ))
+        };
         match t.strip_suffix('%') {
             Some(p) => {
                 let p: u32 = p.trim().parse().map_err(|_| bad())?;
@@ -187,7 +195,10 @@ mod tests {
         assert!(serde_json::from_str::<Scale>("\"150%\"").is_err());
         assert!(serde_json::from_str::<Scale>("-1").is_err());
         assert!(serde_json::from_str::<Scale>("\"x\"").is_err());
-        assert_eq!(serde_json::to_string(&Scale::Percent(25)).unwrap(), "\"25%\"");
+        assert_eq!(
+            serde_json::to_string(&Scale::Percent(25)).unwrap(),
+            "\"25%\""
+        );
         assert_eq!(serde_json::to_string(&Scale::Count(3)).unwrap(), "3");
     }
 }

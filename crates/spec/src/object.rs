@@ -134,6 +134,9 @@ pub struct RolloutStatus {
     /// Set while the service runs a revision that an automatic rollback returned to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_from: Option<u64>,
+    /// Why this revision exists (`apply`, `restart`, `automatic rollback from revision 2: …`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cause: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

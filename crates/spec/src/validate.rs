@@ -294,11 +294,17 @@ fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
             "max_surge and max_unavailable cannot both be 0: a rollout could never move",
         );
     }
-    for (name, limit) in [(&d.max_surge, "max_surge"), (&d.max_unavailable, "max_unavailable")] {
+    for (name, limit) in [
+        (&d.max_surge, "max_surge"),
+        (&d.max_unavailable, "max_unavailable"),
+    ] {
         if let Scale::Count(n) = name
             && *n > MAX_REPLICAS
         {
-            v.push(p.key(limit), format!("must be at most {MAX_REPLICAS} (got {n})"));
+            v.push(
+                p.key(limit),
+                format!("must be at most {MAX_REPLICAS} (got {n})"),
+            );
         }
     }
     let hour = std::time::Duration::from_secs(3600);
@@ -503,7 +509,10 @@ fn check_route(v: &mut Errs, p: &FieldPath, route: &RouteSpec, ports: &[String])
                 format!("must start with `/` (got {rewrite:?})"),
             );
         } else if rewrite.contains(['?', '#']) {
-            v.push(p.key("rewrite"), "must be a path, without query or fragment");
+            v.push(
+                p.key("rewrite"),
+                "must be a path, without query or fragment",
+            );
         }
     }
     if let Some(timeout) = route.timeout
@@ -560,9 +569,10 @@ pub fn validate_header_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
-    if let Some(c) = name.chars().find(|c| {
-        !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(*c))
-    }) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(*c)))
+    {
         return Err(format!("invalid character {c:?}"));
     }
     Ok(())
@@ -763,9 +773,19 @@ fn check_gateway_limits(v: &mut Errs, p: &FieldPath, gw: &GatewaySection) {
     let l = &gw.limits;
     let ms = Duration::from_millis;
     for (name, value, min, max) in [
-        ("header_read_timeout", l.header_read_timeout, ms(100), ms(600_000)),
+        (
+            "header_read_timeout",
+            l.header_read_timeout,
+            ms(100),
+            ms(600_000),
+        ),
         ("idle_timeout", l.idle_timeout, ms(1000), ms(3_600_000)),
-        ("tls_handshake_timeout", l.tls_handshake_timeout, ms(100), ms(600_000)),
+        (
+            "tls_handshake_timeout",
+            l.tls_handshake_timeout,
+            ms(100),
+            ms(600_000),
+        ),
     ] {
         if let Some(d) = value
             && !(min..=max).contains(&d.0)
@@ -789,7 +809,12 @@ fn check_gateway_limits(v: &mut Errs, p: &FieldPath, gw: &GatewaySection) {
         ),
         ("max_headers", l.max_headers.map(u64::from), 1, 1000),
         ("max_body_bytes", l.max_body_bytes.map(|b| b.0), 1, u64::MAX),
-        ("max_connections", l.max_connections.map(u64::from), 1, 1_000_000),
+        (
+            "max_connections",
+            l.max_connections.map(u64::from),
+            1,
+            1_000_000,
+        ),
         (
             "h2_max_concurrent_streams",
             l.h2_max_concurrent_streams.map(u64::from),

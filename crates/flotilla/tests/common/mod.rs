@@ -296,9 +296,8 @@ impl Up {
             } else {
                 PathBuf::from("/sys/fs/cgroup").join(&ctrl)
             };
-            let d = base
-                .join(path.trim_start_matches('/'))
-                .join(format!("flotilla-{}", self.node));
+            let scope = flotilla_agent::cgroup_scope_name(&self.node, &self.data_dir());
+            let d = base.join(path.trim_start_matches('/')).join(scope);
             dirs.push(d);
         }
         dirs

@@ -489,7 +489,10 @@ default = true
     assert_eq!(gw.tls_listen.as_deref(), Some("0.0.0.0:8443"));
     assert!(gw.access_log);
     assert_eq!(gw.certificates.len(), 2);
-    assert_eq!(gw.certificates[0].hosts, ["api.example.com", "*.example.com"]);
+    assert_eq!(
+        gw.certificates[0].hosts,
+        ["api.example.com", "*.example.com"]
+    );
     assert!(gw.certificates[1].default);
     assert_eq!(gw.limits.max_header_bytes, Some(ByteSize(32 << 10)));
     assert_eq!(
@@ -530,16 +533,21 @@ key = "k.pem"
     ];
     assert_eq!(errs.len(), expected.len(), "{errs:#?}");
     for (got, want) in errs.iter().zip(expected) {
-        assert!(got.starts_with(want), "{got:?} does not start with {want:?}");
+        assert!(
+            got.starts_with(want),
+            "{got:?} does not start with {want:?}"
+        );
     }
 
     let errs = errors("[gateway]\nbogus = 1\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].starts_with("f.toml:2:1: gateway: unknown field `bogus`"), "{errs:?}");
-
-    let errs = errors(
-        "[[gateway.certificates]]\nhosts = [\"a.example\"]\ncert = \"c\"\nkey = \"k\"\n",
+    assert!(
+        errs[0].starts_with("f.toml:2:1: gateway: unknown field `bogus`"),
+        "{errs:?}"
     );
+
+    let errs =
+        errors("[[gateway.certificates]]\nhosts = [\"a.example\"]\ncert = \"c\"\nkey = \"k\"\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("gateway.certificates: certificates are served on `tls_listen`"));
 }

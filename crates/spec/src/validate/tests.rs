@@ -444,7 +444,9 @@ fn route_matching_and_forwarding_fields() {
     );
     check_base(
         "[[service.web.routes]]\nupstream = \"h3\"\n",
-        &["f.toml:5:12: service.web.routes[0].upstream: unknown value `h3`; expected one of `http1`, `h2c`"],
+        &[
+            "f.toml:5:12: service.web.routes[0].upstream: unknown value `h3`; expected one of `http1`, `h2c`",
+        ],
     );
 }
 
@@ -456,6 +458,8 @@ fn routes_differing_only_in_headers_are_distinct() {
             "[[service.web.routes]]\npath = \"/api\"\nheaders = { x-canary = \"1\" }\n",
             "[[service.web.routes]]\npath = \"/api\"\nheaders = { X-Canary = \"1\" }\n",
         ),
-        &["f.toml:9:1: service.web.routes[2]: duplicate route */api [X-Canary=1]: same host and path as routes[1]"],
+        &[
+            "f.toml:9:1: service.web.routes[2]: duplicate route */api [X-Canary=1]: same host and path as routes[1]",
+        ],
     );
 }

@@ -1,0 +1,183 @@
+//! `flotilla rollout …` and `flotilla restart`.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use flotilla_spec::{Revision, RolloutPhase, Service};
+use hyper::Method;
+use serde::Deserialize;
+
+use crate::RolloutCommand;
+use crate::client::{Client, ensure_name};
+use crate::output;
+
+#[derive(Deserialize)]
+struct List<T> {
+    items: Vec<T>,
+}
+
+pub async fn run(client: &Client, cmd: RolloutCommand) -> Result<ExitCode> {
+    match cmd {
+        RolloutCommand::Status {
+            service,
+            no_watch,
+            timeout,
+        } => status(client, &service, !no_watch, timeout.into()).await,
+        RolloutCommand::History { service } => history(client, &service).await,
+        RolloutCommand::Undo {
+            service,
+            to_revision,
+        } => {
+            ensure_name("service", &service)?;
+            let body = serde_json::json!({ "toRevision": to_revision });
+            let (_, bytes) = client
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/services/{service}/rollback"),
+                    Some(serde_json::to_vec(&body)?),
+                )
+                .await?;
+            let s: Service = serde_json::from_slice(&bytes)?;
+            let cause = s
+                .metadata
+                .annotations
+                .get(flotilla_spec::annotations::CHANGE_CAUSE)
+                .cloned()
+                .unwrap_or_default();
+            println!("service/{service} rolling back ({cause})");
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Pause { service } => post(client, &service, "pause", "paused").await,
+        RolloutCommand::Resume { service } => post(client, &service, "resume", "resumed").await,
+    }
+}
+
+pub async fn restart(client: &Client, service: &str) -> Result<ExitCode> {
+    post(client, service, "restart", "restarting").await
+}
+
+async fn post(client: &Client, service: &str, verb: &str, done: &str) -> Result<ExitCode> {
+    ensure_name("service", service)?;
+    client
+        .call(
+            Method::POST,
+            &format!("/api/v1/services/{service}/{verb}"),
+            None,
+        )
+        .await?;
+    println!("service/{service} {done}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn history(client: &Client, service: &str) -> Result<ExitCode> {
+    ensure_name("service", service)?;
+    let s: Service = client.get(&format!("/api/v1/services/{service}")).await?;
+    let l: List<Revision> = client
+        .get(&format!("/api/v1/services/{service}/revisions"))
+        .await?;
+    print!("{}", output::revisions_table(&l.items, s.status.revision));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line describing where the rollout is.
+fn line(s: &Service) -> (String, Option<RolloutPhase>) {
+    let st = &s.status;
+    let want = s.spec.replicas;
+    let Some(r) = &st.rollout else {
+        return (
+            format!(
+                "waiting for the controller to see service {}",
+                s.metadata.name
+            ),
+            None,
+        );
+    };
+    let bar = progress_bar(st.available_replicas, want);
+    let text = match r.phase {
+        RolloutPhase::Progressing => format!(
+            "revision {} {bar} {}/{want} updated, {}/{want} available — {}",
+            st.revision, st.updated_replicas, st.available_replicas, r.message
+        ),
+        _ => format!(
+            "revision {} {}: {}",
+            st.revision,
+            r.phase.as_str(),
+            r.message
+        ),
+    };
+    (text, Some(r.phase))
+}
+
+fn progress_bar(done: u32, total: u32) -> String {
+    const WIDTH: u32 = 20;
+    let filled = if total == 0 {
+        WIDTH
+    } else {
+        (done.min(total) * WIDTH) / total
+    };
+    format!(
+        "[{}{}]",
+        "#".repeat(filled as usize),
+        "-".repeat((WIDTH - filled) as usize)
+    )
+}
+
+async fn status(
+    client: &Client,
+    service: &str,
+    watch: bool,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    ensure_name("service", service)?;
+    let tty = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let s: Service = client.get(&format!("/api/v1/services/{service}")).await?;
+        // Only judge a status that has seen the latest spec.
+        let current = s.status.observed_generation >= s.metadata.generation;
+        let (text, phase) = line(&s);
+        if text != last {
+            let mut out = std::io::stdout().lock();
+            if tty {
+                write!(out, "\r\x1b[K{text}")?;
+            } else {
+                writeln!(out, "{text}")?;
+            }
+            out.flush()?;
+            last = text;
+        }
+        let verdict = match (current, phase) {
+            (true, Some(RolloutPhase::Complete)) => Some(ExitCode::SUCCESS),
+            (true, Some(RolloutPhase::Failed | RolloutPhase::RolledBack)) => {
+                Some(ExitCode::from(1))
+            }
+            _ => None,
+        };
+        if let Some(code) = verdict {
+            if tty {
+                println!();
+            }
+            return Ok(code);
+        }
+        if !watch {
+            if tty {
+                println!();
+            }
+            return Ok(ExitCode::from(3));
+        }
+        if started.elapsed() >= timeout {
+            if tty {
+                println!();
+            }
+            eprintln!(
+                "error: rollout of {service} did not finish within {}",
+                humantime::format_duration(timeout)
+            );
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

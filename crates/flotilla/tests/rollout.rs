@@ -1,0 +1,503 @@
+//! Zero-downtime deploys end to end: real `flotilla up`, real demo processes, and a load
+//! generator sending requests through the gateway during every rollout.
+#![allow(clippy::disallowed_macros)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A service of the demo whose answer names its version (`GREETING`).
+fn versioned(name: &str, replicas: u32, version: &str, extra_args: &str, deploy: &str) -> String {
+    format!(
+        r#"
+[service.{name}]
+command = "flotilla-demo"
+args = ["--port", "${{PORT}}"{extra_args}]
+replicas = {replicas}
+ports = ["http"]
+env = {{ GREETING = "{version}" }}
+stop = {{ grace_period = "5s" }}
+deploy = {{ max_surge = 1, max_unavailable = 0{deploy} }}
+
+[service.{name}.probes.readiness]
+http = {{ path = "/health" }}
+period = "200ms"
+timeout = "200ms"
+failure_threshold = 1
+
+[[service.{name}.routes]]
+host = "{name}.test"
+path = "/"
+"#
+    )
+}
+
+/// Sends requests through the gateway until stopped; counts answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(gateway: &str, host: &str, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let handles = (0..workers)
+            .map(|_| {
+                let (stop, ok, failed, failures) =
+                    (stop.clone(), ok.clone(), failed.clone(), failures.clone());
+                let (gateway, host) = (gateway.to_string(), host.to_string());
+                std::thread::spawn(move || {
+                    // Bounded in time even if the test forgets to stop it.
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match http(&gateway, "GET", "/", &[("Host", &host)], "") {
+                            Some(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let what = other
+                                    .map(|r| format!("{} {}", r.status, r.body.trim()))
+                                    .unwrap_or_else(|| "connection failed".into());
+                                if let Ok(mut f) = failures.lock()
+                                    && f.len() < 20
+                                {
+                                    f.push(what);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            failures,
+            workers: handles,
+        }
+    }
+
+    /// Stops the load; returns (answered, failed, first failures).
+    fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        let failures = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            failures,
+        )
+    }
+}
+
+fn apply(up: &Up, text: &str) {
+    let file = up.dir.path().join(format!("apply-{}.toml", rand_suffix()));
+    std::fs::write(&file, text).expect("write");
+    let out = up.cli(&["apply", "-f", file.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn service(up: &Up, name: &str) -> Value {
+    up.api_get(&format!("/api/v1/services/{name}"))
+}
+
+fn rollout_phase(up: &Up, name: &str) -> String {
+    service(up, name)["status"]["rollout"]["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until the service's rollout of a spec at least `generation` reaches `phase`.
+fn wait_phase(up: &Up, name: &str, generation: u64, phase: &str) -> Value {
+    wait_for(&format!("rollout of {name} to be {phase}"), T, || {
+        let s = service(up, name);
+        let seen = s["status"]["observedGeneration"].as_u64().unwrap_or(0) >= generation;
+        (seen && s["status"]["rollout"]["phase"] == phase).then_some(s)
+    })
+}
+
+fn versions_answering(up: &Up, host: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .filter_map(|_| up.through_gateway(host, "/"))
+        .map(|r| {
+            r.body
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+fn generation(up: &Up, name: &str) -> u64 {
+    service(up, name)["metadata"]["generation"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn rolling_update_of_five_replicas_drops_no_request() {
+    let up = Up::start(&versioned("web", 5, "v1", "", ""));
+    up.wait_ready("web", 5);
+    wait_phase(&up, "web", 1, "Complete");
+
+    let load = Load::start(&up.gateway, "web.test", 4);
+    wait_for("some load to flow", T, || {
+        (load.ok.load(Ordering::Relaxed) > 20).then_some(())
+    });
+    apply(&up, &versioned("web", 5, "v2", "", ""));
+    let s = wait_phase(&up, "web", 2, "Complete");
+    let (ok, failed, failures) = load.finish();
+
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during the rollout: {failures:?}",
+        ok + failed
+    );
+    assert!(ok > 50, "the load generator ran ({ok} requests)");
+    assert_eq!(s["status"]["revision"], 2);
+    assert!(
+        versions_answering(&up, "web.test", 10)
+            .iter()
+            .all(|v| v == "v2")
+    );
+    assert_eq!(up.instances("web").len(), 5);
+
+    // The CLI agrees, and history shows what changed.
+    let out = up.cli(&["rollout", "status", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = up.cli(&["rollout", "history", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("env.GREETING"), "{text}");
+
+    // An apply that changes nothing records no revision.
+    apply(&up, &versioned("web", 5, "v2", "", ""));
+    let revs = up.api_get("/api/v1/services/web/revisions");
+    assert_eq!(revs["items"].as_array().map(Vec::len), Some(2), "{revs}");
+}
+
+#[test]
+fn a_revision_that_never_gets_ready_rolls_back_without_failed_requests() {
+    let up = Up::start(&versioned("web", 3, "v1", "", ""));
+    up.wait_ready("web", 3);
+    wait_phase(&up, "web", 1, "Complete");
+
+    let load = Load::start(&up.gateway, "web.test", 3);
+    wait_for("some load to flow", T, || {
+        (load.ok.load(Ordering::Relaxed) > 20).then_some(())
+    });
+    apply(
+        &up,
+        &versioned(
+            "web",
+            3,
+            "v2",
+            r#", "--fail-readiness""#,
+            r#", progress_deadline = "2s""#,
+        ),
+    );
+    let s = wait_phase(&up, "web", 3, "RolledBack");
+    // Let the rollback's own rollout settle under load, too.
+    let (ok, failed, failures) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {failures:?}",
+        ok + failed
+    );
+
+    let msg = s["status"]["rollout"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("rolled back from revision 2"), "{msg}");
+    assert!(msg.contains("progress deadline"), "{msg}");
+    assert!(
+        versions_answering(&up, "web.test", 10)
+            .iter()
+            .all(|v| v == "v1")
+    );
+    let out = up.cli(&["rollout", "status", "web"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "rollout status fails after a rollback: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let events = up.api_get("/api/v1/events?kind=Service&name=web");
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"RolloutFailed") && reasons.contains(&"RolledBack"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_revision_that_crashes_on_start_rolls_back() {
+    let up = Up::start(&versioned("web", 2, "v1", "", ""));
+    up.wait_ready("web", 2);
+    wait_phase(&up, "web", 1, "Complete");
+    let load = Load::start(&up.gateway, "web.test", 2);
+    apply(
+        &up,
+        &versioned("web", 2, "v2", r#", "--crash-after", "10ms""#, ""),
+    );
+    let s = wait_phase(&up, "web", 3, "RolledBack");
+    let (ok, failed, failures) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {failures:?}",
+        ok + failed
+    );
+    let msg = s["status"]["rollout"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("CrashLoopBackOff") || msg.contains("restarts"),
+        "{msg}"
+    );
+    assert!(
+        versions_answering(&up, "web.test", 6)
+            .iter()
+            .all(|v| v == "v1")
+    );
+}
+
+#[test]
+fn undo_returns_to_the_previous_revision() {
+    let up = Up::start(&versioned("web", 2, "v1", "", ""));
+    up.wait_ready("web", 2);
+    apply(&up, &versioned("web", 2, "v2", "", ""));
+    wait_phase(&up, "web", 2, "Complete");
+    assert!(
+        versions_answering(&up, "web.test", 4)
+            .iter()
+            .all(|v| v == "v2")
+    );
+
+    let out = up.cli(&["rollout", "undo", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = wait_phase(&up, "web", 3, "Complete");
+    assert_eq!(s["status"]["revision"], 3);
+    assert!(
+        versions_answering(&up, "web.test", 6)
+            .iter()
+            .all(|v| v == "v1")
+    );
+    let revs = up.api_get("/api/v1/services/web/revisions");
+    let causes: Vec<&str> = revs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["spec"]["cause"].as_str())
+        .collect();
+    assert_eq!(causes.last(), Some(&"rollback to revision 1"), "{causes:?}");
+
+    // Undo to a revision that does not exist names it.
+    let out = up.cli(&["rollout", "undo", "web", "--to-revision", "42"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no revision 42"));
+}
+
+#[test]
+fn restart_replaces_every_instance_one_by_one_without_failed_requests() {
+    let up = Up::start(&versioned("web", 3, "v1", "", ""));
+    let before: Vec<String> = up.wait_ready("web", 3).iter().map(name_of).collect();
+    wait_phase(&up, "web", 1, "Complete");
+    let load = Load::start(&up.gateway, "web.test", 3);
+    let gen_before = generation(&up, "web");
+    let out = up.cli(&["restart", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The restart changes no spec: wait on the revision instead of the generation.
+    let s = wait_for("the restart rollout to complete", T, || {
+        let s = service(&up, "web");
+        (s["status"]["revision"] == 2 && s["status"]["rollout"]["phase"] == "Complete").then_some(s)
+    });
+    let (ok, failed, failures) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {failures:?}",
+        ok + failed
+    );
+    assert_eq!(
+        generation(&up, "web"),
+        gen_before,
+        "a restart does not change the spec"
+    );
+    let after: Vec<String> = up.ready_instances("web").iter().map(name_of).collect();
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|n| !before.contains(n)),
+        "every instance was replaced: {before:?} → {after:?}"
+    );
+    assert_eq!(s["status"]["updatedReplicas"], 3);
+}
+
+#[test]
+fn pause_holds_a_rollout_and_resume_finishes_it() {
+    let up = Up::start(&versioned("web", 2, "v1", "", ""));
+    up.wait_ready("web", 2);
+    wait_phase(&up, "web", 1, "Complete");
+    assert!(up.cli(&["rollout", "pause", "web"]).status.success());
+    apply(&up, &versioned("web", 2, "v2", "", ""));
+    wait_phase(&up, "web", 2, "Paused");
+    assert!(
+        versions_answering(&up, "web.test", 4)
+            .iter()
+            .all(|v| v == "v1"),
+        "nothing rolled while paused"
+    );
+    assert!(up.cli(&["rollout", "resume", "web"]).status.success());
+    wait_phase(&up, "web", 2, "Complete");
+    assert!(
+        versions_answering(&up, "web.test", 4)
+            .iter()
+            .all(|v| v == "v2")
+    );
+}
+
+#[test]
+fn flotilla_killed_mid_rollout_finishes_it_after_restart() {
+    // min_ready keeps the rollout in progress long enough to kill flotilla in the middle.
+    let mut up = Up::start(&versioned("web", 4, "v1", "", r#", min_ready = "1s""#));
+    up.wait_ready("web", 4);
+    wait_phase(&up, "web", 1, "Complete");
+    // The user edits the file `up` runs from and applies it: after a restart, `up` applies
+    // the file again, and it must say v2.
+    let file = up.dir.path().join("flotilla.toml");
+    let text = std::fs::read_to_string(&file)
+        .expect("read")
+        .replace("\"v1\"", "\"v2\"");
+    std::fs::write(&file, text).expect("write");
+    let out = up.cli(&["apply", "-f", file.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the rollout to be under way", T, || {
+        let s = service(&up, "web");
+        (s["status"]["updatedReplicas"].as_u64() >= Some(1)
+            && rollout_phase(&up, "web") == "Progressing")
+            .then_some(())
+    });
+    up.kill9();
+    up.spawn();
+    let s = wait_phase(&up, "web", 2, "Complete");
+    assert_eq!(s["status"]["revision"], 2);
+    let instances = up.instances("web");
+    assert_eq!(instances.len(), 4, "{instances:?}");
+    assert!(
+        versions_answering(&up, "web.test", 8)
+            .iter()
+            .all(|v| v == "v2")
+    );
+    // The history survived the restart.
+    let revs = up.api_get("/api/v1/services/web/revisions");
+    assert_eq!(revs["items"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn concurrent_applies_with_a_version_conflict_and_never_corrupt() {
+    let up = Up::start(&versioned("web", 1, "v1", "", ""));
+    up.wait_ready("web", 1);
+    // Read once the controller is done writing status: any write moves the version.
+    wait_phase(&up, "web", 1, "Complete");
+    let s = service(&up, "web");
+    let rv = s["metadata"]["resourceVersion"].as_u64().expect("rv");
+    let auth = format!("Bearer {}", up.token);
+    let body = |greeting: &str| {
+        let mut v = s.clone();
+        v["spec"]["env"]["GREETING"] = Value::String(greeting.into());
+        v["metadata"]["resourceVersion"] = Value::from(rv);
+        v.to_string()
+    };
+    let (a, b) = (body("va"), body("vb"));
+    let api = up.api.clone();
+    let auth2 = auth.clone();
+    let api2 = api.clone();
+    let t1 = std::thread::spawn(move || {
+        http(
+            &api,
+            "POST",
+            "/api/v1/services",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            &a,
+        )
+    });
+    let t2 = std::thread::spawn(move || {
+        http(
+            &api2,
+            "POST",
+            "/api/v1/services",
+            &[
+                ("Authorization", &auth2),
+                ("Content-Type", "application/json"),
+            ],
+            &b,
+        )
+    });
+    let r1 = t1.join().expect("thread").expect("answer");
+    let r2 = t2.join().expect("thread").expect("answer");
+    let mut codes = [r1.status, r2.status];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [200, 409],
+        "one wins, the other gets a conflict: {} / {}",
+        r1.body,
+        r2.body
+    );
+    let loser = if r1.status == 409 { &r1.body } else { &r2.body };
+    assert!(loser.contains("resourceVersion"), "{loser}");
+    let s = service(&up, "web");
+    assert_eq!(s["metadata"]["generation"], 2);
+    let g = s["spec"]["env"]["GREETING"].as_str().unwrap_or_default();
+    assert!(g == "va" || g == "vb", "{g}");
+}
