@@ -7,6 +7,7 @@ Measures, on loopback only, with bounded loops:
   - apply -> first instance ready (demo service, readiness probe on /health)
   - crash (kill -9) -> the same instance ready again with a new process (first restart)
   - size of the stripped release binary
+  - wall time of a rolling update of 10 demo replicas under load, and failed requests
 
 Usage: scripts/bench-core.sh   (builds release, then runs this)
 """
@@ -124,6 +125,68 @@ def wait(cond, timeout=20.0, step=0.002):
     raise RuntimeError("timed out")
 
 
+def bench_rollout(runs):
+    """Rolling update of 10 demo replicas under load: apply -> Complete, and failed requests."""
+    import threading
+    web = lambda version: {
+        "metadata": {"name": "roll"},
+        "spec": {
+            "command": "flotilla-demo", "args": ["--port", "${PORT}"], "replicas": 10,
+            "ports": ["http"], "env": {"GREETING": version}, "stop": {"grace_period": "5s"},
+            "probes": {"readiness": {"http": {"path": "/health"}, "period": "1s"}},
+            "routes": [{"host": "roll.bench", "path": "/"}],
+        },
+    }
+    up = Up()
+    times, sent, failed = [], [0], [0]
+    try:
+        up.call("POST", "/api/v1/services", web("v0"))
+        wait(lambda: len([x for x in up.instances("roll") if x["status"].get("ready")]) == 10, timeout=60)
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def load():
+            host, port = up.gw.split(":")
+            deadline = time.perf_counter() + 600
+            while not stop.is_set() and time.perf_counter() < deadline:
+                ok = False
+                try:
+                    s = socket.create_connection((host, int(port)), timeout=5)
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: roll.bench\r\nConnection: close\r\n\r\n")
+                    data = s.recv(64)
+                    s.close()
+                    ok = data.startswith(b"HTTP/1.1 200")
+                except OSError:
+                    pass
+                with lock:
+                    sent[0] += 1
+                    if not ok:
+                        failed[0] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for i in range(max(runs // 2, 5)):
+            gen_before = up.call("GET", "/api/v1/services/roll")["metadata"]["generation"]
+            t0 = time.perf_counter()
+            up.call("POST", "/api/v1/services", web(f"v{i + 1}"))
+
+            def complete():
+                s = up.call("GET", "/api/v1/services/roll")["status"]
+                return s.get("observedGeneration", 0) > gen_before and (s.get("rollout") or {}).get("phase") == "Complete"
+            wait(complete, timeout=120, step=0.01)
+            times.append((time.perf_counter() - t0) * 1000)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        up.stop()
+    return [
+        ("rolling update, 10 replicas, under load", f"{statistics.median(times) / 1000:.2f} s", f"{max(times) / 1000:.2f} s", "≤ 5 s", len(times)),
+        ("failed requests during those rollouts", f"{failed[0]} of {sent[0]}", "", "0", 1),
+    ]
+
+
 def main():
     runs = int(os.environ.get("RUNS", "10"))
     rows = []
@@ -178,6 +241,8 @@ def main():
         rows.append(("RSS with 20 instances", f"{statistics.median(samples):.1f} MiB", f"{max(samples):.1f} MiB", "≤ 25 MB", len(samples)))
     finally:
         up.stop()
+
+    rows.extend(bench_rollout(runs))
 
     size = os.path.getsize(BIN) / (1024 * 1024)
     rows.append(("stripped release binary", f"{size:.1f} MiB", "", "≤ 20 MB", 1))

@@ -734,13 +734,12 @@ impl Worker {
     /// no new request reaches a process that is shutting down. In-flight requests finish after
     /// the signal, within the grace period. Agent shutdown skips this: the gateway is closing.
     async fn drain(&self) {
-        if let Some(hook) = &self.shared.config.drain {
-            if tokio::time::timeout(DRAIN_WAIT, hook.unrouted(&self.name))
+        if let Some(hook) = &self.shared.config.drain
+            && tokio::time::timeout(DRAIN_WAIT, hook.unrouted(&self.name))
                 .await
                 .is_err()
-            {
-                tracing::warn!(instance = %self.name, "gateway did not confirm unrouting in time");
-            }
+        {
+            tracing::warn!(instance = %self.name, "gateway did not confirm unrouting in time");
         }
         let delay = self.spec.deploy.pre_stop_delay.0;
         if !delay.is_zero() {

@@ -112,11 +112,9 @@ fn line(s: &Service) -> (String, Option<RolloutPhase>) {
 
 fn progress_bar(done: u32, total: u32) -> String {
     const WIDTH: u32 = 20;
-    let filled = if total == 0 {
-        WIDTH
-    } else {
-        (done.min(total) * WIDTH) / total
-    };
+    let filled = (done.min(total) * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
     format!(
         "[{}{}]",
         "#".repeat(filled as usize),

@@ -13,11 +13,14 @@
 //!
 //! - The routing table is a pure function of the stored objects ([`RouteTable::build`]),
 //!   rebuilt on every change and swapped in atomically; requests never wait for a rebuild.
-//! - Requests are balanced round-robin over a route's ready endpoints. A request whose upstream
-//!   connection fails (or, for idempotent methods, whose upstream fails before answering) is
-//!   retried on the next endpoint when its body was never read, so nothing is sent twice.
+//! - The request layer ([`proxy`]): routes by host (exact, `*.wildcard`), path prefix and
+//!   headers; balances with the power of two choices on requests in flight ([`balance`]),
+//!   ejects failing endpoints, retries only where safe under a retry budget ([`retry`]),
+//!   rate-limits per client IP ([`ratelimit`]), relays upgrades and h2c/gRPC. Endpoint state
+//!   lives in a [`TableState`] that outlives every table, so rebuilds forget nothing.
 //! - Answers of the gateway itself are short plain text: 404 (no route), 503 (no ready
-//!   instance), 502 (upstream failed). Internal error details go to the logs only.
+//!   instance), 502 (upstream failed), 504 (route timeout), 413 (body too large), 429 (rate
+//!   limit). Internal error details go to the logs only.
 //! - Shutdown stops accepting on every listener, shuts connections down gracefully (HTTP/1
 //!   `Connection: close` after the current response, HTTP/2 GOAWAY), lets in-flight requests
 //!   finish within [`GatewayConfig::shutdown_grace`], then closes what is left.
