@@ -30,6 +30,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Up(args) = command {
         return crate::up::run(args, data_dir).await;
     }
+    if let Command::Gateway(args) = command {
+        let (base, token) = resolve(api, token, data_dir)?;
+        return crate::gateway::run(args, &base, &token).await;
+    }
     if let Command::Version = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, data_dir) {
@@ -76,7 +80,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollout(cmd) => crate::rollout::run(&client, cmd).await,
         Command::Restart { service } => crate::rollout::restart(&client, &service).await,
-        Command::Up(_) | Command::Version => Ok(ExitCode::SUCCESS),
+        Command::Up(_) | Command::Gateway(_) | Command::Version => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -87,6 +91,16 @@ fn connect(
     token: Option<String>,
     data_dir: Option<std::path::PathBuf>,
 ) -> Result<Client> {
+    let (base, token) = resolve(api, token, data_dir)?;
+    Ok(Client::new(&base, token))
+}
+
+/// The API's base URL and the bearer token.
+fn resolve(
+    api: Option<String>,
+    token: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<(String, String)> {
     let ctx = context::read_context()?;
     let base = match (&api, &ctx) {
         (Some(a), _) => api_url(a),
@@ -109,7 +123,7 @@ fn connect(
             context::read_token(&path)?
         }
     };
-    Ok(Client::new(&base, token))
+    Ok((base, token))
 }
 
 /// Parses a flotilla file, printing every error with file:line:col, and resolves relative

@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod context;
+mod gateway;
 mod output;
 mod rollout;
 mod up;
@@ -53,6 +54,8 @@ pub enum Output {
 pub enum Command {
     /// Run everything on this machine: store, API, controller, agent, gateway.
     Up(UpArgs),
+    /// Run the gateway alone, routing from a remote API's services and instances.
+    Gateway(GatewayArgs),
     /// Create or update the services in a file.
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -171,6 +174,16 @@ pub struct UpArgs {
     /// Node name of this machine.
     #[arg(long, default_value = "local")]
     pub node: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    /// Listen address for client traffic.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Metrics listen address (none if unset).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 fn main() -> ExitCode {

@@ -657,3 +657,49 @@ args = ["-c", "while true; do seq 1 100000; done"]
     );
     drop(stalled);
 }
+
+#[test]
+fn standalone_gateway_routes_from_a_remote_api() {
+    use std::process::{Command, Stdio};
+    let up = Up::start(&demo_service("web", 2, ""));
+    let ready = up.wait_ready("web", 2);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut gw = Command::new(flotilla_bin())
+        .args(["gateway", "--listen", &listen])
+        .args(["--api", &format!("http://{}", up.api), "--token", &up.token])
+        .env("FLOTILLA_CONFIG_DIR", up.config_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla gateway");
+    let get = || http(&listen, "GET", "/", &[("Host", "web.test")], "");
+    let seen: std::collections::BTreeSet<String> = wait_for("the standalone gateway to route", T, || {
+        let names: std::collections::BTreeSet<String> = (0..10)
+            .filter_map(|_| get())
+            .filter(|r| r.status == 200)
+            .filter_map(|r| instance_of(&r.body))
+            .collect();
+        (names.len() == 2).then_some(names)
+    });
+    let expected: std::collections::BTreeSet<String> = ready.iter().map(name_of).collect();
+    assert_eq!(seen, expected);
+
+    // A change (one instance unready) reaches it through the remote watch.
+    let victim = name_of(&ready[0]);
+    let p = port_of(&ready[0], "http");
+    http(&format!("127.0.0.1:{p}"), "POST", "/fail-readiness", &[], "").expect("demo");
+    wait_for("the standalone gateway to stop routing to the unready instance", T, || {
+        let hits: Vec<String> = (0..10).filter_map(|_| get()).filter_map(|r| instance_of(&r.body)).collect();
+        (!hits.is_empty() && hits.iter().all(|n| n != &victim)).then_some(())
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = wait_for("flotilla gateway to exit", T, || gw.try_wait().ok().flatten());
+    assert!(status.success(), "{status}");
+}

@@ -102,6 +102,13 @@ async fn idle_clients_helper_process() {
             streams.push(done.unwrap());
         }
         opening.spawn(idle_connection(addr));
+        if streams.len() % 1000 == 0 {
+            note(&format!(
+                "progress {} {:?}",
+                streams.len(),
+                std::time::SystemTime::now()
+            ));
+        }
     }
     while let Some(done) = opening.join_next().await {
         streams.push(done.unwrap());

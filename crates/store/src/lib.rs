@@ -9,10 +9,12 @@
 pub mod embedded;
 mod error;
 pub mod events;
+pub mod remote;
 pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError};
+pub use remote::RemoteStore;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;

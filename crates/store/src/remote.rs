@@ -1,0 +1,343 @@
+//! A read-only [`Store`] over flotilla's HTTP API: how components that run apart from the
+//! control plane (`flotilla gateway`, later remote agents) consume the same trait.
+//!
+//! Keys map to API resources (`/registry/services/NAME` ↔ `/api/v1/services/NAME`); a list
+//! returns the revision it was read at; a watch streams `/api/v1/watch/{kind}` from a revision
+//! and turns the API's `410 Expired` line into [`StoreError::Compacted`], so reflectors relist
+//! exactly as they do against the embedded store. Writes are refused: they go through the API's
+//! own endpoints, with admission and validation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
+
+/// Events buffered per watch.
+const WATCH_BUFFER: usize = 256;
+/// A request (not a watch stream) that takes longer has failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resources the API serves, by store prefix.
+const KINDS: &[(&str, &str)] = &[
+    ("/registry/services/", "services"),
+    ("/registry/instances/", "instances"),
+    ("/registry/events/", "events"),
+];
+
+#[derive(Clone)]
+pub struct RemoteStore {
+    base: Arc<str>,
+    token: Arc<str>,
+    http: Client<HttpConnector, Empty<Bytes>>,
+    revision: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(context: impl Into<String>, source: impl Into<crate::BoxError>) -> StoreError {
+    StoreError::Backend {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+fn read_only(key: &str) -> StoreError {
+    backend(
+        format!("writing {key}"),
+        "the remote store is read-only: write through the API",
+    )
+}
+
+/// `/registry/services/` → `services`.
+fn kind_of(prefix: &str) -> Result<&'static str, StoreError> {
+    KINDS
+        .iter()
+        .find(|(p, _)| prefix.starts_with(p))
+        .map(|(_, k)| *k)
+        .ok_or_else(|| {
+            backend(
+                format!("reading {prefix}"),
+                "the API serves services, instances and events only",
+            )
+        })
+}
+
+fn prefix_of(kind: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(_, k)| *k == kind)
+        .map(|(p, _)| *p)
+        .unwrap_or("/registry/")
+}
+
+/// An object from the API as the store would hold it: `mod_revision` from its
+/// `metadata.resourceVersion`, the value without it (the typed layer fills it in on reads).
+fn to_kv(kind: &str, mut object: Value) -> Result<KeyValue, StoreError> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .ok_or_else(|| backend(format!("reading {kind}"), "an object without metadata.name"))?
+        .to_string();
+    let rv = object["metadata"]["resourceVersion"].as_u64().unwrap_or(0);
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    let key = format!("{}{name}", prefix_of(kind));
+    let value = serde_json::to_vec(&object).map_err(|e| StoreError::Encode {
+        key: key.clone(),
+        source: e,
+    })?;
+    Ok(KeyValue {
+        key,
+        value,
+        create_revision: 0,
+        mod_revision: rv,
+        version: 0,
+    })
+}
+
+impl RemoteStore {
+    /// `base` is the API's URL (`http://10.0.0.1:7070`), `token` a bearer token.
+    pub fn new(base: &str, token: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        Self {
+            base: base.trim_end_matches('/').into(),
+            token: token.into(),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            revision: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn request(&self, path: &str) -> Result<Request<Empty<Bytes>>, StoreError> {
+        let uri: Uri = format!("{}{path}", self.base)
+            .parse()
+            .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
+        Request::get(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Empty::new())
+            .map_err(|e| backend(format!("building a request for {path}"), e))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Option<Value>, StoreError> {
+        let req = self.request(path)?;
+        let fetch = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| backend(format!("GET {}{path}", self.base), e))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| backend(format!("reading GET {path}"), e))?
+                .to_bytes();
+            Ok::<_, StoreError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, fetch)
+            .await
+            .map_err(|_| backend(format!("GET {path}"), "timed out"))??;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(backend(
+                format!("GET {path}"),
+                format!("the API answered {status}: {}", text.trim()),
+            ));
+        }
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| backend(format!("decoding GET {path}"), e))
+    }
+
+    fn seen(&self, rev: Revision) {
+        self.revision.fetch_max(rev, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let kind = kind_of(key)?;
+        let name = &key[prefix_of(kind).len()..];
+        if name.is_empty() || name.contains('/') {
+            return Ok(None);
+        }
+        match self.get_json(&format!("/api/v1/{kind}/{name}")).await? {
+            None => Ok(None),
+            Some(v) => {
+                let kv = to_kv(kind, v)?;
+                self.seen(kv.mod_revision);
+                Ok(Some(kv))
+            }
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        let kind = kind_of(prefix)?;
+        let v = self
+            .get_json(&format!("/api/v1/{kind}"))
+            .await?
+            .ok_or_else(|| backend(format!("listing {kind}"), "the API has no such list"))?;
+        let revision = v["resourceVersion"].as_u64().unwrap_or(0);
+        let items = v["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .cloned()
+                    .map(|o| to_kv(kind, o))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let items = items
+            .into_iter()
+            .filter(|kv| kv.key.starts_with(prefix))
+            .collect();
+        self.seen(revision);
+        Ok(ListResult { items, revision })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        _value: Vec<u8>,
+        _pre: Precondition,
+    ) -> Result<KeyValue, StoreError> {
+        Err(read_only(key))
+    }
+
+    async fn delete(&self, key: &str, _pre: Precondition) -> Result<Option<KeyValue>, StoreError> {
+        Err(read_only(key))
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        let kind = kind_of(prefix)?;
+        let path = format!("/api/v1/watch/{kind}?resourceVersion={after}");
+        let req = self.request(&path)?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| backend(format!("GET {path}"), "timed out"))?
+            .map_err(|e| backend(format!("GET {}{path}", self.base), e))?;
+        if !resp.status().is_success() {
+            return Err(backend(
+                format!("GET {path}"),
+                format!("the API answered {}", resp.status()),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let prefix = prefix.to_string();
+        let me = self.clone();
+        // Owned by the watch: it ends when the receiver is dropped or the stream ends.
+        tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let frame = tokio::select! {
+                    _ = tx.closed() => return,
+                    f = body.frame() => f,
+                };
+                let data = match frame {
+                    None => {
+                        let _ = tx.send(Err(StoreError::Closed)).await;
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(backend("reading the watch stream", e))).await;
+                        return;
+                    }
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                };
+                pending.extend_from_slice(&data);
+                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    let event = match watch_event(kind, &prefix, &line) {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    me.seen(event.revision());
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watch { rx })
+    }
+
+    fn revision(&self) -> Revision {
+        self.revision.load(Ordering::Relaxed)
+    }
+}
+
+/// One NDJSON line of the API's watch as a store event (`None`: not under `prefix`).
+fn watch_event(kind: &str, prefix: &str, line: &[u8]) -> Result<Option<WatchEvent>, StoreError> {
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| backend("decoding a watch event", e))?;
+    let object = v["object"].clone();
+    match v["type"].as_str() {
+        Some("ERROR") => {
+            let code = object["code"].as_u64().unwrap_or(0);
+            if code == 410 {
+                return Err(StoreError::Compacted {
+                    requested: 0,
+                    oldest: 0,
+                });
+            }
+            Err(backend(
+                "watching",
+                format!("the API ended the watch: {}", object["message"]),
+            ))
+        }
+        Some("ADDED") | Some("MODIFIED") => {
+            let kv = to_kv(kind, object)?;
+            if !kv.key.starts_with(prefix) {
+                return Ok(None);
+            }
+            // A previous value is not sent by the API; its presence only marks an update.
+            let prev = (v["type"] == "MODIFIED").then(|| kv.clone());
+            Ok(Some(WatchEvent::Put { kv, prev }))
+        }
+        Some("DELETED") => {
+            let kv = to_kv(kind, object)?;
+            if !kv.key.starts_with(prefix) {
+                return Ok(None);
+            }
+            Ok(Some(WatchEvent::Delete {
+                key: kv.key.clone(),
+                revision: kv.mod_revision,
+                prev: Some(kv),
+            }))
+        }
+        _ => Ok(None),
+    }
+}
