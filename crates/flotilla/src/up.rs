@@ -29,6 +29,20 @@ use crate::UpArgs;
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::context::{self, ContextFile};
 
+/// The in-process gateway confirms an instance is unrouted before the agent signals it.
+struct GatewayDrain(flotilla_gateway::RoutingView);
+
+#[async_trait]
+impl flotilla_agent::DrainHook for GatewayDrain {
+    async fn unrouted(&self, instance: &str) {
+        // The table swap follows the same store event within milliseconds; the agent bounds
+        // this wait.
+        while self.0.routes_to(instance) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// Serves instance logs from the agent's files.
 struct AgentLogs {
     data_dir: PathBuf,
@@ -131,13 +145,6 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let shutdown = CancellationToken::new();
     let mut registry = Registry::default();
     let controller = ServiceController::new(store.clone(), &args.node, &mut registry);
-    let agent = Agent::new(
-        AgentConfig::new(&args.node, data_dir.clone()),
-        store.clone(),
-        &mut registry,
-    )
-    .map_err(|e| anyhow!(e))
-    .context("starting the agent")?;
     let gw_socket: SocketAddr = gw_addr
         .parse()
         .with_context(|| format!("invalid gateway address {gw_addr:?} (expected host:port)"))?;
@@ -152,6 +159,11 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         .await
         .with_context(|| format!("cannot start the gateway on {gw_addr}"))?;
     let gw_local = gateway.local_addr();
+    let mut agent_config = AgentConfig::new(&args.node, data_dir.clone());
+    agent_config.drain = Some(Arc::new(GatewayDrain(gateway.routing())));
+    let agent = Agent::new(agent_config, store.clone(), &mut registry)
+        .map_err(|e| anyhow!(e))
+        .context("starting the agent")?;
     let gw_tls = gateway.tls_local_addr();
     let api_state = flotilla_server::ApiState::new(
         store.clone(),

@@ -677,29 +677,46 @@ fn standalone_gateway_routes_from_a_remote_api() {
         .spawn()
         .expect("spawn flotilla gateway");
     let get = || http(&listen, "GET", "/", &[("Host", "web.test")], "");
-    let seen: std::collections::BTreeSet<String> = wait_for("the standalone gateway to route", T, || {
-        let names: std::collections::BTreeSet<String> = (0..10)
-            .filter_map(|_| get())
-            .filter(|r| r.status == 200)
-            .filter_map(|r| instance_of(&r.body))
-            .collect();
-        (names.len() == 2).then_some(names)
-    });
+    let seen: std::collections::BTreeSet<String> =
+        wait_for("the standalone gateway to route", T, || {
+            let names: std::collections::BTreeSet<String> = (0..10)
+                .filter_map(|_| get())
+                .filter(|r| r.status == 200)
+                .filter_map(|r| instance_of(&r.body))
+                .collect();
+            (names.len() == 2).then_some(names)
+        });
     let expected: std::collections::BTreeSet<String> = ready.iter().map(name_of).collect();
     assert_eq!(seen, expected);
 
     // A change (one instance unready) reaches it through the remote watch.
     let victim = name_of(&ready[0]);
     let p = port_of(&ready[0], "http");
-    http(&format!("127.0.0.1:{p}"), "POST", "/fail-readiness", &[], "").expect("demo");
-    wait_for("the standalone gateway to stop routing to the unready instance", T, || {
-        let hits: Vec<String> = (0..10).filter_map(|_| get()).filter_map(|r| instance_of(&r.body)).collect();
-        (!hits.is_empty() && hits.iter().all(|n| n != &victim)).then_some(())
-    });
+    http(
+        &format!("127.0.0.1:{p}"),
+        "POST",
+        "/fail-readiness",
+        &[],
+        "",
+    )
+    .expect("demo");
+    wait_for(
+        "the standalone gateway to stop routing to the unready instance",
+        T,
+        || {
+            let hits: Vec<String> = (0..10)
+                .filter_map(|_| get())
+                .filter_map(|r| instance_of(&r.body))
+                .collect();
+            (!hits.is_empty() && hits.iter().all(|n| n != &victim)).then_some(())
+        },
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(gw.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let status = wait_for("flotilla gateway to exit", T, || gw.try_wait().ok().flatten());
+    let status = wait_for("flotilla gateway to exit", T, || {
+        gw.try_wait().ok().flatten()
+    });
     assert!(status.success(), "{status}");
 }

@@ -107,6 +107,20 @@ impl GatewayError {
     }
 }
 
+/// Read access to the routing table in force, for draining.
+#[derive(Clone)]
+pub struct RoutingView(Arc<ArcSwap<RouteTable>>);
+
+impl RoutingView {
+    /// Whether any route of the table in force sends new requests to `instance`.
+    pub fn routes_to(&self, instance: &str) -> bool {
+        self.0
+            .load()
+            .routes()
+            .any(|r| r.endpoints.iter().any(|e| e.instance == instance))
+    }
+}
+
 /// A bound gateway, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: GatewayConfig,
@@ -224,6 +238,12 @@ impl Gateway {
     /// The routing table in force right now.
     pub fn routes(&self) -> Arc<RouteTable> {
         self.proxy.table.load_full()
+    }
+
+    /// A view of the table in force, which outlives [`run`](Gateway::run)'s start: the agent
+    /// asks it whether an instance is still routed before signalling it (drain).
+    pub fn routing(&self) -> RoutingView {
+        RoutingView(self.proxy.table.clone())
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
