@@ -509,16 +509,31 @@ fn in_flight_requests_finish_when_their_instance_is_replaced() {
     wait_phase(&up, "web", 1, "Complete");
     // A slow request is in flight through the gateway when the deploy replaces its instance.
     let gw = up.gateway.clone();
-    let slow = std::thread::spawn(move || http(&gw, "GET", "/slow?ms=1500", &[("Host", "web.test")], ""));
+    let slow =
+        std::thread::spawn(move || http(&gw, "GET", "/slow?ms=1500", &[("Host", "web.test")], ""));
     wait_for("the slow request to be in flight", T, || {
         let m = http(&up.metrics, "GET", "/metrics", &[], "")?;
-        m.body.contains("flotilla_gateway_open_connections 1").then_some(())
+        m.body
+            .contains("flotilla_gateway_open_connections 1")
+            .then_some(())
     });
     let load = Load::start(&up.gateway, "web.test", 2);
     apply(&up, &versioned("web", 1, "v2", "", ""));
     wait_phase(&up, "web", 2, "Complete");
     let (ok, failed, failures) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {failures:?}", ok + failed);
-    let r = slow.join().expect("thread").expect("the slow request got an answer");
-    assert_eq!(r.status, 200, "the in-flight request finished on the old instance: {}", r.body);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {failures:?}",
+        ok + failed
+    );
+    let r = slow
+        .join()
+        .expect("thread")
+        .expect("the slow request got an answer");
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request finished on the old instance: {}",
+        r.body
+    );
 }

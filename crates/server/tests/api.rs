@@ -557,3 +557,76 @@ async fn controller_converges_instances_to_replicas() {
             .all(|i| i.metadata.deletion_timestamp.is_some())
     );
 }
+
+#[tokio::test]
+async fn revision_history_is_capped_and_keeps_the_last_good_one() {
+    let f = fixture();
+    let mut registry = Registry::default();
+    let controller = ServiceController::new(f.store.clone(), "local", &mut registry);
+    let spec = |n: u32| {
+        json!({
+            "metadata": { "name": "hist" },
+            "spec": { "command": "/bin/sleep", "args": [n.to_string()], "deploy": { "revision_history": 3 } }
+        })
+        .to_string()
+    };
+    // Revision 1 completes only if its instance is ready; there is no agent here, so mark it.
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(spec(1)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
+    for i in instances {
+        typed::modify::<Instance>(&*f.store, &i.metadata.name, |i| {
+            i.status.phase = flotilla_spec::Phase::Running;
+            i.status.ready = true;
+            true
+        })
+        .await
+        .unwrap();
+    }
+    controller.reconcile_all().await.unwrap();
+    let svc = typed::get::<Service>(&*f.store, "hist")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(svc.status.last_good_revision, 1, "{:?}", svc.status);
+
+    for n in 2..=8 {
+        call(
+            &f.router,
+            "POST",
+            "/api/v1/services",
+            Some(TOKEN),
+            Some(spec(n)),
+        )
+        .await;
+        controller.reconcile_all().await.unwrap();
+    }
+    let (_, body) = call(
+        &f.router,
+        "GET",
+        "/api/v1/services/hist/revisions",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let numbers: Vec<u64> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["spec"]["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        vec![1, 6, 7, 8],
+        "the newest 3 and the last good one"
+    );
+    let changes = &body["items"][3]["spec"]["changes"];
+    assert_eq!(changes, &json!(["args"]));
+}
