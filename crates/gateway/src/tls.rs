@@ -368,6 +368,66 @@ mod tests {
         Arc::new(CertifiedKey::from_der(vec![ck.cert.der().clone()], der, &provider).unwrap())
     }
 
+    fn write(path: &Path, text: &str) {
+        // Atomic replace, as certificate tools do: a new inode every time.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn broken_or_mismatched_files_keep_the_previous_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        let make = |name: &str| rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let first = make("r.example");
+        write(&cert, &first.cert.pem());
+        write(&key, &first.signing_key.serialize_pem());
+        let config = TlsConfig {
+            certificates: vec![CertificateFiles {
+                hosts: vec!["r.example".into()],
+                cert: cert.clone(),
+                key: key.clone(),
+                default: false,
+            }],
+            reload_interval: Duration::from_secs(1),
+        };
+        let mut files = CertFiles::load(&config).unwrap();
+        let resolver = files.resolver();
+        let served = || resolver.lookup(Some("r.example")).unwrap().cert[0].clone();
+        assert_eq!(&served(), first.cert.der());
+        assert_eq!(files.reload_changed(), 0, "nothing changed");
+
+        write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        );
+        assert_eq!(files.reload_changed(), 0);
+        assert_eq!(&served(), first.cert.der());
+        write(&cert, "");
+        assert_eq!(files.reload_changed(), 0);
+        assert_eq!(&served(), first.cert.der());
+
+        // Half a rotation: the new certificate with the old key.
+        let second = make("r.example");
+        write(&cert, &second.cert.pem());
+        assert_eq!(files.reload_changed(), 0);
+        assert_eq!(&served(), first.cert.der());
+        // The rotation completes.
+        write(&key, &second.signing_key.serialize_pem());
+        assert_eq!(files.reload_changed(), 1);
+        assert_eq!(&served(), second.cert.der());
+
+        // A deleted file is a failed reload too.
+        std::fs::remove_file(&key).unwrap();
+        assert_eq!(files.reload_changed(), 0);
+        assert_eq!(&served(), second.cert.der());
+
+        // Starting with a broken file is an error that names it.
+        let err = CertFiles::load(&config).unwrap_err();
+        assert!(err.to_string().contains("c.key"), "{err}");
+    }
+
     #[test]
     fn lookup_by_exact_name_then_wildcard_then_default() {
         let (a, w, d, dynamic) = (

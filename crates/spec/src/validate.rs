@@ -757,13 +757,13 @@ fn check_certificates(v: &mut Errs, p: &FieldPath, gw: &GatewaySection) {
                 );
                 continue;
             }
-            if let Some(first) = claimed.insert(host.as_str(), i)
-                && first != i
-            {
-                v.push(
-                    hp,
-                    format!("host {host:?} is already served by certificates[{first}]"),
-                );
+            if let Some(first) = claimed.insert(host.as_str(), i) {
+                let by = if first == i {
+                    String::from("this certificate")
+                } else {
+                    format!("certificates[{first}]")
+                };
+                v.push(hp, format!("host {host:?} is already served by {by}"));
             }
         }
     }

@@ -527,7 +527,7 @@ key = "k.pem"
         "f.toml:6:20: gateway.limits.max_header_bytes: must be between 8192 and 1048576",
         "f.toml:7:16: gateway.limits.idle_timeout: must be between 1s and 1h",
         "f.toml:10:10: gateway.certificates[0].hosts[0]: invalid host \"Bad_Host\"",
-        "f.toml:10:42: gateway.certificates[0].hosts[2]: host \"*.ok.example\" is already served",
+        "f.toml:10:38: gateway.certificates[0].hosts[2]: host \"*.ok.example\" is already served",
         "f.toml:11:8: gateway.certificates[0].cert: must not be empty",
         "f.toml:14:1: gateway.certificates[1].hosts: must name at least one host",
     ];
