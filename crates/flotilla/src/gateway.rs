@@ -21,8 +21,23 @@ pub async fn run(args: GatewayArgs, api: &str, token: &str) -> Result<ExitCode> 
             args.listen
         )
     })?;
+    let config = match &args.file {
+        None => GatewayConfig::new(listen),
+        Some(path) => {
+            let file = crate::commands::load_file(path)?;
+            let base = std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_else(|| std::path::PathBuf::from("."));
+            match &file.gateway {
+                Some(section) => GatewayConfig::from_section(listen, section, &base)
+                    .with_context(|| format!("the [gateway] table of {}", path.display()))?,
+                None => GatewayConfig::new(listen),
+            }
+        }
+    };
     let mut registry = Registry::default();
-    let gateway = Gateway::bind(GatewayConfig::new(listen), store, &mut registry)
+    let gateway = Gateway::bind(config, store, &mut registry)
         .await
         .with_context(|| format!("starting the gateway on {listen} against the API at {api}"))?;
     let local = gateway.local_addr();
@@ -43,6 +58,9 @@ pub async fn run(args: GatewayArgs, api: &str, token: &str) -> Result<ExitCode> 
         None => None,
     };
     println!("flotilla gateway on http://{local}, routing from {api}");
+    if let Some(tls) = gateway.tls_local_addr() {
+        println!("  TLS       https://{tls}");
+    }
     let mut task = tokio::spawn(gateway.run(shutdown.clone()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

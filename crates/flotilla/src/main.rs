@@ -184,12 +184,29 @@ pub struct GatewayArgs {
     /// Metrics listen address (none if unset).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// A flotilla file whose `[gateway]` table (TLS, limits, access log) configures it.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+}
+
+/// Servers hold a descriptor per connection: use the whole hard limit, not the usual soft 1024.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_up = matches!(cli.command, Command::Up(_));
     init_logging(cli.log_format, is_up);
+    if matches!(cli.command, Command::Up(_) | Command::Gateway(_)) {
+        raise_open_files_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
