@@ -42,6 +42,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use flotilla_spec::Object;
 use flotilla_spec::object::{Instance, Service};
 use flotilla_store::Store;
 use flotilla_store::StoreError;
@@ -130,8 +131,9 @@ pub struct Gateway {
     certs: Option<CertFiles>,
     layer: Arc<ConnLayer>,
     proxy: Arc<Proxy>,
-    services: Reflector<Service>,
-    instances: Reflector<Instance>,
+    store: Arc<dyn Store>,
+    services: Feed<Service>,
+    instances: Feed<Instance>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -166,26 +168,22 @@ impl Gateway {
             }
         };
         // Stopped by `run` at its end, or by their `Drop` if the gateway never runs.
-        let unowned = CancellationToken::new();
-        let services = Reflector::<Service>::start(store.clone(), &unowned)
+        let mut services = Feed::<Service>::start(store.clone())
             .await
             .map_err(|source| GatewayError::Store {
                 action: "list services",
                 source,
             })?;
-        let instances = Reflector::<Instance>::start(store, &unowned)
+        let mut instances = Feed::<Instance>::start(store.clone())
             .await
             .map_err(|source| GatewayError::Store {
                 action: "list instances",
                 source,
             })?;
+        // Built from the maps the feeds mark seen: whatever the reflectors publish from now on,
+        // before `run` or during it, reaches the table.
         let state = Arc::new(TableState::new(config.upstream.clone()));
-        let table = build_table(
-            &services.current(),
-            &instances.current(),
-            &state,
-            &mut Vec::new(),
-        );
+        let table = build_table(&services.take(), &instances.take(), &state, &mut Vec::new());
         let proxy = Arc::new(Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
             client: proxy::upstream_client(),
@@ -215,6 +213,7 @@ impl Gateway {
             certs,
             layer,
             proxy,
+            store,
             services,
             instances,
         })
@@ -257,14 +256,16 @@ impl Gateway {
             certs,
             layer,
             proxy,
+            store,
             services,
             instances,
         } = self;
 
         let stop_updates = CancellationToken::new();
         let updater = tokio::spawn(keep_table_current(
-            services.subscribe(),
-            instances.subscribe(),
+            store,
+            services,
+            instances,
             proxy.table.clone(),
             proxy.state.clone(),
             stop_updates.clone(),
@@ -300,14 +301,6 @@ impl Gateway {
         {
             tracing::warn!(error = %e, "certificate reloader failed");
         }
-        for (kind, result) in [
-            ("services", services.stop().await),
-            ("instances", instances.stop().await),
-        ] {
-            if let Err(e) = result {
-                tracing::warn!(kind, error = %error_chain(&e), "reflector ended with an error");
-            }
-        }
         tracing::info!(addr = %local_addr, "gateway stopped");
         Ok(())
     }
@@ -321,11 +314,84 @@ async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Gateway
     Ok((listener, local))
 }
 
-/// Rebuilds and swaps the table whenever services or instances change, until `stop` or until
-/// the store stops publishing (the last table then stays in force).
+/// A reflector the routing table follows, and the receiver it follows it with.
+struct Feed<T: Object> {
+    reflector: Reflector<T>,
+    /// Marked seen at the map the table in force was built from.
+    rx: watch::Receiver<ObjectMap<T>>,
+}
+
+impl<T: Object> Feed<T> {
+    /// Lists the objects and starts following them (until [`Feed::stop`] or drop).
+    async fn start(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let reflector = Reflector::<T>::start(store, &CancellationToken::new()).await?;
+        let rx = reflector.subscribe();
+        Ok(Self { reflector, rx })
+    }
+
+    /// The current map, marked seen: every later publication makes `changed` fire.
+    fn take(&mut self) -> ObjectMap<T> {
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Stops the reflector, logging how it ended if not cleanly.
+    async fn stop(self) {
+        if let Err(e) = self.reflector.stop().await {
+            tracing::warn!(kind = T::KIND, error = %error_chain(&e), "reflector ended with an error");
+        }
+    }
+
+    /// Replaces a feed whose reflector ended (the store was closed, or the task failed) with a
+    /// new one (a full list), retrying with backoff until it starts. `None` if `stop` came first.
+    async fn restart(self, store: &Arc<dyn Store>, stop: &CancellationToken) -> Option<Self> {
+        tracing::warn!(
+            kind = T::KIND,
+            "reflector ended while the gateway runs; restarting it (the routing table is not following the store meanwhile)"
+        );
+        self.stop().await;
+        let mut backoff = RESTART_BACKOFF_MIN;
+        loop {
+            let started = tokio::select! {
+                () = stop.cancelled() => return None,
+                started = Self::start(store.clone()) => started,
+            };
+            match started {
+                Ok(feed) => {
+                    tracing::info!(
+                        kind = T::KIND,
+                        "reflector restarted; routing table follows the store again"
+                    );
+                    return Some(feed);
+                }
+                Err(e) => {
+                    tracing::warn!(kind = T::KIND, error = %error_chain(&e), retry_in = ?backoff, "cannot restart the reflector");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+        }
+    }
+}
+
+const RESTART_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which feed a notification came from.
+enum Changed {
+    Services(bool),
+    Instances(bool),
+}
+
+/// Rebuilds and swaps the table whenever services or instances change, until `stop`. Never
+/// stops following the store before that: a reflector that ends is restarted (with backoff),
+/// and the table is rebuilt from its first list.
 async fn keep_table_current(
-    mut services: watch::Receiver<ObjectMap<Service>>,
-    mut instances: watch::Receiver<ObjectMap<Instance>>,
+    store: Arc<dyn Store>,
+    mut services: Feed<Service>,
+    mut instances: Feed<Instance>,
     table: Arc<ArcSwap<RouteTable>>,
     state: Arc<TableState>,
     stop: CancellationToken,
@@ -333,19 +399,32 @@ async fn keep_table_current(
     let mut conflicts = Vec::new();
     loop {
         let changed = tokio::select! {
-            () = stop.cancelled() => return,
-            changed = services.changed() => changed,
-            changed = instances.changed() => changed,
+            () = stop.cancelled() => break,
+            changed = services.rx.changed() => Changed::Services(changed.is_ok()),
+            changed = instances.rx.changed() => Changed::Instances(changed.is_ok()),
         };
-        if changed.is_err() {
-            tracing::error!("store watch ended; routing table frozen at its last state");
-            return;
+        match changed {
+            Changed::Services(true) | Changed::Instances(true) => {}
+            Changed::Services(false) => match services.restart(&store, &stop).await {
+                Some(feed) => services = feed,
+                None => {
+                    instances.stop().await;
+                    return;
+                }
+            },
+            Changed::Instances(false) => match instances.restart(&store, &stop).await {
+                Some(feed) => instances = feed,
+                None => {
+                    services.stop().await;
+                    return;
+                }
+            },
         }
-        let services_now = services.borrow_and_update().clone();
-        let instances_now = instances.borrow_and_update().clone();
-        let next = build_table(&services_now, &instances_now, &state, &mut conflicts);
+        let next = build_table(&services.take(), &instances.take(), &state, &mut conflicts);
         table.store(Arc::new(next));
     }
+    services.stop().await;
+    instances.stop().await;
 }
 
 /// How often state no table uses is forgotten and rate limiters drop refilled buckets.

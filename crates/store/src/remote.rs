@@ -261,7 +261,11 @@ impl Store for RemoteStore {
                 };
                 let data = match frame {
                     None => {
-                        let _ = tx.send(Err(StoreError::Closed)).await;
+                        // The API restarted, or a proxy cut a long stream: not a closed store
+                        // (`Closed` is permanent), so the watcher relists after a backoff.
+                        let _ = tx
+                            .send(Err(backend("watching", "the API ended the watch stream")))
+                            .await;
                         return;
                     }
                     Some(Err(e)) => {

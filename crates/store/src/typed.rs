@@ -274,14 +274,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Keeps `tx` holding the full current map of objects of kind `T` (name → object): lists,
 /// publishes, watches from the list's revision and publishes after every change (events already
 /// queued are folded into one publication), relists on `Compacted` or any other watch error
-/// (after a backoff for errors other than `Compacted`).
+/// (after a backoff for errors other than `Compacted`). It never stops on its own while the
+/// store is open: every way a watch can end leads to a relist.
 ///
 /// Every full list is published with `send_replace`, so receivers are notified even when nothing
 /// changed: the first notification a receiver sees after creation is the first complete list.
 /// Objects whose value does not decode as `T` are left out of the map, with a warning.
 ///
 /// Returns `Ok(())` when `shutdown` is cancelled or every receiver is dropped; `Err(Closed)` if
-/// the store is closed.
+/// a list finds the store closed.
 pub async fn run_reflector<T: Object>(
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
@@ -323,6 +324,10 @@ impl<T: Object> Reflector<T> {
     }
 
     /// A receiver of every new map (its current value is marked seen).
+    ///
+    /// Read the map to start from with the receiver's `borrow_and_update`, not with an earlier
+    /// [`current`](Self::current): a map published between the two would count as seen and
+    /// never be acted on (the gateway's routing table once froze that way).
     pub fn subscribe(&self) -> watch::Receiver<ObjectMap<T>> {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
@@ -408,7 +413,9 @@ async fn reflect<T: Object>(
         };
         match follow(store.as_ref(), &shutdown, &tx, map, revision).await {
             WatchEnd::Shutdown => return Ok(()),
-            WatchEnd::Relist(Some(StoreError::Closed)) => return Err(StoreError::Closed),
+            // A watch that ends with `Closed` is retried like any other failure: only the list
+            // decides that the store is closed for good (a watch stream may end for other
+            // reasons, and a reflector that stops freezes every consumer).
             WatchEnd::Relist(Some(err)) if err.is_compacted() => {
                 tracing::debug!(kind = T::KIND, error = %err, "reflector relisting");
                 backoff = BACKOFF_MIN;

@@ -307,3 +307,231 @@ fn reflector_relists_after_compacted() {
         timeout(WAIT, task).await.unwrap().unwrap().unwrap();
     });
 }
+
+/// name → resource_version of a map of events.
+fn versions(map: &ObjectMap<Event>) -> Vec<(String, u64)> {
+    map.iter()
+        .map(|(name, e)| (name.clone(), e.metadata.resource_version))
+        .collect()
+}
+
+/// Waits until `rx` shows exactly what the store holds now (no writes are in flight).
+async fn converges(rx: &mut watch::Receiver<ObjectMap<Event>>, store: &dyn Store, what: &str) {
+    let (items, _) = typed::list::<Event>(store).await.unwrap();
+    let want: Vec<(String, u64)> = items
+        .iter()
+        .map(|e| (e.metadata.name.clone(), e.metadata.resource_version))
+        .collect();
+    let reached = timeout(WAIT, rx.wait_for(|m| versions(m) == want))
+        .await
+        .map(|result| result.map(drop));
+    match reached {
+        Ok(result) => result.expect("reflector stopped"),
+        Err(_) => panic!(
+            "{what}: reflector froze; store has {want:?}, reflector shows {:?}",
+            versions(&rx.borrow())
+        ),
+    }
+}
+
+/// Several writers create, change and delete overlapping objects while watches so small that
+/// every reflector keeps being dropped (`Compacted`) and relisting, some from a revision already
+/// out of the history; reflectors started mid-burst register between their list and their
+/// watch under churn. After every burst, every reflector must show exactly the store's content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflectors_converge_under_concurrent_churn_and_compaction() {
+    const WRITERS: usize = 4;
+    const OPS: usize = 150;
+    const ROUNDS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(
+        dir.path(),
+        StoreOptions {
+            watch_buffer: 1,
+            history_limit: 3,
+            max_batch: 4,
+            durable: false,
+            ..StoreOptions::default()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let mut reflectors = vec![
+        Reflector::<Event>::start(store.clone(), &shutdown)
+            .await
+            .unwrap(),
+    ];
+    let mut receivers = vec![reflectors[0].subscribe()];
+    for round in 0..ROUNDS {
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..WRITERS {
+            let store = store.clone();
+            writers.spawn(async move {
+                for i in 0..OPS {
+                    // Overlapping names: writers race on the same objects.
+                    let name = format!("o{:02}", (i * 7 + w * 3 + round) % 24);
+                    let result = match (i + w) % 4 {
+                        0 | 1 => typed::create(store.as_ref(), event(&name, "new"))
+                            .await
+                            .map(drop),
+                        2 => typed::modify::<Event>(store.as_ref(), &name, |e| {
+                            e.message = format!("{w}/{i}");
+                            true
+                        })
+                        .await
+                        .map(drop),
+                        _ => typed::delete::<Event>(store.as_ref(), &name, None)
+                            .await
+                            .map(drop),
+                    };
+                    match result {
+                        Ok(()) => {}
+                        Err(e) if e.is_conflict() => {}
+                        Err(e) => panic!("write failed: {e}"),
+                    }
+                }
+            });
+        }
+        // A reflector that lists and registers its watch while the writers run.
+        tokio::task::yield_now().await;
+        let late = Reflector::<Event>::start(store.clone(), &shutdown)
+            .await
+            .unwrap();
+        receivers.push(late.subscribe());
+        reflectors.push(late);
+        while let Some(done) = writers.join_next().await {
+            done.unwrap();
+        }
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            converges(rx, store.as_ref(), &format!("round {round}, reflector {i}")).await;
+        }
+    }
+    for reflector in reflectors {
+        timeout(WAIT, reflector.stop()).await.unwrap().unwrap();
+    }
+}
+
+/// The embedded store, with watches that can be cut with `Closed` (as a remote watch stream
+/// that ends looked) and lists that can be made to fail with `Closed` while the store is open.
+struct CuttableStore {
+    inner: Arc<dyn Store>,
+    cut: std::sync::Mutex<CancellationToken>,
+    closed_lists: std::sync::atomic::AtomicUsize,
+}
+
+impl CuttableStore {
+    fn new(inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            cut: std::sync::Mutex::new(CancellationToken::new()),
+            closed_lists: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Ends every open watch with `Closed`; the next `closed_lists` lists fail with `Closed`.
+    fn cut(&self, closed_lists: usize) {
+        self.closed_lists
+            .store(closed_lists, std::sync::atomic::Ordering::SeqCst);
+        let old = std::mem::take(&mut *self.cut.lock().unwrap());
+        old.cancel();
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for CuttableStore {
+    async fn get(&self, key: &str) -> Result<Option<flotilla_store::KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<flotilla_store::ListResult, StoreError> {
+        let failed = self.closed_lists.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+        if failed.is_ok() {
+            return Err(StoreError::Closed);
+        }
+        self.inner.list(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+    ) -> Result<flotilla_store::KeyValue, StoreError> {
+        self.inner.put(key, value, pre).await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+        pre: Precondition,
+    ) -> Result<Option<flotilla_store::KeyValue>, StoreError> {
+        self.inner.delete(key, pre).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: flotilla_store::Revision,
+    ) -> Result<flotilla_store::Watch, StoreError> {
+        let mut inner = self.inner.watch(prefix, after).await?;
+        let cut = self.cut.lock().unwrap().clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    () = cut.cancelled() => {
+                        let _ = tx.send(Err(StoreError::Closed)).await;
+                        return;
+                    }
+                    event = inner.rx.recv() => event,
+                };
+                match event {
+                    Some(event) => {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(flotilla_store::Watch { rx })
+    }
+    fn revision(&self) -> flotilla_store::Revision {
+        self.inner.revision()
+    }
+}
+
+/// A watch that ends with `Closed` while the store is open (as a remote watch stream did when
+/// the API restarted) used to stop the reflector for good, freezing every consumer.
+#[tokio::test]
+async fn reflector_relists_after_a_watch_ends_with_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = open(dir.path(), StoreOptions::default());
+    let store = Arc::new(CuttableStore::new(inner.clone()));
+    let shutdown = CancellationToken::new();
+    let reflector = Reflector::<Event>::start(store.clone(), &shutdown)
+        .await
+        .unwrap();
+    let mut rx = reflector.subscribe();
+    typed::create(inner.as_ref(), event("a", "1"))
+        .await
+        .unwrap();
+    wait_for_map(&mut rx, "a", |m| m.contains_key("a")).await;
+
+    store.cut(0);
+    typed::create(inner.as_ref(), event("b", "1"))
+        .await
+        .unwrap();
+    wait_for_map(&mut rx, "b, after the watch was cut", |m| {
+        m.contains_key("b")
+    })
+    .await;
+
+    // A list that finds the store closed still ends the reflector, with `Closed`.
+    store.cut(usize::MAX);
+    let ended = timeout(WAIT, rx.changed()).await.expect("reflector ends");
+    assert!(ended.is_err(), "the reflector's sender is dropped");
+    let result = timeout(WAIT, reflector.stop()).await.unwrap();
+    assert!(matches!(result, Err(StoreError::Closed)), "{result:?}");
+}
