@@ -70,8 +70,8 @@ pub(crate) fn log(
         version = ?req.version,
         user_agent = %req.user_agent,
         status = status.as_u16(),
-        route = outcome.service.as_deref().unwrap_or("-"),
-        instance = outcome.instance.as_deref().unwrap_or("-"),
+        route = outcome.route.as_ref().map_or("-", |r| r.service.as_str()),
+        instance = outcome.instance.as_ref().map_or("-", |e| e.instance.as_str()),
         attempts = outcome.attempts,
         duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "request"

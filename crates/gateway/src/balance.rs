@@ -78,6 +78,8 @@ pub struct EndpointState {
     pub instance: String,
     /// `host:port` (`[v6]:port` for IPv6 hosts), ready for a URI authority.
     pub authority: String,
+    /// `authority` parsed once for upstream URIs (`None`: not a valid authority).
+    uri_authority: Option<http::uri::Authority>,
     epoch: Instant,
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds, as `f64` bits.
@@ -98,6 +100,7 @@ const EWMA_ALPHA: f64 = 0.3;
 impl EndpointState {
     fn new(instance: String, authority: String, epoch: Instant) -> Self {
         Self {
+            uri_authority: http::uri::Authority::try_from(authority.as_str()).ok(),
             instance,
             authority,
             epoch,
@@ -117,6 +120,11 @@ impl EndpointState {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The authority of upstream request URIs, parsed once.
+    pub fn uri_authority(&self) -> Option<&http::uri::Authority> {
+        self.uri_authority.as_ref()
     }
 
     pub fn in_flight(&self) -> u32 {

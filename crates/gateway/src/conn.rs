@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
@@ -17,6 +17,8 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// Process-unique connection number, for logs.
     pub id: u64,
+    /// The forwarding headers' per-connection part, computed on the first proxied request.
+    forwarding: std::sync::OnceLock<crate::proxy::Forwarding>,
 }
 
 impl ConnInfo {
@@ -28,7 +30,22 @@ impl ConnInfo {
             tls: false,
             sni: None,
             id,
+            forwarding: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A TLS-terminated connection.
+    pub fn tls(peer: SocketAddr, local: SocketAddr, id: u64, sni: Option<String>) -> Self {
+        Self {
+            tls: true,
+            sni,
+            ..Self::plain(peer, local, id)
+        }
+    }
+
+    pub(crate) fn forwarding(&self) -> &crate::proxy::Forwarding {
+        self.forwarding
+            .get_or_init(|| crate::proxy::Forwarding::new(self.peer, self.scheme()))
     }
 
     /// The scheme clients used to reach the gateway: `X-Forwarded-Proto` and `Forwarded`.

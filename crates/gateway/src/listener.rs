@@ -309,13 +309,7 @@ async fn connection(
         .1
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
-    let info = ConnInfo {
-        peer,
-        local,
-        tls: true,
-        sni,
-        id,
-    };
+    let info = ConnInfo::tls(peer, local, id, sni);
     serve_http(layer, stream, info, &drain).await;
 }
 

@@ -1,5 +1,7 @@
 //! The gateway's Prometheus metrics.
 
+use std::sync::OnceLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -112,6 +114,40 @@ impl Metrics {
         }
     }
 
+    /// [`observe`](Self::observe) for a matched route, through the handles cached in `cached`
+    /// (resolved on the route's first request, then a few atomic loads per request instead of
+    /// label allocations and family lookups).
+    pub fn observe_cached(
+        &self,
+        cached: &RouteMetrics,
+        route: &str,
+        status: http::StatusCode,
+        seconds: f64,
+    ) {
+        let handles = cached.0.get_or_init(|| RouteHandles {
+            requests: Default::default(),
+            duration: self
+                .duration
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                })
+                .clone(),
+        });
+        let class = status_class(status);
+        let slot = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        handles.requests[slot]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: route.to_owned(),
+                        status_class: class,
+                    })
+                    .clone()
+            })
+            .inc();
+        handles.duration.observe(seconds);
+    }
+
     pub fn observe(&self, route: &str, status: http::StatusCode, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -133,6 +169,19 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// Per-route handles into [`Metrics`]' families, filled in lazily (a series still appears on
+/// its first observation, as with `get_or_create`). One per [`crate::Route`]; a route is only
+/// used with the [`Metrics`] of the gateway whose table holds it.
+#[derive(Debug, Default)]
+pub struct RouteMetrics(OnceLock<RouteHandles>);
+
+#[derive(Debug)]
+struct RouteHandles {
+    /// `requests{route, status_class}` for 1xx … 5xx.
+    requests: [OnceLock<Counter>; 5],
+    duration: Histogram,
 }
 
 /// Connection-level metrics, kept by the connection layer (`listener.rs`).

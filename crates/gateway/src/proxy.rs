@@ -145,10 +145,10 @@ pub struct Proxy {
 /// What became of a request, for metrics and the access log.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    /// Service of the matched route.
-    pub service: Option<String>,
-    /// Instance of the endpoint that answered (or failed last).
-    pub instance: Option<String>,
+    /// The matched route (its service is the `route` label).
+    pub route: Option<Arc<Route>>,
+    /// The endpoint that answered (or failed last).
+    pub instance: Option<Arc<EndpointState>>,
     /// Upstream attempts made.
     pub attempts: u32,
 }
@@ -165,11 +165,17 @@ impl Proxy {
         let mut outcome = Outcome::default();
         let response = self.route(req, &conn, &mut outcome).await;
         let elapsed = started.elapsed();
-        self.metrics.observe(
-            outcome.service.as_deref().unwrap_or(NO_ROUTE),
-            response.status(),
-            elapsed.as_secs_f64(),
-        );
+        match &outcome.route {
+            Some(route) => self.metrics.observe_cached(
+                &route.metrics,
+                &route.service,
+                response.status(),
+                elapsed.as_secs_f64(),
+            ),
+            None => self
+                .metrics
+                .observe(NO_ROUTE, response.status(), elapsed.as_secs_f64()),
+        }
         if let Some(request) = logged {
             access_log::log(&request, &conn, response.status(), &outcome, elapsed);
         }
@@ -183,27 +189,28 @@ impl Proxy {
         conn: &ConnInfo,
         outcome: &mut Outcome,
     ) -> Response<GatewayBody> {
-        let host = request_host(&req);
+        let host_value = request_host(&req);
+        let host = host_value.to_str().unwrap_or_default();
         // The guard is released before any await.
         let found = self
             .table
             .load()
-            .lookup_request(&host, req.uri().path(), req.headers());
+            .lookup_request(host, req.uri().path(), req.headers());
         let route = match found {
             Match::NoRoute => {
                 tracing::debug!(%host, path = req.uri().path(), "no route");
                 let reason = format!(
                     "no route for host {:?} and path {:?}\n",
-                    clip(&host),
+                    clip(host),
                     clip(req.uri().path())
                 );
                 return text(StatusCode::NOT_FOUND, reason);
             }
             Match::NoReadyEndpoint(route) | Match::Ready(route) => route,
         };
-        outcome.service = Some(route.service.clone());
+        outcome.route = Some(route.clone());
         if route.redirect_https && !conn.tls {
-            return redirect_to_https(&req, &host);
+            return redirect_to_https(&req, host);
         }
         if let Some(limiter) = &route.rate_limit
             && let Err(wait) = limiter.check(conn.peer.ip())
@@ -220,7 +227,11 @@ impl Proxy {
             let reason = format!("no ready instance for service {:?}\n", route.service);
             return text(StatusCode::SERVICE_UNAVAILABLE, reason);
         }
-        self.forward(req, &route, conn, host, outcome).await
+        let host = Host {
+            value: host_value.clone(),
+            text: host,
+        };
+        self.forward(req, &route, conn, &host, outcome).await
     }
 
     async fn forward(
@@ -228,7 +239,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: &Arc<Route>,
         conn: &ConnInfo,
-        host: String,
+        host: &Host<'_>,
         outcome: &mut Outcome,
     ) -> Response<GatewayBody> {
         let limit = self.limits.max_body_bytes;
@@ -268,29 +279,27 @@ impl Proxy {
                 headers.remove(header::HOST);
             }
             UpstreamProtocol::Http1 => {
-                if !headers.contains_key(header::HOST)
-                    && let Ok(value) = HeaderValue::from_str(&host)
-                {
-                    headers.insert(header::HOST, value);
+                if !headers.contains_key(header::HOST) {
+                    headers.insert(header::HOST, host.value.clone());
                 }
             }
         }
-        add_forwarded(&mut headers, conn.peer, conn.scheme(), &host);
+        add_forwarded(&mut headers, conn.forwarding(), host);
         let idempotent = is_idempotent(&parts.method);
         let replay = Replay::new(body, limit);
         let policy = &self.state.policy;
         let deadline = route.timeout.unwrap_or(policy.default_timeout);
         route.retry_budget.request();
 
-        let request = UpstreamRequest {
+        let mut request = UpstreamRequest {
             method: &parts.method,
             path_and_query: &path_and_query,
-            headers: &headers,
+            headers: Some(headers),
             replay: &replay,
             idempotent,
             upgrade: upgrade.is_some(),
         };
-        let attempts = self.attempts(route, &request, outcome);
+        let attempts = self.attempts(route, &mut request, outcome);
         let answer = match tokio::time::timeout(deadline, attempts).await {
             Ok(answer) => answer,
             Err(_) => {
@@ -326,7 +335,7 @@ impl Proxy {
     async fn attempts(
         &self,
         route: &Route,
-        request: &UpstreamRequest<'_>,
+        request: &mut UpstreamRequest<'_>,
         outcome: &mut Outcome,
     ) -> Answer {
         let policy = &self.state.policy;
@@ -350,8 +359,14 @@ impl Proxy {
             }
             let endpoint = &route.endpoints[index];
             outcome.attempts += 1;
-            outcome.instance = Some(endpoint.instance.clone());
-            let upstream = match request.build(endpoint, route.upstream) {
+            outcome.instance = Some(endpoint.clone());
+            // Every endpoint tried once, or the attempts spent: no retry can follow this one,
+            // so the headers are moved into it rather than copied.
+            let last = attempt + 1 >= policy.max_attempts.max(1)
+                || (route.endpoints.len() <= 64
+                    && u64::from((tried | (1 << index.min(63))).count_ones())
+                        >= route.endpoints.len() as u64);
+            let upstream = match request.build(endpoint, route.upstream, last) {
                 Ok(upstream) => upstream,
                 Err(source) => {
                     let err = GatewayError::Upstream {
@@ -491,7 +506,8 @@ impl Proxy {
 struct UpstreamRequest<'a> {
     method: &'a Method,
     path_and_query: &'a PathAndQuery,
-    headers: &'a HeaderMap,
+    /// Taken by the last possible attempt, cloned by the others.
+    headers: Option<HeaderMap>,
     replay: &'a Replay,
     idempotent: bool,
     upgrade: bool,
@@ -499,15 +515,26 @@ struct UpstreamRequest<'a> {
 
 impl UpstreamRequest<'_> {
     fn build(
-        &self,
+        &mut self,
         endpoint: &EndpointState,
         protocol: UpstreamProtocol,
+        last: bool,
     ) -> Result<Request<AttemptBody>, crate::BoxError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(endpoint.authority.as_str())
-            .path_and_query(self.path_and_query.clone())
-            .build()?;
+        let Some(authority) = endpoint.uri_authority() else {
+            return Err(format!("invalid endpoint address {:?}", endpoint.authority).into());
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(self.path_and_query.clone());
+        let uri = Uri::from_parts(uri)?;
+        let headers = match (last, &mut self.headers) {
+            (true, headers) => headers.take(),
+            (false, headers) => headers.clone(),
+        };
+        let Some(headers) = headers else {
+            return Err("request headers already sent".into());
+        };
         let mut upstream = Request::new(self.replay.attempt());
         *upstream.method_mut() = self.method.clone();
         *upstream.uri_mut() = uri;
@@ -515,7 +542,7 @@ impl UpstreamRequest<'_> {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::H2c => Version::HTTP_2,
         };
-        *upstream.headers_mut() = self.headers.clone();
+        *upstream.headers_mut() = headers;
         Ok(upstream)
     }
 }
@@ -623,16 +650,22 @@ fn redirect_to_https<B>(req: &Request<B>, host: &str) -> Response<GatewayBody> {
 }
 
 /// The host a request was sent to: the URI authority (absolute form) or the `Host` header;
-/// empty if neither.
-fn request_host<B>(req: &Request<B>) -> String {
+/// empty if neither (or if it is not visible ASCII).
+fn request_host<B>(req: &Request<B>) -> HeaderValue {
+    let empty = || HeaderValue::from_static("");
     if let Some(authority) = req.uri().authority() {
-        return authority.as_str().to_owned();
+        return HeaderValue::from_str(authority.as_str()).unwrap_or_else(|_| empty());
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+    match req.headers().get(header::HOST) {
+        Some(h) if h.to_str().is_ok() => h.clone(),
+        _ => empty(),
+    }
+}
+
+/// The request's host, as a header value (copied without allocating) and as text.
+struct Host<'a> {
+    value: HeaderValue,
+    text: &'a str,
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -651,54 +684,99 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and `X-Forwarded-Host`
 /// (the gateway is the edge: clients' values for those are not trusted).
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: &'static str, host: &str) {
-    let client = peer.ip().to_string();
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded_for = if prior.is_empty() {
-        client
+fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>) {
+    let has_prior = headers.contains_key(&X_FORWARDED_FOR);
+    if !has_prior {
+        headers.insert(X_FORWARDED_FOR.clone(), client.ip.clone());
     } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let forwarded_for = if prior.is_empty() {
+            client.ip.to_str().unwrap_or_default().to_owned()
+        } else {
+            format!(
+                "{}, {}",
+                prior.join(", "),
+                client.ip.to_str().unwrap_or_default()
+            )
+        };
+        if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
     headers.remove(&X_FORWARDED_HOST);
-    if let Ok(value) = HeaderValue::from_str(host)
-        && !host.is_empty()
-    {
-        headers.insert(X_FORWARDED_HOST.clone(), value);
+    let host_text = host.text;
+    if !host_text.is_empty() {
+        headers.insert(X_FORWARDED_HOST.clone(), host.value.clone());
     }
 
     // RFC 7239: append this hop's element to what earlier proxies wrote.
-    let node = match peer.ip() {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={scheme}");
-    if !host.is_empty()
-        && host
+    let with_host = !host_text.is_empty()
+        && host_text
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
-        element.push_str(&format!(";host=\"{host}\""));
-    }
-    let prior: Vec<&str> = headers
-        .get_all(header::FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded = if prior.is_empty() {
-        element
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    let prior: Vec<&str> = if headers.contains_key(header::FORWARDED) {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
     } else {
-        format!("{}, {element}", prior.join(", "))
+        Vec::new()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+    let value = if prior.is_empty() && !with_host {
+        Ok(client.element.clone())
+    } else {
+        let element = client.element.to_str().unwrap_or_default();
+        let mut out = String::with_capacity(
+            prior.iter().map(|p| p.len() + 2).sum::<usize>() + element.len() + host_text.len() + 8,
+        );
+        for p in &prior {
+            out.push_str(p);
+            out.push_str(", ");
+        }
+        out.push_str(element);
+        if with_host {
+            out.push_str(";host=\"");
+            out.push_str(host_text);
+            out.push('"');
+        }
+        HeaderValue::try_from(out)
+    };
+    if let Ok(value) = value {
         headers.insert(header::FORWARDED, value);
+    }
+}
+
+/// A connection's part of the forwarding headers, computed once per connection.
+#[derive(Debug)]
+pub(crate) struct Forwarding {
+    /// The client address, for `X-Forwarded-For`.
+    ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    proto: HeaderValue,
+    /// This hop's `Forwarded` element without the host: `for=…;proto=…`.
+    element: HeaderValue,
+}
+
+impl Forwarding {
+    pub(crate) fn new(peer: SocketAddr, scheme: &'static str) -> Self {
+        let ip = peer.ip().to_string();
+        let node = match peer.ip() {
+            std::net::IpAddr::V4(_) => ip.clone(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let element = format!("for={node};proto={scheme}");
+        Self {
+            ip: HeaderValue::try_from(ip).unwrap_or_else(|_| HeaderValue::from_static("")),
+            proto: HeaderValue::from_static(scheme),
+            element: HeaderValue::try_from(element)
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
     }
 }
 
@@ -772,8 +850,13 @@ mod tests {
     #[test]
     fn forwarded_headers() {
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let fwd = |peer: SocketAddr, scheme: &'static str| Forwarding::new(peer, scheme);
+        let host = |text: &'static str| Host {
+            value: HeaderValue::from_static(text),
+            text,
+        };
         let mut headers = HeaderMap::new();
-        add_forwarded(&mut headers, peer, "http", "Example.com:8080");
+        add_forwarded(&mut headers, &fwd(peer, "http"), &host("Example.com:8080"));
         assert_eq!(headers["x-forwarded-for"], "10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "Example.com:8080");
@@ -785,7 +868,7 @@ mod tests {
         let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("forwarded", HeaderValue::from_static("for=192.0.2.60"));
-        add_forwarded(&mut headers, v6, "https", "");
+        add_forwarded(&mut headers, &fwd(v6, "https"), &host(""));
         assert_eq!(
             headers["forwarded"],
             "for=192.0.2.60, for=\"[2001:db8::1]\";proto=https"
@@ -796,7 +879,7 @@ mod tests {
         headers.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         headers.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        add_forwarded(&mut headers, peer, "http", "");
+        add_forwarded(&mut headers, &fwd(peer, "http"), &host(""));
         assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert!(headers.get("x-forwarded-host").is_none());

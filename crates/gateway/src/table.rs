@@ -58,6 +58,8 @@ pub struct Route {
     pub retry_budget: Arc<RetryBudget>,
     /// Ready endpoints, in instance-name order.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// This route's metric handles, resolved on its first request.
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl Route {
@@ -343,6 +345,7 @@ impl RouteTable {
                         rate_limit,
                         retry_budget: state.budget(name),
                         endpoints,
+                        metrics: Default::default(),
                     },
                 );
             }
@@ -396,17 +399,17 @@ impl RouteTable {
 
     /// The route for a request's host, path and headers.
     pub fn lookup_request(&self, host: &str, path: &str, headers: &HeaderMap) -> Match {
-        let host = normalize_host(host);
+        let host = normalized_host(host);
         let find = |routes: &[Arc<Route>]| {
             routes
                 .iter()
                 .find(|r| prefix_matches(&r.path, path) && r.headers_match(headers))
                 .cloned()
         };
-        let mut found = self.by_host.get(&host).and_then(|routes| find(routes));
+        let mut found = self.by_host.get(&*host).and_then(|routes| find(routes));
         if found.is_none() && !self.wildcard.is_empty() {
             // Suffixes after each dot, longest first: a.b.example.com → b.example.com, …
-            let mut rest = host.as_str();
+            let mut rest: &str = &host;
             while let Some((_, suffix)) = rest.split_once('.') {
                 if let Some(route) = self.wildcard.get(suffix).and_then(|routes| find(routes)) {
                     found = Some(route);
@@ -470,6 +473,12 @@ fn authority(host: &str, port: u16) -> String {
 
 /// Lower-cases a host and drops a `:port` and a trailing dot (`[::1]:80` → `[::1]`).
 pub fn normalize_host(host: &str) -> String {
+    normalized_host(host).into_owned()
+}
+
+/// [`normalize_host`], borrowing `host` when it is already in normal form (the usual case: no
+/// allocation on the request path).
+pub fn normalized_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
     let host = if host.starts_with('[') {
         // IPv6 literal: keep up to the closing bracket.
@@ -488,7 +497,12 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// A route prefix in canonical form: a leading `/`, no trailing `/` (except the root), no empty
