@@ -443,8 +443,20 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(r.body.contains("spec.replicas"), "{}", r.body);
 
+    // What the user owns is untouched (status is the controller's and may move on by itself).
     let after = up.api_get("/api/v1/services/web");
-    assert_eq!(before, after, "nothing stored changed");
+    assert_eq!(before["spec"], after["spec"], "nothing stored changed");
+    assert_eq!(
+        before["metadata"]["generation"],
+        after["metadata"]["generation"]
+    );
+    assert_eq!(before["metadata"]["uid"], after["metadata"]["uid"]);
+    let revisions = up.api_get("/api/v1/services/web/revisions");
+    assert_eq!(
+        revisions["items"].as_array().map(Vec::len),
+        Some(1),
+        "no revision was recorded"
+    );
 }
 
 #[test]
