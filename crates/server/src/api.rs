@@ -30,6 +30,9 @@ use crate::error::{ApiError, ApiResult, FieldProblem};
 use crate::selector::Selector;
 use flotilla_store::events;
 
+/// Read-modify-write attempts of an apply without a resourceVersion.
+const APPLY_ATTEMPTS: usize = 16;
+
 /// Held across the route check and the write of an apply.
 static APPLY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -391,102 +394,112 @@ pub async fn apply(
     }
 
     let version_given = resource_version.filter(|v| *v != 0);
-    match typed::get::<Service>(store, &name).await? {
-        None => {
-            if version_given.is_some() {
-                return Err(ApiError::conflict(format!(
-                    "service {name} does not exist (resourceVersion given)"
-                ))
-                .with_field("metadata.resourceVersion"));
-            }
-            let mut metadata = ObjectMeta::named(&name);
-            metadata.labels = labels;
-            metadata.annotations = annotations;
-            metadata
-                .annotations
-                .retain(|k, _| !k.starts_with(annotations::PREFIX));
-            let service = Service {
-                metadata,
-                spec,
-                status: Default::default(),
-            };
-            let created = match typed::create(store, service).await {
-                Ok(s) => s,
-                Err(StoreError::Conflict { .. }) => {
+    for _ in 0..APPLY_ATTEMPTS {
+        match typed::get::<Service>(store, &name).await? {
+            None => {
+                if version_given.is_some() {
                     return Err(ApiError::conflict(format!(
-                        "service {name} was created concurrently; apply again"
-                    )));
+                        "service {name} does not exist (resourceVersion given)"
+                    ))
+                    .with_field("metadata.resourceVersion"));
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let message = format!(
-                "service created (generation {})",
-                created.metadata.generation
-            );
-            events::record(
-                store,
-                Service::KIND,
-                &name,
-                EventType::Normal,
-                "Applied",
-                message,
-                source,
-            )
-            .await;
-            Ok((ApplyResult::Created, created))
-        }
-        Some(mut current) => {
-            if let Some(rv) = version_given
-                && rv != current.metadata.resource_version
-            {
-                return Err(ApiError::conflict(format!(
-                    "service {name} is at resourceVersion {}, not {rv}; read it again and retry",
-                    current.metadata.resource_version
-                ))
-                .with_field("metadata.resourceVersion"));
+                let mut metadata = ObjectMeta::named(&name);
+                metadata.labels = labels.clone();
+                metadata.annotations = annotations.clone();
+                metadata
+                    .annotations
+                    .retain(|k, _| !k.starts_with(annotations::PREFIX));
+                let service = Service {
+                    metadata,
+                    spec: spec.clone(),
+                    status: Default::default(),
+                };
+                let created = match typed::create(store, service).await {
+                    Ok(s) => s,
+                    // Created concurrently: read it and apply over it.
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let message = format!(
+                    "service created (generation {})",
+                    created.metadata.generation
+                );
+                events::record(
+                    store,
+                    Service::KIND,
+                    &name,
+                    EventType::Normal,
+                    "Applied",
+                    message,
+                    source,
+                )
+                .await;
+                return Ok((ApplyResult::Created, created));
             }
-            let spec_changed = current.spec != spec;
-            // Annotations flotilla manages (pause, restart token, change cause) are kept: the
-            // user's file does not know them.
-            let mut annotations = annotations;
-            annotations.retain(|k, _| !k.starts_with(annotations::PREFIX));
-            for (k, v) in &current.metadata.annotations {
-                if k.starts_with(annotations::PREFIX) {
-                    annotations.insert(k.clone(), v.clone());
+            Some(mut current) => {
+                if let Some(rv) = version_given
+                    && rv != current.metadata.resource_version
+                {
+                    return Err(ApiError::conflict(format!(
+                        "service {name} is at resourceVersion {}, not {rv}; read it again and retry",
+                        current.metadata.resource_version
+                    ))
+                    .with_field("metadata.resourceVersion"));
                 }
+                let (spec, labels, annotations) =
+                    (spec.clone(), labels.clone(), annotations.clone());
+                let spec_changed = current.spec != spec;
+                // Annotations flotilla manages (pause, restart token, change cause) are kept: the
+                // user's file does not know them.
+                let mut annotations = annotations;
+                annotations.retain(|k, _| !k.starts_with(annotations::PREFIX));
+                for (k, v) in &current.metadata.annotations {
+                    if k.starts_with(annotations::PREFIX) {
+                        annotations.insert(k.clone(), v.clone());
+                    }
+                }
+                if !spec_changed
+                    && current.metadata.labels == labels
+                    && current.metadata.annotations == annotations
+                {
+                    return Ok((ApplyResult::Unchanged, current));
+                }
+                if spec_changed {
+                    current.metadata.generation += 1;
+                    annotations.insert(annotations::CHANGE_CAUSE.to_string(), "apply".to_string());
+                }
+                current.spec = spec;
+                current.metadata.labels = labels;
+                current.metadata.annotations = annotations;
+                // Compare-and-swap on the version we read. Without a resourceVersion from the
+                // client, a concurrent write (the controller's status, say) only means "read
+                // again"; with one, the client asked to fail.
+                let updated = match typed::update(store, current).await {
+                    Ok(u) => u,
+                    Err(StoreError::Conflict { .. }) if version_given.is_none() => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let message = format!(
+                    "service configured (generation {})",
+                    updated.metadata.generation
+                );
+                events::record(
+                    store,
+                    Service::KIND,
+                    &name,
+                    EventType::Normal,
+                    "Applied",
+                    message,
+                    source,
+                )
+                .await;
+                return Ok((ApplyResult::Configured, updated));
             }
-            if !spec_changed
-                && current.metadata.labels == labels
-                && current.metadata.annotations == annotations
-            {
-                return Ok((ApplyResult::Unchanged, current));
-            }
-            if spec_changed {
-                current.metadata.generation += 1;
-                annotations.insert(annotations::CHANGE_CAUSE.to_string(), "apply".to_string());
-            }
-            current.spec = spec;
-            current.metadata.labels = labels;
-            current.metadata.annotations = annotations;
-            // Compare-and-swap on the version we read: a concurrent apply makes this fail.
-            let updated = typed::update(store, current).await?;
-            let message = format!(
-                "service configured (generation {})",
-                updated.metadata.generation
-            );
-            events::record(
-                store,
-                Service::KIND,
-                &name,
-                EventType::Normal,
-                "Applied",
-                message,
-                source,
-            )
-            .await;
-            Ok((ApplyResult::Configured, updated))
         }
     }
+    Err(ApiError::conflict(format!(
+        "service {name} kept changing while it was applied; try again"
+    )))
 }
 
 #[derive(Debug, Serialize)]

@@ -630,3 +630,53 @@ async fn revision_history_is_capped_and_keeps_the_last_good_one() {
     let changes = &body["items"][3]["spec"]["changes"];
     assert_eq!(changes, &json!(["args"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_applies_succeed_while_status_is_being_written() {
+    let f = fixture();
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(1)),
+    )
+    .await;
+    // Another writer (like the controller) keeps changing the status.
+    let store = f.store.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 5_000 {
+                n += 1;
+                let _ = typed::modify::<Service>(&*store, "hello", |s| {
+                    s.status.ready_replicas = n;
+                    true
+                })
+                .await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // Applies without a resourceVersion never fail because of it.
+    for replicas in 2..22 {
+        let (status, body) = call(
+            &f.router,
+            "POST",
+            "/api/v1/services",
+            Some(TOKEN),
+            Some(hello(replicas)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "apply {replicas}: {body}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let s = typed::get::<Service>(&*f.store, "hello")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.spec.replicas, 21);
+}
