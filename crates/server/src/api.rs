@@ -33,6 +33,13 @@ use flotilla_store::events;
 /// Read-modify-write attempts of an apply without a resourceVersion.
 const APPLY_ATTEMPTS: usize = 16;
 
+/// A short random pause between attempts, so contending writers spread out.
+async fn backoff() {
+    use rand::Rng;
+    let ms = rand::rng().random_range(1..=5);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 /// Held across the route check and the write of an apply.
 static APPLY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -417,7 +424,10 @@ pub async fn apply(
                 let created = match typed::create(store, service).await {
                     Ok(s) => s,
                     // Created concurrently: read it and apply over it.
-                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(StoreError::Conflict { .. }) => {
+                        backoff().await;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 let message = format!(
@@ -476,7 +486,10 @@ pub async fn apply(
                 // again"; with one, the client asked to fail.
                 let updated = match typed::update(store, current).await {
                     Ok(u) => u,
-                    Err(StoreError::Conflict { .. }) if version_given.is_none() => continue,
+                    Err(StoreError::Conflict { .. }) if version_given.is_none() => {
+                        backoff().await;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 let message = format!(
