@@ -1,6 +1,9 @@
 //! End-to-end tests: a real gateway on a loopback socket, a real embedded store in a tempdir,
 //! and real HTTP upstream servers.
 
+mod common;
+
+use common::{instance, route, service_spec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_gateway::{Gateway, GatewayConfig};
-use flotilla_spec::object::{Instance, InstanceSpec, InstanceStatus, ObjectMeta, Phase, Service};
-use flotilla_spec::service::{RouteSpec, ServiceSpec};
+use flotilla_spec::object::{Instance, ObjectMeta, Service};
+use flotilla_spec::service::RouteSpec;
 use flotilla_store::typed;
 use flotilla_store::{EmbeddedStore, Store, StoreOptions};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -130,41 +133,6 @@ async fn upstream_handle(
 }
 
 // ---- store objects --------------------------------------------------------------------------
-
-fn route(host: Option<&str>, path: &str) -> RouteSpec {
-    RouteSpec {
-        host: host.map(str::to_string),
-        path: path.to_string(),
-        ..RouteSpec::default()
-    }
-}
-
-fn service_spec(routes: Vec<RouteSpec>) -> ServiceSpec {
-    let mut spec: ServiceSpec =
-        serde_json::from_value(serde_json::json!({ "command": "flotilla-demo" })).unwrap();
-    spec.ports = vec!["http".to_string()];
-    spec.routes = routes;
-    spec
-}
-
-fn instance(name: &str, service: &str, port: u16) -> Instance {
-    Instance {
-        metadata: ObjectMeta::named(name),
-        spec: InstanceSpec {
-            service: service.to_string(),
-            node: "local".to_string(),
-            spec_hash: "h1".to_string(),
-            template: service_spec(vec![]),
-        },
-        status: InstanceStatus {
-            phase: Phase::Running,
-            ready: true,
-            host: Some("127.0.0.1".to_string()),
-            ports: BTreeMap::from([("http".to_string(), port)]),
-            ..InstanceStatus::default()
-        },
-    }
-}
 
 // ---- harness --------------------------------------------------------------------------------
 

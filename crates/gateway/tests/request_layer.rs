@@ -3,7 +3,10 @@
 //! passive health, retries and their budget, rate limits, body limits, upgrades and gRPC-style
 //! trailers, and table swaps under load.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use common::{instance, route, service_spec};
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_gateway::{Gateway, GatewayConfig};
-use flotilla_spec::object::{Instance, InstanceSpec, InstanceStatus, ObjectMeta, Phase, Service};
+use flotilla_spec::object::{Instance, ObjectMeta, Service};
 use flotilla_spec::quantity::Dur;
-use flotilla_spec::service::{RateLimitSpec, RouteSpec, ServiceSpec, UpstreamProtocol};
+use flotilla_spec::service::{RateLimitSpec, RouteSpec, UpstreamProtocol};
 use flotilla_store::typed;
 use flotilla_store::{EmbeddedStore, Store, StoreOptions};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -200,41 +203,6 @@ async fn handle(
 }
 
 // ---- store objects and harness --------------------------------------------------------------
-
-fn route(host: Option<&str>, path: &str) -> RouteSpec {
-    RouteSpec {
-        host: host.map(str::to_string),
-        path: path.to_string(),
-        ..RouteSpec::default()
-    }
-}
-
-fn service_spec(routes: Vec<RouteSpec>) -> ServiceSpec {
-    let mut spec: ServiceSpec =
-        serde_json::from_value(serde_json::json!({ "command": "flotilla-demo" })).unwrap();
-    spec.ports = vec!["http".to_string()];
-    spec.routes = routes;
-    spec
-}
-
-fn instance(name: &str, service: &str, port: u16) -> Instance {
-    Instance {
-        metadata: ObjectMeta::named(name),
-        spec: InstanceSpec {
-            service: service.to_string(),
-            node: "local".to_string(),
-            spec_hash: "h1".to_string(),
-            template: service_spec(vec![]),
-        },
-        status: InstanceStatus {
-            phase: Phase::Running,
-            ready: true,
-            host: Some("127.0.0.1".to_string()),
-            ports: BTreeMap::from([("http".to_string(), port)]),
-            ..InstanceStatus::default()
-        },
-    }
-}
 
 struct Harness {
     _dir: tempfile::TempDir,

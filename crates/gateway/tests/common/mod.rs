@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_gateway::{Gateway, GatewayConfig, GatewayError};
-use flotilla_spec::object::{Instance, ObjectMeta, Phase, Service};
+use flotilla_spec::object::{Instance, InstanceSpec, InstanceStatus, ObjectMeta, Phase, Service};
+use flotilla_spec::service::{RouteSpec, ServiceSpec};
 use flotilla_store::typed;
 use flotilla_store::{EmbeddedStore, Store, StoreOptions};
 use http::{Request, Response, StatusCode, Version};
@@ -489,5 +490,42 @@ impl ServerCertVerifier for AnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+// ---- store objects shared by the test files --------------------------------------------------
+
+pub fn route(host: Option<&str>, path: &str) -> RouteSpec {
+    RouteSpec {
+        host: host.map(str::to_string),
+        path: path.to_string(),
+        ..RouteSpec::default()
+    }
+}
+
+pub fn service_spec(routes: Vec<RouteSpec>) -> ServiceSpec {
+    let mut spec: ServiceSpec =
+        serde_json::from_value(serde_json::json!({ "command": "flotilla-demo" })).unwrap();
+    spec.ports = vec!["http".to_string()];
+    spec.routes = routes;
+    spec
+}
+
+pub fn instance(name: &str, service: &str, port: u16) -> Instance {
+    Instance {
+        metadata: ObjectMeta::named(name),
+        spec: InstanceSpec {
+            service: service.to_string(),
+            node: "local".to_string(),
+            spec_hash: "h1".to_string(),
+            template: service_spec(vec![]),
+        },
+        status: InstanceStatus {
+            phase: Phase::Running,
+            ready: true,
+            host: Some("127.0.0.1".to_string()),
+            ports: BTreeMap::from([("http".to_string(), port)]),
+            ..InstanceStatus::default()
+        },
     }
 }
