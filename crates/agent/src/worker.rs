@@ -337,13 +337,7 @@ impl Worker {
                 Some(Self::until_stop(&mut self.desired).await)
             }
             Decision::Restart { delay, phase } => {
-                self.restarts = self.restarts.saturating_add(1);
-                self.shared
-                    .metrics
-                    .restarts
-                    .get_or_create(&metrics::service(&self.service))
-                    .inc();
-                let restarts = self.restarts;
+                let restarts = self.count_restart();
                 let message = if delay.is_zero() {
                     format!("{msg}; retrying")
                 } else {
@@ -683,13 +677,7 @@ impl Worker {
                 Some(Self::until_stop(&mut self.desired).await)
             }
             Decision::Restart { delay, phase } => {
-                self.restarts = self.restarts.saturating_add(1);
-                self.shared
-                    .metrics
-                    .restarts
-                    .get_or_create(&metrics::service(&self.service))
-                    .inc();
-                let restarts = self.restarts;
+                let restarts = self.count_restart();
                 let message = if delay.is_zero() {
                     note.clone()
                 } else {
@@ -727,6 +715,17 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Counts one more restart of this instance, in its status and in the metrics.
+    fn count_restart(&mut self) -> u32 {
+        self.restarts = self.restarts.saturating_add(1);
+        self.shared
+            .metrics
+            .restarts
+            .get_or_create(&metrics::service(&self.service))
+            .inc();
+        self.restarts
     }
 
     /// Before the stop signal of a deleted instance: wait until the gateway no longer routes to

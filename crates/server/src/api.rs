@@ -430,21 +430,7 @@ pub async fn apply(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let message = format!(
-                    "service created (generation {})",
-                    created.metadata.generation
-                );
-                events::record(
-                    store,
-                    Service::KIND,
-                    &name,
-                    EventType::Normal,
-                    "Applied",
-                    message,
-                    source,
-                )
-                .await;
-                return Ok((ApplyResult::Created, created));
+                return Ok(applied(store, source, ApplyResult::Created, created).await);
             }
             Some(mut current) => {
                 if let Some(rv) = version_given
@@ -492,27 +478,42 @@ pub async fn apply(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let message = format!(
-                    "service configured (generation {})",
-                    updated.metadata.generation
-                );
-                events::record(
-                    store,
-                    Service::KIND,
-                    &name,
-                    EventType::Normal,
-                    "Applied",
-                    message,
-                    source,
-                )
-                .await;
-                return Ok((ApplyResult::Configured, updated));
+                return Ok(applied(store, source, ApplyResult::Configured, updated).await);
             }
         }
     }
     Err(ApiError::conflict(format!(
         "service {name} kept changing while it was applied; try again"
     )))
+}
+
+/// Records the event of a stored apply and hands back its result.
+async fn applied(
+    store: &dyn Store,
+    source: &str,
+    result: ApplyResult,
+    service: Service,
+) -> (ApplyResult, Service) {
+    let what = if result == ApplyResult::Created {
+        "created"
+    } else {
+        "configured"
+    };
+    let message = format!(
+        "service {what} (generation {})",
+        service.metadata.generation
+    );
+    events::record(
+        store,
+        Service::KIND,
+        &service.metadata.name,
+        EventType::Normal,
+        "Applied",
+        message,
+        source,
+    )
+    .await;
+    (result, service)
 }
 
 #[derive(Debug, Serialize)]
