@@ -14,6 +14,8 @@
 #                   cleartext h2 and h2 over TLS) — default "h1 tls h2"
 #   CONNS           connections for throughput and fixed-rate runs (default 50)
 #   RATES           fixed rates, in % of nginx's measured max (default "25 50 75")
+#   MEASURES        any of: max (closed-loop throughput), c1 (latency at c=1), rates (fixed
+#                   rates; needs max) — default "max c1 rates"; h2 runs only measure max
 #   H2_STREAMS      concurrent streams per h2 connection (default 10)
 #   WORKERS         worker processes/threads of nginx and HAProxy (default 2 = flotilla's runtime)
 #   BACKEND_WORKERS worker processes of the backend nginx (default 1)
@@ -39,6 +41,7 @@ RUNS=${RUNS:-5}
 SCENARIOS=${SCENARIOS:-"h1 tls h2"}
 CONNS=${CONNS:-50}
 RATES=${RATES:-"25 50 75"}
+MEASURES=${MEASURES:-"max c1 rates"}
 H2_STREAMS=${H2_STREAMS:-10}
 WORKERS=${WORKERS:-2}
 BACKEND_WORKERS=${BACKEND_WORKERS:-1}
@@ -50,6 +53,7 @@ fi
 log() { printf '[bench-gateway] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 has() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+wants() { case " $MEASURES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # ---------------------------------------------------------------------------------------------
 # 1. Tools: Debian packages, then oha (constant-rate load with coordinated-omission correction).
@@ -377,21 +381,21 @@ warm_up() { # proto: 1 s of load on every target (connection pools, caches, page
 }
 
 started=$(date +%s)
-log "DURATION=${DURATION}s RUNS=$RUNS CONNS=$CONNS WORKERS=$WORKERS SCENARIOS='$SCENARIOS' oha=${OHA:-none}"
+log "DURATION=${DURATION}s RUNS=$RUNS CONNS=$CONNS WORKERS=$WORKERS SCENARIOS='$SCENARIOS' MEASURES='$MEASURES' oha=${OHA:-none}"
 if has h1; then
   log "HTTP/1.1 cleartext"
   warm_up h1
-  run_max h1
-  run_c1 h1
-  run_rates h1
+  if wants max; then run_max h1; fi
+  if wants c1; then run_c1 h1; fi
+  if wants rates; then run_rates h1; fi
 fi
 if has tls; then
   log "HTTP/1.1 over TLS 1.3"
   [ "$FLOTILLA_TLS" = 1 ] || log "TLS: flotilla skipped (no gateway TLS in this build)"
   warm_up tls
-  run_max tls
-  run_c1 tls
-  run_rates tls
+  if wants max; then run_max tls; fi
+  if wants c1; then run_c1 tls; fi
+  if wants rates; then run_rates tls; fi
 fi
 if has h2; then
   log "HTTP/2 (h2load)"

@@ -24,6 +24,10 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     /// Balancing, passive health and retry settings (owned by the request layer).
     pub upstream: crate::balance::UpstreamPolicy,
+    /// Threads serving client connections, each with its own single-threaded runtime, its own
+    /// accept loop on the shared listeners and its own upstream connection pools (default: one
+    /// per available CPU).
+    pub workers: usize,
 }
 
 impl GatewayConfig {
@@ -39,7 +43,13 @@ impl GatewayConfig {
             access_log: false,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             upstream: crate::balance::UpstreamPolicy::default(),
+            workers: Self::default_workers(),
         }
+    }
+
+    /// One worker per CPU this process may use (its affinity and cgroup quota count).
+    pub fn default_workers() -> usize {
+        std::thread::available_parallelism().map_or(1, usize::from)
     }
 
     /// The settings of a flotilla file's `[gateway]` table, with the plain listener on
@@ -59,6 +69,9 @@ impl GatewayConfig {
         config.access_log = section.access_log;
         if let Some(grace) = section.shutdown_grace {
             config.shutdown_grace = grace.0;
+        }
+        if let Some(workers) = section.workers {
+            config.workers = workers as usize;
         }
         if let Some(addr) = &section.tls_listen {
             let addr = addr
@@ -254,6 +267,7 @@ mod tests {
             },
             access_log: true,
             shutdown_grace: None,
+            workers: Some(3),
         };
         let config = GatewayConfig::from_section(
             "127.0.0.1:8080".parse().unwrap(),
@@ -271,6 +285,7 @@ mod tests {
         assert_eq!(config.limits.max_connections, 7);
         assert_eq!(config.limits.idle_timeout, Limits::default().idle_timeout);
         assert!(config.access_log);
+        assert_eq!(config.workers, 3);
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub enum GatewayError {
     },
     #[error("cannot read the address the gateway listens on")]
     LocalAddr(#[source] std::io::Error),
+    #[error("cannot start the gateway's worker threads")]
+    Workers(#[source] std::io::Error),
     #[error("tls_listen is set but no certificate is configured")]
     TlsWithoutCertificates,
     #[error("cannot set up TLS")]
@@ -102,6 +104,7 @@ impl GatewayError {
             GatewayError::Store { source, .. } => source.is_transient(),
             GatewayError::Bind { .. }
             | GatewayError::LocalAddr(_)
+            | GatewayError::Workers(_)
             | GatewayError::TlsWithoutCertificates
             | GatewayError::Tls(_) => false,
         }
@@ -285,9 +288,14 @@ impl Gateway {
             plain_addr: local_addr,
             tls: tls_listener,
         };
-        listener::serve(layer, listeners, shutdown, config.shutdown_grace).await;
-        // Upgraded connections (WebSockets) outlive their HTTP connection: cut them now.
-        proxy.tunnels.close().await;
+        let served = listener::serve_on_workers(
+            &layer,
+            listeners,
+            config.workers,
+            shutdown,
+            config.shutdown_grace,
+        )
+        .await;
 
         stop_updates.cancel();
         if let Err(e) = updater.await {
@@ -301,6 +309,7 @@ impl Gateway {
         {
             tracing::warn!(error = %e, "certificate reloader failed");
         }
+        served.map_err(GatewayError::Workers)?;
         tracing::info!(addr = %local_addr, "gateway stopped");
         Ok(())
     }

@@ -47,6 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -109,14 +110,16 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// What every connection task shares.
+/// What every connection task of one worker shares. The open-connection count and connection
+/// numbers are shared by all workers.
 pub(crate) struct ConnLayer {
     pub builder: auto::Builder<TokioExecutor>,
     pub proxy: Arc<Proxy>,
     pub limits: Limits,
     pub metrics: ConnectionMetrics,
     pub tls: Option<TlsAcceptor>,
-    open: AtomicUsize,
+    open: Arc<AtomicUsize>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl ConnLayer {
@@ -132,8 +135,32 @@ impl ConnLayer {
             limits,
             metrics,
             tls,
-            open: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
+            next_id: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The layer of one more worker: its own upstream connection pools (their connections are
+    /// tasks on the worker's runtime), everything else shared.
+    fn for_worker(&self) -> Self {
+        Self {
+            builder: self.builder.clone(),
+            proxy: Arc::new(self.proxy.for_worker()),
+            limits: self.limits.clone(),
+            metrics: self.metrics.clone(),
+            tls: self.tls.clone(),
+            open: self.open.clone(),
+            next_id: self.next_id.clone(),
+        }
+    }
+
+    /// Counts one more open connection unless the limit is reached.
+    fn admit(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limits.max_connections).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 
@@ -161,7 +188,6 @@ pub(crate) async fn serve(
     let drain = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut refusals = JoinSet::new();
-    let mut next_id: u64 = 0;
     let tls_listener = tls.as_ref().map(|(l, addr)| (l, *addr));
     loop {
         let (accepted, local, is_tls) = tokio::select! {
@@ -180,8 +206,7 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        // Only this loop increments `open`, so the check and the increment cannot race.
-        if layer.open.load(Ordering::Acquire) >= layer.limits.max_connections {
+        if !layer.admit() {
             layer.metrics.refused.inc();
             tracing::debug!(%peer, tls = is_tls, "connection refused: connection limit reached");
             if !is_tls && refusals.len() < MAX_REFUSALS {
@@ -189,16 +214,15 @@ pub(crate) async fn serve(
             }
             continue;
         }
-        layer.open.fetch_add(1, Ordering::AcqRel);
         layer.metrics.open.inc();
         let open = OpenGuard(layer.clone());
-        next_id += 1;
+        let id = layer.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         connections.spawn(connection(
             open,
             stream,
             peer,
             local,
-            next_id,
+            id,
             is_tls,
             drain.clone(),
         ));
@@ -224,6 +248,161 @@ pub(crate) async fn serve(
     }
     connections.shutdown().await;
     refusals.shutdown().await;
+}
+
+/// One worker thread: its runtime serves the listeners until shutdown, then waits for
+/// `release` (tunnels on its runtime are cut first) before the runtime is dropped.
+struct Worker {
+    thread: std::thread::JoinHandle<()>,
+    served: oneshot::Receiver<()>,
+}
+
+/// [`serve`] on `workers` threads, each with a single-threaded runtime, its own accept loop on
+/// the shared listening sockets and its own upstream connection pools, so a request is handled
+/// from accept to upstream and back on one thread, without hand-offs between threads (the
+/// design nginx and HAProxy use). Returns when every worker has stopped.
+pub(crate) async fn serve_on_workers(
+    layer: &ConnLayer,
+    listeners: Listeners,
+    workers: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
+    let Listeners {
+        plain,
+        plain_addr,
+        tls,
+    } = listeners;
+    // Deregistered from this runtime; each worker registers a duplicate with its own.
+    let plain = plain.into_std()?;
+    let tls = match tls {
+        Some((listener, addr)) => Some((listener.into_std()?, addr)),
+        None => None,
+    };
+    let stop = shutdown.child_token();
+    let release = CancellationToken::new();
+    let mut started: Vec<Worker> = Vec::with_capacity(workers);
+    let mut failure = None;
+    for index in 0..workers.max(1) {
+        match start_worker(
+            index, layer, &plain, plain_addr, &tls, &stop, &release, grace,
+        )
+        .await
+        {
+            Ok(worker) => started.push(worker),
+            Err(e) => {
+                failure = Some(e);
+                stop.cancel();
+                break;
+            }
+        }
+    }
+    drop((plain, tls));
+    if failure.is_none() {
+        tracing::debug!(workers = started.len(), "gateway workers serving");
+    }
+    let mut threads = Vec::with_capacity(started.len());
+    for worker in started {
+        // An error means the thread ended without a word: it has stopped serving either way.
+        let _ = worker.served.await;
+        threads.push(worker.thread);
+    }
+    // Upgraded connections (WebSockets) outlive their HTTP connection: cut them while every
+    // runtime still runs, then let the workers go.
+    layer.proxy.tunnels.close().await;
+    release.cancel();
+    let joined = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(std::thread::JoinHandle::join)
+            .filter(Result::is_err)
+            .count()
+    })
+    .await;
+    match joined {
+        Ok(0) => {}
+        Ok(panicked) => tracing::error!(panicked, "gateway worker threads panicked"),
+        Err(e) => tracing::warn!(error = %e, "cannot join the gateway worker threads"),
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// Starts worker `index` and waits until it accepts connections.
+#[allow(clippy::too_many_arguments)]
+async fn start_worker(
+    index: usize,
+    layer: &ConnLayer,
+    plain: &std::net::TcpListener,
+    plain_addr: SocketAddr,
+    tls: &Option<(std::net::TcpListener, SocketAddr)>,
+    stop: &CancellationToken,
+    release: &CancellationToken,
+    grace: Duration,
+) -> io::Result<Worker> {
+    let plain = plain.try_clone()?;
+    let tls = match tls {
+        Some((listener, addr)) => Some((listener.try_clone()?, *addr)),
+        None => None,
+    };
+    let layer = Arc::new(layer.for_worker());
+    let (stop, release) = (stop.clone(), release.clone());
+    let (ready_tx, ready_rx) = oneshot::channel::<io::Result<()>>();
+    let (served_tx, served) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("gateway-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listeners = match register(plain, plain_addr, tls) {
+                    Ok(listeners) => listeners,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                serve(layer, listeners, stop, grace).await;
+                let _ = served_tx.send(());
+                release.cancelled().await;
+            });
+        })?;
+    let ready = ready_rx
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("gateway worker ended while starting")));
+    match ready {
+        Ok(()) => Ok(Worker { thread, served }),
+        Err(e) => {
+            // The thread has ended or is ending on its own.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            Err(e)
+        }
+    }
+}
+
+/// The listeners of a worker, registered with its runtime (called on it).
+fn register(
+    plain: std::net::TcpListener,
+    plain_addr: SocketAddr,
+    tls: Option<(std::net::TcpListener, SocketAddr)>,
+) -> io::Result<Listeners> {
+    let tls = match tls {
+        Some((listener, addr)) => Some((TcpListener::from_std(listener)?, addr)),
+        None => None,
+    };
+    Ok(Listeners {
+        plain: TcpListener::from_std(plain)?,
+        plain_addr,
+        tls,
+    })
 }
 
 async fn accept_on(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {

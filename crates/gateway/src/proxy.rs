@@ -44,7 +44,7 @@ use flotilla_spec::service::UpstreamProtocol;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-const POOL_MAX_IDLE_PER_HOST: usize = 64;
+const POOL_MAX_IDLE_PER_HOST: usize = 512;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Longest host or path echoed back in a 404 body.
 const ECHO_LIMIT: usize = 128;
@@ -100,8 +100,8 @@ pub fn h2c_client() -> UpstreamClient {
 }
 
 /// Upgraded connections (WebSocket and others) being relayed; each is a task owned here and
-/// ended by [`Tunnels::close`].
-#[derive(Debug, Default)]
+/// ended by [`Tunnels::close`]. Clones share the tunnels.
+#[derive(Debug, Default, Clone)]
 pub struct Tunnels {
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -154,6 +154,21 @@ pub(crate) struct Outcome {
 }
 
 impl Proxy {
+    /// The proxy of one more gateway worker: new (empty) upstream connection pools, whose
+    /// connections will be tasks on the runtime that uses them; everything else shared.
+    pub fn for_worker(&self) -> Self {
+        Self {
+            table: self.table.clone(),
+            client: upstream_client(),
+            h2c: h2c_client(),
+            metrics: self.metrics.clone(),
+            limits: self.limits.clone(),
+            access_log: self.access_log,
+            state: self.state.clone(),
+            tunnels: self.tunnels.clone(),
+        }
+    }
+
     /// Answers one client request; never fails (errors become 4xx/5xx answers).
     pub async fn handle(
         self: Arc<Self>,

@@ -59,6 +59,9 @@ pub struct GatewaySection {
     /// How long in-flight requests may finish after shutdown begins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Dur>,
+    /// Threads serving client connections (default: one per available CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
 }
 
 /// One certificate (PEM chain and key files; relative paths resolve against the file's directory).

@@ -691,6 +691,9 @@ pub fn validate_up(up: &UpConfig) -> Vec<FieldError> {
 }
 
 /// Checks the `[gateway]` table. Paths are relative to it.
+/// Most gateway worker threads `[gateway] workers` may ask for.
+pub const MAX_GATEWAY_WORKERS: u32 = 256;
+
 pub fn validate_gateway(gw: &GatewaySection) -> Vec<FieldError> {
     let mut v = Errs::default();
     let root = FieldPath::root();
@@ -719,6 +722,14 @@ pub fn validate_gateway(gw: &GatewaySection) -> Vec<FieldError> {
         && grace.0 > MAX_GRACE_PERIOD
     {
         v.push(root.key("shutdown_grace"), "must be at most 1h");
+    }
+    if let Some(workers) = gw.workers
+        && !(1..=MAX_GATEWAY_WORKERS).contains(&workers)
+    {
+        v.push(
+            root.key("workers"),
+            format!("must be between 1 and {MAX_GATEWAY_WORKERS}"),
+        );
     }
     v.0
 }
