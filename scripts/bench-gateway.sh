@@ -22,6 +22,8 @@
 #   OHA             path of an oha binary to use, or "none" for the fallbacks (wrk at c=1,
 #                   h2load --h1 --rps at fixed rates); default target/bench-tools/bin/oha
 #   SKIP_BUILD=1    use target/release as it is;  KEEP=1  keep the temporary directory
+#   FLOTILLA_BIN    the flotilla binary to measure (default target/release/flotilla), e.g. a
+#                   build with symbols for perf (implies nothing about SKIP_BUILD)
 #
 # Needs root to install packages (nginx, haproxy, wrk, nghttp2-client, openssl) when missing;
 # oha is built once into target/bench-tools. Every process it starts is stopped on exit; every
@@ -110,7 +112,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building flotilla (release)"
   cargo build --release --locked --bins
 fi
-FLOTILLA=$ROOT/target/release/flotilla
+FLOTILLA=${FLOTILLA_BIN:-$ROOT/target/release/flotilla}
 [ -x "$FLOTILLA" ] || die "$FLOTILLA is missing"
 
 # ---------------------------------------------------------------------------------------------
@@ -237,9 +239,11 @@ HA_HTTP=$(free_port) HA_H2C=$(free_port) HA_TLS=$(free_port)
 write_nginx_conf
 write_haproxy_conf
 nginx -e stderr -p "$T/nginx" -c "$T/nginx/nginx.conf" -g 'daemon off;' 2>"$T/nginx/stderr.log" &
-PIDS+=($!)
+NGX_PID=$!
+PIDS+=("$NGX_PID")
 haproxy -db -f "$T/haproxy/haproxy.cfg" >"$T/haproxy/out.log" 2>&1 &
-PIDS+=($!)
+HA_PID=$!
+PIDS+=("$HA_PID")
 
 for url in "http://127.0.0.1:$B_HTTP/" "http://127.0.0.1:$NGX_HTTP/" "http://127.0.0.1:$HA_HTTP/" \
   "http://127.0.0.1:$FL_HTTP/"; do
@@ -297,6 +301,40 @@ measure() {
   done
 }
 
+# The processes of proxy $1 (nginx: master and workers).
+proxy_pids() {
+  case $1 in
+  nginx) echo "$NGX_PID" && pgrep -P "$NGX_PID" || true ;;
+  haproxy) echo "$HA_PID" ;;
+  flotilla) echo "$FL_PID" ;;
+  esac
+}
+
+# CPU time (user + system, in clock ticks) used so far by proxy $1's processes.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+  local total=0 pid
+  for pid in $(proxy_pids "$1"); do
+    [ -r "/proc/$pid/stat" ] || continue
+    # Fields after the `(comm)` one: utime and stime are the 12th and 13th.
+    total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$total"
+}
+
+# measure, plus the CPU time the proxy used and the wall time, for CPU per request.
+measure_cpu() { # same arguments as measure
+  local scenario=$1 target=$2 run=$3 c0 w0
+  c0=$(cpu_ticks "$target")
+  w0=$(date +%s%N)
+  measure "$@"
+  [ "$target" = direct ] && return 0
+  printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$target" "$run" cpu_s \
+    "$(awk -v a="$c0" -v b="$(cpu_ticks "$target")" -v hz="$CLK_TCK" 'BEGIN { print (b - a) / hz }')" >>"$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$target" "$run" wall_s \
+    "$(awk -v a="$w0" -v b="$(date +%s%N)" 'BEGIN { print (b - a) / 1e9 }')" >>"$RESULTS"
+}
+
 # The targets in run $1's order (rotated), skipping those without a URL for protocol $2.
 order() {
   local run=$1 proto=$2 n=${#TARGETS[@]} i t
@@ -314,7 +352,7 @@ run_max() { # proto
   local proto=$1 run t
   for ((run = 1; run <= RUNS; run++)); do
     for t in $(order "$run" "$proto"); do
-      measure "$proto.max" "$t" "$run" wrk wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "${URL[$proto.$t]}"
+      measure_cpu "$proto.max" "$t" "$run" wrk wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "${URL[$proto.$t]}"
     done
   done
 }
@@ -367,7 +405,7 @@ run_h2() { # proto: h2c | h2tls
   local proto=$1 run t
   for ((run = 1; run <= RUNS; run++)); do
     for t in $(order "$run" "$proto"); do
-      measure "$proto.max" "$t" "$run" h2load h2load -c "$CONNS" -m "$H2_STREAMS" -t 2 \
+      measure_cpu "$proto.max" "$t" "$run" h2load h2load -c "$CONNS" -m "$H2_STREAMS" -t 2 \
         --warm-up-time=1 -D "$DURATION" "${URL[$proto.$t]}"
     done
   done

@@ -139,16 +139,23 @@ PARSERS = {"wrk": parse_wrk, "oha": parse_oha, "h2load": parse_h2load, "h2log": 
 
 def load(path):
     data = defaultdict(list)  # (scenario, target, metric) -> [values]
+    runs = defaultdict(dict)  # (scenario, target, run) -> {metric: value}
     with open(path) as f:
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 5:
                 continue
-            scenario, target, _run, metric, value = parts
+            scenario, target, run, metric, value = parts
             try:
                 data[(scenario, target, metric)].append(float(value))
+                runs[(scenario, target, run)][metric] = float(value)
             except ValueError:
                 pass
+    # CPU per request of the proxy: its CPU time over the requests of the whole run (the
+    # throughput times the wall time, warm-up included, as the CPU time is).
+    for (scenario, target, _run), m in runs.items():
+        if m.get("rps") and m.get("wall_s") and "cpu_s" in m:
+            data[(scenario, target, "cpu_us")].append(m["cpu_s"] * 1e6 / (m["rps"] * m["wall_s"]))
     return data
 
 
@@ -163,6 +170,8 @@ def fmt_value(v, unit):
         return "—"
     if unit == "rps":
         return f"{v:,.0f}".replace(",", " ")
+    if unit == "us1":
+        return f"{v:.1f} µs"
     # µs, shown in ms above 10 ms for readability
     if abs(v) >= 10_000:
         return f"{v / 1000:.1f} ms"
@@ -229,6 +238,7 @@ def report(path):
             continue
         lines += [f"### {title}", "", header, sep]
         row("throughput, 50 connections (req/s)", f"{proto}.max", "rps", "rps")
+        row("proxy CPU per request at that load", f"{proto}.max", "cpu_us", "us1")
         row("c=1 p50", f"{proto}.c1", "p50", "us")
         row("c=1 p99", f"{proto}.c1", "p99", "us")
         added_row(f"{proto}.c1", "p50")
@@ -256,6 +266,7 @@ def report(path):
         lines += ["### HTTP/2 (h2load)", "", header, sep]
         for s, label in (("h2c.max", "h2c (prior knowledge)"), ("h2tls.max", "h2 over TLS 1.3 (ALPN)")):
             row(f"{label}: req/s", s, "rps", "rps")
+            row(f"{label}: proxy CPU per request", s, "cpu_us", "us1")
             row(f"{label}: mean latency", s, "mean", "us")
             for t in TARGETS:
                 if (s, t, "h2") in data and min(data[(s, t, "h2")]) < 1:

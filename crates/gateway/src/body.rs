@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::balance::InFlight;
+use crate::upstream::Reuse;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -25,11 +26,13 @@ pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
 }
 
 /// An upstream response body that keeps its endpoint's in-flight count until it ends (or is
-/// dropped), so least-in-flight balancing sees streaming responses as load.
-pub fn tracked(body: Incoming, guard: InFlight) -> GatewayBody {
+/// dropped), so least-in-flight balancing sees streaming responses as load. Read to its end,
+/// it gives its HTTP/1.1 connection back to the pool (`reuse`).
+pub fn tracked(body: Incoming, guard: InFlight, reuse: Option<Reuse>) -> GatewayBody {
     Tracked {
         body,
         guard: Some(guard),
+        reuse,
     }
     .boxed_unsync()
 }
@@ -37,6 +40,7 @@ pub fn tracked(body: Incoming, guard: InFlight) -> GatewayBody {
 struct Tracked {
     body: Incoming,
     guard: Option<InFlight>,
+    reuse: Option<Reuse>,
 }
 
 impl Body for Tracked {
@@ -49,8 +53,18 @@ impl Body for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard = None;
+        match &polled {
+            Poll::Ready(None) => {
+                this.guard = None;
+                if let Some(reuse) = this.reuse.take() {
+                    reuse.release();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.guard = None;
+                this.reuse = None;
+            }
+            _ => {}
         }
         polled.map_err(BoxError::from)
     }
@@ -61,6 +75,17 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A response without a body (HEAD, 204, 304, empty) may never be polled.
+        if self.body.is_end_stream()
+            && let Some(reuse) = self.reuse.take()
+        {
+            reuse.release();
+        }
     }
 }
 

@@ -37,6 +37,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod table;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use body::{BoxError, GatewayBody};
+pub use body::{AttemptBody, BoxError, GatewayBody};
 pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig};
 pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
@@ -189,7 +190,7 @@ impl Gateway {
         let table = build_table(&services.take(), &instances.take(), &state, &mut Vec::new());
         let proxy = Arc::new(Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
-            client: proxy::upstream_client(),
+            pool: Arc::new(upstream::Http1Pool::new(proxy::CONNECT_TIMEOUT)),
             h2c: proxy::h2c_client(),
             metrics: Metrics::register(registry),
             limits: config.limits.clone(),

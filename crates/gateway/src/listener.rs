@@ -67,6 +67,8 @@ const MAX_REFUSALS: usize = 64;
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Most bytes read (and discarded) from a refused connection.
 const REFUSAL_DRAIN: usize = 64 << 10;
+/// How often each worker closes its upstream connections idle for too long.
+const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// hyper's smallest HTTP/1 read buffer.
 const MIN_H1_BUF: usize = 8192;
 /// HTTP/2: response bytes buffered per stream beyond what the client's window allows.
@@ -188,6 +190,8 @@ pub(crate) async fn serve(
     let drain = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut refusals = JoinSet::new();
+    let mut sweep = tokio::time::interval(POOL_SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let tls_listener = tls.as_ref().map(|(l, addr)| (l, *addr));
     loop {
         let (accepted, local, is_tls) = tokio::select! {
@@ -197,6 +201,11 @@ pub(crate) async fn serve(
                 (accepted, tls_listener.map_or(plain_addr, |(_, a)| a), true),
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             Some(_) = refusals.join_next(), if !refusals.is_empty() => continue,
+            _ = sweep.tick() => {
+                let idle = layer.proxy.pool.sweep();
+                tracing::trace!(idle, "upstream connection pool swept");
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,

@@ -39,12 +39,12 @@ use crate::conn::ConnInfo;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::retry_after_secs;
 use crate::table::{Match, Route, RouteTable, TableState, normalize_host};
+use crate::upstream::{Http1Pool, Reuse, UpstreamError};
 
 use flotilla_spec::service::UpstreamProtocol;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-const POOL_MAX_IDLE_PER_HOST: usize = 512;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Longest host or path echoed back in a 404 body.
 const ECHO_LIMIT: usize = 128;
@@ -75,15 +75,6 @@ fn connector() -> HttpConnector {
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.enforce_http(true);
     connector
-}
-
-/// Pooled keep-alive HTTP/1.1 client for upstream instances.
-pub fn upstream_client() -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .build(connector())
 }
 
 /// Cleartext HTTP/2 (prior knowledge) client for `upstream = "h2c"` routes (gRPC): one
@@ -129,7 +120,8 @@ impl Tunnels {
 #[derive(Debug)]
 pub struct Proxy {
     pub table: Arc<ArcSwap<RouteTable>>,
-    pub client: UpstreamClient,
+    /// Keep-alive HTTP/1.1 connections to instances, of this worker.
+    pub pool: Arc<Http1Pool>,
     /// For `upstream = "h2c"` routes.
     pub h2c: UpstreamClient,
     pub metrics: Metrics,
@@ -159,7 +151,7 @@ impl Proxy {
     pub fn for_worker(&self) -> Self {
         Self {
             table: self.table.clone(),
-            client: upstream_client(),
+            pool: Arc::new(Http1Pool::new(CONNECT_TIMEOUT)),
             h2c: h2c_client(),
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
@@ -330,13 +322,15 @@ impl Proxy {
             }
         };
         match answer {
-            Answer::Upstream(response, guard) => {
+            Answer::Upstream(response, guard, reuse) => {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade)
                 {
+                    // An upgraded connection is the tunnel's, never the pool's.
+                    drop(reuse);
                     return self.tunnel(response, client_upgrade, protocol, guard, route);
                 }
-                into_client_response(response, guard)
+                into_client_response(response, guard, reuse)
             }
             Answer::TooLarge => too_large(limit),
             Answer::Failed => text(
@@ -356,7 +350,7 @@ impl Proxy {
         let policy = &self.state.policy;
         let mut tried: u64 = 0;
         // An upstream 502/503 kept while a retry is tried; the answer if retries run out.
-        let mut held: Option<(Response<Incoming>, InFlight)> = None;
+        let mut held: Option<(Response<Incoming>, InFlight, Option<Reuse>)> = None;
         for attempt in 0..policy.max_attempts.max(1) {
             let Some(index) = balance::choose(&route.endpoints, tried) else {
                 break;
@@ -396,19 +390,28 @@ impl Proxy {
                 }
             };
             let guard = endpoint.start();
-            let sent = Instant::now();
-            let client = match route.upstream {
-                UpstreamProtocol::Http1 => &self.client,
-                UpstreamProtocol::H2c => &self.h2c,
+            let started = Instant::now();
+            let sent = match route.upstream {
+                UpstreamProtocol::Http1 => self
+                    .pool
+                    .send(endpoint, upstream)
+                    .await
+                    .map(|(response, reuse)| (response, Some(reuse))),
+                UpstreamProtocol::H2c => self
+                    .h2c
+                    .request(upstream)
+                    .await
+                    .map(|response| (response, None))
+                    .map_err(UpstreamError::H2c),
             };
-            match client.request(upstream).await {
-                Ok(response) => {
+            match sent {
+                Ok((response, reuse)) => {
                     let status = response.status();
                     if !status.is_server_error() {
-                        endpoint.on_success(sent.elapsed(), policy);
-                        return Answer::Upstream(response, guard);
+                        endpoint.on_success(started.elapsed(), policy);
+                        return Answer::Upstream(response, guard, reuse);
                     }
-                    self.failed(route, endpoint, Some(sent.elapsed()));
+                    self.failed(route, endpoint, Some(started.elapsed()));
                     let retryable = matches!(
                         status,
                         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -416,7 +419,7 @@ impl Proxy {
                         && !request.upgrade
                         && request.replay.unsent();
                     if !retryable {
-                        return Answer::Upstream(response, guard);
+                        return Answer::Upstream(response, guard, reuse);
                     }
                     tracing::debug!(
                         instance = %endpoint.instance,
@@ -424,7 +427,7 @@ impl Proxy {
                         attempt,
                         "upstream answered with a retryable status"
                     );
-                    held = Some((response, guard));
+                    held = Some((response, guard, reuse));
                 }
                 Err(source) => {
                     drop(guard);
@@ -453,12 +456,12 @@ impl Proxy {
                         "upstream request failed"
                     );
                     if !retryable {
-                        return held.map_or(Answer::Failed, |(r, g)| Answer::Upstream(r, g));
+                        return held.map_or(Answer::Failed, |(r, g, c)| Answer::Upstream(r, g, c));
                     }
                 }
             }
         }
-        held.map_or(Answer::Failed, |(r, g)| Answer::Upstream(r, g))
+        held.map_or(Answer::Failed, |(r, g, c)| Answer::Upstream(r, g, c))
     }
 
     /// Passive health: counts a failure, ejecting the endpoint when it is due.
@@ -539,8 +542,12 @@ impl UpstreamRequest<'_> {
             return Err(format!("invalid endpoint address {:?}", endpoint.authority).into());
         };
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(authority.clone());
+        if protocol == UpstreamProtocol::H2c {
+            // The h2c client takes the endpoint from the URI (`:authority`); HTTP/1.1 is sent
+            // in origin form on a connection to the endpoint.
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority.clone());
+        }
         uri.path_and_query = Some(self.path_and_query.clone());
         let uri = Uri::from_parts(uri)?;
         let headers = match (last, &mut self.headers) {
@@ -564,19 +571,23 @@ impl UpstreamRequest<'_> {
 
 enum Answer {
     /// An upstream response (the in-flight guard goes with its body).
-    Upstream(Response<Incoming>, InFlight),
+    Upstream(Response<Incoming>, InFlight, Option<Reuse>),
     /// The request body was longer than the limit (413).
     TooLarge,
     /// No endpoint answered (502).
     Failed,
 }
 
-fn into_client_response(response: Response<Incoming>, guard: InFlight) -> Response<GatewayBody> {
+fn into_client_response(
+    response: Response<Incoming>,
+    guard: InFlight,
+    reuse: Option<Reuse>,
+) -> Response<GatewayBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // An h2c upstream's answer goes to the client in the client's protocol.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, tracked(body, guard))
+    Response::from_parts(parts, tracked(body, guard, reuse))
 }
 
 fn too_large(limit: u64) -> Response<GatewayBody> {

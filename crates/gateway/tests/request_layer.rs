@@ -45,6 +45,8 @@ struct Behaviour {
     status: AtomicU64,
     /// Requests received.
     hits: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
 }
 
 /// A real HTTP/1.1 (or h2c) server on 127.0.0.1 that answers with its name and echoes what it
@@ -74,6 +76,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                b.connections.fetch_add(1, Ordering::SeqCst);
                 let (name, b) = (owned_name.clone(), b.clone());
                 let service = service_fn(move |req| handle(name.clone(), b.clone(), req));
                 let io = TokioIo::new(stream);
@@ -107,6 +110,10 @@ impl Upstream {
 
     fn hits(&self) -> u64 {
         self.behaviour.hits.load(Ordering::SeqCst)
+    }
+
+    fn connections(&self) -> u64 {
+        self.behaviour.connections.load(Ordering::SeqCst)
     }
 
     async fn kill(self) {
@@ -384,6 +391,33 @@ async fn upstreams(h: &Harness, svc: &str, n: usize) -> Vec<Upstream> {
         }
     }
     ups
+}
+
+// ---- upstream connections -------------------------------------------------------------------
+
+#[tokio::test]
+async fn sequential_requests_reuse_their_upstream_connection() {
+    let mut h = Harness::start().await;
+    h.add_service("svc", vec![route(None, "/")]).await;
+    let ups = upstreams(&h, "svc", 1).await;
+    let before = ups[0].connections();
+    assert!(before >= 1);
+    for _ in 0..20 {
+        let (status, body) = h.get("h", "/").await;
+        assert_eq!((status, name_of(&body)), (StatusCode::OK, "svc-1"));
+    }
+    // Answers without a body (HEAD) give their connection back too.
+    for _ in 0..10 {
+        let req = h.request(Method::HEAD, "h", "/");
+        let (status, _, body) = h.send(req.body(Full::new(Bytes::new())).unwrap()).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    }
+    assert_eq!(
+        ups[0].connections(),
+        before,
+        "keep-alive: 30 sequential requests opened no new upstream connection"
+    );
+    h.stop().await;
 }
 
 // ---- routing --------------------------------------------------------------------------------
