@@ -49,7 +49,6 @@ use flotilla_store::Store;
 use flotilla_store::StoreError;
 use flotilla_store::typed::{ObjectMap, Reflector};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -58,7 +57,7 @@ pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig
 pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
-use crate::listener::{ConnLayer, Listeners};
+use crate::listener::{Bound, ConnLayer};
 use crate::metrics::ConnectionMetrics;
 use crate::proxy::{Proxy, error_chain};
 use crate::tls::{CertFiles, CertResolver, TlsError};
@@ -129,9 +128,10 @@ impl RoutingView {
 /// A bound gateway, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: GatewayConfig,
-    listener: TcpListener,
+    /// One listening socket per worker on the same address (`SO_REUSEPORT`).
+    listener: Vec<std::net::TcpListener>,
     local_addr: SocketAddr,
-    tls_listener: Option<(TcpListener, SocketAddr)>,
+    tls_listener: Option<(Vec<std::net::TcpListener>, SocketAddr)>,
     certs: Option<CertFiles>,
     layer: Arc<ConnLayer>,
     proxy: Arc<Proxy>,
@@ -159,14 +159,15 @@ impl Gateway {
         store: Arc<dyn Store>,
         registry: &mut Registry,
     ) -> Result<Self, GatewayError> {
-        let (listener, local_addr) = bind_tcp(config.listen).await?;
+        let workers = config.workers.max(1);
+        let (listener, local_addr) = bind_tcp(config.listen, workers)?;
         let (tls_listener, certs, acceptor) = match (config.tls_listen, &config.tls) {
             (None, _) => (None, None, None),
             (Some(_), None) => return Err(GatewayError::TlsWithoutCertificates),
             (Some(addr), Some(tls)) => {
                 let certs = CertFiles::load(tls).map_err(GatewayError::Tls)?;
                 let server = tls::server_config(certs.resolver()).map_err(GatewayError::Tls)?;
-                let bound = bind_tcp(addr).await?;
+                let bound = bind_tcp(addr, workers)?;
                 let acceptor = tokio_rustls::TlsAcceptor::from(server);
                 (Some(bound), Some(certs), Some(acceptor))
             }
@@ -284,19 +285,13 @@ impl Gateway {
             tokio::spawn(certs.watch(interval, stop_updates.clone()))
         });
 
-        let listeners = Listeners {
+        let bound = Bound {
             plain: listener,
             plain_addr: local_addr,
             tls: tls_listener,
         };
-        let served = listener::serve_on_workers(
-            &layer,
-            listeners,
-            config.workers,
-            shutdown,
-            config.shutdown_grace,
-        )
-        .await;
+        let served =
+            listener::serve_on_workers(&layer, bound, shutdown, config.shutdown_grace).await;
 
         stop_updates.cancel();
         if let Err(e) = updater.await {
@@ -316,12 +311,39 @@ impl Gateway {
     }
 }
 
-async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(GatewayError::LocalAddr)?;
-    Ok((listener, local))
+/// Pending connections per listening socket.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// `count` listening sockets on `addr` with `SO_REUSEPORT`, one per worker: the kernel spreads
+/// new connections evenly over them. (Workers sharing one socket do not share the load: the
+/// first to wake takes a whole burst of connections.) With port 0, the later sockets take the
+/// port the first one got.
+fn bind_tcp(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), GatewayError> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut local = addr;
+    for _ in 0..count.max(1) {
+        let listener =
+            reuseport_listener(local).map_err(|source| GatewayError::Bind { addr, source })?;
+        if listeners.is_empty() {
+            local = listener.local_addr().map_err(GatewayError::LocalAddr)?;
+        }
+        listeners.push(listener);
+    }
+    Ok((listeners, local))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// A reflector the routing table follows, and the receiver it follows it with.

@@ -166,11 +166,18 @@ impl ConnLayer {
     }
 }
 
-/// The gateway's listeners, served by [`serve`].
+/// The listeners of one worker, served by [`serve`].
 pub(crate) struct Listeners {
     pub plain: TcpListener,
     pub plain_addr: SocketAddr,
     pub tls: Option<(TcpListener, SocketAddr)>,
+}
+
+/// The gateway's bound sockets: one per worker on each address (`SO_REUSEPORT`).
+pub(crate) struct Bound {
+    pub plain: Vec<std::net::TcpListener>,
+    pub plain_addr: SocketAddr,
+    pub tls: Option<(Vec<std::net::TcpListener>, SocketAddr)>,
 }
 
 /// Accepts on every listener until `shutdown`, then stops accepting (the listeners are
@@ -266,38 +273,34 @@ struct Worker {
     served: oneshot::Receiver<()>,
 }
 
-/// [`serve`] on `workers` threads, each with a single-threaded runtime, its own accept loop on
-/// the shared listening sockets and its own upstream connection pools, so a request is handled
-/// from accept to upstream and back on one thread, without hand-offs between threads (the
-/// design nginx and HAProxy use). Returns when every worker has stopped.
+/// [`serve`] on one thread per bound socket, each with a single-threaded runtime, its own
+/// accept loop and its own upstream connection pools, so a request is handled from accept to
+/// upstream and back on one thread, without hand-offs between threads (the design nginx and
+/// HAProxy use). Returns when every worker has stopped.
 pub(crate) async fn serve_on_workers(
     layer: &ConnLayer,
-    listeners: Listeners,
-    workers: usize,
+    bound: Bound,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
-    let Listeners {
+    let Bound {
         plain,
         plain_addr,
         tls,
-    } = listeners;
-    // Deregistered from this runtime; each worker registers a duplicate with its own.
-    let plain = plain.into_std()?;
-    let tls = match tls {
-        Some((listener, addr)) => Some((listener.into_std()?, addr)),
-        None => None,
+    } = bound;
+    let (tls_sockets, tls_addr) = match tls {
+        Some((sockets, addr)) => (sockets.into_iter().map(Some).collect(), Some(addr)),
+        None => (Vec::new(), None),
     };
+    let mut tls_sockets = tls_sockets.into_iter();
     let stop = shutdown.child_token();
     let release = CancellationToken::new();
-    let mut started: Vec<Worker> = Vec::with_capacity(workers);
+    let mut started: Vec<Worker> = Vec::with_capacity(plain.len());
     let mut failure = None;
-    for index in 0..workers.max(1) {
-        match start_worker(
-            index, layer, &plain, plain_addr, &tls, &stop, &release, grace,
-        )
-        .await
-        {
+    for (index, plain) in plain.into_iter().enumerate() {
+        let tls = tls_addr.and_then(|addr| Some((tls_sockets.next().flatten()?, addr)));
+        let sockets = (plain, plain_addr, tls);
+        match start_worker(index, layer, sockets, &stop, &release, grace).await {
             Ok(worker) => started.push(worker),
             Err(e) => {
                 failure = Some(e);
@@ -306,7 +309,6 @@ pub(crate) async fn serve_on_workers(
             }
         }
     }
-    drop((plain, tls));
     if failure.is_none() {
         tracing::debug!(workers = started.len(), "gateway workers serving");
     }
@@ -336,23 +338,22 @@ pub(crate) async fn serve_on_workers(
     failure.map_or(Ok(()), Err)
 }
 
+/// A worker's sockets: plain, its address, TLS and its address.
+type WorkerSockets = (
+    std::net::TcpListener,
+    SocketAddr,
+    Option<(std::net::TcpListener, SocketAddr)>,
+);
+
 /// Starts worker `index` and waits until it accepts connections.
-#[allow(clippy::too_many_arguments)]
 async fn start_worker(
     index: usize,
     layer: &ConnLayer,
-    plain: &std::net::TcpListener,
-    plain_addr: SocketAddr,
-    tls: &Option<(std::net::TcpListener, SocketAddr)>,
+    (plain, plain_addr, tls): WorkerSockets,
     stop: &CancellationToken,
     release: &CancellationToken,
     grace: Duration,
 ) -> io::Result<Worker> {
-    let plain = plain.try_clone()?;
-    let tls = match tls {
-        Some((listener, addr)) => Some((listener.try_clone()?, *addr)),
-        None => None,
-    };
     let layer = Arc::new(layer.for_worker());
     let (stop, release) = (stop.clone(), release.clone());
     let (ready_tx, ready_rx) = oneshot::channel::<io::Result<()>>();
