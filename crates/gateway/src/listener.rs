@@ -560,9 +560,12 @@ where
             if fired || state.dirty.swap(false, Ordering::AcqRel) {
                 match state.decide(limits, draining) {
                     Decision::Wait(at_ms) => {
-                        timer
-                            .as_mut()
-                            .reset(state.born + Duration::from_millis(at_ms));
+                        // Moved earlier only: a timer set too early just fires and is set
+                        // again, which is cheaper than re-arming it at every request.
+                        let at = state.born + Duration::from_millis(at_ms);
+                        if fired || at < timer.deadline() {
+                            timer.as_mut().reset(at);
+                        }
                         if timer.as_mut().poll(cx).is_ready() {
                             return Poll::Ready(Event::Recheck);
                         }

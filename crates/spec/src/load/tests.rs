@@ -468,6 +468,7 @@ fn gateway_section_parses() {
 tls_listen = "0.0.0.0:8443"
 access_log = true
 shutdown_grace = "5s"
+workers = 4
 
 [gateway.limits]
 header_read_timeout = "5s"
@@ -500,6 +501,7 @@ default = true
         Some(Dur(std::time::Duration::from_secs(5)))
     );
     assert_eq!(gw.limits.max_connections, Some(5000));
+    assert_eq!(gw.workers, Some(4));
 }
 
 #[test]
@@ -543,6 +545,13 @@ key = "k.pem"
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].starts_with("f.toml:2:1: gateway: unknown field `bogus`"),
+        "{errs:?}"
+    );
+
+    let errs = errors("[gateway]\nworkers = 0\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("f.toml:2:11: gateway.workers: must be between 1 and 256"),
         "{errs:?}"
     );
 
