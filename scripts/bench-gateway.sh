@@ -17,7 +17,7 @@
 #   MEASURES        any of: max (closed-loop throughput), c1 (latency at c=1), rates (fixed
 #                   rates; needs max) — default "max c1 rates"; h2 runs only measure max
 #   H2_STREAMS      concurrent streams per h2 connection (default 10)
-#   WORKERS         worker processes/threads of nginx and HAProxy (default 2 = flotilla's runtime)
+#   WORKERS         worker processes/threads of every proxy (default 2; flotilla: [gateway] workers)
 #   BACKEND_WORKERS worker processes of the backend nginx (default 1)
 #   OHA             path of an oha binary to use, or "none" for the fallbacks (wrk at c=1,
 #                   h2load --h1 --rps at fixed rates); default target/bench-tools/bin/oha
@@ -48,9 +48,6 @@ H2_STREAMS=${H2_STREAMS:-10}
 WORKERS=${WORKERS:-2}
 BACKEND_WORKERS=${BACKEND_WORKERS:-1}
 TARGETS=(direct nginx haproxy flotilla)
-if [ "$WORKERS" != 2 ]; then
-  echo "[bench-gateway] warning: WORKERS=$WORKERS, but flotilla's runtime always has 2 worker threads" >&2
-fi
 
 log() { printf '[bench-gateway] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -111,8 +111,9 @@ EOF
 }
 
 # flotilla: `flotilla up` running the backend as a service (readiness probe on `/`), with a
-# catch-all route to it. Its gateway listens on $FL_HTTP (HTTP/1.1 and prior-knowledge h2) and,
-# when $1 is "tls", on $FL_TLS with the same certificate ([gateway] table).
+# catch-all route to it. Its gateway ($WORKERS workers, like the other proxies) listens on
+# $FL_HTTP (HTTP/1.1 and prior-knowledge h2) and, when $1 is "tls", on $FL_TLS with the same
+# certificate ([gateway] table).
 write_flotilla_file() {
   local with_tls=$1
   {
@@ -123,10 +124,11 @@ gateway = "127.0.0.1:$FL_HTTP"
 metrics = "127.0.0.1:$FL_METRICS"
 data_dir = "data"
 
+[gateway]
+workers = $WORKERS
 EOF
     if [ "$with_tls" = tls ]; then
       cat <<EOF
-[gateway]
 tls_listen = "127.0.0.1:$FL_TLS"
 
 [[gateway.certificates]]

@@ -1,11 +1,6 @@
 //! The `flotilla` binary: CLI parsing and wiring only.
 #![allow(clippy::disallowed_macros)] // the CLI is the one place that prints to the terminal
 
-/// mimalloc: thread-local free lists suit the gateway's per-request allocations on its
-/// worker threads better than glibc's malloc (see docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod client;
 mod commands;
 mod context;
