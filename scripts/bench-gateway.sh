@@ -415,22 +415,24 @@ warm_up() { # proto: 1 s of load on every target (connection pools, caches, page
   done
 }
 
+# HTTP/1.1 scenarios (h1, tls): the measures MEASURES asks for.
+run_http1() { # proto
+  warm_up "$1"
+  if wants max; then run_max "$1"; fi
+  if wants c1; then run_c1 "$1"; fi
+  if wants rates; then run_rates "$1"; fi
+}
+
 started=$(date +%s)
 log "DURATION=${DURATION}s RUNS=$RUNS CONNS=$CONNS WORKERS=$WORKERS SCENARIOS='$SCENARIOS' MEASURES='$MEASURES' oha=${OHA:-none}"
 if has h1; then
   log "HTTP/1.1 cleartext"
-  warm_up h1
-  if wants max; then run_max h1; fi
-  if wants c1; then run_c1 h1; fi
-  if wants rates; then run_rates h1; fi
+  run_http1 h1
 fi
 if has tls; then
   log "HTTP/1.1 over TLS 1.3"
   [ "$FLOTILLA_TLS" = 1 ] || log "TLS: flotilla skipped (no gateway TLS in this build)"
-  warm_up tls
-  if wants max; then run_max tls; fi
-  if wants c1; then run_c1 tls; fi
-  if wants rates; then run_rates tls; fi
+  run_http1 tls
 fi
 if has h2; then
   log "HTTP/2 (h2load)"

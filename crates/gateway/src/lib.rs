@@ -191,7 +191,7 @@ impl Gateway {
         let table = build_table(&services.take(), &instances.take(), &state, &mut Vec::new());
         let proxy = Arc::new(Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
-            pool: Arc::new(upstream::Http1Pool::new(proxy::CONNECT_TIMEOUT)),
+            pool: proxy::upstream_pool(),
             h2c: proxy::h2c_client(),
             metrics: Metrics::register(registry),
             limits: config.limits.clone(),

@@ -43,8 +43,9 @@ use crate::upstream::{Http1Pool, Reuse, UpstreamError};
 
 use flotilla_spec::service::UpstreamProtocol;
 
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle upstream connections are closed after this, in both clients.
+const POOL_IDLE_TIMEOUT: Duration = Http1Pool::IDLE_TIMEOUT;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Longest host or path echoed back in a 404 body.
 const ECHO_LIMIT: usize = 128;
@@ -75,6 +76,11 @@ fn connector() -> HttpConnector {
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.enforce_http(true);
     connector
+}
+
+/// Keep-alive HTTP/1.1 connections to upstream instances (one pool per gateway worker).
+pub(crate) fn upstream_pool() -> Arc<Http1Pool> {
+    Arc::new(Http1Pool::new(CONNECT_TIMEOUT))
 }
 
 /// Cleartext HTTP/2 (prior knowledge) client for `upstream = "h2c"` routes (gRPC): one
@@ -151,7 +157,7 @@ impl Proxy {
     pub fn for_worker(&self) -> Self {
         Self {
             table: self.table.clone(),
-            pool: Arc::new(Http1Pool::new(CONNECT_TIMEOUT)),
+            pool: upstream_pool(),
             h2c: h2c_client(),
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
