@@ -168,40 +168,48 @@ impl Proxy {
     }
 
     /// Answers one client request; never fails (errors become 4xx/5xx answers).
-    pub async fn handle(
+    ///
+    /// Everything up to the first upstream attempt is done here, synchronously; the future
+    /// returned holds only what the exchange needs across its awaits. Keeping it small
+    /// matters: it is moved into a task per HTTP/2 stream and into hyper's slot per HTTP/1
+    /// request (see ARCHITECTURE.md, "Request future size").
+    pub fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
-    ) -> Result<Response<GatewayBody>, Infallible> {
+    ) -> impl Future<Output = Result<Response<GatewayBody>, Infallible>> + Send + 'static {
         let started = Instant::now();
-        let logged = self.access_log.then(|| access_log::Logged::of(&req));
+        let logged = self
+            .access_log
+            .then(|| Box::new(access_log::Logged::of(&req)));
         let mut outcome = Outcome::default();
-        let response = self.route(req, &conn, &mut outcome).await;
-        let elapsed = started.elapsed();
-        match &outcome.route {
-            Some(route) => self.metrics.observe_cached(
-                &route.metrics,
-                &route.service,
-                response.status(),
-                elapsed.as_secs_f64(),
-            ),
-            None => self
-                .metrics
-                .observe(NO_ROUTE, response.status(), elapsed.as_secs_f64()),
+        let step = self.route(req, &conn, &mut outcome);
+        async move {
+            let response = match step {
+                Step::Answer(response) => response,
+                Step::Forward(mut forward) => self.forward(&mut forward, &mut outcome).await,
+            };
+            let elapsed = started.elapsed();
+            match &outcome.route {
+                Some(route) => self.metrics.observe_cached(
+                    &route.metrics,
+                    &route.service,
+                    response.status(),
+                    elapsed.as_secs_f64(),
+                ),
+                None => self
+                    .metrics
+                    .observe(NO_ROUTE, response.status(), elapsed.as_secs_f64()),
+            }
+            if let Some(request) = logged {
+                access_log::log(&request, &conn, response.status(), &outcome, elapsed);
+            }
+            Ok(response)
         }
-        if let Some(request) = logged {
-            access_log::log(&request, &conn, response.status(), &outcome, elapsed);
-        }
-        Ok(response)
     }
 
-    /// The answer to a request; fills in `outcome`.
-    async fn route(
-        &self,
-        req: Request<Incoming>,
-        conn: &ConnInfo,
-        outcome: &mut Outcome,
-    ) -> Response<GatewayBody> {
+    /// A local answer to a request, or what to send upstream; fills in `outcome`.
+    fn route(&self, req: Request<Incoming>, conn: &ConnInfo, outcome: &mut Outcome) -> Step {
         let host_value = request_host(&req);
         let host = host_value.to_str().unwrap_or_default();
         // The guard is released before any await.
@@ -217,13 +225,13 @@ impl Proxy {
                     clip(host),
                     clip(req.uri().path())
                 );
-                return text(StatusCode::NOT_FOUND, reason);
+                return Step::Answer(text(StatusCode::NOT_FOUND, reason));
             }
             Match::NoReadyEndpoint(route) | Match::Ready(route) => route,
         };
         outcome.route = Some(route.clone());
         if route.redirect_https && !conn.tls {
-            return redirect_to_https(&req, host);
+            return Step::Answer(redirect_to_https(&req, host));
         }
         if let Some(limiter) = &route.rate_limit
             && let Err(wait) = limiter.check(conn.peer.ip())
@@ -234,45 +242,52 @@ impl Proxy {
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(wait)),
             );
-            return response;
+            return Step::Answer(response);
         }
         if route.endpoints.is_empty() {
             let reason = format!("no ready instance for service {:?}\n", route.service);
-            return text(StatusCode::SERVICE_UNAVAILABLE, reason);
+            return Step::Answer(text(StatusCode::SERVICE_UNAVAILABLE, reason));
         }
         let host = Host {
             value: host_value.clone(),
             text: host,
         };
-        self.forward(req, &route, conn, &host, outcome).await
+        match self.prepare(req, &route, conn, &host) {
+            Ok(request) => Step::Forward(Box::new(Forward {
+                deadline: route.timeout.unwrap_or(self.state.policy.default_timeout),
+                route,
+                request,
+            })),
+            Err(response) => Step::Answer(response),
+        }
     }
 
-    async fn forward(
+    /// The request to send upstream, with its headers rewritten, or a local answer (400, 413).
+    fn prepare(
         &self,
         mut req: Request<Incoming>,
-        route: &Arc<Route>,
+        route: &Route,
         conn: &ConnInfo,
         host: &Host<'_>,
-        outcome: &mut Outcome,
-    ) -> Response<GatewayBody> {
+    ) -> Result<UpstreamRequest, Response<GatewayBody>> {
         let limit = self.limits.max_body_bytes;
         if content_length(req.headers()).is_some_and(|len| len > limit) {
-            return too_large(limit);
+            return Err(too_large(limit));
         }
         let upgrade = upgrade_protocol(&req);
         if upgrade.is_some() && route.upstream == UpstreamProtocol::H2c {
-            return text(
+            return Err(text(
                 StatusCode::BAD_REQUEST,
                 "protocol upgrades are not supported on this route\n",
-            );
+            ));
         }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let Some(path_and_query) = upstream_path_and_query(route, &parts.uri) else {
-            return text(
+            return Err(text(
                 StatusCode::BAD_REQUEST,
                 "request target must be an absolute path\n",
-            );
+            ));
         };
         let mut headers = parts.headers;
         let wants_trailers = te_trailers(&headers);
@@ -298,22 +313,27 @@ impl Proxy {
             }
         }
         add_forwarded(&mut headers, conn.forwarding(), host);
-        let idempotent = is_idempotent(&parts.method);
-        let replay = Replay::new(body, limit);
-        let policy = &self.state.policy;
-        let deadline = route.timeout.unwrap_or(policy.default_timeout);
         route.retry_budget.request();
-
-        let mut request = UpstreamRequest {
-            method: &parts.method,
-            path_and_query: &path_and_query,
+        Ok(UpstreamRequest {
+            idempotent: is_idempotent(&parts.method),
+            method: parts.method,
+            path_and_query,
             headers: Some(headers),
-            replay: &replay,
-            idempotent,
-            upgrade: upgrade.is_some(),
-        };
-        let attempts = self.attempts(route, &mut request, outcome);
-        let answer = match tokio::time::timeout(deadline, attempts).await {
+            replay: Replay::new(body, limit),
+            upgrade,
+            client_upgrade,
+        })
+    }
+
+    /// Sends the request upstream within the route's deadline; the answer for the client.
+    async fn forward(&self, forward: &mut Forward, outcome: &mut Outcome) -> Response<GatewayBody> {
+        let Forward {
+            route,
+            request,
+            deadline,
+        } = forward;
+        let attempts = self.attempts(route, request, outcome);
+        let answer = match tokio::time::timeout(*deadline, attempts).await {
             Ok(answer) => answer,
             Err(_) => {
                 tracing::warn!(
@@ -330,7 +350,8 @@ impl Proxy {
         match answer {
             Answer::Upstream(response, guard, reuse) => {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade)
+                    && let (Some(client_upgrade), Some(protocol)) =
+                        (request.client_upgrade.take(), request.upgrade.take())
                 {
                     // An upgraded connection is the tunnel's, never the pool's.
                     drop(reuse);
@@ -338,7 +359,7 @@ impl Proxy {
                 }
                 into_client_response(response, guard, reuse)
             }
-            Answer::TooLarge => too_large(limit),
+            Answer::TooLarge => too_large(self.limits.max_body_bytes),
             Answer::Failed => text(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream error for service {:?}\n", route.service),
@@ -350,13 +371,14 @@ impl Proxy {
     async fn attempts(
         &self,
         route: &Route,
-        request: &mut UpstreamRequest<'_>,
+        request: &mut UpstreamRequest,
         outcome: &mut Outcome,
     ) -> Answer {
         let policy = &self.state.policy;
         let mut tried: u64 = 0;
         // An upstream 502/503 kept while a retry is tried; the answer if retries run out.
-        let mut held: Option<(Response<Incoming>, InFlight, Option<Reuse>)> = None;
+        // Boxed: the future of every request would otherwise carry its room.
+        let mut held: Option<Box<Held>> = None;
         for attempt in 0..policy.max_attempts.max(1) {
             let Some(index) = balance::choose(&route.endpoints, tried) else {
                 break;
@@ -422,7 +444,7 @@ impl Proxy {
                         status,
                         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                     ) && request.idempotent
-                        && !request.upgrade
+                        && request.upgrade.is_none()
                         && request.replay.unsent();
                     if !retryable {
                         return Answer::Upstream(response, guard, reuse);
@@ -433,7 +455,7 @@ impl Proxy {
                         attempt,
                         "upstream answered with a retryable status"
                     );
-                    held = Some((response, guard, reuse));
+                    held = Some(Box::new((response, guard, reuse)));
                 }
                 Err(source) => {
                     drop(guard);
@@ -462,12 +484,12 @@ impl Proxy {
                         "upstream request failed"
                     );
                     if !retryable {
-                        return held.map_or(Answer::Failed, |(r, g, c)| Answer::Upstream(r, g, c));
+                        return Answer::held(held);
                     }
                 }
             }
         }
-        held.map_or(Answer::Failed, |(r, g, c)| Answer::Upstream(r, g, c))
+        Answer::held(held)
     }
 
     /// Passive health: counts a failure, ejecting the endpoint when it is due.
@@ -526,18 +548,35 @@ impl Proxy {
     }
 }
 
-/// What one request sends upstream, whichever endpoint gets it.
-struct UpstreamRequest<'a> {
-    method: &'a Method,
-    path_and_query: &'a PathAndQuery,
-    /// Taken by the last possible attempt, cloned by the others.
-    headers: Option<HeaderMap>,
-    replay: &'a Replay,
-    idempotent: bool,
-    upgrade: bool,
+/// A request on its way upstream: what the exchange keeps across its awaits. Boxed in
+/// [`Step`], so that local answers do not carry its room.
+struct Forward {
+    route: Arc<Route>,
+    request: UpstreamRequest,
+    deadline: Duration,
 }
 
-impl UpstreamRequest<'_> {
+/// What [`Proxy::route`] decided.
+enum Step {
+    /// Answered by the gateway itself (404, 503, 429, 413, redirects...).
+    Answer(Response<GatewayBody>),
+    Forward(Box<Forward>),
+}
+
+/// What one request sends upstream, whichever endpoint gets it.
+struct UpstreamRequest {
+    method: Method,
+    path_and_query: PathAndQuery,
+    /// Taken by the last possible attempt, cloned by the others.
+    headers: Option<HeaderMap>,
+    replay: Replay,
+    idempotent: bool,
+    /// The protocol the client asked to switch to (`Upgrade`), and its side of the upgrade.
+    upgrade: Option<HeaderValue>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl UpstreamRequest {
     fn build(
         &mut self,
         endpoint: &EndpointState,
@@ -575,6 +614,9 @@ impl UpstreamRequest<'_> {
     }
 }
 
+/// An upstream response with the in-flight guard and pooled connection that go with its body.
+type Held = (Response<Incoming>, InFlight, Option<Reuse>);
+
 enum Answer {
     /// An upstream response (the in-flight guard goes with its body).
     Upstream(Response<Incoming>, InFlight, Option<Reuse>),
@@ -582,6 +624,19 @@ enum Answer {
     TooLarge,
     /// No endpoint answered (502).
     Failed,
+}
+
+impl Answer {
+    /// The response held back for a retry, if any; else the request failed.
+    fn held(held: Option<Box<Held>>) -> Self {
+        match held {
+            Some(held) => {
+                let (response, guard, reuse) = *held;
+                Self::Upstream(response, guard, reuse)
+            }
+            None => Self::Failed,
+        }
+    }
 }
 
 fn into_client_response(

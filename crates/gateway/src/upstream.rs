@@ -132,40 +132,48 @@ impl Http1Pool {
 
     /// Sends `request` to `endpoint` on a pooled or new connection. The request's URI must be
     /// in origin form and it must carry `Host`.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: that would keep a second copy of `request` in the future.
+    pub fn send(
         self: &Arc<Self>,
         endpoint: &Arc<EndpointState>,
         mut request: http::Request<AttemptBody>,
-    ) -> Result<(http::Response<Incoming>, Reuse), UpstreamError> {
-        let authority = &endpoint.authority;
-        loop {
-            let (mut sender, reused) = match self.checkout(authority).await {
-                Some(sender) => (sender, true),
-                None => (self.connect(authority).await?, false),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let reuse = Reuse {
-                        pool: self.clone(),
-                        endpoint: endpoint.clone(),
-                        sender,
-                    };
-                    return Ok((response, reuse));
+    ) -> impl Future<Output = Result<(http::Response<Incoming>, Reuse), UpstreamError>> + Send + 'static
+    {
+        let pool = self.clone();
+        let endpoint = endpoint.clone();
+        async move {
+            let authority = &endpoint.authority;
+            loop {
+                let (mut sender, reused) = match pool.checkout(authority).await {
+                    Some(sender) => (sender, true),
+                    // Boxed: connecting is rare and its future is large.
+                    None => (Box::pin(pool.connect(authority)).await?, false),
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let reuse = Reuse {
+                            pool,
+                            endpoint,
+                            sender,
+                        };
+                        return Ok((response, reuse));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // Refused before anything was written (the endpoint closed the idle
+                        // connection): send it on another one.
+                        Some(unsent) if reused => {
+                            tracing::trace!(%authority, error = %e.error(), "pooled connection closed; retrying on another");
+                            request = unsent;
+                        }
+                        _ => {
+                            return Err(UpstreamError::Request {
+                                authority: authority.clone(),
+                                source: e.into_error(),
+                            });
+                        }
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    // Refused before anything was written (the endpoint closed the idle
-                    // connection): send it on another one.
-                    Some(unsent) if reused => {
-                        tracing::trace!(%authority, error = %e.error(), "pooled connection closed; retrying on another");
-                        request = unsent;
-                    }
-                    _ => {
-                        return Err(UpstreamError::Request {
-                            authority: authority.clone(),
-                            source: e.into_error(),
-                        });
-                    }
-                },
             }
         }
     }
