@@ -252,39 +252,32 @@ impl Proxy {
             value: host_value.clone(),
             text: host,
         };
-        match self.prepare(req, &route, conn, &host) {
-            Ok(request) => Step::Forward(Box::new(Forward {
-                deadline: route.timeout.unwrap_or(self.state.policy.default_timeout),
-                route,
-                request,
-            })),
-            Err(response) => Step::Answer(response),
-        }
+        self.prepare(req, route, conn, &host)
     }
 
     /// The request to send upstream, with its headers rewritten, or a local answer (400, 413).
     fn prepare(
         &self,
         mut req: Request<Incoming>,
-        route: &Route,
+        route: Arc<Route>,
         conn: &ConnInfo,
         host: &Host<'_>,
-    ) -> Result<UpstreamRequest, Response<GatewayBody>> {
+    ) -> Step {
         let limit = self.limits.max_body_bytes;
         if content_length(req.headers()).is_some_and(|len| len > limit) {
-            return Err(too_large(limit));
+            return Step::Answer(too_large(limit));
         }
         let upgrade = upgrade_protocol(&req);
         if upgrade.is_some() && route.upstream == UpstreamProtocol::H2c {
-            return Err(text(
+            return Step::Answer(text(
                 StatusCode::BAD_REQUEST,
                 "protocol upgrades are not supported on this route\n",
             ));
         }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let Some(path_and_query) = upstream_path_and_query(route, &parts.uri) else {
-            return Err(text(
+        let Some(path_and_query) = upstream_path_and_query(&route, &parts.uri) else {
+            return Step::Answer(text(
                 StatusCode::BAD_REQUEST,
                 "request target must be an absolute path\n",
             ));
@@ -314,7 +307,7 @@ impl Proxy {
         }
         add_forwarded(&mut headers, conn.forwarding(), host);
         route.retry_budget.request();
-        Ok(UpstreamRequest {
+        let request = UpstreamRequest {
             idempotent: is_idempotent(&parts.method),
             method: parts.method,
             path_and_query,
@@ -322,7 +315,12 @@ impl Proxy {
             replay: Replay::new(body, limit),
             upgrade,
             client_upgrade,
-        })
+        };
+        Step::Forward(Box::new(Forward {
+            deadline: route.timeout.unwrap_or(self.state.policy.default_timeout),
+            route,
+            request,
+        }))
     }
 
     /// Sends the request upstream within the route's deadline; the answer for the client.
