@@ -264,10 +264,15 @@ impl Proxy {
         host: &Host<'_>,
     ) -> Step {
         let limit = self.limits.max_body_bytes;
-        if content_length(req.headers()).is_some_and(|len| len > limit) {
+        let mut present = Present::scan(req.headers());
+        if present.content_length && content_length(req.headers()).is_some_and(|len| len > limit) {
             return Step::Answer(too_large(limit));
         }
-        let upgrade = upgrade_protocol(&req);
+        let upgrade = if present.has(CONNECTION_BIT) {
+            upgrade_protocol(&req)
+        } else {
+            None
+        };
         if upgrade.is_some() && route.upstream == UpstreamProtocol::H2c {
             return Step::Answer(text(
                 StatusCode::BAD_REQUEST,
@@ -283,9 +288,14 @@ impl Proxy {
             ));
         };
         let mut headers = parts.headers;
-        let wants_trailers = te_trailers(&headers);
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::EXPECT);
+        let wants_trailers = present.has(TE_BIT) && te_trailers(&headers);
+        if strip_present(&mut headers, present.hop) {
+            // `Connection` named other headers, which are gone now.
+            present = Present::scan(&headers);
+        }
+        if present.expect {
+            headers.remove(header::EXPECT);
+        }
         if wants_trailers {
             // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -297,15 +307,17 @@ impl Proxy {
         match route.upstream {
             // HTTP/2 carries the host in `:authority`; the original is in X-Forwarded-Host.
             UpstreamProtocol::H2c => {
-                headers.remove(header::HOST);
+                if present.host {
+                    headers.remove(header::HOST);
+                }
             }
             UpstreamProtocol::Http1 => {
-                if !headers.contains_key(header::HOST) {
+                if !present.host {
                     headers.insert(header::HOST, host.value.clone());
                 }
             }
         }
-        add_forwarded(&mut headers, conn.forwarding(), host);
+        add_forwarded(&mut headers, conn.forwarding(), host, &present);
         route.retry_budget.request();
         let request = UpstreamRequest {
             idempotent: is_idempotent(&parts.method),
@@ -754,28 +766,86 @@ struct Host<'a> {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Removes the hop-by-hop headers of a message (and those its `Connection` names).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names, no hashing.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+    let present = Present::scan(headers);
+    strip_present(headers, present.hop);
+}
+
+/// Removes the hop-by-hop headers flagged in `hop` (bits of [`HOP_BY_HOP`]), and the headers
+/// `Connection` names; true if it named any that is not hop-by-hop already.
+fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
+    if hop == 0 {
+        return false;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    if hop & CONNECTION_BIT != 0 {
+        named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            .collect();
+    }
+    for name in &named {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if hop & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    !named.is_empty()
+}
+
+/// Bits of [`Present::hop`] (indices in [`HOP_BY_HOP`]).
+const CONNECTION_BIT: u16 = 1;
+const TE_BIT: u16 = 1 << 5;
+
+/// Which of the headers the gateway looks at or rewrites a message carries, found in one pass
+/// over its names: most messages carry few of them, and each lookup in a `HeaderMap` hashes.
+#[derive(Debug, Default)]
+struct Present {
+    /// Bit i: `HOP_BY_HOP[i]` is present.
+    hop: u16,
+    content_length: bool,
+    expect: bool,
+    host: bool,
+    forwarded_for: bool,
+    forwarded_host: bool,
+    forwarded: bool,
+}
+
+impl Present {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut present = Self::default();
+        for name in headers.keys() {
+            match name.as_str() {
+                "content-length" => present.content_length = true,
+                "expect" => present.expect = true,
+                "host" => present.host = true,
+                "x-forwarded-for" => present.forwarded_for = true,
+                "x-forwarded-host" => present.forwarded_host = true,
+                "forwarded" => present.forwarded = true,
+                other => {
+                    if let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == other) {
+                        present.hop |= 1 << i;
+                    }
+                }
+            }
+        }
+        present
+    }
+
+    fn has(&self, bit: u16) -> bool {
+        self.hop & bit != 0
     }
 }
 
-/// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and `X-Forwarded-Host`
-/// (the gateway is the edge: clients' values for those are not trusted).
-fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>) {
-    let has_prior = headers.contains_key(&X_FORWARDED_FOR);
-    if !has_prior {
+fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>, present: &Present) {
+    if !present.forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), client.ip.clone());
     } else {
         let prior: Vec<&str> = headers
@@ -797,10 +867,12 @@ fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>) 
         }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
-    headers.remove(&X_FORWARDED_HOST);
     let host_text = host.text;
     if !host_text.is_empty() {
+        // Replaces any the client sent.
         headers.insert(X_FORWARDED_HOST.clone(), host.value.clone());
+    } else if present.forwarded_host {
+        headers.remove(&X_FORWARDED_HOST);
     }
 
     // RFC 7239: append this hop's element to what earlier proxies wrote.
@@ -808,7 +880,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>) 
         && host_text
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-    let prior: Vec<&str> = if headers.contains_key(header::FORWARDED) {
+    let prior: Vec<&str> = if present.forwarded {
         headers
             .get_all(header::FORWARDED)
             .iter()
@@ -934,6 +1006,28 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-kept"], "yes");
+
+        // The bits name the right headers.
+        assert_eq!(HOP_BY_HOP[0], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[5], header::TE);
+        // A response's usual `Connection: keep-alive` names nothing else: no rescan needed.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let present = Present::scan(&headers);
+        assert!(present.has(CONNECTION_BIT) && present.content_length && !present.host);
+        assert!(!strip_present(&mut headers, present.hop));
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        // `Connection: host` removes Host, and says so (the request rescans and sets it).
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Host"));
+        headers.insert(header::HOST, HeaderValue::from_static("a.example"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        let present = Present::scan(&headers);
+        assert!(present.host && present.has(TE_BIT));
+        assert!(strip_present(&mut headers, present.hop));
+        assert!(headers.is_empty(), "{headers:?}");
+        assert!(!Present::scan(&headers).host);
     }
 
     #[test]
@@ -945,7 +1039,13 @@ mod tests {
             text,
         };
         let mut headers = HeaderMap::new();
-        add_forwarded(&mut headers, &fwd(peer, "http"), &host("Example.com:8080"));
+        let present = Present::scan(&headers);
+        add_forwarded(
+            &mut headers,
+            &fwd(peer, "http"),
+            &host("Example.com:8080"),
+            &present,
+        );
         assert_eq!(headers["x-forwarded-for"], "10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "Example.com:8080");
@@ -957,7 +1057,8 @@ mod tests {
         let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("forwarded", HeaderValue::from_static("for=192.0.2.60"));
-        add_forwarded(&mut headers, &fwd(v6, "https"), &host(""));
+        let present = Present::scan(&headers);
+        add_forwarded(&mut headers, &fwd(v6, "https"), &host(""), &present);
         assert_eq!(
             headers["forwarded"],
             "for=192.0.2.60, for=\"[2001:db8::1]\";proto=https"
@@ -968,7 +1069,8 @@ mod tests {
         headers.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         headers.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        add_forwarded(&mut headers, &fwd(peer, "http"), &host(""));
+        let present = Present::scan(&headers);
+        add_forwarded(&mut headers, &fwd(peer, "http"), &host(""), &present);
         assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert!(headers.get("x-forwarded-host").is_none());
