@@ -28,6 +28,7 @@
 mod access_log;
 pub mod balance;
 mod body;
+mod clock;
 pub mod config;
 pub mod conn;
 mod listener;

@@ -54,6 +54,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxError, GatewayBody};
+use crate::clock::{COARSE_TICK_MS, coarse_ms, millis};
 use crate::config::Limits;
 use crate::conn::ConnInfo;
 use crate::metrics::ConnectionMetrics;
@@ -618,7 +619,10 @@ enum Decision {
 /// read by the connection task. Times are milliseconds since `born`.
 #[derive(Debug)]
 pub(crate) struct ConnState {
+    /// For the timer's deadlines.
     born: Instant,
+    /// The same moment on the coarse clock ([`coarse_ms`]), for the millisecond stamps.
+    born_ms: u64,
     in_flight: AtomicU32,
     requests: AtomicU64,
     /// An HTTP/2 connection: its bytes between requests are frames (PINGs, SETTINGS), not a
@@ -638,6 +642,7 @@ impl ConnState {
     fn new() -> Self {
         Self {
             born: Instant::now(),
+            born_ms: coarse_ms(),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
@@ -648,8 +653,10 @@ impl ConnState {
         }
     }
 
+    /// Milliseconds since the connection's start, on the coarse clock: it may read up to one
+    /// kernel tick behind `born.elapsed()`, which `decide` allows for.
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+        coarse_ms().saturating_sub(self.born_ms)
     }
 
     fn on_read(&self) {
@@ -669,9 +676,13 @@ impl ConnState {
     }
 
     fn decide(&self, limits: &Limits, draining: Option<u64>) -> Decision {
-        let now = self.now_ms();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let (header, idle) = (ms(limits.header_read_timeout), ms(limits.idle_timeout));
+        // A deadline within a coarse tick is due: the timer (on the precise clock) fires at it,
+        // and must not find it still ahead and be set again until the coarse clock catches up.
+        let now = self.now_ms() + COARSE_TICK_MS;
+        let (header, idle) = (
+            millis(limits.header_read_timeout),
+            millis(limits.idle_timeout),
+        );
         if self.in_flight.load(Ordering::Acquire) > 0 {
             // A request ending on another task (HTTP/2) is noticed by then at the latest.
             return Decision::Wait(now.saturating_add(idle.max(1)));
@@ -843,13 +854,10 @@ mod tests {
         }
     }
 
-    /// A state whose clock reads `now` ms.
+    /// A state whose clock reads `now` ms (or up to a coarse tick more).
     fn at(now: u64) -> ConnState {
-        let state = ConnState::new();
-        let mut state = state;
-        state.born = Instant::now()
-            .checked_sub(Duration::from_millis(now))
-            .unwrap();
+        let mut state = ConnState::new();
+        state.born_ms = coarse_ms().checked_sub(now).unwrap();
         state
     }
 

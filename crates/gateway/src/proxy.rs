@@ -780,13 +780,19 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     }
     let mut named: Vec<HeaderName> = Vec::new();
     if hop & CONNECTION_BIT != 0 {
+        // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) need no name built.
         named = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
+            .map(str::trim)
+            .filter(|token| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(token))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
     }
     for name in &named {
@@ -822,19 +828,44 @@ impl Present {
     fn scan(headers: &HeaderMap) -> Self {
         let mut present = Self::default();
         for name in headers.keys() {
-            match name.as_str() {
-                "content-length" => present.content_length = true,
-                "expect" => present.expect = true,
-                "host" => present.host = true,
-                "x-forwarded-for" => present.forwarded_for = true,
-                "x-forwarded-host" => present.forwarded_host = true,
-                "forwarded" => present.forwarded = true,
-                other => {
-                    if let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == other) {
-                        present.hop |= 1 << i;
-                    }
+            // Bits of the hop-by-hop headers are their indices in `HOP_BY_HOP`.
+            let hop = match name.as_str() {
+                "content-length" => {
+                    present.content_length = true;
+                    continue;
                 }
-            }
+                "expect" => {
+                    present.expect = true;
+                    continue;
+                }
+                "host" => {
+                    present.host = true;
+                    continue;
+                }
+                "x-forwarded-for" => {
+                    present.forwarded_for = true;
+                    continue;
+                }
+                "x-forwarded-host" => {
+                    present.forwarded_host = true;
+                    continue;
+                }
+                "forwarded" => {
+                    present.forwarded = true;
+                    continue;
+                }
+                "connection" => 0,
+                "keep-alive" => 1,
+                "proxy-connection" => 2,
+                "proxy-authenticate" => 3,
+                "proxy-authorization" => 4,
+                "te" => 5,
+                "trailer" => 6,
+                "transfer-encoding" => 7,
+                "upgrade" => 8,
+                _ => continue,
+            };
+            present.hop |= 1 << hop;
         }
         present
     }
@@ -1010,6 +1041,11 @@ mod tests {
         // The bits name the right headers.
         assert_eq!(HOP_BY_HOP[0], header::CONNECTION);
         assert_eq!(HOP_BY_HOP[5], header::TE);
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(name.clone(), HeaderValue::from_static("x"));
+            assert_eq!(Present::scan(&headers).hop, 1 << i, "{name}");
+        }
         // A response's usual `Connection: keep-alive` names nothing else: no rescan needed.
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));

@@ -21,10 +21,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::balance::EndpointState;
 use crate::body::AttemptBody;
+use crate::clock::{coarse_ms, millis};
 
 /// One upstream attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,8 @@ impl UpstreamError {
 
 struct Idle {
     sender: SendRequest<AttemptBody>,
-    since: Instant,
+    /// When it went idle ([`coarse_ms`]).
+    since_ms: u64,
 }
 
 /// Keep-alive HTTP/1.1 connections to upstream endpoints, by `host:port`.
@@ -84,7 +85,9 @@ pub struct Http1Pool {
 
 impl std::fmt::Debug for Idle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Idle").field("since", &self.since).finish()
+        f.debug_struct("Idle")
+            .field("since_ms", &self.since_ms)
+            .finish()
     }
 }
 
@@ -183,7 +186,7 @@ impl Http1Pool {
     async fn checkout(&self, authority: &str) -> Option<SendRequest<AttemptBody>> {
         loop {
             let mut idle = self.lock().get_mut(authority)?.pop_back()?;
-            if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+            if idle.sender.is_closed() || self.expired(&idle, coarse_ms()) {
                 continue;
             }
             // Returned as soon as its response ended, a connection may still be finishing
@@ -228,13 +231,17 @@ impl Http1Pool {
         Ok(sender)
     }
 
+    fn expired(&self, idle: &Idle, now_ms: u64) -> bool {
+        now_ms.saturating_sub(idle.since_ms) >= millis(self.idle_timeout)
+    }
+
     fn put(&self, authority: &str, sender: SendRequest<AttemptBody>) {
         if sender.is_closed() {
             return;
         }
         let idle = Idle {
             sender,
-            since: Instant::now(),
+            since_ms: coarse_ms(),
         };
         let mut pool = self.lock();
         match pool.get_mut(authority) {
@@ -252,10 +259,11 @@ impl Http1Pool {
     /// Closes connections idle for the idle timeout or closed by their endpoint, and
     /// forgets endpoints without idle connections. Returns how many connections stay idle.
     pub fn sweep(&self) -> usize {
+        let now = coarse_ms();
         let mut pool = self.lock();
         pool.retain(|_, queue| {
             // Oldest first: the front holds the connections idle the longest.
-            queue.retain(|i| !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout);
+            queue.retain(|i| !i.sender.is_closed() && !self.expired(i, now));
             !queue.is_empty()
         });
         pool.values().map(VecDeque::len).sum()
