@@ -118,7 +118,12 @@ wait_http "http://127.0.0.1:$NGX_HTTP/" 120 || die "nginx did not answer 200; se
 # The callgrind processes of a target (nginx: master and workers), as callgrind_control lists
 # them ("PID n: command").
 cg_pids() { # target
-  callgrind_control 2>/dev/null | awk -v pat="$1" '/^PID/ && index($0, pat) {sub(":", "", $2); print $2}'
+  local pat
+  case $1 in
+    flotilla) pat="$FLOTILLA up" ;;
+    nginx) pat="nginx" ;;
+  esac
+  callgrind_control 2>/dev/null | awk -v pat="PID [0-9]+: $pat" '$0 ~ pat {sub(":", "", $2); print $2}'
 }
 
 # Counts the instructions of every process of `target` while `load ...` runs: instrumentation

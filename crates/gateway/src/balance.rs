@@ -27,7 +27,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::{coarse_ms, millis};
 
 /// Knobs of balancing, passive health and retries.
 #[derive(Debug, Clone)]
@@ -80,17 +82,16 @@ pub struct EndpointState {
     pub authority: String,
     /// `authority` parsed once for upstream URIs (`None`: not a valid authority).
     uri_authority: Option<http::uri::Authority>,
-    epoch: Instant,
     in_flight: AtomicU32,
     /// Latency EWMA in microseconds, as `f64` bits.
     ewma_micros: AtomicU64,
     /// Consecutive failures since the last success.
     failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the endpoint is ejected (0: never ejected).
+    /// Time ([`coarse_ms`]) until which the endpoint is ejected (0: never ejected).
     ejected_until: AtomicU64,
     /// Ejections in a row (backoff exponent).
     ejections: AtomicU32,
-    /// Milliseconds since `epoch` when a table last included this endpoint.
+    /// Time ([`coarse_ms`]) when a table last included this endpoint.
     last_listed: AtomicU64,
 }
 
@@ -98,12 +99,11 @@ pub struct EndpointState {
 const EWMA_ALPHA: f64 = 0.3;
 
 impl EndpointState {
-    fn new(instance: String, authority: String, epoch: Instant) -> Self {
+    fn new(instance: String, authority: String) -> Self {
         Self {
             uri_authority: http::uri::Authority::try_from(authority.as_str()).ok(),
             instance,
             authority,
-            epoch,
             in_flight: AtomicU32::new(0),
             ewma_micros: AtomicU64::new(0f64.to_bits()),
             failures: AtomicU32::new(0),
@@ -115,11 +115,13 @@ impl EndpointState {
 
     /// A detached endpoint (tests, tables built without a registry).
     pub fn detached(instance: &str, authority: &str) -> Self {
-        Self::new(instance.to_owned(), authority.to_owned(), Instant::now())
+        Self::new(instance.to_owned(), authority.to_owned())
     }
 
+    /// Ejections and listings are timed on the coarse clock: their times are seconds, and
+    /// balancing reads it for every endpoint it considers.
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        coarse_ms()
     }
 
     /// The authority of upstream request URIs, parsed once.
@@ -233,10 +235,6 @@ impl EndpointState {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// A request in flight on an endpoint; decrements the count when dropped.
 #[derive(Debug)]
 pub struct InFlight {
@@ -252,14 +250,12 @@ impl Drop for InFlight {
 /// Endpoint state by (instance, address), shared by successive routing tables.
 #[derive(Debug)]
 pub struct EndpointRegistry {
-    epoch: Instant,
     endpoints: Mutex<HashMap<(String, String), Arc<EndpointState>>>,
 }
 
 impl Default for EndpointRegistry {
     fn default() -> Self {
         Self {
-            epoch: Instant::now(),
             endpoints: Mutex::new(HashMap::new()),
         }
     }
@@ -275,7 +271,7 @@ impl EndpointRegistry {
 
     /// The state of `instance` at `authority`, created if new; marked as listed now.
     pub fn get(&self, instance: &str, authority: &str) -> Arc<EndpointState> {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = coarse_ms();
         let mut map = self.lock();
         let state = map
             .entry((instance.to_owned(), authority.to_owned()))
@@ -283,7 +279,6 @@ impl EndpointRegistry {
                 Arc::new(EndpointState::new(
                     instance.to_owned(),
                     authority.to_owned(),
-                    self.epoch,
                 ))
             });
         state.last_listed.store(now, Ordering::Relaxed);
@@ -293,7 +288,7 @@ impl EndpointRegistry {
     /// Forgets endpoints that no table or request holds and that no table listed for
     /// `retention`. Returns how many are left.
     pub fn sweep(&self, retention: Duration) -> usize {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = coarse_ms();
         let mut map = self.lock();
         map.retain(|_, state| {
             Arc::strong_count(state) > 1
@@ -316,7 +311,8 @@ impl EndpointRegistry {
 /// not ejected; falls back to ejected ones when nothing else is left. `None` when every endpoint
 /// was tried.
 pub fn choose(endpoints: &[Arc<EndpointState>], tried: u64) -> Option<usize> {
-    choose_with(endpoints, tried, &mut rand::rng(), |e| e.is_ejected())
+    let now = coarse_ms();
+    choose_with(endpoints, tried, &mut rand::rng(), |e| e.is_ejected_at(now))
 }
 
 fn choose_with(

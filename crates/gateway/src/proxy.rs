@@ -187,7 +187,9 @@ impl Proxy {
         async move {
             let response = match step {
                 Step::Answer(response) => response,
-                Step::Forward(mut forward) => self.forward(&mut forward, &mut outcome).await,
+                Step::Forward(mut forward) => {
+                    self.forward(&mut forward, &mut outcome, started).await
+                }
             };
             let elapsed = started.elapsed();
             match &outcome.route {
@@ -336,13 +338,18 @@ impl Proxy {
     }
 
     /// Sends the request upstream within the route's deadline; the answer for the client.
-    async fn forward(&self, forward: &mut Forward, outcome: &mut Outcome) -> Response<GatewayBody> {
+    async fn forward(
+        &self,
+        forward: &mut Forward,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Response<GatewayBody> {
         let Forward {
             route,
             request,
             deadline,
         } = forward;
-        let attempts = self.attempts(route, request, outcome);
+        let attempts = self.attempts(route, request, outcome, started);
         let answer = match tokio::time::timeout(*deadline, attempts).await {
             Ok(answer) => answer,
             Err(_) => {
@@ -378,11 +385,13 @@ impl Proxy {
     }
 
     /// Tries endpoints until one answers or retrying is no longer safe or allowed.
+    /// `started`: when the request came in, the first attempt's start (one clock read less).
     async fn attempts(
         &self,
         route: &Route,
         request: &mut UpstreamRequest,
         outcome: &mut Outcome,
+        started: Instant,
     ) -> Answer {
         let policy = &self.state.policy;
         let mut tried: u64 = 0;
@@ -428,7 +437,11 @@ impl Proxy {
                 }
             };
             let guard = endpoint.start();
-            let started = Instant::now();
+            let started = if attempt == 0 {
+                started
+            } else {
+                Instant::now()
+            };
             let sent = match route.upstream {
                 UpstreamProtocol::Http1 => self
                     .pool
