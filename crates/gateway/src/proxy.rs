@@ -792,7 +792,12 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
         return false;
     }
     let mut named: Vec<HeaderName> = Vec::new();
-    if hop & CONNECTION_BIT != 0 {
+    // `Connection: keep-alive` or `close` alone, as most messages have it, names nothing else.
+    let plain = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+    };
+    if hop & CONNECTION_BIT != 0 && !headers.get_all(header::CONNECTION).iter().all(plain) {
         // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) need no name built.
         named = headers
             .get_all(header::CONNECTION)
@@ -1067,6 +1072,14 @@ mod tests {
         assert!(present.has(CONNECTION_BIT) && present.content_length && !present.host);
         assert!(!strip_present(&mut headers, present.hop));
         assert_eq!(headers.len(), 1, "{headers:?}");
+        // Every `Connection` line counts, not only the first.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        let present = Present::scan(&headers);
+        assert!(strip_present(&mut headers, present.hop));
+        assert!(headers.is_empty(), "{headers:?}");
         // `Connection: host` removes Host, and says so (the request rescans and sets it).
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("Host"));
