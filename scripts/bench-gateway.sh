@@ -152,25 +152,13 @@ trap 'exit 130' INT TERM
 # Enough descriptors for every proxy (their configs ask for at most 16384).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# A free port on 127.0.0.1 (the kernel picks it; racy in theory, fine on a quiet loopback).
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-# Polls `curl URL` until it answers 200, at most $2 seconds.
-wait_http() {
-  local url=$1 limit=$2 i
-  for ((i = 0; i < limit * 10; i++)); do
-    [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)" = 200 ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
+# free_port, wait_http, make_cert.
+source "$ROOT/scripts/bench/common.sh"
 
 # ---------------------------------------------------------------------------------------------
 # 4. Certificate (self-signed ECDSA P-256, for 127.0.0.1 and localhost), shared by all.
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-  -keyout "$T/tls/key.pem" -out "$T/tls/cert.pem" 2>/dev/null
+make_cert "$T/tls"
 cat "$T/tls/cert.pem" "$T/tls/key.pem" >"$T/tls/haproxy.pem"
 
 source "$ROOT/scripts/bench/gateway-configs.sh"

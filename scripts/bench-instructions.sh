@@ -70,19 +70,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_http() { # url seconds
-  local i
-  for ((i = 0; i < $2 * 10; i++)); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true)" = 200 ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-  -keyout "$T/tls/key.pem" -out "$T/tls/cert.pem" 2>/dev/null
+# free_port, wait_http (here with 2 s per try: valgrind is slow), make_cert.
+source "$ROOT/scripts/bench/common.sh"
+make_cert "$T/tls"
 source "$ROOT/scripts/bench/gateway-configs.sh"
 
 # flotilla under callgrind, instrumentation off until the counted requests; the backend (its
@@ -96,7 +86,7 @@ write_flotilla_file plain
   "$FLOTILLA" up -f "$T/flotilla/flotilla.toml" --node bench >"$T/flotilla/up.out" 2>"$T/flotilla/up.log") &
 FL_PID=$!
 PIDS+=("$FL_PID")
-wait_http "http://127.0.0.1:$FL_HTTP/" 120 || die "flotilla's gateway did not answer 200; see $T/flotilla/up.log"
+wait_http "http://127.0.0.1:$FL_HTTP/" 120 2 || die "flotilla's gateway did not answer 200; see $T/flotilla/up.log"
 
 # The backend's HTTP port, for nginx as a proxy: from the flotilla config's service instance.
 TOKEN=$(cat "$T/flotilla/data/admin.token")
@@ -113,7 +103,7 @@ valgrind --tool=callgrind --instr-atstart=no --trace-children=yes \
   nginx -e stderr -p "$T/nginx" -c "$T/nginx/nginx.conf" -g 'daemon off;' 2>"$T/nginx/stderr.log" &
 NGX_PID=$!
 PIDS+=("$NGX_PID")
-wait_http "http://127.0.0.1:$NGX_HTTP/" 120 || die "nginx did not answer 200; see $T/nginx/stderr.log"
+wait_http "http://127.0.0.1:$NGX_HTTP/" 120 2 || die "nginx did not answer 200; see $T/nginx/stderr.log"
 
 # The callgrind processes of a target (nginx: master and workers), as callgrind_control lists
 # them ("PID n: command").

@@ -267,10 +267,12 @@ impl Proxy {
     ) -> Step {
         let limit = self.limits.max_body_bytes;
         let mut present = Present::scan(req.headers());
-        if present.content_length && content_length(req.headers()).is_some_and(|len| len > limit) {
+        if present.has(Present::CONTENT_LENGTH)
+            && content_length(req.headers()).is_some_and(|len| len > limit)
+        {
             return Step::Answer(too_large(limit));
         }
-        let upgrade = if present.has(CONNECTION_BIT) {
+        let upgrade = if present.has(Present::CONNECTION) {
             upgrade_protocol(&req)
         } else {
             None
@@ -290,12 +292,12 @@ impl Proxy {
             ));
         };
         let mut headers = parts.headers;
-        let wants_trailers = present.has(TE_BIT) && te_trailers(&headers);
-        if strip_present(&mut headers, present.hop) {
+        let wants_trailers = present.has(Present::TE) && te_trailers(&headers);
+        if strip_present(&mut headers, present.hop()) {
             // `Connection` named other headers, which are gone now.
             present = Present::scan(&headers);
         }
-        if present.expect {
+        if present.has(Present::EXPECT) {
             headers.remove(header::EXPECT);
         }
         if wants_trailers {
@@ -309,17 +311,17 @@ impl Proxy {
         match route.upstream {
             // HTTP/2 carries the host in `:authority`; the original is in X-Forwarded-Host.
             UpstreamProtocol::H2c => {
-                if present.host {
+                if present.has(Present::HOST) {
                     headers.remove(header::HOST);
                 }
             }
             UpstreamProtocol::Http1 => {
-                if !present.host {
+                if !present.has(Present::HOST) {
                     headers.insert(header::HOST, host.value.clone());
                 }
             }
         }
-        add_forwarded(&mut headers, conn.forwarding(), host, &present);
+        add_forwarded(&mut headers, conn.forwarding(), host, present);
         route.retry_budget.request();
         let request = UpstreamRequest {
             idempotent: is_idempotent(&parts.method),
@@ -782,7 +784,7 @@ struct Host<'a> {
 /// Removes the hop-by-hop headers of a message (and those its `Connection` names).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let present = Present::scan(headers);
-    strip_present(headers, present.hop);
+    strip_present(headers, present.hop());
 }
 
 /// Removes the hop-by-hop headers flagged in `hop` (bits of [`HOP_BY_HOP`]), and the headers
@@ -797,7 +799,7 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
         let v = v.as_bytes();
         v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
     };
-    if hop & CONNECTION_BIT != 0 && !headers.get_all(header::CONNECTION).iter().all(plain) {
+    if hop & Present::CONNECTION != 0 && !headers.get_all(header::CONNECTION).iter().all(plain) {
         // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) need no name built.
         named = headers
             .get_all(header::CONNECTION)
@@ -824,77 +826,61 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     !named.is_empty()
 }
 
-/// Bits of [`Present::hop`] (indices in [`HOP_BY_HOP`]).
-const CONNECTION_BIT: u16 = 1;
-const TE_BIT: u16 = 1 << 5;
-
-/// Which of the headers the gateway looks at or rewrites a message carries, found in one pass
-/// over its names: most messages carry few of them, and each lookup in a `HeaderMap` hashes.
-#[derive(Debug, Default)]
-struct Present {
-    /// Bit i: `HOP_BY_HOP[i]` is present.
-    hop: u16,
-    content_length: bool,
-    expect: bool,
-    host: bool,
-    forwarded_for: bool,
-    forwarded_host: bool,
-    forwarded: bool,
-}
+/// Which of the headers the gateway looks at or rewrites a message carries, a bit each, found
+/// in one pass over its names: most messages carry few of them, and each lookup in a
+/// `HeaderMap` hashes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Present(u16);
 
 impl Present {
+    /// Bits 0–8: the headers of [`HOP_BY_HOP`], in its order.
+    const HOP: u16 = (1 << 9) - 1;
+    const CONNECTION: u16 = 1;
+    const TE: u16 = 1 << 5;
+    const CONTENT_LENGTH: u16 = 1 << 9;
+    const EXPECT: u16 = 1 << 10;
+    const HOST: u16 = 1 << 11;
+    const FORWARDED_FOR: u16 = 1 << 12;
+    const FORWARDED_HOST: u16 = 1 << 13;
+    const FORWARDED: u16 = 1 << 14;
+
     fn scan(headers: &HeaderMap) -> Self {
-        let mut present = Self::default();
+        let mut bits = 0;
         for name in headers.keys() {
-            // Bits of the hop-by-hop headers are their indices in `HOP_BY_HOP`.
-            let hop = match name.as_str() {
-                "content-length" => {
-                    present.content_length = true;
-                    continue;
-                }
-                "expect" => {
-                    present.expect = true;
-                    continue;
-                }
-                "host" => {
-                    present.host = true;
-                    continue;
-                }
-                "x-forwarded-for" => {
-                    present.forwarded_for = true;
-                    continue;
-                }
-                "x-forwarded-host" => {
-                    present.forwarded_host = true;
-                    continue;
-                }
-                "forwarded" => {
-                    present.forwarded = true;
-                    continue;
-                }
-                "connection" => 0,
-                "keep-alive" => 1,
-                "proxy-connection" => 2,
-                "proxy-authenticate" => 3,
-                "proxy-authorization" => 4,
-                "te" => 5,
-                "trailer" => 6,
-                "transfer-encoding" => 7,
-                "upgrade" => 8,
-                _ => continue,
+            bits |= match name.as_str() {
+                "connection" => Self::CONNECTION,
+                "keep-alive" => 1 << 1,
+                "proxy-connection" => 1 << 2,
+                "proxy-authenticate" => 1 << 3,
+                "proxy-authorization" => 1 << 4,
+                "te" => Self::TE,
+                "trailer" => 1 << 6,
+                "transfer-encoding" => 1 << 7,
+                "upgrade" => 1 << 8,
+                "content-length" => Self::CONTENT_LENGTH,
+                "expect" => Self::EXPECT,
+                "host" => Self::HOST,
+                "x-forwarded-for" => Self::FORWARDED_FOR,
+                "x-forwarded-host" => Self::FORWARDED_HOST,
+                "forwarded" => Self::FORWARDED,
+                _ => 0,
             };
-            present.hop |= 1 << hop;
         }
-        present
+        Self(bits)
     }
 
-    fn has(&self, bit: u16) -> bool {
-        self.hop & bit != 0
+    fn has(self, flag: u16) -> bool {
+        self.0 & flag != 0
+    }
+
+    /// The hop-by-hop headers present (bits of [`HOP_BY_HOP`]).
+    fn hop(self) -> u16 {
+        self.0 & Self::HOP
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>, present: &Present) {
-    if !present.forwarded_for {
+fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>, present: Present) {
+    if !present.has(Present::FORWARDED_FOR) {
         headers.insert(X_FORWARDED_FOR.clone(), client.ip.clone());
     } else {
         let prior: Vec<&str> = headers
@@ -920,7 +906,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>, 
     if !host_text.is_empty() {
         // Replaces any the client sent.
         headers.insert(X_FORWARDED_HOST.clone(), host.value.clone());
-    } else if present.forwarded_host {
+    } else if present.has(Present::FORWARDED_HOST) {
         headers.remove(&X_FORWARDED_HOST);
     }
 
@@ -929,7 +915,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: &Forwarding, host: &Host<'_>, 
         && host_text
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-    let prior: Vec<&str> = if present.forwarded {
+    let prior: Vec<&str> = if present.has(Present::FORWARDED) {
         headers
             .get_all(header::FORWARDED)
             .iter()
@@ -1062,15 +1048,19 @@ mod tests {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             let mut headers = HeaderMap::new();
             headers.insert(name.clone(), HeaderValue::from_static("x"));
-            assert_eq!(Present::scan(&headers).hop, 1 << i, "{name}");
+            assert_eq!(Present::scan(&headers).0, 1 << i, "{name}");
         }
         // A response's usual `Connection: keep-alive` names nothing else: no rescan needed.
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         let present = Present::scan(&headers);
-        assert!(present.has(CONNECTION_BIT) && present.content_length && !present.host);
-        assert!(!strip_present(&mut headers, present.hop));
+        assert!(
+            present.has(Present::CONNECTION)
+                && present.has(Present::CONTENT_LENGTH)
+                && !present.has(Present::HOST)
+        );
+        assert!(!strip_present(&mut headers, present.hop()));
         assert_eq!(headers.len(), 1, "{headers:?}");
         // Every `Connection` line counts, not only the first.
         let mut headers = HeaderMap::new();
@@ -1078,7 +1068,7 @@ mod tests {
         headers.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
         headers.insert("x-secret", HeaderValue::from_static("1"));
         let present = Present::scan(&headers);
-        assert!(strip_present(&mut headers, present.hop));
+        assert!(strip_present(&mut headers, present.hop()));
         assert!(headers.is_empty(), "{headers:?}");
         // `Connection: host` removes Host, and says so (the request rescans and sets it).
         let mut headers = HeaderMap::new();
@@ -1086,10 +1076,10 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("a.example"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         let present = Present::scan(&headers);
-        assert!(present.host && present.has(TE_BIT));
-        assert!(strip_present(&mut headers, present.hop));
+        assert!(present.has(Present::HOST) && present.has(Present::TE));
+        assert!(strip_present(&mut headers, present.hop()));
         assert!(headers.is_empty(), "{headers:?}");
-        assert!(!Present::scan(&headers).host);
+        assert!(!Present::scan(&headers).has(Present::HOST));
     }
 
     #[test]
@@ -1106,7 +1096,7 @@ mod tests {
             &mut headers,
             &fwd(peer, "http"),
             &host("Example.com:8080"),
-            &present,
+            present,
         );
         assert_eq!(headers["x-forwarded-for"], "10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
@@ -1120,7 +1110,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("forwarded", HeaderValue::from_static("for=192.0.2.60"));
         let present = Present::scan(&headers);
-        add_forwarded(&mut headers, &fwd(v6, "https"), &host(""), &present);
+        add_forwarded(&mut headers, &fwd(v6, "https"), &host(""), present);
         assert_eq!(
             headers["forwarded"],
             "for=192.0.2.60, for=\"[2001:db8::1]\";proto=https"
@@ -1132,7 +1122,7 @@ mod tests {
         headers.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let present = Present::scan(&headers);
-        add_forwarded(&mut headers, &fwd(peer, "http"), &host(""), &present);
+        add_forwarded(&mut headers, &fwd(peer, "http"), &host(""), present);
         assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert!(headers.get("x-forwarded-host").is_none());
