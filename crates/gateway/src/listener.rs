@@ -469,10 +469,23 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    if !is_tls {
+    if is_tls {
+        // Boxed: the TLS connection's future is twice a plain one's, and every connection
+        // task would otherwise be that large (memory per idle connection).
+        Box::pin(tls_connection(layer, stream, peer, local, id, &drain)).await;
+    } else {
         serve_http(layer, stream, ConnInfo::plain(peer, local, id), &drain).await;
-        return;
     }
+}
+
+async fn tls_connection(
+    layer: &ConnLayer,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    drain: &CancellationToken,
+) {
     let Some(acceptor) = layer.tls.as_ref() else {
         return;
     };
@@ -500,7 +513,7 @@ async fn connection(
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     let info = ConnInfo::tls(peer, local, id, sni);
-    serve_http(layer, stream, info, &drain).await;
+    serve_http(layer, stream, info, drain).await;
 }
 
 /// What ends one wait of the connection task.
