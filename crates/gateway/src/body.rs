@@ -103,9 +103,10 @@ pub struct BodyTooLarge {
 /// [`Replay::too_large`].
 #[derive(Debug, Clone)]
 pub struct Replay {
-    shared: Arc<Shared>,
+    /// `None` for a request without a body (most of them): nothing to hand over, nothing
+    /// allocated.
+    shared: Option<Arc<Shared>>,
     hint: SizeHint,
-    end: bool,
 }
 
 #[derive(Debug)]
@@ -118,15 +119,18 @@ struct Shared {
 
 impl Replay {
     pub fn new(body: Incoming, limit: u64) -> Self {
+        let hint = body.size_hint();
+        if body.is_end_stream() {
+            return Self { shared: None, hint };
+        }
         Self {
-            hint: body.size_hint(),
-            end: body.is_end_stream(),
-            shared: Arc::new(Shared {
+            hint,
+            shared: Some(Arc::new(Shared {
                 slot: Mutex::new(Some(body)),
                 limit,
                 read: AtomicU64::new(0),
                 too_large: AtomicBool::new(false),
-            }),
+            })),
         }
     }
 
@@ -138,14 +142,16 @@ impl Replay {
         }
     }
 
-    /// True while no attempt has read any of the body.
+    /// True while no attempt has read any of the body (always, without a body).
     pub fn unsent(&self) -> bool {
-        lock(&self.shared.slot).is_some()
+        self.shared.as_ref().is_none_or(|s| lock(&s.slot).is_some())
     }
 
     /// True once more than the limit was read.
     pub fn too_large(&self) -> bool {
-        self.shared.too_large.load(Ordering::Relaxed)
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.too_large.load(Ordering::Relaxed))
     }
 }
 
@@ -164,18 +170,11 @@ pub struct AttemptBody {
 impl AttemptBody {
     /// An empty body (upgrade requests, local tests).
     pub fn empty() -> Self {
-        let empty = Replay {
-            shared: Arc::new(Shared {
-                slot: Mutex::new(None),
-                limit: 0,
-                read: AtomicU64::new(0),
-                too_large: AtomicBool::new(false),
-            }),
-            hint: SizeHint::with_exact(0),
-            end: true,
-        };
         Self {
-            replay: empty,
+            replay: Replay {
+                shared: None,
+                hint: SizeHint::with_exact(0),
+            },
             body: None,
         }
     }
@@ -195,10 +194,10 @@ impl Body for AttemptBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if this.body.is_none() {
-            if this.replay.end {
+            let Some(shared) = &this.replay.shared else {
                 return Poll::Ready(None);
-            }
-            match lock(&this.replay.shared.slot).take() {
+            };
+            match lock(&shared.slot).take() {
                 Some(body) => this.body = Some(body),
                 // Only reachable if a caller retried after a read began: fail loudly rather than
                 // send a truncated body.
@@ -211,8 +210,8 @@ impl Body for AttemptBody {
         let polled = Pin::new(body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
+            && let Some(shared) = &this.replay.shared
         {
-            let shared = &this.replay.shared;
             let read =
                 shared.read.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if read > shared.limit {
@@ -230,7 +229,7 @@ impl Body for AttemptBody {
     fn is_end_stream(&self) -> bool {
         match &self.body {
             Some(body) => body.is_end_stream(),
-            None => self.replay.end,
+            None => self.replay.shared.is_none(),
         }
     }
 
