@@ -780,7 +780,6 @@ struct Host<'a> {
     text: &'a str,
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
 /// Removes the hop-by-hop headers of a message (and those its `Connection` names).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let present = Present::scan(headers);
@@ -793,28 +792,26 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     if hop == 0 {
         return false;
     }
-    let mut named: Vec<HeaderName> = Vec::new();
-    // `Connection: keep-alive` or `close` alone, as most messages have it, names nothing else.
-    let plain = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-    };
-    if hop & Present::CONNECTION != 0 && !headers.get_all(header::CONNECTION).iter().all(plain) {
-        // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) need no name built.
-        named = headers
+    // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) or `close` need no name
+    // built: a plain `Connection: keep-alive`, as most messages have, allocates nothing.
+    let named: Vec<HeaderName> = if hop & Present::CONNECTION != 0 {
+        headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|token| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(token))
+                !token.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(token))
             })
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-    }
+            .collect()
+    } else {
+        Vec::new()
+    };
     for name in &named {
         headers.remove(name);
     }

@@ -14,7 +14,6 @@
 //! seconds), which ends their tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -108,30 +107,9 @@ impl Reuse {
 }
 
 /// Idle connections by endpoint `host:port`. The keys are the fleet's own endpoint addresses,
-/// never a client's input, so they are hashed with FNV-1a rather than SipHash: the map is
-/// looked up twice per request (checkout and return).
-type IdleMap = HashMap<String, VecDeque<Idle>, BuildHasherDefault<Fnv1a>>;
-
-/// FNV-1a, 64 bits.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// never a client's input, so they are hashed with FNV rather than SipHash: the map is looked up
+/// twice per request (checkout and return).
+type IdleMap = HashMap<String, VecDeque<Idle>, fnv::FnvBuildHasher>;
 
 impl Http1Pool {
     /// Idle connections kept per endpoint (per worker); more are closed when returned.
