@@ -170,7 +170,7 @@ source "$ROOT/scripts/bench/gateway-configs.sh"
 FL_API=$(free_port) FL_HTTP=$(free_port) FL_TLS=$(free_port) FL_METRICS=$(free_port)
 write_backend_template
 
-start_flotilla() { # $1: tls | plain
+start_flotilla() { # $1: tls | plain | bare
   write_flotilla_file "$1"
   rm -rf "$T/flotilla/data"
   FLOTILLA_LOG=warn FLOTILLA_CONFIG_DIR=$T/flotilla/config \
@@ -195,7 +195,7 @@ if ! start_flotilla tls; then
     sed 's/^/    /' "$T/flotilla/up.log" >&2
     log "TLS: flotilla is SKIPPED in the TLS runs (this build has no gateway TLS); starting without it"
     FLOTILLA_TLS=0
-    start_flotilla plain || die "flotilla up failed; see $T/flotilla/up.log"
+    start_flotilla bare || die "flotilla up failed; see $T/flotilla/up.log"
   else
     die "flotilla up failed; see $T/flotilla/up.log"
   fi

@@ -4,7 +4,7 @@
 #
 # Fairness rules shared by the three proxies:
 #   - the same backend (one nginx serving a small fixed body), HTTP/1.1 keep-alive to it;
-#   - $WORKERS worker processes/threads each (flotilla's runtime has 2 worker threads);
+#   - $WORKERS worker processes/threads each (flotilla: `[gateway] workers`);
 #   - no access log; client keep-alive without a request limit; X-Forwarded-For added
 #     (flotilla always adds X-Forwarded-For/-Proto/-Host and Forwarded);
 #   - TLS 1.3 only, the same ECDSA P-256 certificate.
@@ -113,7 +113,7 @@ EOF
 # flotilla: `flotilla up` running the backend as a service (readiness probe on `/`), with a
 # catch-all route to it. Its gateway ($WORKERS workers, like the other proxies) listens on
 # $FL_HTTP (HTTP/1.1 and prior-knowledge h2) and, when $1 is "tls", on $FL_TLS with the same
-# certificate ([gateway] table).
+# certificate. $1 = "bare" writes no [gateway] table, for builds that predate it.
 write_flotilla_file() {
   local with_tls=$1
   {
@@ -124,9 +124,10 @@ gateway = "127.0.0.1:$FL_HTTP"
 metrics = "127.0.0.1:$FL_METRICS"
 data_dir = "data"
 
-[gateway]
-workers = $WORKERS
 EOF
+    if [ "$with_tls" != bare ]; then
+      printf '[gateway]\nworkers = %s\n' "$WORKERS"
+    fi
     if [ "$with_tls" = tls ]; then
       cat <<EOF
 tls_listen = "127.0.0.1:$FL_TLS"
