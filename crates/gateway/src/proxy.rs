@@ -794,24 +794,20 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     }
     // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) or `close` need no name
     // built: a plain `Connection: keep-alive`, as most messages have, allocates nothing.
-    let named: Vec<HeaderName> = if hop & Present::CONNECTION != 0 {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(token))
-            })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut named: Vec<HeaderName> = Vec::new();
+    if hop & Present::CONNECTION != 0 {
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() || is_hop_token(token) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        }
+    }
     for name in &named {
         headers.remove(name);
     }
@@ -821,6 +817,23 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
         }
     }
     !named.is_empty()
+}
+
+/// A `Connection` token that names no header beyond [`HOP_BY_HOP`]: `close` or the name of a
+/// hop-by-hop header itself (any case). Compared by length first: this runs on most messages.
+fn is_hop_token(token: &[u8]) -> bool {
+    let is = |name: &str| token.eq_ignore_ascii_case(name.as_bytes());
+    match token.len() {
+        2 => is("te"),
+        5 => is("close"),
+        7 => is("upgrade") || is("trailer"),
+        10 => is("keep-alive") || is("connection"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// Which of the headers the gateway looks at or rewrites a message carries, a bit each, found
@@ -1077,6 +1090,29 @@ mod tests {
         assert!(strip_present(&mut headers, present.hop()));
         assert!(headers.is_empty(), "{headers:?}");
         assert!(!Present::scan(&headers).has(Present::HOST));
+        // Tokens: any case, optional whitespace, empty ones skipped; every hop-by-hop name and
+        // `close` build no name, anything else does.
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_token(name.as_str().as_bytes()), "{name}");
+            assert!(
+                is_hop_token(name.as_str().to_uppercase().as_bytes()),
+                "{name}"
+            );
+        }
+        assert!(is_hop_token(b"Close"));
+        assert!(!is_hop_token(b"closed") && !is_hop_token(b"x-upgrade") && !is_hop_token(b""));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(" Keep-Alive ,, X-A\t, close,x-b"),
+        );
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-b", HeaderValue::from_static("2"));
+        headers.insert("x-c", HeaderValue::from_static("3"));
+        let present = Present::scan(&headers);
+        assert!(strip_present(&mut headers, present.hop()));
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-c"], "3");
     }
 
     #[test]

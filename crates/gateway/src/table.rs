@@ -214,13 +214,17 @@ impl TableState {
     }
 }
 
+type HostMap = HashMap<String, Vec<Arc<Route>>, fnv::FnvBuildHasher>;
+
 /// An immutable routing table; build a new one for every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    /// Routes per normalized exact host, most specific first.
-    by_host: HashMap<String, Vec<Arc<Route>>>,
+    /// Routes per normalized exact host, most specific first. FNV-hashed: looked up on every
+    /// request; its keys come from the config and a client's host is only looked up, never
+    /// inserted, so a hostile host cannot lengthen a probe beyond what the config built.
+    by_host: HostMap,
     /// Routes per wildcard suffix (`example.com` for `*.example.com`), most specific first.
-    wildcard: HashMap<String, Vec<Arc<Route>>>,
+    wildcard: HostMap,
     /// Any-host routes, most specific first.
     any_host: Vec<Arc<Route>>,
     conflicts: Vec<RouteConflict>,
@@ -480,25 +484,38 @@ pub fn normalize_host(host: &str) -> String {
 /// allocation on the request path).
 pub fn normalized_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
-    let host = if host.starts_with('[') {
-        // IPv6 literal: keep up to the closing bracket.
-        match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
-        }
-    } else {
-        match host.rsplit_once(':') {
-            // Only a port after the last colon (a bare IPv6 address has several colons).
-            Some((name, port))
-                if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                name
+    let bytes = host.as_bytes();
+    // One pass over the bytes (this runs on every request): where the name ends, and whether it
+    // has capitals.
+    let (mut colons, mut last_colon, mut upper) = (0usize, 0usize, false);
+    let mut end = bytes.len();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b':' => {
+                colons += 1;
+                last_colon = i;
             }
-            _ => host,
+            // IPv6 literal: keep up to the closing bracket.
+            b']' if bytes[0] == b'[' => {
+                end = i + 1;
+                break;
+            }
+            b'A'..=b'Z' => upper = true,
+            _ => {}
         }
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    }
+    // Only a port after the last colon (a bare IPv6 address has several colons).
+    if bytes.first() != Some(&b'[')
+        && colons == 1
+        && bytes[last_colon + 1..].iter().all(u8::is_ascii_digit)
+    {
+        end = last_colon;
+    }
+    let mut host = &host[..end];
+    if let Some(name) = host.strip_suffix('.') {
+        host = name;
+    }
+    if upper {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
     } else {
         std::borrow::Cow::Borrowed(host)
@@ -595,6 +612,14 @@ mod tests {
         assert_eq!(normalize_host("::1"), "::1");
         assert_eq!(normalize_host(""), "");
         assert_eq!(normalize_host("a.b:"), "a.b");
+        assert_eq!(normalize_host(" a.B.:80 "), "a.b");
+        assert_eq!(normalize_host("[FE80::A]:443"), "[fe80::a]");
+        assert_eq!(normalize_host("[::1"), "[::1");
+        assert_eq!(normalize_host("a.b:8x"), "a.b:8x");
+        assert!(matches!(
+            normalized_host("api.example.com:8080"),
+            std::borrow::Cow::Borrowed("api.example.com")
+        ));
     }
 
     #[test]
