@@ -87,7 +87,9 @@ pub struct EndpointState {
     ewma_micros: AtomicU64,
     /// Consecutive failures since the last success.
     failures: AtomicU32,
-    /// Time ([`coarse_ms`]) until which the endpoint is ejected (0: never ejected).
+    /// Time ([`coarse_ms`]) until which the endpoint is ejected (0: never ejected). Ejections
+    /// and listings are timed on the coarse clock: their times are seconds, and balancing reads
+    /// it for every choice.
     ejected_until: AtomicU64,
     /// Ejections in a row (backoff exponent).
     ejections: AtomicU32,
@@ -118,12 +120,6 @@ impl EndpointState {
         Self::new(instance.to_owned(), authority.to_owned())
     }
 
-    /// Ejections and listings are timed on the coarse clock: their times are seconds, and
-    /// balancing reads it for every endpoint it considers.
-    fn now_ms(&self) -> u64 {
-        coarse_ms()
-    }
-
     /// The authority of upstream request URIs, parsed once.
     pub fn uri_authority(&self) -> Option<&http::uri::Authority> {
         self.uri_authority.as_ref()
@@ -143,7 +139,7 @@ impl EndpointState {
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.is_ejected_at(self.now_ms())
+        self.is_ejected_at(coarse_ms())
     }
 
     fn is_ejected_at(&self, now_ms: u64) -> bool {
@@ -174,7 +170,7 @@ impl EndpointState {
     /// The endpoint answered (not 5xx).
     pub fn on_success(&self, latency: Duration, policy: &UpstreamPolicy) {
         self.observe_latency(latency);
-        self.on_success_at(self.now_ms(), policy);
+        self.on_success_at(coarse_ms(), policy);
     }
 
     fn on_success_at(&self, now_ms: u64, policy: &UpstreamPolicy) {
@@ -202,7 +198,7 @@ impl EndpointState {
         if let Some(latency) = latency {
             self.observe_latency(latency);
         }
-        self.on_failure_at(self.now_ms(), peers, policy)
+        self.on_failure_at(coarse_ms(), peers, policy)
     }
 
     fn on_failure_at(

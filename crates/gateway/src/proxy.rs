@@ -332,11 +332,7 @@ impl Proxy {
             upgrade,
             client_upgrade,
         };
-        Step::Forward(Box::new(Forward {
-            deadline: route.timeout.unwrap_or(self.state.policy.default_timeout),
-            route,
-            request,
-        }))
+        Step::Forward(Box::new(Forward { route, request }))
     }
 
     /// Sends the request upstream within the route's deadline; the answer for the client.
@@ -346,13 +342,10 @@ impl Proxy {
         outcome: &mut Outcome,
         started: Instant,
     ) -> Response<GatewayBody> {
-        let Forward {
-            route,
-            request,
-            deadline,
-        } = forward;
+        let Forward { route, request } = forward;
+        let deadline = route.timeout.unwrap_or(self.state.policy.default_timeout);
         let attempts = self.attempts(route, request, outcome, started);
-        let answer = match tokio::time::timeout(*deadline, attempts).await {
+        let answer = match tokio::time::timeout(deadline, attempts).await {
             Ok(answer) => answer,
             Err(_) => {
                 tracing::warn!(
@@ -578,7 +571,6 @@ impl Proxy {
 struct Forward {
     route: Arc<Route>,
     request: UpstreamRequest,
-    deadline: Duration,
 }
 
 /// What [`Proxy::route`] decided.
@@ -820,19 +812,19 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
 }
 
 /// A `Connection` token that names no header beyond [`HOP_BY_HOP`]: `close` or the name of a
-/// hop-by-hop header itself (any case). Compared by length first: this runs on most messages.
+/// hop-by-hop header itself (any case). Runs on most messages, so without allocating.
 fn is_hop_token(token: &[u8]) -> bool {
-    let is = |name: &str| token.eq_ignore_ascii_case(name.as_bytes());
-    match token.len() {
-        2 => is("te"),
-        5 => is("close"),
-        7 => is("upgrade") || is("trailer"),
-        10 => is("keep-alive") || is("connection"),
-        16 => is("proxy-connection"),
-        17 => is("transfer-encoding"),
-        18 => is("proxy-authenticate"),
-        19 => is("proxy-authorization"),
-        _ => false,
+    // Room for the longest hop-by-hop name, `proxy-authorization`.
+    let mut lower = [0u8; 19];
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    for (to, from) in lower.iter_mut().zip(token) {
+        *to = from.to_ascii_lowercase();
+    }
+    match std::str::from_utf8(lower) {
+        Ok(name) => name == "close" || Present::bit(name) & Present::HOP != 0,
+        Err(_) => false,
     }
 }
 
@@ -855,28 +847,33 @@ impl Present {
     const FORWARDED: u16 = 1 << 14;
 
     fn scan(headers: &HeaderMap) -> Self {
-        let mut bits = 0;
-        for name in headers.keys() {
-            bits |= match name.as_str() {
-                "connection" => Self::CONNECTION,
-                "keep-alive" => 1 << 1,
-                "proxy-connection" => 1 << 2,
-                "proxy-authenticate" => 1 << 3,
-                "proxy-authorization" => 1 << 4,
-                "te" => Self::TE,
-                "trailer" => 1 << 6,
-                "transfer-encoding" => 1 << 7,
-                "upgrade" => 1 << 8,
-                "content-length" => Self::CONTENT_LENGTH,
-                "expect" => Self::EXPECT,
-                "host" => Self::HOST,
-                "x-forwarded-for" => Self::FORWARDED_FOR,
-                "x-forwarded-host" => Self::FORWARDED_HOST,
-                "forwarded" => Self::FORWARDED,
-                _ => 0,
-            };
+        Self(
+            headers
+                .keys()
+                .fold(0, |bits, name| bits | Self::bit(name.as_str())),
+        )
+    }
+
+    /// The bit of a header by its lowercase name; 0 for the headers not tracked.
+    fn bit(name: &str) -> u16 {
+        match name {
+            "connection" => Self::CONNECTION,
+            "keep-alive" => 1 << 1,
+            "proxy-connection" => 1 << 2,
+            "proxy-authenticate" => 1 << 3,
+            "proxy-authorization" => 1 << 4,
+            "te" => Self::TE,
+            "trailer" => 1 << 6,
+            "transfer-encoding" => 1 << 7,
+            "upgrade" => 1 << 8,
+            "content-length" => Self::CONTENT_LENGTH,
+            "expect" => Self::EXPECT,
+            "host" => Self::HOST,
+            "x-forwarded-for" => Self::FORWARDED_FOR,
+            "x-forwarded-host" => Self::FORWARDED_HOST,
+            "forwarded" => Self::FORWARDED,
+            _ => 0,
         }
-        Self(bits)
     }
 
     fn has(self, flag: u16) -> bool {
