@@ -5,16 +5,17 @@ use std::time::SystemTime;
 
 use flotilla_spec::{Event, Instance, Service};
 
-/// Left-aligned columns separated by three spaces.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+/// Left-aligned columns separated by three spaces. Rows and header have the same width by type,
+/// so a column added to one cannot be forgotten in the other.
+fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let mut line = |cells: Vec<String>| {
+    let mut line = |cells: [String; N]| {
         let mut l = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -28,7 +29,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.map(str::to_string));
     for row in rows {
         line(row);
     }
@@ -68,7 +69,7 @@ pub fn services_table(items: &[Service]) -> String {
     let rows = items
         .iter()
         .map(|s| {
-            vec![
+            [
                 s.metadata.name.clone(),
                 format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
                 s.status.replicas.to_string(),
@@ -84,7 +85,15 @@ pub fn services_table(items: &[Service]) -> String {
         })
         .collect();
     table(
-        &["NAME", "READY", "INSTANCES", "GENERATION", "ROUTES", "AGE"],
+        [
+            "NAME",
+            "READY",
+            "INSTANCES",
+            "REVISION",
+            "ROLLOUT",
+            "ROUTES",
+            "AGE",
+        ],
         rows,
     )
 }
@@ -122,7 +131,7 @@ pub fn instances_table(items: &[Instance]) -> String {
                 Some(u) => (format!("{}m", u.cpu_millicores), mib(u.memory_bytes)),
                 None => ("-".to_string(), "-".to_string()),
             };
-            vec![
+            [
                 i.metadata.name.clone(),
                 i.spec.service.clone(),
                 phase(i),
@@ -140,7 +149,7 @@ pub fn instances_table(items: &[Instance]) -> String {
         })
         .collect();
     table(
-        &[
+        [
             "NAME", "SERVICE", "PHASE", "READY", "RESTARTS", "PID", "PORTS", "CPU", "MEMORY", "AGE",
         ],
         rows,
@@ -257,7 +266,7 @@ pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64) -> Strin
         .iter()
         .map(|r| {
             let mark = if r.spec.number == current { "*" } else { "" };
-            vec![
+            [
                 format!("{}{mark}", r.spec.number),
                 age(r.metadata.creation_timestamp.as_deref()),
                 r.spec.cause.clone(),
@@ -269,5 +278,5 @@ pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64) -> Strin
             ]
         })
         .collect();
-    table(&["REVISION", "AGE", "CAUSE", "CHANGED"], rows)
+    table(["REVISION", "AGE", "CAUSE", "CHANGED"], rows)
 }

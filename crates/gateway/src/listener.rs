@@ -669,7 +669,9 @@ impl ConnState {
     /// Milliseconds since the connection's start, on the coarse clock: it may read up to one
     /// kernel tick behind `born.elapsed()`, which `decide` allows for.
     fn now_ms(&self) -> u64 {
-        coarse_ms().saturating_sub(self.born_ms)
+        // The coarse clock never goes back, so this never wraps in use; wrapping (not
+        // saturating) lets tests place `born_ms` before the machine booted.
+        coarse_ms().wrapping_sub(self.born_ms)
     }
 
     fn on_read(&self) {
@@ -867,10 +869,11 @@ mod tests {
         }
     }
 
-    /// A state whose clock reads `now` ms (or up to a coarse tick more).
+    /// A state whose clock reads `now` ms (or up to a coarse tick more), however long the
+    /// machine has been up (CI machines run the suite minutes after boot).
     fn at(now: u64) -> ConnState {
         let mut state = ConnState::new();
-        state.born_ms = coarse_ms().checked_sub(now).unwrap();
+        state.born_ms = coarse_ms().wrapping_sub(now);
         state
     }
 

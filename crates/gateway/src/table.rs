@@ -125,8 +125,9 @@ pub struct RouteConflict {
     pub loser: String,
 }
 
-/// (host, path, headers), normalized.
-type RouteKey = (Option<String>, String, Vec<(String, String)>);
+pub use flotilla_spec::route::{
+    RouteKey, normalize_host, normalize_prefix, normalized_host, prefix_matches,
+};
 
 /// What outlives a routing table: endpoint state, rate limiters per route, retry budgets per
 /// service. Entries no table holds are dropped by [`TableState::sweep`].
@@ -278,26 +279,18 @@ impl RouteTable {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             for spec in &service.spec.routes {
-                let host = spec
-                    .host
-                    .as_deref()
-                    .map(normalize_host)
-                    .filter(|h| !h.is_empty());
-                let path = normalize_prefix(&spec.path);
+                let key = RouteKey::of(spec);
+                let (host, path) = (key.host.clone(), key.path.clone());
                 // Validation rejects bad names and values; a stored object that slipped through
                 // gets a condition that never holds rather than none.
                 let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
-                let mut header_key = Vec::new();
                 let mut impossible = false;
                 for (k, v) in &spec.headers {
                     match (
                         HeaderName::from_bytes(k.as_bytes()),
                         HeaderValue::from_str(v),
                     ) {
-                        (Ok(name), Ok(value)) => {
-                            header_key.push((name.as_str().to_owned(), v.clone()));
-                            headers.push((name, value));
-                        }
+                        (Ok(name), Ok(value)) => headers.push((name, value)),
                         _ => impossible = true,
                     }
                 }
@@ -305,8 +298,6 @@ impl RouteTable {
                     tracing::warn!(service = %name, path = %path, "route has an invalid header condition; it matches nothing");
                     continue;
                 }
-                header_key.sort();
-                let key = (host.clone(), path.clone(), header_key);
                 if let Some(existing) = routes.get(&key) {
                     if existing.service != *name {
                         conflicts.push(RouteConflict {
@@ -472,78 +463,6 @@ fn authority(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
-    }
-}
-
-/// Lower-cases a host and drops a `:port` and a trailing dot (`[::1]:80` → `[::1]`).
-pub fn normalize_host(host: &str) -> String {
-    normalized_host(host).into_owned()
-}
-
-/// [`normalize_host`], borrowing `host` when it is already in normal form (the usual case: no
-/// allocation on the request path).
-pub fn normalized_host(host: &str) -> std::borrow::Cow<'_, str> {
-    let host = host.trim();
-    let bytes = host.as_bytes();
-    // One pass over the bytes (this runs on every request): where the name ends, and whether it
-    // has capitals.
-    let (mut colons, mut last_colon, mut upper) = (0usize, 0usize, false);
-    let mut end = bytes.len();
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b':' => {
-                colons += 1;
-                last_colon = i;
-            }
-            // IPv6 literal: keep up to the closing bracket.
-            b']' if bytes[0] == b'[' => {
-                end = i + 1;
-                break;
-            }
-            b'A'..=b'Z' => upper = true,
-            _ => {}
-        }
-    }
-    // Only a port after the last colon (a bare IPv6 address has several colons).
-    if bytes.first() != Some(&b'[')
-        && colons == 1
-        && bytes[last_colon + 1..].iter().all(u8::is_ascii_digit)
-    {
-        end = last_colon;
-    }
-    let mut host = &host[..end];
-    if let Some(name) = host.strip_suffix('.') {
-        host = name;
-    }
-    if upper {
-        std::borrow::Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(host)
-    }
-}
-
-/// A route prefix in canonical form: a leading `/`, no trailing `/` (except the root), no empty
-/// segments.
-pub fn normalize_prefix(path: &str) -> String {
-    let mut out = String::with_capacity(path.len() + 1);
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        out.push('/');
-        out.push_str(segment);
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-    out
-}
-
-/// True when `prefix` (normalized) matches `path` on whole segments.
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    if prefix == "/" {
-        return true;
-    }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
     }
 }
 

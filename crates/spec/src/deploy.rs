@@ -9,31 +9,61 @@ use crate::quantity::Dur;
 /// Rolling-update settings. None of them is part of a revision: changing them changes how the
 /// next rollout runs, not what runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "DeployFields")]
 pub struct DeploySpec {
     /// Instances above `replicas` that may run during a rollout: a count or a percentage of
     /// `replicas`, rounded up.
-    #[serde(default = "Scale::default_surge")]
     pub max_surge: Scale,
     /// Instances below `replicas` that may be unavailable during a rollout: a count or a
     /// percentage of `replicas`, rounded down.
-    #[serde(default = "Scale::zero")]
     pub max_unavailable: Scale,
     /// How long a new instance must stay ready before it counts as available.
-    #[serde(default = "Dur::zero")]
     pub min_ready: Dur,
-    /// A rollout that makes no progress for this long has failed.
-    #[serde(default = "default_progress_deadline")]
+    /// A rollout that makes no progress for this long has failed. Defaults to `min_ready` + 2m.
     pub progress_deadline: Dur,
     /// Return to the last good revision when a rollout fails.
-    #[serde(default = "yes")]
     pub auto_rollback: bool,
     /// Time between taking an instance out of the gateway and sending it the stop signal.
-    #[serde(default = "Dur::zero")]
     pub pre_stop_delay: Dur,
     /// Revisions kept for `rollout history` and `rollout undo`.
-    #[serde(default = "default_history")]
     pub revision_history: u32,
+}
+
+/// What a file or a request may say; `progress_deadline`'s default follows `min_ready`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployFields {
+    #[serde(default = "Scale::default_surge")]
+    max_surge: Scale,
+    #[serde(default = "Scale::zero")]
+    max_unavailable: Scale,
+    #[serde(default = "Dur::zero")]
+    min_ready: Dur,
+    #[serde(default)]
+    progress_deadline: Option<Dur>,
+    #[serde(default = "yes")]
+    auto_rollback: bool,
+    #[serde(default = "Dur::zero")]
+    pre_stop_delay: Dur,
+    #[serde(default = "default_history")]
+    revision_history: u32,
+}
+
+impl From<DeployFields> for DeploySpec {
+    fn from(f: DeployFields) -> Self {
+        let deadline = f
+            .progress_deadline
+            .unwrap_or_else(|| Dur(f.min_ready.0.saturating_add(default_progress_deadline().0)));
+        Self {
+            max_surge: f.max_surge,
+            max_unavailable: f.max_unavailable,
+            min_ready: f.min_ready,
+            progress_deadline: deadline,
+            auto_rollback: f.auto_rollback,
+            pre_stop_delay: f.pre_stop_delay,
+            revision_history: f.revision_history,
+        }
+    }
 }
 
 fn default_progress_deadline() -> Dur {

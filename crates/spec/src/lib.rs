@@ -11,6 +11,7 @@ pub mod object;
 pub mod path;
 pub mod quantity;
 pub mod resolve;
+pub mod route;
 pub mod service;
 pub mod validate;
 
@@ -24,6 +25,7 @@ pub use object::*;
 pub use path::{FieldPath, PathSeg};
 pub use quantity::{ByteSize, Dur, Millicores};
 pub use resolve::resolve_paths;
+pub use route::RouteKey;
 pub use service::*;
 pub use validate::{
     PLATFORM_VARS, RouteConflict, STOP_SIGNALS, normalize_signal_name, port_env_var,

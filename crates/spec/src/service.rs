@@ -97,7 +97,7 @@ impl Probes {
 
 /// One probe. Exactly one of `http`, `tcp`, `exec` is set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "ProbeFields")]
 pub struct Probe {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpProbe>,
@@ -105,16 +105,50 @@ pub struct Probe {
     pub tcp: Option<TcpProbe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecProbe>,
-    #[serde(default = "Dur::zero")]
     pub initial_delay: Dur,
-    #[serde(default = "Dur::ten_seconds")]
     pub period: Dur,
-    #[serde(default = "Dur::one_second")]
+    /// Defaults to the shorter of 1s and `period`, so shortening a period alone stays valid.
     pub timeout: Dur,
-    #[serde(default = "one")]
     pub success_threshold: u32,
-    #[serde(default = "three")]
     pub failure_threshold: u32,
+}
+
+/// What a file or a request may say about a probe; defaults that depend on another field are
+/// resolved in `From`, so no default can contradict a value the user set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeFields {
+    #[serde(default)]
+    http: Option<HttpProbe>,
+    #[serde(default)]
+    tcp: Option<TcpProbe>,
+    #[serde(default)]
+    exec: Option<ExecProbe>,
+    #[serde(default = "Dur::zero")]
+    initial_delay: Dur,
+    #[serde(default = "Dur::ten_seconds")]
+    period: Dur,
+    #[serde(default)]
+    timeout: Option<Dur>,
+    #[serde(default = "one")]
+    success_threshold: u32,
+    #[serde(default = "three")]
+    failure_threshold: u32,
+}
+
+impl From<ProbeFields> for Probe {
+    fn from(f: ProbeFields) -> Self {
+        Self {
+            http: f.http,
+            tcp: f.tcp,
+            exec: f.exec,
+            initial_delay: f.initial_delay,
+            timeout: f.timeout.unwrap_or(Dur::one_second().min(f.period)),
+            period: f.period,
+            success_threshold: f.success_threshold,
+            failure_threshold: f.failure_threshold,
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -165,15 +199,41 @@ pub enum RestartPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RestartFields")]
 pub struct RestartSpec {
-    #[serde(default)]
     pub policy: RestartPolicy,
     /// Delay before the second consecutive restart; doubles each time (the first is immediate).
-    #[serde(default = "Dur::default_backoff_initial")]
+    /// Defaults to the shorter of 100ms and `backoff_max`.
     pub backoff_initial: Dur,
-    #[serde(default = "Dur::default_backoff_max")]
+    /// Defaults to the longer of 30s and `backoff_initial`.
     pub backoff_max: Dur,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartFields {
+    #[serde(default)]
+    policy: RestartPolicy,
+    #[serde(default)]
+    backoff_initial: Option<Dur>,
+    #[serde(default)]
+    backoff_max: Option<Dur>,
+}
+
+impl From<RestartFields> for RestartSpec {
+    fn from(f: RestartFields) -> Self {
+        let (initial, max) = match (f.backoff_initial, f.backoff_max) {
+            (Some(i), Some(m)) => (i, m),
+            (Some(i), None) => (i, Dur::default_backoff_max().max(i)),
+            (None, Some(m)) => (Dur::default_backoff_initial().min(m), m),
+            (None, None) => (Dur::default_backoff_initial(), Dur::default_backoff_max()),
+        };
+        Self {
+            policy: f.policy,
+            backoff_initial: initial,
+            backoff_max: max,
+        }
+    }
 }
 
 impl Default for RestartSpec {

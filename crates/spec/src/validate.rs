@@ -11,6 +11,7 @@ use crate::error::FieldError;
 use crate::expand::{is_var_name, template_vars};
 use crate::file::{FlotillaFile, GatewaySection, UpConfig};
 use crate::path::FieldPath;
+use crate::route::RouteKey;
 use crate::service::{Probe, RouteSpec, ServiceSpec};
 
 /// Stop signals a service may ask for, in canonical form. The spec accepts each of them in any
@@ -266,9 +267,10 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
     for (i, route) in spec.routes.iter().enumerate() {
         let p = root.key("routes").index(i);
         check_route(&mut v, &p, route, &spec.ports);
-        if let Some(first) = seen_routes.insert(route_key(route), i) {
+        let key = RouteKey::of(route);
+        if let Some(first) = seen_routes.insert(key.clone(), i) {
             // Keep the first index for later duplicates.
-            seen_routes.insert(route_key(route), first);
+            seen_routes.insert(key, first);
             v.push(
                 p,
                 format!(
@@ -578,23 +580,6 @@ pub fn validate_header_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Normalized (host, path, headers) of a route.
-fn route_key(r: &RouteSpec) -> RouteKey {
-    let path = r.path.trim_end_matches('/');
-    let path = if path.is_empty() { "/" } else { path };
-    (
-        r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-        path.to_string(),
-        r.headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-            .collect(),
-    )
-}
-
-/// (host, path, headers): two routes with equal keys match the same requests.
-type RouteKey = (Option<String>, String, BTreeMap<String, String>);
-
 fn describe_route(r: &RouteSpec) -> String {
     let mut out = format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path);
     if !r.headers.is_empty() {
@@ -643,7 +628,7 @@ pub fn validate_routes_across(services: &[(&str, &ServiceSpec)]) -> Vec<RouteCon
     let mut out = Vec::new();
     for (service, spec) in services {
         for (i, route) in spec.routes.iter().enumerate() {
-            let key = route_key(route);
+            let key = RouteKey::of(route);
             match claimed.get(&key) {
                 Some((other, j)) if other != service => out.push(RouteConflict {
                     service: service.to_string(),

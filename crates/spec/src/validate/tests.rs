@@ -463,3 +463,64 @@ fn routes_differing_only_in_headers_are_distinct() {
         ],
     );
 }
+
+/// A default never contradicts a value the user set: shortening a probe period, lowering the
+/// backoff ceiling or raising `min_ready` alone stays valid, and the dependent default follows.
+#[test]
+fn defaults_follow_the_fields_they_depend_on() {
+    use std::time::Duration;
+    let text = format!(
+        "{BASE}[service.web.probes.readiness]\ntcp = {{}}\nperiod = \"200ms\"\n\
+         [service.web.restart]\nbackoff_max = \"50ms\"\n\
+         [service.web.deploy]\nmin_ready = \"5m\"\n"
+    );
+    check(&text, &[]);
+    let file = parse_file(&text, "f.toml").expect("valid");
+    let spec = &file.service["web"];
+    let probe = spec.probes.readiness.as_ref().expect("readiness probe");
+    assert_eq!(probe.timeout.0, Duration::from_millis(200));
+    assert_eq!(spec.restart.backoff_initial.0, Duration::from_millis(50));
+    assert_eq!(spec.deploy.progress_deadline.0, Duration::from_secs(7 * 60));
+
+    // The other direction, and explicit values still win.
+    let text = format!(
+        "{BASE}[service.web.probes.liveness]\ntcp = {{}}\nperiod = \"30s\"\n\
+         [service.web.restart]\nbackoff_initial = \"1m\"\n"
+    );
+    let file = parse_file(&text, "f.toml").expect("valid");
+    let spec = &file.service["web"];
+    let probe = spec.probes.liveness.as_ref().expect("liveness probe");
+    assert_eq!(probe.timeout.0, Duration::from_secs(1));
+    assert_eq!(spec.restart.backoff_max.0, Duration::from_secs(60));
+    assert_eq!(spec.deploy.progress_deadline.0, Duration::from_secs(120));
+    check_base(
+        "[service.web.probes.liveness]\ntcp = {}\nperiod = \"200ms\"\ntimeout = \"1s\"\n",
+        &[
+            "f.toml:7:11: service.web.probes.liveness.timeout: must not be longer than period (1s > 200ms)",
+        ],
+    );
+}
+
+/// Routes the gateway would merge (`/a//b` and `/a/b`, `Host.` and `host`) are one route to
+/// validation too: a duplicate in one service, a conflict across two.
+#[test]
+fn route_identity_is_the_gateways() {
+    use crate::validate::validate_routes_across;
+    check_base(
+        "[[service.web.routes]]\npath = \"/a/b\"\n[[service.web.routes]]\npath = \"/a//b\"\n",
+        &[
+            "f.toml:6:1: service.web.routes[1]: duplicate route */a//b: same host and path as routes[0]",
+        ],
+    );
+    let spec = |routes: &str| -> crate::ServiceSpec {
+        serde_json::from_str(&format!(
+            r#"{{"command":"x","ports":["http"],"routes":{routes}}}"#
+        ))
+        .expect("valid spec")
+    };
+    let a = spec(r#"[{"host":"h.io","path":"/a/b"}]"#);
+    let b = spec(r#"[{"host":"H.io.","path":"/a//b"}]"#);
+    let got = validate_routes_across(&[("a", &a), ("b", &b)]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].other_service, "a");
+}
