@@ -84,6 +84,81 @@ impl LogSource for AgentLogs {
     }
 }
 
+/// Where `up` records what it applied from its file: service name → digest of the spec.
+const APPLIED_FILE: &str = "up-applied.json";
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct AppliedRecord {
+    services: std::collections::BTreeMap<String, String>,
+}
+
+fn spec_digest(spec: &flotilla_spec::ServiceSpec) -> Result<String> {
+    let bytes = serde_json::to_vec(spec).context("encoding a service spec")?;
+    Ok(flotilla_spec::content_digest(&bytes))
+}
+
+/// Applies the file's services whose spec changed since `up` last applied them (all of them
+/// on a first start or without a record), records their digests, and returns their names.
+async fn apply_file(
+    store: &dyn Store,
+    file: &flotilla_spec::FlotillaFile,
+    data_dir: &Path,
+) -> Result<Vec<String>> {
+    let record_path = data_dir.join(APPLIED_FILE);
+    let mut record: AppliedRecord = match std::fs::read(&record_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %record_path.display(), error = %e, "unreadable record of the last applied file; applying every service");
+            AppliedRecord::default()
+        }),
+        Err(_) => AppliedRecord::default(),
+    };
+    let mut applied = Vec::new();
+    for (name, spec) in &file.service {
+        let digest = spec_digest(spec)?;
+        if record.services.get(name) == Some(&digest) {
+            tracing::info!(service = %name, "unchanged in the file since the last start; not re-applied");
+            continue;
+        }
+        match flotilla_server::apply(store, ApplyRequest::new(name, spec.clone()), "up").await {
+            Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
+            Err(e) => return Err(anyhow!("service {name}: {}", e.message)),
+        }
+        record.services.insert(name.clone(), digest);
+        applied.push(name.clone());
+    }
+    if !applied.is_empty() {
+        let tmp = data_dir.join(format!("{APPLIED_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(&record).context("encoding the applied record")?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &record_path))
+            .with_context(|| format!("writing {}", record_path.display()))?;
+    }
+    Ok(applied)
+}
+
+/// The start-up line about the file: what was applied, or that nothing was.
+fn describe_file_apply(
+    path: &Path,
+    applied: &[String],
+    file: &flotilla_spec::FlotillaFile,
+) -> String {
+    let path = path.display();
+    if file.service.is_empty() {
+        format!("{path}: no services")
+    } else if applied.is_empty() {
+        format!(
+            "{path}: unchanged since the last start, not re-applied (the store's revisions stand; `flotilla apply -f` re-applies)"
+        )
+    } else if applied.len() == file.service.len() {
+        format!("{path}: applied {}", applied.join(", "))
+    } else {
+        format!(
+            "{path}: applied {} (changed since the last start); the others are unchanged",
+            applied.join(", ")
+        )
+    }
+}
+
 async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
     let parsed: SocketAddr = addr
         .parse()
@@ -215,19 +290,16 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         }
     });
 
-    // The file's services go through the same apply as the API. A failure stops everything
-    // through the normal shutdown below, so nothing already started is left behind.
+    // The file's services go through the same apply as the API, but only those that changed
+    // in the file since `up` last applied them: a deploy made later through the API (apply,
+    // undo) must survive a restart. A failure stops everything through the normal shutdown
+    // below, so nothing already started is left behind.
     let mut failed: Option<anyhow::Error> = None;
-    if let Some(file) = &file {
-        for (name, spec) in &file.service {
-            match flotilla_server::apply(&*store, ApplyRequest::new(name, spec.clone()), "up").await
-            {
-                Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
-                Err(e) => {
-                    failed = Some(anyhow!("service {name}: {}", e.message));
-                    break;
-                }
-            }
+    let mut file_note = None;
+    if let (Some(file), Some(path)) = (&file, &args.file) {
+        match apply_file(&*store, file, &data_dir).await {
+            Ok(applied) => file_note = Some(describe_file_apply(path, &applied, file)),
+            Err(e) => failed = Some(e),
         }
     }
 
@@ -263,6 +335,9 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         println!("  metrics   http://{metrics_local}/metrics");
         println!("  data      {}", data_dir.display());
         println!("  context   {ctx_path}");
+        if let Some(note) = &file_note {
+            println!("  file      {note}");
+        }
         println!("Ctrl-C stops every workload and exits.");
     }
 

@@ -337,6 +337,12 @@ impl ApplyRequest {
     }
 }
 
+/// The change cause a revision records for an apply from `source`: `rollout history` tells a
+/// deploy from `up`'s file apart from one made through the API.
+fn apply_cause(source: &str) -> &'static str {
+    if source == "up" { "up -f" } else { "apply" }
+}
+
 /// Validates and stores a service: the one path for the API and for `flotilla up`'s file.
 /// An apply that changes nothing writes nothing.
 pub async fn apply(
@@ -416,6 +422,10 @@ pub async fn apply(
                 metadata
                     .annotations
                     .retain(|k, _| !k.starts_with(annotations::PREFIX));
+                metadata.annotations.insert(
+                    annotations::CHANGE_CAUSE.to_string(),
+                    apply_cause(source).to_string(),
+                );
                 let service = Service {
                     metadata,
                     spec: spec.clone(),
@@ -462,7 +472,10 @@ pub async fn apply(
                 }
                 if spec_changed {
                     current.metadata.generation += 1;
-                    annotations.insert(annotations::CHANGE_CAUSE.to_string(), "apply".to_string());
+                    annotations.insert(
+                        annotations::CHANGE_CAUSE.to_string(),
+                        apply_cause(source).to_string(),
+                    );
                 }
                 current.spec = spec;
                 current.metadata.labels = labels;

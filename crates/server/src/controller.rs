@@ -48,6 +48,9 @@ struct Metrics {
 pub struct ServiceController {
     store: Arc<dyn Store>,
     node: String,
+    /// The nodes of the cluster; instances bound elsewhere are orphans. Until Node objects
+    /// exist this is the one node of `flotilla up`.
+    nodes: BTreeSet<String>,
     metrics: Metrics,
 }
 
@@ -85,9 +88,11 @@ impl ServiceController {
             "Reconcile passes that hit an error (retried)",
             metrics.reconcile_errors.clone(),
         );
+        let node = node.into();
         Self {
             store,
-            node: node.into(),
+            nodes: BTreeSet::from([node.clone()]),
+            node,
             metrics,
         }
     }
@@ -157,7 +162,8 @@ impl ServiceController {
     /// One pass over every service; true while some rollout is in progress. Public for tests.
     pub async fn reconcile_all(&self) -> Result<bool, StoreError> {
         let (services, _) = typed::list::<Service>(&*self.store).await?;
-        let (instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
+        self.collect_orphans(&mut instances).await?;
         let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
 
         let mut by_service: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
@@ -216,6 +222,46 @@ impl ServiceController {
             Some(e) => Err(e),
             None => Ok(busy),
         }
+    }
+
+    /// Removes instances bound to a node that is not part of this cluster (a store copied from
+    /// another machine, or `up` restarted under another `--node`): no agent will ever run or
+    /// stop them, so they are deleted outright, like Kubernetes' pod garbage collector does
+    /// for pods of deleted nodes, and dropped from `instances` so this pass replaces them.
+    async fn collect_orphans(&self, instances: &mut Vec<Instance>) -> Result<(), StoreError> {
+        let mut kept = Vec::with_capacity(instances.len());
+        for i in std::mem::take(instances) {
+            if self.nodes.contains(&i.spec.node) {
+                kept.push(i);
+                continue;
+            }
+            let name = i.metadata.name.clone();
+            let rv = i.metadata.resource_version;
+            match typed::delete::<Instance>(&*self.store, &name, Some(rv)).await {
+                Ok(Some(_)) => {}
+                // Gone already, or changed meanwhile (looked at again next pass).
+                Ok(None) => continue,
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+            tracing::info!(instance = %name, node = %i.spec.node, "deleted instance bound to an unknown node");
+            events::record(
+                &*self.store,
+                Service::KIND,
+                &i.spec.service,
+                EventType::Warning,
+                "Orphaned",
+                format!(
+                    "deleted instance {name}: bound to node {:?}, which is not part of this cluster (nodes: {})",
+                    i.spec.node,
+                    self.nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                SOURCE,
+            )
+            .await;
+        }
+        *instances = kept;
+        Ok(())
     }
 
     /// Revisions, instances and status of one service. True while its rollout is in progress.

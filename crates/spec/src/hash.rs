@@ -27,6 +27,12 @@ pub fn template_hash(spec: &ServiceSpec, restart_token: Option<&str>) -> String 
     }
 }
 
+/// FNV-1a 64 of `bytes` as 16 lowercase hex digits: a stable fingerprint (not a secure hash)
+/// of content flotilla wrote or read itself.
+pub fn content_digest(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a64(bytes))
+}
+
 fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

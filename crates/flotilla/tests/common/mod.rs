@@ -142,6 +142,8 @@ pub struct Up {
     pub gateway: String,
     pub metrics: String,
     pub token: String,
+    /// Output of the latest `flotilla up` started by [`Up::spawn`].
+    pub log: PathBuf,
 }
 
 impl Up {
@@ -149,11 +151,6 @@ impl Up {
     pub fn start(services: &str) -> Up {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = format!("t{}", rand_suffix());
-        let file = dir.path().join("flotilla.toml");
-        let text = format!(
-            "[up]\napi = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n{services}"
-        );
-        std::fs::write(&file, text).expect("write file");
         let mut up = Up {
             dir,
             node,
@@ -162,9 +159,19 @@ impl Up {
             gateway: String::new(),
             metrics: String::new(),
             token: String::new(),
+            log: PathBuf::new(),
         };
+        up.write_file(services);
         up.spawn();
         up
+    }
+
+    /// (Re)writes the file `up -f` reads: the test's `[up]` table and `services`.
+    pub fn write_file(&self, services: &str) {
+        let text = format!(
+            "[up]\napi = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n{services}"
+        );
+        std::fs::write(self.dir.path().join("flotilla.toml"), text).expect("write file");
     }
 
     pub fn config_dir(&self) -> PathBuf {
@@ -178,8 +185,8 @@ impl Up {
     /// Starts (or restarts) `flotilla up` and waits until its API answers.
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.config_dir().join("context.json"));
-        let log = std::fs::File::create(self.dir.path().join(format!("up-{}.log", rand_suffix())))
-            .expect("log");
+        self.log = self.dir.path().join(format!("up-{}.log", rand_suffix()));
+        let log = std::fs::File::create(&self.log).expect("log");
         let child = Command::new(flotilla_bin())
             .args(["up", "-f"])
             .arg(self.dir.path().join("flotilla.toml"))
@@ -223,6 +230,11 @@ impl Up {
             .expect("token")
             .trim()
             .to_string();
+    }
+
+    /// What the latest `flotilla up` printed so far.
+    pub fn last_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn up_logs(&self) -> String {
