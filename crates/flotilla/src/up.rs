@@ -121,7 +121,7 @@ async fn apply_file(
         }
         match flotilla_server::apply(store, ApplyRequest::new(name, spec.clone()), "up").await {
             Ok((result, _)) => tracing::info!(service = %name, ?result, "applied"),
-            Err(e) => return Err(anyhow!("service {name}: {}", e.message)),
+            Err(e) => return Err(anyhow!("service {name}: {e}")),
         }
         record.services.insert(name.clone(), digest);
         applied.push(name.clone());

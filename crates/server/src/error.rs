@@ -84,6 +84,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::operations::OpError> for ApiError {
+    fn from(error: crate::operations::OpError) -> Self {
+        use crate::operations::OpError;
+        let message = error.to_string();
+        match error {
+            OpError::NotFound { .. } => ApiError::not_found(message),
+            OpError::Conflict { field, .. } => {
+                let e = ApiError::conflict(message);
+                match field {
+                    Some(f) => e.with_field(f),
+                    None => e,
+                }
+            }
+            OpError::Invalid { problems } => {
+                let mut e = ApiError::invalid(message);
+                e.field = problems.first().map(|p| p.field.clone());
+                e.details = problems;
+                e
+            }
+            OpError::Store(e) => e.into(),
+        }
+    }
+}
+
 /// The body is rendered by the request-id middleware, which adds the request id.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -6,13 +6,15 @@ pub mod error;
 
 pub mod metrics;
 pub mod openapi;
+pub mod operations;
 pub mod plan;
 pub mod rollout;
 pub mod selector;
 
-pub use api::{ApiState, ApplyRequest, ApplyResult, LogSource, apply, router};
+pub use api::{ApiState, LogSource, router};
 pub use controller::ServiceController;
 pub use error::ApiError;
+pub use operations::{ApplyRequest, ApplyResult, OpError, apply};
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,322 @@
+//! The HTTP + JSON API (axum). Every route except `/healthz` needs the bearer token. The
+//! handlers, by resource, parse and authenticate; what they do is in [`crate::operations`].
+
+mod events;
+mod instances;
+mod logs;
+mod services;
+mod watch;
+
+use events::*;
+use instances::*;
+use logs::*;
+use services::*;
+use watch::*;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_spec::{Event, Instance, Object, Revision as ServiceRevision, Service};
+use flotilla_store::{Revision, Store, StoreError, WatchEvent, typed};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ApiError, ApiResult, FieldProblem};
+use crate::operations::{self, ApplyRequest, ApplyResult};
+use crate::selector::Selector;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Buffered chunks per streaming response.
+const STREAM_BUFFER: usize = 64;
+
+/// Where the API reads instance logs from (the agent's files in `flotilla up`).
+#[async_trait]
+pub trait LogSource: Send + Sync + 'static {
+    async fn read(&self, instance: &str, tail: Option<usize>) -> Result<Vec<u8>, String>;
+    /// Streams the log from `tail` lines back, then new output, until `shutdown`.
+    fn follow(
+        &self,
+        instance: &str,
+        tail: Option<usize>,
+        shutdown: CancellationToken,
+    ) -> mpsc::Receiver<Result<Bytes, String>>;
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status_class: String,
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    store: Arc<dyn Store>,
+    token: Arc<str>,
+    logs: Arc<dyn LogSource>,
+    latency: Family<RequestLabels, Histogram>,
+    shutdown: CancellationToken,
+}
+
+impl ApiState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        token: impl Into<Arc<str>>,
+        logs: Arc<dyn LogSource>,
+        registry: &mut Registry,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.5, 12))
+        });
+        registry.register(
+            "flotilla_api_request_duration_seconds",
+            "API request latency by method, route and status class",
+            latency.clone(),
+        );
+        Self {
+            store,
+            token: token.into(),
+            logs,
+            latency,
+            shutdown,
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/services", get(list_services).post(apply_service))
+        .route(
+            "/api/v1/services/{name}",
+            get(get_object::<Service>).delete(delete_service),
+        )
+        .route("/api/v1/services/{name}/logs", get(service_logs))
+        .route("/api/v1/services/{name}/revisions", get(list_revisions))
+        .route("/api/v1/services/{name}/rollback", post(rollback))
+        .route("/api/v1/services/{name}/pause", post(pause))
+        .route("/api/v1/services/{name}/resume", post(resume))
+        .route("/api/v1/services/{name}/restart", post(restart))
+        .route("/api/v1/instances", get(list_instances))
+        .route("/api/v1/instances/{name}", get(get_object::<Instance>))
+        .route("/api/v1/events", get(list_events))
+        .route("/api/v1/watch/{kind}", get(watch))
+        .route("/version", get(version))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such API path") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+// ------------------------------------------------------------------------------------------
+// Middleware
+
+/// Bearer-token check, constant time in the token's length.
+async fn auth(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")
+            .into_response(),
+        Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
+            ApiError::unauthorized("invalid bearer token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Request id, latency metrics, access log, and rendering of error bodies.
+async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let path = request.uri().path().to_string();
+    let mut response = next.run(request).await;
+    if let Some(error) = response.extensions_mut().remove::<ApiError>() {
+        let status = error.status;
+        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request failed");
+        let body = serde_json::json!({ "error": error, "requestId": id });
+        response = (status, Json(body)).into_response();
+    } else if let Some(rejection) = rejection_message(&mut response).await {
+        let status = response.status();
+        let reason = match status.as_u16() {
+            405 => "MethodNotAllowed",
+            413 => "PayloadTooLarge",
+            415 => "UnsupportedMediaType",
+            422 => "Invalid",
+            _ => "BadRequest",
+        };
+        let error = ApiError::new(status, reason, rejection);
+        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request rejected");
+        response = (
+            status,
+            Json(serde_json::json!({ "error": error, "requestId": id })),
+        )
+            .into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status_class = format!("{}xx", response.status().as_u16() / 100);
+    state
+        .latency
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status_class,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// axum's own rejections (bad query string, body too large, …) are plain text: turn them
+/// into the same JSON error shape as ours.
+async fn rejection_message(response: &mut Response) -> Option<String> {
+    let status = response.status();
+    if !(status.is_client_error()) {
+        return None;
+    }
+    let is_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !is_text {
+        return None;
+    }
+    let body = std::mem::replace(response.body_mut(), Body::empty());
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.ok()?;
+    Some(String::from_utf8_lossy(&bytes).trim().to_string())
+}
+
+fn request_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+// ------------------------------------------------------------------------------------------
+// Helpers shared by the handlers
+
+#[derive(Debug, Serialize)]
+pub(super) struct List<T> {
+    pub(super) items: Vec<T>,
+    /// Store revision the list was read at; watch from it.
+    #[serde(rename = "resourceVersion")]
+    pub(super) resource_version: Revision,
+}
+
+pub(super) fn selector(query: &BTreeMap<String, String>) -> ApiResult<Selector> {
+    match query.get("labelSelector") {
+        None => Ok(Selector::default()),
+        Some(s) => Selector::parse(s)
+            .map_err(|m| ApiError::bad_request(m).with_field("query.labelSelector")),
+    }
+}
+
+pub(super) fn flag(query: &BTreeMap<String, String>, name: &str) -> ApiResult<bool> {
+    match query.get(name).map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("") | Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "query parameter {name} must be true or false, not {other:?}"
+        ))
+        .with_field(format!("query.{name}"))),
+    }
+}
+
+pub(super) fn number<T: std::str::FromStr>(
+    query: &BTreeMap<String, String>,
+    name: &str,
+) -> ApiResult<Option<T>> {
+    match query.get(name) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::bad_request(format!(
+                "query parameter {name} must be a non-negative integer, not {v:?}"
+            ))
+            .with_field(format!("query.{name}"))
+        }),
+    }
+}
+
+pub(super) fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Sends one chunk of a streaming response unless the server shuts down first: a client that
+/// stops reading must not keep the server from exiting. False means stop streaming.
+pub(super) async fn send_chunk(
+    tx: &mpsc::Sender<Bytes>,
+    chunk: Bytes,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        sent = tx.send(chunk) => sent.is_ok(),
+    }
+}
+
+pub(super) fn stream_response(rx: mpsc::Receiver<Bytes>, content_type: &'static str) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+// ------------------------------------------------------------------------------------------
+// Misc
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "api": "v1" }))
+}
+
+async fn openapi() -> Response {
+    let mut response = crate::openapi::DOCUMENT.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
