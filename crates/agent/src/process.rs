@@ -98,7 +98,9 @@ pub fn command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure only makes async-signal-safe system calls (open, write, close,
     // setrlimit, setgroups, setgid, setuid, prctl, getppid) on data prepared before fork;
-    // it does not allocate or take locks.
+    // it does not allocate or take locks. The one `unsafe` of the workspace: `pre_exec` is the
+    // only way to set up the child between fork and exec.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             use nix::fcntl::{OFlag, open};

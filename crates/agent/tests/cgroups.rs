@@ -1,4 +1,5 @@
 //! Real cgroups (needs root and writable cgroup v1 or v2; skipped with a message otherwise).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Process supervision with real processes, sockets and the embedded store.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Runs the real `flotilla-demo` binary on a free loopback port and drives it over HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};

@@ -119,10 +119,11 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum RolloutCommand {
     /// Show the rollout's progress until it finishes; exit 0 when complete, 1 when it failed
-    /// or was rolled back, 2 on timeout.
+    /// or was rolled back, 4 at once when it is paused, 5 on timeout.
     Status {
         service: String,
-        /// Print the state once and exit (0 complete, 1 failed/rolled back, 3 in progress).
+        /// Print the state once and exit (0 complete, 1 failed/rolled back, 3 in progress,
+        /// 4 paused).
         #[arg(long)]
         no_watch: bool,
         /// Give up after this long (e.g. `5m`).
@@ -200,9 +201,25 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Client commands end quietly when their reader goes away (`flotilla events -f | head`), as
+/// every Unix tool does: Rust ignores SIGPIPE, which turns the next write into an error (and
+/// `println!` into a panic). The servers keep ignoring it: a closed stdout must not kill them.
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: restores the default disposition before any thread is started; no handler runs.
+    #[allow(unsafe_code)]
+    let restored = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    if let Err(e) = restored {
+        tracing::debug!(error = %e, "cannot restore the default SIGPIPE disposition");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_up = matches!(cli.command, Command::Up(_));
+    if !matches!(cli.command, Command::Up(_) | Command::Gateway(_)) {
+        default_sigpipe();
+    }
     init_logging(cli.log_format, is_up);
     if matches!(cli.command, Command::Up(_) | Command::Gateway(_)) {
         raise_open_files_limit();

@@ -13,6 +13,12 @@ use crate::RolloutCommand;
 use crate::client::{Client, ensure_name};
 use crate::output;
 
+/// `rollout status` exit codes beyond 0 (complete) and 1 (failed, rolled back, or an error);
+/// 2 is a usage error, as for every command. The README lists them all.
+const EXIT_IN_PROGRESS: u8 = 3;
+const EXIT_PAUSED: u8 = 4;
+const EXIT_TIMEOUT: u8 = 5;
+
 #[derive(Deserialize)]
 struct List<T> {
     items: Vec<T>,
@@ -134,9 +140,37 @@ async fn status(
     let mut last = String::new();
     loop {
         let s: Service = client.get(&format!("/api/v1/services/{service}")).await?;
-        // Only judge a status that has seen the latest spec.
-        let current = s.status.observed_generation >= s.metadata.generation;
-        let (text, phase) = line(&s);
+        // Only judge (or show) a status that has seen the latest spec and restart token: right
+        // after an apply or a restart, the stored status is still about the previous one.
+        let current = s.status.observed_generation >= s.metadata.generation
+            && s.status.spec_hash == flotilla_spec::target_hash(&s);
+        let paused = s
+            .metadata
+            .annotations
+            .get(flotilla_spec::annotations::PAUSED)
+            .is_some_and(|v| v == "true");
+        let (text, phase) = if paused {
+            // The annotation is the truth; the controller's status may not have caught up.
+            (
+                format!(
+                    "revision {} Paused: nothing is started or stopped until `flotilla rollout resume {}`",
+                    s.status.revision, s.metadata.name
+                ),
+                Some(RolloutPhase::Paused),
+            )
+        } else if current
+            && s.status.rollout.as_ref().map(|r| r.phase) != Some(RolloutPhase::Paused)
+        {
+            line(&s)
+        } else {
+            (
+                format!(
+                    "waiting for the controller to start the rollout of service {}",
+                    s.metadata.name
+                ),
+                None,
+            )
+        };
         if text != last {
             let mut out = std::io::stdout().lock();
             if tty {
@@ -152,6 +186,8 @@ async fn status(
             (true, Some(RolloutPhase::Failed | RolloutPhase::RolledBack)) => {
                 Some(ExitCode::from(1))
             }
+            // Nothing happens until `rollout resume`: waiting would only run out the timeout.
+            (_, Some(RolloutPhase::Paused)) => Some(ExitCode::from(EXIT_PAUSED)),
             _ => None,
         };
         if let Some(code) = verdict {
@@ -164,7 +200,7 @@ async fn status(
             if tty {
                 println!();
             }
-            return Ok(ExitCode::from(3));
+            return Ok(ExitCode::from(EXIT_IN_PROGRESS));
         }
         if started.elapsed() >= timeout {
             if tty {
@@ -174,7 +210,7 @@ async fn status(
                 "error: rollout of {service} did not finish within {}",
                 humantime::format_duration(timeout)
             );
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -1,6 +1,6 @@
 //! End to end: a real `flotilla up`, real demo processes, real sockets and (as root) real
 //! cgroups. Each test has its own data directory, ports and node name.
-#![allow(clippy::disallowed_macros)]
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

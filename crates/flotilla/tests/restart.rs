@@ -1,7 +1,7 @@
 //! What a restart of `flotilla up` keeps and what it changes: deploys made through the API
 //! survive it, edits of the file roll out, and a store from another run or another machine
 //! converges.
-#![allow(clippy::disallowed_macros)]
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

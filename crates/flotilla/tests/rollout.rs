@@ -1,6 +1,6 @@
 //! Zero-downtime deploys end to end: real `flotilla up`, real demo processes, and a load
 //! generator sending requests through the gateway during every rollout.
-#![allow(clippy::disallowed_macros)]
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! End-to-end tests: a real gateway on a loopback socket, a real embedded store in a tempdir,
 //! and real HTTP upstream servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! HTTP/2 downstream: prior knowledge on the plain port, ALPN on TLS, and graceful shutdown
 //! with an HTTP/2 request in flight.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Hostile and broken clients: slowloris, idle connections, oversized and malformed requests,
 //! too many connections. The gateway must shed them and keep serving everyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! 10,000 idle keep-alive connections keep memory bounded. Alone in its test binary, so the
 //! process's RSS is the gateway's; the clients run in a child process (this same test binary,
 //! told so by an environment variable), so each process needs only ~10,000 descriptors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! a tempdir, real upstream servers (HTTP/1.1, h2c, upgrades). Routing features, balancing and
 //! passive health, retries and their budget, rate limits, body limits, upgrades and gRPC-style
 //! trailers, and table swaps under load.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

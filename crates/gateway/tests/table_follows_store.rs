@@ -1,6 +1,7 @@
 //! The routing table must follow the store whatever happens to the watches under it: churn from
 //! several writers with watch buffers so small that reflectors keep being dropped and relisting,
 //! changes made between `bind` and `run`, and reflectors that end while the gateway runs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

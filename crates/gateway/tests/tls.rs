@@ -1,5 +1,6 @@
 //! TLS termination: certificates chosen by SNI (exact, wildcard, default), HTTP/1.1 and HTTP/2
 //! by ALPN, and certificates swapped under traffic when their files change.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 mod common;
 

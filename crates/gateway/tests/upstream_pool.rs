@@ -2,6 +2,7 @@
 //! when a response was read to its end, a connection the endpoint closed is never used again,
 //! idle connections are closed after the idle timeout, and a refused connection is a connect
 //! error (so it may be retried elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime};
 
 use flotilla_spec::{
     Instance, Phase, RolloutPhase, RolloutStatus, Service, ServiceSpec, ServiceStatus, annotations,
-    template_hash,
 };
 use serde_json::Value;
 
@@ -16,14 +15,7 @@ pub const CRASH_RESTARTS: u32 = 3;
 
 /// The hash instances of the service's current revision carry.
 pub fn target_hash(service: &Service) -> String {
-    template_hash(
-        &service.spec,
-        service
-            .metadata
-            .annotations
-            .get(annotations::RESTARTED_AT)
-            .map(String::as_str),
-    )
+    flotilla_spec::target_hash(service)
 }
 
 pub fn paused(service: &Service) -> bool {

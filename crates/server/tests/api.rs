@@ -1,5 +1,6 @@
 //! API behaviour against a real embedded store: auth, errors that name where, apply semantics,
 //! conflicts, and that bad requests change nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::sync::Arc;
 

@@ -33,6 +33,20 @@ pub fn content_digest(bytes: &[u8]) -> String {
     format!("{:016x}", fnv1a64(bytes))
 }
 
+/// The hash of what the service's instances should run now: its spec and its restart token
+/// (the `flotilla.dev/restartedAt` annotation). The controller writes it to `status.specHash`
+/// once it has seen that spec, so a client can tell a status that is about the latest spec.
+pub fn target_hash(service: &crate::object::Service) -> String {
+    template_hash(
+        &service.spec,
+        service
+            .metadata
+            .annotations
+            .get(crate::object::annotations::RESTARTED_AT)
+            .map(String::as_str),
+    )
+}
+
 fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

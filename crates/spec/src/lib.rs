@@ -19,7 +19,7 @@ pub use deploy::{DeploySpec, Scale};
 pub use error::{FieldError, SpecError, SpecErrors};
 pub use expand::{ExpandError, expand, expand_with, is_var_name, template_vars};
 pub use file::{CertificateSection, FlotillaFile, GatewayLimitsSection, GatewaySection, UpConfig};
-pub use hash::{content_digest, spec_hash, template_hash};
+pub use hash::{content_digest, spec_hash, target_hash, template_hash};
 pub use load::{parse_file, parse_service_json, parse_service_object_json, suggest};
 pub use object::*;
 pub use path::{FieldPath, PathSeg};

@@ -1,4 +1,5 @@
 //! The embedded store against real redb files in temporary directories.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

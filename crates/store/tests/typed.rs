@@ -1,4 +1,5 @@
 //! Typed helpers and the reflector, on the embedded store.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
 use std::path::Path;
 use std::sync::Arc;

@@ -425,7 +425,7 @@ fn own_cgroups() -> Vec<(String, String)> {
     out
 }
 
-fn path_with_demo() -> String {
+pub fn path_with_demo() -> String {
     let dir = demo_bin()
         .parent()
         .map(Path::to_path_buf)

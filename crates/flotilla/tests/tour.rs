@@ -1,0 +1,532 @@
+//! The README's tour, run as a new user would: `flotilla up` on the hello example, then every
+//! command of the README's tour block, in order, read from README.md itself, so the README can
+//! only show what this test runs. Each command's exit code, headers and a row's cells are
+//! checked, and nothing may print `panicked`.
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// The lines of README.md between `<!-- NAME -->` and `<!-- /NAME -->`, fences dropped.
+fn readme_block(name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let start = format!("<!-- {name} -->");
+    let end = format!("<!-- /{name} -->");
+    let from = text
+        .find(&start)
+        .unwrap_or_else(|| panic!("README has no {start}"));
+    let to = text[from..]
+        .find(&end)
+        .unwrap_or_else(|| panic!("README has no {end}"));
+    text[from + start.len()..from + to]
+        .lines()
+        .filter(|l| !l.starts_with("```") && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A `flotilla up` of examples/hello, on ports the kernel picks and a data directory of its own.
+struct Tour {
+    dir: tempfile::TempDir,
+    up: Option<Child>,
+    gateway: String,
+    log: PathBuf,
+}
+
+impl Tour {
+    fn start() -> Tour {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("up.log");
+        let out = std::fs::File::create(&log).expect("log");
+        let up = Command::new(flotilla_bin())
+            .args(["up", "-f", "examples/hello/flotilla.toml"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--api-listen", "127.0.0.1:0"])
+            .args(["--gateway-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .current_dir(repo_root())
+            .env("FLOTILLA_CONFIG_DIR", dir.path().join("config"))
+            .env("PATH", path_with_demo())
+            .env_remove("FLOTILLA_API")
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn flotilla up");
+        let mut tour = Tour {
+            dir,
+            up: Some(up),
+            gateway: String::new(),
+            log,
+        };
+        let ctx: Value = wait_for("flotilla up to write its context", T, || {
+            let bytes = std::fs::read(tour.dir.path().join("config/context.json")).ok()?;
+            serde_json::from_slice(&bytes).ok()
+        });
+        tour.gateway = ctx["gateway"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("http://")
+            .to_string();
+        tour
+    }
+
+    fn command(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(flotilla_bin());
+        cmd.args(args)
+            .current_dir(repo_root())
+            .env("FLOTILLA_CONFIG_DIR", self.dir.path().join("config"))
+            .env("NO_COLOR", "1")
+            .env_remove("FLOTILLA_API")
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_DATA_DIR")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[String]) -> Output {
+        self.command(args).output().expect("run flotilla")
+    }
+
+    /// Runs a command that follows (`-f`) until a line contains `needle`, then ends it as Ctrl-C
+    /// would. Returns what it printed.
+    fn follow_until(&self, args: &[String], needle: &str) -> String {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut seen = String::new();
+        let deadline = std::time::Instant::now() + T;
+        let found = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.contains(needle) {
+                        break true;
+                    }
+                }
+                Err(_) => break false,
+            }
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = child.wait();
+        let _ = reader.join();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        assert!(
+            found,
+            "`flotilla {}` never printed {needle:?}; it printed:\n{seen}\nstderr:\n{stderr}",
+            args.join(" ")
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        seen
+    }
+
+    fn up_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tour {
+    fn drop(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(up.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = wait_for("flotilla up to exit", T, || up.try_wait().ok().flatten());
+        }
+    }
+}
+
+/// Splits a README command line into words (single quotes group), without its comment.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            '#' if !quoted && cur.is_empty() => break,
+            ' ' if !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+fn cells(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+fn table(stdout: &str) -> (Vec<&str>, Vec<Vec<&str>>) {
+    let mut lines = stdout.lines();
+    let header = cells(lines.next().unwrap_or_default());
+    (header, lines.map(cells).collect())
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_readme_tour_works_as_written() {
+    let tour = Tour::start();
+
+    // `up` printed what the README shows, line for line (values differ).
+    let up_lines = readme_block("up-output");
+    let log = wait_for("up's start-up lines", T, || {
+        let log = tour.up_log();
+        log.contains("Ctrl-C stops every workload").then_some(log)
+    });
+    for want in up_lines.iter().skip(1) {
+        let key: String = want
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let key = if want.starts_with("  ") {
+            want.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            key
+        };
+        assert!(
+            log.lines().any(|l| l.trim_start().starts_with(&key)),
+            "README shows `{want}`, up printed:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("file      examples/hello/flotilla.toml: applied hello"),
+        "{log}"
+    );
+
+    let ready = wait_for("3 ready instances of hello", T, || {
+        let o = tour.run(&["get".into(), "instances".into(), "-o".into(), "json".into()]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        let items = v["items"].as_array()?.clone();
+        (items.len() == 3 && items.iter().all(|i| i["status"]["ready"] == true)).then_some(items)
+    });
+    let instance = ready[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+
+    let readme_output = readme_block("tour-output");
+    let lines = readme_block("tour");
+    assert!(
+        lines.len() >= 15,
+        "the README's tour is too short: {lines:?}"
+    );
+    let mut ran = Vec::new();
+    for line in &lines {
+        let mut args = words(line);
+        let program = args.remove(0);
+        for a in &mut args {
+            if a.starts_with("hello-") {
+                *a = instance.clone();
+            }
+            if a.contains("127.0.0.1:8080") {
+                *a = a.replace("127.0.0.1:8080", &tour.gateway);
+            }
+        }
+        let cmd = args.join(" ");
+        ran.push(cmd.clone());
+        if program == "curl" {
+            let o = Command::new("curl")
+                .args(["-sS", "--max-time", "10"])
+                .args(&args)
+                .output()
+                .expect("curl");
+            let (out, err) = text(&o);
+            assert!(o.status.success(), "curl failed: {err}");
+            assert!(out.starts_with("hello"), "curl: {out}");
+            continue;
+        }
+        assert_eq!(program, "flotilla", "README tour line: {line}");
+        if args.iter().any(|a| a == "-f") && matches!(args[0].as_str(), "logs" | "events") {
+            let needle = if args[0] == "logs" {
+                "[hello-"
+            } else {
+                "Applied"
+            };
+            let seen = tour.follow_until(&args, needle);
+            if args[0] == "events" {
+                let (header, _) = table(&seen);
+                assert_eq!(
+                    header,
+                    ["TIME", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+                    "{seen}"
+                );
+            }
+            continue;
+        }
+        let o = tour.run(&args);
+        let (out, err) = text(&o);
+        let code = o.status.code();
+        assert!(
+            !out.contains("panicked") && !err.contains("panicked"),
+            "`flotilla {cmd}` panicked:\n{out}{err}"
+        );
+        let want_code = if cmd == "rollout status hello --no-watch" {
+            4
+        } else {
+            0
+        };
+        assert_eq!(
+            code,
+            Some(want_code),
+            "`flotilla {cmd}` exited {code:?}:\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        check(&cmd, &out, &readme_output, &instance);
+    }
+    // Every command the README names was run (a renamed command cannot slip out of the tour).
+    for needed in [
+        "get services",
+        "get instances",
+        "describe service hello",
+        "logs hello -f",
+        "events -f",
+        "apply -f",
+        "rollout status hello",
+        "rollout history hello",
+        "rollout undo hello",
+        "rollout pause hello",
+        "rollout resume hello",
+        "restart hello",
+        "delete service hello",
+        "version",
+    ] {
+        assert!(
+            ran.iter().any(|c| c.starts_with(needed)),
+            "the tour did not run `{needed}`: {ran:?}"
+        );
+    }
+
+    // After the delete, nothing of hello is left.
+    wait_for("hello's instances to be gone", T, || {
+        let o = tour.run(&["get".into(), "instances".into(), "-o".into(), "json".into()]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["items"].as_array()?.is_empty().then_some(())
+    });
+}
+
+/// What one command of the tour must print.
+fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
+    let readme_table = |header: &str| -> Vec<String> {
+        readme_output
+            .iter()
+            .skip_while(|l| !l.starts_with(header))
+            .take(2)
+            .cloned()
+            .collect()
+    };
+    match cmd {
+        "get services" => {
+            let (header, rows) = table(out);
+            let readme = readme_table("NAME    READY");
+            assert_eq!(header, cells(&readme[0]), "README's header differs:\n{out}");
+            assert_eq!(
+                header,
+                [
+                    "NAME",
+                    "READY",
+                    "INSTANCES",
+                    "REVISION",
+                    "ROLLOUT",
+                    "ROUTES",
+                    "AGE"
+                ]
+            );
+            assert_eq!(rows.len(), 1, "{out}");
+            assert_eq!(
+                &rows[0][..6],
+                ["hello", "3/3", "3", "1", "Complete", "hello.localhost/"]
+            );
+            assert_eq!(cells(&readme[1])[..6], rows[0][..6], "README's row differs");
+        }
+        "get instances" => {
+            let (header, rows) = table(out);
+            let readme = readme_table("NAME          SERVICE");
+            assert_eq!(header, cells(&readme[0]), "README's header differs:\n{out}");
+            assert_eq!(header.len(), 10);
+            assert_eq!(rows.len(), 3, "{out}");
+            for row in &rows {
+                assert_eq!(row.len(), 10, "{out}");
+                assert_eq!(&row[1..5], ["hello", "Running", "yes", "0"], "{out}");
+                assert!(row[5].parse::<u32>().is_ok(), "pid: {out}");
+                assert!(row[6].starts_with("http:"), "ports: {out}");
+            }
+        }
+        "get instances -o json" => {
+            let v: Value = serde_json::from_str(out).expect("JSON");
+            assert_eq!(v["items"].as_array().map(Vec::len), Some(3), "{out}");
+        }
+        "describe service hello" => {
+            assert!(out.contains("Name:          hello"), "{out}");
+            assert!(out.contains("Replicas:      3 desired, 3 ready"), "{out}");
+            assert!(out.contains("Rollout:       Complete"), "{out}");
+            assert!(out.contains("\nEvents:\n"), "{out}");
+        }
+        c if c.starts_with("logs hello --instance") => {
+            assert!(out.lines().count() <= 20, "{out}");
+            assert!(out.contains("listening"), "{out}");
+            assert!(out.contains(instance), "{out}");
+        }
+        c if c.starts_with("apply -f") => {
+            assert_eq!(out.trim(), "service/hello unchanged");
+        }
+        "restart hello" => assert_eq!(out.trim(), "service/hello restarting"),
+        "rollout status hello" => {
+            let last = out.lines().last().unwrap_or_default();
+            assert!(last.contains("Complete"), "{out}");
+            assert!(
+                !out.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .starts_with("revision 1 Complete")
+                    || last.starts_with("revision 1 "),
+                "showed an earlier revision's result first:\n{out}"
+            );
+        }
+        "rollout history hello" => {
+            let (header, rows) = table(out);
+            assert_eq!(header, ["REVISION", "AGE", "CAUSE", "CHANGED"]);
+            assert_eq!(rows.len(), 2, "{out}");
+            assert_eq!(rows[0][0], "1");
+            assert_eq!(rows[0][2..4], ["up", "-f"], "{out}");
+            assert_eq!(rows[1][0], "2*");
+            assert_eq!(rows[1][2], "restart", "{out}");
+        }
+        c if c.starts_with("rollout undo hello") => {
+            assert!(out.starts_with("service/hello rolling back"), "{out}");
+        }
+        "rollout pause hello" => assert_eq!(out.trim(), "service/hello paused"),
+        "rollout status hello --no-watch" => assert!(out.contains("Paused"), "{out}"),
+        "rollout resume hello" => assert_eq!(out.trim(), "service/hello resumed"),
+        "delete service hello" => assert_eq!(out.trim(), "service/hello deleted"),
+        "version" => {
+            let version = env!("CARGO_PKG_VERSION");
+            assert!(
+                out.contains(&format!("flotilla {version} (client)")),
+                "{out}"
+            );
+            assert!(
+                out.contains(&format!("flotilla {version} (server)")),
+                "{out}"
+            );
+        }
+        other => panic!("the tour test does not know what `flotilla {other}` should print"),
+    }
+}
+
+/// Errors a new user makes, each with its exit code and a message that helps.
+#[test]
+fn mistakes_get_clear_errors_and_exit_codes() {
+    let tour = Tour::start();
+    wait_for("hello to exist", T, || {
+        let o = tour.run(&["get".into(), "services".into(), "hello".into()]);
+        o.status.success().then_some(())
+    });
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["get", "services", "helo"],
+            1,
+            "service helo not found (did you mean hello?)",
+        ),
+        (
+            &["describe", "service", "nope"],
+            1,
+            "service nope not found (services: hello)",
+        ),
+        (&["rollout", "status", "nope", "--no-watch"], 1, "not found"),
+        (
+            &["rollout", "undo", "hello", "--to-revision", "9"],
+            1,
+            "revision 9 of service hello not found",
+        ),
+        (
+            &["logs", "hello", "--instance", "hello-zzzzz"],
+            1,
+            "instance hello-zzzzz of service hello not found",
+        ),
+        (&["get", "nodes"], 2, "invalid value 'nodes'"),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+    ];
+    for (args, code, needle) in cases {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let o = tour.run(&args);
+        let (out, err) = text(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(*code),
+            "`flotilla {}`:\nstdout:\n{out}\nstderr:\n{err}",
+            args.join(" ")
+        );
+        assert!(
+            err.contains(needle),
+            "`flotilla {}` said:\n{err}",
+            args.join(" ")
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
