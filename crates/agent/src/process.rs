@@ -133,18 +133,13 @@ pub fn command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
     Ok(cmd)
 }
 
-/// Parses a stop signal name: `SIGTERM`, `TERM`, `sigterm`, or a number.
+/// Parses a stop signal name as validation accepts it (`SIGTERM`, `TERM`, `sigterm`; see
+/// [`flotilla_spec::STOP_SIGNALS`]), or a number.
 pub fn parse_signal(name: &str) -> Option<Signal> {
-    let up = name.trim().to_ascii_uppercase();
-    if let Ok(n) = up.parse::<i32>() {
+    if let Ok(n) = name.trim().parse::<i32>() {
         return Signal::try_from(n).ok();
     }
-    let full = if up.starts_with("SIG") {
-        up
-    } else {
-        format!("SIG{up}")
-    };
-    full.parse().ok()
+    flotilla_spec::normalize_signal_name(name)?.parse().ok()
 }
 
 /// Signals a process group; a vanished group is not an error.

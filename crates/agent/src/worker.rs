@@ -131,11 +131,6 @@ pub(crate) fn millicores(cpu_ns: u64, wall: Duration) -> u64 {
     u64::try_from(u128::from(cpu_ns) * 1000 / wall_ns).unwrap_or(u64::MAX)
 }
 
-/// `PORT_<NAME>` for a port name.
-pub(crate) fn port_var(name: &str) -> String {
-    format!("PORT_{}", name.to_ascii_uppercase().replace('-', "_"))
-}
-
 /// The process environment and expanded args (pure).
 pub(crate) fn build_env(
     instance: &str,
@@ -144,18 +139,8 @@ pub(crate) fn build_env(
     spec: &ServiceSpec,
     ports: &BTreeMap<String, u16>,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), AgentError> {
-    let mut platform = BTreeMap::new();
-    platform.insert("FLOTILLA_INSTANCE".to_string(), instance.to_string());
-    platform.insert("FLOTILLA_SERVICE".to_string(), service.to_string());
-    platform.insert("FLOTILLA_NODE".to_string(), node.to_string());
-    for (i, name) in spec.ports.iter().enumerate() {
-        if let Some(p) = ports.get(name) {
-            if i == 0 {
-                platform.insert("PORT".to_string(), p.to_string());
-            }
-            platform.insert(port_var(name), p.to_string());
-        }
-    }
+    let platform =
+        flotilla_spec::platform::platform_env(instance, service, node, &spec.ports, ports);
     let mut vars = spec.env.clone();
     vars.extend(platform.clone());
     let mut env = BTreeMap::new();

@@ -9,6 +9,7 @@ pub mod load;
 mod locate;
 pub mod object;
 pub mod path;
+pub mod platform;
 pub mod quantity;
 pub mod resolve;
 pub mod route;
@@ -23,12 +24,12 @@ pub use hash::{content_digest, spec_hash, target_hash, template_hash};
 pub use load::{parse_file, parse_service_json, parse_service_object_json, suggest};
 pub use object::*;
 pub use path::{FieldPath, PathSeg};
+pub use platform::{PLATFORM_VARS, STOP_SIGNALS, normalize_signal_name, port_env_var};
 pub use quantity::{ByteSize, Dur, Millicores};
 pub use resolve::resolve_paths;
 pub use route::RouteKey;
 pub use service::*;
 pub use validate::{
-    PLATFORM_VARS, RouteConflict, STOP_SIGNALS, normalize_signal_name, port_env_var,
-    template_variables, validate_file, validate_hostname, validate_name, validate_routes_across,
-    validate_service, validate_spec, validate_up,
+    RouteConflict, template_variables, validate_file, validate_hostname, validate_name,
+    validate_routes_across, validate_service, validate_spec, validate_up,
 };

@@ -49,6 +49,8 @@ pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const KIND: &'static str;
     /// Store key prefix, ending in `/`; the key of an object is `PREFIX + name`.
     const PREFIX: &'static str;
+    /// Plural name in API paths (`services`).
+    const PLURAL: &'static str;
     fn metadata(&self) -> &ObjectMeta;
     fn metadata_mut(&mut self) -> &mut ObjectMeta;
     fn key(&self) -> String {
@@ -59,11 +61,68 @@ pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     }
 }
 
+/// One stored kind: what the API router, the watch endpoint and the remote store need to know
+/// of it. Adding a kind is one `object!` line and one entry in [`KINDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindInfo {
+    /// `Service`.
+    pub kind: &'static str,
+    /// `services`, as in `/api/v1/services` and `/api/v1/watch/services`.
+    pub plural: &'static str,
+    /// `/registry/services/`.
+    pub prefix: &'static str,
+    /// Whether the API serves it to clients (lists, gets and watches).
+    pub served: bool,
+}
+
+impl KindInfo {
+    pub const fn of<T: Object>(served: bool) -> Self {
+        Self {
+            kind: T::KIND,
+            plural: T::PLURAL,
+            prefix: T::PREFIX,
+            served,
+        }
+    }
+}
+
+/// Every stored kind.
+pub const KINDS: &[KindInfo] = &[
+    KindInfo::of::<Service>(true),
+    KindInfo::of::<Instance>(true),
+    KindInfo::of::<Event>(true),
+    KindInfo::of::<Revision>(false),
+];
+
+/// The kind served under `plural` in API paths.
+pub fn served_kind(plural: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| k.served && k.plural == plural)
+}
+
+/// The kind whose keys start with `prefix` (a kind's prefix, or a key under it).
+pub fn kind_of_prefix(prefix: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| prefix.starts_with(k.prefix))
+}
+
+/// `services, instances or events`: the plural names the API serves, for messages.
+pub fn served_plurals() -> String {
+    let names: Vec<&str> = KINDS
+        .iter()
+        .filter(|k| k.served)
+        .map(|k| k.plural)
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
 macro_rules! object {
-    ($t:ty, $kind:literal, $prefix:literal) => {
+    ($t:ty, $kind:literal, $plural:literal) => {
         impl Object for $t {
             const KIND: &'static str = $kind;
-            const PREFIX: &'static str = $prefix;
+            const PREFIX: &'static str = concat!("/registry/", $plural, "/");
+            const PLURAL: &'static str = $plural;
             fn metadata(&self) -> &ObjectMeta {
                 &self.metadata
             }
@@ -85,7 +144,7 @@ pub struct Service {
     #[serde(default)]
     pub status: ServiceStatus,
 }
-object!(Service, "Service", "/registry/services/");
+object!(Service, "Service", "services");
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -187,7 +246,7 @@ pub struct Revision {
     pub metadata: ObjectMeta,
     pub spec: RevisionSpec,
 }
-object!(Revision, "Revision", "/registry/revisions/");
+object!(Revision, "Revision", "revisions");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -225,7 +284,7 @@ pub struct Instance {
     #[serde(default)]
     pub status: InstanceStatus,
 }
-object!(Instance, "Instance", "/registry/instances/");
+object!(Instance, "Instance", "instances");
 
 impl Instance {
     /// True when the gateway may send new requests to this instance.
@@ -366,7 +425,7 @@ pub struct Event {
     /// RFC 3339.
     pub timestamp: String,
 }
-object!(Event, "Event", "/registry/events/");
+object!(Event, "Event", "events");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {

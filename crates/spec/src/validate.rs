@@ -11,14 +11,9 @@ use crate::error::FieldError;
 use crate::expand::{is_var_name, template_vars};
 use crate::file::{FlotillaFile, GatewaySection, UpConfig};
 use crate::path::FieldPath;
+use crate::platform::{PLATFORM_VARS, STOP_SIGNALS, normalize_signal_name, port_env_var};
 use crate::route::RouteKey;
 use crate::service::{Probe, RouteSpec, ServiceSpec};
-
-/// Stop signals a service may ask for, in canonical form. The spec accepts each of them in any
-/// case, with or without the `SIG` prefix (`SIGTERM`, `TERM`, `sigterm`, `term`).
-pub const STOP_SIGNALS: &[&str] = &[
-    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
-];
 
 /// Most replicas one service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
@@ -35,16 +30,6 @@ pub const MIN_MEMORY: u64 = 1 << 20;
 
 /// Start of the message for an invalid `env` key (located at the key, not the value).
 pub(crate) const ENV_NAME_ERROR: &str = "invalid environment variable name";
-
-/// The canonical name (`SIGTERM`) of an allowed stop signal written in any accepted form.
-pub fn normalize_signal_name(s: &str) -> Option<&'static str> {
-    let upper = s.trim().to_ascii_uppercase();
-    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
-    STOP_SIGNALS
-        .iter()
-        .copied()
-        .find(|canon| canon.strip_prefix("SIG") == Some(bare))
-}
 
 /// Checks a service name: a DNS label (RFC 1123 as Kubernetes uses it, but starting with a
 /// letter): lowercase letters, digits and `-`, at most 63 characters, starting with a letter
@@ -328,15 +313,6 @@ fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
     if d.revision_history == 0 || d.revision_history > 100 {
         v.push(p.key("revision_history"), "must be between 1 and 100");
     }
-}
-
-/// Variables flotilla sets for every instance (besides `PORT` and `PORT_<NAME>`).
-pub const PLATFORM_VARS: &[&str] = &["FLOTILLA_INSTANCE", "FLOTILLA_SERVICE", "FLOTILLA_NODE"];
-
-/// The environment variable holding the host port of a named port: `PORT_<NAME>`, upper-cased,
-/// `-` → `_` (`admin-api` → `PORT_ADMIN_API`).
-pub fn port_env_var(port: &str) -> String {
-    format!("PORT_{}", port.to_ascii_uppercase().replace('-', "_"))
 }
 
 /// Every variable `${…}` may name in this spec's args and env values: the keys of `env`,

@@ -28,13 +28,6 @@ const WATCH_BUFFER: usize = 256;
 /// A request (not a watch stream) that takes longer has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Resources the API serves, by store prefix.
-const KINDS: &[(&str, &str)] = &[
-    ("/registry/services/", "services"),
-    ("/registry/instances/", "instances"),
-    ("/registry/events/", "events"),
-];
-
 #[derive(Clone)]
 pub struct RemoteStore {
     base: Arc<str>,
@@ -67,24 +60,22 @@ fn read_only(key: &str) -> StoreError {
 
 /// `/registry/services/` → `services`.
 fn kind_of(prefix: &str) -> Result<&'static str, StoreError> {
-    KINDS
-        .iter()
-        .find(|(p, _)| prefix.starts_with(p))
-        .map(|(_, k)| *k)
+    flotilla_spec::object::kind_of_prefix(prefix)
+        .filter(|k| k.served)
+        .map(|k| k.plural)
         .ok_or_else(|| {
             backend(
                 format!("reading {prefix}"),
-                "the API serves services, instances and events only",
+                format!(
+                    "the API serves {} only",
+                    flotilla_spec::object::served_plurals()
+                ),
             )
         })
 }
 
 fn prefix_of(kind: &str) -> &'static str {
-    KINDS
-        .iter()
-        .find(|(_, k)| *k == kind)
-        .map(|(p, _)| *p)
-        .unwrap_or("/registry/")
+    flotilla_spec::object::served_kind(kind).map_or("/registry/", |k| k.prefix)
 }
 
 /// An object from the API as the store would hold it: `mod_revision` from its

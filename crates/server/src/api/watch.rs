@@ -18,16 +18,13 @@ pub(super) async fn watch(
     Path(kind): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> ApiResult<Response> {
-    let prefix = match kind.as_str() {
-        "services" => Service::PREFIX,
-        "instances" => Instance::PREFIX,
-        "events" => Event::PREFIX,
-        other => {
-            return Err(ApiError::not_found(format!(
-                "cannot watch {other:?}: expected services, instances or events"
-            )));
-        }
+    let Some(info) = flotilla_spec::object::served_kind(&kind) else {
+        return Err(ApiError::not_found(format!(
+            "cannot watch {kind:?}: expected {}",
+            flotilla_spec::object::served_plurals()
+        )));
     };
+    let prefix = info.prefix;
     let after: Revision =
         number(&query, "resourceVersion")?.unwrap_or_else(|| state.store.revision());
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
