@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_spec::Instance;
-use flotilla_store::Store;
+use flotilla_store::NodeApi;
 use flotilla_store::typed::Reflector;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -156,11 +156,20 @@ type WorkerResult = (String, String, Desired, bool);
 impl Agent {
     /// Detects cgroups (per `config.cgroups`), registers the metrics on `registry` and prepares
     /// the data directory.
+    /// `api` is the agent's only way to the control plane: this node's instances, their
+    /// status and events (in-process [`flotilla_store::StoreNode`], or over the API).
     pub fn new(
         config: AgentConfig,
-        store: Arc<dyn Store>,
+        api: Arc<dyn NodeApi>,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, AgentError> {
+        if api.node() != config.node {
+            return Err(AgentError::Config(format!(
+                "the node interface is for node {:?}, the agent for {:?}",
+                api.node(),
+                config.node
+            )));
+        }
         if config.node.is_empty() || config.node.contains('/') || config.node.contains('\0') {
             return Err(AgentError::Config(format!(
                 "invalid node name {:?}",
@@ -187,7 +196,7 @@ impl Agent {
             shared: Arc::new(Shared {
                 ports: ports::PortAllocator::new(config.port_range.clone()),
                 config,
-                store,
+                api,
                 cgroups,
                 cgroup_note,
                 metrics,
@@ -206,7 +215,7 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let node = self.shared.config.node.clone();
         self.sweep().await;
-        let reflector = Reflector::<Instance>::start(self.shared.store.clone(), &shutdown)
+        let reflector = Reflector::<Instance>::start(self.shared.api.instances(), &shutdown)
             .await
             .map_err(|source| AgentError::Store {
                 op: "list",
@@ -465,12 +474,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn worker_panic_leaves_no_process_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
+        let store: Arc<dyn flotilla_store::Store> =
             Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
         let node = format!("tpanic-{}", std::process::id());
         let config = AgentConfig::new(node.clone(), dir.path().join("data"));
         let mut registry = prometheus_client::registry::Registry::default();
-        let agent = Agent::new(config, store.clone(), &mut registry).unwrap();
+        let api = Arc::new(flotilla_store::StoreNode::new(store.clone(), node.clone()));
+        let agent = Agent::new(config, api, &mut registry).unwrap();
         let Some(cg) = agent.shared.cgroups.clone() else {
             return; // needs cgroups (root); covered by the integration tests' skip notices
         };

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_spec::{
-    EventType, ExitInfo, Instance, InstanceStatus, Object, Phase, ServiceSpec, Usage, now_rfc3339,
+    EventType, ExitInfo, Instance, InstanceStatus, Phase, ServiceSpec, Usage, now_rfc3339,
 };
-use flotilla_store::{Store, typed};
+use flotilla_store::NodeApi;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid};
 use tokio::sync::{mpsc, watch};
@@ -37,7 +37,8 @@ const STOP_POLL: Duration = Duration::from_millis(25);
 /// State shared by the agent and its workers.
 pub(crate) struct Shared {
     pub config: AgentConfig,
-    pub store: Arc<dyn Store>,
+    /// The agent's only way to the control plane.
+    pub api: Arc<dyn NodeApi>,
     pub cgroups: Option<Arc<dyn CgroupManager>>,
     /// Why cgroups are not used, when they are not.
     pub cgroup_note: Option<String>,
@@ -898,7 +899,7 @@ impl Worker {
     async fn delete_from_store(&mut self) -> bool {
         let mut delay = DELETE_RETRY_FIRST;
         loop {
-            match typed::delete::<Instance>(self.shared.store.as_ref(), &self.name, None).await {
+            match self.shared.api.finish_deletion(&self.name).await {
                 Ok(_) => {
                     tracing::info!(instance = %self.name, "instance stopped and deleted");
                     return true;
@@ -929,20 +930,20 @@ impl Worker {
     }
 
     /// Writes the status through a read-modify-write; failures are logged, not fatal.
-    async fn set_status(&self, f: impl Fn(&mut InstanceStatus)) {
-        let r = typed::modify::<Instance>(self.shared.store.as_ref(), &self.name, |i| {
-            let before = i.status.clone();
-            f(&mut i.status);
+    async fn set_status(&self, f: impl Fn(&mut InstanceStatus) + Send + Sync) {
+        let edit = |status: &mut InstanceStatus| {
+            let before = status.clone();
+            f(status);
             // `readySince` follows `ready`: rollouts count an instance as available only once
             // it has been ready for `deploy.min_ready`.
-            if !i.status.ready {
-                i.status.ready_since = None;
-            } else if !before.ready || i.status.ready_since.is_none() {
-                i.status.ready_since = Some(now_rfc3339());
+            if !status.ready {
+                status.ready_since = None;
+            } else if !before.ready || status.ready_since.is_none() {
+                status.ready_since = Some(now_rfc3339());
             }
-            i.status != before
-        })
-        .await;
+            *status != before
+        };
+        let r = self.shared.api.modify_status(&self.name, &edit).await;
         match r {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -955,23 +956,18 @@ impl Worker {
     }
 
     async fn event(&self, kind: EventType, reason: &str, message: &str) {
-        let source = format!("agent/{}", self.shared.config.node);
-        flotilla_store::events::record(
-            self.shared.store.as_ref(),
-            Instance::KIND,
-            &self.name,
-            kind,
-            reason,
-            message,
-            &source,
-        )
-        .await;
+        self.shared
+            .api
+            .record_event(&self.name, kind, reason, message)
+            .await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_spec::Object;
+    use flotilla_store::{Store, typed};
     use std::os::unix::process::ExitStatusExt;
 
     /// A store that, once the worker records the first restart of the instance, tells the
@@ -1005,6 +1001,12 @@ mod tests {
                 && serde_json::from_slice::<Instance>(&value).is_ok_and(|i| i.status.restarts >= 1);
             let r = self.inner.put(key, value, pre).await;
             if restarted {
+                // As the controller would: mark it for deletion, then the agent tells the worker.
+                let _ = typed::modify::<Instance>(self.inner.as_ref(), "i", |i| {
+                    i.metadata.deletion_timestamp = Some(now_rfc3339());
+                    true
+                })
+                .await;
                 self.desired.send_replace(Desired::Delete);
             }
             r
@@ -1059,7 +1061,7 @@ mod tests {
         let shared = Arc::new(Shared {
             ports: PortAllocator::new(config.port_range.clone()),
             config,
-            store,
+            api: Arc::new(flotilla_store::StoreNode::new(store, "n")),
             cgroups: None,
             cgroup_note: None,
             metrics: Metrics::register(&mut registry),

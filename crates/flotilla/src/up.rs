@@ -236,7 +236,8 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let gw_local = gateway.local_addr();
     let mut agent_config = AgentConfig::new(&args.node, data_dir.clone());
     agent_config.drain = Some(Arc::new(GatewayDrain(gateway.routing())));
-    let agent = Agent::new(agent_config, store.clone(), &mut registry)
+    let node_api = Arc::new(flotilla_store::StoreNode::new(store.clone(), &args.node));
+    let agent = Agent::new(agent_config, node_api, &mut registry)
         .map_err(|e| anyhow!(e))
         .context("starting the agent")?;
     let gw_tls = gateway.tls_local_addr();

@@ -9,12 +9,14 @@
 pub mod embedded;
 mod error;
 pub mod events;
+pub mod node;
 pub mod remote;
 pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError};
-pub use remote::RemoteStore;
+pub use node::{NodeApi, NodeError, StoreNode};
+pub use remote::{RemoteNode, RemoteStore};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
 
 /// Events buffered per watch.
-const WATCH_BUFFER: usize = 256;
+pub(crate) const WATCH_BUFFER: usize = 256;
 /// A request (not a watch stream) that takes longer has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +32,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RemoteStore {
     base: Arc<str>,
     token: Arc<str>,
-    http: Client<HttpConnector, Empty<Bytes>>,
+    /// When set, instances are read through this node's endpoints (only its own).
+    node: Option<Arc<str>>,
+    http: Client<HttpConnector, Full<Bytes>>,
     revision: Arc<AtomicU64>,
 }
 
@@ -112,50 +114,75 @@ impl RemoteStore {
         Self {
             base: base.trim_end_matches('/').into(),
             token: token.into(),
+            node: None,
             http: Client::builder(TokioExecutor::new()).build(connector),
             revision: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn request(&self, path: &str) -> Result<Request<Empty<Bytes>>, StoreError> {
+    /// The same API, reading instances as node `node` does: only the instances bound to it.
+    pub fn for_node(base: &str, token: &str, node: &str) -> Self {
+        let mut store = Self::new(base, token);
+        store.node = Some(node.into());
+        store
+    }
+
+    /// API path of a kind's list (`instances` of a node-scoped store: the node's).
+    fn list_path(&self, kind: &str) -> String {
+        match (&self.node, kind) {
+            (Some(node), "instances") => format!("/api/v1/nodes/{node}/instances"),
+            _ => format!("/api/v1/{kind}"),
+        }
+    }
+
+    /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`].
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), StoreError> {
+        let what = format!("{method} {path}");
         let uri: Uri = format!("{}{path}", self.base)
             .parse()
             .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
-        Request::get(uri)
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Empty::new())
-            .map_err(|e| backend(format!("building a request for {path}"), e))
-    }
-
-    async fn get_json(&self, path: &str) -> Result<Option<Value>, StoreError> {
-        let req = self.request(path)?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token));
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| backend(format!("building {what}"), e))?;
         let fetch = async {
             let resp = self
                 .http
                 .request(req)
                 .await
-                .map_err(|e| backend(format!("GET {}{path}", self.base), e))?;
+                .map_err(|e| backend(format!("{what} to {}", self.base), e))?;
             let status = resp.status();
             let body = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| backend(format!("reading GET {path}"), e))?
+                .map_err(|e| backend(format!("reading the answer to {what}"), e))?
                 .to_bytes();
             Ok::<_, StoreError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, fetch)
+        tokio::time::timeout(REQUEST_TIMEOUT, fetch)
             .await
-            .map_err(|_| backend(format!("GET {path}"), "timed out"))??;
+            .map_err(|_| backend(what, "timed out"))?
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Option<Value>, StoreError> {
+        let (status, body) = self.send(Method::GET, path, None).await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            return Err(backend(
-                format!("GET {path}"),
-                format!("the API answered {status}: {}", text.trim()),
-            ));
+            return Err(answer_error(&format!("GET {path}"), status, &body));
         }
         serde_json::from_slice(&body)
             .map(Some)
@@ -175,7 +202,10 @@ impl Store for RemoteStore {
         if name.is_empty() || name.contains('/') {
             return Ok(None);
         }
-        match self.get_json(&format!("/api/v1/{kind}/{name}")).await? {
+        match self
+            .get_json(&format!("{}/{name}", self.list_path(kind)))
+            .await?
+        {
             None => Ok(None),
             Some(v) => {
                 let kv = to_kv(kind, v)?;
@@ -188,7 +218,7 @@ impl Store for RemoteStore {
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
         let kind = kind_of(prefix)?;
         let v = self
-            .get_json(&format!("/api/v1/{kind}"))
+            .get_json(&self.list_path(kind))
             .await?
             .ok_or_else(|| backend(format!("listing {kind}"), "the API has no such list"))?;
         let revision = v["resourceVersion"].as_u64().unwrap_or(0);
@@ -226,8 +256,17 @@ impl Store for RemoteStore {
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
         let kind = kind_of(prefix)?;
-        let path = format!("/api/v1/watch/{kind}?resourceVersion={after}");
-        let req = self.request(&path)?;
+        let mut path = format!("/api/v1/watch/{kind}?resourceVersion={after}");
+        if let (Some(node), "instances") = (&self.node, kind) {
+            path.push_str(&format!("&node={node}"));
+        }
+        let uri: Uri = format!("{}{path}", self.base)
+            .parse()
+            .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
+        let req = Request::get(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| backend(format!("building a request for {path}"), e))?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| backend(format!("GET {path}"), "timed out"))?
@@ -291,6 +330,131 @@ impl Store for RemoteStore {
 
     fn revision(&self) -> Revision {
         self.revision.load(Ordering::Relaxed)
+    }
+}
+
+/// An unsuccessful answer as an error that keeps what the API said (its message, never the
+/// token): `GET /api/v1/services: the API answered 401 Unauthorized: invalid bearer token`.
+fn answer_error(what: &str, status: StatusCode, body: &[u8]) -> StoreError {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    backend(
+        what.to_string(),
+        format!("the API answered {status}: {message}"),
+    )
+}
+
+/// The node interface over the API, for an agent on another machine: the same rules as
+/// [`crate::StoreNode`], which the API's node endpoints run.
+#[derive(Clone, Debug)]
+pub struct RemoteNode {
+    api: RemoteStore,
+    node: String,
+}
+
+/// Status writes retried on conflicts before giving up.
+const STATUS_ATTEMPTS: usize = 16;
+
+impl RemoteNode {
+    pub fn new(base: &str, token: &str, node: &str) -> Self {
+        Self {
+            api: RemoteStore::for_node(base, token, node),
+            node: node.to_string(),
+        }
+    }
+
+    fn path(&self, instance: &str) -> String {
+        format!("/api/v1/nodes/{}/instances/{instance}", self.node)
+    }
+}
+
+#[async_trait]
+impl crate::NodeApi for RemoteNode {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn instances(&self) -> Arc<dyn Store> {
+        Arc::new(self.api.clone())
+    }
+
+    async fn modify_status(
+        &self,
+        instance: &str,
+        edit: crate::node::StatusEdit<'_>,
+    ) -> Result<Option<flotilla_spec::Instance>, crate::NodeError> {
+        use flotilla_spec::Instance;
+        for _ in 0..STATUS_ATTEMPTS {
+            let Some(v) = self.api.get_json(&self.path(instance)).await? else {
+                return Ok(None);
+            };
+            let mut current: Instance = serde_json::from_value(v)
+                .map_err(|e| backend(format!("decoding instance {instance}"), e))?;
+            if !edit(&mut current.status) {
+                return Ok(Some(current));
+            }
+            let body = serde_json::json!({
+                "resourceVersion": current.metadata.resource_version,
+                "status": current.status,
+            });
+            let path = format!("{}/status", self.path(instance));
+            let (status, bytes) = self
+                .api
+                .send(Method::PUT, &path, Some(body.to_string().into_bytes()))
+                .await?;
+            match status {
+                s if s.is_success() => {
+                    let updated: Instance = serde_json::from_slice(&bytes)
+                        .map_err(|e| backend(format!("decoding PUT {path}"), e))?;
+                    return Ok(Some(updated));
+                }
+                StatusCode::CONFLICT => continue,
+                StatusCode::NOT_FOUND => return Ok(None),
+                s => return Err(answer_error(&format!("PUT {path}"), s, &bytes).into()),
+            }
+        }
+        Err(crate::NodeError::Conflict {
+            instance: instance.to_string(),
+            expected: 0,
+        })
+    }
+
+    async fn record_event(
+        &self,
+        instance: &str,
+        kind: flotilla_spec::EventType,
+        reason: &str,
+        message: &str,
+    ) {
+        let body = serde_json::json!({ "type": kind, "reason": reason, "message": message });
+        let path = format!("{}/events", self.path(instance));
+        match self
+            .api
+            .send(Method::POST, &path, Some(body.to_string().into_bytes()))
+            .await
+        {
+            Ok((s, _)) if s.is_success() => {}
+            Ok((s, bytes)) => {
+                let error = answer_error(&format!("POST {path}"), s, &bytes);
+                tracing::warn!(instance, %error, "could not record event");
+            }
+            Err(error) => tracing::warn!(instance, %error, "could not record event"),
+        }
+    }
+
+    async fn finish_deletion(&self, instance: &str) -> Result<bool, crate::NodeError> {
+        let path = self.path(instance);
+        let (status, bytes) = self.api.send(Method::DELETE, &path, None).await?;
+        match status {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            StatusCode::CONFLICT => Err(crate::NodeError::NotDeleting {
+                instance: instance.to_string(),
+            }),
+            s => Err(answer_error(&format!("DELETE {path}"), s, &bytes).into()),
+        }
     }
 }
 

@@ -4,12 +4,14 @@
 mod events;
 mod instances;
 mod logs;
+mod nodes;
 mod services;
 mod watch;
 
 use events::*;
 use instances::*;
 use logs::*;
+use nodes::*;
 use services::*;
 use watch::*;
 
@@ -115,6 +117,19 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services/{name}/restart", post(restart))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}", get(get_object::<Instance>))
+        .route("/api/v1/nodes/{node}/instances", get(node_instances))
+        .route(
+            "/api/v1/nodes/{node}/instances/{name}",
+            get(node_instance).delete(finish_deletion),
+        )
+        .route(
+            "/api/v1/nodes/{node}/instances/{name}/status",
+            axum::routing::put(put_status),
+        )
+        .route(
+            "/api/v1/nodes/{node}/instances/{name}/events",
+            post(post_event),
+        )
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/watch/{kind}", get(watch))
         .route("/version", get(version))

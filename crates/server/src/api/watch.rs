@@ -28,7 +28,20 @@ pub(super) async fn watch(
     let after: Revision =
         number(&query, "resourceVersion")?.unwrap_or_else(|| state.store.revision());
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    let mut watch = match state.store.watch(prefix, after).await {
+    // `?node=` (instances only): what that node sees through the node interface.
+    let source: Arc<dyn Store> = match query.get("node") {
+        Some(node) if info.plural == Instance::PLURAL => flotilla_store::NodeApi::instances(
+            &flotilla_store::StoreNode::new(state.store.clone(), node.clone()),
+        ),
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("only instances can be watched by node")
+                    .with_field("query.node"),
+            );
+        }
+        None => state.store.clone(),
+    };
+    let mut watch = match source.watch(prefix, after).await {
         Ok(w) => w,
         Err(StoreError::Compacted { oldest, .. }) => {
             let _ = tx.try_send(ndjson_line(&expired(after, oldest)));

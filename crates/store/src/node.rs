@@ -1,0 +1,434 @@
+//! The node interface: everything an agent may do to the control plane, and nothing more —
+//! follow the instances bound to its node, write their status, record events about them, and
+//! finish the deletion of one it has stopped. The agent never holds a general store handle, so
+//! a node's credentials can be worth one node.
+//!
+//! - [`StoreNode`]: in-process, over the store (`flotilla up`), and what the API's node
+//!   endpoints call, so the rules below are written once.
+//! - [`crate::remote::RemoteNode`]: the same over the API, for an agent on another machine.
+//!
+//! Rules: an instance not bound to the node is invisible to it and cannot be written; only
+//! `status` is ever written (spec and metadata stay as the controller wrote them); an instance
+//! is deleted only once the controller marked it for deletion.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use flotilla_spec::{EventType, Instance, InstanceStatus, Object};
+
+use crate::{
+    KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent, events,
+    typed,
+};
+
+/// Why a node operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The instance does not exist, or is bound to another node (the two are not told apart:
+    /// a node learns nothing of other nodes' instances).
+    #[error("instance {instance} not found on node {node}")]
+    NotFound { instance: String, node: String },
+    /// Deleting an instance the controller has not marked for deletion.
+    #[error("instance {instance} is not being deleted; only the controller starts a deletion")]
+    NotDeleting { instance: String },
+    /// A status write raced another writer and the caller asked for compare-and-swap.
+    #[error("instance {instance} changed (resourceVersion {expected} is stale); read it again")]
+    Conflict {
+        instance: String,
+        expected: Revision,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A status edit: changes the status in place and says whether it changed anything.
+pub type StatusEdit<'a> = &'a (dyn Fn(&mut InstanceStatus) -> bool + Send + Sync);
+
+/// What an agent may do, for one node.
+#[async_trait]
+pub trait NodeApi: Send + Sync + 'static {
+    /// The node this interface speaks for.
+    fn node(&self) -> &str;
+
+    /// A read-only store view holding only this node's instances: what the agent's reflector
+    /// lists and watches.
+    fn instances(&self) -> Arc<dyn Store>;
+
+    /// Read-modify-write of one instance's status, retried on conflicts. `Ok(None)`: the
+    /// instance is gone (or not on this node).
+    async fn modify_status(
+        &self,
+        instance: &str,
+        edit: StatusEdit<'_>,
+    ) -> Result<Option<Instance>, NodeError>;
+
+    /// Records an event about one of this node's instances (failures are logged, not
+    /// returned: events are for people).
+    async fn record_event(&self, instance: &str, kind: EventType, reason: &str, message: &str);
+
+    /// Removes a stopped instance the controller marked for deletion. `Ok(false)`: it was
+    /// already gone.
+    async fn finish_deletion(&self, instance: &str) -> Result<bool, NodeError>;
+}
+
+/// The node interface over a store, in-process.
+#[derive(Clone)]
+pub struct StoreNode {
+    store: Arc<dyn Store>,
+    node: String,
+}
+
+impl std::fmt::Debug for StoreNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreNode")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// Status writes retried on conflicts before giving up.
+const STATUS_ATTEMPTS: usize = 16;
+
+impl StoreNode {
+    pub fn new(store: Arc<dyn Store>, node: impl Into<String>) -> Self {
+        Self {
+            store,
+            node: node.into(),
+        }
+    }
+
+    fn not_found(&self, instance: &str) -> NodeError {
+        NodeError::NotFound {
+            instance: instance.to_string(),
+            node: self.node.clone(),
+        }
+    }
+
+    /// The instance, if it exists and is bound to this node.
+    pub async fn get(&self, instance: &str) -> Result<Option<Instance>, NodeError> {
+        Ok(typed::get::<Instance>(self.store.as_ref(), instance)
+            .await?
+            .filter(|i| i.spec.node == self.node))
+    }
+
+    /// This node's instances and the revision they were read at.
+    pub async fn list(&self) -> Result<(Vec<Instance>, Revision), NodeError> {
+        let (all, rev) = typed::list::<Instance>(self.store.as_ref()).await?;
+        Ok((
+            all.into_iter()
+                .filter(|i| i.spec.node == self.node)
+                .collect(),
+            rev,
+        ))
+    }
+
+    /// Replaces the status of `instance` if it is still at `resource_version` (compare and
+    /// swap, as a remote agent's write arrives). Only `status` is taken from the caller.
+    pub async fn replace_status(
+        &self,
+        instance: &str,
+        resource_version: Revision,
+        status: InstanceStatus,
+    ) -> Result<Instance, NodeError> {
+        let Some(mut current) = self.get(instance).await? else {
+            return Err(self.not_found(instance));
+        };
+        if current.metadata.resource_version != resource_version {
+            return Err(NodeError::Conflict {
+                instance: instance.to_string(),
+                expected: resource_version,
+            });
+        }
+        current.status = status;
+        match typed::update(self.store.as_ref(), current).await {
+            Ok(updated) => Ok(updated),
+            Err(e) if e.is_conflict() => Err(NodeError::Conflict {
+                instance: instance.to_string(),
+                expected: resource_version,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl NodeApi for StoreNode {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn instances(&self) -> Arc<dyn Store> {
+        Arc::new(NodeInstances {
+            inner: self.store.clone(),
+            node: self.node.clone(),
+        })
+    }
+
+    async fn modify_status(
+        &self,
+        instance: &str,
+        edit: StatusEdit<'_>,
+    ) -> Result<Option<Instance>, NodeError> {
+        for _ in 0..STATUS_ATTEMPTS {
+            let Some(mut current) = self.get(instance).await? else {
+                return Ok(None);
+            };
+            if !edit(&mut current.status) {
+                return Ok(Some(current));
+            }
+            match typed::update(self.store.as_ref(), current).await {
+                Ok(updated) => return Ok(Some(updated)),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(NodeError::Conflict {
+            instance: instance.to_string(),
+            expected: 0,
+        })
+    }
+
+    async fn record_event(&self, instance: &str, kind: EventType, reason: &str, message: &str) {
+        match self.get(instance).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::debug!(instance, node = %self.node, reason, "event about an instance not on this node dropped");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(instance, %error, "could not check the instance of an event");
+                return;
+            }
+        }
+        let source = format!("agent/{}", self.node);
+        events::record(
+            self.store.as_ref(),
+            Instance::KIND,
+            instance,
+            kind,
+            reason,
+            message,
+            &source,
+        )
+        .await;
+    }
+
+    async fn finish_deletion(&self, instance: &str) -> Result<bool, NodeError> {
+        for _ in 0..STATUS_ATTEMPTS {
+            let Some(current) = self.get(instance).await? else {
+                return Ok(false);
+            };
+            if current.metadata.deletion_timestamp.is_none() {
+                return Err(NodeError::NotDeleting {
+                    instance: instance.to_string(),
+                });
+            }
+            let rv = current.metadata.resource_version;
+            match typed::delete::<Instance>(self.store.as_ref(), instance, Some(rv)).await {
+                Ok(deleted) => return Ok(deleted.is_some()),
+                // A status write landed meanwhile: still ours to delete.
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(NodeError::Conflict {
+            instance: instance.to_string(),
+            expected: 0,
+        })
+    }
+}
+
+/// A read-only store holding only the instances of one node.
+struct NodeInstances {
+    inner: Arc<dyn Store>,
+    node: String,
+}
+
+impl NodeInstances {
+    fn mine(&self, kv: &KeyValue) -> bool {
+        kv.key.starts_with(Instance::PREFIX)
+            && typed::decode::<Instance>(kv).is_ok_and(|i| i.spec.node == self.node)
+    }
+
+    fn refuse(key: &str) -> StoreError {
+        StoreError::backend(
+            format!("reading {key}"),
+            "a node sees only its own instances",
+        )
+    }
+}
+
+#[async_trait]
+impl Store for NodeInstances {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        if !key.starts_with(Instance::PREFIX) {
+            return Err(Self::refuse(key));
+        }
+        Ok(self.inner.get(key).await?.filter(|kv| self.mine(kv)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        if !prefix.starts_with(Instance::PREFIX) {
+            return Err(Self::refuse(prefix));
+        }
+        let mut listed = self.inner.list(prefix).await?;
+        listed.items.retain(|kv| self.mine(kv));
+        Ok(listed)
+    }
+
+    async fn put(&self, key: &str, _: Vec<u8>, _: Precondition) -> Result<KeyValue, StoreError> {
+        Err(StoreError::backend(
+            format!("writing {key}"),
+            "the node interface writes through modify_status",
+        ))
+    }
+
+    async fn delete(&self, key: &str, _: Precondition) -> Result<Option<KeyValue>, StoreError> {
+        Err(StoreError::backend(
+            format!("deleting {key}"),
+            "the node interface deletes through finish_deletion",
+        ))
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        if !prefix.starts_with(Instance::PREFIX) {
+            return Err(Self::refuse(prefix));
+        }
+        let mut inner = self.inner.watch(prefix, after).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::remote::WATCH_BUFFER);
+        let node = self.node.clone();
+        // Owned by the returned watch: ends when its receiver is dropped or the inner ends.
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = inner.rx.recv() => ev,
+                };
+                let Some(ev) = ev else { return };
+                let keep = match &ev {
+                    Ok(WatchEvent::Put { kv, .. }) => on_node(kv, &node),
+                    Ok(WatchEvent::Delete { prev, .. }) => {
+                        prev.as_ref().is_some_and(|kv| on_node(kv, &node))
+                    }
+                    Err(_) => true,
+                };
+                if keep && tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Watch { rx })
+    }
+
+    fn revision(&self) -> Revision {
+        self.inner.revision()
+    }
+}
+
+fn on_node(kv: &KeyValue, node: &str) -> bool {
+    typed::decode::<Instance>(kv).is_ok_and(|i| i.spec.node == node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_spec::{InstanceSpec, ObjectMeta};
+
+    fn instance(name: &str, node: &str) -> Instance {
+        Instance {
+            metadata: ObjectMeta::named(name),
+            spec: InstanceSpec {
+                service: "svc".into(),
+                node: node.into(),
+                spec_hash: "h".into(),
+                template: serde_json::from_value(serde_json::json!({"command": "x"}))
+                    .expect("template"),
+            },
+            status: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_sees_and_writes_only_its_own_instances() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::EmbeddedStore::open(&dir.path().join("s.redb")).expect("open store"));
+        typed::create(store.as_ref(), instance("a1", "a"))
+            .await
+            .expect("create");
+        typed::create(store.as_ref(), instance("b1", "b"))
+            .await
+            .expect("create");
+        let a = StoreNode::new(store.clone(), "a");
+
+        let (mine, _) = typed::list::<Instance>(a.instances().as_ref())
+            .await
+            .expect("list");
+        assert_eq!(
+            mine.iter()
+                .map(|i| i.metadata.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a1"]
+        );
+        assert!(
+            typed::get::<Instance>(a.instances().as_ref(), "b1")
+                .await
+                .expect("get")
+                .is_none()
+        );
+        assert!(
+            a.instances()
+                .put(&Instance::key_for("a1"), vec![], Precondition::None)
+                .await
+                .is_err()
+        );
+
+        // Status of its own: written; of another node's: as if it did not exist.
+        let set = |s: &mut InstanceStatus| {
+            s.restarts = 7;
+            true
+        };
+        assert!(a.modify_status("a1", &set).await.expect("modify").is_some());
+        assert!(a.modify_status("b1", &set).await.expect("modify").is_none());
+        let b1 = typed::get::<Instance>(store.as_ref(), "b1")
+            .await
+            .expect("get")
+            .expect("b1");
+        assert_eq!(b1.status.restarts, 0);
+
+        // Deletion only once the controller started it, and only of its own.
+        assert!(matches!(
+            a.finish_deletion("a1").await,
+            Err(NodeError::NotDeleting { .. })
+        ));
+        assert!(
+            !a.finish_deletion("b1")
+                .await
+                .expect("not ours: nothing happens")
+        );
+        typed::modify::<Instance>(store.as_ref(), "a1", |i| {
+            i.metadata.deletion_timestamp = Some(flotilla_spec::now_rfc3339());
+            true
+        })
+        .await
+        .expect("mark");
+        assert!(a.finish_deletion("a1").await.expect("delete"));
+        assert!(
+            typed::get::<Instance>(store.as_ref(), "b1")
+                .await
+                .expect("get")
+                .is_some()
+        );
+
+        // A stale compare-and-swap is a conflict, not a lost write.
+        let b = StoreNode::new(store.clone(), "b");
+        let rv = b1.metadata.resource_version;
+        b.replace_status("b1", rv, InstanceStatus::default())
+            .await
+            .expect("cas");
+        assert!(matches!(
+            b.replace_status("b1", rv, InstanceStatus::default()).await,
+            Err(NodeError::Conflict { .. })
+        ));
+    }
+}
