@@ -483,7 +483,9 @@ mod tests {
         let api = Arc::new(flotilla_store::StoreNode::new(store.clone(), node.clone()));
         let agent = Agent::new(config, api, &mut registry).unwrap();
         let Some(cg) = agent.shared.cgroups.clone() else {
-            eprintln!("skipped: worker_panic_leaves_no_process_behind needs writable cgroups (run the suite as root)");
+            eprintln!(
+                "skipped: worker_panic_leaves_no_process_behind needs writable cgroups (run the suite as root)"
+            );
             return;
         };
         if !nix::unistd::geteuid().is_root() {

@@ -334,7 +334,8 @@ fn undo_returns_to_the_previous_revision() {
     // Undo to a revision that does not exist names it.
     let out = up.cli(&["rollout", "undo", "web", "--to-revision", "42"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no revision 42"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revision 42 of service web not found"), "{err}");
 }
 
 #[test]

@@ -20,11 +20,15 @@ use prometheus_client::registry::Registry;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeConfig, Trigger};
+
 use crate::plan::{Action, plan};
 use crate::rollout;
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
+/// Orphans, event pruning and metrics run this often.
+const HOUSEKEEPING: Duration = EVENT_GC;
 /// Reconcile everything at least this often, even without notifications.
 const RESYNC: Duration = Duration::from_secs(10);
 /// While a rollout is in progress, time passes matters (min_ready, progress deadline): look
@@ -97,65 +101,74 @@ impl ServiceController {
         }
     }
 
-    /// Runs until `shutdown` is cancelled.
+    /// Runs until `shutdown` is cancelled, on the shared reconcile runtime: one key per
+    /// service, triggered by changes of the service and of its instances, plus a housekeeping
+    /// key (orphans, event pruning, metrics); every key is resynced every [`RESYNC`].
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut last_gc = tokio::time::Instant::now();
-        'rewatch: loop {
-            let rev = self.store.revision();
-            let watches = tokio::try_join!(
-                self.store.watch(Service::PREFIX, rev),
-                self.store.watch(Instance::PREFIX, rev)
-            );
-            let (mut services, mut instances) = match watches {
-                Ok(w) => w,
-                Err(error) => {
-                    tracing::warn!(%error, "controller could not watch; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'rewatch,
-                    }
-                }
-            };
-            loop {
-                let busy = self.reconcile_all_logged().await;
-                let resync = if busy { RESYNC_ROLLING } else { RESYNC };
-                if last_gc.elapsed() >= EVENT_GC {
-                    last_gc = tokio::time::Instant::now();
-                    if let Err(error) = events::prune(&*self.store, events::MAX_EVENTS).await {
-                        tracing::warn!(%error, "event pruning failed");
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    ev = services.next() => if !matches!(ev, Some(Ok(_))) { continue 'rewatch },
-                    ev = instances.next() => if !matches!(ev, Some(Ok(_))) { continue 'rewatch },
-                    _ = tokio::time::sleep(resync) => {}
-                }
-                // Coalesce a burst of changes into one pass.
-                while let Ok(ev) = services.rx.try_recv() {
-                    if ev.is_err() {
-                        continue 'rewatch;
-                    }
-                }
-                while let Ok(ev) = instances.rx.try_recv() {
-                    if ev.is_err() {
-                        continue 'rewatch;
-                    }
-                }
-            }
+        let me = Arc::new(self);
+        let runtime = Runtime::new(
+            "service-controller",
+            me.clone(),
+            RuntimeConfig {
+                resync: RESYNC,
+                concurrency: 4,
+                backoff: Backoff {
+                    initial: Duration::from_millis(250),
+                    max: Duration::from_secs(10),
+                },
+            },
+        );
+        let mut followers = tokio::task::JoinSet::new();
+        for prefix in [Service::PREFIX, Instance::PREFIX] {
+            followers.spawn(follow(
+                me.clone(),
+                prefix,
+                runtime.trigger(),
+                shutdown.clone(),
+            ));
         }
+        runtime.run(shutdown.clone()).await;
+        shutdown.cancel();
+        while followers.join_next().await.is_some() {}
     }
 
-    /// True when a rollout is in progress (or the pass failed): reconcile again soon.
-    async fn reconcile_all_logged(&self) -> bool {
-        self.metrics.reconciles.inc();
-        match self.reconcile_all().await {
-            Ok(busy) => busy,
-            Err(error) => {
-                self.metrics.reconcile_errors.inc();
-                tracing::warn!(%error, "reconcile failed; will retry");
-                true
-            }
+    /// Instances, revisions and status of one service, from fresh lists.
+    async fn reconcile_one(&self, name: &str) -> Result<bool, StoreError> {
+        let service = typed::get::<Service>(&*self.store, name).await?;
+        let (instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
+        // Orphans (unknown nodes) are the housekeeping key's; they never count here.
+        let owned: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| i.spec.service == name && self.nodes.contains(&i.spec.node))
+            .collect();
+        let mut history: Vec<&Revision> = revisions
+            .iter()
+            .filter(|r| r.spec.service == name)
+            .collect();
+        history.sort_by_key(|r| r.spec.number);
+        self.reconcile_service(name, service.as_ref(), &owned, &history)
+            .await
+    }
+
+    /// Orphans, event pruning and the instances-by-phase gauge.
+    async fn housekeeping(&self) -> Result<(), StoreError> {
+        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
+        self.collect_orphans(&mut instances).await?;
+        self.count_phases(&instances);
+        events::prune(&*self.store, events::MAX_EVENTS).await?;
+        Ok(())
+    }
+
+    fn count_phases(&self, instances: &[Instance]) {
+        for phase in PHASES {
+            let n = instances.iter().filter(|i| i.status.phase == phase).count();
+            self.metrics
+                .instances
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -209,15 +222,7 @@ impl ServiceController {
             }
         }
 
-        for phase in PHASES {
-            let n = instances.iter().filter(|i| i.status.phase == phase).count();
-            self.metrics
-                .instances
-                .get_or_create(&PhaseLabels {
-                    phase: phase.as_str().to_string(),
-                })
-                .set(n as i64);
-        }
+        self.count_phases(&instances);
         match first_error {
             Some(e) => Err(e),
             None => Ok(busy),
@@ -582,4 +587,122 @@ fn random_suffix() -> String {
     (0..5)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// A key of the service controller's runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ControllerKey {
+    Service(String),
+    Housekeeping,
+}
+
+#[async_trait::async_trait]
+impl Reconcile for ServiceController {
+    type Key = ControllerKey;
+    type Error = StoreError;
+
+    async fn reconcile(&self, key: &ControllerKey) -> Result<Requeue, StoreError> {
+        self.metrics.reconciles.inc();
+        let result = match key {
+            ControllerKey::Service(name) => self.reconcile_one(name).await.map(|busy| {
+                if busy {
+                    Requeue::After(RESYNC_ROLLING)
+                } else {
+                    Requeue::Done
+                }
+            }),
+            ControllerKey::Housekeeping => self
+                .housekeeping()
+                .await
+                .map(|()| Requeue::After(HOUSEKEEPING)),
+        };
+        if result.is_err() {
+            self.metrics.reconcile_errors.inc();
+        }
+        result
+    }
+
+    async fn keys(&self) -> Result<Vec<ControllerKey>, StoreError> {
+        let (services, _) = typed::list::<Service>(&*self.store).await?;
+        let (instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
+        let names: BTreeSet<String> = services
+            .into_iter()
+            .map(|s| s.metadata.name)
+            .chain(instances.into_iter().map(|i| i.spec.service))
+            .chain(revisions.into_iter().map(|r| r.spec.service))
+            .collect();
+        Ok(names
+            .into_iter()
+            .map(ControllerKey::Service)
+            .chain(std::iter::once(ControllerKey::Housekeeping))
+            .collect())
+    }
+}
+
+/// Follows one prefix and triggers the services its changes concern. A watch that cannot
+/// start or ends is started again after a pause, and then every key is triggered: changes
+/// made meanwhile were not seen.
+async fn follow(
+    controller: Arc<ServiceController>,
+    prefix: &'static str,
+    trigger: Trigger<ControllerKey>,
+    shutdown: CancellationToken,
+) {
+    let mut first = true;
+    loop {
+        let rev = controller.store.revision();
+        match controller.store.watch(prefix, rev).await {
+            Ok(mut watch) => {
+                if !first {
+                    match controller.keys().await {
+                        Ok(keys) => keys.into_iter().for_each(|k| trigger.trigger(k)),
+                        Err(error) => tracing::warn!(%error, "relisting after a watch failed"),
+                    }
+                }
+                first = false;
+                loop {
+                    let ev = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        ev = watch.rx.recv() => ev,
+                    };
+                    match ev {
+                        Some(Ok(ev)) => {
+                            if let Some(name) = service_of(prefix, &ev) {
+                                trigger.trigger(ControllerKey::Service(name));
+                            }
+                        }
+                        Some(Err(error)) => {
+                            tracing::debug!(prefix, %error, "controller watch ended; watching again");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(prefix, %error, "controller could not watch; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The service a change concerns: the service itself, or an instance's service.
+fn service_of(prefix: &str, ev: &flotilla_store::WatchEvent) -> Option<String> {
+    let kv = match ev {
+        flotilla_store::WatchEvent::Put { kv, .. } => kv,
+        flotilla_store::WatchEvent::Delete { prev, key, .. } => match prev {
+            Some(kv) => kv,
+            None if prefix == Service::PREFIX => {
+                return key.strip_prefix(prefix).map(str::to_string);
+            }
+            None => return None,
+        },
+    };
+    if prefix == Service::PREFIX {
+        return kv.key.strip_prefix(prefix).map(str::to_string);
+    }
+    typed::decode::<Instance>(kv).ok().map(|i| i.spec.service)
 }

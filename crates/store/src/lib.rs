@@ -10,6 +10,7 @@ pub mod embedded;
 mod error;
 pub mod events;
 pub mod node;
+pub mod reconcile;
 pub mod remote;
 pub mod typed;
 
