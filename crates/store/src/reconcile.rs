@@ -193,6 +193,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What one reconcile task hands back: its key and how it went.
+type Outcome<R> = (<R as Reconcile>::Key, Result<Requeue, <R as Reconcile>::Error>);
+
 /// Runs one [`Reconcile`] until shutdown.
 pub struct Runtime<R: Reconcile> {
     reconciler: Arc<R>,
@@ -223,7 +226,7 @@ impl<R: Reconcile> Runtime<R> {
     /// Reconciles until `shutdown`; then waits for the reconciles in progress to finish (they
     /// are owned here and never outlive the runtime).
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut tasks: JoinSet<(R::Key, Result<Requeue, R::Error>)> = JoinSet::new();
+        let mut tasks: JoinSet<Outcome<R>> = JoinSet::new();
         let mut failures: HashMap<R::Key, u32> = HashMap::new();
         let mut next_resync = Instant::now();
         let concurrency = self.config.concurrency.max(1);
@@ -274,7 +277,7 @@ impl<R: Reconcile> Runtime<R> {
 
     fn finished(
         &self,
-        done: Result<(R::Key, Result<Requeue, R::Error>), tokio::task::JoinError>,
+        done: Result<Outcome<R>, tokio::task::JoinError>,
         failures: &mut HashMap<R::Key, u32>,
     ) {
         let (key, result) = match done {
