@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::load::{Load, LoadConfig, Proto, Summary};
+use common::load::{Load, LoadConfig, Summary};
 use common::*;
 use serde_json::Value;
 
@@ -411,24 +411,11 @@ fn roll_under_load(
 /// The assertions every rollout under load makes; returns a line to print.
 fn assert_zero_downtime(r: &Rolled, b: Bounds, test: &str) -> Observed {
     let l = &r.load;
-    assert!(
-        l.failures().is_empty(),
-        "{test}: requests failed during the rollout: {}",
-        l.failure_report()
-    );
-    let window: Vec<_> = l.between(r.from, r.to).collect();
-    let posts = window.iter().filter(|x| x.method == "POST").count();
-    let h2 = window.iter().filter(|x| x.proto == Proto::Http2).count();
-    assert!(
-        window.len() >= MIN_REQUESTS,
-        "{test}: only {} requests during the rollout, at least {MIN_REQUESTS} needed: {}",
-        window.len(),
-        l.describe(r.from, r.to)
-    );
-    assert!(
-        posts > 0 && h2 > 0 && h2 < window.len(),
-        "{test}: POSTs and both protocols in the rollout: {}",
-        l.describe(r.from, r.to)
+    l.assert_clean(
+        &format!("{test}, during the rollout"),
+        r.from,
+        r.to,
+        MIN_REQUESTS,
     );
     let windows = l.per_window(r.from, r.to, Duration::from_millis(500));
     if let Some(min) = windows.iter().min() {

@@ -531,6 +531,41 @@ impl Summary {
         m
     }
 
+    /// Panics unless no request failed and at least `min` requests started in `[from, to)`,
+    /// with GETs and POSTs over both protocols among them (for the protocols and methods the
+    /// load sends).
+    pub fn assert_clean(&self, what: &str, from: Instant, to: Instant, min: usize) {
+        assert!(
+            self.failures().is_empty(),
+            "{what}: {}",
+            self.failure_report()
+        );
+        let window: Vec<&Record> = self.between(from, to).collect();
+        assert!(
+            window.len() >= min,
+            "{what}: only {} requests, at least {min} needed: {}",
+            window.len(),
+            self.describe(from, to)
+        );
+        let has = |p: &dyn Fn(&Record) -> bool| window.iter().any(|r| p(r));
+        if self.config.post_every > 0 {
+            assert!(
+                has(&|r| r.method == "POST") && has(&|r| r.method == "GET"),
+                "{what}: GETs and POSTs: {}",
+                self.describe(from, to)
+            );
+        }
+        if self.config.http1 > 0 && self.config.http2 > 0 {
+            assert!(
+                has(&|r| r.proto == Proto::Http1) && has(&|r| r.proto == Proto::Http2),
+                "{what}: HTTP/1.1 and HTTP/2: {}",
+                self.describe(from, to)
+            );
+        }
+        // Shown with `--nocapture`.
+        eprintln!("{what}: {}", self.describe(from, to));
+    }
+
     /// The first failures, with their times from the start of the load.
     pub fn failure_report(&self) -> String {
         let failures = self.failures();
