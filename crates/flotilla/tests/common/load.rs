@@ -342,7 +342,7 @@ async fn connection(
             break;
         }
         seq += 1;
-        let post = config.post_every > 0 && seq % config.post_every == 0;
+        let post = config.post_every > 0 && seq.is_multiple_of(config.post_every);
         let method = if post { "POST" } else { "GET" };
         // A small body that names the request, so its length is checked by the answer.
         let body = Bytes::from(format!("load conn={conn} seq={seq} {:-<24}", ""));
