@@ -544,10 +544,10 @@ fn rolling_update_with_percentages_and_min_ready_under_load() {
 
 #[test]
 fn restart_replaces_every_instance_under_load() {
-    let up = Up::start(&service("web", 3, "v1", ""));
-    up.wait_ready("web", 3);
+    let up = Up::start(&service("web", 4, "v1", ""));
+    up.wait_ready("web", 4);
     let generation = service_object(&up, "web")["metadata"]["generation"].clone();
-    let r = roll_under_load(&up, "web", 3, 2, || {
+    let r = roll_under_load(&up, "web", 4, 2, || {
         let out = up.cli(&["restart", "web"]);
         assert!(
             out.status.success(),
@@ -556,7 +556,7 @@ fn restart_replaces_every_instance_under_load() {
         );
     });
     let b = Bounds {
-        replicas: 3,
+        replicas: 4,
         max_surge: 1,
         max_unavailable: 0,
         min_ready: Duration::ZERO,
@@ -573,7 +573,7 @@ fn restart_replaces_every_instance_under_load() {
         "every instance was replaced: {:?} → {after:?}",
         r.before
     );
-    assert_eq!(r.service["status"]["updatedReplicas"], 3);
+    assert_eq!(r.service["status"]["updatedReplicas"], 4);
     assert_versions_after(&r, "v1");
 }
 
