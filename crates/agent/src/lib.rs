@@ -64,7 +64,8 @@ pub struct AgentConfig {
     /// clipped to stay out of the kernel's ephemeral range (`ip_local_port_range`), so an
     /// outgoing connection never takes an instance's port while it restarts.
     pub port_range: RangeInclusive<u16>,
-    /// Confirms that the gateway stopped routing to an instance, before its stop signal.
+    /// Confirms that the gateway stopped routing to an instance and has no request in flight
+    /// to it, before its stop signal.
     pub drain: Option<Arc<dyn DrainHook>>,
 }
 
@@ -73,7 +74,9 @@ pub struct AgentConfig {
 /// covers propagation instead.
 #[async_trait::async_trait]
 pub trait DrainHook: Send + Sync + 'static {
-    /// Returns once no new request will be sent to `instance`.
+    /// Returns once no new request will be sent to `instance` and none sent to it is still
+    /// in flight (a request written to a process but not yet read by it is lost when the
+    /// process closes its idle-looking connections at the stop signal).
     async fn unrouted(&self, instance: &str);
 }
 

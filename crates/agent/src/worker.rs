@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
 }
 
-/// Longest wait for the drain hook's confirmation.
+/// Longest wait for the drain hook's confirmation (unrouted, no request in flight).
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the agent wants from a worker. Later variants win over earlier ones.
@@ -715,16 +715,22 @@ impl Worker {
     }
 
     /// Before the stop signal of a deleted instance: wait until the gateway no longer routes to
-    /// it (the drain hook, in-process in `flotilla up`), then the service's pre-stop delay, so
-    /// no new request reaches a process that is shutting down. In-flight requests finish after
-    /// the signal, within the grace period. Agent shutdown skips this: the gateway is closing.
+    /// it and has no request in flight to it (the drain hook, in-process in `flotilla up`; at
+    /// most [`DRAIN_WAIT`]), then the service's pre-stop delay, so no request reaches, or is
+    /// on its way to, a process that is shutting down. Requests still in flight after that
+    /// (long streams, upgraded connections) finish after the signal, within the grace period.
+    /// Agent shutdown skips this: the gateway is closing.
     async fn drain(&self) {
         if let Some(hook) = &self.shared.config.drain
             && tokio::time::timeout(DRAIN_WAIT, hook.unrouted(&self.name))
                 .await
                 .is_err()
         {
-            tracing::warn!(instance = %self.name, "gateway did not confirm unrouting in time");
+            tracing::info!(
+                instance = %self.name,
+                wait = ?DRAIN_WAIT,
+                "the gateway still routes to the instance or has requests in flight to it; stopping it anyway"
+            );
         }
         let delay = self.spec.deploy.pre_stop_delay.0;
         if !delay.is_zero() {

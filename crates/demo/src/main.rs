@@ -9,6 +9,7 @@
 //! | request                | effect                                                        |
 //! |------------------------|---------------------------------------------------------------|
 //! | `GET /`                | `hello from <instance> (pid N)` (`GREETING` replaces `hello`) |
+//! | `POST /`               | the same, then `: received N bytes` (the body, read to its end) |
 //! | `GET /health`          | `ok`; 503 when readiness fails; never answers in hang mode    |
 //! | `GET /pid`             | the process id                                                |
 //! | `GET /slow?ms=N`       | answers after N milliseconds                                  |
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -43,6 +44,8 @@ use tracing_subscriber::EnvFilter;
 const MAX_SLOW_MS: u64 = 10 * 60 * 1000;
 /// Largest single allocation `/alloc` and `--alloc-mb` accept (64 GiB).
 const MAX_ALLOC_MB: u64 = 64 * 1024;
+/// Largest body `POST /` reads.
+const MAX_POST_BYTES: usize = 1 << 20;
 
 /// A tiny HTTP service with switches that make it misbehave on purpose.
 #[derive(Debug, Parser)]
@@ -66,6 +69,10 @@ struct Args {
     /// Log SIGTERM and keep running (to test SIGKILL after the grace period).
     #[arg(long)]
     ignore_sigterm: bool,
+    /// Wait this long before listening, as a slow starter does (`3s`). The stop signal ends the
+    /// process at once meanwhile.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    start_delay: Option<Duration>,
 }
 
 struct State {
@@ -136,6 +143,15 @@ async fn run(args: Args) -> Result<(), String> {
         shutdown: CancellationToken::new(),
         crash: CancellationToken::new(),
     });
+
+    if let Some(delay) = args.start_delay {
+        // Before the signal handlers: a stop signal meanwhile ends the process (its default).
+        tracing::info!(
+            "starting slowly: listening in {}",
+            humantime::format_duration(delay)
+        );
+        tokio::time::sleep(delay).await;
+    }
 
     if let Some(mb) = args.alloc_mb {
         let block = allocate(mb)?;
@@ -247,6 +263,9 @@ async fn serve(listener: TcpListener, state: Arc<State>, stop: impl Future<Outpu
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::POST && req.uri().path() == "/" {
+        return Ok(echo(req, &state).await);
+    }
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
     let response = match (req.method(), path) {
@@ -299,15 +318,42 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             Some(mb) => alloc(&state, mb).await,
             None => text(StatusCode::BAD_REQUEST, "want /alloc?mb=N\n"),
         },
-        (_, "/" | "/health" | "/pid" | "/slow") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
-        }
+        (_, "/") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
+        (_, "/health" | "/pid" | "/slow") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         (_, "/fail-readiness" | "/recover" | "/hang" | "/crash" | "/alloc") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
+}
+
+/// `POST /`: reads the body to its end and answers who we are and how many bytes arrived, so a
+/// client can tell that its request reached a process and was read whole.
+async fn echo(req: Request<Incoming>, state: &State) -> Response<Body> {
+    match Limited::new(req.into_body(), MAX_POST_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => text(
+            StatusCode::OK,
+            format!(
+                "{} from {} (pid {}): received {} bytes\n",
+                state.greeting,
+                state.name,
+                state.pid,
+                body.to_bytes().len()
+            ),
+        ),
+        Err(e) if e.is::<LengthLimitError>() => text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {MAX_POST_BYTES} bytes\n"),
+        ),
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the body: {e}\n"),
+        ),
+    }
 }
 
 async fn health(state: &State) -> Response<Body> {

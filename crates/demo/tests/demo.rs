@@ -106,15 +106,25 @@ impl Demo {
 
 /// One HTTP/1.1 request on a fresh connection; returns status and body.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    timeout(DEADLINE, raw_request(addr, method, path))
+    request_with_body(addr, method, path, "").await
+}
+
+async fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    timeout(DEADLINE, raw_request(addr, method, path, body))
         .await
         .unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
 
-async fn raw_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+async fn raw_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     let mut raw = Vec::new();
@@ -151,7 +161,22 @@ async fn greets_with_instance_name_greeting_and_pid() {
     assert_eq!(demo.get("/health").await, (200, "ok".to_string()));
     assert_eq!(demo.get("/nope").await.0, 404);
     assert_eq!(demo.get("/crash").await.0, 405);
-    assert_eq!(demo.post("/").await.0, 405);
+    assert_eq!(
+        request_with_body(demo.addr, "POST", "/", "twelve bytes").await,
+        (
+            200,
+            format!("hello from web-1 (pid {pid}): received 12 bytes\n")
+        )
+    );
+    assert_eq!(
+        demo.post("/").await,
+        (
+            200,
+            format!("hello from web-1 (pid {pid}): received 0 bytes\n")
+        )
+    );
+    assert_eq!(demo.post("/pid").await.0, 405);
+    assert_eq!(request(demo.addr, "PUT", "/").await.0, 405);
     assert_eq!(demo.get("/slow?ms=x").await.0, 400);
     demo.signal(Signal::SIGTERM);
     assert!(demo.wait_exit().await.success());
@@ -203,7 +228,7 @@ async fn hang_makes_health_never_answer_until_shutdown() {
     let mut demo = Demo::start(&[], &[]).await;
     assert_eq!(demo.post("/hang").await.0, 200);
     let addr = demo.addr;
-    let mut hanging = tokio::spawn(async move { raw_request(addr, "GET", "/health").await });
+    let mut hanging = tokio::spawn(async move { raw_request(addr, "GET", "/health", "").await });
     // A probe with a timeout gives up: nothing arrives within its timeout.
     assert!(
         timeout(Duration::from_millis(300), &mut hanging)
@@ -290,4 +315,46 @@ async fn ignore_sigterm_needs_sigkill() {
     let status = demo.wait_exit().await;
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(Signal::SIGKILL as i32));
+}
+
+#[tokio::test]
+async fn start_delay_listens_late_and_dies_on_sigterm_meanwhile() {
+    let started = std::time::Instant::now();
+    let demo = Demo::start(&["--start-delay", "600ms"], &[]).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "listening after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(demo.get("/health").await.0, 200);
+
+    // Still waiting: SIGTERM ends it at once (nothing to drain yet).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-demo"));
+    let mut child = cmd
+        .args(["--port", "0", "--start-delay", "1h"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn flotilla-demo");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let line = timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("a first line in time")
+        .expect("read stderr")
+        .expect("a line");
+    assert!(line.contains("starting slowly: listening in 1h"), "{line}");
+    kill(
+        Pid::from_raw(child.id().expect("running") as i32),
+        Signal::SIGTERM,
+    )
+    .expect("send signal");
+    let status = timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
 }

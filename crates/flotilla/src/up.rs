@@ -29,15 +29,18 @@ use crate::UpArgs;
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::context::{self, ContextFile};
 
-/// The in-process gateway confirms an instance is unrouted before the agent signals it.
+/// The in-process gateway confirms an instance is unrouted, and that no request it sent the
+/// instance is still in flight, before the agent signals it: a request written to the instance
+/// but not yet read by it would be lost to a server that closes its idle-looking connections
+/// at the stop signal (as hyper's and Go's graceful shutdowns do).
 struct GatewayDrain(flotilla_gateway::RoutingView);
 
 #[async_trait]
 impl flotilla_agent::DrainHook for GatewayDrain {
     async fn unrouted(&self, instance: &str) {
-        // The table swap follows the same store event within milliseconds; the agent bounds
-        // this wait.
-        while self.0.routes_to(instance) {
+        // The table swap follows the same store event within milliseconds, and requests in
+        // flight end as they are answered; the agent bounds this wait.
+        while self.0.busy(instance) {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::load::{Load, LoadConfig};
 use common::*;
 use serde_json::Value;
 
@@ -40,72 +38,19 @@ path = "/"
     )
 }
 
-/// Sends requests through the gateway until stopped; counts answers and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-    workers: Vec<JoinHandle<()>>,
-}
+/// Requests that must have started during each rollout below (the load offers a few hundred
+/// per second; the shortest window, a crash loop and its rollback, lasts about a second), so a
+/// test whose load did not run cannot pass.
+const MIN_REQUESTS: usize = 100;
 
-impl Load {
-    fn start(gateway: &str, host: &str, workers: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let handles = (0..workers)
-            .map(|_| {
-                let (stop, ok, failed, failures) =
-                    (stop.clone(), ok.clone(), failed.clone(), failures.clone());
-                let (gateway, host) = (gateway.to_string(), host.to_string());
-                std::thread::spawn(move || {
-                    // Bounded in time even if the test forgets to stop it.
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match http(&gateway, "GET", "/", &[("Host", &host)], "") {
-                            Some(r) if r.status == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            other => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                let what = other
-                                    .map(|r| format!("{} {}", r.status, r.body.trim()))
-                                    .unwrap_or_else(|| "connection failed".into());
-                                if let Ok(mut f) = failures.lock()
-                                    && f.len() < 20
-                                {
-                                    f.push(what);
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            failures,
-            workers: handles,
-        }
-    }
-
-    /// Stops the load; returns (answered, failed, first failures).
-    fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.workers {
-            let _ = w.join();
-        }
-        let failures = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            failures,
-        )
-    }
+/// Load through the gateway on persistent HTTP/1.1 and HTTP/2 connections, GETs and POSTs
+/// (see `common::load`); returns once it flows.
+fn start_load(up: &Up, host: &str) -> Load {
+    let load = Load::start(LoadConfig::new(&up.gateway, host));
+    wait_for("the load to flow", T, || {
+        (load.answered() + load.failed() >= 50).then_some(())
+    });
+    load
 }
 
 fn apply(up: &Up, text: &str) {
@@ -152,33 +97,19 @@ fn versions_answering(up: &Up, host: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-fn generation(up: &Up, name: &str) -> u64 {
-    service(up, name)["metadata"]["generation"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[test]
 fn rolling_update_of_five_replicas_drops_no_request() {
     let up = Up::start(&versioned("web", 5, "v1", "", ""));
     up.wait_ready("web", 5);
     wait_phase(&up, "web", 1, "Complete");
 
-    let load = Load::start(&up.gateway, "web.test", 4);
-    wait_for("some load to flow", T, || {
-        (load.ok.load(Ordering::Relaxed) > 20).then_some(())
-    });
+    let load = start_load(&up, "web.test");
+    let from = Instant::now();
     apply(&up, &versioned("web", 5, "v2", "", ""));
     let s = wait_phase(&up, "web", 2, "Complete");
-    let (ok, failed, failures) = load.finish();
-
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed during the rollout: {failures:?}",
-        ok + failed
-    );
-    assert!(ok > 50, "the load generator ran ({ok} requests)");
+    let to = Instant::now();
+    let load = load.finish();
+    load.assert_clean("the rolling update", from, to, MIN_REQUESTS);
     assert_eq!(s["status"]["revision"], 2);
     assert!(
         versions_answering(&up, "web.test", 10)
@@ -210,10 +141,8 @@ fn a_revision_that_never_gets_ready_rolls_back_without_failed_requests() {
     up.wait_ready("web", 3);
     wait_phase(&up, "web", 1, "Complete");
 
-    let load = Load::start(&up.gateway, "web.test", 3);
-    wait_for("some load to flow", T, || {
-        (load.ok.load(Ordering::Relaxed) > 20).then_some(())
-    });
+    let load = start_load(&up, "web.test");
+    let from = Instant::now();
     apply(
         &up,
         &versioned(
@@ -225,13 +154,13 @@ fn a_revision_that_never_gets_ready_rolls_back_without_failed_requests() {
         ),
     );
     let s = wait_phase(&up, "web", 3, "RolledBack");
-    // Let the rollback's own rollout settle under load, too.
-    let (ok, failed, failures) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed: {failures:?}",
-        ok + failed
+    let to = Instant::now();
+    let load = load.finish();
+    load.assert_clean(
+        "the failed rollout and its rollback",
+        from,
+        to,
+        MIN_REQUESTS,
     );
 
     let msg = s["status"]["rollout"]["message"]
@@ -270,18 +199,20 @@ fn a_revision_that_crashes_on_start_rolls_back() {
     let up = Up::start(&versioned("web", 2, "v1", "", ""));
     up.wait_ready("web", 2);
     wait_phase(&up, "web", 1, "Complete");
-    let load = Load::start(&up.gateway, "web.test", 2);
+    let load = start_load(&up, "web.test");
+    let from = Instant::now();
     apply(
         &up,
         &versioned("web", 2, "v2", r#", "--crash-after", "10ms""#, ""),
     );
     let s = wait_phase(&up, "web", 3, "RolledBack");
-    let (ok, failed, failures) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed: {failures:?}",
-        ok + failed
+    let to = Instant::now();
+    let load = load.finish();
+    load.assert_clean(
+        "the crashing rollout and its rollback",
+        from,
+        to,
+        MIN_REQUESTS,
     );
     let msg = s["status"]["rollout"]["message"]
         .as_str()
@@ -336,45 +267,6 @@ fn undo_returns_to_the_previous_revision() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("revision 42 of service web not found"), "{err}");
-}
-
-#[test]
-fn restart_replaces_every_instance_one_by_one_without_failed_requests() {
-    let up = Up::start(&versioned("web", 3, "v1", "", ""));
-    let before: Vec<String> = up.wait_ready("web", 3).iter().map(name_of).collect();
-    wait_phase(&up, "web", 1, "Complete");
-    let load = Load::start(&up.gateway, "web.test", 3);
-    let gen_before = generation(&up, "web");
-    let out = up.cli(&["restart", "web"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The restart changes no spec: wait on the revision instead of the generation.
-    let s = wait_for("the restart rollout to complete", T, || {
-        let s = service(&up, "web");
-        (s["status"]["revision"] == 2 && s["status"]["rollout"]["phase"] == "Complete").then_some(s)
-    });
-    let (ok, failed, failures) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed: {failures:?}",
-        ok + failed
-    );
-    assert_eq!(
-        generation(&up, "web"),
-        gen_before,
-        "a restart does not change the spec"
-    );
-    let after: Vec<String> = up.ready_instances("web").iter().map(name_of).collect();
-    assert_eq!(after.len(), 3);
-    assert!(
-        after.iter().all(|n| !before.contains(n)),
-        "every instance was replaced: {before:?} → {after:?}"
-    );
-    assert_eq!(s["status"]["updatedReplicas"], 3);
 }
 
 #[test]
@@ -518,20 +410,23 @@ fn in_flight_requests_finish_when_their_instance_is_replaced() {
             .contains("flotilla_gateway_open_connections 1")
             .then_some(())
     });
-    let load = Load::start(&up.gateway, "web.test", 2);
+    let load = start_load(&up, "web.test");
+    let from = Instant::now();
     apply(&up, &versioned("web", 1, "v2", "", ""));
     wait_phase(&up, "web", 2, "Complete");
-    let (ok, failed, failures) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed: {failures:?}",
-        ok + failed
-    );
     let r = slow
         .join()
         .expect("thread")
         .expect("the slow request got an answer");
+    // Until the old instance has drained its slow request: the whole replacement.
+    let to = Instant::now();
+    let load = load.finish();
+    load.assert_clean(
+        "the replacement of the only instance",
+        from,
+        to,
+        MIN_REQUESTS,
+    );
     assert_eq!(
         r.status, 200,
         "the in-flight request finished on the old instance: {}",

@@ -25,7 +25,7 @@
 //! certain 503).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -95,6 +95,9 @@ pub struct EndpointState {
     ejections: AtomicU32,
     /// Time ([`coarse_ms`]) when a table last included this endpoint.
     last_listed: AtomicU64,
+    /// False once a table without this endpoint is in force (its instance is being stopped,
+    /// or unready): a request that matched an older table must not send to it any more.
+    routed: AtomicBool,
 }
 
 /// Weight of the newest sample in the latency EWMA.
@@ -112,6 +115,7 @@ impl EndpointState {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             last_listed: AtomicU64::new(0),
+            routed: AtomicBool::new(true),
         }
     }
 
@@ -148,10 +152,34 @@ impl EndpointState {
 
     /// Counts a request in flight until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: see `start_if_routed`.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {
             endpoint: self.clone(),
         }
+    }
+
+    /// Like [`start`](Self::start), unless the endpoint was taken out of the routing table
+    /// since the request matched its route (`None`: nothing was counted, send it elsewhere).
+    ///
+    /// Draining relies on this: the table swap marks a dropped endpoint unrouted first, then
+    /// the drain sees the table without it and waits for its in-flight count to reach zero.
+    /// The count is raised before the mark is read, both sequentially consistent, so either
+    /// the drain sees this request in flight or this request sees the mark: no request reaches
+    /// an instance after its drain ended.
+    pub fn start_if_routed(self: &Arc<Self>) -> Option<InFlight> {
+        let guard = self.start();
+        self.routed.load(Ordering::SeqCst).then_some(guard)
+    }
+
+    /// Whether the table in force (or one being built) routes to this endpoint.
+    pub fn is_routed(&self) -> bool {
+        self.routed.load(Ordering::SeqCst)
+    }
+
+    /// Marks the endpoint as no longer routed; done before the table without it is swapped in.
+    pub fn set_unrouted(&self) {
+        self.routed.store(false, Ordering::SeqCst);
     }
 
     fn observe_latency(&self, latency: Duration) {
@@ -239,7 +267,7 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -265,7 +293,8 @@ impl EndpointRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The state of `instance` at `authority`, created if new; marked as listed now.
+    /// The state of `instance` at `authority`, created if new; marked as listed now, and as
+    /// routed (it is about to be, by the table being built).
     pub fn get(&self, instance: &str, authority: &str) -> Arc<EndpointState> {
         let now = coarse_ms();
         let mut map = self.lock();
@@ -278,6 +307,7 @@ impl EndpointRegistry {
                 ))
             });
         state.last_listed.store(now, Ordering::Relaxed);
+        state.routed.store(true, Ordering::SeqCst);
         state.clone()
     }
 
@@ -291,6 +321,16 @@ impl EndpointRegistry {
                 || now.saturating_sub(state.last_listed.load(Ordering::Relaxed)) < millis(retention)
         });
         map.len()
+    }
+
+    /// Requests in flight to `instance`, over all its addresses.
+    pub fn in_flight_to(&self, instance: &str) -> u32 {
+        self.lock()
+            .iter()
+            .filter(|((name, _), _)| name == instance)
+            // SeqCst: see `EndpointState::start_if_routed`.
+            .map(|(_, state)| state.in_flight.load(Ordering::SeqCst))
+            .sum()
     }
 
     pub fn len(&self) -> usize {
@@ -383,6 +423,26 @@ mod tests {
             ejection_max: Duration::from_secs(35),
             ..UpstreamPolicy::default()
         }
+    }
+
+    #[test]
+    fn an_unrouted_endpoint_takes_no_request_and_counts_none() {
+        let registry = EndpointRegistry::default();
+        let e = registry.get("web-1", "127.0.0.1:1");
+        let other_port = registry.get("web-1", "127.0.0.1:2");
+        let guard = e.start_if_routed().expect("routed");
+        let _other = other_port.start();
+        assert_eq!(registry.in_flight_to("web-1"), 2, "over all its addresses");
+        assert_eq!(registry.in_flight_to("web-2"), 0);
+        e.set_unrouted();
+        assert!(e.start_if_routed().is_none());
+        assert_eq!(e.in_flight(), 1, "a refused start leaves no count behind");
+        drop(guard);
+        assert_eq!(registry.in_flight_to("web-1"), 1);
+        // A table that lists it again routes to it again.
+        let again = registry.get("web-1", "127.0.0.1:1");
+        assert!(Arc::ptr_eq(&again, &e) && e.is_routed());
+        assert!(e.start_if_routed().is_some());
     }
 
     #[test]

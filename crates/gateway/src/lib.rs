@@ -112,17 +112,37 @@ impl GatewayError {
     }
 }
 
-/// Read access to the routing table in force, for draining.
+/// Read access to the routing table in force and to the requests in flight, for draining.
 #[derive(Clone)]
-pub struct RoutingView(Arc<ArcSwap<RouteTable>>);
+pub struct RoutingView {
+    table: Arc<ArcSwap<RouteTable>>,
+    state: Arc<TableState>,
+}
 
 impl RoutingView {
     /// Whether any route of the table in force sends new requests to `instance`.
     pub fn routes_to(&self, instance: &str) -> bool {
-        self.0
+        self.table
             .load()
             .routes()
             .any(|r| r.endpoints.iter().any(|e| e.instance == instance))
+    }
+
+    /// Requests this gateway has in flight to `instance`: being sent, waiting for the answer,
+    /// or with a response body (or an upgraded connection) not finished yet.
+    pub fn in_flight_to(&self, instance: &str) -> u32 {
+        self.state.endpoints.in_flight_to(instance)
+    }
+
+    /// Whether `instance` may still get a request from this gateway, or has one to answer: it
+    /// is routed, or requests to it are in flight. Once false it stays false until a table
+    /// routes to the instance again: a request that matched an older table and has not
+    /// reached the instance yet sees it was taken out and goes elsewhere
+    /// ([`Endpoint::start_if_routed`]).
+    pub fn busy(&self, instance: &str) -> bool {
+        // In this order: the table first (an instance taken out of it is marked unrouted before
+        // the swap), then the requests in flight.
+        self.routes_to(instance) || self.in_flight_to(instance) > 0
     }
 }
 
@@ -246,9 +266,13 @@ impl Gateway {
     }
 
     /// A view of the table in force, which outlives [`run`](Gateway::run)'s start: the agent
-    /// asks it whether an instance is still routed before signalling it (drain).
+    /// asks it whether an instance is still routed, or still has requests in flight, before
+    /// signalling it (drain).
     pub fn routing(&self) -> RoutingView {
-        RoutingView(self.proxy.table.clone())
+        RoutingView {
+            table: self.proxy.table.clone(),
+            state: self.proxy.state.clone(),
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
@@ -454,10 +478,24 @@ async fn keep_table_current(
             },
         }
         let next = build_table(&services.take(), &instances.take(), &state, &mut conflicts);
-        table.store(Arc::new(next));
+        swap_table(&table, next);
     }
     services.stop().await;
     instances.stop().await;
+}
+
+/// Puts `next` in force. Endpoints of the table in force that `next` leaves out are marked
+/// unrouted first, so that once the swap is seen (a drain's `routes_to` is false) no request
+/// that matched an older table can still start on them ([`Endpoint::start_if_routed`]).
+pub(crate) fn swap_table(table: &ArcSwap<RouteTable>, next: RouteTable) {
+    let kept: std::collections::HashSet<*const Endpoint> =
+        next.endpoints().map(Arc::as_ptr).collect();
+    for endpoint in table.load().endpoints() {
+        if !kept.contains(&Arc::as_ptr(endpoint)) {
+            endpoint.set_unrouted();
+        }
+    }
+    table.store(Arc::new(next));
 }
 
 /// How often state no table uses is forgotten and rate limiters drop refilled buckets.

@@ -383,18 +383,21 @@ impl Proxy {
     /// `started`: when the request came in, the first attempt's start (one clock read less).
     async fn attempts(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         request: &mut UpstreamRequest,
         outcome: &mut Outcome,
         started: Instant,
     ) -> Answer {
         let policy = &self.state.policy;
+        // The request's route; replaced by the current table's version when every endpoint
+        // left to try was taken out of the gateway since the request matched.
+        let mut route = route.clone();
         let mut tried: u64 = 0;
         // An upstream 502/503 kept while a retry is tried; the answer if retries run out.
         // Boxed: the future of every request would otherwise carry its room.
         let mut held: Option<Box<Held>> = None;
         for attempt in 0..policy.max_attempts.max(1) {
-            let Some(index) = balance::choose(&route.endpoints, tried) else {
+            let Some((index, guard)) = self.pick(&mut route, &mut tried) else {
                 break;
             };
             if attempt > 0 {
@@ -405,9 +408,6 @@ impl Proxy {
                 }
                 self.metrics.retry(&route.service);
             }
-            if index < 64 {
-                tried |= 1 << index;
-            }
             let endpoint = &route.endpoints[index];
             outcome.attempts += 1;
             outcome.instance = Some(endpoint.clone());
@@ -415,8 +415,7 @@ impl Proxy {
             // so the headers are moved into it rather than copied.
             let last = attempt + 1 >= policy.max_attempts.max(1)
                 || (route.endpoints.len() <= 64
-                    && u64::from((tried | (1 << index.min(63))).count_ones())
-                        >= route.endpoints.len() as u64);
+                    && u64::from(tried.count_ones()) >= route.endpoints.len() as u64);
             let upstream = match request.build(endpoint, route.upstream, last) {
                 Ok(upstream) => upstream,
                 Err(source) => {
@@ -431,7 +430,6 @@ impl Proxy {
                     continue;
                 }
             };
-            let guard = endpoint.start();
             let started = if attempt == 0 {
                 started
             } else {
@@ -457,7 +455,7 @@ impl Proxy {
                         endpoint.on_success(started.elapsed(), policy);
                         return Answer::Upstream(response, guard, reuse);
                     }
-                    self.failed(route, endpoint, Some(started.elapsed()));
+                    self.failed(&route, endpoint, Some(started.elapsed()));
                     let retryable = matches!(
                         status,
                         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -484,7 +482,7 @@ impl Proxy {
                     if source.is_connect() {
                         self.metrics.connect_error(&route.service);
                     }
-                    self.failed(route, endpoint, None);
+                    self.failed(&route, endpoint, None);
                     // Safe to retry: nothing was sent (connect failed), or the method is
                     // idempotent — and either way the body was never read.
                     let retryable =
@@ -508,6 +506,63 @@ impl Proxy {
             }
         }
         Answer::held(held)
+    }
+
+    /// The endpoint to try next and its in-flight guard, or `None` when every endpoint was
+    /// tried.
+    ///
+    /// An endpoint taken out of the routing table since the request matched `route` (its
+    /// instance is being stopped, or went unready) is passed over: nothing was sent to it, and
+    /// once its drain has seen it unrouted and idle nothing may be (see
+    /// [`EndpointState::start_if_routed`]). Passing over costs no attempt and no retry budget.
+    /// When only such endpoints are left, the current table's version of the route (with the
+    /// instances that replaced them) is used instead, a few times at most; when there is none,
+    /// an unrouted endpoint is tried after all (an unready instance may still answer).
+    fn pick(&self, route: &mut Arc<Route>, tried: &mut u64) -> Option<(usize, InFlight)> {
+        const REFRESHES: usize = 3;
+        for refresh in 0..=REFRESHES {
+            let mut unrouted = None;
+            // Each pass marks one endpoint tried (past 64 endpoints the bit set cannot, so the
+            // passes are bounded by the number of endpoints).
+            for _ in 0..route.endpoints.len() {
+                let Some(index) = balance::choose(&route.endpoints, *tried) else {
+                    break;
+                };
+                if index < 64 {
+                    *tried |= 1 << index;
+                }
+                if let Some(guard) = route.endpoints[index].start_if_routed() {
+                    return Some((index, guard));
+                }
+                unrouted.get_or_insert(index);
+            }
+            let fallback = unrouted?;
+            let current = self
+                .table
+                .load()
+                .same_route(route)
+                .filter(|c| !Arc::ptr_eq(c, route) && !c.endpoints.is_empty());
+            let Some(current) = current.filter(|_| refresh < REFRESHES) else {
+                return Some((fallback, route.endpoints[fallback].start()));
+            };
+            tracing::debug!(
+                service = %route.service,
+                "the request's endpoints were taken out of the gateway; using the current route"
+            );
+            // Endpoints already tried (not merely passed over) stay tried.
+            let mut remapped: u64 = 0;
+            for (i, e) in current.endpoints.iter().enumerate().take(64) {
+                let was_tried = route.endpoints.iter().enumerate().take(64).any(|(j, old)| {
+                    *tried & (1 << j) != 0 && old.is_routed() && Arc::ptr_eq(old, e)
+                });
+                if was_tried {
+                    remapped |= 1 << i;
+                }
+            }
+            *route = current;
+            *tried = remapped;
+        }
+        None
     }
 
     /// Passive health: counts a failure, ejecting the endpoint when it is due.
@@ -1181,5 +1236,162 @@ mod tests {
         let long = "é".repeat(ECHO_LIMIT + 10);
         assert_eq!(clip(&long).chars().count(), ECHO_LIMIT);
         assert_eq!(clip("short"), "short");
+    }
+
+    // ---- draining: requests that matched an older table --------------------------------------
+
+    fn web(paths: &[&str]) -> flotilla_spec::object::Service {
+        let routes: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|p| serde_json::json!({ "path": p }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "web" },
+            "spec": { "command": "srv", "ports": ["http"], "routes": routes },
+        }))
+        .expect("service")
+    }
+
+    fn ready(name: &str, port: u16) -> flotilla_spec::object::Instance {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": { "service": "web", "node": "local", "specHash": "h",
+                      "template": { "command": "srv", "ports": ["http"] } },
+            "status": { "phase": "Running", "ready": true, "host": "127.0.0.1",
+                        "ports": { "http": port } },
+        }))
+        .expect("instance")
+    }
+
+    /// A proxy over `instances`, and the route a request to `/` matches now.
+    fn proxy_with(instances: &[flotilla_spec::object::Instance]) -> (Proxy, Arc<Route>) {
+        let state = Arc::new(TableState::default());
+        let table = RouteTable::build_with(&[web(&["/"])], instances, &state);
+        let route = table.lookup("h", "/").route().cloned().expect("route");
+        let proxy = Proxy {
+            table: Arc::new(ArcSwap::from_pointee(table)),
+            pool: upstream_pool(),
+            h2c: h2c_client(),
+            metrics: Metrics::register(&mut prometheus_client::registry::Registry::default()),
+            limits: crate::config::Limits::default(),
+            access_log: false,
+            state,
+            tunnels: Tunnels::default(),
+        };
+        (proxy, route)
+    }
+
+    fn swap(
+        proxy: &Proxy,
+        services: &[flotilla_spec::object::Service],
+        instances: &[flotilla_spec::object::Instance],
+    ) {
+        let next = RouteTable::build_with(services, instances, &proxy.state);
+        crate::swap_table(&proxy.table, next);
+    }
+
+    fn names(route: &Route) -> Vec<&str> {
+        route
+            .endpoints
+            .iter()
+            .map(|e| e.instance.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_request_that_matched_an_older_table_goes_to_the_instance_that_replaced_its_own() {
+        let (proxy, matched) = proxy_with(&[ready("web-old", 1)]);
+        let old = matched.endpoints[0].clone();
+        // The rollout: web-old is taken out (its drain begins), web-new serves.
+        swap(&proxy, &[web(&["/"])], &[ready("web-new", 2)]);
+        assert!(!old.is_routed());
+
+        let (mut route, mut tried) = (matched.clone(), 0);
+        let (index, guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
+        assert_eq!(route.endpoints[index].instance, "web-new");
+        assert_eq!(names(&route), ["web-new"], "the current table's route");
+        assert_eq!(
+            old.in_flight(),
+            0,
+            "nothing counted on the drained endpoint"
+        );
+        assert_eq!(route.endpoints[index].in_flight(), 1);
+        drop(guard);
+        assert_eq!(route.endpoints[index].in_flight(), 0);
+        // Nothing left to try: the only endpoint was tried.
+        assert!(proxy.pick(&mut route, &mut tried).is_none());
+    }
+
+    #[tokio::test]
+    async fn endpoints_tried_stay_tried_in_the_newer_route() {
+        let (proxy, matched) = proxy_with(&[ready("web-a", 1), ready("web-b", 2)]);
+        // web-a was tried (and failed); then web-b is taken out and web-c comes in.
+        let a = matched
+            .endpoints
+            .iter()
+            .position(|e| e.instance == "web-a")
+            .expect("a");
+        let mut tried: u64 = 1 << a;
+        swap(
+            &proxy,
+            &[web(&["/"])],
+            &[ready("web-a", 1), ready("web-c", 3)],
+        );
+        let mut route = matched.clone();
+        let (index, _guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
+        assert_eq!(route.endpoints[index].instance, "web-c");
+        assert!(
+            proxy.pick(&mut route, &mut tried).is_none(),
+            "web-a is not tried twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unrouted_endpoint_is_still_tried_when_its_route_has_nothing_else() {
+        // The route changed (its path), so it has no current version: the request goes where
+        // it matched, counted in flight (a drain not yet over waits for it).
+        let (proxy, matched) = proxy_with(&[ready("web-old", 1)]);
+        swap(&proxy, &[web(&["/v2"])], &[ready("web-new", 2)]);
+        let (mut route, mut tried) = (matched.clone(), 0);
+        let (index, guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
+        assert!(Arc::ptr_eq(&route, &matched));
+        assert_eq!(route.endpoints[index].instance, "web-old");
+        assert_eq!(route.endpoints[index].in_flight(), 1);
+        drop(guard);
+        // Every instance unready: the current route exists but is empty; same fallback.
+        let (proxy, matched) = proxy_with(&[ready("web-old", 1)]);
+        swap(&proxy, &[web(&["/"])], &[]);
+        let (mut route, mut tried) = (matched.clone(), 0);
+        let (index, _guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
+        assert_eq!(route.endpoints[index].instance, "web-old");
+    }
+
+    #[tokio::test]
+    async fn routing_view_is_busy_while_a_request_is_in_flight_to_an_unrouted_instance() {
+        let (proxy, matched) = proxy_with(&[ready("web-old", 1)]);
+        let view = crate::RoutingView {
+            table: proxy.table.clone(),
+            state: proxy.state.clone(),
+        };
+        let (mut route, mut tried) = (matched.clone(), 0);
+        let (_, guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
+        assert!(view.routes_to("web-old") && view.busy("web-old"));
+        swap(&proxy, &[web(&["/"])], &[ready("web-new", 2)]);
+        assert!(!view.routes_to("web-old"));
+        assert_eq!(view.in_flight_to("web-old"), 1);
+        assert!(
+            view.busy("web-old"),
+            "unrouted, but its request is not answered yet"
+        );
+        drop(guard);
+        assert!(!view.busy("web-old"));
+        assert!(view.busy("web-new") && !view.busy("web-other"));
+        // Routed again (it became ready again): requests may start on it again.
+        swap(
+            &proxy,
+            &[web(&["/"])],
+            &[ready("web-old", 1), ready("web-new", 2)],
+        );
+        assert!(matched.endpoints[0].is_routed());
     }
 }

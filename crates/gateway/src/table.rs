@@ -420,6 +420,37 @@ impl RouteTable {
         }
     }
 
+    /// This table's version of `route` (taken from an older table): the route of the same
+    /// service with the same host, path and header conditions, and the same upstream
+    /// rewriting, port and protocol (so a request prepared for `route` can be sent to its
+    /// endpoints as it is). `None` when the route is gone or changed.
+    pub fn same_route(&self, route: &Route) -> Option<Arc<Route>> {
+        let candidates = match route.host.as_deref() {
+            None => &self.any_host,
+            Some(host) => match host.strip_prefix("*.") {
+                Some(suffix) => self.wildcard.get(suffix)?,
+                None => self.by_host.get(host)?,
+            },
+        };
+        candidates
+            .iter()
+            .find(|r| {
+                r.service == route.service
+                    && r.host == route.host
+                    && r.path == route.path
+                    && r.headers == route.headers
+                    && r.rewrite == route.rewrite
+                    && r.port == route.port
+                    && r.upstream == route.upstream
+            })
+            .cloned()
+    }
+
+    /// Every endpoint of every route (an endpoint of several routes appears once per route).
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.routes().flat_map(|r| r.endpoints.iter())
+    }
+
     /// Every route, host routes first (hosts in no particular order).
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_host
@@ -521,6 +552,60 @@ mod tests {
 
     fn service_of(table: &RouteTable, host: &str, path: &str) -> Option<String> {
         table.lookup(host, path).route().map(|r| r.service.clone())
+    }
+
+    #[test]
+    fn same_route_finds_a_routes_version_in_a_newer_table() {
+        let state = TableState::default();
+        let services = [
+            service("web", vec![route(Some("web.test"), "/api")]),
+            service("any", vec![route(None, "/")]),
+            service("wild", vec![route(Some("*.wild.test"), "/")]),
+        ];
+        let old = RouteTable::build_with(
+            &services,
+            &[
+                instance("web-1", "web", 1, true),
+                instance("any-1", "any", 2, true),
+            ],
+            &state,
+        );
+        let new = RouteTable::build_with(
+            &services,
+            &[
+                instance("web-2", "web", 3, true),
+                instance("wild-2", "wild", 4, true),
+            ],
+            &state,
+        );
+        for r in old.routes() {
+            let found = new.same_route(r).expect("same route");
+            assert_eq!(
+                (&found.service, &found.host, &found.path),
+                (&r.service, &r.host, &r.path)
+            );
+        }
+        let web = old
+            .lookup("web.test", "/api")
+            .route()
+            .cloned()
+            .expect("web");
+        let names: Vec<_> = new
+            .same_route(&web)
+            .expect("web")
+            .endpoints
+            .iter()
+            .map(|e| e.instance.clone())
+            .collect();
+        assert_eq!(names, ["web-2"]);
+        // A route whose path changed is another route.
+        let moved = RouteTable::build_with(
+            &[service("web", vec![route(Some("web.test"), "/v2")])],
+            &[instance("web-2", "web", 3, true)],
+            &state,
+        );
+        assert!(moved.same_route(&web).is_none());
+        assert!(RouteTable::default().same_route(&web).is_none());
     }
 
     #[test]

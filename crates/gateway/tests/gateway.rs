@@ -542,6 +542,69 @@ async fn graceful_shutdown_finishes_in_flight_request() {
     );
 }
 
+/// What the agent's drain waits for before it signals a deleted instance: the instance is out
+/// of the table, and no request the gateway sent it is still in flight (its answer read to the
+/// end). A request written to a process but not yet read by it would be lost to a server
+/// that closes idle-looking connections at the stop signal.
+#[tokio::test]
+async fn an_unrouted_instance_stays_busy_until_its_requests_in_flight_are_answered() {
+    let (mut h, gateway) = Harness::bind(GatewayConfig::new("127.0.0.1:0".parse().unwrap())).await;
+    let view = gateway.routing();
+    h.run(gateway);
+    h.add_service("slow", vec![route(None, "/")]).await;
+    let (started_tx, mut started) = mpsc::channel(8);
+    let up = Upstream::start_with("slow-1", Some(started_tx)).await;
+    h.add_instance("slow-1", "slow", &up).await;
+    h.wait_for("h", "/", 1, |seen| seen.contains("slow-1"))
+        .await;
+    while started.try_recv().is_ok() {}
+    let deadline = Instant::now() + DEADLINE;
+    while view.in_flight_to("slow-1") > 0 {
+        assert!(Instant::now() < deadline, "earlier answers never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(view.routes_to("slow-1") && view.busy("slow-1"));
+
+    let addr = h.addr;
+    let client = h.client.clone();
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get(format!("http://{addr}/slow?ms=400"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(req).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    });
+    let path = timeout(DEADLINE, started.recv()).await.unwrap().unwrap();
+    assert_eq!(path, "/slow?ms=400");
+
+    // Deleted (or unready): out of the table at once, but still busy with its request.
+    h.set_ready("slow-1", false).await;
+    let deadline = Instant::now() + DEADLINE;
+    while view.routes_to("slow-1") {
+        assert!(Instant::now() < deadline, "still routed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(view.in_flight_to("slow-1"), 1);
+    assert!(
+        view.busy("slow-1"),
+        "unrouted, but its request is not answered yet"
+    );
+
+    let (status, body) = timeout(DEADLINE, in_flight).await.unwrap().unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow-1 0"));
+    let deadline = Instant::now() + DEADLINE;
+    while view.busy("slow-1") {
+        assert!(
+            Instant::now() < deadline,
+            "still busy after its answer was read"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_grace_bounds_the_drain() {
     let mut config = GatewayConfig::new("127.0.0.1:0".parse().unwrap());

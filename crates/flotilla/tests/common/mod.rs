@@ -2,6 +2,8 @@
 //! directory, context directory and node name, plus small blocking HTTP helpers.
 #![allow(dead_code, clippy::disallowed_macros)] // test harness prints skip notices
 
+pub mod load;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
