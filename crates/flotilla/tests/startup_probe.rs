@@ -6,7 +6,7 @@
 //!   and becomes ready without a restart.
 //! - An instance that never starts is restarted once its startup probe reaches its failure
 //!   threshold, not before, and its status and events say why.
-#![allow(clippy::disallowed_macros)] // results are printed for `--nocapture` runs
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)] // results are printed for `--nocapture` runs
 
 mod common;
 

@@ -13,7 +13,7 @@
 //! Every test also asserts that the load and the sampler really ran during the rollout (a
 //! minimum number of requests and samples, a minimum rate in every half second, samples with
 //! both revisions present), so none of them can pass without traffic.
-#![allow(clippy::disallowed_macros)] // results are printed for `--nocapture` runs
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)] // results are printed for `--nocapture` runs
 
 mod common;
 
