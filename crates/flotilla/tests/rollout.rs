@@ -266,7 +266,10 @@ fn undo_returns_to_the_previous_revision() {
     let out = up.cli(&["rollout", "undo", "web", "--to-revision", "42"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("revision 42 of service web not found"), "{err}");
+    assert!(
+        err.contains("revision 42 of service web not found"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -179,15 +179,28 @@ mod tests {
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("::1"), "::1");
         assert_eq!(normalize_host(""), "");
+        assert_eq!(normalize_host("a.b:"), "a.b");
         assert_eq!(normalize_host(" a.B.:80 "), "a.b");
+        assert_eq!(normalize_host("[FE80::A]:443"), "[fe80::a]");
+        assert_eq!(normalize_host("[::1"), "[::1");
+        assert_eq!(normalize_host("a.b:8x"), "a.b:8x");
+        assert!(matches!(
+            normalized_host("api.example.com:8080"),
+            Cow::Borrowed("api.example.com")
+        ));
     }
 
     #[test]
-    fn prefixes_match_whole_segments() {
-        assert_eq!(normalize_prefix("api//v1/"), "/api/v1");
+    fn prefix_normalization_and_segments() {
+        assert_eq!(normalize_prefix(""), "/");
+        assert_eq!(normalize_prefix("/"), "/");
+        assert_eq!(normalize_prefix("/api/"), "/api");
+        assert_eq!(normalize_prefix("api//v1"), "/api/v1");
         assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/"));
         assert!(prefix_matches("/api", "/api/x"));
         assert!(!prefix_matches("/api", "/apix"));
+        assert!(!prefix_matches("/api", "/"));
         assert!(prefix_matches("/", "/anything"));
     }
 }

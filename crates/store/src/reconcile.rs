@@ -194,7 +194,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What one reconcile task hands back: its key and how it went.
-type Outcome<R> = (<R as Reconcile>::Key, Result<Requeue, <R as Reconcile>::Error>);
+type Outcome<R> = (
+    <R as Reconcile>::Key,
+    Result<Requeue, <R as Reconcile>::Error>,
+);
 
 /// Runs one [`Reconcile`] until shutdown.
 pub struct Runtime<R: Reconcile> {
