@@ -10,12 +10,14 @@
 
 pub mod backoff;
 pub mod cgroup;
+pub mod driver;
 mod error;
 pub mod logs;
 mod metrics;
 pub mod ports;
 pub mod probe;
 mod process;
+mod transition;
 mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -200,6 +202,7 @@ impl Agent {
                 ports: ports::PortAllocator::new(config.port_range.clone()),
                 config,
                 api,
+                driver: Arc::new(driver::ProcessDriver),
                 cgroups,
                 cgroup_note,
                 metrics,
@@ -400,7 +403,10 @@ impl Agent {
         let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
         tracing::warn!(instance = %name, pgid = ?held.pgid, "cleaning up after an abnormally ended worker");
         if let Some(pgid) = held.pgid {
-            process::kill_group_until_empty(pgid, worker::KILL_TIMEOUT).await;
+            self.shared
+                .driver
+                .kill_group_until_empty(pgid, worker::KILL_TIMEOUT)
+                .await;
         }
         if let Some(cg) = &self.shared.cgroups {
             cgroup::kill_until_empty(cg.as_ref(), name, worker::KILL_TIMEOUT).await;

@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{self, Decision};
 use crate::cgroup::{self, CgroupManager, Limits};
+use crate::driver::{Driver, Running};
 use crate::logs::{self, LogWriter};
 use crate::metrics::{self, Metrics};
 use crate::ports::PortAllocator;
 use crate::probe::{self, ProbeContext, ProbeEvent};
 use crate::process::{self, LaunchSpec};
+use crate::transition::{self, Happened};
 use crate::{AgentConfig, AgentError};
 
 /// How long leftover processes get to die after SIGKILL before we give up (and log).
@@ -39,6 +41,8 @@ pub(crate) struct Shared {
     pub config: AgentConfig,
     /// The agent's only way to the control plane.
     pub api: Arc<dyn NodeApi>,
+    /// How workloads are run.
+    pub driver: Arc<dyn Driver>,
     pub cgroups: Option<Arc<dyn CgroupManager>>,
     /// Why cgroups are not used, when they are not.
     pub cgroup_note: Option<String>,
@@ -310,13 +314,11 @@ impl Worker {
         );
         match decision {
             Decision::Stop { phase } => {
-                let m = msg.clone();
-                self.set_status(move |s| {
-                    s.phase = phase;
-                    s.ready = false;
-                    s.pid = None;
-                    s.usage = None;
-                    s.message = Some(m.clone());
+                self.happened(Happened::Ended {
+                    exit: None,
+                    phase,
+                    restarts: None,
+                    message: Some(msg.clone()),
                 })
                 .await;
                 self.event(EventType::Warning, "FailedToStart", &msg).await;
@@ -333,14 +335,11 @@ impl Worker {
                         self.consecutive
                     )
                 };
-                let m = message.clone();
-                self.set_status(move |s| {
-                    s.phase = phase;
-                    s.ready = false;
-                    s.pid = None;
-                    s.restarts = restarts;
-                    s.usage = None;
-                    s.message = Some(m.clone());
+                self.happened(Happened::Ended {
+                    exit: None,
+                    phase,
+                    restarts: Some(restarts),
+                    message: Some(message.clone()),
                 })
                 .await;
                 if self.start_failure_phase != Some(phase) {
@@ -451,8 +450,9 @@ impl Worker {
                 .unwrap_or_default(),
         };
         let started = Instant::now();
+        let driver = self.shared.driver.clone();
         let spawned =
-            process::output_pipe().and_then(|(rx, w)| process::spawn(&launch, w).map(|c| (rx, c)));
+            process::output_pipe().and_then(|(rx, w)| driver.spawn(&launch, w).map(|c| (rx, c)));
         let (out_rx, mut child) = match spawned {
             Ok(x) => x,
             Err(e) => {
@@ -460,7 +460,7 @@ impl Worker {
                 return RunEnd::StartFailed(format!("cannot start {:?}: {e}", self.spec.command));
             }
         };
-        let pid = child.id().unwrap_or(0);
+        let pid = child.pid();
         self.hold(|h| h.pgid = Some(pid));
         self.start_failure_phase = None;
         let pump_cancel = CancellationToken::new();
@@ -479,18 +479,14 @@ impl Worker {
             self.ports.clone(),
             self.note.clone(),
         );
-        self.set_status(move |s| {
-            s.phase = if has_startup {
-                Phase::Starting
-            } else {
-                Phase::Running
-            };
-            s.ready = !has_startup && !has_readiness;
-            s.pid = Some(pid);
-            s.host = Some(host.clone());
-            s.ports = ports.clone();
-            s.started_at = Some(started_at.clone());
-            s.message = note.clone();
+        self.happened(Happened::Started {
+            pid,
+            startup_probe: has_startup,
+            readiness_probe: has_readiness,
+            host,
+            ports,
+            at: started_at,
+            note,
         })
         .await;
         self.event(
@@ -554,11 +550,11 @@ impl Worker {
                         }
                         ProbeEvent::StartupPassed => {
                             if has_startup {
-                                self.set_status(|s| s.phase = Phase::Running).await;
+                                self.happened(Happened::StartupPassed).await;
                             }
                         }
                         ProbeEvent::Ready(ready, message) => {
-                            self.set_status(move |s| s.ready = ready).await;
+                            self.happened(Happened::Readiness(ready)).await;
                             if !ready {
                                 self.event(EventType::Warning, "Unhealthy", &format!("readiness probe failed: {message}")).await;
                             }
@@ -572,7 +568,7 @@ impl Worker {
                             killed_for = Some(reason);
                             self.event(EventType::Warning, "Unhealthy", &format!("{which} probe failed: {message}")).await;
                             self.event(EventType::Warning, "Killed", &format!("stopping process {pid}: {which} probe failed")).await;
-                            self.set_status(|s| s.ready = false).await;
+                            self.happened(Happened::Unhealthy).await;
                             break self.terminate(&mut child, pid).await;
                         }
                     }
@@ -583,7 +579,7 @@ impl Worker {
                         continue;
                     }
                     if d != Desired::Gone {
-                        self.set_status(|s| { s.phase = Phase::Stopping; s.ready = false; }).await;
+                        self.happened(Happened::Stopping).await;
                     }
                     stop = Some(d);
                     if d == Desired::Delete {
@@ -652,12 +648,11 @@ impl Worker {
         let note = self.note.clone();
         match decision {
             Decision::Stop { phase } => {
-                self.set_status(move |s| {
-                    s.phase = phase;
-                    s.ready = false;
-                    s.pid = None;
-                    s.last_exit = Some(exit.clone());
-                    s.message = note.clone();
+                self.happened(Happened::Ended {
+                    exit: Some(exit),
+                    phase,
+                    restarts: None,
+                    message: note,
                 })
                 .await;
                 Some(Self::until_stop(&mut self.desired).await)
@@ -673,14 +668,11 @@ impl Worker {
                         self.consecutive
                     ))
                 };
-                self.set_status(move |s| {
-                    s.phase = phase;
-                    s.ready = false;
-                    s.pid = None;
-                    s.restarts = restarts;
-                    s.last_exit = Some(exit.clone());
-                    s.message = message.clone();
-                    s.usage = None;
+                self.happened(Happened::Ended {
+                    exit: Some(exit),
+                    phase,
+                    restarts: Some(restarts),
+                    message,
                 })
                 .await;
                 if delay.is_zero() {
@@ -741,15 +733,11 @@ impl Worker {
 
     /// Sends the stop signal to the process group, waits up to the grace period for the
     /// process, its group and its cgroup to empty, then SIGKILLs whatever is left.
-    async fn terminate(
-        &mut self,
-        child: &mut tokio::process::Child,
-        pid: u32,
-    ) -> Option<ExitStatus> {
+    async fn terminate(&mut self, child: &mut Box<dyn Running>, pid: u32) -> Option<ExitStatus> {
         let sig = process::parse_signal(&self.spec.stop.signal).unwrap_or(Signal::SIGTERM);
         let grace = self.spec.stop.grace_period.0;
         tracing::info!(instance = %self.name, pid, signal = %sig, ?grace, "stopping process group");
-        process::signal_group(pid, sig);
+        self.shared.driver.signal_group(pid, sig);
         let deadline = tokio::time::Instant::now() + grace;
         let mut status = None;
         loop {
@@ -761,7 +749,10 @@ impl Worker {
             } else {
                 tokio::time::sleep(STOP_POLL).await;
             }
-            if status.is_some() && process::group_members(pid).is_empty() && self.cgroup_empty() {
+            if status.is_some()
+                && self.shared.driver.group_members(pid).is_empty()
+                && self.cgroup_empty()
+            {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -791,7 +782,12 @@ impl Worker {
         if let Some(cg) = &self.cg {
             cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
         }
-        if !process::kill_group_until_empty(pgid, KILL_TIMEOUT).await {
+        if !self
+            .shared
+            .driver
+            .kill_group_until_empty(pgid, KILL_TIMEOUT)
+            .await
+        {
             tracing::warn!(instance = %self.name, pgid, "process group survives SIGKILL");
         }
     }
@@ -851,8 +847,7 @@ impl Worker {
             memory_bytes: u.memory_bytes,
             sampled_at: now_rfc3339(),
         };
-        self.set_status(move |s| s.usage = Some(usage.clone()))
-            .await;
+        self.happened(Happened::Usage(usage)).await;
     }
 
     /// Cleanup after the last process: cgroup, ports, metrics, and the store by `end`.
@@ -877,14 +872,7 @@ impl Worker {
                 return self.delete_from_store().await;
             }
             Desired::Shutdown => {
-                self.set_status(|s| {
-                    s.phase = Phase::Pending;
-                    s.ready = false;
-                    s.pid = None;
-                    s.usage = None;
-                    s.message = Some("agent shut down".to_string());
-                })
-                .await;
+                self.happened(Happened::AgentShutDown).await;
                 self.event(
                     EventType::Normal,
                     "Stopped",
@@ -935,11 +923,12 @@ impl Worker {
         }
     }
 
-    /// Writes the status through a read-modify-write; failures are logged, not fatal.
-    async fn set_status(&self, f: impl Fn(&mut InstanceStatus) + Send + Sync) {
+    /// Records what happened in the status ([`transition::apply`]) through a
+    /// read-modify-write; failures are logged, not fatal.
+    async fn happened(&self, happened: Happened) {
         let edit = |status: &mut InstanceStatus| {
             let before = status.clone();
-            f(status);
+            transition::apply(status, &happened);
             // `readySince` follows `ready`: rollouts count an instance as available only once
             // it has been ready for `deploy.min_ready`.
             if !status.ready {
@@ -1068,6 +1057,7 @@ mod tests {
             ports: PortAllocator::new(config.port_range.clone()),
             config,
             api: Arc::new(flotilla_store::StoreNode::new(store, "n")),
+            driver: Arc::new(crate::driver::ProcessDriver),
             cgroups: None,
             cgroup_note: None,
             metrics: Metrics::register(&mut registry),
@@ -1091,6 +1081,122 @@ mod tests {
         );
         let h = held.lock().unwrap();
         assert!(h.pgid.is_none() && h.ports.is_empty());
+    }
+
+    /// A worker over the recording driver: what it asked of the driver and what it wrote.
+    async fn fake_worker(
+        template: serde_json::Value,
+        exits: Vec<i32>,
+    ) -> (
+        tempfile::TempDir,
+        Arc<dyn Store>,
+        crate::driver::fake::RecordingDriver,
+        Arc<Shared>,
+        Instance,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let inst = Instance {
+            metadata: flotilla_spec::ObjectMeta::named("f"),
+            spec: flotilla_spec::InstanceSpec {
+                service: "svc".to_string(),
+                node: "n".to_string(),
+                spec_hash: "h".to_string(),
+                template: serde_json::from_value(template).unwrap(),
+            },
+            status: Default::default(),
+        };
+        let inst = typed::create(store.as_ref(), inst).await.unwrap();
+        let driver = crate::driver::fake::RecordingDriver::new(exits);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let mut config = AgentConfig::new("n", dir.path().join("data"));
+        config.cgroups = crate::CgroupMode::Disabled;
+        let shared = Arc::new(Shared {
+            ports: PortAllocator::new(config.port_range.clone()),
+            config,
+            api: Arc::new(flotilla_store::StoreNode::new(store.clone(), "n")),
+            driver: Arc::new(driver.clone()),
+            cgroups: None,
+            cgroup_note: None,
+            metrics: Metrics::register(&mut registry),
+        });
+        (dir, store, driver, shared, inst)
+    }
+
+    #[tokio::test]
+    async fn under_never_an_exit_is_terminal_and_nothing_is_signalled() {
+        use crate::driver::fake::Call;
+        let (_dir, store, driver, shared, inst) = fake_worker(
+            serde_json::json!({"command": "srv", "restart": {"policy": "never"}}),
+            vec![3 << 8],
+        )
+        .await;
+        let (tx, rx) = watch::channel(Desired::Run);
+        let worker = tokio::spawn(run(shared, inst, rx, Arc::default()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let i = typed::get::<Instance>(store.as_ref(), "f")
+                .await
+                .unwrap()
+                .unwrap();
+            if i.status.phase == Phase::Failed {
+                break i.status;
+            }
+            assert!(Instant::now() < deadline, "never failed: {i:#?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(status.last_exit.as_ref().and_then(|e| e.code), Some(3));
+        assert_eq!(
+            (status.pid, status.ready, status.restarts),
+            (None, false, 0)
+        );
+        assert_eq!(
+            driver.calls(),
+            [Call::Spawn("srv".into()), Call::Kill(4_000_001)]
+        );
+        tx.send_replace(Desired::Gone);
+        worker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deletion_signals_the_group_with_the_stop_signal_then_deletes() {
+        use crate::driver::fake::Call;
+        let (_dir, store, driver, shared, inst) = fake_worker(
+            serde_json::json!({"command": "srv", "stop": {"signal": "SIGUSR1"}}),
+            vec![],
+        )
+        .await;
+        typed::modify::<Instance>(store.as_ref(), "f", |i| {
+            i.metadata.deletion_timestamp = Some(now_rfc3339());
+            true
+        })
+        .await
+        .unwrap();
+        let (tx, rx) = watch::channel(Desired::Run);
+        let worker = tokio::spawn(run(shared, inst, rx, Arc::default()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while typed::get::<Instance>(store.as_ref(), "f")
+            .await
+            .unwrap()
+            .and_then(|i| i.status.pid)
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.send_replace(Desired::Delete);
+        let (end, deleted) = worker.await.unwrap();
+        assert_eq!((end, deleted), (Desired::Delete, true));
+        let calls = driver.calls();
+        assert_eq!(calls[0], Call::Spawn("srv".into()));
+        assert_eq!(calls[1], Call::Signal(4_000_001, Signal::SIGUSR1));
+        assert!(
+            typed::get::<Instance>(store.as_ref(), "f")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
