@@ -266,7 +266,7 @@ impl Proxy {
         host: &Host<'_>,
     ) -> Step {
         let limit = self.limits.max_body_bytes;
-        let mut present = Present::scan(req.headers());
+        let present = Present::scan(req.headers());
         if present.has(Present::CONTENT_LENGTH)
             && content_length(req.headers()).is_some_and(|len| len > limit)
         {
@@ -292,18 +292,7 @@ impl Proxy {
             ));
         };
         let mut headers = parts.headers;
-        let wants_trailers = present.has(Present::TE) && te_trailers(&headers);
-        if strip_present(&mut headers, present.hop()) {
-            // `Connection` named other headers, which are gone now.
-            present = Present::scan(&headers);
-        }
-        if present.has(Present::EXPECT) {
-            headers.remove(header::EXPECT);
-        }
-        if wants_trailers {
-            // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
+        let present = strip_request_hop_by_hop(&mut headers, present);
         if let Some(protocol) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
@@ -772,6 +761,25 @@ struct Host<'a> {
     text: &'a str,
 }
 
+/// Removes the hop-by-hop headers of a request (and those its `Connection` names) and `Expect`,
+/// keeping `TE: trailers`; `present` is the scan of the headers before, the result one that is
+/// still right for the headers the request goes on to read (host, forwarding headers).
+fn strip_request_hop_by_hop(headers: &mut HeaderMap, mut present: Present) -> Present {
+    let wants_trailers = present.has(Present::TE) && te_trailers(headers);
+    if strip_present(headers, present.hop()) {
+        // `Connection` named other headers, which are gone now.
+        present = Present::scan(headers);
+    }
+    if present.has(Present::EXPECT) {
+        headers.remove(header::EXPECT);
+    }
+    if wants_trailers {
+        // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    present
+}
+
 /// Removes the hop-by-hop headers of a message (and those its `Connection` names).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let present = Present::scan(headers);
@@ -1024,6 +1032,36 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+/// What the fuzz targets (`fuzz/`) drive; not part of the gateway's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{HeaderMap, Present};
+
+    /// The headers of a response (or a 101) as the gateway forwards them.
+    pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+        super::strip_hop_by_hop(headers);
+    }
+
+    /// The headers of a request as the gateway forwards them (before its own `Host`, upgrade
+    /// and forwarding headers). An error if the scan the request goes on with disagrees with
+    /// the headers left about one it reads later.
+    pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) -> Result<(), String> {
+        let present = super::strip_request_hop_by_hop(headers, Present::scan(headers));
+        let fresh = Present::scan(headers);
+        let later =
+            Present::HOST | Present::FORWARDED_FOR | Present::FORWARDED_HOST | Present::FORWARDED;
+        if present.0 & later == fresh.0 & later {
+            Ok(())
+        } else {
+            Err(format!(
+                "scan kept {:#06x}, headers have {:#06x}",
+                present.0 & later,
+                fresh.0 & later
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
