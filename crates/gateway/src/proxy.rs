@@ -68,6 +68,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The header a `Connection: close` names too.
+static CLOSE: HeaderName = HeaderName::from_static("close");
+
 pub type UpstreamClient = Client<HttpConnector, AttemptBody>;
 
 fn connector() -> HttpConnector {
@@ -695,12 +698,13 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// Whether the client accepts trailers (`TE: trailers`).
 fn te_trailers(headers: &HeaderMap) -> bool {
+    // On bytes, as `Connection` is read: a value with other bytes (obs-text) in another element
+    // still lists `trailers`.
     headers
         .get_all(header::TE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// The path and query to send upstream: the route's rewrite applied to the path.
@@ -795,11 +799,16 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) or `close` need no name
     // built: a plain `Connection: keep-alive`, as most messages have, allocates nothing.
     let mut named: Vec<HeaderName> = Vec::new();
+    let mut close = false;
     if hop & Present::CONNECTION != 0 {
         for value in headers.get_all(header::CONNECTION) {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.is_empty() || is_hop_token(token) {
+                if token.is_empty() {
+                    continue;
+                }
+                if is_hop_token(token) {
+                    close |= token.eq_ignore_ascii_case(b"close");
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token) {
@@ -811,6 +820,11 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     for name in &named {
         headers.remove(name);
     }
+    if close {
+        // `close` is an option like any other: a header of that name (reserved, RFC 9110
+        // §18.4) goes too. No tracked header, so no rescan either.
+        headers.remove(&CLOSE);
+    }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if hop & (1 << i) != 0 {
             headers.remove(name);
@@ -819,8 +833,9 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     !named.is_empty()
 }
 
-/// A `Connection` token that names no header beyond [`HOP_BY_HOP`]: `close` or the name of a
-/// hop-by-hop header itself (any case). Runs on most messages, so without allocating.
+/// A `Connection` token that needs no name built: the name of a hop-by-hop header itself, or
+/// `close` (whose header [`strip_present`] removes by a static name), any case. Runs on most
+/// messages, so without allocating.
 fn is_hop_token(token: &[u8]) -> bool {
     // Room for the longest hop-by-hop name, `proxy-authorization`.
     let mut lower = [0u8; 19];
@@ -1148,6 +1163,49 @@ mod tests {
         assert!(strip_present(&mut headers, present.hop()));
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-c"], "3");
+        // `close` names a header too, like any option (found by fuzz/hop_by_hop).
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Close"));
+        headers.insert("close", HeaderValue::from_static("1"));
+        headers.insert("x-c", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-c"], "3");
+    }
+
+    #[test]
+    fn requests_keep_te_trailers_alone() {
+        let strip = |pairs: &[(&'static str, &[u8])]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                let value = HeaderValue::from_bytes(value).unwrap();
+                headers.append(HeaderName::from_static(name), value);
+            }
+            let present = Present::scan(&headers);
+            strip_request_hop_by_hop(&mut headers, present);
+            headers
+        };
+        let headers = strip(&[
+            ("te", b"gzip, Trailers"),
+            ("expect", b"100-continue"),
+            ("connection", b"te"),
+            ("content-type", b"application/grpc"),
+        ]);
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers["te"], "trailers");
+        assert!(strip(&[("te", b"gzip"), ("te", b"deflate")]).is_empty());
+        // A byte outside ASCII (obs-text, which HTTP/1.1 parsers let through) in another
+        // element does not hide `trailers` (found by fuzz/hop_by_hop).
+        let headers = strip(&[("te", b"g\x83ip, trailers")]);
+        assert_eq!(headers["te"], "trailers");
+        // `Connection` naming a header the request reads later: the scan is redone.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("forwarded"));
+        headers.insert(header::FORWARDED, HeaderValue::from_static("for=192.0.2.1"));
+        let before = Present::scan(&headers);
+        let after = strip_request_hop_by_hop(&mut headers, before);
+        assert!(before.has(Present::FORWARDED) && !after.has(Present::FORWARDED));
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]
