@@ -15,6 +15,8 @@ pub mod typed;
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError};
 pub use remote::RemoteStore;
+#[doc(hidden)]
+pub use remote::fuzzing;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
