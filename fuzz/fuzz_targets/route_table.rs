@@ -70,7 +70,12 @@ fn service(s: &Svc) -> Option<Service> {
             host: r.host.clone(),
             path: r.path.clone(),
             port: r.port.clone(),
-            headers: r.headers.iter().take(8).cloned().collect::<BTreeMap<_, _>>(),
+            headers: r
+                .headers
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<BTreeMap<_, _>>(),
             strip_prefix: r.strip_prefix,
             rewrite: r.rewrite.clone(),
             rate_limit: r.rate_limit.map(|(rps, burst)| RateLimitSpec {
@@ -89,7 +94,12 @@ fn service(s: &Svc) -> Option<Service> {
 
 fn instance(i: &Inst, services: &[Service]) -> Option<Instance> {
     let owner = services.get(i.service as usize % services.len().max(1))?;
-    let ports: BTreeMap<&str, u16> = i.ports.iter().take(16).map(|(n, p)| (n.as_str(), *p)).collect();
+    let ports: BTreeMap<&str, u16> = i
+        .ports
+        .iter()
+        .take(16)
+        .map(|(n, p)| (n.as_str(), *p))
+        .collect();
     // Through serde, like an Instance read from the store, so new optional fields do not break
     // this target.
     serde_json::from_value(serde_json::json!({

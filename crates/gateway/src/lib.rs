@@ -56,6 +56,8 @@ use tokio_util::sync::CancellationToken;
 pub use body::{AttemptBody, BoxError, GatewayBody};
 pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig};
 pub use metrics::Metrics;
+#[doc(hidden)]
+pub use proxy::fuzzing;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
 use crate::listener::{Bound, ConnLayer};

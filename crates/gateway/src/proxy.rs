@@ -68,6 +68,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The header a `Connection: close` names too.
+static CLOSE: HeaderName = HeaderName::from_static("close");
+
 pub type UpstreamClient = Client<HttpConnector, AttemptBody>;
 
 fn connector() -> HttpConnector {
@@ -266,7 +269,7 @@ impl Proxy {
         host: &Host<'_>,
     ) -> Step {
         let limit = self.limits.max_body_bytes;
-        let mut present = Present::scan(req.headers());
+        let present = Present::scan(req.headers());
         if present.has(Present::CONTENT_LENGTH)
             && content_length(req.headers()).is_some_and(|len| len > limit)
         {
@@ -292,18 +295,7 @@ impl Proxy {
             ));
         };
         let mut headers = parts.headers;
-        let wants_trailers = present.has(Present::TE) && te_trailers(&headers);
-        if strip_present(&mut headers, present.hop()) {
-            // `Connection` named other headers, which are gone now.
-            present = Present::scan(&headers);
-        }
-        if present.has(Present::EXPECT) {
-            headers.remove(header::EXPECT);
-        }
-        if wants_trailers {
-            // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
+        let present = strip_request_hop_by_hop(&mut headers, present);
         if let Some(protocol) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
@@ -761,12 +753,13 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// Whether the client accepts trailers (`TE: trailers`).
 fn te_trailers(headers: &HeaderMap) -> bool {
+    // On bytes, as `Connection` is read: a value with other bytes (obs-text) in another element
+    // still lists `trailers`.
     headers
         .get_all(header::TE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// The path and query to send upstream: the route's rewrite applied to the path.
@@ -827,6 +820,25 @@ struct Host<'a> {
     text: &'a str,
 }
 
+/// Removes the hop-by-hop headers of a request (and those its `Connection` names) and `Expect`,
+/// keeping `TE: trailers`; `present` is the scan of the headers before, the result one that is
+/// still right for the headers the request goes on to read (host, forwarding headers).
+fn strip_request_hop_by_hop(headers: &mut HeaderMap, mut present: Present) -> Present {
+    let wants_trailers = present.has(Present::TE) && te_trailers(headers);
+    if strip_present(headers, present.hop()) {
+        // `Connection` named other headers, which are gone now.
+        present = Present::scan(headers);
+    }
+    if present.has(Present::EXPECT) {
+        headers.remove(header::EXPECT);
+    }
+    if wants_trailers {
+        // The only `TE` allowed over HTTP/2, and what gRPC needs to get its status.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    present
+}
+
 /// Removes the hop-by-hop headers of a message (and those its `Connection` names).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let present = Present::scan(headers);
@@ -842,11 +854,16 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     // Tokens that are hop-by-hop themselves (`keep-alive`, `upgrade`) or `close` need no name
     // built: a plain `Connection: keep-alive`, as most messages have, allocates nothing.
     let mut named: Vec<HeaderName> = Vec::new();
+    let mut close = false;
     if hop & Present::CONNECTION != 0 {
         for value in headers.get_all(header::CONNECTION) {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.is_empty() || is_hop_token(token) {
+                if token.is_empty() {
+                    continue;
+                }
+                if is_hop_token(token) {
+                    close |= token.eq_ignore_ascii_case(b"close");
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token) {
@@ -858,6 +875,11 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     for name in &named {
         headers.remove(name);
     }
+    if close {
+        // `close` is an option like any other: a header of that name (reserved, RFC 9110
+        // §18.4) goes too. No tracked header, so no rescan either.
+        headers.remove(&CLOSE);
+    }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if hop & (1 << i) != 0 {
             headers.remove(name);
@@ -866,8 +888,9 @@ fn strip_present(headers: &mut HeaderMap, hop: u16) -> bool {
     !named.is_empty()
 }
 
-/// A `Connection` token that names no header beyond [`HOP_BY_HOP`]: `close` or the name of a
-/// hop-by-hop header itself (any case). Runs on most messages, so without allocating.
+/// A `Connection` token that needs no name built: the name of a hop-by-hop header itself, or
+/// `close` (whose header [`strip_present`] removes by a static name), any case. Runs on most
+/// messages, so without allocating.
 fn is_hop_token(token: &[u8]) -> bool {
     // Room for the longest hop-by-hop name, `proxy-authorization`.
     let mut lower = [0u8; 19];
@@ -1081,6 +1104,36 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// What the fuzz targets (`fuzz/`) drive; not part of the gateway's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{HeaderMap, Present};
+
+    /// The headers of a response (or a 101) as the gateway forwards them.
+    pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+        super::strip_hop_by_hop(headers);
+    }
+
+    /// The headers of a request as the gateway forwards them (before its own `Host`, upgrade
+    /// and forwarding headers). An error if the scan the request goes on with disagrees with
+    /// the headers left about one it reads later.
+    pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) -> Result<(), String> {
+        let present = super::strip_request_hop_by_hop(headers, Present::scan(headers));
+        let fresh = Present::scan(headers);
+        let later =
+            Present::HOST | Present::FORWARDED_FOR | Present::FORWARDED_HOST | Present::FORWARDED;
+        if present.0 & later == fresh.0 & later {
+            Ok(())
+        } else {
+            Err(format!(
+                "scan kept {:#06x}, headers have {:#06x}",
+                present.0 & later,
+                fresh.0 & later
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1165,6 +1218,49 @@ mod tests {
         assert!(strip_present(&mut headers, present.hop()));
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-c"], "3");
+        // `close` names a header too, like any option (found by fuzz/hop_by_hop).
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Close"));
+        headers.insert("close", HeaderValue::from_static("1"));
+        headers.insert("x-c", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-c"], "3");
+    }
+
+    #[test]
+    fn requests_keep_te_trailers_alone() {
+        let strip = |pairs: &[(&'static str, &[u8])]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                let value = HeaderValue::from_bytes(value).unwrap();
+                headers.append(HeaderName::from_static(name), value);
+            }
+            let present = Present::scan(&headers);
+            strip_request_hop_by_hop(&mut headers, present);
+            headers
+        };
+        let headers = strip(&[
+            ("te", b"gzip, Trailers"),
+            ("expect", b"100-continue"),
+            ("connection", b"te"),
+            ("content-type", b"application/grpc"),
+        ]);
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers["te"], "trailers");
+        assert!(strip(&[("te", b"gzip"), ("te", b"deflate")]).is_empty());
+        // A byte outside ASCII (obs-text, which HTTP/1.1 parsers let through) in another
+        // element does not hide `trailers` (found by fuzz/hop_by_hop).
+        let headers = strip(&[("te", b"g\x83ip, trailers")]);
+        assert_eq!(headers["te"], "trailers");
+        // `Connection` naming a header the request reads later: the scan is redone.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("forwarded"));
+        headers.insert(header::FORWARDED, HeaderValue::from_static("for=192.0.2.1"));
+        let before = Present::scan(&headers);
+        let after = strip_request_hop_by_hop(&mut headers, before);
+        assert!(before.has(Present::FORWARDED) && !after.has(Present::FORWARDED));
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]

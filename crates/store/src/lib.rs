@@ -17,6 +17,8 @@ pub mod typed;
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError};
 pub use node::{NodeApi, NodeError, StoreNode};
+#[doc(hidden)]
+pub use remote::fuzzing;
 pub use remote::{RemoteNode, RemoteStore};
 
 use async_trait::async_trait;

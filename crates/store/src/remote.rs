@@ -283,7 +283,7 @@ impl Store for RemoteStore {
         // Owned by the watch: it ends when the receiver is dropped or the stream ends.
         tokio::spawn(async move {
             let mut body = resp.into_body();
-            let mut pending: Vec<u8> = Vec::new();
+            let mut decoder = WatchDecoder::new(kind, &prefix);
             loop {
                 let frame = tokio::select! {
                     _ = tx.closed() => return,
@@ -307,12 +307,10 @@ impl Store for RemoteStore {
                         Err(_) => continue,
                     },
                 };
-                pending.extend_from_slice(&data);
-                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=pos).collect();
-                    let event = match watch_event(kind, &prefix, &line) {
-                        Ok(Some(ev)) => ev,
-                        Ok(None) => continue,
+                decoder.push(&data);
+                while let Some(event) = decoder.next_event() {
+                    let event = match event {
+                        Ok(ev) => ev,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
                             return;
@@ -458,6 +456,100 @@ impl crate::NodeApi for RemoteNode {
     }
 }
 
+/// The body of the API's watch, as store events: NDJSON lines, however the body is framed.
+struct WatchDecoder<'a> {
+    kind: &'static str,
+    prefix: &'a str,
+    /// Bytes received and not decoded yet from `start` on; the lines before it are decoded.
+    pending: Vec<u8>,
+    start: usize,
+    /// `pending[start..scanned]` holds no newline (`start <= scanned <= pending.len()`): a long
+    /// line is searched once, however many frames it comes in.
+    scanned: usize,
+}
+
+impl<'a> WatchDecoder<'a> {
+    fn new(kind: &'static str, prefix: &'a str) -> Self {
+        Self {
+            kind,
+            prefix,
+            pending: Vec::new(),
+            start: 0,
+            scanned: 0,
+        }
+    }
+
+    /// Appends a frame of the body.
+    fn push(&mut self, data: &[u8]) {
+        // The decoded lines go before the buffer grows: each byte is moved at most once more.
+        self.pending.drain(..self.start);
+        self.scanned -= self.start;
+        self.start = 0;
+        self.pending.extend_from_slice(data);
+    }
+
+    /// The event of the next complete line under the prefix; `None` when every complete line
+    /// received is decoded. An error ends the watch.
+    fn next_event(&mut self) -> Option<Result<WatchEvent, StoreError>> {
+        loop {
+            let Some(at) = self
+                .pending
+                .get(self.scanned..)?
+                .iter()
+                .position(|b| *b == b'\n')
+            else {
+                self.scanned = self.pending.len();
+                return None;
+            };
+            let end = self.scanned + at + 1;
+            let line = self.pending.get(self.start..end)?;
+            self.start = end;
+            self.scanned = end;
+            match watch_event(self.kind, self.prefix, line) {
+                Ok(Some(event)) => return Some(Ok(event)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// What the fuzz targets (`fuzz/`) drive; not part of the store's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{StoreError, WatchDecoder, WatchEvent, kind_of};
+
+    /// What a watch of `prefix` yields for a body that comes in `frames`: its events, up to and
+    /// with the error that ends it.
+    pub fn watch_stream<'f>(
+        prefix: &str,
+        frames: impl IntoIterator<Item = &'f [u8]>,
+    ) -> Vec<Result<WatchEvent, StoreError>> {
+        let kind = match kind_of(prefix) {
+            Ok(kind) => kind,
+            Err(e) => return vec![Err(e)],
+        };
+        let mut decoder = WatchDecoder::new(kind, prefix);
+        let mut events = Vec::new();
+        for frame in frames {
+            decoder.push(frame);
+            while let Some(event) = decoder.next_event() {
+                let failed = event.is_err();
+                events.push(event);
+                if failed {
+                    return events;
+                }
+            }
+        }
+        events
+    }
+
+    /// One line of a watch of `prefix`, decoded on its own.
+    pub fn watch_line(prefix: &str, line: &[u8]) -> Result<Option<WatchEvent>, StoreError> {
+        super::watch_event(kind_of(prefix)?, prefix, line)
+    }
+}
+
 /// One NDJSON line of the API's watch as a store event (`None`: not under `prefix`).
 fn watch_event(kind: &str, prefix: &str, line: &[u8]) -> Result<Option<WatchEvent>, StoreError> {
     let v: Value =
@@ -498,5 +590,82 @@ fn watch_event(kind: &str, prefix: &str, line: &[u8]) -> Result<Option<WatchEven
             }))
         }
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fuzzing::watch_stream;
+    use super::*;
+
+    const PREFIX: &str = "/registry/services/";
+
+    fn line(kind: &str, name: &str, rv: u64) -> String {
+        format!(
+            "{{\"type\":\"{kind}\",\"object\":{{\"metadata\":{{\"name\":\"{name}\",\"resourceVersion\":{rv}}},\"spec\":{{}}}}}}\n"
+        )
+    }
+
+    fn revisions(events: &[Result<WatchEvent, StoreError>]) -> Vec<Result<Revision, String>> {
+        events
+            .iter()
+            .map(|e| match e {
+                Ok(ev) => Ok(ev.revision()),
+                Err(e) => Err(e.to_string()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn watch_lines_are_decoded_however_the_body_is_framed() {
+        let body = [
+            line("ADDED", "a", 3),
+            line("MODIFIED", "a", 4),
+            line("DELETED", "a", 5),
+        ]
+        .concat();
+        let whole = watch_stream(PREFIX, [body.as_bytes()]);
+        assert_eq!(revisions(&whole), [Ok(3), Ok(4), Ok(5)]);
+        let bytes: Vec<&[u8]> = body.as_bytes().chunks(1).collect();
+        assert_eq!(revisions(&watch_stream(PREFIX, bytes)), revisions(&whole));
+        let (a, b) = body.as_bytes().split_at(body.len() / 2 + 1);
+        assert_eq!(
+            revisions(&watch_stream(PREFIX, [a, b, &[][..]])),
+            revisions(&whole)
+        );
+        // A line not yet ended is not decoded; ADDED carries no previous value, MODIFIED does.
+        let events = watch_stream(PREFIX, [body.as_bytes(), b"{\"type\":"]);
+        assert_eq!(events.len(), 3);
+        assert!(matches!(&events[0], Ok(WatchEvent::Put { prev: None, .. })));
+        assert!(matches!(
+            &events[1],
+            Ok(WatchEvent::Put { prev: Some(_), .. })
+        ));
+        assert!(
+            matches!(&events[2], Ok(WatchEvent::Delete { key, .. }) if key == "/registry/services/a")
+        );
+    }
+
+    #[test]
+    fn watch_stream_ends_at_its_first_error() {
+        let expired = "{\"type\":\"ERROR\",\"object\":{\"code\":410,\"reason\":\"Expired\"}}\n";
+        let body = [line("ADDED", "a", 3), expired.into(), line("ADDED", "b", 4)].concat();
+        let events = watch_stream(PREFIX, [body.as_bytes()]);
+        assert_eq!(events.len(), 2);
+        assert!(matches!(events[1], Err(StoreError::Compacted { .. })));
+        // Not JSON, and an object without a name: errors too. Unknown types are skipped, and
+        // so are objects outside a narrower prefix.
+        let events = watch_stream(PREFIX, [&b"not json\n"[..]]);
+        assert!(matches!(events[..], [Err(StoreError::Backend { .. })]));
+        let events = watch_stream(PREFIX, [&b"{\"type\":\"ADDED\",\"object\":{}}\n"[..]]);
+        assert!(matches!(events[..], [Err(StoreError::Backend { .. })]));
+        let body = [
+            "{\"type\":\"BOOKMARK\",\"object\":{}}\n".to_string(),
+            line("ADDED", "web", 7),
+            line("ADDED", "api", 8),
+        ]
+        .concat();
+        let events = watch_stream("/registry/services/a", [body.as_bytes()]);
+        assert_eq!(revisions(&events), [Ok(8)]);
     }
 }
