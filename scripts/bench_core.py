@@ -36,6 +36,13 @@ def free_port():
     return port
 
 
+def tail(values, unit):
+    """The p99 when there are at least 100 samples; otherwise the max, named so."""
+    if len(values) >= 100:
+        return f"p99 {pctl(values, 99):.1f} {unit}"
+    return f"max {max(values):.1f} {unit}" if values else "-"
+
+
 def pctl(values, p):
     v = sorted(values)
     if not v:
@@ -182,7 +189,7 @@ def bench_rollout(runs):
     finally:
         up.stop()
     return [
-        ("rolling update, 10 replicas, under load", f"{statistics.median(times) / 1000:.2f} s", f"{max(times) / 1000:.2f} s", "≤ 5 s", len(times)),
+        ("rolling update, 10 replicas, under load", f"{statistics.median(times) / 1000:.2f} s", f"max {max(times) / 1000:.2f} s", "≤ 5 s", len(times)),
         ("failed requests during those rollouts", f"{failed[0]} of {sent[0]}", "", "0", 1),
     ]
 
@@ -199,8 +206,8 @@ def main():
         time.sleep(1.0)
         idle.append(up.rss_kib() / 1024)
         up.stop()
-    rows.append(("start → API ready", f"{statistics.median(starts):.1f} ms", f"{pctl(starts, 99):.1f} ms", "≤ 50 ms", len(starts)))
-    rows.append(("idle RSS, no services", f"{statistics.median(idle):.1f} MiB", f"{max(idle):.1f} MiB", "≤ 25 MB", len(idle)))
+    rows.append(("start → API ready", f"{statistics.median(starts):.1f} ms", tail(starts, "ms"), "median ≤ 15 ms", len(starts)))
+    rows.append(("idle RSS, no services", f"{statistics.median(idle):.1f} MiB", tail(idle, "MiB"), "≤ 10 MiB", len(idle)))
 
     up = Up()
     try:
@@ -214,7 +221,7 @@ def main():
             lat.append((time.perf_counter() - t0) * 1000)
             up.call("DELETE", f"/api/v1/services/{name}")
             wait(lambda: not up.instances(name))
-        rows.append(("apply → first instance ready", f"{statistics.median(lat):.1f} ms", f"{pctl(lat, 99):.1f} ms", "p99 ≤ 250 ms", len(lat)))
+        rows.append(("apply → first instance ready", f"{statistics.median(lat):.1f} ms", tail(lat, "ms"), "median ≤ 30 ms", len(lat)))
 
         # Crash → replacement ready (first restart of a fresh instance).
         crash = []
@@ -229,7 +236,7 @@ def main():
             crash.append((time.perf_counter() - t0) * 1000)
             up.call("DELETE", f"/api/v1/services/{name}")
             wait(lambda: not up.instances(name))
-        rows.append(("crash → replacement ready", f"{statistics.median(crash):.1f} ms", f"{pctl(crash, 99):.1f} ms", "≤ 200 ms", len(crash)))
+        rows.append(("crash → replacement ready", f"{statistics.median(crash):.1f} ms", tail(crash, "ms"), "≤ 200 ms", len(crash)))
 
         # RSS with 20 instances.
         up.call("POST", "/api/v1/services", demo("twenty", 20))
@@ -238,7 +245,7 @@ def main():
         for _ in range(5):
             time.sleep(1.0)
             samples.append(up.rss_kib() / 1024)
-        rows.append(("RSS with 20 instances", f"{statistics.median(samples):.1f} MiB", f"{max(samples):.1f} MiB", "≤ 25 MB", len(samples)))
+        rows.append(("RSS with 20 instances", f"{statistics.median(samples):.1f} MiB", tail(samples, "MiB"), "≤ 25 MB", len(samples)))
     finally:
         up.stop()
 
@@ -247,7 +254,7 @@ def main():
     size = os.path.getsize(BIN) / (1024 * 1024)
     rows.append(("stripped release binary", f"{size:.1f} MiB", "", "≤ 20 MB", 1))
 
-    print("| measure | median | p99 / max | goal | n |")
+    print("| measure | median | p99 (n ≥ 100) or max | goal | n |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |")
