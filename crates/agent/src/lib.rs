@@ -401,7 +401,7 @@ impl Agent {
     /// everything in the instance's cgroup, removes the cgroup and releases its ports.
     async fn clean_up_after_worker(&self, name: &str, held: &std::sync::Mutex<Held>) {
         let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
-        tracing::warn!(instance = %name, pgid = ?held.pgid, "cleaning up after an abnormally ended worker");
+        tracing::warn!(instance = %name, pgid = held.pgid.map_or(-1, i64::from), "cleaning up after an abnormally ended worker");
         if let Some(pgid) = held.pgid {
             self.shared
                 .driver

@@ -545,7 +545,7 @@ impl Worker {
                     let ev_kind = if matches!(ev, ProbeEvent::StartupFailed(_)) { EvKind::Startup } else { EvKind::Other };
                     match ev {
                         ProbeEvent::CheckFailed { probe, message } => {
-                            tracing::debug!(instance = %self.name, probe, %message, "probe check failed");
+                            tracing::debug!(instance = %self.name, probe, detail = %message, "probe check failed");
                             self.shared.metrics.probe_failures.get_or_create(&metrics::probe(&self.service, probe)).inc();
                         }
                         ProbeEvent::StartupPassed => {

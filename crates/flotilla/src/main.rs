@@ -244,6 +244,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Colour only on a terminal, and never when `NO_COLOR` is set (to anything but empty).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn init_logging(format: LogFormat, is_up: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if is_up { "info" } else { "warn" };
@@ -251,6 +257,7 @@ fn init_logging(format: LogFormat, is_up: bool) {
         EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -208,11 +208,11 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
         "Replicas:      {} desired, {} ready",
         s.spec.replicas, s.status.ready_replicas
     );
-    let _ = writeln!(
-        out,
-        "Revision:      {} (last good {})",
-        s.status.revision, s.status.last_good_revision
-    );
+    let last_good = match s.status.last_good_revision {
+        0 => "no good revision yet".to_string(),
+        n => format!("last good {n}"),
+    };
+    let _ = writeln!(out, "Revision:      {} ({last_good})", s.status.revision);
     if let Some(r) = &s.status.rollout {
         let _ = writeln!(out, "Rollout:       {}: {}", r.phase.as_str(), r.message);
     }

@@ -162,11 +162,17 @@ fn describe_file_apply(
     }
 }
 
-async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
-    let parsed: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("invalid {what} address {addr:?} (expected host:port)"))?;
-    TcpListener::bind(parsed)
+/// A listen address: an IP and a port (`127.0.0.1:7070`, `[::1]:7070`); names are not resolved.
+fn parse_addr(what: &str, addr: &str) -> Result<SocketAddr> {
+    addr.parse().map_err(|_| {
+        anyhow!(
+            "invalid {what} address {addr:?}: expected IP:PORT such as 127.0.0.1:7070 or [::1]:7070 (host names are not resolved)"
+        )
+    })
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the {what} on {addr}"))
 }
@@ -183,6 +189,23 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         .as_ref()
         .and_then(|p| std::path::absolute(p).ok())
         .and_then(|p| p.parent().map(Path::to_path_buf));
+
+    let api_addr = args
+        .api_listen
+        .or(up.api)
+        .unwrap_or_else(|| context::DEFAULT_API.to_string());
+    let gw_addr = args
+        .gateway_listen
+        .or(up.gateway)
+        .unwrap_or_else(|| context::DEFAULT_GATEWAY.to_string());
+    let metrics_addr = args
+        .metrics_listen
+        .or(up.metrics)
+        .unwrap_or_else(|| context::DEFAULT_METRICS.to_string());
+    // Every address is checked before anything is created or opened.
+    let api_socket = parse_addr("API", &api_addr)?;
+    let metrics_socket = parse_addr("metrics", &metrics_addr)?;
+    let gw_socket = parse_addr("gateway", &gw_addr)?;
 
     let data_dir = match (data_dir_flag, &up.data_dir, &file_dir) {
         (Some(d), _, _) => d,
@@ -203,29 +226,14 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     })?);
     let token = context::ensure_token(&data_dir)?;
 
-    let api_addr = args
-        .api_listen
-        .or(up.api)
-        .unwrap_or_else(|| context::DEFAULT_API.to_string());
-    let gw_addr = args
-        .gateway_listen
-        .or(up.gateway)
-        .unwrap_or_else(|| context::DEFAULT_GATEWAY.to_string());
-    let metrics_addr = args
-        .metrics_listen
-        .or(up.metrics)
-        .unwrap_or_else(|| context::DEFAULT_METRICS.to_string());
-    let api_listener = bind("API", &api_addr).await?;
-    let metrics_listener = bind("metrics", &metrics_addr).await?;
+    let api_listener = bind("API", api_socket).await?;
+    let metrics_listener = bind("metrics", metrics_socket).await?;
     let api_local = api_listener.local_addr()?;
     let metrics_local = metrics_listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
     let mut registry = Registry::default();
     let controller = ServiceController::new(store.clone(), &args.node, &mut registry);
-    let gw_socket: SocketAddr = gw_addr
-        .parse()
-        .with_context(|| format!("invalid gateway address {gw_addr:?} (expected host:port)"))?;
     let gw_config = match file.as_ref().and_then(|f| f.gateway.as_ref()) {
         Some(section) => {
             let base = file_dir.clone().unwrap_or_else(|| PathBuf::from("."));

@@ -52,6 +52,10 @@ struct Tour {
 
 impl Tour {
     fn start() -> Tour {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Tour {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("up.log");
         let out = std::fs::File::create(&log).expect("log");
@@ -62,6 +66,7 @@ impl Tour {
             .args(["--api-listen", "127.0.0.1:0"])
             .args(["--gateway-listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
             .current_dir(repo_root())
             .env("FLOTILLA_CONFIG_DIR", dir.path().join("config"))
             .env("PATH", path_with_demo())
@@ -425,6 +430,7 @@ fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
             assert!(out.contains("Name:          hello"), "{out}");
             assert!(out.contains("Replicas:      3 desired, 3 ready"), "{out}");
             assert!(out.contains("Rollout:       Complete"), "{out}");
+            assert!(out.contains("Revision:      1 (last good 1)"), "{out}");
             assert!(out.contains("\nEvents:\n"), "{out}");
         }
         c if c.starts_with("logs hello --instance") => {
@@ -512,6 +518,26 @@ fn mistakes_get_clear_errors_and_exit_codes() {
         (&["get", "nodes"], 2, "invalid value 'nodes'"),
         (&["frobnicate"], 2, "unrecognized subcommand"),
     ];
+    // A bad listen address is refused before anything is created.
+    let nowhere = tour.dir.path().join("never-created");
+    let o = tour.run(&[
+        "up".into(),
+        "--api-listen".into(),
+        "localhost:1".into(),
+        "--data-dir".into(),
+        nowhere.display().to_string(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid API address \"localhost:1\": expected IP:PORT"),
+        "{err}"
+    );
+    assert!(
+        !nowhere.exists(),
+        "the data directory was created for a bad address"
+    );
+
     for (args, code, needle) in cases {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let o = tour.run(&args);
@@ -529,4 +555,42 @@ fn mistakes_get_clear_errors_and_exit_codes() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// Logs are for machines too: `--log-format json` gives one JSON object a line, one key per
+/// field (no second `message`), and text logs into a file carry no colour codes.
+#[test]
+fn logs_are_clean_json_and_uncoloured_text() {
+    let check = |tour: &Tour, needle: &str| -> String {
+        wait_for("up's log to show the rollout", T, || {
+            let log = tour.up_log();
+            log.contains(needle).then_some(log)
+        })
+    };
+    let tour = Tour::start_with(&["--log-format", "json"]);
+    let log = check(&tour, "RolloutComplete");
+    let mut lines = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        lines += 1;
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        // serde_json keeps the last of duplicate keys; count them in the text instead.
+        for key in ["\"message\":", "\"detail\":", "\"error\":"] {
+            let in_fields = line.matches(key).count();
+            assert!(in_fields <= 1, "{key} appears {in_fields} times: {line}");
+        }
+        assert!(
+            !line.contains("\"None\"") && !line.contains("Some("),
+            "Rust debug values: {line}"
+        );
+        assert!(value["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(lines > 5, "too few JSON lines:\n{log}");
+    drop(tour);
+
+    let tour = Tour::start();
+    let log = check(&tour, "RolloutComplete");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
 }

@@ -228,11 +228,12 @@ impl Gateway {
             ConnectionMetrics::register(registry),
             acceptor,
         ));
-        tracing::info!(
-            addr = %local_addr,
-            tls_addr = ?tls_listener.as_ref().map(|(_, a)| *a),
-            "gateway listening"
-        );
+        match tls_listener.as_ref() {
+            Some((_, tls_addr)) => {
+                tracing::info!(addr = %local_addr, %tls_addr, "gateway listening")
+            }
+            None => tracing::info!(addr = %local_addr, "gateway listening"),
+        }
         Ok(Self {
             config,
             listener,

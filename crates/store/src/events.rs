@@ -43,8 +43,8 @@ pub async fn record(
         timestamp: now_rfc3339(),
     };
     match event_type {
-        EventType::Normal => tracing::info!(kind, name, reason, %message, "event"),
-        EventType::Warning => tracing::warn!(kind, name, reason, %message, "event"),
+        EventType::Normal => tracing::info!(kind, name, reason, detail = %message, "event"),
+        EventType::Warning => tracing::warn!(kind, name, reason, detail = %message, "event"),
     }
     if let Err(error) = typed::create(store, event).await {
         tracing::warn!(%error, "could not record event");

@@ -421,7 +421,12 @@ async fn reflect<T: Object>(
                 backoff = BACKOFF_MIN;
             }
             WatchEnd::Relist(err) => {
-                tracing::warn!(kind = T::KIND, error = ?err, "reflector watch ended; relisting");
+                match &err {
+                    Some(e) => {
+                        tracing::warn!(kind = T::KIND, error = %e, "reflector watch ended; relisting")
+                    }
+                    None => tracing::warn!(kind = T::KIND, "reflector watch ended; relisting"),
+                }
                 if !pause(&shutdown, &mut backoff).await {
                     return Ok(());
                 }

@@ -185,7 +185,7 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     let mut response = next.run(request).await;
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
         let status = error.status;
-        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request failed");
+        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), error = %error.message, "request failed");
         let body = serde_json::json!({ "error": error, "requestId": id });
         response = (status, Json(body)).into_response();
     } else if let Some(rejection) = rejection_message(&mut response).await {
@@ -198,7 +198,7 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
             _ => "BadRequest",
         };
         let error = ApiError::new(status, reason, rejection);
-        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), message = %error.message, "request rejected");
+        tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), error = %error.message, "request rejected");
         response = (
             status,
             Json(serde_json::json!({ "error": error, "requestId": id })),
