@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit, property and integration tests.
+# The whole test suite: formatting, lints, unit, property and integration tests, then every fuzz
+# target for a bounded time (scripts/fuzz.sh).
 # Tests that need root (cgroups) say "skipped: ..." when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,14 @@ set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# Every fuzz target for a bounded time (FUZZ_SECONDS); its failure fails the suite, after the
+# summary below.
+fuzz_status=0
+./scripts/fuzz.sh || fuzz_status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "all tests: %d passed, %d failed, %d ignored\n", p, f, s }' "$log"
 skipped=$(grep -c '^skipped:' "$log" || true)
 [ "$skipped" -gt 0 ] && echo "note: $skipped tests skipped (they need root and cgroups)"
-exit "$status"
+[ "$fuzz_status" -ne 0 ] && echo "note: scripts/fuzz.sh failed (exit $fuzz_status): see its lines above"
+[ "$status" -ne 0 ] && exit "$status"
+exit "$fuzz_status"
