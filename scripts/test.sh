@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit, property and integration tests.
+# The whole test suite: formatting, lints, unit, property and integration tests, then every fuzz
+# target for a bounded time (scripts/fuzz.sh).
 # Tests that need root (cgroups) say "skipped: ..." when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,10 @@ set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# Every fuzz target for a bounded time (FUZZ_SECONDS); its failure fails the suite, after the
+# summary below.
+fuzz_status=0
+./scripts/fuzz.sh || fuzz_status=$?
 # One closing summary for the whole run (cargo prints one line per test binary). A test that
 # could not run here passes after printing `skipped: <test> needs …`: those are counted apart.
 skips=$(grep -o 'skipped: .*' "$log" | sort -u || true)
@@ -22,4 +27,6 @@ if [ "$skipped" -gt 0 ]; then
   echo "skipped (each says why):"
   printf '%s\n' "$skips" | sed 's/^/  /'
 fi
-exit "$status"
+[ "$fuzz_status" -ne 0 ] && echo "note: scripts/fuzz.sh failed (exit $fuzz_status): see its lines above"
+[ "$status" -ne 0 ] && exit "$status"
+exit "$fuzz_status"
