@@ -456,6 +456,9 @@ impl crate::NodeApi for RemoteNode {
     }
 }
 
+/// Longest line of a watch stream (one object): far above any real object, bounded.
+const MAX_WATCH_LINE: usize = 16 << 20;
+
 /// The body of the API's watch, as store events: NDJSON lines, however the body is framed.
 struct WatchDecoder<'a> {
     kind: &'static str,
@@ -499,6 +502,14 @@ impl<'a> WatchDecoder<'a> {
                 .position(|b| *b == b'\n')
             else {
                 self.scanned = self.pending.len();
+                // A stream that never ends its line must not grow memory without bound.
+                if self.pending.len() - self.start > MAX_WATCH_LINE {
+                    self.start = self.pending.len();
+                    return Some(Err(backend(
+                        "watching",
+                        format!("a watch line is longer than {MAX_WATCH_LINE} bytes"),
+                    )));
+                }
                 return None;
             };
             let end = self.scanned + at + 1;
@@ -667,5 +678,15 @@ mod tests {
         .concat();
         let events = watch_stream("/registry/services/a", [body.as_bytes()]);
         assert_eq!(revisions(&events), [Ok(8)]);
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_cut_not_buffered_forever() {
+        let chunk = vec![b'x'; 1 << 20];
+        let frames: Vec<&[u8]> = (0..17).map(|_| chunk.as_slice()).collect();
+        let events = watch_stream(PREFIX, frames);
+        assert_eq!(events.len(), 1);
+        let error = events[0].as_ref().expect_err("cut");
+        assert!(error.to_string().contains("watching"), "{error}");
     }
 }
