@@ -31,6 +31,7 @@ mod body;
 mod clock;
 pub mod config;
 pub mod conn;
+mod headers;
 mod listener;
 pub mod metrics;
 pub mod proxy;
@@ -55,9 +56,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use body::{AttemptBody, BoxError, GatewayBody};
 pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig};
-pub use metrics::Metrics;
 #[doc(hidden)]
-pub use proxy::fuzzing;
+pub use headers::fuzzing;
+pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
 use crate::listener::{Bound, ConnLayer};
