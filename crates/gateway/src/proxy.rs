@@ -851,7 +851,7 @@ mod tests {
         instances: &[flotilla_spec::object::Instance],
     ) {
         let next = RouteTable::build_with(services, instances, &proxy.state);
-        crate::swap_table(&proxy.table, next);
+        crate::follower::swap_table(&proxy.table, next);
     }
 
     fn names(route: &Route) -> Vec<&str> {
@@ -933,10 +933,7 @@ mod tests {
     #[tokio::test]
     async fn routing_view_is_busy_while_a_request_is_in_flight_to_an_unrouted_instance() {
         let (proxy, matched) = proxy_with(&[ready("web-old", 1)]);
-        let view = crate::RoutingView {
-            table: proxy.table.clone(),
-            state: proxy.state.clone(),
-        };
+        let view = crate::RoutingView::new(proxy.table.clone(), proxy.state.clone());
         let (mut route, mut tried) = (matched.clone(), 0);
         let (_, guard) = proxy.pick(&mut route, &mut tried).expect("an endpoint");
         assert!(view.routes_to("web-old") && view.busy("web-old"));
