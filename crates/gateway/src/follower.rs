@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::GatewayError;
-use crate::proxy::error_chain;
+use crate::error::error_chain;
 use crate::table::{Endpoint, RouteConflict, RouteTable, TableState};
 
 /// Read access to the routing table in force and to the requests in flight, for draining.

@@ -31,6 +31,7 @@ mod body;
 mod clock;
 pub mod config;
 pub mod conn;
+mod error;
 mod follower;
 mod headers;
 mod listener;

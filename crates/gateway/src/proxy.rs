@@ -36,6 +36,7 @@ use crate::access_log;
 use crate::balance::{self, EndpointState, InFlight};
 use crate::body::{AttemptBody, GatewayBody, Replay, full, tracked};
 use crate::conn::ConnInfo;
+use crate::error;
 use crate::headers::{
     Host, Present, add_forwarded, content_length, request_host, strip_hop_by_hop,
     strip_request_hop_by_hop, upgrade_protocol,
@@ -51,8 +52,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle upstream connections are closed after this, in both clients.
 const POOL_IDLE_TIMEOUT: Duration = Http1Pool::IDLE_TIMEOUT;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
-/// Longest host or path echoed back in a 404 body.
-const ECHO_LIMIT: usize = 128;
 
 pub type UpstreamClient = Client<HttpConnector, AttemptBody>;
 
@@ -208,12 +207,7 @@ impl Proxy {
         let route = match found {
             Match::NoRoute => {
                 tracing::debug!(%host, path = req.uri().path(), "no route");
-                let reason = format!(
-                    "no route for host {:?} and path {:?}\n",
-                    clip(host),
-                    clip(req.uri().path())
-                );
-                return Step::Answer(text(StatusCode::NOT_FOUND, reason));
+                return Step::Answer(error::no_route(host, req.uri().path()));
             }
             Match::NoReadyEndpoint(route) | Match::Ready(route) => route,
         };
@@ -225,16 +219,10 @@ impl Proxy {
             && let Err(wait) = limiter.check(conn.peer.ip())
         {
             self.metrics.rate_limited(&route.service);
-            let mut response = text(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(wait)),
-            );
-            return Step::Answer(response);
+            return Step::Answer(error::too_many_requests(retry_after_secs(wait)));
         }
         if route.endpoints.is_empty() {
-            let reason = format!("no ready instance for service {:?}\n", route.service);
-            return Step::Answer(text(StatusCode::SERVICE_UNAVAILABLE, reason));
+            return Step::Answer(error::no_ready_instance(&route.service));
         }
         let host = Host {
             value: host_value.clone(),
@@ -256,7 +244,7 @@ impl Proxy {
         if present.has(Present::CONTENT_LENGTH)
             && content_length(req.headers()).is_some_and(|len| len > limit)
         {
-            return Step::Answer(too_large(limit));
+            return Step::Answer(error::too_large(limit));
         }
         let upgrade = if present.has(Present::CONNECTION) {
             upgrade_protocol(&req)
@@ -264,16 +252,14 @@ impl Proxy {
             None
         };
         if upgrade.is_some() && route.upstream == UpstreamProtocol::H2c {
-            return Step::Answer(text(
-                StatusCode::BAD_REQUEST,
+            return Step::Answer(error::bad_request(
                 "protocol upgrades are not supported on this route\n",
             ));
         }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let Some(path_and_query) = upstream_path_and_query(&route, &parts.uri) else {
-            return Step::Answer(text(
-                StatusCode::BAD_REQUEST,
+            return Step::Answer(error::bad_request(
                 "request target must be an absolute path\n",
             ));
         };
@@ -328,10 +314,7 @@ impl Proxy {
                     timeout = ?deadline,
                     "upstream did not answer in time"
                 );
-                return text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("upstream timed out for service {:?}\n", route.service),
-                );
+                return error::upstream_timed_out(&route.service);
             }
         };
         match answer {
@@ -346,11 +329,8 @@ impl Proxy {
                 }
                 into_client_response(response, guard, reuse)
             }
-            Answer::TooLarge => too_large(self.limits.max_body_bytes),
-            Answer::Failed => text(
-                StatusCode::BAD_GATEWAY,
-                format!("upstream error for service {:?}\n", route.service),
-            ),
+            Answer::TooLarge => error::too_large(self.limits.max_body_bytes),
+            Answer::Failed => error::upstream_failed(&route.service),
         }
     }
 
@@ -698,13 +678,6 @@ fn into_client_response(
     Response::from_parts(parts, tracked(body, guard, reuse))
 }
 
-fn too_large(limit: u64) -> Response<GatewayBody> {
-    text(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("request body larger than {limit} bytes\n"),
-    )
-}
-
 /// The path and query to send upstream: the route's rewrite applied to the path.
 fn upstream_path_and_query(route: &Route, uri: &Uri) -> Option<PathAndQuery> {
     let pq = uri.path_and_query()?;
@@ -729,10 +702,10 @@ fn redirect_to_https<B>(req: &Request<B>, host: &str) -> Response<GatewayBody> {
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let location = format!("https://{host}{pq}");
     let Ok(location) = HeaderValue::from_str(&location) else {
-        return text(StatusCode::BAD_REQUEST, "invalid host\n");
+        return error::bad_request("invalid host\n");
     };
     if host.is_empty() {
-        return text(StatusCode::BAD_REQUEST, "missing host\n");
+        return error::bad_request("missing host\n");
     }
     let status = if matches!(*req.method(), Method::GET | Method::HEAD) {
         StatusCode::MOVED_PERMANENTLY
@@ -751,41 +724,8 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A short plain-text answer made by the gateway itself.
-pub fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<GatewayBody> {
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    response
-}
-
-/// At most [`ECHO_LIMIT`] characters of `s`.
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(ECHO_LIMIT) {
-        Some((end, _)) => &s[..end],
-        None => s,
-    }
-}
-
-/// `error: cause: cause` for logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
+/// The gateway's own answers and the log form of errors, in [`crate::error`]; kept here by path.
+pub use crate::error::{error_chain, text};
 
 /// What the fuzz targets (`fuzz/`) drive; moved to [`crate::headers`], kept here by path.
 #[doc(hidden)]
@@ -794,13 +734,6 @@ pub use crate::headers::fuzzing;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clip_keeps_char_boundaries() {
-        let long = "é".repeat(ECHO_LIMIT + 10);
-        assert_eq!(clip(&long).chars().count(), ECHO_LIMIT);
-        assert_eq!(clip("short"), "short");
-    }
 
     // ---- draining: requests that matched an older table --------------------------------------
 
