@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::GatewayError;
-use crate::access_log;
+use crate::access_log::{self, Outcome};
 use crate::balance::{self, EndpointState, InFlight};
 use crate::body::{AttemptBody, GatewayBody, Replay, full, tracked};
 use crate::conn::ConnInfo;
@@ -123,17 +123,6 @@ pub struct Proxy {
     /// State that survives table rebuilds (endpoints, limiters, budgets) and the policy.
     pub state: Arc<TableState>,
     pub tunnels: Tunnels,
-}
-
-/// What became of a request, for metrics and the access log.
-#[derive(Debug, Default)]
-pub(crate) struct Outcome {
-    /// The matched route (its service is the `route` label).
-    pub route: Option<Arc<Route>>,
-    /// The endpoint that answered (or failed last).
-    pub instance: Option<Arc<EndpointState>>,
-    /// Upstream attempts made.
-    pub attempts: u32,
 }
 
 impl Proxy {
