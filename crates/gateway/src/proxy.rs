@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::GatewayError;
 use crate::access_log::{self, Outcome};
 use crate::balance::{self, EndpointState, InFlight};
-use crate::body::{AttemptBody, GatewayBody, Replay, full, tracked};
+use crate::body::{AttemptBody, GatewayBody, Replay, full};
 use crate::conn::ConnInfo;
 use crate::error;
 use crate::headers::{
@@ -44,7 +44,7 @@ use crate::headers::{
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::retry_after_secs;
 use crate::table::{Match, Route, RouteTable, TableState, normalize_host};
-use crate::upstream::{Http1Pool, Reuse, UpstreamError};
+use crate::upstream::{Http1Pool, Reuse, UpstreamError, tracked};
 
 use flotilla_spec::service::UpstreamProtocol;
 
