@@ -543,7 +543,7 @@ impl Proxy {
                 let mut client = TokioIo::new(client);
                 let mut upstream = TokioIo::new(upstream);
                 tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-                Ok::<(), crate::BoxError>(())
+                Ok::<(), crate::body::BoxError>(())
             };
             tokio::select! {
                 () = stop.cancelled() => {}
@@ -598,7 +598,7 @@ impl UpstreamRequest {
         endpoint: &EndpointState,
         protocol: UpstreamProtocol,
         last: bool,
-    ) -> Result<Request<AttemptBody>, crate::BoxError> {
+    ) -> Result<Request<AttemptBody>, crate::body::BoxError> {
         let Some(authority) = endpoint.uri_authority() else {
             return Err(format!("invalid endpoint address {:?}", endpoint.authority).into());
         };

@@ -2,8 +2,8 @@
 //! connections whose connection tasks run on that worker's runtime.
 //!
 //! Per request: pop the most recently used idle connection to the endpoint (or connect), send,
-//! and hand the connection back to the pool when the response body has been read to its end
-//! ([`Reuse`], carried by the response body, [`tracked`]). Nothing else: no task per request, no channel
+//! and hand the connection back to the pool when the response body ([`tracked`]) has been read
+//! to its end ([`Reuse`], carried by that body). Nothing else: no task per request, no channel
 //! hand-off to another thread, no lock held across an await. A connection whose body was not
 //! read to the end, or that was upgraded, is never reused (hyper closes it).
 //!
