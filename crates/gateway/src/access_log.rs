@@ -2,15 +2,28 @@
 //! `flotilla::access`. With the binary's JSON subscriber each line is one JSON object; filter
 //! with `RUST_LOG=flotilla::access=info`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, StatusCode};
 
+use crate::balance::EndpointState;
 use crate::conn::ConnInfo;
-use crate::proxy::Outcome;
+use crate::table::Route;
 
 /// Longest path or host logged (longer ones are cut: a log line stays bounded).
 const FIELD_LIMIT: usize = 512;
+
+/// What became of a request, for metrics and the access log.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// The matched route (its service is the `route` label).
+    pub route: Option<Arc<Route>>,
+    /// The endpoint that answered (or failed last).
+    pub instance: Option<Arc<EndpointState>>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+}
 
 /// What is logged of the request, taken before the request is consumed.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
 //! Bodies: the client's request body shared between upstream attempts (with the body size
-//! limit), and the gateway's response body type.
+//! limit), and the gateway's response body type. (The upstream response body that gives its
+//! connection back to the pool is [`crate::upstream::tracked`].)
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,9 +12,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::balance::InFlight;
-use crate::upstream::Reuse;
-
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What the gateway answers with: a streamed upstream body or a short local one.
@@ -23,70 +21,6 @@ pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-/// An upstream response body that keeps its endpoint's in-flight count until it ends (or is
-/// dropped), so least-in-flight balancing sees streaming responses as load. Read to its end,
-/// it gives its HTTP/1.1 connection back to the pool (`reuse`).
-pub fn tracked(body: Incoming, guard: InFlight, reuse: Option<Reuse>) -> GatewayBody {
-    Tracked {
-        body,
-        guard: Some(guard),
-        reuse,
-    }
-    .boxed_unsync()
-}
-
-struct Tracked {
-    body: Incoming,
-    guard: Option<InFlight>,
-    reuse: Option<Reuse>,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                this.guard = None;
-                if let Some(reuse) = this.reuse.take() {
-                    reuse.release();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.guard = None;
-                this.reuse = None;
-            }
-            _ => {}
-        }
-        polled.map_err(BoxError::from)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // A response without a body (HEAD, 204, 304, empty) may never be polled.
-        if self.body.is_end_stream()
-            && let Some(reuse) = self.reuse.take()
-        {
-            reuse.release();
-        }
-    }
 }
 
 /// The request body was longer than the limit.

@@ -18,7 +18,7 @@ pub struct ConnInfo {
     /// Process-unique connection number, for logs.
     pub id: u64,
     /// The forwarding headers' per-connection part, computed on the first proxied request.
-    forwarding: std::sync::OnceLock<crate::proxy::Forwarding>,
+    forwarding: std::sync::OnceLock<crate::headers::Forwarding>,
 }
 
 impl ConnInfo {
@@ -43,9 +43,9 @@ impl ConnInfo {
         }
     }
 
-    pub(crate) fn forwarding(&self) -> &crate::proxy::Forwarding {
+    pub(crate) fn forwarding(&self) -> &crate::headers::Forwarding {
         self.forwarding
-            .get_or_init(|| crate::proxy::Forwarding::new(self.peer, self.scheme()))
+            .get_or_init(|| crate::headers::Forwarding::new(self.peer, self.scheme()))
     }
 
     /// The scheme clients used to reach the gateway: `X-Forwarded-Proto` and `Forwarded`.

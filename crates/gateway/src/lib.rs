@@ -31,6 +31,9 @@ mod body;
 mod clock;
 pub mod config;
 pub mod conn;
+mod error;
+mod follower;
+mod headers;
 mod listener;
 pub mod metrics;
 pub mod proxy;
@@ -44,25 +47,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use flotilla_spec::Object;
-use flotilla_spec::object::{Instance, Service};
 use flotilla_store::Store;
 use flotilla_store::StoreError;
-use flotilla_store::typed::{ObjectMap, Reflector};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use body::{AttemptBody, BoxError, GatewayBody};
 pub use config::{CertificateFiles, ConfigError, GatewayConfig, Limits, TlsConfig};
-pub use metrics::Metrics;
+pub use follower::RoutingView;
 #[doc(hidden)]
-pub use proxy::fuzzing;
+pub use headers::fuzzing;
+pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
+use crate::follower::StoreFollower;
 use crate::listener::{Bound, ConnLayer};
 use crate::metrics::ConnectionMetrics;
-use crate::proxy::{Proxy, error_chain};
+use crate::proxy::Proxy;
 use crate::tls::{CertFiles, CertResolver, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -114,40 +115,6 @@ impl GatewayError {
     }
 }
 
-/// Read access to the routing table in force and to the requests in flight, for draining.
-#[derive(Clone)]
-pub struct RoutingView {
-    table: Arc<ArcSwap<RouteTable>>,
-    state: Arc<TableState>,
-}
-
-impl RoutingView {
-    /// Whether any route of the table in force sends new requests to `instance`.
-    pub fn routes_to(&self, instance: &str) -> bool {
-        self.table
-            .load()
-            .routes()
-            .any(|r| r.endpoints.iter().any(|e| e.instance == instance))
-    }
-
-    /// Requests this gateway has in flight to `instance`: being sent, waiting for the answer,
-    /// or with a response body (or an upgraded connection) not finished yet.
-    pub fn in_flight_to(&self, instance: &str) -> u32 {
-        self.state.endpoints.in_flight_to(instance)
-    }
-
-    /// Whether `instance` may still get a request from this gateway, or has one to answer: it
-    /// is routed, or requests to it are in flight. Once false it stays false until a table
-    /// routes to the instance again: a request that matched an older table and has not
-    /// reached the instance yet sees it was taken out and goes elsewhere
-    /// ([`Endpoint::start_if_routed`]).
-    pub fn busy(&self, instance: &str) -> bool {
-        // In this order: the table first (an instance taken out of it is marked unrouted before
-        // the swap), then the requests in flight.
-        self.routes_to(instance) || self.in_flight_to(instance) > 0
-    }
-}
-
 /// A bound gateway, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: GatewayConfig,
@@ -158,9 +125,8 @@ pub struct Gateway {
     certs: Option<CertFiles>,
     layer: Arc<ConnLayer>,
     proxy: Arc<Proxy>,
-    store: Arc<dyn Store>,
-    services: Feed<Service>,
-    instances: Feed<Instance>,
+    /// Stopped by `run` at its end, or by its `Drop` if the gateway never runs.
+    follower: StoreFollower,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -195,23 +161,11 @@ impl Gateway {
                 (Some(bound), Some(certs), Some(acceptor))
             }
         };
-        // Stopped by `run` at its end, or by their `Drop` if the gateway never runs.
-        let mut services = Feed::<Service>::start(store.clone())
-            .await
-            .map_err(|source| GatewayError::Store {
-                action: "list services",
-                source,
-            })?;
-        let mut instances = Feed::<Instance>::start(store.clone())
-            .await
-            .map_err(|source| GatewayError::Store {
-                action: "list instances",
-                source,
-            })?;
-        // Built from the maps the feeds mark seen: whatever the reflectors publish from now on,
-        // before `run` or during it, reaches the table.
+        let mut follower = StoreFollower::start(store).await?;
+        // Built from the maps the follower marks seen: whatever the reflectors publish from now
+        // on, before `run` or during it, reaches the table.
         let state = Arc::new(TableState::new(config.upstream.clone()));
-        let table = build_table(&services.take(), &instances.take(), &state, &mut Vec::new());
+        let table = follower.table(&state);
         let proxy = Arc::new(Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
             pool: proxy::upstream_pool(),
@@ -242,9 +196,7 @@ impl Gateway {
             certs,
             layer,
             proxy,
-            store,
-            services,
-            instances,
+            follower,
         })
     }
 
@@ -272,10 +224,7 @@ impl Gateway {
     /// asks it whether an instance is still routed, or still has requests in flight, before
     /// signalling it (drain).
     pub fn routing(&self) -> RoutingView {
-        RoutingView {
-            table: self.proxy.table.clone(),
-            state: self.proxy.state.clone(),
-        }
+        RoutingView::new(self.proxy.table.clone(), self.proxy.state.clone())
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
@@ -289,16 +238,11 @@ impl Gateway {
             certs,
             layer,
             proxy,
-            store,
-            services,
-            instances,
+            follower,
         } = self;
 
         let stop_updates = CancellationToken::new();
-        let updater = tokio::spawn(keep_table_current(
-            store,
-            services,
-            instances,
+        let updater = tokio::spawn(follower.run(
             proxy.table.clone(),
             proxy.state.clone(),
             stop_updates.clone(),
@@ -374,133 +318,6 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
-/// A reflector the routing table follows, and the receiver it follows it with.
-struct Feed<T: Object> {
-    reflector: Reflector<T>,
-    /// Marked seen at the map the table in force was built from.
-    rx: watch::Receiver<ObjectMap<T>>,
-}
-
-impl<T: Object> Feed<T> {
-    /// Lists the objects and starts following them (until [`Feed::stop`] or drop).
-    async fn start(store: Arc<dyn Store>) -> Result<Self, StoreError> {
-        let reflector = Reflector::<T>::start(store, &CancellationToken::new()).await?;
-        let rx = reflector.subscribe();
-        Ok(Self { reflector, rx })
-    }
-
-    /// The current map, marked seen: every later publication makes `changed` fire.
-    fn take(&mut self) -> ObjectMap<T> {
-        self.rx.borrow_and_update().clone()
-    }
-
-    /// Stops the reflector, logging how it ended if not cleanly.
-    async fn stop(self) {
-        if let Err(e) = self.reflector.stop().await {
-            tracing::warn!(kind = T::KIND, error = %error_chain(&e), "reflector ended with an error");
-        }
-    }
-
-    /// Replaces a feed whose reflector ended (the store was closed, or the task failed) with a
-    /// new one (a full list), retrying with backoff until it starts. `None` if `stop` came first.
-    async fn restart(self, store: &Arc<dyn Store>, stop: &CancellationToken) -> Option<Self> {
-        tracing::warn!(
-            kind = T::KIND,
-            "reflector ended while the gateway runs; restarting it (the routing table is not following the store meanwhile)"
-        );
-        self.stop().await;
-        let mut backoff = RESTART_BACKOFF_MIN;
-        loop {
-            let started = tokio::select! {
-                () = stop.cancelled() => return None,
-                started = Self::start(store.clone()) => started,
-            };
-            match started {
-                Ok(feed) => {
-                    tracing::info!(
-                        kind = T::KIND,
-                        "reflector restarted; routing table follows the store again"
-                    );
-                    return Some(feed);
-                }
-                Err(e) => {
-                    tracing::warn!(kind = T::KIND, error = %error_chain(&e), retry_in = ?backoff, "cannot restart the reflector");
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => return None,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
-        }
-    }
-}
-
-const RESTART_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Which feed a notification came from.
-enum Changed {
-    Services(bool),
-    Instances(bool),
-}
-
-/// Rebuilds and swaps the table whenever services or instances change, until `stop`. Never
-/// stops following the store before that: a reflector that ends is restarted (with backoff),
-/// and the table is rebuilt from its first list.
-async fn keep_table_current(
-    store: Arc<dyn Store>,
-    mut services: Feed<Service>,
-    mut instances: Feed<Instance>,
-    table: Arc<ArcSwap<RouteTable>>,
-    state: Arc<TableState>,
-    stop: CancellationToken,
-) {
-    let mut conflicts = Vec::new();
-    loop {
-        let changed = tokio::select! {
-            () = stop.cancelled() => break,
-            changed = services.rx.changed() => Changed::Services(changed.is_ok()),
-            changed = instances.rx.changed() => Changed::Instances(changed.is_ok()),
-        };
-        match changed {
-            Changed::Services(true) | Changed::Instances(true) => {}
-            Changed::Services(false) => match services.restart(&store, &stop).await {
-                Some(feed) => services = feed,
-                None => {
-                    instances.stop().await;
-                    return;
-                }
-            },
-            Changed::Instances(false) => match instances.restart(&store, &stop).await {
-                Some(feed) => instances = feed,
-                None => {
-                    services.stop().await;
-                    return;
-                }
-            },
-        }
-        let next = build_table(&services.take(), &instances.take(), &state, &mut conflicts);
-        swap_table(&table, next);
-    }
-    services.stop().await;
-    instances.stop().await;
-}
-
-/// Puts `next` in force. Endpoints of the table in force that `next` leaves out are marked
-/// unrouted first, so that once the swap is seen (a drain's `routes_to` is false) no request
-/// that matched an older table can still start on them ([`Endpoint::start_if_routed`]).
-pub(crate) fn swap_table(table: &ArcSwap<RouteTable>, next: RouteTable) {
-    let kept: std::collections::HashSet<*const Endpoint> =
-        next.endpoints().map(Arc::as_ptr).collect();
-    for endpoint in table.load().endpoints() {
-        if !kept.contains(&Arc::as_ptr(endpoint)) {
-            endpoint.set_unrouted();
-        }
-    }
-    table.store(Arc::new(next));
-}
-
 /// How often state no table uses is forgotten and rate limiters drop refilled buckets.
 const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -520,32 +337,4 @@ async fn housekeeping(state: Arc<TableState>, stop: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "sweep failed"),
         }
     }
-}
-
-/// Builds a table, logging route conflicts when they differ from `known`.
-fn build_table(
-    services: &ObjectMap<Service>,
-    instances: &ObjectMap<Instance>,
-    state: &TableState,
-    known: &mut Vec<RouteConflict>,
-) -> RouteTable {
-    let table = RouteTable::build_with(services.values(), instances.values(), state);
-    if table.conflicts() != known.as_slice() {
-        for c in table.conflicts() {
-            tracing::warn!(
-                host = c.host.as_deref().unwrap_or("*"),
-                path = %c.path,
-                winner = %c.winner,
-                loser = %c.loser,
-                "two services claim the same route; the first by name gets it"
-            );
-        }
-        *known = table.conflicts().to_vec();
-    }
-    tracing::debug!(
-        routes = table.routes().count(),
-        endpoints = table.routes().map(|r| r.endpoints.len()).sum::<usize>(),
-        "routing table rebuilt"
-    );
-    table
 }

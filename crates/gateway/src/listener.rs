@@ -57,8 +57,9 @@ use crate::body::{BoxError, GatewayBody};
 use crate::clock::{COARSE_TICK_MS, coarse_ms, millis};
 use crate::config::Limits;
 use crate::conn::ConnInfo;
+use crate::error::error_chain;
 use crate::metrics::ConnectionMetrics;
-use crate::proxy::{Proxy, error_chain};
+use crate::proxy::Proxy;
 
 /// Pause after a failed `accept` (usually out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

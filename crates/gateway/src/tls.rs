@@ -319,7 +319,7 @@ impl CertFiles {
                     );
                 }
                 Err(e) => tracing::warn!(
-                    error = %crate::proxy::error_chain(&e),
+                    error = %crate::error::error_chain(&e),
                     "certificate files changed but cannot be used; still serving the previous \
                      certificate"
                 ),

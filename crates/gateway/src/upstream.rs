@@ -2,8 +2,8 @@
 //! connections whose connection tasks run on that worker's runtime.
 //!
 //! Per request: pop the most recently used idle connection to the endpoint (or connect), send,
-//! and hand the connection back to the pool when the response body has been read to its end
-//! ([`Reuse`], carried by the response body). Nothing else: no task per request, no channel
+//! and hand the connection back to the pool when the response body ([`tracked`]) has been read
+//! to its end ([`Reuse`], carried by that body). Nothing else: no task per request, no channel
 //! hand-off to another thread, no lock held across an await. A connection whose body was not
 //! read to the end, or that was upgraded, is never reused (hyper closes it).
 //!
@@ -14,16 +14,20 @@
 //! seconds), which ends their tasks.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::balance::EndpointState;
-use crate::body::AttemptBody;
+use crate::balance::{EndpointState, InFlight};
+use crate::body::{AttemptBody, BoxError, GatewayBody};
 use crate::clock::{coarse_ms, millis};
 
 /// One upstream attempt failed.
@@ -277,5 +281,69 @@ impl Http1Pool {
     /// Idle connections to `authority` now (tests, metrics).
     pub fn idle(&self, authority: &str) -> usize {
         self.lock().get(authority).map_or(0, VecDeque::len)
+    }
+}
+
+/// An upstream response body that keeps its endpoint's in-flight count until it ends (or is
+/// dropped), so least-in-flight balancing sees streaming responses as load. Read to its end,
+/// it gives its HTTP/1.1 connection back to the pool (`reuse`).
+pub fn tracked(body: Incoming, guard: InFlight, reuse: Option<Reuse>) -> GatewayBody {
+    Tracked {
+        body,
+        guard: Some(guard),
+        reuse,
+    }
+    .boxed_unsync()
+}
+
+struct Tracked {
+    body: Incoming,
+    guard: Option<InFlight>,
+    reuse: Option<Reuse>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                this.guard = None;
+                if let Some(reuse) = this.reuse.take() {
+                    reuse.release();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.guard = None;
+                this.reuse = None;
+            }
+            _ => {}
+        }
+        polled.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A response without a body (HEAD, 204, 304, empty) may never be polled.
+        if self.body.is_end_stream()
+            && let Some(reuse) = self.reuse.take()
+        {
+            reuse.release();
+        }
     }
 }
