@@ -21,6 +21,36 @@ use crate::path::{FieldPath, PathSeg};
 use crate::service::ServiceSpec;
 use crate::validate::{ENV_NAME_ERROR, validate_file, validate_name, validate_spec};
 
+/// serde's type names in its messages, as a user of the file would say them.
+fn plain_words(message: &str) -> String {
+    const WORDS: [(&str, &str); 13] = [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number ≥ 0"),
+        ("expected u64", "expected a whole number ≥ 0"),
+        ("expected usize", "expected a whole number ≥ 0"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected a table"),
+        ("expected a boolean", "expected true or false"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("invalid type: map", "invalid type: table"),
+    ];
+    let mut out = message.to_string();
+    for (from, to) in WORDS {
+        if let Some(at) = out.find(from) {
+            // Only a whole word: `expected u32` but not `expected u320`.
+            let end = at + from.len();
+            if !out[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                out.replace_range(at..end, to);
+            }
+        }
+    }
+    out
+}
+
 /// Deserialization attempts per document; each one removes at least one bad entry.
 const MAX_ATTEMPTS: usize = 200;
 
@@ -234,18 +264,24 @@ fn deserialize_all<T: DeserializeOwned>(
                 errs.push(RawError {
                     path: table.clone(),
                     message: format!("missing field `{name}`"),
-                    at: table,
+                    at: table.clone(),
                     target: Target::Key,
                 });
             }
-            return None;
+            // Drop the table that lacks it and go on, so one incomplete service does not hide
+            // the problems of the others (the whole document cannot be dropped).
+            if table.is_root() || !remove_at(&mut value, &table) {
+                return None;
+            }
+            removed.insert(table);
+            continue;
         }
         let message = match message.strip_prefix("unknown variant `") {
             Some(rest) => {
                 let (name, candidates) = split_backticked(rest);
                 unknown_message("value", &name, &candidates)
             }
-            None => message,
+            None => plain_words(&message),
         };
         errs.push(RawError {
             path: path.clone(),

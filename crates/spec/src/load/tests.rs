@@ -157,7 +157,7 @@ fn wrong_types_and_invalid_values() {
             "stop.grace_period = 10\n",
         )),
         vec![
-            "f.toml:3:12: service.web.replicas: invalid type: string \"3\", expected u32",
+            "f.toml:3:12: service.web.replicas: invalid type: string \"3\", expected a whole number ≥ 0",
             "f.toml:4:14: service.web.args[1]: invalid type: integer `2`, expected a string",
             "f.toml:5:24: service.web.resources.memory: invalid size \"64MB\": expected e.g. \"64Mi\", \"1Gi\", \"500M\" or a number of bytes",
             "f.toml:5:38: service.web.resources.cpu: invalid cpu -1: must be between 0 and 1000000 cores",
@@ -263,7 +263,7 @@ fn json_errors_are_located() {
     assert_eq!(
         json_errors(body),
         vec![
-            "3:15: replicas: invalid type: string \"3\", expected u32",
+            "3:15: replicas: invalid type: string \"3\", expected a whole number ≥ 0",
             "4:39: probes.readiness: unknown field `perod` — did you mean `period`?",
         ]
     );
@@ -559,4 +559,45 @@ key = "k.pem"
         errors("[[gateway.certificates]]\nhosts = [\"a.example\"]\ncert = \"c\"\nkey = \"k\"\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("gateway.certificates: certificates are served on `tls_listen`"));
+}
+
+/// A service without a required field does not hide the problems of the others.
+#[test]
+fn a_missing_field_does_not_hide_other_services_errors() {
+    let text = "[service.a]\nreplicas = 2\n\n[service.b]\ncommand = \"x\"\nreplicas = \"three\"\n\n[service.c]\ncommand = \"y\"\nports = [\"Http\"]\n";
+    let errors: Vec<String> = match crate::load::parse_file(text, "f.toml") {
+        Ok(_) => Vec::new(),
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("f.toml:1:10: service.a: missing field `command`"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("service.b.replicas")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("service.c.ports")),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn type_errors_speak_the_files_words() {
+    let errors: Vec<String> = match crate::load::parse_file(
+        "[service.a]\ncommand = \"x\"\nreplicas = -1\nargs = \"one\"\nenv = [\"A=1\"]\n",
+        "f.toml",
+    ) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    };
+    let all = errors.join("\n");
+    assert!(all.contains("expected a whole number ≥ 0"), "{all}");
+    assert!(all.contains("expected a list"), "{all}");
+    assert!(all.contains("expected a table"), "{all}");
+    for rust in ["u32", "sequence", "a map"] {
+        assert!(!all.contains(rust), "{rust}: {all}");
+    }
 }
