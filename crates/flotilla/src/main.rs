@@ -53,6 +53,10 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run everything on this machine: store, API, controller, agent, gateway.
+    ///
+    /// Settings come from these flags, then the file's `[up]` table, then the defaults: a flag
+    /// overrides the file, which overrides the default. `--api` and `--token` are for the
+    /// client commands and mean nothing here.
     Up(UpArgs),
     /// Run the gateway alone, routing from a remote API's services and instances.
     Gateway(GatewayArgs),
@@ -82,20 +86,22 @@ pub enum Command {
         kind: DescribeKind,
         name: String,
     },
-    /// Print the logs of a service's instances.
+    /// Print the logs of a service's instances, each line prefixed with its instance.
     Logs {
         service: String,
+        /// Only this instance (a name from `flotilla get instances`).
         #[arg(long)]
         instance: Option<String>,
-        /// Keep streaming new output.
+        /// Keep streaming new output until Ctrl-C.
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Only the last N lines.
+        /// Only the last N lines of each instance.
         #[arg(long)]
         tail: Option<usize>,
     },
     /// List events, oldest first.
     Events {
+        /// Keep streaming new events until Ctrl-C.
         #[arg(short = 'f', long)]
         follow: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
