@@ -11,6 +11,9 @@ pub type Labels = Vec<(String, String)>;
 pub struct Metrics {
     pub restarts: Family<Labels, Counter>,
     pub probe_failures: Family<Labels, Counter>,
+    /// Checks that failed while the instance was starting (startup probes, and any probe
+    /// before the instance was first ready): a normal deploy has many, an alert wants none.
+    pub probe_startup_failures: Family<Labels, Counter>,
     pub oom_kills: Family<Labels, Counter>,
     pub cpu_millicores: Family<Labels, Gauge>,
     pub memory_bytes: Family<Labels, Gauge>,
@@ -25,6 +28,12 @@ pub fn probe(service: &str, probe: &str) -> Labels {
         ("service".to_string(), service.to_string()),
         ("probe".to_string(), probe.to_string()),
     ]
+}
+
+/// Whether a failed check counts as a start-up failure: every startup-probe check, and any
+/// check before the instance's process was first ready.
+pub fn is_startup_failure(probe: &str, first_ready: bool) -> bool {
+    probe == "startup" || !first_ready
 }
 
 pub fn instance(service: &str, instance: &str) -> Labels {
@@ -44,8 +53,13 @@ impl Metrics {
         );
         registry.register(
             "flotilla_probe_failures",
-            "Failed probe checks",
+            "Failed probe checks of instances that had been ready (startup checks are counted apart)",
             m.probe_failures.clone(),
+        );
+        registry.register(
+            "flotilla_probe_startup_failures",
+            "Failed probe checks while an instance was starting (before it was first ready)",
+            m.probe_startup_failures.clone(),
         );
         registry.register(
             "flotilla_oom_kills",
@@ -108,5 +122,14 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         assert!(!out.contains("instance=\"web-1\""), "{out}");
+    }
+
+    #[test]
+    fn checks_before_the_first_ready_are_startup_failures() {
+        assert!(is_startup_failure("startup", true));
+        assert!(is_startup_failure("readiness", false));
+        assert!(is_startup_failure("liveness", false));
+        assert!(!is_startup_failure("readiness", true));
+        assert!(!is_startup_failure("liveness", true));
     }
 }

@@ -530,6 +530,8 @@ impl Worker {
         self.usage_written = None;
 
         let mut killed_for: Option<&'static str> = None;
+        // Without a readiness probe the process counts as ready from its start.
+        let mut first_ready = !has_readiness && !has_startup;
         let mut stop: Option<Desired> = None;
         // Every branch must be disabled once its source is exhausted: a closed channel is
         // ready at once and forever, and would turn this loop into a busy loop.
@@ -546,14 +548,21 @@ impl Worker {
                     match ev {
                         ProbeEvent::CheckFailed { probe, message } => {
                             tracing::debug!(instance = %self.name, probe, detail = %message, "probe check failed");
-                            self.shared.metrics.probe_failures.get_or_create(&metrics::probe(&self.service, probe)).inc();
+                            let counter = if metrics::is_startup_failure(probe, first_ready) {
+                                &self.shared.metrics.probe_startup_failures
+                            } else {
+                                &self.shared.metrics.probe_failures
+                            };
+                            counter.get_or_create(&metrics::probe(&self.service, probe)).inc();
                         }
                         ProbeEvent::StartupPassed => {
+                            first_ready |= !has_readiness;
                             if has_startup {
                                 self.happened(Happened::StartupPassed).await;
                             }
                         }
                         ProbeEvent::Ready(ready, message) => {
+                            first_ready |= ready;
                             self.happened(Happened::Readiness(ready)).await;
                             if !ready {
                                 self.event(EventType::Warning, "Unhealthy", &format!("readiness probe failed: {message}")).await;

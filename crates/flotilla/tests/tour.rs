@@ -367,6 +367,28 @@ fn the_readme_tour_works_as_written() {
         );
     }
 
+    // Normal deploys: no probe failure an alert would see (start-up checks are counted apart).
+    let ctx: Value = serde_json::from_slice(
+        &std::fs::read(tour.dir.path().join("config/context.json")).expect("context"),
+    )
+    .expect("context JSON");
+    let metrics = ctx["metrics"].as_str().expect("metrics URL").to_string();
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &metrics])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("flotilla_instances"), "{text}");
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("flotilla_probe_failures_total{"))
+    {
+        assert!(
+            line.ends_with(" 0"),
+            "a normal deploy counted as probe failures: {line}"
+        );
+    }
+
     // After the delete, nothing of hello is left.
     wait_for("hello's instances to be gone", T, || {
         let o = tour.run(&["get".into(), "instances".into(), "-o".into(), "json".into()]);
