@@ -39,6 +39,9 @@ pub use error::AgentError;
 use crate::cgroup::Detected;
 use crate::worker::{Desired, Held, Shared};
 
+/// How often the logs of gone instances are looked at for expiry.
+const LOG_SWEEP: Duration = Duration::from_secs(300);
+
 /// Extra time, beyond the longest grace period, that shutdown waits for workers.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
 
@@ -69,6 +72,8 @@ pub struct AgentConfig {
     /// Confirms that the gateway stopped routing to an instance and has no request in flight
     /// to it, before its stop signal.
     pub drain: Option<Arc<dyn DrainHook>>,
+    /// How long the logs of an instance that is gone are kept (checked every few minutes).
+    pub log_retention: Duration,
 }
 
 /// Something that routes traffic to instances and can confirm it stopped doing so. In
@@ -101,6 +106,7 @@ impl AgentConfig {
             log_max_files: 3,
             usage_interval: Duration::from_secs(5),
             usage_status_interval: Duration::from_secs(30),
+            log_retention: Duration::from_secs(3600),
             port_range: ports::default_port_range(ports::ephemeral_range()),
             drain: None,
         }
@@ -236,9 +242,12 @@ impl Agent {
         tracing::info!(node = %node, "agent running");
         self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
         let mut result = Ok(());
+        let mut log_sweep = tokio::time::interval(LOG_SWEEP);
+        log_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = log_sweep.tick() => self.expire_logs(&map),
                 r = rx.changed() => {
                     if r.is_err() {
                         if !shutdown.is_cancelled() {
@@ -415,6 +424,28 @@ impl Agent {
         self.shared.ports.release(held.ports);
         if let Some(service) = &held.service {
             self.shared.metrics.forget_instance(service, name);
+        }
+    }
+
+    /// Removes the log directories of instances that are gone, once `log_retention` passed
+    /// since they were last written.
+    fn expire_logs(&self, map: &BTreeMap<String, Instance>) {
+        let keep: HashSet<String> = map.keys().cloned().collect();
+        let config = &self.shared.config;
+        for dir in logs::expired_log_dirs(
+            &config.data_dir,
+            &keep,
+            config.log_retention,
+            std::time::SystemTime::now(),
+        ) {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed the logs of a gone instance")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove old logs")
+                }
+            }
         }
     }
 

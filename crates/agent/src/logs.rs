@@ -30,6 +30,38 @@ pub fn log_dir(data_dir: &Path, instance: &str) -> PathBuf {
     data_dir.join("logs").join(instance)
 }
 
+/// Log directories under `<data_dir>/logs` of instances not in `keep` whose newest file was
+/// written more than `retention` before `now`: what is left of deleted instances.
+pub fn expired_log_dirs(
+    data_dir: &Path,
+    keep: &std::collections::HashSet<String>,
+    retention: std::time::Duration,
+    now: std::time::SystemTime,
+) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("logs")) else {
+        return Vec::new();
+    };
+    let mut expired = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if keep.contains(&name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let newest = std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.metadata().ok()?.modified().ok())
+            .chain(entry.metadata().ok().and_then(|m| m.modified().ok()))
+            .max();
+        let old = newest.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age > retention));
+        if old {
+            expired.push(entry.path());
+        }
+    }
+    expired
+}
+
 fn rotated(dir: &Path, n: u32) -> PathBuf {
     if n == 0 {
         dir.join(CURRENT)
@@ -492,5 +524,26 @@ mod tests {
             .await
             .unwrap();
         assert!(end.is_none());
+    }
+
+    #[test]
+    fn only_old_log_dirs_of_gone_instances_expire() {
+        use std::collections::HashSet;
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let old = SystemTime::now() - 2 * hour;
+        for name in ["gone-old", "gone-new", "alive-old"] {
+            let d = log_dir(dir.path(), name);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = std::fs::File::create(d.join("output.log")).unwrap();
+            if name.ends_with("old") {
+                f.set_modified(old).unwrap();
+                std::fs::File::open(&d).unwrap().set_modified(old).unwrap();
+            }
+        }
+        let keep: HashSet<String> = HashSet::from(["alive-old".to_string()]);
+        let expired = expired_log_dirs(dir.path(), &keep, hour, SystemTime::now());
+        assert_eq!(expired, vec![log_dir(dir.path(), "gone-old")]);
     }
 }
