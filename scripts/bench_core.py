@@ -10,6 +10,7 @@ Measures, on loopback only, with bounded loops:
   - wall time of a rolling update of 10 demo replicas under load, and failed requests
 
 Usage: scripts/bench-core.sh   (builds release, then runs this)
+       FLOTILLA_BIN=/other/target/release/flotilla python3 scripts/bench_core.py
 """
 
 import json
@@ -24,8 +25,10 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "flotilla")
-DEMO_DIR = os.path.join(ROOT, "target", "release")
+# FLOTILLA_BIN measures another build (an A/B: alternate runs of two builds); the demo
+# service is taken from the same directory.
+BIN = os.environ.get("FLOTILLA_BIN", os.path.join(ROOT, "target", "release", "flotilla"))
+DEMO_DIR = os.path.dirname(os.path.abspath(BIN))
 
 
 def free_port():
