@@ -3,7 +3,7 @@
 //! Level-triggered: any change (or the periodic resync) reconciles every service against a
 //! fresh list from the store, so a missed or coalesced notification loses nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,55 +174,18 @@ impl ServiceController {
 
     /// One pass over every service; true while some rollout is in progress. Public for tests.
     pub async fn reconcile_all(&self) -> Result<bool, StoreError> {
-        let (services, _) = typed::list::<Service>(&*self.store).await?;
-        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
-        self.collect_orphans(&mut instances).await?;
-        let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
-
-        let mut by_service: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
-        for i in &instances {
-            by_service.entry(&i.spec.service).or_default().push(i);
-        }
-        let mut revisions_by_service: BTreeMap<&str, Vec<&Revision>> = BTreeMap::new();
-        for r in &revisions {
-            revisions_by_service
-                .entry(&r.spec.service)
-                .or_default()
-                .push(r);
-        }
-        for list in revisions_by_service.values_mut() {
-            list.sort_by_key(|r| r.spec.number);
-        }
-        let services_by_name: BTreeMap<&str, &Service> = services
-            .iter()
-            .map(|s| (s.metadata.name.as_str(), s))
-            .collect();
-        let names: BTreeSet<&str> = services_by_name
-            .keys()
-            .copied()
-            .chain(by_service.keys().copied())
-            .chain(revisions_by_service.keys().copied())
-            .collect();
-
         let mut first_error = None;
         let mut busy = false;
-        for name in names {
-            let service = services_by_name.get(name).copied();
-            let owned = by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
-            let history = revisions_by_service
-                .get(name)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            match self.reconcile_service(name, service, owned, history).await {
-                Ok(b) => busy |= b,
+        for key in self.keys().await? {
+            match self.reconcile(&key).await {
+                Ok(Requeue::After(_)) => busy |= matches!(key, ControllerKey::Service(_)),
+                Ok(Requeue::Done) => {}
                 Err(error) => {
-                    tracing::warn!(service = name, %error, "reconcile of service failed");
+                    tracing::warn!(?key, %error, "reconcile failed");
                     first_error.get_or_insert(error);
                 }
             }
         }
-
-        self.count_phases(&instances);
         match first_error {
             Some(e) => Err(e),
             None => Ok(busy),

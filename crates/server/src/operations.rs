@@ -15,8 +15,6 @@ use crate::error::FieldProblem;
 
 /// Read-modify-write attempts of a write without a resourceVersion from the caller.
 const ATTEMPTS: usize = 16;
-/// Kept for the apply loop's name.
-const APPLY_ATTEMPTS: usize = ATTEMPTS;
 
 /// Held across the route check and the write of an apply.
 static APPLY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -235,7 +233,7 @@ pub async fn apply(
     }
 
     let version_given = resource_version.filter(|v| *v != 0);
-    for _ in 0..APPLY_ATTEMPTS {
+    for _ in 0..ATTEMPTS {
         match typed::get::<Service>(store, &name).await? {
             None => {
                 if version_given.is_some() {

@@ -246,8 +246,7 @@ struct NodeInstances {
 
 impl NodeInstances {
     fn mine(&self, kv: &KeyValue) -> bool {
-        kv.key.starts_with(Instance::PREFIX)
-            && typed::decode::<Instance>(kv).is_ok_and(|i| i.spec.node == self.node)
+        kv.key.starts_with(Instance::PREFIX) && on_node(kv, &self.node)
     }
 
     fn refuse(key: &str) -> StoreError {

@@ -135,14 +135,13 @@ impl RemoteStore {
         }
     }
 
-    /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`].
-    pub(crate) async fn send(
+    /// A request to the API with the bearer token (and a JSON body, if any).
+    fn build(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), StoreError> {
-        let what = format!("{method} {path}");
+    ) -> Result<Request<Full<Bytes>>, StoreError> {
         let uri: Uri = format!("{}{path}", self.base)
             .parse()
             .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
@@ -153,9 +152,19 @@ impl RemoteStore {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| backend(format!("building {what}"), e))?;
+        req.body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| backend(format!("building a request for {path}"), e))
+    }
+
+    /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`].
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), StoreError> {
+        let what = format!("{method} {path}");
+        let req = self.build(method, path, body)?;
         let fetch = async {
             let resp = self
                 .http
@@ -260,13 +269,7 @@ impl Store for RemoteStore {
         if let (Some(node), "instances") = (&self.node, kind) {
             path.push_str(&format!("&node={node}"));
         }
-        let uri: Uri = format!("{}{path}", self.base)
-            .parse()
-            .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
-        let req = Request::get(uri)
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| backend(format!("building a request for {path}"), e))?;
+        let req = self.build(Method::GET, &path, None)?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| backend(format!("GET {path}"), "timed out"))?

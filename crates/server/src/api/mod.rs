@@ -248,6 +248,18 @@ fn request_id() -> String {
 // ------------------------------------------------------------------------------------------
 // Helpers shared by the handlers
 
+/// A JSON request body, or a 400 naming where it is malformed.
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid request body at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ))
+        .with_field("body")
+    })
+}
+
 #[derive(Debug, Serialize)]
 pub(super) struct List<T> {
     pub(super) items: Vec<T>,

@@ -56,17 +56,6 @@ pub(super) struct StatusWrite {
     status: InstanceStatus,
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid request body at line {} column {}: {e}",
-            e.line(),
-            e.column()
-        ))
-        .with_field("body")
-    })
-}
-
 pub(super) async fn put_status(
     State(state): State<ApiState>,
     Path((node, name)): Path<(String, String)>,

@@ -133,14 +133,7 @@ pub(super) async fn rollback(
     let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
         RollbackBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "invalid rollback request at line {} column {}: {e}",
-                e.line(),
-                e.column()
-            ))
-            .with_field("body")
-        })?
+        json_body(&body)?
     };
     let service = operations::rollback(&*state.store, &name, body.to_revision, "api").await?;
     Ok(Json(service))
