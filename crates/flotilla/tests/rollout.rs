@@ -53,17 +53,6 @@ fn start_load(up: &Up, host: &str) -> Load {
     load
 }
 
-fn apply(up: &Up, text: &str) {
-    let file = up.dir.path().join(format!("apply-{}.toml", rand_suffix()));
-    std::fs::write(&file, text).expect("write");
-    let out = up.cli(&["apply", "-f", file.to_str().expect("path")]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn service(up: &Up, name: &str) -> Value {
     up.api_get(&format!("/api/v1/services/{name}"))
 }

@@ -76,17 +76,6 @@ path = "/"
     )
 }
 
-fn apply(up: &Up, text: &str) {
-    let file = up.dir.path().join(format!("apply-{}.toml", rand_suffix()));
-    std::fs::write(&file, text).expect("write");
-    let out = up.cli(&["apply", "-f", file.to_str().expect("path")]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn service_object(up: &Up, name: &str) -> Value {
     up.api_get(&format!("/api/v1/services/{name}"))
 }

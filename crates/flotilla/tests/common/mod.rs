@@ -439,6 +439,18 @@ pub fn path_with_demo() -> String {
     )
 }
 
+/// `flotilla apply -f` of `text` (written to a file of its own) against `up`; must succeed.
+pub fn apply(up: &Up, text: &str) {
+    let file = up.dir.path().join(format!("apply-{}.toml", rand_suffix()));
+    std::fs::write(&file, text).expect("write");
+    let out = up.cli(&["apply", "-f", file.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn rand_suffix() -> String {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
