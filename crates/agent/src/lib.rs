@@ -3,8 +3,8 @@
 //! — probes them, restarts them with backoff, reports their status and usage, and stops them
 //! gracefully with nothing left behind.
 //!
-//! Structure: [`Agent::run`] follows the node's Instances through a store reflector and owns one
-//! worker task per instance (`worker`); the decision logic is pure and unit-tested
+//! Structure: [`Agent::run`] follows the node's Instances through a store reflector and, on the
+//! shared reconcile runtime (`supervisor`), owns one worker task per instance (`worker`); the decision logic is pure and unit-tested
 //! ([`backoff`], [`probe::ProbeState`], exit classification), the OS-facing parts sit in
 //! [`cgroup`] (file-level, testable on a fake tree), `process` (spawn, signals) and [`logs`].
 
@@ -17,10 +17,10 @@ mod metrics;
 pub mod ports;
 pub mod probe;
 mod process;
+mod supervisor;
 mod transition;
 mod worker;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,16 +28,17 @@ use std::time::Duration;
 
 use flotilla_spec::Instance;
 use flotilla_store::NodeApi;
+use flotilla_store::reconcile::{Backoff, Runtime, RuntimeConfig};
 use flotilla_store::typed::Reflector;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use cgroup::CgroupMode;
 pub use error::AgentError;
 
 use crate::cgroup::Detected;
-use crate::worker::{Desired, Held, Shared};
+use crate::supervisor::Supervisor;
+use crate::worker::{Desired, Shared};
 
 /// How often the logs of gone instances are looked at for expiry.
 const LOG_SWEEP: Duration = Duration::from_secs(300);
@@ -151,19 +152,6 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-struct WorkerEntry {
-    uid: String,
-    desired: watch::Sender<Desired>,
-    task: tokio::task::Id,
-    /// What the worker's processes hold, for cleaning up after a worker that panicked or was
-    /// aborted.
-    held: Arc<std::sync::Mutex<Held>>,
-}
-
-/// What a worker task returns: instance name, uid, what ended it, and whether the instance
-/// was deleted from the store.
-type WorkerResult = (String, String, Desired, bool);
-
 impl Agent {
     /// Detects cgroups (per `config.cgroups`), registers the metrics on `registry` and prepares
     /// the data directory.
@@ -222,8 +210,9 @@ impl Agent {
     }
 
     /// Runs until `shutdown`: sweeps leftovers of a previous run, then starts, supervises and
-    /// stops this node's instances. On shutdown, stops every local instance gracefully (in
-    /// parallel), sets them back to `Pending` and returns.
+    /// stops this node's instances, on the shared reconcile runtime (see [`supervisor`]). On
+    /// shutdown, stops every local instance gracefully (in parallel), sets them back to
+    /// `Pending` and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let node = self.shared.config.node.clone();
         self.sweep().await;
@@ -234,219 +223,42 @@ impl Agent {
                 key: <Instance as flotilla_spec::Object>::PREFIX.to_string(),
                 source,
             })?;
-        let mut rx = reflector.subscribe();
-        let mut map = reflector.current();
-        let mut workers: HashMap<String, WorkerEntry> = HashMap::new();
-        let mut tasks: JoinSet<WorkerResult> = JoinSet::new();
-        let mut deleted_uids: HashSet<String> = HashSet::new();
+        let supervisor = Arc::new(Supervisor::new(self.shared.clone(), reflector.subscribe()));
+        let runtime = Runtime::new(
+            "agent",
+            supervisor.clone(),
+            RuntimeConfig {
+                resync: supervisor::RESYNC,
+                concurrency: 4,
+                backoff: Backoff::default(),
+            },
+        );
+        supervisor.set_trigger(runtime.trigger());
+        let stop = shutdown.child_token();
+        let follower = tokio::spawn(supervisor::follow(
+            reflector.subscribe(),
+            runtime.trigger(),
+            stop.clone(),
+        ));
         tracing::info!(node = %node, "agent running");
-        self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
-        let mut result = Ok(());
-        let mut log_sweep = tokio::time::interval(LOG_SWEEP);
-        log_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = log_sweep.tick() => self.expire_logs(&map),
-                r = rx.changed() => {
-                    if r.is_err() {
-                        if !shutdown.is_cancelled() {
-                            tracing::error!(node = %node, "instance reflector ended; stopping the agent");
-                            result = Err(AgentError::Config("instance reflector ended (store closed?)".into()));
-                        }
-                        break;
-                    }
-                    map = rx.borrow_and_update().clone();
-                    deleted_uids.retain(|uid| map.values().any(|i| &i.metadata.uid == uid));
-                    self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
-                }
-                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                    match done {
-                        Ok((id, (name, uid, end, deleted))) => {
-                            if workers.get(&name).is_some_and(|w| w.task == id) {
-                                workers.remove(&name);
-                            }
-                            if end == Desired::Delete && deleted {
-                                deleted_uids.insert(uid);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(node = %node, error = %e, "instance worker failed");
-                            let id = e.id();
-                            let failed: Vec<String> = workers
-                                .iter()
-                                .filter(|(_, w)| w.task == id)
-                                .map(|(n, _)| n.clone())
-                                .collect();
-                            for name in failed {
-                                if let Some(w) = workers.remove(&name) {
-                                    // Before reconcile can start a new worker for it.
-                                    self.clean_up_after_worker(&name, &w.held).await;
-                                }
-                            }
-                        }
-                    }
-                    self.reconcile(&map, &mut workers, &mut tasks, &deleted_uids);
-                }
-            }
-        }
-        self.shutdown_workers(&mut workers, &mut tasks, &map).await;
+        runtime.run(stop.clone()).await;
+        stop.cancel();
+        let followed = follower.await.unwrap_or(false);
+        let result = if followed || shutdown.is_cancelled() {
+            Ok(())
+        } else {
+            tracing::error!(node = %node, "instance reflector ended; stopping the agent");
+            Err(AgentError::Config(
+                "instance reflector ended (store closed?)".into(),
+            ))
+        };
+        supervisor.shutdown().await;
         let _ = reflector.stop().await;
         if let Some(cg) = &self.shared.cgroups {
             cg.remove_scope();
         }
         tracing::info!(node = %node, "agent stopped");
         result
-    }
-
-    /// Starts workers for new instances and tells existing ones what is wanted now.
-    fn reconcile(
-        &self,
-        map: &BTreeMap<String, Instance>,
-        workers: &mut HashMap<String, WorkerEntry>,
-        tasks: &mut JoinSet<WorkerResult>,
-        deleted_uids: &HashSet<String>,
-    ) {
-        let node = &self.shared.config.node;
-        for (name, inst) in map.iter().filter(|(_, i)| &i.spec.node == node) {
-            let deleting = inst.metadata.deletion_timestamp.is_some();
-            if let Some(w) = workers.get(name) {
-                if w.uid != inst.metadata.uid {
-                    raise(&w.desired, Desired::Gone);
-                } else if deleting {
-                    raise(&w.desired, Desired::Delete);
-                }
-                continue;
-            }
-            if deleted_uids.contains(&inst.metadata.uid) {
-                continue;
-            }
-            if !deleting && inst.status.phase.is_terminal() {
-                continue;
-            }
-            let initial = if deleting {
-                Desired::Delete
-            } else {
-                Desired::Run
-            };
-            let (tx, rx) = watch::channel(initial);
-            let shared = self.shared.clone();
-            let inst = inst.clone();
-            let (n, uid) = (name.clone(), inst.metadata.uid.clone());
-            let held = Arc::new(std::sync::Mutex::new(Held::default()));
-            let h = held.clone();
-            let handle = tasks.spawn(async move {
-                let (end, deleted) = worker::run(shared, inst, rx, h).await;
-                (n, uid.clone(), end, deleted)
-            });
-            tracing::debug!(instance = %name, "worker started");
-            workers.insert(
-                name.clone(),
-                WorkerEntry {
-                    uid: inst_uid(map, name),
-                    desired: tx,
-                    task: handle.id(),
-                    held,
-                },
-            );
-        }
-        for (name, w) in workers.iter() {
-            let here = map.get(name).is_some_and(|i| &i.spec.node == node);
-            if !here {
-                raise(&w.desired, Desired::Gone);
-            }
-        }
-    }
-
-    async fn shutdown_workers(
-        &self,
-        workers: &mut HashMap<String, WorkerEntry>,
-        tasks: &mut JoinSet<WorkerResult>,
-        map: &BTreeMap<String, Instance>,
-    ) {
-        if tasks.is_empty() {
-            return;
-        }
-        tracing::info!(node = %self.shared.config.node, instances = workers.len(), "stopping local instances");
-        for w in workers.values() {
-            raise(&w.desired, Desired::Shutdown);
-        }
-        let longest = map
-            .values()
-            .map(|i| i.spec.template.stop.grace_period.0)
-            .max()
-            .unwrap_or_default();
-        let deadline = tokio::time::Instant::now() + longest + SHUTDOWN_SLACK;
-        while !tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {
-                Ok(Some(Ok((id, (name, ..))))) => {
-                    if workers.get(&name).is_some_and(|w| w.task == id) {
-                        workers.remove(&name);
-                    }
-                }
-                Ok(Some(Err(e))) => {
-                    // Its entry stays in `workers`: cleaned up below.
-                    tracing::error!(error = %e, "instance worker failed during shutdown")
-                }
-                Ok(None) => {}
-                Err(_) => {
-                    tracing::error!(
-                        left = tasks.len(),
-                        "instance workers did not stop in time; aborting them"
-                    );
-                    tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
-                }
-            }
-        }
-        // Workers that panicked or were aborted (and workers replaced by a newer one whose
-        // entry is gone, which finished normally) may have left processes behind.
-        for (name, w) in workers.drain() {
-            self.clean_up_after_worker(&name, &w.held).await;
-        }
-    }
-
-    /// After a worker ended abnormally (panic, abort): kills its process group and
-    /// everything in the instance's cgroup, removes the cgroup and releases its ports.
-    async fn clean_up_after_worker(&self, name: &str, held: &std::sync::Mutex<Held>) {
-        let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
-        tracing::warn!(instance = %name, pgid = held.pgid.map_or(-1, i64::from), "cleaning up after an abnormally ended worker");
-        if let Some(pgid) = held.pgid {
-            self.shared
-                .driver
-                .kill_group_until_empty(pgid, worker::KILL_TIMEOUT)
-                .await;
-        }
-        if let Some(cg) = &self.shared.cgroups {
-            cgroup::kill_until_empty(cg.as_ref(), name, worker::KILL_TIMEOUT).await;
-            cgroup::remove_with_retry(cg.as_ref(), name, worker::KILL_TIMEOUT).await;
-        }
-        self.shared.ports.release(held.ports);
-        if let Some(service) = &held.service {
-            self.shared.metrics.forget_instance(service, name);
-        }
-    }
-
-    /// Removes the log directories of instances that are gone, once `log_retention` passed
-    /// since they were last written.
-    fn expire_logs(&self, map: &BTreeMap<String, Instance>) {
-        let keep: HashSet<String> = map.keys().cloned().collect();
-        let config = &self.shared.config;
-        for dir in logs::expired_log_dirs(
-            &config.data_dir,
-            &keep,
-            config.log_retention,
-            std::time::SystemTime::now(),
-        ) {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {
-                    tracing::info!(dir = %dir.display(), "removed the logs of a gone instance")
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove old logs")
-                }
-            }
-        }
     }
 
     /// Kills and removes every cgroup left under this node's scope by a previous run (which
@@ -469,12 +281,6 @@ impl Agent {
             cgroup::remove_with_retry(cg.as_ref(), &name, Duration::from_secs(5)).await;
         }
     }
-}
-
-fn inst_uid(map: &BTreeMap<String, Instance>, name: &str) -> String {
-    map.get(name)
-        .map(|i| i.metadata.uid.clone())
-        .unwrap_or_default()
 }
 
 /// Moves a worker's desired state forward (never back: Gone > Shutdown > Delete > Run).

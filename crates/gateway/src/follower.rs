@@ -1,15 +1,19 @@
 //! Following the store: reflectors of services and instances feed the routing table, which is
-//! rebuilt ([`RouteTable::build_with`]) on every change and swapped in with `arc-swap`. A swap
+//! rebuilt ([`RouteTable::build_with`]) on every change, on the shared reconcile runtime, and
+//! swapped in with `arc-swap`. A swap
 //! first marks unrouted the endpoints the new table leaves out, which is what a drain's
 //! [`RoutingView`] relies on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
 use flotilla_spec::Object;
 use flotilla_spec::object::{Instance, Service};
 use flotilla_store::Store;
 use flotilla_store::StoreError;
+use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeConfig, Trigger};
 use flotilla_store::typed::{ObjectMap, Reflector};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -97,23 +101,161 @@ impl StoreFollower {
         )
     }
 
-    /// Keeps `table` current until `stop` (see [`keep_table_current`]).
+    /// Keeps `table` current until `stop`, on the shared reconcile runtime: one key (the
+    /// table), triggered by every publication of either reflector and resynced every
+    /// [`RESYNC`]. A reflector that ends is restarted (with backoff) and the table rebuilt
+    /// from its first list; the follower never stops following the store before `stop`.
     pub(crate) async fn run(
         self,
         table: Arc<ArcSwap<RouteTable>>,
         state: Arc<TableState>,
         stop: CancellationToken,
     ) {
-        keep_table_current(
+        let keeper = Arc::new(TableKeeper {
+            maps: Mutex::new(Maps {
+                services: self.services.rx.clone(),
+                instances: self.instances.rx.clone(),
+            }),
+            table,
+            state,
+            conflicts: Mutex::new(Vec::new()),
+        });
+        let runtime = Runtime::new(
+            "gateway-table",
+            keeper.clone(),
+            RuntimeConfig {
+                resync: RESYNC,
+                concurrency: 1,
+                backoff: RESTART_BACKOFF,
+            },
+        );
+        let feeds = tokio::spawn(follow_feeds(
             self.store,
             self.services,
             self.instances,
-            table,
-            state,
-            stop,
-        )
-        .await;
+            keeper,
+            runtime.trigger(),
+            stop.clone(),
+        ));
+        runtime.run(stop.clone()).await;
+        stop.cancel();
+        if let Err(e) = feeds.await {
+            tracing::error!(error = %e, "the gateway's store follower failed");
+        }
     }
+}
+
+/// How often the table is rebuilt even when nothing was published (cheap, and a guard
+/// against a publication lost to a bug).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Between attempts to restart a reflector that ended.
+const RESTART_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
+/// The one key of the gateway's reconcile: the routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RoutingTableKey;
+
+/// The maps the table is built from (replaced when a reflector is restarted).
+struct Maps {
+    services: watch::Receiver<ObjectMap<Service>>,
+    instances: watch::Receiver<ObjectMap<Instance>>,
+}
+
+/// Rebuilds and swaps the routing table from the reflectors' current maps.
+struct TableKeeper {
+    maps: Mutex<Maps>,
+    table: Arc<ArcSwap<RouteTable>>,
+    state: Arc<TableState>,
+    /// The conflicts last logged, so that each is logged when it appears, not per rebuild.
+    conflicts: Mutex<Vec<RouteConflict>>,
+}
+
+#[async_trait]
+impl Reconcile for TableKeeper {
+    type Key = RoutingTableKey;
+    type Error = std::convert::Infallible;
+
+    async fn reconcile(&self, _key: &RoutingTableKey) -> Result<Requeue, Self::Error> {
+        let (services, instances) = {
+            let maps = lock(&self.maps);
+            (
+                maps.services.borrow().clone(),
+                maps.instances.borrow().clone(),
+            )
+        };
+        let next = build_table(
+            &services,
+            &instances,
+            &self.state,
+            &mut lock(&self.conflicts),
+        );
+        swap_table(&self.table, next);
+        Ok(Requeue::Done)
+    }
+
+    async fn keys(&self) -> Result<Vec<RoutingTableKey>, Self::Error> {
+        Ok(vec![RoutingTableKey])
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which feed a notification came from.
+enum Changed {
+    Services(bool),
+    Instances(bool),
+}
+
+/// Triggers the table's key on every publication of either reflector, until `stop`. A
+/// reflector that ends is restarted (with backoff); the keeper is handed its receiver and the
+/// table is rebuilt from its first list.
+async fn follow_feeds(
+    store: Arc<dyn Store>,
+    mut services: Feed<Service>,
+    mut instances: Feed<Instance>,
+    keeper: Arc<TableKeeper>,
+    trigger: Trigger<RoutingTableKey>,
+    stop: CancellationToken,
+) {
+    loop {
+        let changed = tokio::select! {
+            () = stop.cancelled() => break,
+            changed = services.rx.changed() => Changed::Services(changed.is_ok()),
+            changed = instances.rx.changed() => Changed::Instances(changed.is_ok()),
+        };
+        match changed {
+            Changed::Services(true) | Changed::Instances(true) => {}
+            Changed::Services(false) => match services.restart(&store, &stop).await {
+                Some(feed) => {
+                    services = feed;
+                    lock(&keeper.maps).services = services.rx.clone();
+                }
+                None => {
+                    instances.stop().await;
+                    return;
+                }
+            },
+            Changed::Instances(false) => match instances.restart(&store, &stop).await {
+                Some(feed) => {
+                    instances = feed;
+                    lock(&keeper.maps).instances = instances.rx.clone();
+                }
+                None => {
+                    services.stop().await;
+                    return;
+                }
+            },
+        }
+        trigger.trigger(RoutingTableKey);
+    }
+    services.stop().await;
+    instances.stop().await;
 }
 
 /// A reflector the routing table follows, and the receiver it follows it with.
@@ -151,7 +293,7 @@ impl<T: Object> Feed<T> {
             "reflector ended while the gateway runs; restarting it (the routing table is not following the store meanwhile)"
         );
         self.stop().await;
-        let mut backoff = RESTART_BACKOFF_MIN;
+        let mut failures = 0u32;
         loop {
             let started = tokio::select! {
                 () = stop.cancelled() => return None,
@@ -166,67 +308,16 @@ impl<T: Object> Feed<T> {
                     return Some(feed);
                 }
                 Err(e) => {
-                    tracing::warn!(kind = T::KIND, error = %error_chain(&e), retry_in = ?backoff, "cannot restart the reflector");
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(kind = T::KIND, error = %error_chain(&e), retry_in = ?RESTART_BACKOFF.delay(failures), "cannot restart the reflector");
                 }
             }
             tokio::select! {
                 () = stop.cancelled() => return None,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(RESTART_BACKOFF.delay(failures)) => {}
             }
-            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
         }
     }
-}
-
-const RESTART_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Which feed a notification came from.
-enum Changed {
-    Services(bool),
-    Instances(bool),
-}
-
-/// Rebuilds and swaps the table whenever services or instances change, until `stop`. Never
-/// stops following the store before that: a reflector that ends is restarted (with backoff),
-/// and the table is rebuilt from its first list.
-async fn keep_table_current(
-    store: Arc<dyn Store>,
-    mut services: Feed<Service>,
-    mut instances: Feed<Instance>,
-    table: Arc<ArcSwap<RouteTable>>,
-    state: Arc<TableState>,
-    stop: CancellationToken,
-) {
-    let mut conflicts = Vec::new();
-    loop {
-        let changed = tokio::select! {
-            () = stop.cancelled() => break,
-            changed = services.rx.changed() => Changed::Services(changed.is_ok()),
-            changed = instances.rx.changed() => Changed::Instances(changed.is_ok()),
-        };
-        match changed {
-            Changed::Services(true) | Changed::Instances(true) => {}
-            Changed::Services(false) => match services.restart(&store, &stop).await {
-                Some(feed) => services = feed,
-                None => {
-                    instances.stop().await;
-                    return;
-                }
-            },
-            Changed::Instances(false) => match instances.restart(&store, &stop).await {
-                Some(feed) => instances = feed,
-                None => {
-                    services.stop().await;
-                    return;
-                }
-            },
-        }
-        let next = build_table(&services.take(), &instances.take(), &state, &mut conflicts);
-        swap_table(&table, next);
-    }
-    services.stop().await;
-    instances.stop().await;
 }
 
 /// Puts `next` in force. Endpoints of the table in force that `next` leaves out are marked
