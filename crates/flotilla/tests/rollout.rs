@@ -425,3 +425,71 @@ fn in_flight_requests_finish_when_their_instance_is_replaced() {
         r.body
     );
 }
+
+/// Without a readiness probe an instance is available only once it stayed up for the stability
+/// window (5 s): a process that crashes a second after each start is never a good rollout,
+/// its rollout fails, and its revision never becomes the last good one; a process that stays
+/// up completes its rollout once the window passed; `min_ready` overrides the window.
+#[test]
+fn a_crash_loop_without_a_readiness_probe_is_never_a_good_rollout() {
+    let started = Instant::now();
+    let up = Up::start(
+        r#"
+[service.exit1]
+command = "sh"
+args = ["-c", "sleep 1; exit 1"]
+
+[service.steady]
+command = "sleep"
+args = ["300"]
+
+[service.quick]
+command = "sleep"
+args = ["300"]
+deploy = { min_ready = "0s" }
+"#,
+    );
+    let deadline = Instant::now() + T;
+    let mut steady_complete = None;
+    loop {
+        let exit1 = up.cli(&["rollout", "status", "exit1", "--no-watch"]);
+        let said = String::from_utf8_lossy(&exit1.stdout).to_string();
+        assert!(
+            !said.contains("Complete"),
+            "a crash loop passed for a good rollout: {said}"
+        );
+        let s = service(&up, "exit1");
+        assert_eq!(
+            s["status"]["lastGoodRevision"].as_u64().unwrap_or(0),
+            0,
+            "a crash-looping revision became the last good one: {s}"
+        );
+        if steady_complete.is_none() && rollout_phase(&up, "steady") == "Complete" {
+            steady_complete = Some(started.elapsed());
+        }
+        if rollout_phase(&up, "exit1") == "Failed" && steady_complete.is_some() {
+            assert_eq!(exit1.status.code(), Some(1), "a failed rollout exits 1: {said}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exit1 never failed or steady never completed: {}",
+            service(&up, "exit1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let steady = steady_complete.unwrap();
+    assert!(
+        steady >= Duration::from_secs(5),
+        "steady completed after {steady:?}, before the stability window"
+    );
+    // `min_ready = "0s"` completes as soon as the instance runs (well before the window).
+    assert_eq!(rollout_phase(&up, "quick"), "Complete");
+    let s = service(&up, "steady");
+    assert!(s["status"]["lastGoodRevision"].as_u64().unwrap_or(0) >= 1);
+    let msg = service(&up, "exit1")["status"]["rollout"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("restarts"), "{msg}");
+}

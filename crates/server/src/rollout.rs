@@ -34,7 +34,10 @@ pub fn desired(service: &Service) -> Desired {
         target_hash: target_hash(service),
         max_surge,
         max_unavailable,
-        min_ready: service.spec.deploy.min_ready.0,
+        min_ready: service
+            .spec
+            .deploy
+            .min_ready(service.spec.probes.readiness.is_some()),
         paused: paused(service),
     }
 }

@@ -17,8 +17,10 @@ pub struct DeploySpec {
     /// Instances below `replicas` that may be unavailable during a rollout: a count or a
     /// percentage of `replicas`, rounded down.
     pub max_unavailable: Scale,
-    /// How long a new instance must stay ready before it counts as available.
-    pub min_ready: Dur,
+    /// How long a new instance must stay ready before it counts as available. Unset: zero
+    /// with a readiness probe, [`STABILITY_WINDOW`] without one (see [`DeploySpec::min_ready`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ready: Option<Dur>,
     /// A rollout that makes no progress for this long has failed. Defaults to `min_ready` + 2m.
     pub progress_deadline: Dur,
     /// Return to the last good revision when a rollout fails.
@@ -37,8 +39,8 @@ struct DeployFields {
     max_surge: Scale,
     #[serde(default = "Scale::zero")]
     max_unavailable: Scale,
-    #[serde(default = "Dur::zero")]
-    min_ready: Dur,
+    #[serde(default)]
+    min_ready: Option<Dur>,
     #[serde(default)]
     progress_deadline: Option<Dur>,
     #[serde(default = "yes")]
@@ -53,7 +55,10 @@ impl From<DeployFields> for DeploySpec {
     fn from(f: DeployFields) -> Self {
         let deadline = f
             .progress_deadline
-            .unwrap_or_else(|| Dur(f.min_ready.0.saturating_add(default_progress_deadline().0)));
+            .unwrap_or_else(|| {
+                let min_ready = f.min_ready.map_or(std::time::Duration::ZERO, |d| d.0);
+                Dur(min_ready.saturating_add(default_progress_deadline().0))
+            });
         Self {
             max_surge: f.max_surge,
             max_unavailable: f.max_unavailable,
@@ -81,7 +86,7 @@ impl Default for DeploySpec {
         Self {
             max_surge: Scale::default_surge(),
             max_unavailable: Scale::zero(),
-            min_ready: Dur::zero(),
+            min_ready: None,
             progress_deadline: default_progress_deadline(),
             auto_rollback: true,
             pre_stop_delay: Dur::zero(),
@@ -90,9 +95,25 @@ impl Default for DeploySpec {
     }
 }
 
+/// Without a readiness probe, how long a new instance must have stayed running before it
+/// counts as available (unless `min_ready` says otherwise): a process that crashes at start-up
+/// must not pass for a good rollout, and must never become the "last good" revision.
+pub const STABILITY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl DeploySpec {
     pub fn is_default(&self) -> bool {
         self == &Self::default()
+    }
+
+    /// How long a new instance must stay ready before it counts as available: `min_ready`
+    /// when set; otherwise zero when a readiness probe says when it is ready, and
+    /// [`STABILITY_WINDOW`] when nothing but staying up can.
+    pub fn min_ready(&self, has_readiness_probe: bool) -> std::time::Duration {
+        match self.min_ready {
+            Some(d) => d.0,
+            None if has_readiness_probe => std::time::Duration::ZERO,
+            None => STABILITY_WINDOW,
+        }
     }
 
     /// `(max_surge, max_unavailable)` as instance counts for `replicas`. Never both zero: a

@@ -266,12 +266,22 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
         }
     }
 
-    check_deploy(&mut v, &root.key("deploy"), &spec.deploy);
+    check_deploy(
+        &mut v,
+        &root.key("deploy"),
+        &spec.deploy,
+        spec.probes.readiness.is_some(),
+    );
     v.0
 }
 
 /// Rolling-update settings: a rollout must be able to move, and its timers must be sane.
-fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
+fn check_deploy(
+    v: &mut Errs,
+    p: &FieldPath,
+    d: &crate::deploy::DeploySpec,
+    has_readiness_probe: bool,
+) {
     use crate::deploy::Scale;
     if matches!(d.max_surge, Scale::Count(0) | Scale::Percent(0))
         && matches!(d.max_unavailable, Scale::Count(0) | Scale::Percent(0))
@@ -295,7 +305,8 @@ fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
         }
     }
     let hour = std::time::Duration::from_secs(3600);
-    if d.min_ready.0 > hour {
+    let min_ready = d.min_ready(has_readiness_probe);
+    if min_ready > hour {
         v.push(p.key("min_ready"), "must be at most 1h");
     }
     if d.pre_stop_delay.0 > hour {
@@ -304,10 +315,17 @@ fn check_deploy(v: &mut Errs, p: &FieldPath, d: &crate::deploy::DeploySpec) {
     if d.progress_deadline.0 < std::time::Duration::from_secs(1) {
         v.push(p.key("progress_deadline"), "must be at least 1s");
     }
-    if d.progress_deadline.0 <= d.min_ready.0 {
+    if d.progress_deadline.0 <= min_ready {
         v.push(
             p.key("progress_deadline"),
-            "must be longer than min_ready, or no rollout could ever make progress",
+            if d.min_ready.is_some() || has_readiness_probe {
+                "must be longer than min_ready, or no rollout could ever make progress".to_string()
+            } else {
+                format!(
+                    "must be longer than min_ready, which is {} without a readiness probe, or no rollout could ever make progress",
+                    crate::Dur(min_ready)
+                )
+            },
         );
     }
     if d.revision_history == 0 || d.revision_history > 100 {
