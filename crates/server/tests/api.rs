@@ -571,7 +571,8 @@ async fn revision_history_is_capped_and_keeps_the_last_good_one() {
         })
         .to_string()
     };
-    // Revision 1 completes only if its instance is ready; there is no agent here, so mark it.
+    // Revision 1 completes only if its instance is ready, and (without a readiness probe) has
+    // been for the stability window; there is no agent here, so mark it.
     call(
         &f.router,
         "POST",
@@ -586,6 +587,7 @@ async fn revision_history_is_capped_and_keeps_the_last_good_one() {
         typed::modify::<Instance>(&*f.store, &i.metadata.name, |i| {
             i.status.phase = flotilla_spec::Phase::Running;
             i.status.ready = true;
+            i.status.ready_since = Some("2020-01-01T00:00:00Z".into());
             true
         })
         .await
