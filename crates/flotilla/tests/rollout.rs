@@ -468,7 +468,11 @@ deploy = { min_ready = "0s" }
             steady_complete = Some(started.elapsed());
         }
         if rollout_phase(&up, "exit1") == "Failed" && steady_complete.is_some() {
-            assert_eq!(exit1.status.code(), Some(1), "a failed rollout exits 1: {said}");
+            assert_eq!(
+                exit1.status.code(),
+                Some(1),
+                "a failed rollout exits 1: {said}"
+            );
             break;
         }
         assert!(

@@ -27,6 +27,7 @@
 
 mod access_log;
 pub mod balance;
+mod bind;
 mod body;
 mod clock;
 pub mod config;
@@ -60,6 +61,7 @@ pub use headers::fuzzing;
 pub use metrics::Metrics;
 pub use table::{Endpoint, Match, Route, RouteConflict, RouteTable, TableState};
 
+use crate::bind::bind_tcp;
 use crate::follower::StoreFollower;
 use crate::listener::{Bound, ConnLayer};
 use crate::metrics::ConnectionMetrics;
@@ -73,6 +75,12 @@ pub enum GatewayError {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    /// Another process listens on the address (`SO_REUSEPORT` would share its traffic).
+    #[error("{addr} is already in use by {}; stop it or choose another address", holder.as_deref().unwrap_or("another process"))]
+    AddressInUse {
+        addr: SocketAddr,
+        holder: Option<String>,
     },
     #[error("cannot read the address the gateway listens on")]
     LocalAddr(#[source] std::io::Error),
@@ -107,6 +115,7 @@ impl GatewayError {
             GatewayError::Upstream { retryable, .. } => *retryable,
             GatewayError::Store { source, .. } => source.is_transient(),
             GatewayError::Bind { .. }
+            | GatewayError::AddressInUse { .. }
             | GatewayError::LocalAddr(_)
             | GatewayError::Workers(_)
             | GatewayError::TlsWithoutCertificates
@@ -281,41 +290,6 @@ impl Gateway {
         tracing::info!(addr = %local_addr, "gateway stopped");
         Ok(())
     }
-}
-
-/// Pending connections per listening socket.
-const LISTEN_BACKLOG: i32 = 1024;
-
-/// `count` listening sockets on `addr` with `SO_REUSEPORT`, one per worker: the kernel spreads
-/// new connections evenly over them. (Workers sharing one socket do not share the load: the
-/// first to wake takes a whole burst of connections.) With port 0, the later sockets take the
-/// port the first one got.
-fn bind_tcp(
-    addr: SocketAddr,
-    count: usize,
-) -> Result<(Vec<std::net::TcpListener>, SocketAddr), GatewayError> {
-    let mut listeners = Vec::with_capacity(count);
-    let mut local = addr;
-    for _ in 0..count.max(1) {
-        let listener =
-            reuseport_listener(local).map_err(|source| GatewayError::Bind { addr, source })?;
-        if listeners.is_empty() {
-            local = listener.local_addr().map_err(GatewayError::LocalAddr)?;
-        }
-        listeners.push(listener);
-    }
-    Ok((listeners, local))
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
 }
 
 /// How often state no table uses is forgotten and rate limiters drop refilled buckets.

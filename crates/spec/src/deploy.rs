@@ -53,12 +53,10 @@ struct DeployFields {
 
 impl From<DeployFields> for DeploySpec {
     fn from(f: DeployFields) -> Self {
-        let deadline = f
-            .progress_deadline
-            .unwrap_or_else(|| {
-                let min_ready = f.min_ready.map_or(std::time::Duration::ZERO, |d| d.0);
-                Dur(min_ready.saturating_add(default_progress_deadline().0))
-            });
+        let deadline = f.progress_deadline.unwrap_or_else(|| {
+            let min_ready = f.min_ready.map_or(std::time::Duration::ZERO, |d| d.0);
+            Dur(min_ready.saturating_add(default_progress_deadline().0))
+        });
         Self {
             max_surge: f.max_surge,
             max_unavailable: f.max_unavailable,
