@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,17 +18,11 @@ fn run_to_end(cmd: &mut Command) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running: it shares the address instead of refusing it");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for(
+        "it to refuse the address (still running: it shares it instead)",
+        Duration::from_secs(20),
+        || child.try_wait().unwrap(),
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     (status.code(), err)

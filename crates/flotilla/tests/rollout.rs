@@ -449,9 +449,8 @@ args = ["300"]
 deploy = { min_ready = "0s" }
 "#,
     );
-    let deadline = Instant::now() + T;
     let mut steady_complete = None;
-    loop {
+    wait_for("exit1 to fail and steady to complete", T, || {
         let exit1 = up.cli(&["rollout", "status", "exit1", "--no-watch"]);
         let said = String::from_utf8_lossy(&exit1.stdout).to_string();
         assert!(
@@ -467,21 +466,16 @@ deploy = { min_ready = "0s" }
         if steady_complete.is_none() && rollout_phase(&up, "steady") == "Complete" {
             steady_complete = Some(started.elapsed());
         }
-        if rollout_phase(&up, "exit1") == "Failed" && steady_complete.is_some() {
+        let failed = s["status"]["rollout"]["phase"] == "Failed";
+        if failed {
             assert_eq!(
                 exit1.status.code(),
                 Some(1),
                 "a failed rollout exits 1: {said}"
             );
-            break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "exit1 never failed or steady never completed: {}",
-            service(&up, "exit1")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (failed && steady_complete.is_some()).then_some(())
+    });
     let steady = steady_complete.unwrap();
     assert!(
         steady >= Duration::from_secs(5),
