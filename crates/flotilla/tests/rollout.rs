@@ -466,13 +466,12 @@ deploy = { min_ready = "0s" }
         if steady_complete.is_none() && rollout_phase(&up, "steady") == "Complete" {
             steady_complete = Some(started.elapsed());
         }
-        let failed = s["status"]["rollout"]["phase"] == "Failed";
+        // The CLI asked before the service was read: its verdict may lag one step behind.
+        let failed = exit1.status.code() == Some(1);
         if failed {
-            assert_eq!(
-                exit1.status.code(),
-                Some(1),
-                "a failed rollout exits 1: {said}"
-            );
+            assert!(said.contains("Failed"), "exit 1 says why: {said}");
+        } else {
+            assert_eq!(exit1.status.code(), Some(3), "in progress: {said}");
         }
         (failed && steady_complete.is_some()).then_some(())
     });
