@@ -95,28 +95,33 @@ fn connect(
     Ok(Client::new(&base, token))
 }
 
-/// The API's base URL and the bearer token.
+/// The API's base URL and the bearer token: flags and environment first, then the context
+/// file of the running `up` (of `--data-dir` when given, else the only one), then the default
+/// address with the token of the data directory.
 fn resolve(
     api: Option<String>,
     token: Option<String>,
     data_dir: Option<std::path::PathBuf>,
 ) -> Result<(String, String)> {
-    let ctx = context::read_context()?;
+    if let (Some(a), Some(t)) = (&api, &token) {
+        return Ok((api_url(a), t.clone()));
+    }
+    let ctx = context::find_context(data_dir.as_deref())?;
     let base = match (&api, &ctx) {
         (Some(a), _) => api_url(a),
-        (None, Some((_, c))) => c.api.clone(),
+        (None, Some(c)) => c.api.clone(),
         (None, None) => api_url(context::DEFAULT_API),
     };
     let token = match (token, &ctx, data_dir) {
         (Some(t), _, _) => t,
         (None, _, Some(dir)) => context::read_token(&dir.join(context::TOKEN_FILE))?,
-        (None, Some((_, c)), None) => context::read_token(&c.token_file)?,
+        (None, Some(c), None) => context::read_token(&c.token_file)?,
         (None, None, None) => {
             let path = context::default_data_dir()?.join(context::TOKEN_FILE);
             if !path.exists() {
                 bail!(
                     "no running flotilla found: no context file in {} and no token at {}; start `flotilla up`, or pass --api and --token (FLOTILLA_API, FLOTILLA_TOKEN)",
-                    context::config_dir()?.display(),
+                    context::contexts_dir()?.display(),
                     path.display()
                 );
             }

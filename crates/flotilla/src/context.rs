@@ -2,9 +2,11 @@
 //!
 //! - Data directory (store, logs, admin token): `--data-dir`, `FLOTILLA_DATA_DIR`, the file's
 //!   `[up] data_dir`, else `$XDG_STATE_HOME/flotilla` or `~/.local/state/flotilla`.
-//! - Context file, written by `up` and read by every other command:
-//!   `$FLOTILLA_CONFIG_DIR/context.json`, else `$XDG_CONFIG_HOME/flotilla/context.json` or
-//!   `~/.config/flotilla/context.json`. It holds the API address and the token file's path.
+//! - Context files, one per data directory, written by `up` (and removed when it exits) and
+//!   read by every other command: `$FLOTILLA_CONFIG_DIR/contexts/`, else
+//!   `$XDG_CONFIG_HOME/flotilla/contexts/` or `~/.config/flotilla/contexts/`. Each holds the API
+//!   address, the token file's path, the data directory and the writer's pid. The CLI uses the
+//!   one of `--data-dir` when given, else the only running one, else asks which.
 //! - `--api`/`FLOTILLA_API` and `--token`/`FLOTILLA_TOKEN` override the context file.
 
 use std::fs;
@@ -58,13 +60,50 @@ pub struct ContextFile {
     pub gateway: String,
     pub metrics: String,
     pub pid: u32,
+    /// The data directory of the `up` that wrote it (canonical).
+    #[serde(default)]
+    pub data_dir: PathBuf,
 }
 
+/// Where the context files live: one per data directory, so that two `up`s (each with its
+/// own data directory) never overwrite each other's.
+pub fn contexts_dir() -> Result<PathBuf> {
+    Ok(config_dir()?.join("contexts"))
+}
+
+/// `<last component>-<16 hex digits of the canonical path>.json`.
+fn context_file_name(data_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let base: String = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .trim_start_matches('.')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let digest = flotilla_spec::content_digest(data_dir.as_os_str().as_bytes());
+    format!("{base}-{digest}.json")
+}
+
+/// `path` made absolute and canonical when it exists (as given otherwise).
+pub fn canonical(path: &Path) -> PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Writes the context file of `ctx.data_dir` (atomically, readable only by its owner).
 pub fn write_context(ctx: &ContextFile) -> Result<PathBuf> {
-    let dir = config_dir()?;
+    let dir = contexts_dir()?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("context.json");
-    let tmp = dir.join(format!("context.json.{}", std::process::id()));
+    let path = dir.join(context_file_name(&ctx.data_dir));
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(ctx)?;
     {
         let mut f = fs::OpenOptions::new()
@@ -80,16 +119,90 @@ pub fn write_context(ctx: &ContextFile) -> Result<PathBuf> {
     Ok(path)
 }
 
-pub fn read_context() -> Result<Option<(PathBuf, ContextFile)>> {
-    let path = config_dir()?.join("context.json");
-    match fs::read(&path) {
-        Ok(bytes) => {
-            let ctx = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a valid context file", path.display()))?;
-            Ok(Some((path, ctx)))
+/// Removes the context file at `path` if this process wrote it (never another's).
+pub fn remove_own_context(path: &Path) {
+    let ours = fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ContextFile>(&b).ok())
+        .is_some_and(|c| c.pid == std::process::id());
+    if ours {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Whether process `pid` is alive (it may belong to another user).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
+}
+
+/// The context files of running `up`s, by path. Files whose writer is gone (killed before it
+/// could remove its file) are skipped; unreadable ones are skipped with a warning.
+pub fn live_contexts() -> Result<Vec<(PathBuf, ContextFile)>> {
+    let dir = contexts_dir()?;
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        let parsed = fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| serde_json::from_slice::<ContextFile>(&b).map_err(Into::into));
+        match parsed {
+            Ok(ctx) if alive(ctx.pid) => found.push((path, ctx)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable context file")
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
+/// The running `up` the CLI talks to: the one of `data_dir` when given, else the only one
+/// running. `None` when none runs (the caller falls back to the defaults); an error naming
+/// every candidate when several run and nothing says which.
+pub fn find_context(data_dir: Option<&Path>) -> Result<Option<ContextFile>> {
+    let mut live = live_contexts()?;
+    if let Some(dir) = data_dir {
+        let dir = canonical(dir);
+        return Ok(live
+            .into_iter()
+            .map(|(_, c)| c)
+            .find(|c| canonical(&c.data_dir) == dir));
+    }
+    match live.len() {
+        0 => Ok(None),
+        1 => Ok(live.pop().map(|(_, c)| c)),
+        n => {
+            let list: Vec<String> = live
+                .iter()
+                .map(|(_, c)| {
+                    format!(
+                        "  --data-dir {}   ({}, pid {})",
+                        c.data_dir.display(),
+                        c.api,
+                        c.pid
+                    )
+                })
+                .collect();
+            bail!(
+                "{n} flotilla processes are running; choose one with --data-dir (or FLOTILLA_DATA_DIR), or pass --api and --token:\n{}",
+                list.join("\n")
+            )
+        }
     }
 }
 

@@ -308,6 +308,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     // below, so nothing already started is left behind.
     let mut failed: Option<anyhow::Error> = None;
     let mut file_note = None;
+    let mut ctx_written = None;
     if let (Some(file), Some(path)) = (&file, &args.file) {
         match apply_file(&*store, file, &data_dir).await {
             Ok(applied) => file_note = Some(describe_file_apply(path, &applied, file)),
@@ -323,9 +324,14 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
             gateway: format!("http://{gw_local}"),
             metrics: format!("http://{metrics_local}/metrics"),
             pid: std::process::id(),
+            data_dir: context::canonical(&data_dir),
         });
         let ctx_path = match ctx_path {
-            Ok(p) => p.display().to_string(),
+            Ok(p) => {
+                let shown = p.display().to_string();
+                ctx_written = Some(p);
+                shown
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not write the context file; the CLI needs --api and --token");
                 "(not written)".to_string()
@@ -423,11 +429,8 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         tracing::warn!("servers did not finish within {SHUTDOWN_DEADLINE:?}; closing them");
         tasks.abort_all();
     }
-    if let Ok(Some((_, ctx))) = context::read_context()
-        && ctx.pid == std::process::id()
-        && let Ok(dir) = context::config_dir()
-    {
-        let _ = std::fs::remove_file(dir.join("context.json"));
+    if let Some(path) = &ctx_written {
+        context::remove_own_context(path);
     }
     tracing::info!("all workloads stopped; bye");
     match failed {

@@ -85,8 +85,7 @@ impl Tour {
             log,
         };
         let ctx: Value = wait_for("flotilla up to write its context", T, || {
-            let bytes = std::fs::read(tour.dir.path().join("config/context.json")).ok()?;
-            serde_json::from_slice(&bytes).ok()
+            read_context(&tour.dir.path().join("config"))
         });
         tour.gateway = ctx["gateway"]
             .as_str()
@@ -368,10 +367,7 @@ fn the_readme_tour_works_as_written() {
     }
 
     // Normal deploys: no probe failure an alert would see (start-up checks are counted apart).
-    let ctx: Value = serde_json::from_slice(
-        &std::fs::read(tour.dir.path().join("config/context.json")).expect("context"),
-    )
-    .expect("context JSON");
+    let ctx: Value = read_context(&tour.dir.path().join("config")).expect("context");
     let metrics = ctx["metrics"].as_str().expect("metrics URL").to_string();
     let o = Command::new("curl")
         .args(["-sS", "--max-time", "10", &metrics])

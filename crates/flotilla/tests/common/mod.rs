@@ -27,6 +27,16 @@ pub fn demo_bin() -> PathBuf {
     p
 }
 
+/// The context file of the only `up` writing into `config_dir`, once it is complete.
+pub fn read_context(config_dir: &std::path::Path) -> Option<Value> {
+    let dir = std::fs::read_dir(config_dir.join("contexts")).ok()?;
+    let path = dir
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))?;
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -186,7 +196,7 @@ impl Up {
 
     /// Starts (or restarts) `flotilla up` and waits until its API answers.
     pub fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.config_dir().join("context.json"));
+        let _ = std::fs::remove_dir_all(self.config_dir().join("contexts"));
         self.log = self.dir.path().join(format!("up-{}.log", rand_suffix()));
         let log = std::fs::File::create(&self.log).expect("log");
         let child = Command::new(flotilla_bin())
@@ -214,8 +224,7 @@ impl Up {
                         self.up_logs()
                     );
                 }
-                let bytes = std::fs::read(self.config_dir().join("context.json")).ok()?;
-                serde_json::from_slice(&bytes).ok()
+                read_context(&self.config_dir())
             },
         );
         let strip = |v: &Value| {
