@@ -277,22 +277,23 @@ pub async fn read(
 }
 
 /// Streams the instance's log: first the retained content (or its last `tail_lines` lines),
-/// then new output as it is written, across rotations, until `shutdown` or until the receiver
-/// is dropped. The channel is bounded: a slow reader slows the follower, not the instance.
+/// then new output as it is written, across rotations. Once `stop` is cancelled, what was
+/// written up to then is still sent and the stream ends; it also ends when the receiver is
+/// dropped. An instance whose log does not exist yet (not started) is waited for. The channel
+/// is bounded: a slow reader slows the follower, not the instance.
 pub fn follow(
     data_dir: &Path,
     instance: &str,
     tail_lines: Option<usize>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> mpsc::Receiver<Result<Bytes, AgentError>> {
     let (tx, rx) = mpsc::channel(64);
     let dir = log_dir(data_dir, instance);
     let instance = instance.to_string();
     tokio::spawn(async move {
         tokio::select! {
-            _ = shutdown.cancelled() => {}
             _ = tx.closed() => {}
-            r = follow_loop(&dir, &instance, tail_lines, &tx) => {
+            r = follow_loop(&dir, &instance, tail_lines, &tx, &stop) => {
                 if let Err(e) = r {
                     let _ = tx.send(Err(e)).await;
                 }
@@ -302,26 +303,31 @@ pub fn follow(
     rx
 }
 
+/// Sleeps one poll interval; false when `stop` was cancelled (before or meanwhile).
+async fn poll_pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(FOLLOW_POLL) => true,
+    }
+}
+
 async fn follow_loop(
     dir: &Path,
     instance: &str,
     tail_lines: Option<usize>,
     tx: &mpsc::Sender<Result<Bytes, AgentError>>,
+    stop: &CancellationToken,
 ) -> Result<(), AgentError> {
     use std::os::unix::fs::MetadataExt;
     let cur = rotated(dir, 0);
-    if !dir.is_dir() {
-        return Err(AgentError::LogNotFound {
-            instance: instance.to_string(),
-            dir: dir.to_path_buf(),
-        });
-    }
-    // Wait for the current file to exist (a just-created instance).
+    // Wait for the current file to exist (an instance that has not started yet).
     let mut file = loop {
         match tokio::fs::File::open(&cur).await {
             Ok(f) => break f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tokio::time::sleep(FOLLOW_POLL).await
+                if !poll_pause(stop).await {
+                    return Ok(());
+                }
             }
             Err(e) => return Err(AgentError::io("open log", &cur, e)),
         }
@@ -368,7 +374,12 @@ async fn follow_loop(
                 return Ok(());
             }
         }
-        tokio::time::sleep(FOLLOW_POLL).await;
+        if stop.is_cancelled() {
+            // Everything written before the stop was sent.
+            return Ok(());
+        }
+        // Stopped while pausing: one more round drains what was written meanwhile.
+        poll_pause(stop).await;
         match tokio::fs::metadata(&cur).await {
             Ok(m) if m.ino() != inode => {
                 // Rotated: drain the old file (done above on the next round), then switch.

@@ -92,11 +92,13 @@ pub enum Command {
         /// Only this instance (a name from `flotilla get instances`).
         #[arg(long)]
         instance: Option<String>,
-        /// Keep streaming new output until Ctrl-C.
+        /// Keep streaming new output until Ctrl-C, following the service across deploys:
+        /// instances that start are followed from their first line after a `--- NAME joined`
+        /// line, and instances that go end with a `--- NAME left` line.
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Only the last N lines of each instance.
-        #[arg(long)]
+        /// Only the last N lines of each instance (N per instance, not in all).
+        #[arg(long, value_name = "N")]
         tail: Option<usize>,
     },
     /// List events, oldest first.

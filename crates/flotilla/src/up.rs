@@ -66,18 +66,13 @@ impl LogSource for AgentLogs {
         &self,
         instance: &str,
         tail: Option<usize>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> mpsc::Receiver<Result<Bytes, String>> {
-        let mut inner =
-            flotilla_agent::logs::follow(&self.data_dir, instance, tail, shutdown.clone());
+        let mut inner = flotilla_agent::logs::follow(&self.data_dir, instance, tail, stop);
         let (tx, rx) = mpsc::channel(16);
+        // Ends when the agent's stream ends (after `stop`, once drained) or the reader goes.
         tokio::spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    item = inner.recv() => item,
-                };
-                let Some(item) = item else { return };
+            while let Some(item) = inner.recv().await {
                 if tx.send(item.map_err(|e| e.to_string())).await.is_err() {
                     return;
                 }

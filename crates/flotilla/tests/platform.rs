@@ -530,6 +530,7 @@ fn logs_and_events_follow_stream_new_output() {
 [service.ticker]
 command = "sh"
 args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
+deploy = { min_ready = "0s" }
 "#,
     );
     wait_for("the ticker to run", T, || {
@@ -586,6 +587,37 @@ args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
             .and_then(|m| m.trim().parse::<u64>().ok())
             .is_some_and(|m| m >= n + 3)
     });
+
+    // A deploy replaces the instance: the follow goes on with the new one, from its first
+    // line, and says who joined and who left.
+    let old = name_of(&up.instances("ticker")[0]);
+    let out = up.cli(&["restart", "ticker"]);
+    assert!(out.status.success(), "{out:?}");
+    let joined = until(&rx, "a joined line", &|l| l.ends_with(" joined"));
+    let new = joined
+        .trim_start_matches("--- ")
+        .trim_end_matches(" joined")
+        .to_string();
+    assert!(new.starts_with("ticker-") && new != old, "{joined}");
+    // In any order: the new instance's first and later lines, and the old one leaving.
+    let wanted = [
+        format!("[{new}] tick-1"),
+        format!("[{new}] tick-20"),
+        format!("--- {old} left"),
+    ];
+    let mut seen = [false; 3];
+    let mut log = Vec::new();
+    let deadline = Instant::now() + T;
+    while seen.contains(&false) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("not all of {wanted:?} within {T:?}; got {log:#?}"));
+        if let Some(i) = wanted.iter().position(|w| *w == line) {
+            seen[i] = true;
+        }
+        log.push(line);
+    }
     let _ = logs.kill();
     let _ = logs.wait();
 

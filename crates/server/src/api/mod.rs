@@ -51,12 +51,14 @@ const STREAM_BUFFER: usize = 64;
 #[async_trait]
 pub trait LogSource: Send + Sync + 'static {
     async fn read(&self, instance: &str, tail: Option<usize>) -> Result<Vec<u8>, String>;
-    /// Streams the log from `tail` lines back, then new output, until `shutdown`.
+    /// Streams the log from `tail` lines back (all of it when `None`), then new output; waits
+    /// for a log that does not exist yet. Once `stop` is cancelled, what was written until then
+    /// is still sent, then the stream ends.
     fn follow(
         &self,
         instance: &str,
         tail: Option<usize>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> mpsc::Receiver<Result<Bytes, String>>;
 }
 
