@@ -118,15 +118,16 @@ impl Client {
         serde_json::from_slice(&body).with_context(|| format!("unexpected answer from GET {path}"))
     }
 
-    /// Streams the body of a GET, calling `chunk` for each piece until the server ends it.
-    pub async fn stream(
-        &self,
-        path: &str,
-        mut chunk: impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Opens a streamed GET: its body, once the API answered with success.
+    pub async fn open_stream(&self, path: &str) -> Result<hyper::body::Incoming> {
         let response = self.send(self.request(Method::GET, path, None)?).await?;
         let status = response.status();
-        let mut body = response.into_body();
+        let body = response.into_body();
         if !status.is_success() {
             let bytes = body
                 .collect()
@@ -135,13 +136,7 @@ impl Client {
                 .to_bytes();
             return Err(failure(status, &bytes).into());
         }
-        while let Some(frame) = body.frame().await {
-            let frame = frame.context("the API closed the stream")?;
-            if let Some(data) = frame.data_ref() {
-                chunk(data)?;
-            }
-        }
-        Ok(())
+        Ok(body)
     }
 }
 

@@ -49,6 +49,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply { file } => Some((file.clone(), load_file(file)?)),
         _ => None,
     };
+    // Finds the API again after a lost stream (a restarted `up` may listen elsewhere).
+    let reconnect = {
+        let (api, token, data_dir) = (api.clone(), token.clone(), data_dir.clone());
+        move || connect(api.clone(), token.clone(), data_dir.clone())
+    };
     let client = connect(api, token, data_dir)?;
     match command {
         Command::Apply { .. } => match file {
@@ -68,8 +73,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             instance,
             follow,
             tail,
-        } => logs(&client, &service, instance, follow, tail).await,
-        Command::Events { follow, output } => events(&client, follow, output).await,
+            reconnect_for,
+        } => {
+            let args = LogsArgs {
+                service,
+                instance,
+                follow,
+                tail,
+                reconnect_for: reconnect_for.into(),
+            };
+            logs(client, &reconnect, args).await
+        }
+        Command::Events {
+            follow,
+            output,
+            reconnect_for,
+        } => events(client, &reconnect, follow, output, reconnect_for.into()).await,
         Command::Delete { name, .. } => {
             ensure_name("service", &name)?;
             client
@@ -288,37 +307,110 @@ async fn describe(client: &Client, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `logs` streams: the lines as they come, while noting which instances were followed
+/// (from each line's `[instance]` prefix and the joined/left lines), so that a follow that
+/// lost the API resumes with them at their end and the others from their start.
+#[derive(Default)]
+struct LogsSeen {
+    known: std::collections::BTreeSet<String>,
+    pending: Vec<u8>,
+}
+
+impl LogsSeen {
+    fn note(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end();
+            if let Some(rest) = line.strip_prefix("--- ") {
+                if let Some(name) = rest.strip_suffix(" joined") {
+                    self.known.insert(name.to_string());
+                } else if let Some(name) = rest.strip_suffix(" left") {
+                    self.known.remove(name);
+                }
+            } else if let Some((name, _)) = line.strip_prefix('[').and_then(|l| l.split_once("] "))
+            {
+                self.known.insert(name.to_string());
+            }
+        }
+    }
+}
+
+pub struct LogsArgs {
+    pub service: String,
+    pub instance: Option<String>,
+    pub follow: bool,
+    pub tail: Option<usize>,
+    pub reconnect_for: std::time::Duration,
+}
+
 async fn logs(
-    client: &Client,
-    service: &str,
-    instance: Option<String>,
-    follow: bool,
-    tail: Option<usize>,
+    client: Client,
+    connect: &dyn Fn() -> Result<Client>,
+    args: LogsArgs,
 ) -> Result<ExitCode> {
-    ensure_name("service", service)?;
+    ensure_name("service", &args.service)?;
+    let base = format!("/api/v1/services/{}/logs", args.service);
     let mut query = Vec::new();
-    if let Some(i) = &instance {
+    if let Some(i) = &args.instance {
         query.push(format!("instance={}", encode(i)));
     }
-    if let Some(t) = tail {
-        query.push(format!("tail={t}"));
+    if !args.follow {
+        if let Some(t) = args.tail {
+            query.push(format!("tail={t}"));
+        }
+        let (_, body) = client
+            .call(Method::GET, &format!("{base}?{}", query.join("&")), None)
+            .await?;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&body)?;
+        stdout.flush()?;
+        return Ok(ExitCode::SUCCESS);
     }
-    if follow {
-        query.push("follow=true".to_string());
-    }
-    let path = format!("/api/v1/services/{service}/logs?{}", query.join("&"));
+    query.push("follow=true".to_string());
+    let seen = std::cell::RefCell::new(LogsSeen::default());
+    let mut connections = 0u32;
+    let path = || {
+        connections += 1;
+        let mut q = query.clone();
+        if connections == 1 {
+            if let Some(t) = args.tail {
+                q.push(format!("tail={t}"));
+            }
+        } else if args.instance.is_some() {
+            // The same instance again: only what it writes from now on.
+            q.push("tail=0".to_string());
+        } else {
+            let known: Vec<String> = seen.borrow().known.iter().map(|n| encode(n)).collect();
+            q.push(format!("known={}", known.join(",")));
+        }
+        format!("{base}?{}", q.join("&"))
+    };
     let mut stdout = std::io::stdout();
-    client
-        .stream(&path, |chunk| {
+    crate::follow::follow(
+        client,
+        connect,
+        path,
+        |chunk| {
+            seen.borrow_mut().note(chunk);
             stdout.write_all(chunk)?;
             stdout.flush()?;
             Ok(())
-        })
-        .await?;
+        },
+        args.reconnect_for,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> {
+async fn events(
+    client: Client,
+    connect: &dyn Fn() -> Result<Client>,
+    follow: bool,
+    out: Output,
+    reconnect_for: std::time::Duration,
+) -> Result<ExitCode> {
     if !follow {
         let l: List<Event> = client.get("/api/v1/events").await?;
         print_items(
@@ -331,17 +423,26 @@ async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> 
     }
     let mut pending = Vec::new();
     let mut header = out == Output::Table;
-    client
-        .stream("/api/v1/events?follow=true", |chunk| {
+    // The revision of the last event shown: a lost stream resumes after it.
+    let last = std::cell::Cell::new(0u64);
+    let path = || match last.get() {
+        0 => "/api/v1/events?follow=true".to_string(),
+        rev => format!("/api/v1/events?follow=true&since={rev}"),
+    };
+    crate::follow::follow(
+        client,
+        connect,
+        path,
+        |chunk| {
             pending.extend_from_slice(chunk);
             let mut stdout = std::io::stdout().lock();
             while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=pos).collect();
+                let e: Event = serde_json::from_slice(&line).context("bad event from the API")?;
+                last.set(last.get().max(e.metadata.resource_version));
                 match out {
                     Output::Json => stdout.write_all(&line)?,
                     Output::Table => {
-                        let e: Event =
-                            serde_json::from_slice(&line).context("bad event from the API")?;
                         if header {
                             write!(stdout, "{}", output::events_header())?;
                             header = false;
@@ -352,7 +453,9 @@ async fn events(client: &Client, follow: bool, out: Output) -> Result<ExitCode> 
             }
             stdout.flush()?;
             Ok(())
-        })
-        .await?;
+        },
+        reconnect_for,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod context;
+mod follow;
 mod gateway;
 mod output;
 mod rollout;
@@ -100,14 +101,23 @@ pub enum Command {
         /// Only the last N lines of each instance (N per instance, not in all).
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// With -f: when the API goes away (a restart of `up`), keep trying to reconnect for
+        /// this long, then fail with exit 1. Instances already followed resume at their end.
+        #[arg(long, value_name = "DURATION", default_value = "2m")]
+        reconnect_for: humantime::Duration,
     },
     /// List events, oldest first.
     Events {
-        /// Keep streaming new events until Ctrl-C.
+        /// Keep streaming new events until Ctrl-C; survives a restart of the API (see
+        /// --reconnect-for), resuming after the last event shown.
         #[arg(short = 'f', long)]
         follow: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// With -f: when the API goes away, keep trying to reconnect for this long, then fail
+        /// with exit 1.
+        #[arg(long, value_name = "DURATION", default_value = "2m")]
+        reconnect_for: humantime::Duration,
     },
     /// Delete a service; its instances stop gracefully.
     Delete {

@@ -612,3 +612,72 @@ fn logs_are_clean_json_and_uncoloured_text() {
         "colour codes in a log file:\n{log}"
     );
 }
+
+/// `events -f` and `logs -f` survive a restart of `up` (which listens on a new port: they find
+/// it again through the context file): events resume after the last one shown, with none
+/// repeated; logs go on with the instances started by the new `up`. When `up` stays away they
+/// give up after `--reconnect-for` with an error and exit 1.
+#[test]
+fn events_and_logs_follow_across_a_restart_of_up() {
+    let mut up = Up::start(
+        r#"
+[service.ticker]
+command = "sh"
+args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
+deploy = { min_ready = "0s" }
+"#,
+    );
+    wait_for("the ticker to run", T, || {
+        up.instances("ticker")
+            .iter()
+            .any(|i| i["status"]["phase"] == "Running")
+            .then_some(())
+    });
+    let first_instance = name_of(&up.instances("ticker")[0]);
+    let mut events = Follower::start(&up, &["events", "-f", "--reconnect-for", "5s"]);
+    let mut logs = Follower::start(&up, &["logs", "ticker", "-f", "--reconnect-for", "5s"]);
+    events.until("the service's first event", T, |l| {
+        l.contains("service/ticker")
+    });
+    logs.until("a tick", T, |l| l.contains("tick-"));
+
+    up.stop();
+    up.spawn();
+    let out = up.cli(&["restart", "ticker"]);
+    assert!(out.status.success(), "{out:?}");
+    events.until("the restart's event after the restart of up", T, |l| {
+        l.contains("RestartRequested")
+    });
+    let mut rows: Vec<&String> = events
+        .seen
+        .iter()
+        .filter(|l| !l.starts_with("TIME"))
+        .collect();
+    let all = rows.len();
+    rows.sort();
+    rows.dedup();
+    assert_eq!(
+        rows.len(),
+        all,
+        "an event was shown twice: {:#?}",
+        events.seen
+    );
+    assert!(
+        events.stderr_text().contains("reconnected"),
+        "{}",
+        events.stderr_text()
+    );
+    // The new `up` started new instances; their lines arrive.
+    logs.until("a tick of an instance of the new up", T, |l| {
+        l.contains("tick-") && !l.starts_with(&format!("[{first_instance}]"))
+    });
+
+    // `up` stays away: both give up with an error.
+    up.stop();
+    for f in [&mut events, &mut logs] {
+        assert_eq!(f.exit_code(T), Some(1), "{}", f.stderr_text());
+        let err = f.stderr_text();
+        assert!(err.contains("did not come back within 5s"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

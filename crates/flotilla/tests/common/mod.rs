@@ -510,3 +510,93 @@ path = "/"
 "#
     )
 }
+
+/// A CLI process that streams (`logs -f`, `events -f`): its stdout lines arrive through a
+/// channel read with deadlines; stderr goes to a file. Killed when dropped.
+pub struct Follower {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// Every line received so far, in order.
+    pub seen: Vec<String>,
+    pub stderr: PathBuf,
+}
+
+impl Follower {
+    pub fn start(up: &Up, args: &[&str]) -> Follower {
+        let stderr = up
+            .dir
+            .path()
+            .join(format!("follower-{}.err", rand_suffix()));
+        let mut child = Command::new(flotilla_bin())
+            .args(args)
+            .env("FLOTILLA_CONFIG_DIR", up.config_dir())
+            .env_remove("FLOTILLA_API")
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn follower");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::sync_channel::<String>(4096);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Follower {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits (up to `timeout`) for a line matching `pred`, returning it.
+    pub fn until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {what} within {timeout:?}; got {:#?}\nstderr: {}",
+                    self.seen,
+                    self.stderr_text()
+                ),
+            }
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself.
+    pub fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let child = &mut self.child;
+        wait_for("the follower to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        })
+        .code()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

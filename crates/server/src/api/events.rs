@@ -10,15 +10,19 @@ pub(super) fn event_matches(e: &Event, query: &BTreeMap<String, String>) -> bool
 }
 
 /// Events, oldest first. `follow=true` streams them as NDJSON, then new ones as they happen.
+/// `since=REV` leaves out the events recorded at or before store revision `REV` (each event's
+/// `metadata.resourceVersion`): a client that lost its stream resumes where it was, across a
+/// restart of the server too, since events are stored.
 pub(super) async fn list_events(
     State(state): State<ApiState>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> ApiResult<Response> {
     let follow = flag(&query, "follow")?;
+    let since: u64 = number(&query, "since")?.unwrap_or(0);
     let (items, rev) = typed::list::<Event>(&*state.store).await?;
     let items: Vec<Event> = items
         .into_iter()
-        .filter(|e| event_matches(e, &query))
+        .filter(|e| e.metadata.resource_version > since && event_matches(e, &query))
         .collect();
     if !follow {
         return Ok(Json(List {

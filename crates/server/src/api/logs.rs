@@ -1,6 +1,6 @@
 //! `/api/v1/services/{name}/logs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::task::JoinSet;
 
@@ -9,7 +9,8 @@ use super::*;
 /// `GET /api/v1/services/{name}/logs?instance=&tail=&follow=`. Without `instance`, the logs
 /// of every instance of the service, each line prefixed with `[instance]` (when there are
 /// several, or when following: then instances that appear or go are followed too, see
-/// [`follow_service`]). `tail` counts lines per instance.
+/// [`follow_service`]). `tail` counts lines per instance. `known=a,b` resumes a lost follow
+/// (see [`Start::known`]).
 pub(super) async fn service_logs(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -72,10 +73,26 @@ pub(super) async fn service_logs(
         tokio::spawn(followers.wait());
     } else {
         // The service: its instances as they come and go (see `follow_service`).
-        tokio::spawn(follow_service(state.store.clone(), name, tail, followers));
+        let known = query.get("known").map(|k| {
+            k.split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect()
+        });
+        let start = Start { tail, known };
+        tokio::spawn(follow_service(state.store.clone(), name, start, followers));
     }
     drop(tx);
     Ok(stream_response(rx, "text/plain; charset=utf-8"))
+}
+
+/// Where the instances there when the follow starts begin.
+struct Start {
+    /// Lines back (per instance); all of them when `None`.
+    tail: Option<usize>,
+    /// A client resuming a follow it lost: the instances it already followed begin at their
+    /// end, the others (started meanwhile) from their first line, after a "joined" line.
+    known: Option<HashSet<String>>,
 }
 
 /// How an instance's lines are written into a response.
@@ -143,7 +160,7 @@ impl Followers {
 async fn follow_service(
     store: Arc<dyn Store>,
     service: String,
-    tail: Option<usize>,
+    start: Start,
     mut followers: Followers,
 ) {
     let stop = followers.stop.clone();
@@ -167,10 +184,12 @@ async fn follow_service(
                 .collect();
             for name in &now {
                 if !followers.running.contains_key(*name) {
-                    if first {
-                        followers.start(name, tail, Mode::Service);
-                    } else {
-                        followers.start(name, None, Mode::Joined);
+                    match (&start.known, first) {
+                        (None, true) => followers.start(name, start.tail, Mode::Service),
+                        (Some(known), true) if known.contains(*name) => {
+                            followers.start(name, Some(0), Mode::Service)
+                        }
+                        _ => followers.start(name, None, Mode::Joined),
                     }
                 }
             }
