@@ -156,7 +156,13 @@ fn a_revision_that_never_gets_ready_rolls_back_without_failed_requests() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(msg.contains("rolled back from revision 2"), "{msg}");
+    // Revision 1 was good; its spec comes back as a new record, revision 3.
+    assert!(
+        msg.contains(
+            "rolled back from revision 2 to the spec of revision 1, recorded as revision 3"
+        ),
+        "{msg}"
+    );
     assert!(msg.contains("progress deadline"), "{msg}");
     assert!(
         versions_answering(&up, "web.test", 10)

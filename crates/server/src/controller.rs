@@ -427,7 +427,9 @@ impl ServiceController {
             tracing::warn!(service = %service.metadata.name, "rollout failed and there is no earlier good revision to return to");
             return Ok(());
         };
-        let cause = format!("automatic rollback from revision {failed_revision}: {reason}");
+        let cause = format!(
+            "automatic rollback from revision {failed_revision} to the spec of revision {good}: {reason}"
+        );
         let template = target.spec.template.clone();
         let token = target.spec.restart_token.clone();
         let generation = service.metadata.generation;

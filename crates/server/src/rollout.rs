@@ -157,6 +157,7 @@ pub fn judge(
         started_at: now_s.clone(),
         last_progress_at: now_s.clone(),
         rolled_back_from: None,
+        rolled_back_to: None,
         cause: String::new(),
     });
     let mut failed = None;
@@ -179,6 +180,11 @@ pub fn judge(
             rolled_back_from: cause
                 .starts_with("automatic rollback")
                 .then_some(status.revision)
+                .filter(|r| *r > 0),
+            // The rollback restored the last good revision's spec.
+            rolled_back_to: cause
+                .starts_with("automatic rollback")
+                .then_some(status.last_good_revision)
                 .filter(|r| *r > 0),
             cause,
         };
@@ -215,8 +221,12 @@ pub fn judge(
                         .split_once(": ")
                         .map(|(_, why)| format!(": {why}"))
                         .unwrap_or_default();
-                    rollout.message =
-                        format!("rolled back from revision {bad} to revision {revision}{why}");
+                    rollout.message = match rollout.rolled_back_to {
+                        Some(good) if good != revision => format!(
+                            "rolled back from revision {bad} to the spec of revision {good}, recorded as revision {revision}{why}"
+                        ),
+                        _ => format!("rolled back from revision {bad} to revision {revision}{why}"),
+                    };
                 }
                 None => {
                     rollout.phase = RolloutPhase::Complete;

@@ -193,6 +193,10 @@ pub struct RolloutStatus {
     /// Set while the service runs a revision that an automatic rollback returned to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_from: Option<u64>,
+    /// The revision whose spec that automatic rollback restored (this revision is a new record
+    /// of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u64>,
     /// Why this revision exists (`apply`, `restart`, `automatic rollback from revision 2: …`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cause: String,
