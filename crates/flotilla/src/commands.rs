@@ -21,12 +21,15 @@ struct List<T> {
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let Cli {
-        api,
-        token,
+        conn: top,
         data_dir,
         command,
         ..
     } = cli;
+    // After the subcommand wins over before it (both fall back to the environment).
+    let sub = command.conn();
+    let api = sub.api.or(top.api);
+    let token = sub.token.or(top.token);
     if let Command::Up(args) = command {
         return crate::up::run(args, data_dir).await;
     }
@@ -34,7 +37,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let (base, token) = resolve(api, token, data_dir)?;
         return crate::gateway::run(args, &base, &token).await;
     }
-    if let Command::Version = command {
+    if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, data_dir) {
             match client.get::<serde_json::Value>("/version").await {
@@ -46,7 +49,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
     // A file is checked before anything is contacted: its errors don't need a server.
     let file = match &command {
-        Command::Apply { file } => Some((file.clone(), load_file(file)?)),
+        Command::Apply { file, .. } => Some((file.clone(), load_file(file)?)),
         _ => None,
     };
     // Finds the API again after a lost stream (a restarted `up` may listen elsewhere).
@@ -66,6 +69,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             output,
             selector,
             service,
+            ..
         } => get(&client, kind, name, output, selector, service).await,
         Command::Describe { name, .. } => describe(&client, &name).await,
         Command::Logs {
@@ -74,6 +78,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             follow,
             tail,
             reconnect_for,
+            ..
         } => {
             let args = LogsArgs {
                 service,
@@ -88,6 +93,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             follow,
             output,
             reconnect_for,
+            ..
         } => events(client, &reconnect, follow, output, reconnect_for.into()).await,
         Command::Delete { name, .. } => {
             ensure_name("service", &name)?;
@@ -97,9 +103,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             println!("service/{name} deleted");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rollout(cmd) => crate::rollout::run(&client, cmd).await,
-        Command::Restart { service } => crate::rollout::restart(&client, &service).await,
-        Command::Up(_) | Command::Gateway(_) | Command::Version => Ok(ExitCode::SUCCESS),
+        Command::Rollout { command, .. } => crate::rollout::run(&client, command).await,
+        Command::Restart { service, .. } => crate::rollout::restart(&client, &service).await,
+        Command::Up(_) | Command::Gateway(_) | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 

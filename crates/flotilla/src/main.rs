@@ -22,12 +22,8 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Run and supervise services on one machine or a small fleet"
 )]
 pub struct Cli {
-    /// API address (host:port or URL); default: from the context file written by `up`.
-    #[arg(long, global = true, env = "FLOTILLA_API")]
-    pub api: Option<String>,
-    /// Bearer token; default: the token file named in the context file.
-    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub conn: Conn,
     /// Data directory (store, logs, admin token).
     #[arg(long, global = true, env = "FLOTILLA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -36,6 +32,43 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How a client command reaches the API. Accepted before the subcommand or after it (not by
+/// `up`, which they mean nothing to).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Conn {
+    /// API address (host:port or URL); default: from the context file written by `up`.
+    #[arg(long, env = "FLOTILLA_API")]
+    pub api: Option<String>,
+    /// Bearer token; default: the token file named in the context file.
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// [`Conn`] for a subcommand: global there, so that nested subcommands (`rollout status`) take
+/// it too.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SubConn {
+    /// API address (host:port or URL); default: from the context file written by `up`.
+    #[arg(
+        long = "api",
+        id = "sub_api",
+        value_name = "API",
+        global = true,
+        env = "FLOTILLA_API"
+    )]
+    pub api: Option<String>,
+    /// Bearer token; default: the token file named in the context file.
+    #[arg(
+        long = "token",
+        id = "sub_token",
+        value_name = "TOKEN",
+        global = true,
+        env = "FLOTILLA_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -56,8 +89,7 @@ pub enum Command {
     /// Run everything on this machine: store, API, controller, agent, gateway.
     ///
     /// Settings come from these flags, then the file's `[up]` table, then the defaults: a flag
-    /// overrides the file, which overrides the default. `--api` and `--token` are for the
-    /// client commands and mean nothing here.
+    /// overrides the file, which overrides the default.
     Up(UpArgs),
     /// Run the gateway alone, routing from a remote API's services and instances.
     Gateway(GatewayArgs),
@@ -65,6 +97,8 @@ pub enum Command {
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// List objects.
     Get {
@@ -80,12 +114,16 @@ pub enum Command {
         /// Instances of this service only.
         #[arg(long)]
         service: Option<String>,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// Show a service in detail: spec, instances and recent events.
     Describe {
         #[arg(value_enum)]
         kind: DescribeKind,
         name: String,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// Print the logs of a service's instances, each line prefixed with its instance.
     Logs {
@@ -105,6 +143,8 @@ pub enum Command {
         /// this long, then fail with exit 1. Instances already followed resume at their end.
         #[arg(long, value_name = "DURATION", default_value = "2m")]
         reconnect_for: humantime::Duration,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// List events, oldest first.
     Events {
@@ -118,20 +158,58 @@ pub enum Command {
         /// with exit 1.
         #[arg(long, value_name = "DURATION", default_value = "2m")]
         reconnect_for: humantime::Duration,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// Delete a service; its instances stop gracefully.
     Delete {
         #[arg(value_enum)]
         kind: DescribeKind,
         name: String,
+        #[command(flatten)]
+        conn: SubConn,
     },
     /// Follow, inspect and steer rolling updates.
-    #[command(subcommand)]
-    Rollout(RolloutCommand),
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        #[command(flatten)]
+        conn: SubConn,
+    },
     /// Replace every instance of a service, one by one, without changing its spec.
-    Restart { service: String },
+    Restart {
+        service: String,
+        #[command(flatten)]
+        conn: SubConn,
+    },
     /// Print the client's (and the server's, if reachable) version.
-    Version,
+    Version {
+        #[command(flatten)]
+        conn: SubConn,
+    },
+}
+
+impl Command {
+    /// The API flags given after the subcommand, if any.
+    pub fn conn(&self) -> Conn {
+        let sub = match self {
+            Command::Up(_) => return Conn::default(),
+            Command::Gateway(args) => &args.conn,
+            Command::Apply { conn, .. }
+            | Command::Get { conn, .. }
+            | Command::Describe { conn, .. }
+            | Command::Logs { conn, .. }
+            | Command::Events { conn, .. }
+            | Command::Delete { conn, .. }
+            | Command::Rollout { conn, .. }
+            | Command::Restart { conn, .. }
+            | Command::Version { conn } => conn,
+        };
+        Conn {
+            api: sub.api.clone(),
+            token: sub.token.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +275,8 @@ pub struct UpArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayArgs {
+    #[command(flatten)]
+    pub conn: SubConn,
     /// Listen address for client traffic.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,

@@ -556,6 +556,28 @@ fn mistakes_get_clear_errors_and_exit_codes() {
         "the data directory was created for a bad address"
     );
 
+    // Help says what each command takes, and only that: `up` lists no client flags.
+    let help =
+        |args: &[&str]| text(&tour.run(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())).0;
+    let up_help = help(&["up", "--help"]);
+    assert!(up_help.contains("--api-listen"), "{up_help}");
+    assert!(
+        !up_help.contains("--api ") && !up_help.contains("--token"),
+        "up lists the client's flags: {up_help}"
+    );
+    assert!(up_help.contains("overrides the file"), "{up_help}");
+    for cmd in [&["get", "--help"][..], &["rollout", "status", "--help"]] {
+        let h = help(cmd);
+        assert!(
+            h.contains("--api <API>") && h.contains("--token <TOKEN>"),
+            "{h}"
+        );
+    }
+    let logs_help = help(&["logs", "--help"]);
+    assert!(logs_help.contains("per instance"), "{logs_help}");
+    assert!(logs_help.contains("--reconnect-for"), "{logs_help}");
+    assert!(help(&["events", "--help"]).contains("--reconnect-for"));
+
     for (args, code, needle) in cases {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let o = tour.run(&args);
