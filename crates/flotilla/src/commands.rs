@@ -261,14 +261,15 @@ fn print_items<T: serde::Serialize>(
     w: &mut impl Write,
     out: Output,
     items: &[T],
-    table: fn(&[T]) -> String,
+    table: fn(&[T], bool) -> String,
 ) -> Result<()> {
     match out {
         Output::Json => {
             let v = serde_json::json!({ "items": items });
             writeln!(w, "{}", serde_json::to_string_pretty(&v)?)?;
         }
-        Output::Table => write!(w, "{}", table(items))?,
+        Output::Table => write!(w, "{}", table(items, false))?,
+        Output::Wide => write!(w, "{}", table(items, true))?,
     }
     Ok(())
 }
@@ -278,11 +279,15 @@ fn print_one<T: serde::Serialize + Clone>(
     w: &mut impl Write,
     out: Output,
     item: &T,
-    table: fn(&[T]) -> String,
+    table: fn(&[T], bool) -> String,
 ) -> Result<()> {
     match out {
         Output::Json => writeln!(w, "{}", serde_json::to_string_pretty(item)?)?,
-        Output::Table => write!(w, "{}", table(std::slice::from_ref(item)))?,
+        Output::Table | Output::Wide => write!(
+            w,
+            "{}",
+            table(std::slice::from_ref(item), out == Output::Wide)
+        )?,
     }
     Ok(())
 }
@@ -428,7 +433,7 @@ async fn events(
         return Ok(ExitCode::SUCCESS);
     }
     let mut pending = Vec::new();
-    let mut header = out == Output::Table;
+    let mut header = out != Output::Json;
     // The revision of the last event shown: a lost stream resumes after it.
     let last = std::cell::Cell::new(0u64);
     let path = || match last.get() {
@@ -448,12 +453,12 @@ async fn events(
                 last.set(last.get().max(e.metadata.resource_version));
                 match out {
                     Output::Json => stdout.write_all(&line)?,
-                    Output::Table => {
+                    Output::Table | Output::Wide => {
                         if header {
                             write!(stdout, "{}", output::events_header())?;
                             header = false;
                         }
-                        write!(stdout, "{}", output::event_row(&e))?;
+                        write!(stdout, "{}", output::event_row(&e, out == Output::Wide))?;
                     }
                 }
             }

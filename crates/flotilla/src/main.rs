@@ -79,8 +79,11 @@ pub enum LogFormat {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
 pub enum Output {
+    /// Aligned columns; long values are cut short with `…`.
     #[default]
     Table,
+    /// The same columns with every value in full.
+    Wide,
     Json,
 }
 
@@ -227,7 +230,11 @@ pub enum RolloutCommand {
         timeout: humantime::Duration,
     },
     /// List the service's revisions and what changed in each.
-    History { service: String },
+    History {
+        service: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Go back to the previous revision, or to `--to-revision`.
     Undo {
         service: String,

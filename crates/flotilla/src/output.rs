@@ -5,10 +5,54 @@ use std::time::SystemTime;
 
 use flotilla_spec::{Event, Instance, Service};
 
-/// Left-aligned columns separated by three spaces. Rows and header have the same width by type,
-/// so a column added to one cannot be forgotten in the other.
-fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+/// A table column: its header, and the width past which its cells are cut short with `…`
+/// (unless the table is wide). Names are never cut: people copy them.
+#[derive(Clone, Copy)]
+struct Col {
+    name: &'static str,
+    max: Option<usize>,
+}
+
+const fn col(name: &'static str) -> Col {
+    Col { name, max: None }
+}
+
+const fn cut(name: &'static str, max: usize) -> Col {
+    Col {
+        name,
+        max: Some(max),
+    }
+}
+
+/// `s` in at most `max` characters: cut short with `…` when longer.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Left-aligned columns separated by three spaces; long cells of capped columns are cut short
+/// unless `wide`. Rows and header have the same width by type, so a column added to one cannot
+/// be forgotten in the other.
+fn table<const N: usize>(cols: [Col; N], rows: Vec<[String; N]>, wide: bool) -> String {
+    let rows: Vec<[String; N]> = rows
+        .into_iter()
+        .map(|row| {
+            let mut i = 0;
+            row.map(|cell| {
+                let c = cols[i];
+                i += 1;
+                match c.max {
+                    Some(max) if !wide => truncate(&cell, max),
+                    _ => cell,
+                }
+            })
+        })
+        .collect();
+    let mut widths: Vec<usize> = cols.iter().map(|c| c.name.chars().count()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
@@ -29,7 +73,7 @@ fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(header.map(str::to_string));
+    line(cols.map(|c| c.name.to_string()));
     for row in rows {
         line(row);
     }
@@ -65,7 +109,7 @@ fn routes(s: &Service) -> String {
         .join(",")
 }
 
-pub fn services_table(items: &[Service]) -> String {
+pub fn services_table(items: &[Service], wide: bool) -> String {
     let rows = items
         .iter()
         .map(|s| {
@@ -86,15 +130,16 @@ pub fn services_table(items: &[Service]) -> String {
         .collect();
     table(
         [
-            "NAME",
-            "READY",
-            "INSTANCES",
-            "REVISION",
-            "ROLLOUT",
-            "ROUTES",
-            "AGE",
+            col("NAME"),
+            col("READY"),
+            col("INSTANCES"),
+            col("REVISION"),
+            col("ROLLOUT"),
+            cut("ROUTES", 40),
+            col("AGE"),
         ],
         rows,
+        wide,
     )
 }
 
@@ -116,7 +161,7 @@ pub fn phase(i: &Instance) -> String {
     p
 }
 
-pub fn instances_table(items: &[Instance]) -> String {
+pub fn instances_table(items: &[Instance], wide: bool) -> String {
     let rows = items
         .iter()
         .map(|i| {
@@ -150,34 +195,60 @@ pub fn instances_table(items: &[Instance]) -> String {
         .collect();
     table(
         [
-            "NAME", "SERVICE", "PHASE", "READY", "RESTARTS", "PID", "PORTS", "CPU", "MEMORY", "AGE",
+            col("NAME"),
+            col("SERVICE"),
+            cut("PHASE", 24),
+            col("READY"),
+            col("RESTARTS"),
+            col("PID"),
+            cut("PORTS", 32),
+            col("CPU"),
+            col("MEMORY"),
+            col("AGE"),
         ],
         rows,
+        wide,
     )
 }
+
+/// Event columns have fixed widths, so that a followed stream stays aligned row after row:
+/// longer values are cut short with `…` (all of them shown with `-o wide`, unaligned).
+const EVENT_COLS: [(&str, usize); 4] = [("TIME", 24), ("TYPE", 8), ("REASON", 20), ("OBJECT", 36)];
 
 pub fn events_header() -> String {
-    format!(
-        "{:<24} {:<8} {:<14} {:<28} {}\n",
-        "TIME", "TYPE", "REASON", "OBJECT", "MESSAGE"
-    )
+    let mut out = String::new();
+    for (name, width) in EVENT_COLS {
+        let _ = write!(out, "{name:<width$}   ");
+    }
+    out.push_str("MESSAGE\n");
+    out
 }
 
-pub fn event_row(e: &Event) -> String {
-    format!(
-        "{:<24} {:<8} {:<14} {:<28} {}\n",
-        e.timestamp,
+pub fn event_row(e: &Event, wide: bool) -> String {
+    let cells = [
+        e.timestamp.clone(),
         format!("{:?}", e.kind),
-        e.reason,
+        e.reason.clone(),
         format!("{}/{}", e.involved.kind.to_lowercase(), e.involved.name),
-        e.message
-    )
+    ];
+    let mut out = String::new();
+    for (cell, (_, width)) in cells.iter().zip(EVENT_COLS) {
+        let cell = if wide {
+            cell.clone()
+        } else {
+            truncate(cell, width)
+        };
+        let _ = write!(out, "{cell:<width$}   ");
+    }
+    out.push_str(&e.message);
+    out.push('\n');
+    out
 }
 
-pub fn events_table(items: &[Event]) -> String {
+pub fn events_table(items: &[Event], wide: bool) -> String {
     let mut out = events_header();
     for e in items {
-        out.push_str(&event_row(e));
+        out.push_str(&event_row(e, wide));
     }
     out
 }
@@ -226,7 +297,7 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
     if instances.is_empty() {
         let _ = writeln!(out, "  <none>");
     } else {
-        for line in instances_table(instances).lines() {
+        for line in instances_table(instances, false).lines() {
             let _ = writeln!(out, "  {line}");
         }
         for i in instances {
@@ -254,14 +325,14 @@ pub fn describe_service(s: &Service, instances: &[Instance], events: &[Event]) -
     if events.is_empty() {
         let _ = writeln!(out, "  <none>");
     } else {
-        for line in events_table(events).lines() {
+        for line in events_table(events, false).lines() {
             let _ = writeln!(out, "  {line}");
         }
     }
     out
 }
 
-pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64) -> String {
+pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64, wide: bool) -> String {
     let rows = items
         .iter()
         .map(|r| {
@@ -278,5 +349,68 @@ pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64) -> Strin
             ]
         })
         .collect();
-    table(["REVISION", "AGE", "CAUSE", "CHANGED"], rows)
+    table(
+        [
+            col("REVISION"),
+            col("AGE"),
+            cut("CAUSE", 60),
+            col("CHANGED"),
+        ],
+        rows,
+        wide,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn long_values_are_cut_short_and_columns_stay_aligned() {
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+        assert_eq!(truncate("ééééé", 3), "éé…");
+        let rows = vec![
+            ["a".to_string(), "x".repeat(100), "1".to_string()],
+            ["bb".to_string(), "y".to_string(), "2".to_string()],
+        ];
+        let cols = [col("NAME"), cut("ROUTES", 10), col("AGE")];
+        let t = table(cols, rows.clone(), false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[1], format!("a      {}…   1", "x".repeat(9)));
+        // AGE starts at the same column on every line.
+        let age_at = lines[0].find("AGE").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(l.chars().count() - 1, age_at, "{t}");
+        }
+        let wide = table(cols, rows, true);
+        assert!(wide.contains(&"x".repeat(100)), "{wide}");
+    }
+
+    #[test]
+    fn event_rows_keep_their_columns_whatever_the_values() {
+        let event = |object: &str, reason: &str| Event {
+            metadata: flotilla_spec::ObjectMeta::named("e"),
+            involved: flotilla_spec::object::ObjectRef {
+                kind: "Service".into(),
+                name: object.into(),
+            },
+            kind: flotilla_spec::object::EventType::Normal,
+            reason: reason.into(),
+            message: "the message".into(),
+            source: "test".into(),
+            timestamp: "2026-12-01T10:00:00.000Z".into(),
+        };
+        let header = events_header();
+        let short = event_row(&event("web", "Applied"), false);
+        let long = event_row(&event(&"n".repeat(60), &"R".repeat(40)), false);
+        let message_at = |l: &str| l.find("MESSAGE").or_else(|| l.find("the message")).unwrap();
+        let char_at = |l: &str| l[..message_at(l)].chars().count();
+        assert_eq!(char_at(&header), char_at(&short));
+        assert_eq!(char_at(&header), char_at(&long), "{header}{long}");
+        assert!(long.contains('…'));
+        let wide = event_row(&event(&"n".repeat(60), "Applied"), true);
+        assert!(wide.contains(&"n".repeat(60)));
+    }
 }

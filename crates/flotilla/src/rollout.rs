@@ -31,7 +31,7 @@ pub async fn run(client: &Client, cmd: RolloutCommand) -> Result<ExitCode> {
             no_watch,
             timeout,
         } => status(client, &service, !no_watch, timeout.into()).await,
-        RolloutCommand::History { service } => history(client, &service).await,
+        RolloutCommand::History { service, output } => history(client, &service, output).await,
         RolloutCommand::Undo {
             service,
             to_revision,
@@ -77,13 +77,22 @@ async fn post(client: &Client, service: &str, verb: &str, done: &str) -> Result<
     Ok(ExitCode::SUCCESS)
 }
 
-async fn history(client: &Client, service: &str) -> Result<ExitCode> {
+async fn history(client: &Client, service: &str, out: crate::Output) -> Result<ExitCode> {
     ensure_name("service", service)?;
     let s: Service = client.get(&format!("/api/v1/services/{service}")).await?;
     let l: List<Revision> = client
         .get(&format!("/api/v1/services/{service}/revisions"))
         .await?;
-    print!("{}", output::revisions_table(&l.items, s.status.revision));
+    match out {
+        crate::Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "items": l.items }))?
+        ),
+        crate::Output::Table | crate::Output::Wide => print!(
+            "{}",
+            output::revisions_table(&l.items, s.status.revision, out == crate::Output::Wide)
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

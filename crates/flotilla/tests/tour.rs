@@ -440,6 +440,12 @@ fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
                 assert!(row[6].starts_with("http:"), "ports: {out}");
             }
         }
+        "get instances -o wide" => {
+            let (header, rows) = table(out);
+            assert_eq!(header.len(), 10, "{out}");
+            assert_eq!(rows.len(), 3, "{out}");
+            assert!(!out.contains('…'), "wide cuts nothing short: {out}");
+        }
         "get instances -o json" => {
             let v: Value = serde_json::from_str(out).expect("JSON");
             assert_eq!(v["items"].as_array().map(Vec::len), Some(3), "{out}");
