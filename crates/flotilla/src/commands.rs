@@ -182,6 +182,9 @@ async fn apply(client: &Client, path: &Path, file: FlotillaFile) -> Result<ExitC
         bail!("{} declares no [service.NAME] table", path.display());
     }
     let mut failed = false;
+    if let Some(section) = &file.gateway {
+        gateway_note(client, section).await;
+    }
     for (name, spec) in &file.service {
         let body = serde_json::json!({ "metadata": { "name": name }, "spec": spec });
         match client
@@ -210,6 +213,24 @@ async fn apply(client: &Client, path: &Path, file: FlotillaFile) -> Result<ExitC
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `apply` sends services only: a gateway reads its `[gateway]` table when it starts. Says so
+/// when the file's table differs from the one the running `up` started with.
+async fn gateway_note(client: &Client, section: &flotilla_spec::GatewaySection) {
+    let running: Result<serde_json::Value> = client.get("/api/v1/gateway").await;
+    let wanted = flotilla_spec::gateway_digest(Some(section));
+    match running {
+        Ok(v) if v["sectionDigest"].as_str() == Some(wanted.as_str()) => {
+            println!("gateway unchanged");
+        }
+        Ok(_) => eprintln!(
+            "note: the file's [gateway] table differs from the one `flotilla up` started with, and is not applied: gateway settings are read at start; restart `flotilla up -f FILE` to use them"
+        ),
+        Err(_) => eprintln!(
+            "note: the file's [gateway] table is not applied: this server runs no gateway (a standalone `flotilla gateway -f FILE` reads it at start)"
+        ),
+    }
 }
 
 async fn get(

@@ -255,7 +255,10 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         }),
         &mut registry,
         shutdown.clone(),
-    );
+    )
+    .with_gateway(flotilla_spec::gateway_digest(
+        file.as_ref().and_then(|f| f.gateway.as_ref()),
+    ));
     let registry = Arc::new(registry);
 
     // Every task is owned here and ends when `shutdown` is cancelled.

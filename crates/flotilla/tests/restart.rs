@@ -132,3 +132,45 @@ fn instances_of_an_unknown_node_are_replaced() {
         .unwrap_or(0);
     assert_eq!(orphaned, old.len(), "events: {events:#}");
 }
+
+/// `apply` sends services only; a file whose `[gateway]` table differs from the one `up`
+/// started with is not silently "unchanged": the CLI says the settings need a restart of `up`,
+/// and after that restart the same file's gateway is unchanged.
+#[test]
+fn apply_says_when_gateway_settings_need_a_restart_of_up() {
+    let with_gateway = |access_log: bool| {
+        format!(
+            "[gateway]\naccess_log = {access_log}\n\n{}",
+            demo_service("web", 1, "")
+        )
+    };
+    let mut up = Up::start(&with_gateway(false));
+    up.wait_ready("web", 1);
+    let apply = |up: &Up, text: &str| {
+        let path = up.dir.path().join("apply.toml");
+        std::fs::write(&path, text).unwrap();
+        let o = up.cli(&["apply", "-f", path.to_str().unwrap()]);
+        assert!(o.status.success(), "{o:?}");
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (out, err) = apply(&up, &with_gateway(false));
+    assert!(out.contains("gateway unchanged"), "{out}{err}");
+    assert!(out.contains("service/web unchanged"), "{out}{err}");
+
+    let (out, err) = apply(&up, &with_gateway(true));
+    assert!(
+        err.contains("[gateway] table differs") && err.contains("restart `flotilla up"),
+        "{out}{err}"
+    );
+    assert!(!out.contains("gateway unchanged"), "{out}");
+
+    // Start-up reads it: after a restart with the new file, the same table is unchanged.
+    up.write_file(&with_gateway(true));
+    up.stop();
+    up.spawn();
+    let (out, err) = apply(&up, &with_gateway(true));
+    assert!(out.contains("gateway unchanged"), "{out}{err}");
+}

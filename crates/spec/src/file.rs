@@ -107,3 +107,12 @@ impl GatewayLimitsSection {
         self == &Self::default()
     }
 }
+
+/// A fingerprint of a file's `[gateway]` table (`"none"` without one): `flotilla up` reports
+/// the one it started with, so that `apply` can say when a file's table differs from it.
+pub fn gateway_digest(section: Option<&GatewaySection>) -> String {
+    match section.and_then(|s| serde_json::to_vec(s).ok()) {
+        Some(bytes) => crate::content_digest(&bytes),
+        None => "none".to_string(),
+    }
+}

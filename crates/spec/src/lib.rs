@@ -19,7 +19,10 @@ pub mod validate;
 pub use deploy::{DeploySpec, Scale};
 pub use error::{FieldError, SpecError, SpecErrors};
 pub use expand::{ExpandError, expand, expand_with, is_var_name, template_vars};
-pub use file::{CertificateSection, FlotillaFile, GatewayLimitsSection, GatewaySection, UpConfig};
+pub use file::{
+    CertificateSection, FlotillaFile, GatewayLimitsSection, GatewaySection, UpConfig,
+    gateway_digest,
+};
 pub use hash::{content_digest, spec_hash, target_hash, template_hash};
 pub use load::{parse_file, parse_service_json, parse_service_object_json, suggest};
 pub use object::*;

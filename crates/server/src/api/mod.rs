@@ -76,6 +76,9 @@ pub struct ApiState {
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
     shutdown: CancellationToken,
+    /// [`flotilla_spec::gateway_digest`] of the `[gateway]` table the in-process gateway
+    /// started with; `None` when this server runs no gateway.
+    gateway: Option<Arc<str>>,
 }
 
 impl ApiState {
@@ -100,7 +103,14 @@ impl ApiState {
             logs,
             latency,
             shutdown,
+            gateway: None,
         }
+    }
+
+    /// This server runs a gateway, started with the `[gateway]` table of this digest.
+    pub fn with_gateway(mut self, digest: impl Into<Arc<str>>) -> Self {
+        self.gateway = Some(digest.into());
+        self
     }
 }
 
@@ -134,6 +144,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/watch/{kind}", get(watch))
+        .route("/api/v1/gateway", get(gateway_info))
         .route("/version", get(version))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -336,6 +347,15 @@ pub(super) fn stream_response(rx: mpsc::Receiver<Bytes>, content_type: &'static 
 
 // ------------------------------------------------------------------------------------------
 // Misc
+
+/// `GET /api/v1/gateway`: what the in-process gateway was started with (its settings are read
+/// at start; `apply` compares a file's `[gateway]` table with it).
+async fn gateway_info(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    match &state.gateway {
+        Some(digest) => Ok(Json(serde_json::json!({ "sectionDigest": &**digest }))),
+        None => Err(ApiError::not_found("this server runs no gateway")),
+    }
+}
 
 async fn version() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "api": "v1" }))
