@@ -705,7 +705,7 @@ args = ["-c", "while true; do seq 1 100000; done"]
 #[test]
 fn standalone_gateway_routes_from_a_remote_api() {
     use std::process::{Command, Stdio};
-    let up = Up::start(&demo_service("web", 2, ""));
+    let mut up = Up::start(&demo_service("web", 2, ""));
     let ready = up.wait_ready("web", 2);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -717,7 +717,7 @@ fn standalone_gateway_routes_from_a_remote_api() {
         .args(["--api", &format!("http://{}", up.api), "--token", &up.token])
         .env("FLOTILLA_CONFIG_DIR", up.config_dir())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(up.dir.path().join("gateway.log")).unwrap())
         .spawn()
         .expect("spawn flotilla gateway");
     let get = || http(&listen, "GET", "/", &[("Host", "web.test")], "");
@@ -755,6 +755,19 @@ fn standalone_gateway_routes_from_a_remote_api() {
             (!hits.is_empty() && hits.iter().all(|n| n != &victim)).then_some(())
         },
     );
+
+    // The API goes away: the gateway keeps retrying, and every retry line says why it failed.
+    up.stop();
+    let log = wait_for("the gateway's retry lines", T, || {
+        let log = std::fs::read_to_string(up.dir.path().join("gateway.log")).unwrap_or_default();
+        (log.matches("reflector list failed").count() >= 4).then_some(log)
+    });
+    for line in log.lines().filter(|l| l.contains("reflector list failed")) {
+        assert!(
+            line.contains("Connection refused") || line.contains("connect"),
+            "a retry line without its cause: {line}"
+        );
+    }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(gw.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -6,6 +6,8 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
+pub use flotilla_store::error_chain;
+
 use crate::body::{GatewayBody, full};
 
 /// Longest host or path echoed back in a 404 body.
@@ -87,18 +89,6 @@ fn clip(s: &str) -> &str {
         Some((end, _)) => &s[..end],
         None => s,
     }
-}
-
-/// `error: cause: cause` for logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -96,3 +96,16 @@ impl StoreError {
         matches!(self, StoreError::Backend { .. })
     }
 }
+
+/// An error and its causes, `: `-separated: what a log line needs (an error's `Display` alone
+/// says what failed, not why — `GET /api/v1/services` without its `401 invalid token`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

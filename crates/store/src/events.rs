@@ -47,7 +47,7 @@ pub async fn record(
         EventType::Warning => tracing::warn!(kind, name, reason, detail = %message, "event"),
     }
     if let Err(error) = typed::create(store, event).await {
-        tracing::warn!(%error, "could not record event");
+        tracing::warn!(error = %crate::error_chain(&error), "could not record event");
     }
 }
 

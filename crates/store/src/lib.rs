@@ -15,7 +15,7 @@ pub mod remote;
 pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
-pub use error::{BoxError, StoreError};
+pub use error::{BoxError, StoreError, error_chain};
 pub use node::{NodeApi, NodeError, StoreNode};
 #[doc(hidden)]
 pub use remote::fuzzing;

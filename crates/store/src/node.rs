@@ -196,7 +196,7 @@ impl NodeApi for StoreNode {
                 return;
             }
             Err(error) => {
-                tracing::warn!(instance, %error, "could not check the instance of an event");
+                tracing::warn!(instance, error = %crate::error_chain(&error), "could not check the instance of an event");
                 return;
             }
         }

@@ -8,7 +8,7 @@
 //! business (it relists after a backoff), and every relist triggers every key again.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::fmt::{Debug, Display};
+use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub enum Requeue {
 #[async_trait]
 pub trait Reconcile: Send + Sync + 'static {
     type Key: Clone + Eq + Hash + Debug + Send + Sync + 'static;
-    type Error: Display + Send + 'static;
+    type Error: std::error::Error + Send + 'static;
     /// Brings `key` to its desired state, reading what it needs fresh.
     async fn reconcile(&self, key: &Self::Key) -> Result<Requeue, Self::Error>;
     /// Every key that exists now, for the resync.
@@ -245,7 +245,7 @@ impl<R: Reconcile> Runtime<R> {
                         }
                     }
                     Err(error) => {
-                        tracing::warn!(runtime = self.name, %error, "listing keys for the resync failed");
+                        tracing::warn!(runtime = self.name, error = %crate::error_chain(&error), "listing keys for the resync failed");
                         next_resync = now + self.config.backoff.initial;
                     }
                 }
@@ -304,7 +304,7 @@ impl<R: Reconcile> Runtime<R> {
                 let n = failures.entry(key.clone()).or_insert(0);
                 *n = n.saturating_add(1);
                 let delay = self.config.backoff.delay(*n);
-                tracing::warn!(runtime = self.name, key = ?key, %error, retry_in = ?delay, "reconcile failed");
+                tracing::warn!(runtime = self.name, key = ?key, error = %crate::error_chain(&error), retry_in = ?delay, "reconcile failed");
                 if !again {
                     q.push_at(key, Instant::now() + delay);
                 }
@@ -374,8 +374,8 @@ mod tests {
     #[async_trait]
     impl Reconcile for Counting {
         type Key = &'static str;
-        type Error = String;
-        async fn reconcile(&self, _key: &&'static str) -> Result<Requeue, String> {
+        type Error = std::io::Error;
+        async fn reconcile(&self, _key: &&'static str) -> Result<Requeue, std::io::Error> {
             let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_concurrent.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -383,11 +383,11 @@ mod tests {
             self.runs.fetch_add(1, Ordering::SeqCst);
             if self.fail_first.load(Ordering::SeqCst) > 0 {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
-                return Err("transient".into());
+                return Err(std::io::Error::other("transient"));
             }
             Ok(Requeue::Done)
         }
-        async fn keys(&self) -> Result<Vec<&'static str>, String> {
+        async fn keys(&self) -> Result<Vec<&'static str>, std::io::Error> {
             Ok(vec!["k"])
         }
     }

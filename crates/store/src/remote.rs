@@ -439,9 +439,11 @@ impl crate::NodeApi for RemoteNode {
             Ok((s, _)) if s.is_success() => {}
             Ok((s, bytes)) => {
                 let error = answer_error(&format!("POST {path}"), s, &bytes);
-                tracing::warn!(instance, %error, "could not record event");
+                tracing::warn!(instance, error = %crate::error_chain(&error), "could not record event");
             }
-            Err(error) => tracing::warn!(instance, %error, "could not record event"),
+            Err(error) => {
+                tracing::warn!(instance, error = %crate::error_chain(&error), "could not record event")
+            }
         }
     }
 

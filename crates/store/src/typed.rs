@@ -402,7 +402,7 @@ async fn reflect<T: Object>(
                     }
                     Err(StoreError::Closed) => return Err(StoreError::Closed),
                     Err(err) => {
-                        tracing::warn!(kind = T::KIND, error = %err, "reflector list failed");
+                        tracing::warn!(kind = T::KIND, error = %crate::error_chain(&err), "reflector list failed; retrying");
                         if !pause(&shutdown, &mut backoff).await {
                             return Ok(());
                         }
@@ -417,13 +417,13 @@ async fn reflect<T: Object>(
             // decides that the store is closed for good (a watch stream may end for other
             // reasons, and a reflector that stops freezes every consumer).
             WatchEnd::Relist(Some(err)) if err.is_compacted() => {
-                tracing::debug!(kind = T::KIND, error = %err, "reflector relisting");
+                tracing::debug!(kind = T::KIND, error = %crate::error_chain(&err), "reflector relisting");
                 backoff = BACKOFF_MIN;
             }
             WatchEnd::Relist(err) => {
                 match &err {
                     Some(e) => {
-                        tracing::warn!(kind = T::KIND, error = %e, "reflector watch ended; relisting")
+                        tracing::warn!(kind = T::KIND, error = %crate::error_chain(&e), "reflector watch ended; relisting")
                     }
                     None => tracing::warn!(kind = T::KIND, "reflector watch ended; relisting"),
                 }
