@@ -652,7 +652,7 @@ fn events_and_logs_follow_across_a_restart_of_up() {
 [service.ticker]
 command = "sh"
 args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
-deploy = { min_ready = "0s" }
+deploy = { min_ready = "2s" }
 "#,
     );
     wait_for("the ticker to run", T, || {
@@ -671,8 +671,22 @@ deploy = { min_ready = "0s" }
 
     up.stop();
     up.spawn();
+    for f in [&events, &logs] {
+        wait_for("the follower to reconnect", T, || {
+            f.stderr_text().contains("reconnected").then_some(())
+        });
+    }
     let out = up.cli(&["restart", "ticker"]);
     assert!(out.status.success(), "{out:?}");
+    // A deploy in progress (the new instance must stay ready 2 s): the exit codes a script
+    // relies on.
+    let code = |args: &[&str]| up.cli(args).status.code();
+    assert_eq!(code(&["rollout", "status", "ticker", "--no-watch"]), Some(3));
+    assert_eq!(
+        code(&["rollout", "status", "ticker", "--timeout", "200ms"]),
+        Some(5)
+    );
+    assert_eq!(code(&["rollout", "status", "ticker"]), Some(0));
     events.until("the restart's event after the restart of up", T, |l| {
         l.contains("RestartRequested")
     });
@@ -695,9 +709,19 @@ deploy = { min_ready = "0s" }
         "{}",
         events.stderr_text()
     );
-    // The new `up` started new instances; their lines arrive.
-    logs.until("a tick of an instance of the new up", T, |l| {
-        l.contains("tick-") && !l.starts_with(&format!("[{first_instance}]"))
+    // The deploy replaced the instance: the follow says who joined and who left, and goes on
+    // with the new one from its first line.
+    let joined = logs.until("a joined line", T, |l| l.ends_with(" joined"));
+    let new = joined
+        .trim_start_matches("--- ")
+        .trim_end_matches(" joined")
+        .to_string();
+    assert_ne!(new, first_instance);
+    logs.until("the old instance leaving", T, |l| {
+        l == format!("--- {first_instance} left")
+    });
+    logs.until("a tick of the new instance", T, |l| {
+        l.starts_with(&format!("[{new}] tick-"))
     });
 
     // `up` stays away: both give up with an error.
