@@ -521,115 +521,54 @@ fn logs_events_and_metrics_are_exposed() {
 
 #[test]
 fn logs_and_events_follow_stream_new_output() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    use std::sync::mpsc;
-
-    let up = Up::start(
-        r#"
-[service.ticker]
-command = "sh"
-args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
-deploy = { min_ready = "0s" }
-"#,
-    );
+    let up = Up::start(&ticker_service("0s"));
     wait_for("the ticker to run", T, || {
         up.instances("ticker")
             .iter()
             .any(|i| i["status"]["phase"] == "Running")
             .then_some(())
     });
-
-    // Each follower runs as a real CLI process; lines arrive through a channel read with a
-    // deadline, and the process is killed at the end.
-    let follow = |args: &[&str]| {
-        let mut child = Command::new(flotilla_bin())
-            .args(args)
-            .env("FLOTILLA_CONFIG_DIR", up.config_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn follower");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::sync_channel::<String>(1024);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        (child, rx)
-    };
-    let until = |rx: &mpsc::Receiver<String>, what: &str, pred: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + T;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no line with {what} within {T:?}"),
-            }
-        }
-    };
-
-    let (mut logs, rx) = follow(&["logs", "ticker", "-f", "--tail", "1"]);
-    let first = until(&rx, "a tick", &|l| l.contains("tick-"));
-    let n: u64 = first
-        .rsplit('-')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .expect("tick number");
-    // A tick written after the follow began proves it streams, not just dumps the file.
-    until(&rx, "a later tick", &|l| {
+    let tick = |l: &str| {
         l.rsplit('-')
             .next()
-            .and_then(|m| m.trim().parse::<u64>().ok())
-            .is_some_and(|m| m >= n + 3)
-    });
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    let mut logs = Follower::start(&up, &["logs", "ticker", "-f", "--tail", "1"]);
+    let first = logs.until("a tick", T, |l| l.contains("tick-"));
+    let n = tick(&first).expect("tick number");
+    // A tick written after the follow began proves it streams, not just dumps the file.
+    logs.until("a later tick", T, |l| tick(l).is_some_and(|m| m >= n + 3));
 
     // A deploy replaces the instance: the follow goes on with the new one, from its first
-    // line, and says who joined and who left.
+    // line, and says who joined and who left (in any order with the new lines).
     let old = name_of(&up.instances("ticker")[0]);
     let out = up.cli(&["restart", "ticker"]);
     assert!(out.status.success(), "{out:?}");
-    let joined = until(&rx, "a joined line", &|l| l.ends_with(" joined"));
+    let joined = logs.until("a joined line", T, |l| l.ends_with(" joined"));
     let new = joined
         .trim_start_matches("--- ")
         .trim_end_matches(" joined")
         .to_string();
     assert!(new.starts_with("ticker-") && new != old, "{joined}");
-    // In any order: the new instance's first and later lines, and the old one leaving.
     let wanted = [
         format!("[{new}] tick-1"),
         format!("[{new}] tick-20"),
         format!("--- {old} left"),
     ];
-    let mut seen = [false; 3];
-    let mut log = Vec::new();
-    let deadline = Instant::now() + T;
-    while seen.contains(&false) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("not all of {wanted:?} within {T:?}; got {log:#?}"));
-        if let Some(i) = wanted.iter().position(|w| *w == line) {
-            seen[i] = true;
-        }
-        log.push(line);
-    }
-    let _ = logs.kill();
-    let _ = logs.wait();
+    let missing = std::cell::RefCell::new(wanted.to_vec());
+    logs.until("the new instance's lines and the old one leaving", T, |l| {
+        missing.borrow_mut().retain(|w| w != l);
+        missing.borrow().is_empty()
+    });
+    drop(logs);
 
-    let (mut events, rx) = follow(&["events", "-f"]);
-    until(&rx, "the header", &|l| l.starts_with("TIME"));
+    let mut events = Follower::start(&up, &["events", "-f"]);
+    events.until("the header", T, |l| l.starts_with("TIME"));
     let out = up.cli(&["delete", "service", "ticker"]);
     assert!(out.status.success());
-    until(&rx, "the Deleted event", &|l| {
+    events.until("the Deleted event", T, |l| {
         l.contains("Deleted") && l.contains("service/ticker")
     });
-    let _ = events.kill();
-    let _ = events.wait();
 }
 
 #[test]

@@ -647,14 +647,7 @@ fn logs_are_clean_json_and_uncoloured_text() {
 /// give up after `--reconnect-for` with an error and exit 1.
 #[test]
 fn events_and_logs_follow_across_a_restart_of_up() {
-    let mut up = Up::start(
-        r#"
-[service.ticker]
-command = "sh"
-args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
-deploy = { min_ready = "2s" }
-"#,
-    );
+    let mut up = Up::start(&ticker_service("2s"));
     wait_for("the ticker to run", T, || {
         up.instances("ticker")
             .iter()
@@ -681,7 +674,10 @@ deploy = { min_ready = "2s" }
     // A deploy in progress (the new instance must stay ready 2 s): the exit codes a script
     // relies on.
     let code = |args: &[&str]| up.cli(args).status.code();
-    assert_eq!(code(&["rollout", "status", "ticker", "--no-watch"]), Some(3));
+    assert_eq!(
+        code(&["rollout", "status", "ticker", "--no-watch"]),
+        Some(3)
+    );
     assert_eq!(
         code(&["rollout", "status", "ticker", "--timeout", "200ms"]),
         Some(5)

@@ -600,3 +600,16 @@ impl Drop for Follower {
         let _ = self.child.wait();
     }
 }
+
+/// A service that prints `tick-1`, `tick-2`, … ten times a second (no readiness probe, so
+/// `min_ready` is its stability window).
+pub fn ticker_service(min_ready: &str) -> String {
+    format!(
+        r#"
+[service.ticker]
+command = "sh"
+args = ["-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
+deploy = {{ min_ready = "{min_ready}" }}
+"#
+    )
+}
