@@ -1,14 +1,12 @@
 //! Binding the gateway's listeners: one `SO_REUSEPORT` socket per worker on the same address,
 //! and nobody else's. `SO_REUSEPORT` lets any socket of the same user join the group, so a
 //! second gateway on the same address would silently share its traffic (requests alternating
-//! between two processes); after binding, the listening sockets on the address are looked up
-//! in `/proc/net/tcp{,6}` and any that is not one of ours makes the bind fail, naming the
-//! process that holds it when `/proc` lets us see it.
+//! between two processes). Before binding, a plain socket probes the address: any listener
+//! makes it fail, and the bind fails naming the process that holds the address (found through
+//! `/proc/net/tcp{,6}` and `/proc/PID/fd`) when `/proc` lets us see it.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 
 use crate::GatewayError;
 
@@ -18,42 +16,56 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// `count` listening sockets on `addr` with `SO_REUSEPORT`, one per worker: the kernel spreads
 /// new connections evenly over them. (Workers sharing one socket do not share the load: the
 /// first to wake takes a whole burst of connections.) With port 0, the later sockets take the
-/// port the first one got. Fails with [`GatewayError::AddressInUse`] when a socket that is not
-/// one of these listens on the address too.
+/// port the first one got. Fails with [`GatewayError::AddressInUse`] when another socket
+/// listens on the address.
 pub(crate) fn bind_tcp(
     addr: SocketAddr,
     count: usize,
 ) -> Result<(Vec<std::net::TcpListener>, SocketAddr), GatewayError> {
+    if addr.port() != 0 {
+        ensure_free(addr)?;
+    }
     let mut listeners = Vec::with_capacity(count);
     let mut local = addr;
     for _ in 0..count.max(1) {
-        let listener = reuseport_listener(local).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AddrInUse {
-                // Held by a socket without SO_REUSEPORT (or of another user).
-                let holder = foreign_listener(&listening_tables(), addr, &HashSet::new());
-                GatewayError::AddressInUse {
-                    addr,
-                    holder: holder.and_then(holder_of),
-                }
-            } else {
-                GatewayError::Bind { addr, source }
-            }
-        })?;
+        let listener = reuseport_listener(local).map_err(|source| in_use_or(addr, source))?;
         if listeners.is_empty() {
             local = listener.local_addr().map_err(GatewayError::LocalAddr)?;
         }
         listeners.push(listener);
     }
-    let ours: HashSet<u64> = listeners.iter().filter_map(socket_inode).collect();
-    if ours.len() == listeners.len()
-        && let Some(inode) = foreign_listener(&listening_tables(), local, &ours)
-    {
-        return Err(GatewayError::AddressInUse {
-            addr: local,
-            holder: holder_of(inode),
-        });
-    }
     Ok((listeners, local))
+}
+
+/// Fails when anything listens on `addr`: a plain socket (no `SO_REUSEPORT`) cannot bind
+/// where any socket listens, so this also sees a listener that would have let us share its
+/// port. The kernel's socket tables are read only then, to name the holder (reading them costs
+/// milliseconds, too much for every start).
+fn ensure_free(addr: SocketAddr) -> Result<(), GatewayError> {
+    use socket2::{Domain, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .and_then(|s| {
+            // Not refused for connections of an earlier run in TIME_WAIT.
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            Ok(s)
+        })
+        .map_err(|source| in_use_or(addr, source))?;
+    drop(probe);
+    Ok(())
+}
+
+/// [`GatewayError::AddressInUse`] naming the process that listens on `addr` for an
+/// "address in use", else [`GatewayError::Bind`].
+fn in_use_or(addr: SocketAddr, source: std::io::Error) -> GatewayError {
+    if source.kind() != std::io::ErrorKind::AddrInUse {
+        return GatewayError::Bind { addr, source };
+    }
+    let holder = foreign_listener(&listening_tables(), addr, &HashSet::new());
+    GatewayError::AddressInUse {
+        addr,
+        holder: holder.and_then(holder_of),
+    }
 }
 
 /// The text of `/proc/net/tcp` and `/proc/net/tcp6` (empty where they cannot be read: a
@@ -77,13 +89,6 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
-}
-
-/// The inode of a socket (what `/proc/net/tcp` and `/proc/PID/fd` name it by).
-fn socket_inode(listener: &std::net::TcpListener) -> Option<u64> {
-    std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
-        .ok()
-        .map(|m| m.ino())
 }
 
 /// A listening socket in `tables` (the text of `/proc/net/tcp` and `/proc/net/tcp6`) that
