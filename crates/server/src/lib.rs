@@ -9,6 +9,7 @@ pub mod openapi;
 pub mod operations;
 pub mod plan;
 pub mod rollout;
+pub mod schedule;
 pub mod selector;
 
 pub use api::{ApiState, LogSource, router};

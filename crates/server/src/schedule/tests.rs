@@ -1,0 +1,394 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use proptest::prelude::*;
+
+const MI: u64 = 1 << 20;
+
+fn node(name: &str, cpu: u64, mem_mi: u64, labels: &[(&str, &str)]) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        allocatable: Capacity {
+            cpu_millicores: cpu,
+            memory_bytes: mem_mi * MI,
+            pids: 1000,
+        },
+        ready: true,
+        unschedulable: false,
+        taints: Vec::new(),
+    }
+}
+
+fn request(service: &str, cpu: u64, mem_mi: u64) -> Request {
+    Request {
+        service: service.into(),
+        resources: Capacity {
+            cpu_millicores: cpu,
+            memory_bytes: mem_mi * MI,
+            pids: 10,
+        },
+        host_ports: Vec::new(),
+        node_selector: BTreeMap::new(),
+        tolerations: Vec::new(),
+        spread: None,
+        anti_affinity: None,
+    }
+}
+
+/// Places `n` copies of `req` one after the other; the nodes chosen, in order.
+fn place_all(req: &Request, nodes: &[NodeInfo], n: usize) -> (Vec<Placement>, Vec<Placed>) {
+    let mut placed = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let p = place(req, nodes, &placed);
+        if let Placement::Node(name) = &p {
+            placed.push(Placed {
+                node: name.clone(),
+                service: req.service.clone(),
+                resources: req.resources,
+                host_ports: req.host_ports.clone(),
+            });
+        }
+        out.push(p);
+    }
+    (out, placed)
+}
+
+fn on(p: &Placement) -> &str {
+    match p {
+        Placement::Node(n) => n,
+        Placement::Unschedulable(u) => panic!("unschedulable: {u}"),
+    }
+}
+
+#[test]
+fn unschedulable_says_why_for_every_node_like_kubernetes() {
+    let nodes = [
+        node("a", 4000, 256, &[]),
+        node("b", 4000, 256, &[]),
+        node("c", 4000, 8192, &[("disk", "hdd")]),
+    ];
+    let mut req = request("web", 500, 1024);
+    req.node_selector.insert("disk".into(), "ssd".into());
+    let Placement::Unschedulable(u) = place(&req, &nodes, &[]) else {
+        panic!("placed");
+    };
+    // Most frequent reason first; a node may give several.
+    assert_eq!(
+        u.to_string(),
+        "0/3 nodes are available: 3 node(s) didn't match the node selector, 2 Insufficient memory."
+    );
+}
+
+#[test]
+fn the_least_allocated_node_wins_and_ties_go_by_name() {
+    let nodes = [node("b", 4000, 4096, &[]), node("a", 4000, 4096, &[])];
+    let req = request("web", 1000, 1024);
+    let (got, _) = place_all(&req, &nodes, 4);
+    let names: Vec<&str> = got.iter().map(on).collect();
+    assert_eq!(names, ["a", "b", "a", "b"]);
+    let bigger = [
+        node("small", 1000, 1024, &[]),
+        node("big", 8000, 16384, &[]),
+    ];
+    assert_eq!(on(&place(&req, &bigger, &[])), "big");
+}
+
+#[test]
+fn hard_anti_affinity_puts_one_per_node_then_stops() {
+    let nodes = [
+        node("a", 4000, 4096, &[]),
+        node("b", 4000, 4096, &[]),
+        node("c", 4000, 4096, &[]),
+    ];
+    let mut req = request("db", 100, 64);
+    req.anti_affinity = Some(AntiAffinity::Hard);
+    let (got, _) = place_all(&req, &nodes, 4);
+    let mut names: Vec<&str> = got[..3].iter().map(on).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
+    let Placement::Unschedulable(u) = &got[3] else {
+        panic!("a fourth copy was placed: {got:?}");
+    };
+    assert_eq!(
+        u.to_string(),
+        "0/3 nodes are available: 3 node(s) already run an instance of the service."
+    );
+    // Soft: spread first, then doubled up.
+    req.anti_affinity = Some(AntiAffinity::Soft);
+    let (got, _) = place_all(&req, &nodes, 6);
+    let mut per: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in &got {
+        *per.entry(on(p)).or_insert(0) += 1;
+    }
+    assert_eq!(per.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+}
+
+#[test]
+fn replicas_spread_over_zones_within_max_skew() {
+    let nodes = [
+        node("a1", 16000, 16384, &[("zone", "a")]),
+        node("a2", 16000, 16384, &[("zone", "a")]),
+        node("b1", 4000, 4096, &[("zone", "b")]),
+        node("c1", 4000, 4096, &[("zone", "c")]),
+    ];
+    let mut req = request("web", 500, 256);
+    req.spread = Some(Spread {
+        topology_key: "zone".into(),
+        max_skew: 1,
+    });
+    let (got, placed) = place_all(&req, &nodes, 6);
+    assert!(
+        got.iter().all(|p| matches!(p, Placement::Node(_))),
+        "{got:?}"
+    );
+    let mut zones: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in &placed {
+        let zone = &nodes.iter().find(|n| n.name == p.node).unwrap().labels["zone"];
+        *zones.entry(zone).or_insert(0) += 1;
+    }
+    assert_eq!(zones.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+}
+
+#[test]
+fn cordoned_not_ready_and_tainted_nodes_take_nothing_unless_tolerated() {
+    let mut cordoned = node("cordoned", 4000, 4096, &[]);
+    cordoned.unschedulable = true;
+    let mut down = node("down", 4000, 4096, &[]);
+    down.ready = false;
+    let mut gpu = node("gpu", 4000, 4096, &[]);
+    gpu.taints.push(Taint {
+        key: "gpu".into(),
+        value: "true".into(),
+    });
+    let nodes = [cordoned, down, gpu];
+    let mut req = request("web", 100, 64);
+    let Placement::Unschedulable(u) = place(&req, &nodes, &[]) else {
+        panic!("placed");
+    };
+    assert_eq!(
+        u.to_string(),
+        "0/3 nodes are available: 1 node(s) not ready, 1 node(s) cordoned, 1 node(s) had untolerated taints."
+    );
+    req.tolerations.push(Toleration {
+        key: "gpu".into(),
+        value: None,
+    });
+    assert_eq!(on(&place(&req, &nodes, &[])), "gpu");
+}
+
+#[test]
+fn a_host_port_is_taken_once_per_node() {
+    let nodes = [node("a", 4000, 4096, &[]), node("b", 4000, 4096, &[])];
+    let mut req = request("edge", 100, 64);
+    req.host_ports = vec![443];
+    let (got, _) = place_all(&req, &nodes, 3);
+    assert_ne!(on(&got[0]), on(&got[1]));
+    assert!(
+        matches!(&got[2], Placement::Unschedulable(u) if u.reasons.get(&Reason::HostPort) == Some(&2))
+    );
+}
+
+// ---- properties ----------------------------------------------------------------------------
+
+fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
+    (
+        0u64..8000,
+        0u64..8192,
+        0u64..200,
+        proptest::option::of(prop::sample::select(vec!["a", "b", "c"])),
+        proptest::option::of(prop::sample::select(vec!["ssd", "hdd"])),
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(
+            move |(cpu, mem, pids, zone, disk, tainted, cordoned, down)| {
+                let mut labels = BTreeMap::new();
+                if let Some(z) = zone {
+                    labels.insert("zone".to_string(), z.to_string());
+                }
+                if let Some(d) = disk {
+                    labels.insert("disk".to_string(), d.to_string());
+                }
+                NodeInfo {
+                    name: format!("n{i}"),
+                    labels,
+                    allocatable: Capacity {
+                        cpu_millicores: cpu,
+                        memory_bytes: mem * MI,
+                        pids,
+                    },
+                    ready: !down,
+                    unschedulable: cordoned,
+                    taints: if tainted && i.is_multiple_of(3) {
+                        vec![Taint {
+                            key: "dedicated".into(),
+                            value: "batch".into(),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            },
+        )
+}
+
+fn arb_nodes() -> impl Strategy<Value = Vec<NodeInfo>> {
+    (1usize..8).prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>())
+}
+
+fn arb_request() -> impl Strategy<Value = Request> {
+    (
+        prop::sample::select(vec!["web", "db", "cache"]),
+        0u64..3000,
+        0u64..3000,
+        0u64..50,
+        proptest::option::of(prop::sample::select(vec![80u16, 443])),
+        proptest::option::of(prop::sample::select(vec!["ssd", "hdd"])),
+        any::<bool>(),
+        proptest::option::of(1u32..3),
+        proptest::option::of(prop::sample::select(vec![
+            AntiAffinity::Hard,
+            AntiAffinity::Soft,
+        ])),
+    )
+        .prop_map(
+            |(service, cpu, mem, pids, port, disk, tolerate, skew, anti)| Request {
+                service: service.to_string(),
+                resources: Capacity {
+                    cpu_millicores: cpu,
+                    memory_bytes: mem * MI,
+                    pids,
+                },
+                host_ports: port.into_iter().collect(),
+                node_selector: disk
+                    .map(|d| BTreeMap::from([("disk".to_string(), d.to_string())]))
+                    .unwrap_or_default(),
+                tolerations: if tolerate {
+                    vec![Toleration {
+                        key: "dedicated".into(),
+                        value: Some("batch".into()),
+                    }]
+                } else {
+                    Vec::new()
+                },
+                spread: skew.map(|max_skew| Spread {
+                    topology_key: "zone".into(),
+                    max_skew,
+                }),
+                anti_affinity: anti,
+            },
+        )
+}
+
+/// A second, plain statement of the hard constraints: can `node` take `req`?
+fn allowed(req: &Request, node: &NodeInfo, placed: &[Placed]) -> bool {
+    let here: Vec<&Placed> = placed.iter().filter(|p| p.node == node.name).collect();
+    let sum = |f: fn(&Capacity) -> u64| here.iter().map(|p| f(&p.resources)).sum::<u64>();
+    let fits = |need: u64, used: u64, total: u64| need == 0 || used + need <= total;
+    node.ready
+        && !node.unschedulable
+        && node.taints.iter().all(|t| {
+            req.tolerations
+                .iter()
+                .any(|tol| tol.key == t.key && tol.value.as_ref().is_none_or(|v| *v == t.value))
+        })
+        && req
+            .node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+        && fits(
+            req.resources.cpu_millicores,
+            sum(|c| c.cpu_millicores),
+            node.allocatable.cpu_millicores,
+        )
+        && fits(
+            req.resources.memory_bytes,
+            sum(|c| c.memory_bytes),
+            node.allocatable.memory_bytes,
+        )
+        && fits(req.resources.pids, sum(|c| c.pids), node.allocatable.pids)
+        && !req
+            .host_ports
+            .iter()
+            .any(|port| here.iter().any(|p| p.host_ports.contains(port)))
+        && !(req.anti_affinity == Some(AntiAffinity::Hard)
+            && here.iter().any(|p| p.service == req.service))
+}
+
+/// The spread after putting one more instance on `node`, over the domains that have a node
+/// allowed to take it (`None`: `node` has no domain).
+fn skew_after(
+    req: &Request,
+    nodes: &[NodeInfo],
+    placed: &[Placed],
+    node: &NodeInfo,
+) -> Option<u32> {
+    let key = &req.spread.as_ref()?.topology_key;
+    let target = node.labels.get(key)?;
+    let count = |d: &String| {
+        placed
+            .iter()
+            .filter(|p| p.service == req.service)
+            .filter(|p| {
+                nodes
+                    .iter()
+                    .any(|n| n.name == p.node && n.labels.get(key) == Some(d))
+            })
+            .count() as u32
+    };
+    let eligible: BTreeSet<&String> = nodes
+        .iter()
+        .filter(|n| allowed(req, n, placed))
+        .filter_map(|n| n.labels.get(key))
+        .collect();
+    let min = eligible.iter().map(|d| count(d)).min()?;
+    Some(count(target) + 1 - min)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn never_overcommits_never_breaks_a_hard_constraint_and_keeps_the_skew(
+        nodes in arb_nodes(),
+        requests in prop::collection::vec(arb_request(), 1..40),
+    ) {
+        let mut placed: Vec<Placed> = Vec::new();
+        for req in &requests {
+            let fine = |n: &NodeInfo| {
+                allowed(req, n, &placed)
+                    && match &req.spread {
+                        None => true,
+                        Some(s) => skew_after(req, &nodes, &placed, n).is_some_and(|k| k <= s.max_skew),
+                    }
+            };
+            match place(req, &nodes, &placed) {
+                Placement::Node(name) => {
+                    let node = nodes.iter().find(|n| n.name == name).unwrap();
+                    prop_assert!(allowed(req, node, &placed), "{name} breaks a hard constraint for {req:?}");
+                    prop_assert!(fine(node), "{name} breaks the spread for {req:?}");
+                    placed.push(Placed {
+                        node: name,
+                        service: req.service.clone(),
+                        resources: req.resources,
+                        host_ports: req.host_ports.clone(),
+                    });
+                }
+                Placement::Unschedulable(u) => {
+                    prop_assert!(
+                        !nodes.iter().any(fine),
+                        "unschedulable ({u}) though a node could take {req:?}"
+                    );
+                    prop_assert_eq!(u.nodes, nodes.len());
+                    prop_assert!(!u.reasons.is_empty());
+                }
+            }
+        }
+    }
+}
