@@ -161,54 +161,75 @@ pub fn phase(i: &Instance) -> String {
     p
 }
 
+const INSTANCE_COLS: [Col; 10] = [
+    col("NAME"),
+    col("SERVICE"),
+    cut("PHASE", 24),
+    col("READY"),
+    col("RESTARTS"),
+    col("PID"),
+    cut("PORTS", 32),
+    col("CPU"),
+    col("MEMORY"),
+    col("AGE"),
+];
+
+fn instance_row(i: &Instance) -> [String; 10] {
+    let ports = i
+        .status
+        .ports
+        .iter()
+        .map(|(n, p)| format!("{n}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (cpu, mem) = match &i.status.usage {
+        Some(u) => (format!("{}m", u.cpu_millicores), mib(u.memory_bytes)),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    [
+        i.metadata.name.clone(),
+        i.spec.service.clone(),
+        phase(i),
+        if i.status.ready { "yes" } else { "no" }.to_string(),
+        i.status.restarts.to_string(),
+        i.status
+            .pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into()),
+        if ports.is_empty() { "-".into() } else { ports },
+        cpu,
+        mem,
+        age(i.metadata.creation_timestamp.as_deref()),
+    ]
+}
+
+/// Instances; `wide` adds where each runs (NODE, and HOST: the address it listens on).
 pub fn instances_table(items: &[Instance], wide: bool) -> String {
+    if !wide {
+        return table(
+            INSTANCE_COLS,
+            items.iter().map(instance_row).collect(),
+            false,
+        );
+    }
+    let mut cols = [col(""); 12];
+    cols[..10].copy_from_slice(&INSTANCE_COLS);
+    cols[10] = col("NODE");
+    cols[11] = col("HOST");
     let rows = items
         .iter()
         .map(|i| {
-            let ports = i
-                .status
-                .ports
-                .iter()
-                .map(|(n, p)| format!("{n}:{p}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let (cpu, mem) = match &i.status.usage {
-                Some(u) => (format!("{}m", u.cpu_millicores), mib(u.memory_bytes)),
-                None => ("-".to_string(), "-".to_string()),
-            };
-            [
-                i.metadata.name.clone(),
-                i.spec.service.clone(),
-                phase(i),
-                if i.status.ready { "yes" } else { "no" }.to_string(),
-                i.status.restarts.to_string(),
-                i.status
-                    .pid
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                if ports.is_empty() { "-".into() } else { ports },
-                cpu,
-                mem,
-                age(i.metadata.creation_timestamp.as_deref()),
-            ]
+            let base = instance_row(i);
+            let mut row: [String; 12] = Default::default();
+            for (slot, cell) in row.iter_mut().zip(base) {
+                *slot = cell;
+            }
+            row[10] = i.spec.node.clone();
+            row[11] = i.status.host.clone().unwrap_or_else(|| "-".into());
+            row
         })
         .collect();
-    table(
-        [
-            col("NAME"),
-            col("SERVICE"),
-            cut("PHASE", 24),
-            col("READY"),
-            col("RESTARTS"),
-            col("PID"),
-            cut("PORTS", 32),
-            col("CPU"),
-            col("MEMORY"),
-            col("AGE"),
-        ],
-        rows,
-        wide,
-    )
+    table(cols, rows, true)
 }
 
 /// Event columns have fixed widths, so that a followed stream stays aligned row after row:

@@ -444,7 +444,16 @@ fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
             let (header, rows) = table(out);
             assert_eq!(
                 header,
-                ["NAME", "STATUS", "CPU", "MEMORY", "INSTANCES", "LABELS", "AGE", "HEARTBEAT"]
+                [
+                    "NAME",
+                    "STATUS",
+                    "CPU",
+                    "MEMORY",
+                    "INSTANCES",
+                    "LABELS",
+                    "AGE",
+                    "HEARTBEAT"
+                ]
             );
             assert_eq!(rows.len(), 1, "{out}");
             assert_eq!(rows[0][..2], ["local", "Ready"], "{out}");
@@ -458,8 +467,14 @@ fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
         }
         "get instances -o wide" => {
             let (header, rows) = table(out);
-            assert_eq!(header.len(), 10, "{out}");
+            assert_eq!(header.len(), 12, "{out}");
+            assert_eq!(header[10..], ["NODE", "HOST"], "{out}");
             assert_eq!(rows.len(), 3, "{out}");
+            assert!(
+                rows.iter()
+                    .all(|r| r[10] == "local" && r[11] == "127.0.0.1"),
+                "{out}"
+            );
             assert!(!out.contains('…'), "wide cuts nothing short: {out}");
         }
         "get instances -o json" => {
