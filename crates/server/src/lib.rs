@@ -5,7 +5,6 @@ pub mod controller;
 pub mod error;
 
 pub mod metrics;
-pub mod nodes;
 pub mod openapi;
 pub mod operations;
 pub mod plan;

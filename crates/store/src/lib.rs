@@ -16,7 +16,7 @@ pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
-pub use node::{NodeApi, NodeError, Registration, StoreNode};
+pub use node::{NodeApi, NodeError, StoreNode};
 #[doc(hidden)]
 pub use remote::fuzzing;
 pub use remote::{RemoteNode, RemoteStore};
