@@ -181,7 +181,7 @@ pub async fn pump<R: AsyncRead + Unpin>(
 }
 
 fn write_lines(writer: &Mutex<LogWriter>, chunk: &[u8], instance: &str, warned: &mut bool) {
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let mut w = flotilla_store::lock(writer);
     for line in chunk.split_inclusive(|b| *b == b'\n') {
         if let Err(e) = w.write_line(line)
             && !*warned

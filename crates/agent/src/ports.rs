@@ -93,7 +93,7 @@ impl PortAllocator {
     /// A port of the range that is free on this host (a bind on all addresses succeeds) and
     /// not handed out before (and not yet released).
     pub fn allocate(&self) -> std::io::Result<u16> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = flotilla_store::lock(&self.state);
         let (lo, hi) = (*self.range.start(), *self.range.end());
         let size = u32::from(hi) - u32::from(lo) + 1;
         let mut port = st.next.clamp(lo, hi);
@@ -114,7 +114,7 @@ impl PortAllocator {
     }
 
     pub fn release(&self, ports: impl IntoIterator<Item = u16>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = flotilla_store::lock(&self.state);
         for p in ports {
             st.in_use.remove(&p);
         }
@@ -122,11 +122,7 @@ impl PortAllocator {
 
     #[cfg(test)]
     pub fn in_use(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .in_use
-            .len()
+        flotilla_store::lock(&self.state).in_use.len()
     }
 }
 

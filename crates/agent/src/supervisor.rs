@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flotilla_spec::Instance;
+use flotilla_store::lock;
 use flotilla_store::reconcile::{Reconcile, Requeue, Trigger};
 use flotilla_store::typed::ObjectMap;
 use tokio::sync::watch;
@@ -57,10 +58,6 @@ pub(crate) struct Supervisor {
     workers: TaskTracker,
     trigger: OnceLock<Trigger<AgentKey>>,
     next_id: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Supervisor {

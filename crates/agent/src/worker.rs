@@ -94,7 +94,7 @@ pub(crate) static PANIC_AFTER_START: Mutex<Vec<String>> = Mutex::new(Vec::new())
 /// Test hook: true (once) when the worker of `name` is to panic right after starting.
 #[cfg(test)]
 fn take_panic(name: &str) -> bool {
-    let mut v = PANIC_AFTER_START.lock().unwrap_or_else(|p| p.into_inner());
+    let mut v = flotilla_store::lock(&PANIC_AFTER_START);
     let before = v.len();
     v.retain(|n| n != name);
     v.len() != before
@@ -246,7 +246,7 @@ impl Worker {
     }
 
     fn hold(&self, f: impl FnOnce(&mut Held)) {
-        f(&mut self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut flotilla_store::lock(&self.held));
     }
 
     fn desired_now(&self) -> Desired {

@@ -4,7 +4,9 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use flotilla_store::lock;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -87,11 +89,6 @@ impl Replay {
             .as_ref()
             .is_some_and(|s| s.too_large.load(Ordering::Relaxed))
     }
-}
-
-fn lock(slot: &Mutex<Option<Incoming>>) -> MutexGuard<'_, Option<Incoming>> {
-    // Only `Option::take` and `is_some` run under the lock; a poisoned slot is still consistent.
-    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The request body of one upstream attempt: takes the client's body on its first poll.

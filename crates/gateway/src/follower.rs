@@ -13,6 +13,7 @@ use flotilla_spec::Object;
 use flotilla_spec::object::{Instance, Service};
 use flotilla_store::Store;
 use flotilla_store::StoreError;
+use flotilla_store::lock;
 use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeConfig, Trigger};
 use flotilla_store::typed::{ObjectMap, Reflector};
 use tokio::sync::watch;
@@ -200,10 +201,6 @@ impl Reconcile for TableKeeper {
     async fn keys(&self) -> Result<Vec<RoutingTableKey>, Self::Error> {
         Ok(vec![RoutingTableKey])
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Which feed a notification came from.

@@ -21,11 +21,12 @@
 //!   wins and the clash is reported in [`RouteTable::conflicts`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_spec::object::{Instance, Service};
 use flotilla_spec::service::{RateLimitSpec, UpstreamProtocol};
+use flotilla_store::lock;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
@@ -145,11 +146,6 @@ impl Default for TableState {
     fn default() -> Self {
         Self::new(UpstreamPolicy::default())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Only map operations run under these locks; a poisoned map is still consistent.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl TableState {

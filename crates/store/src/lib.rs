@@ -16,6 +16,13 @@ pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
+
+/// Locks `m`, taking over a lock poisoned by a panic: every value kept under these locks is
+/// changed in single steps (a map insert, a queue push), so it stays consistent when a holder
+/// panics, and the rest of the process should not die with it.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 pub use node::{NodeApi, NodeError, StoreNode};
 #[doc(hidden)]
 pub use remote::fuzzing;

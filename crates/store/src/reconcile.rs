@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
+
+use crate::lock;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -187,10 +189,6 @@ impl<K: Clone + Eq + Hash> Trigger<K> {
         lock(&self.queue).push(key);
         self.notify.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What one reconcile task hands back: its key and how it went.
