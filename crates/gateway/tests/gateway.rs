@@ -148,6 +148,32 @@ struct Harness {
 }
 
 impl Harness {
+    /// Service `slow` routed on every host to one upstream `slow-1`, which reports each
+    /// request it starts on the returned channel (drained of the routing checks' requests).
+    async fn slow_upstream(&self) -> (Upstream, mpsc::Receiver<String>) {
+        self.add_service("slow", vec![route(None, "/")]).await;
+        let (started_tx, mut started) = mpsc::channel(8);
+        let up = Upstream::start_with("slow-1", Some(started_tx)).await;
+        self.add_instance("slow-1", "slow", &up).await;
+        self.wait_for("h", "/", 1, |seen| seen.contains("slow-1"))
+            .await;
+        while started.try_recv().is_ok() {}
+        (up, started)
+    }
+
+    /// A GET of `path` through the gateway, in its own task: status and body.
+    fn spawn_get(&self, path: &str) -> JoinHandle<(StatusCode, String)> {
+        let client = self.client.clone();
+        let uri = format!("http://{}{path}", self.addr);
+        tokio::spawn(async move {
+            let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+            let response = client.request(req).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        })
+    }
+
     async fn start() -> Harness {
         Self::start_with(GatewayConfig::new("127.0.0.1:0".parse().unwrap())).await
     }
@@ -510,25 +536,9 @@ async fn routes_by_host_and_longest_prefix() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_request() {
     let mut h = Harness::start().await;
-    h.add_service("slow", vec![route(None, "/")]).await;
-    let (started_tx, mut started) = mpsc::channel(8);
-    let up = Upstream::start_with("slow-1", Some(started_tx)).await;
-    h.add_instance("slow-1", "slow", &up).await;
-    h.wait_for("h", "/", 1, |seen| seen.contains("slow-1"))
-        .await;
-    while started.try_recv().is_ok() {}
+    let (_up, mut started) = h.slow_upstream().await;
 
-    let addr = h.addr;
-    let client = h.client.clone();
-    let in_flight = tokio::spawn(async move {
-        let req = Request::get(format!("http://{addr}/slow?ms=300"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = client.request(req).await.unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8(body.to_vec()).unwrap())
-    });
+    let in_flight = h.spawn_get("/slow?ms=300");
     let path = timeout(DEADLINE, started.recv()).await.unwrap().unwrap();
     assert_eq!(path, "/slow?ms=300");
 
@@ -537,7 +547,7 @@ async fn graceful_shutdown_finishes_in_flight_request() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "slow-1 0"));
     h.stop().await;
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
+        tokio::net::TcpStream::connect(h.addr).await.is_err(),
         "gateway still accepting after shutdown"
     );
 }
@@ -551,13 +561,7 @@ async fn an_unrouted_instance_stays_busy_until_its_requests_in_flight_are_answer
     let (mut h, gateway) = Harness::bind(GatewayConfig::new("127.0.0.1:0".parse().unwrap())).await;
     let view = gateway.routing();
     h.run(gateway);
-    h.add_service("slow", vec![route(None, "/")]).await;
-    let (started_tx, mut started) = mpsc::channel(8);
-    let up = Upstream::start_with("slow-1", Some(started_tx)).await;
-    h.add_instance("slow-1", "slow", &up).await;
-    h.wait_for("h", "/", 1, |seen| seen.contains("slow-1"))
-        .await;
-    while started.try_recv().is_ok() {}
+    let (_up, mut started) = h.slow_upstream().await;
     let deadline = Instant::now() + DEADLINE;
     while view.in_flight_to("slow-1") > 0 {
         assert!(Instant::now() < deadline, "earlier answers never finished");
@@ -565,17 +569,7 @@ async fn an_unrouted_instance_stays_busy_until_its_requests_in_flight_are_answer
     }
     assert!(view.routes_to("slow-1") && view.busy("slow-1"));
 
-    let addr = h.addr;
-    let client = h.client.clone();
-    let in_flight = tokio::spawn(async move {
-        let req = Request::get(format!("http://{addr}/slow?ms=400"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = client.request(req).await.unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8(body.to_vec()).unwrap())
-    });
+    let in_flight = h.spawn_get("/slow?ms=400");
     let path = timeout(DEADLINE, started.recv()).await.unwrap().unwrap();
     assert_eq!(path, "/slow?ms=400");
 
@@ -610,13 +604,7 @@ async fn shutdown_grace_bounds_the_drain() {
     let mut config = GatewayConfig::new("127.0.0.1:0".parse().unwrap());
     config.shutdown_grace = Duration::from_millis(200);
     let h = Harness::start_with(config).await;
-    h.add_service("slow", vec![route(None, "/")]).await;
-    let (started_tx, mut started) = mpsc::channel(8);
-    let up = Upstream::start_with("slow-1", Some(started_tx)).await;
-    h.add_instance("slow-1", "slow", &up).await;
-    h.wait_for("h", "/", 1, |seen| seen.contains("slow-1"))
-        .await;
-    while started.try_recv().is_ok() {}
+    let (_up, mut started) = h.slow_upstream().await;
 
     let addr = h.addr;
     let client = h.client.clone();
