@@ -14,27 +14,15 @@ const T: Duration = Duration::from_secs(60);
 
 /// A service of the demo whose answer names its version (`GREETING`).
 fn versioned(name: &str, replicas: u32, version: &str, extra_args: &str, deploy: &str) -> String {
-    format!(
-        r#"
-[service.{name}]
-command = "flotilla-demo"
-args = ["--port", "${{PORT}}"{extra_args}]
-replicas = {replicas}
-ports = ["http"]
-env = {{ GREETING = "{version}" }}
-stop = {{ grace_period = "5s" }}
-deploy = {{ max_surge = 1, max_unavailable = 0{deploy} }}
-
-[service.{name}.probes.readiness]
-http = {{ path = "/health" }}
-period = "200ms"
-timeout = "200ms"
-failure_threshold = 1
-
-[[service.{name}.routes]]
-host = "{name}.test"
-path = "/"
-"#
+    let deploy_line = format!("deploy = {{ max_surge = 1, max_unavailable = 0{deploy} }}");
+    versioned_demo(
+        name,
+        replicas,
+        version,
+        extra_args,
+        &deploy_line,
+        "200ms",
+        1,
     )
 }
 

@@ -52,28 +52,7 @@ fn service(name: &str, replicas: u32, version: &str, deploy: &str) -> String {
 
 /// [`service`] with other demo arguments (`extra_args`: `, "--flag", "value"`).
 fn demo(name: &str, replicas: u32, version: &str, deploy: &str, extra_args: &str) -> String {
-    format!(
-        r#"
-[service.{name}]
-command = "flotilla-demo"
-args = ["--port", "${{PORT}}"{extra_args}]
-replicas = {replicas}
-ports = ["http"]
-env = {{ GREETING = "{version}" }}
-stop = {{ grace_period = "5s" }}
-{deploy}
-
-[service.{name}.probes.readiness]
-http = {{ path = "/health" }}
-period = "500ms"
-timeout = "500ms"
-failure_threshold = 3
-
-[[service.{name}.routes]]
-host = "{name}.test"
-path = "/"
-"#
-    )
+    versioned_demo(name, replicas, version, extra_args, deploy, "500ms", 3)
 }
 
 fn service_object(up: &Up, name: &str) -> Value {

@@ -613,3 +613,39 @@ deploy = {{ min_ready = "{min_ready}" }}
 "#
     )
 }
+
+/// A demo service whose answer names its version (`GREETING`), with a readiness probe on
+/// `/health` every `probe_period` (timeout the same) failing after `failure_threshold` misses.
+/// `extra_args`: `, "--flag", "value"`; `deploy_line`: a whole `deploy = {…}` line or nothing.
+pub fn versioned_demo(
+    name: &str,
+    replicas: u32,
+    version: &str,
+    extra_args: &str,
+    deploy_line: &str,
+    probe_period: &str,
+    failure_threshold: u32,
+) -> String {
+    format!(
+        r#"
+[service.{name}]
+command = "flotilla-demo"
+args = ["--port", "${{PORT}}"{extra_args}]
+replicas = {replicas}
+ports = ["http"]
+env = {{ GREETING = "{version}" }}
+stop = {{ grace_period = "5s" }}
+{deploy_line}
+
+[service.{name}.probes.readiness]
+http = {{ path = "/health" }}
+period = "{probe_period}"
+timeout = "{probe_period}"
+failure_threshold = {failure_threshold}
+
+[[service.{name}.routes]]
+host = "{name}.test"
+path = "/"
+"#
+    )
+}
