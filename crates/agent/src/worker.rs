@@ -1039,38 +1039,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner: Arc<dyn Store> =
             Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
-        let inst = Instance {
-            metadata: flotilla_spec::ObjectMeta::named("i"),
-            spec: flotilla_spec::InstanceSpec {
-                service: "svc".to_string(),
-                node: "n".to_string(),
-                spec_hash: "h".to_string(),
-                template: serde_json::from_value(serde_json::json!({
-                    "command": "sh", "args": ["-c", "exit 1"],
-                    "restart": {"policy": "always"}
-                }))
-                .unwrap(),
-            },
-            status: Default::default(),
-        };
+        let inst = test_instance(
+            "i",
+            serde_json::json!({
+                "command": "sh", "args": ["-c", "exit 1"],
+                "restart": {"policy": "always"}
+            }),
+        );
         let inst = typed::create(inner.as_ref(), inst).await.unwrap();
         let (tx, rx) = watch::channel(Desired::Run);
         let store = Arc::new(StopOnRestart {
             inner: inner.clone(),
             desired: tx,
         });
-        let mut registry = prometheus_client::registry::Registry::default();
-        let mut config = AgentConfig::new("n", dir.path().join("data"));
-        config.cgroups = crate::CgroupMode::Disabled;
-        let shared = Arc::new(Shared {
-            ports: PortAllocator::new(config.port_range.clone()),
-            config,
-            api: Arc::new(flotilla_store::StoreNode::new(store, "n")),
-            driver: Arc::new(crate::driver::ProcessDriver),
-            cgroups: None,
-            cgroup_note: None,
-            metrics: Metrics::register(&mut registry),
-        });
+        let shared = test_shared(dir.path(), store, Arc::new(crate::driver::ProcessDriver));
         let held = Arc::new(Mutex::new(Held::default()));
         let (end, deleted) =
             tokio::time::timeout(Duration::from_secs(15), run(shared, inst, rx, held.clone()))
@@ -1106,8 +1088,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(flotilla_store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
-        let inst = Instance {
-            metadata: flotilla_spec::ObjectMeta::named("f"),
+        let inst = typed::create(store.as_ref(), test_instance("f", template))
+            .await
+            .unwrap();
+        let driver = crate::driver::fake::RecordingDriver::new(exits);
+        let shared = test_shared(dir.path(), store.clone(), Arc::new(driver.clone()));
+        (dir, store, driver, shared, inst)
+    }
+
+    /// Instance `name` of service `svc` on node `n`, with `template` as its spec.
+    fn test_instance(name: &str, template: serde_json::Value) -> Instance {
+        Instance {
+            metadata: flotilla_spec::ObjectMeta::named(name),
             spec: flotilla_spec::InstanceSpec {
                 service: "svc".to_string(),
                 node: "n".to_string(),
@@ -1115,22 +1107,27 @@ mod tests {
                 template: serde_json::from_value(template).unwrap(),
             },
             status: Default::default(),
-        };
-        let inst = typed::create(store.as_ref(), inst).await.unwrap();
-        let driver = crate::driver::fake::RecordingDriver::new(exits);
+        }
+    }
+
+    /// What a worker of node `n` shares, over `store`, without cgroups.
+    fn test_shared(
+        dir: &std::path::Path,
+        store: Arc<dyn Store>,
+        driver: Arc<dyn crate::driver::Driver>,
+    ) -> Arc<Shared> {
         let mut registry = prometheus_client::registry::Registry::default();
-        let mut config = AgentConfig::new("n", dir.path().join("data"));
+        let mut config = AgentConfig::new("n", dir.join("data"));
         config.cgroups = crate::CgroupMode::Disabled;
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             ports: PortAllocator::new(config.port_range.clone()),
             config,
-            api: Arc::new(flotilla_store::StoreNode::new(store.clone(), "n")),
-            driver: Arc::new(driver.clone()),
+            api: Arc::new(flotilla_store::StoreNode::new(store, "n")),
+            driver,
             cgroups: None,
             cgroup_note: None,
             metrics: Metrics::register(&mut registry),
-        });
-        (dir, store, driver, shared, inst)
+        })
     }
 
     #[tokio::test]
