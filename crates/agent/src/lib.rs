@@ -17,6 +17,7 @@ mod metrics;
 pub mod ports;
 pub mod probe;
 mod process;
+pub mod registration;
 mod supervisor;
 mod transition;
 mod worker;
@@ -75,6 +76,13 @@ pub struct AgentConfig {
     pub drain: Option<Arc<dyn DrainHook>>,
     /// How long the logs of an instance that is gone are kept (checked every few minutes).
     pub log_retention: Duration,
+    /// Labels of this node, added to the ones the agent knows (hostname, arch, os).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Held back from instances: allocatable = capacity − reserve.
+    pub reserve: flotilla_spec::NodeResources,
+    /// The node's lease lasts this long; it is renewed every third of it. A node whose lease
+    /// expired is NotReady.
+    pub lease_duration: Duration,
 }
 
 /// Something that routes traffic to instances and can confirm it stopped doing so. In
@@ -108,6 +116,9 @@ impl AgentConfig {
             usage_interval: Duration::from_secs(5),
             usage_status_interval: Duration::from_secs(30),
             log_retention: Duration::from_secs(3600),
+            labels: std::collections::BTreeMap::new(),
+            reserve: flotilla_spec::NodeResources::default(),
+            lease_duration: Duration::from_secs(6),
             port_range: ports::default_port_range(ports::ephemeral_range()),
             drain: None,
         }
@@ -223,6 +234,11 @@ impl Agent {
                 key: <Instance as flotilla_spec::Object>::PREFIX.to_string(),
                 source,
             })?;
+        self.shared
+            .api
+            .register(registration::registration(&self.shared.config))
+            .await
+            .map_err(|e| AgentError::Config(format!("registering node {node}: {e}")))?;
         let supervisor = Arc::new(Supervisor::new(self.shared.clone(), reflector.subscribe()));
         let runtime = Runtime::new(
             "agent",

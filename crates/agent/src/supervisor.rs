@@ -32,6 +32,8 @@ pub(crate) enum AgentKey {
     Instance(String),
     /// Expiry of the logs of gone instances.
     Logs,
+    /// Renewal of the node's lease (its heartbeat).
+    Heartbeat,
 }
 
 struct WorkerEntry {
@@ -148,6 +150,20 @@ impl Supervisor {
             id,
             desired: tx,
             abort,
+        }
+    }
+
+    /// Renews the node's lease; when to renew it next (sooner after a failure, so that one
+    /// lost write does not let the lease expire).
+    async fn heartbeat(&self) -> Duration {
+        let lease = self.shared.config.lease_duration;
+        let seconds = u32::try_from(lease.as_secs().max(1)).unwrap_or(u32::MAX);
+        match self.shared.api.renew_lease(seconds).await {
+            Ok(()) => lease / 3,
+            Err(error) => {
+                tracing::warn!(node = %self.shared.config.node, error = %flotilla_store::error_chain(&error), "could not renew the node's lease");
+                (lease / 12).max(Duration::from_millis(100))
+            }
         }
     }
 
@@ -302,6 +318,7 @@ impl Reconcile for Supervisor {
                 self.expire_logs();
                 Ok(Requeue::After(LOG_SWEEP))
             }
+            AgentKey::Heartbeat => Ok(Requeue::After(self.heartbeat().await)),
         }
     }
 
@@ -318,7 +335,7 @@ impl Reconcile for Supervisor {
         Ok(names
             .into_iter()
             .map(AgentKey::Instance)
-            .chain(std::iter::once(AgentKey::Logs))
+            .chain([AgentKey::Logs, AgentKey::Heartbeat])
             .collect())
     }
 }

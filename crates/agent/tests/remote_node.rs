@@ -179,3 +179,110 @@ async fn an_agent_over_http_runs_its_node_and_nothing_else() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// A remote agent registers its node (capacity, labels, address) and renews its lease; the
+/// controller marks the node Ready, and NotReady once the agent stops and the lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
+    use flotilla_spec::{Lease, Node};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+    let shutdown = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let state = ApiState::new(
+        store.clone(),
+        TOKEN,
+        Arc::new(NoLogs),
+        &mut registry,
+        shutdown.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(flotilla_server::serve(
+        listener,
+        flotilla_server::router(state),
+        shutdown.clone(),
+    ));
+    let controller =
+        flotilla_server::controller::ServiceController::new(store.clone(), "local", &mut registry);
+    let controller_task = tokio::spawn(controller.run(shutdown.clone()));
+
+    let node = format!("beating-{}", std::process::id());
+    let mut config = AgentConfig::new(node.clone(), dir.path().join("data"));
+    config.cgroups = CgroupMode::Disabled;
+    config.lease_duration = Duration::from_secs(2);
+    config.labels.insert("zone".into(), "a".into());
+    let api = Arc::new(RemoteNode::new(&base, TOKEN, &node));
+    let agent = Agent::new(config, api, &mut registry).unwrap();
+    let agent_shutdown = CancellationToken::new();
+    let agent_task = tokio::spawn(agent.run(agent_shutdown.clone()));
+
+    let ready = |n: &Node| n.status.condition("Ready").map(|c| c.status);
+    let registered = poll("the node to register and be Ready", async || {
+        let n = typed::get::<Node>(store.as_ref(), &node).await.unwrap()?;
+        (ready(&n) == Some(true)).then_some(n)
+    })
+    .await;
+    assert_eq!(
+        registered.metadata.labels.get("zone").map(String::as_str),
+        Some("a")
+    );
+    assert_eq!(
+        registered
+            .metadata
+            .labels
+            .get("flotilla.dev/os")
+            .map(String::as_str),
+        Some("linux")
+    );
+    assert!(registered.status.allocatable.cpu_millicores >= 1000);
+    assert!(registered.status.capacity.memory_bytes > 0);
+    assert_eq!(registered.status.address, "127.0.0.1");
+    // The lease is renewed (a heartbeat is a lease write, not a node write).
+    let first = typed::get::<Lease>(store.as_ref(), &node)
+        .await
+        .unwrap()
+        .unwrap();
+    poll("the lease to be renewed", async || {
+        let l = typed::get::<Lease>(store.as_ref(), &node).await.unwrap()?;
+        (l.spec.renew_time != first.spec.renew_time).then_some(())
+    })
+    .await;
+    let node_now = typed::get::<Node>(store.as_ref(), &node)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        node_now.metadata.resource_version, registered.metadata.resource_version,
+        "a heartbeat rewrote the node"
+    );
+
+    // The agent stops: its lease expires and the node becomes NotReady, with an event.
+    agent_shutdown.cancel();
+    agent_task.await.unwrap().unwrap();
+    let stopped = Instant::now();
+    let down = poll("the node to become NotReady", async || {
+        let n = typed::get::<Node>(store.as_ref(), &node).await.unwrap()?;
+        (ready(&n) == Some(false)).then_some(n)
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let c = down.status.condition("Ready").unwrap();
+    assert_eq!(c.reason, "LeaseExpired", "{c:?}");
+    let (events, _) = typed::list::<Event>(store.as_ref()).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.involved.name == node && e.reason == "NodeNotReady"),
+        "{events:#?}"
+    );
+
+    shutdown.cancel();
+    controller_task.await.unwrap();
+    server.await.unwrap().unwrap();
+}

@@ -71,7 +71,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             service,
             ..
         } => get(&client, kind, name, output, selector, service).await,
-        Command::Describe { name, .. } => describe(&client, &name).await,
+        Command::Describe {
+            kind: crate::DescribeKind::Service,
+            name,
+            ..
+        } => describe(&client, &name).await,
+        Command::Describe {
+            kind: crate::DescribeKind::Node,
+            name,
+            ..
+        } => describe_node(&client, &name).await,
         Command::Logs {
             service,
             instance,
@@ -273,6 +282,47 @@ async fn get(
             let l: List<Instance> = client.get(&format!("/api/v1/instances{q}")).await?;
             print_items(stdout, out, &l.items, output::instances_table)?;
         }
+        (Kind::Nodes, name) => {
+            let nodes: Vec<output::NodeView> = match &name {
+                Some(name) => {
+                    ensure_name("node", name)?;
+                    vec![client.get(&format!("/api/v1/nodes/{name}")).await?]
+                }
+                None => {
+                    client
+                        .get::<List<output::NodeView>>("/api/v1/nodes")
+                        .await?
+                        .items
+                }
+            };
+            let instances: List<Instance> = client.get("/api/v1/instances").await?;
+            let rows: Vec<(output::NodeView, usize)> = nodes
+                .into_iter()
+                .map(|n| {
+                    let count = instances
+                        .items
+                        .iter()
+                        .filter(|i| i.spec.node == n.metadata.name)
+                        .count();
+                    (n, count)
+                })
+                .collect();
+            match (out, name.is_some()) {
+                (Output::Json, true) => {
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&rows[0].0)?)?
+                }
+                (Output::Json, false) => {
+                    let items: Vec<&output::NodeView> = rows.iter().map(|(n, _)| n).collect();
+                    let v = serde_json::json!({ "items": items });
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+                }
+                (Output::Table | Output::Wide, _) => write!(
+                    stdout,
+                    "{}",
+                    output::nodes_table(&rows, out == Output::Wide)
+                )?,
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -311,6 +361,19 @@ fn print_one<T: serde::Serialize + Clone>(
         )?,
     }
     Ok(())
+}
+
+async fn describe_node(client: &Client, name: &str) -> Result<ExitCode> {
+    ensure_name("node", name)?;
+    let node: output::NodeView = client.get(&format!("/api/v1/nodes/{name}")).await?;
+    let instances: List<Instance> = client.get("/api/v1/instances").await?;
+    let here: Vec<Instance> = instances
+        .items
+        .into_iter()
+        .filter(|i| i.spec.node == name)
+        .collect();
+    print!("{}", output::describe_node(&node, &here));
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn describe(client: &Client, name: &str) -> Result<ExitCode> {

@@ -120,7 +120,8 @@ pub enum Command {
         #[command(flatten)]
         conn: SubConn,
     },
-    /// Show a service in detail: spec, instances and recent events.
+    /// Show a service (spec, instances, recent events) or a node (readiness, resources, labels,
+    /// instances) in detail.
     Describe {
         #[arg(value_enum)]
         kind: DescribeKind,
@@ -167,7 +168,7 @@ pub enum Command {
     /// Delete a service; its instances stop gracefully.
     Delete {
         #[arg(value_enum)]
-        kind: DescribeKind,
+        kind: DeleteKind,
         name: String,
         #[command(flatten)]
         conn: SubConn,
@@ -253,10 +254,20 @@ pub enum Kind {
     Services,
     #[value(alias = "instance", alias = "inst")]
     Instances,
+    #[value(alias = "node", alias = "no")]
+    Nodes,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum DescribeKind {
+    #[value(alias = "services", alias = "svc")]
+    Service,
+    #[value(alias = "nodes", alias = "no")]
+    Node,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeleteKind {
     #[value(alias = "services", alias = "svc")]
     Service,
 }

@@ -382,6 +382,153 @@ pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64, wide: bo
     )
 }
 
+/// A node as the API shows it: the object and its lease.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeView {
+    pub metadata: flotilla_spec::ObjectMeta,
+    #[serde(default)]
+    pub spec: flotilla_spec::NodeSpec,
+    #[serde(default)]
+    pub status: flotilla_spec::NodeStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<flotilla_spec::LeaseSpec>,
+}
+
+impl NodeView {
+    /// `Ready`, `NotReady` or `Unknown`, with `,SchedulingDisabled` when cordoned.
+    pub fn status_word(&self) -> String {
+        let mut s = match self.status.condition("Ready") {
+            Some(c) if c.status => "Ready".to_string(),
+            Some(_) => "NotReady".to_string(),
+            None => "Unknown".to_string(),
+        };
+        if self.spec.unschedulable {
+            s.push_str(",SchedulingDisabled");
+        }
+        s
+    }
+}
+
+/// `2`, `1.5` cores from millicores.
+fn cores(millicores: u64) -> String {
+    if millicores.is_multiple_of(1000) {
+        (millicores / 1000).to_string()
+    } else {
+        format!("{:.1}", millicores as f64 / 1000.0)
+    }
+}
+
+/// `15.5Gi`, `512Mi`.
+fn bytes(b: u64) -> String {
+    const GI: f64 = 1024.0 * 1024.0 * 1024.0;
+    if b as f64 >= GI {
+        format!("{:.1}Gi", b as f64 / GI)
+    } else {
+        mib(b)
+    }
+}
+
+fn labels(l: &std::collections::BTreeMap<String, String>) -> String {
+    if l.is_empty() {
+        return "-".to_string();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Nodes with the number of instances bound to each.
+pub fn nodes_table(items: &[(NodeView, usize)], wide: bool) -> String {
+    let rows = items
+        .iter()
+        .map(|(n, instances)| {
+            [
+                n.metadata.name.clone(),
+                n.status_word(),
+                cores(n.status.allocatable.cpu_millicores),
+                bytes(n.status.allocatable.memory_bytes),
+                instances.to_string(),
+                labels(&n.metadata.labels),
+                age(n.metadata.creation_timestamp.as_deref()),
+                age(n.lease.as_ref().map(|l| l.renew_time.as_str())),
+            ]
+        })
+        .collect();
+    table(
+        [
+            col("NAME"),
+            col("STATUS"),
+            col("CPU"),
+            col("MEMORY"),
+            col("INSTANCES"),
+            cut("LABELS", 48),
+            col("AGE"),
+            col("HEARTBEAT"),
+        ],
+        rows,
+        wide,
+    )
+}
+
+pub fn describe_node(n: &NodeView, instances: &[Instance]) -> String {
+    let mut out = String::new();
+    let s = &n.status;
+    let _ = writeln!(out, "Name:          {}", n.metadata.name);
+    let _ = writeln!(out, "Status:        {}", n.status_word());
+    if let Some(c) = s.condition("Ready") {
+        let _ = writeln!(
+            out,
+            "Ready:         {} ({}: {}) since {}",
+            c.status, c.reason, c.message, c.last_transition
+        );
+    }
+    let _ = writeln!(out, "Address:       {}", s.address);
+    let _ = writeln!(
+        out,
+        "Capacity:      cpu {}, memory {}, pids {}",
+        cores(s.capacity.cpu_millicores),
+        bytes(s.capacity.memory_bytes),
+        s.capacity.pids
+    );
+    let _ = writeln!(
+        out,
+        "Allocatable:   cpu {}, memory {}, pids {}",
+        cores(s.allocatable.cpu_millicores),
+        bytes(s.allocatable.memory_bytes),
+        s.allocatable.pids
+    );
+    let _ = writeln!(out, "Labels:        {}", labels(&n.metadata.labels));
+    let _ = writeln!(out, "Agent:         {}", s.agent_version);
+    let _ = writeln!(
+        out,
+        "Registered:    {}",
+        s.registered_at.as_deref().unwrap_or("-")
+    );
+    match &n.lease {
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "Heartbeat:     {} ago (lease {}s)",
+                age(Some(&l.renew_time)),
+                l.duration_seconds
+            );
+        }
+        None => {
+            let _ = writeln!(out, "Heartbeat:     none yet");
+        }
+    }
+    let _ = writeln!(out, "\nInstances:");
+    if instances.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    } else {
+        for line in instances_table(instances, false).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -440,6 +440,31 @@ fn check(cmd: &str, out: &str, readme_output: &[String], instance: &str) {
                 assert!(row[6].starts_with("http:"), "ports: {out}");
             }
         }
+        "get nodes" => {
+            let (header, rows) = table(out);
+            assert_eq!(
+                header,
+                [
+                    "NAME",
+                    "STATUS",
+                    "CPU",
+                    "MEMORY",
+                    "INSTANCES",
+                    "LABELS",
+                    "AGE",
+                    "HEARTBEAT"
+                ]
+            );
+            assert_eq!(rows.len(), 1, "{out}");
+            assert_eq!(rows[0][..2], ["local", "Ready"], "{out}");
+            assert_eq!(rows[0][4], "3", "instances on the node: {out}");
+        }
+        "describe node local" => {
+            assert!(out.contains("Status:        Ready"), "{out}");
+            assert!(out.contains("Capacity:      cpu "), "{out}");
+            assert!(out.contains("flotilla.dev/os=linux"), "{out}");
+            assert!(out.contains("hello-"), "its instances: {out}");
+        }
         "get instances -o wide" => {
             let (header, rows) = table(out);
             assert_eq!(header.len(), 12, "{out}");
@@ -545,7 +570,12 @@ fn mistakes_get_clear_errors_and_exit_codes() {
             1,
             "instance hello-zzzzz of service hello not found",
         ),
-        (&["get", "nodes"], 2, "invalid value 'nodes'"),
+        (&["get", "pods"], 2, "invalid value 'pods'"),
+        (
+            &["describe", "node", "nope"],
+            1,
+            "node nope not found (nodes: local)",
+        ),
         (&["frobnicate"], 2, "unrecognized subcommand"),
     ];
     // A bad listen address is refused before anything is created.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_spec::{
-    EventType, Instance, InstanceSpec, Object, ObjectMeta, Phase, Revision, RevisionSpec, Service,
-    annotations, now_rfc3339,
+    EventType, Instance, InstanceSpec, Lease, Node, Object, ObjectMeta, Phase, Revision,
+    RevisionSpec, Service, annotations, now_rfc3339,
 };
 use flotilla_store::{Store, StoreError, typed};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -119,7 +119,7 @@ impl ServiceController {
             },
         );
         let mut followers = tokio::task::JoinSet::new();
-        for prefix in [Service::PREFIX, Instance::PREFIX] {
+        for prefix in [Service::PREFIX, Instance::PREFIX, Node::PREFIX] {
             followers.spawn(follow(
                 me.clone(),
                 prefix,
@@ -158,6 +158,45 @@ impl ServiceController {
         self.count_phases(&instances);
         events::prune(&*self.store, events::MAX_EVENTS).await?;
         Ok(())
+    }
+
+    /// Sets each node's `Ready` condition from its lease (written only when it changes); when
+    /// to look again: as a lease expires, at the latest at the resync.
+    async fn node_readiness(&self) -> Result<Duration, StoreError> {
+        let (nodes, _) = typed::list::<Node>(&*self.store).await?;
+        let (leases, _) = typed::list::<Lease>(&*self.store).await?;
+        let now = std::time::SystemTime::now();
+        let stamp = now_rfc3339();
+        let mut next = RESYNC;
+        for node in nodes {
+            let name = node.metadata.name.clone();
+            let lease = leases
+                .iter()
+                .find(|l| l.metadata.name == name)
+                .map(|l| &l.spec);
+            let (ready, reason, message, left) = crate::nodes::readiness(lease, now);
+            if let Some(left) = left {
+                next = next.min(left + Duration::from_millis(50));
+            }
+            let mut conditions = node.status.conditions.clone();
+            if !crate::nodes::set_ready(&mut conditions, ready, &reason, &message, &stamp) {
+                continue;
+            }
+            typed::modify::<Node>(&*self.store, &name, |n| {
+                n.status.conditions = conditions.clone();
+                true
+            })
+            .await?;
+            let kind = if ready {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            let what = if ready { "NodeReady" } else { "NodeNotReady" };
+            tracing::info!(node = %name, ready, %reason, "node readiness changed");
+            events::record(&*self.store, Node::KIND, &name, kind, what, message, SOURCE).await;
+        }
+        Ok(next.max(Duration::from_millis(100)))
     }
 
     fn count_phases(&self, instances: &[Instance]) {
@@ -559,6 +598,8 @@ fn random_suffix() -> String {
 pub enum ControllerKey {
     Service(String),
     Housekeeping,
+    /// Node readiness from the leases.
+    Nodes,
 }
 
 #[async_trait::async_trait]
@@ -580,6 +621,7 @@ impl Reconcile for ServiceController {
                 .housekeeping()
                 .await
                 .map(|()| Requeue::After(HOUSEKEEPING)),
+            ControllerKey::Nodes => self.node_readiness().await.map(Requeue::After),
         };
         if result.is_err() {
             self.metrics.reconcile_errors.inc();
@@ -600,7 +642,7 @@ impl Reconcile for ServiceController {
         Ok(names
             .into_iter()
             .map(ControllerKey::Service)
-            .chain(std::iter::once(ControllerKey::Housekeeping))
+            .chain([ControllerKey::Housekeeping, ControllerKey::Nodes])
             .collect())
     }
 }
@@ -632,6 +674,10 @@ async fn follow(
                         ev = watch.rx.recv() => ev,
                     };
                     match ev {
+                        Some(Ok(_)) if prefix == Node::PREFIX => {
+                            // A node registered or changed: its readiness is looked at.
+                            trigger.trigger(ControllerKey::Nodes);
+                        }
                         Some(Ok(ev)) => {
                             if let Some(name) = service_of(prefix, &ev) {
                                 trigger.trigger(ControllerKey::Service(name));

@@ -5,6 +5,7 @@ pub mod controller;
 pub mod error;
 
 pub mod metrics;
+pub mod nodes;
 pub mod openapi;
 pub mod operations;
 pub mod plan;

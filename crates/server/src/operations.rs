@@ -120,15 +120,21 @@ fn kind_word(kind: &str) -> &'static str {
         "Instance" => "instance",
         "Event" => "event",
         "Revision" => "revision",
+        "Node" => "node",
         _ => "object",
     }
 }
 
 /// The stored service `name`, or a not-found error naming the ones that exist.
 pub async fn get_service(store: &dyn Store, name: &str) -> OpResult<Service> {
-    match typed::get::<Service>(store, name).await? {
-        Some(s) => Ok(s),
-        None => Err(not_found::<Service>(store, name).await),
+    get_named::<Service>(store, name).await
+}
+
+/// The stored object `name` of kind `T`, or a not-found error naming the ones that exist.
+pub async fn get_named<T: Object>(store: &dyn Store, name: &str) -> OpResult<T> {
+    match typed::get::<T>(store, name).await? {
+        Some(o) => Ok(o),
+        None => Err(not_found::<T>(store, name).await),
     }
 }
 

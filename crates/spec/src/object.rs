@@ -92,6 +92,8 @@ pub const KINDS: &[KindInfo] = &[
     KindInfo::of::<Instance>(true),
     KindInfo::of::<Event>(true),
     KindInfo::of::<Revision>(false),
+    KindInfo::of::<Node>(true),
+    KindInfo::of::<Lease>(false),
 ];
 
 /// The kind served under `plural` in API paths.
@@ -446,4 +448,102 @@ pub enum EventType {
 /// Current time as RFC 3339 with millisecond precision (UTC).
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node and Lease
+
+/// A machine that runs instances: registered by its agent (status), steered by the operator
+/// (spec: cordon). Its liveness is its [`Lease`], renewed by the agent: a heartbeat is one
+/// small write, not a rewrite of the node's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NodeSpec,
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+object!(Node, "Node", "nodes");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    /// Cordoned: no new instance is placed on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+}
+
+/// CPU, memory and process counts of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeResources {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// The address instances on this node listen on (what gateways connect to).
+    #[serde(default)]
+    pub address: String,
+    /// What the machine has.
+    #[serde(default)]
+    pub capacity: NodeResources,
+    /// What instances may use: capacity minus the node's reserve.
+    #[serde(default)]
+    pub allocatable: NodeResources,
+    /// `Ready` (from the lease), set by the control plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<NodeCondition>,
+    #[serde(default)]
+    pub agent_version: String,
+    /// RFC 3339: when the agent registered (started) last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<String>,
+}
+
+impl NodeStatus {
+    /// The condition of this type, if reported.
+    pub fn condition(&self, kind: &str) -> Option<&NodeCondition> {
+        self.conditions.iter().find(|c| c.kind == kind)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCondition {
+    /// `Ready`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// RFC 3339: when `status` last changed.
+    #[serde(default)]
+    pub last_transition: String,
+}
+
+/// A node's heartbeat: renewed by its agent every few seconds; expired, the node is NotReady.
+/// Named after the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    pub metadata: ObjectMeta,
+    pub spec: LeaseSpec,
+}
+object!(Lease, "Lease", "leases");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseSpec {
+    /// RFC 3339 with milliseconds.
+    pub renew_time: String,
+    /// The lease expires this long after `renew_time`.
+    pub duration_seconds: u32,
 }

@@ -23,7 +23,7 @@ pub use error::{BoxError, StoreError, error_chain};
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
-pub use node::{NodeApi, NodeError, StoreNode};
+pub use node::{NodeApi, NodeError, Registration, StoreNode};
 #[doc(hidden)]
 pub use remote::fuzzing;
 pub use remote::{RemoteNode, RemoteStore};

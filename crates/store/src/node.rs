@@ -14,7 +14,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use flotilla_spec::{EventType, Instance, InstanceStatus, Object};
+use std::collections::BTreeMap;
+
+use flotilla_spec::{
+    EventType, Instance, InstanceStatus, Lease, LeaseSpec, Node, NodeSpec, NodeStatus, Object,
+    ObjectMeta,
+};
 
 use crate::{
     KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent, events,
@@ -39,6 +44,16 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What an agent says of its node when it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Registration {
+    /// Labels the agent knows (`flotilla.dev/hostname`, `…/arch`, `…/os`, configured ones).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub status: NodeStatus,
 }
 
 /// A status edit: changes the status in place and says whether it changed anything.
@@ -69,6 +84,14 @@ pub trait NodeApi: Send + Sync + 'static {
     /// Removes a stopped instance the controller marked for deletion. `Ok(false)`: it was
     /// already gone.
     async fn finish_deletion(&self, instance: &str) -> Result<bool, NodeError>;
+
+    /// Registers this node: creates its Node object, or replaces its status and the labels the
+    /// agent reports (the spec — cordon — and other labels stay the operator's). Conditions are
+    /// the control plane's and are kept.
+    async fn register(&self, registration: Registration) -> Result<(), NodeError>;
+
+    /// Renews this node's lease for `duration_seconds` from now: one small write.
+    async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError>;
 }
 
 /// The node interface over a store, in-process.
@@ -235,6 +258,68 @@ impl NodeApi for StoreNode {
             instance: instance.to_string(),
             expected: 0,
         })
+    }
+
+    async fn register(&self, registration: Registration) -> Result<(), NodeError> {
+        let store = self.store.as_ref();
+        for _ in 0..STATUS_ATTEMPTS {
+            let Registration { labels, status } = registration.clone();
+            let updated = typed::modify::<Node>(store, &self.node, |n| {
+                let conditions = std::mem::take(&mut n.status.conditions);
+                n.status = status.clone();
+                n.status.conditions = conditions;
+                n.metadata.labels.extend(labels.clone());
+                true
+            })
+            .await?;
+            if updated.is_some() {
+                return Ok(());
+            }
+            let mut metadata = ObjectMeta::named(self.node.clone());
+            metadata.labels = labels;
+            let node = Node {
+                metadata,
+                spec: NodeSpec::default(),
+                status,
+            };
+            match typed::create(store, node).await {
+                Ok(_) => return Ok(()),
+                // Created meanwhile (another start of this agent): update it instead.
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(NodeError::Store(StoreError::Conflict {
+            key: Node::key_for(&self.node),
+            expected: Precondition::None,
+            actual: None,
+        }))
+    }
+
+    async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError> {
+        let store = self.store.as_ref();
+        let spec = LeaseSpec {
+            renew_time: flotilla_spec::now_rfc3339(),
+            duration_seconds,
+        };
+        let renewed = typed::modify::<Lease>(store, &self.node, |l| {
+            l.spec = spec.clone();
+            true
+        })
+        .await?;
+        if renewed.is_none() {
+            let lease = Lease {
+                metadata: ObjectMeta::named(self.node.clone()),
+                spec,
+            };
+            match typed::create(store, lease).await {
+                Ok(_) => {}
+                // Created meanwhile: the next beat renews it.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -447,6 +447,35 @@ impl crate::NodeApi for RemoteNode {
         }
     }
 
+    async fn register(
+        &self,
+        registration: crate::node::Registration,
+    ) -> Result<(), crate::NodeError> {
+        let path = format!("/api/v1/nodes/{}/registration", self.node);
+        let body = serde_json::to_vec(&registration)
+            .map_err(|e| backend(format!("encoding PUT {path}"), e))?;
+        let (status, bytes) = self.api.send(Method::PUT, &path, Some(body)).await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
+        }
+    }
+
+    async fn renew_lease(&self, duration_seconds: u32) -> Result<(), crate::NodeError> {
+        let path = format!("/api/v1/nodes/{}/lease", self.node);
+        let body = serde_json::json!({ "durationSeconds": duration_seconds });
+        let (status, bytes) = self
+            .api
+            .send(Method::PUT, &path, Some(body.to_string().into_bytes()))
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
+        }
+    }
+
     async fn finish_deletion(&self, instance: &str) -> Result<bool, crate::NodeError> {
         let path = self.path(instance);
         let (status, bytes) = self.api.send(Method::DELETE, &path, None).await?;

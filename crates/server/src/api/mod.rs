@@ -129,6 +129,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services/{name}/restart", post(restart))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}", get(get_object::<Instance>))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{node}", get(get_node))
+        .route(
+            "/api/v1/nodes/{node}/registration",
+            axum::routing::put(put_registration),
+        )
+        .route("/api/v1/nodes/{node}/lease", axum::routing::put(put_lease))
         .route("/api/v1/nodes/{node}/instances", get(node_instances))
         .route(
             "/api/v1/nodes/{node}/instances/{name}",

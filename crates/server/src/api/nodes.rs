@@ -2,8 +2,8 @@
 //! handler runs the same [`StoreNode`] rules as an in-process agent: a node sees and writes only
 //! its own instances, writes only their status, and deletes only what the controller marked.
 
-use flotilla_spec::{EventType, InstanceStatus};
-use flotilla_store::{NodeApi, NodeError, StoreNode};
+use flotilla_spec::{EventType, InstanceStatus, Lease, LeaseSpec, Node};
+use flotilla_store::{NodeApi, NodeError, Registration, StoreNode};
 
 use super::*;
 
@@ -127,4 +127,83 @@ pub(super) async fn finish_deletion(
         }
         .into())
     }
+}
+
+/// A node as the API shows it: the object and its lease (the heartbeat), which is stored apart
+/// so that a heartbeat is one small write.
+#[derive(Debug, Serialize)]
+pub(super) struct NodeView {
+    #[serde(flatten)]
+    node: Node,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseSpec>,
+}
+
+/// `GET /api/v1/nodes`: every registered node with its lease.
+pub(super) async fn list_nodes(State(state): State<ApiState>) -> ApiResult<Json<List<NodeView>>> {
+    let (nodes, rev) = typed::list::<Node>(&*state.store).await?;
+    let (leases, _) = typed::list::<Lease>(&*state.store).await?;
+    let mut leases: BTreeMap<String, LeaseSpec> = leases
+        .into_iter()
+        .map(|l| (l.metadata.name, l.spec))
+        .collect();
+    let items = nodes
+        .into_iter()
+        .map(|node| NodeView {
+            lease: leases.remove(&node.metadata.name),
+            node,
+        })
+        .collect();
+    Ok(Json(List {
+        items,
+        resource_version: rev,
+    }))
+}
+
+/// `GET /api/v1/nodes/{node}`.
+pub(super) async fn get_node(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    let node = operations::get_named::<Node>(&*state.store, &name).await?;
+    let lease = typed::get::<Lease>(&*state.store, &name)
+        .await?
+        .map(|l| l.spec);
+    Ok(Json(NodeView { node, lease }))
+}
+
+/// `PUT /api/v1/nodes/{node}/registration`: an agent registers its node.
+pub(super) async fn put_registration(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let registration: Registration = json_body(&body)?;
+    node_api(&state, &node).register(registration).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct LeaseWrite {
+    duration_seconds: u32,
+}
+
+/// `PUT /api/v1/nodes/{node}/lease`: an agent's heartbeat.
+pub(super) async fn put_lease(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let write: LeaseWrite = json_body(&body)?;
+    if write.duration_seconds == 0 || write.duration_seconds > 3600 {
+        return Err(
+            ApiError::bad_request("durationSeconds must be between 1 and 3600")
+                .with_field("durationSeconds"),
+        );
+    }
+    node_api(&state, &node)
+        .renew_lease(write.duration_seconds)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
