@@ -62,27 +62,58 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
 }
 
+/// A store served by a real API on loopback.
+struct Api {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    registry: prometheus_client::registry::Registry,
+    base: String,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Api {
+    async fn start() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let shutdown = CancellationToken::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let state = ApiState::new(
+            store.clone(),
+            TOKEN,
+            Arc::new(NoLogs),
+            &mut registry,
+            shutdown.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(flotilla_server::serve(
+            listener,
+            flotilla_server::router(state),
+            shutdown.clone(),
+        ));
+        Api {
+            dir,
+            store,
+            shutdown,
+            registry,
+            base,
+            server,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_over_http_runs_its_node_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
-    let shutdown = CancellationToken::new();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let state = ApiState::new(
-        store.clone(),
-        TOKEN,
-        Arc::new(NoLogs),
-        &mut registry,
-        shutdown.clone(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(flotilla_server::serve(
-        listener,
-        flotilla_server::router(state),
-        shutdown.clone(),
-    ));
+    let Api {
+        dir,
+        store,
+        shutdown,
+        mut registry,
+        base,
+        server,
+    } = Api::start().await;
 
     let node = format!("remote-{}", std::process::id());
     typed::create(store.as_ref(), instance("mine", &node))
@@ -185,25 +216,14 @@ async fn an_agent_over_http_runs_its_node_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
     use flotilla_spec::{Lease, Node};
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
-    let shutdown = CancellationToken::new();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let state = ApiState::new(
-        store.clone(),
-        TOKEN,
-        Arc::new(NoLogs),
-        &mut registry,
-        shutdown.clone(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(flotilla_server::serve(
-        listener,
-        flotilla_server::router(state),
-        shutdown.clone(),
-    ));
+    let Api {
+        dir,
+        store,
+        shutdown,
+        mut registry,
+        base,
+        server,
+    } = Api::start().await;
     let controller =
         flotilla_server::controller::ServiceController::new(store.clone(), "local", &mut registry);
     let controller_task = tokio::spawn(controller.run(shutdown.clone()));
