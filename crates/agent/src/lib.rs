@@ -118,7 +118,7 @@ impl AgentConfig {
             log_retention: Duration::from_secs(3600),
             labels: std::collections::BTreeMap::new(),
             reserve: flotilla_spec::NodeResources::default(),
-            lease_duration: Duration::from_secs(6),
+            lease_duration: flotilla_store::DEFAULT_LEASE,
             port_range: ports::default_port_range(ports::ephemeral_range()),
             drain: None,
         }
@@ -342,7 +342,11 @@ mod tests {
         let node = format!("tpanic-{}", std::process::id());
         let config = AgentConfig::new(node.clone(), dir.path().join("data"));
         let mut registry = prometheus_client::registry::Registry::default();
-        let api = Arc::new(flotilla_store::StoreNode::new(store.clone(), node.clone()));
+        let api = Arc::new(flotilla_store::StoreNode::new(
+            store.clone(),
+            Default::default(),
+            node.clone(),
+        ));
         let agent = Agent::new(config, api, &mut registry).unwrap();
         let Some(cg) = agent.shared.cgroups.clone() else {
             eprintln!(

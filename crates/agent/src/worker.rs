@@ -1122,7 +1122,11 @@ mod tests {
         Arc::new(Shared {
             ports: PortAllocator::new(config.port_range.clone()),
             config,
-            api: Arc::new(flotilla_store::StoreNode::new(store, "n")),
+            api: Arc::new(flotilla_store::StoreNode::new(
+                store,
+                Default::default(),
+                "n",
+            )),
             driver,
             cgroups: None,
             cgroup_note: None,

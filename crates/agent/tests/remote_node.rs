@@ -66,6 +66,7 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 struct Api {
     dir: tempfile::TempDir,
     store: Arc<dyn Store>,
+    leases: Arc<flotilla_store::Leases>,
     shutdown: CancellationToken,
     registry: prometheus_client::registry::Registry,
     base: String,
@@ -79,8 +80,10 @@ impl Api {
             Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
         let shutdown = CancellationToken::new();
         let mut registry = prometheus_client::registry::Registry::default();
+        let leases = Arc::new(flotilla_store::Leases::new(Duration::from_secs(2)));
         let state = ApiState::new(
             store.clone(),
+            leases.clone(),
             TOKEN,
             Arc::new(NoLogs),
             &mut registry,
@@ -96,6 +99,7 @@ impl Api {
         Api {
             dir,
             store,
+            leases,
             shutdown,
             registry,
             base,
@@ -113,6 +117,7 @@ async fn an_agent_over_http_runs_its_node_and_nothing_else() {
         mut registry,
         base,
         server,
+        ..
     } = Api::start().await;
 
     let node = format!("remote-{}", std::process::id());
@@ -215,17 +220,23 @@ async fn an_agent_over_http_runs_its_node_and_nothing_else() {
 /// controller marks the node Ready, and NotReady once the agent stops and the lease expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
-    use flotilla_spec::{Lease, Node};
+    use flotilla_spec::Node;
+    use flotilla_store::LeaseState;
     let Api {
         dir,
         store,
+        leases,
         shutdown,
         mut registry,
         base,
         server,
     } = Api::start().await;
-    let controller =
-        flotilla_server::controller::ServiceController::new(store.clone(), "local", &mut registry);
+    let controller = flotilla_server::controller::ServiceController::new(
+        store.clone(),
+        leases.clone(),
+        "local",
+        &mut registry,
+    );
     let controller_task = tokio::spawn(controller.run(shutdown.clone()));
 
     let node = format!("beating-{}", std::process::id());
@@ -259,24 +270,32 @@ async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
     assert!(registered.status.allocatable.cpu_millicores >= 1000);
     assert!(registered.status.capacity.memory_bytes > 0);
     assert_eq!(registered.status.address, "127.0.0.1");
-    // The lease is renewed (a heartbeat is a lease write, not a node write).
-    let first = typed::get::<Lease>(store.as_ref(), &node)
-        .await
-        .unwrap()
-        .unwrap();
-    poll("the lease to be renewed", async || {
-        let l = typed::get::<Lease>(store.as_ref(), &node).await.unwrap()?;
-        (l.spec.renew_time != first.spec.renew_time).then_some(())
+    // The lease is renewed, and a heartbeat writes nothing to the store (once the NodeReady
+    // event, written after the condition, is in).
+    poll("the NodeReady event", async || {
+        let (events, _) = typed::list::<Event>(store.as_ref()).await.unwrap();
+        events
+            .iter()
+            .any(|e| e.involved.name == node && e.reason == "NodeReady")
+            .then_some(())
     })
     .await;
-    let node_now = typed::get::<Node>(store.as_ref(), &node)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        node_now.metadata.resource_version, registered.metadata.resource_version,
-        "a heartbeat rewrote the node"
-    );
+    let revision = store.revision();
+    let age = || match leases.state(&node) {
+        LeaseState::Held { ago, duration } => {
+            assert_eq!(duration, Duration::from_secs(2));
+            ago
+        }
+        other => panic!("no lease after registration: {other:?}"),
+    };
+    for _ in 0..2 {
+        let before = age();
+        poll("the lease to be renewed", async || {
+            (age() < before).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(store.revision(), revision, "a heartbeat wrote to the store");
 
     // The agent stops: its lease expires and the node becomes NotReady, with an event.
     agent_shutdown.cancel();

@@ -89,6 +89,11 @@ pub fn age(ts: Option<&str>) -> String {
         .duration_since(t)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    span(secs)
+}
+
+/// `42s`, `5m`, `3h`, `2d`: the way ages are shown.
+fn span(secs: u64) -> String {
     match secs {
         0..=119 => format!("{secs}s"),
         120..=7199 => format!("{}m", secs / 60),
@@ -382,7 +387,15 @@ pub fn revisions_table(items: &[flotilla_spec::Revision], current: u64, wide: bo
     )
 }
 
-/// A node as the API shows it: the object and its lease.
+/// A node's last heartbeat, as the control plane saw it.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    pub age_millis: u64,
+    pub lease_seconds: u64,
+}
+
+/// A node as the API shows it: the object and its last heartbeat.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeView {
     pub metadata: flotilla_spec::ObjectMeta,
@@ -391,7 +404,7 @@ pub struct NodeView {
     #[serde(default)]
     pub status: flotilla_spec::NodeStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease: Option<flotilla_spec::LeaseSpec>,
+    pub heartbeat: Option<Heartbeat>,
 }
 
 impl NodeView {
@@ -451,7 +464,8 @@ pub fn nodes_table(items: &[(NodeView, usize)], wide: bool) -> String {
                 instances.to_string(),
                 labels(&n.metadata.labels),
                 age(n.metadata.creation_timestamp.as_deref()),
-                age(n.lease.as_ref().map(|l| l.renew_time.as_str())),
+                n.heartbeat
+                    .map_or_else(|| "-".to_string(), |h| span(h.age_millis / 1000)),
             ]
         })
         .collect();
@@ -505,17 +519,17 @@ pub fn describe_node(n: &NodeView, instances: &[Instance]) -> String {
         "Registered:    {}",
         s.registered_at.as_deref().unwrap_or("-")
     );
-    match &n.lease {
-        Some(l) => {
+    match n.heartbeat {
+        Some(h) => {
             let _ = writeln!(
                 out,
                 "Heartbeat:     {} ago (lease {}s)",
-                age(Some(&l.renew_time)),
-                l.duration_seconds
+                span(h.age_millis / 1000),
+                h.lease_seconds
             );
         }
         None => {
-            let _ = writeln!(out, "Heartbeat:     none yet");
+            let _ = writeln!(out, "Heartbeat:     none since the control plane started");
         }
     }
     let _ = writeln!(out, "\nInstances:");

@@ -228,7 +228,9 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
 
     let shutdown = CancellationToken::new();
     let mut registry = Registry::default();
-    let controller = ServiceController::new(store.clone(), &args.node, &mut registry);
+    let leases = Arc::new(flotilla_store::Leases::new(flotilla_store::DEFAULT_LEASE));
+    let controller =
+        ServiceController::new(store.clone(), leases.clone(), &args.node, &mut registry);
     let gw_config = match file.as_ref().and_then(|f| f.gateway.as_ref()) {
         Some(section) => {
             let base = file_dir.clone().unwrap_or_else(|| PathBuf::from("."));
@@ -242,13 +244,18 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let gw_local = gateway.local_addr();
     let mut agent_config = AgentConfig::new(&args.node, data_dir.clone());
     agent_config.drain = Some(Arc::new(GatewayDrain(gateway.routing())));
-    let node_api = Arc::new(flotilla_store::StoreNode::new(store.clone(), &args.node));
+    let node_api = Arc::new(flotilla_store::StoreNode::new(
+        store.clone(),
+        leases.clone(),
+        &args.node,
+    ));
     let agent = Agent::new(agent_config, node_api, &mut registry)
         .map_err(|e| anyhow!(e))
         .context("starting the agent")?;
     let gw_tls = gateway.tls_local_addr();
     let api_state = flotilla_server::ApiState::new(
         store.clone(),
+        leases,
         token,
         Arc::new(AgentLogs {
             data_dir: data_dir.clone(),

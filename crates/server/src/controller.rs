@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_spec::{
-    EventType, Instance, InstanceSpec, Lease, Node, Object, ObjectMeta, Phase, Revision,
-    RevisionSpec, Service, annotations, now_rfc3339,
+    EventType, Instance, InstanceSpec, Node, Object, ObjectMeta, Phase, Revision, RevisionSpec,
+    Service, annotations, now_rfc3339,
 };
-use flotilla_store::{Store, StoreError, typed};
+use flotilla_store::{Leases, Store, StoreError, typed};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -51,6 +51,8 @@ struct Metrics {
 
 pub struct ServiceController {
     store: Arc<dyn Store>,
+    /// The nodes' heartbeats (renewed through the API or by the in-process agent).
+    leases: Arc<Leases>,
     node: String,
     /// The nodes of the cluster; instances bound elsewhere are orphans. Until Node objects
     /// exist this is the one node of `flotilla up`.
@@ -70,8 +72,14 @@ const PHASES: [Phase; 8] = [
 ];
 
 impl ServiceController {
-    /// `node` is where new instances are bound until a scheduler exists.
-    pub fn new(store: Arc<dyn Store>, node: impl Into<String>, registry: &mut Registry) -> Self {
+    /// `node` is where new instances are bound until a scheduler exists; `leases` are the
+    /// heartbeats the API and the in-process agent renew.
+    pub fn new(
+        store: Arc<dyn Store>,
+        leases: Arc<Leases>,
+        node: impl Into<String>,
+        registry: &mut Registry,
+    ) -> Self {
         let metrics = Metrics {
             instances: Family::default(),
             reconciles: Counter::default(),
@@ -95,6 +103,7 @@ impl ServiceController {
         let node = node.into();
         Self {
             store,
+            leases,
             nodes: BTreeSet::from([node.clone()]),
             node,
             metrics,
@@ -127,6 +136,11 @@ impl ServiceController {
                 shutdown.clone(),
             ));
         }
+        followers.spawn(follow_leases(
+            me.leases.subscribe(),
+            runtime.trigger(),
+            shutdown.clone(),
+        ));
         runtime.run(shutdown.clone()).await;
         shutdown.cancel();
         while followers.join_next().await.is_some() {}
@@ -164,22 +178,22 @@ impl ServiceController {
     /// to look again: as a lease expires, at the latest at the resync.
     async fn node_readiness(&self) -> Result<Duration, StoreError> {
         let (nodes, _) = typed::list::<Node>(&*self.store).await?;
-        let (leases, _) = typed::list::<Lease>(&*self.store).await?;
-        let now = std::time::SystemTime::now();
+        self.leases
+            .retain(|name| nodes.iter().any(|n| n.metadata.name == name));
         let stamp = now_rfc3339();
         let mut next = RESYNC;
         for node in nodes {
             let name = node.metadata.name.clone();
-            let lease = leases
-                .iter()
-                .find(|l| l.metadata.name == name)
-                .map(|l| &l.spec);
-            let (ready, reason, message, left) = crate::nodes::readiness(lease, now);
-            if let Some(left) = left {
-                next = next.min(left + Duration::from_millis(50));
+            let was_ready = node
+                .status
+                .condition(crate::nodes::READY)
+                .is_some_and(|c| c.status);
+            let r = crate::nodes::readiness(self.leases.state(&name), was_ready);
+            if let Some(left) = r.recheck {
+                next = next.min(left + Duration::from_millis(20));
             }
             let mut conditions = node.status.conditions.clone();
-            if !crate::nodes::set_ready(&mut conditions, ready, &reason, &message, &stamp) {
+            if !crate::nodes::set_ready(&mut conditions, r.ready, r.reason, &r.message, &stamp) {
                 continue;
             }
             typed::modify::<Node>(&*self.store, &name, |n| {
@@ -187,16 +201,24 @@ impl ServiceController {
                 true
             })
             .await?;
-            let kind = if ready {
-                EventType::Normal
+            let (kind, what) = if r.ready {
+                (EventType::Normal, "NodeReady")
             } else {
-                EventType::Warning
+                (EventType::Warning, "NodeNotReady")
             };
-            let what = if ready { "NodeReady" } else { "NodeNotReady" };
-            tracing::info!(node = %name, ready, %reason, "node readiness changed");
-            events::record(&*self.store, Node::KIND, &name, kind, what, message, SOURCE).await;
+            tracing::info!(node = %name, ready = r.ready, reason = r.reason, "node readiness changed");
+            events::record(
+                &*self.store,
+                Node::KIND,
+                &name,
+                kind,
+                what,
+                r.message,
+                SOURCE,
+            )
+            .await;
         }
-        Ok(next.max(Duration::from_millis(100)))
+        Ok(next.max(Duration::from_millis(50)))
     }
 
     fn count_phases(&self, instances: &[Instance]) {
@@ -696,6 +718,26 @@ async fn follow(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Triggers the node lifecycle each time a node's lease comes alive (first heartbeat, or one
+/// after an expiry); expiries are found by the lifecycle's own requeue.
+async fn follow_leases(
+    mut revived: tokio::sync::watch::Receiver<u64>,
+    trigger: Trigger<ControllerKey>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = revived.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                trigger.trigger(ControllerKey::Nodes);
+            }
         }
     }
 }

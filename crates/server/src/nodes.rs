@@ -1,56 +1,61 @@
-//! Node lifecycle: a node is Ready while its lease (renewed by its agent) has not expired. The
-//! decision is pure ([`readiness`]); the controller writes the `Ready` condition only when it
-//! changes, so heartbeats cost one small lease write each and nothing more.
+//! Node lifecycle: a node is Ready while its lease (renewed by its agent, held in the control
+//! plane's memory: [`flotilla_store::Leases`]) has not expired. The decision is pure
+//! ([`readiness`]); the controller writes the `Ready` condition only when it changes, so a
+//! heartbeat costs the store nothing.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use flotilla_spec::{LeaseSpec, NodeCondition};
+use flotilla_spec::NodeCondition;
+use flotilla_store::LeaseState;
 
 pub const READY: &str = "Ready";
 
-/// What the `Ready` condition should say at `now`, and how long until that can change
-/// (`None`: only a new heartbeat can change it).
-pub fn readiness(
-    lease: Option<&LeaseSpec>,
-    now: SystemTime,
-) -> (bool, String, String, Option<Duration>) {
-    let Some(lease) = lease else {
-        return (
-            false,
-            "NoLease".into(),
-            "the agent has not sent a heartbeat".into(),
-            None,
-        );
-    };
-    let Some(renewed) = humantime::parse_rfc3339_weak(&lease.renew_time).ok() else {
-        return (
-            false,
-            "BadLease".into(),
-            format!("unreadable renew time {:?}", lease.renew_time),
-            None,
-        );
-    };
-    let expires = renewed + Duration::from_secs(u64::from(lease.duration_seconds));
-    match expires.duration_since(now) {
-        Ok(left) if !left.is_zero() => (
-            true,
-            "AgentHeartbeat".into(),
-            "the agent renews its lease".into(),
-            Some(left),
-        ),
-        _ => {
-            let since = now.duration_since(renewed).unwrap_or_default();
-            (
-                false,
-                "LeaseExpired".into(),
-                format!(
-                    "no heartbeat for {} (lease {}s)",
-                    humantime::format_duration(Duration::from_secs(since.as_secs())),
-                    lease.duration_seconds
-                ),
-                None,
-            )
-        }
+/// What the `Ready` condition of a node should say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+    /// How long until this can change without a new heartbeat (`None`: only a heartbeat can).
+    pub recheck: Option<Duration>,
+}
+
+/// Readiness from the lease; `was_ready` is the condition as stored, which a control plane
+/// that has just started (and knows no lease yet) keeps during its grace period.
+pub fn readiness(lease: LeaseState, was_ready: bool) -> Readiness {
+    let left = lease.left();
+    match lease {
+        LeaseState::Held { .. } if !left.is_zero() => Readiness {
+            ready: true,
+            reason: "AgentHeartbeat",
+            message: "the agent renews its lease".into(),
+            recheck: Some(left),
+        },
+        LeaseState::Held { ago, duration } => Readiness {
+            ready: false,
+            reason: "LeaseExpired",
+            message: format!(
+                "no heartbeat for {} (lease {})",
+                humantime::format_duration(Duration::from_secs(ago.as_secs())),
+                humantime::format_duration(duration)
+            ),
+            recheck: None,
+        },
+        LeaseState::Unknown { .. } if was_ready && !left.is_zero() => Readiness {
+            ready: true,
+            reason: "AgentHeartbeat",
+            message: "the agent renews its lease".into(),
+            recheck: Some(left),
+        },
+        LeaseState::Unknown { since_start, .. } => Readiness {
+            ready: false,
+            reason: "NoHeartbeat",
+            message: format!(
+                "no heartbeat since the control plane started {} ago",
+                humantime::format_duration(Duration::from_secs(since_start.as_secs()))
+            ),
+            recheck: None,
+        },
     }
 }
 
@@ -91,26 +96,38 @@ pub fn set_ready(
 mod tests {
     use super::*;
 
-    fn lease(at: SystemTime, secs: u32) -> LeaseSpec {
-        LeaseSpec {
-            renew_time: humantime::format_rfc3339_millis(at).to_string(),
-            duration_seconds: secs,
+    fn held(ago: u64, duration: u64) -> LeaseState {
+        LeaseState::Held {
+            ago: Duration::from_secs(ago),
+            duration: Duration::from_secs(duration),
         }
     }
 
     #[test]
     fn ready_until_the_lease_expires() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let l = lease(t0, 6);
-        let (ready, _, _, left) = readiness(Some(&l), t0 + Duration::from_secs(2));
-        assert!(ready);
-        assert_eq!(left, Some(Duration::from_secs(4)));
-        let (ready, reason, message, left) = readiness(Some(&l), t0 + Duration::from_secs(9));
-        assert!(!ready);
-        assert_eq!(reason, "LeaseExpired");
-        assert_eq!(message, "no heartbeat for 9s (lease 6s)");
-        assert_eq!(left, None);
-        assert!(!readiness(None, t0).0);
+        let r = readiness(held(2, 6), false);
+        assert!(r.ready);
+        assert_eq!(r.recheck, Some(Duration::from_secs(4)));
+        let r = readiness(held(9, 6), true);
+        assert!(!r.ready);
+        assert_eq!(r.reason, "LeaseExpired");
+        assert_eq!(r.message, "no heartbeat for 9s (lease 6s)");
+        assert_eq!(r.recheck, None);
+    }
+
+    #[test]
+    fn a_restarted_control_plane_gives_ready_nodes_their_grace() {
+        let unknown = |since: u64| LeaseState::Unknown {
+            since_start: Duration::from_secs(since),
+            grace: Duration::from_secs(6),
+        };
+        let r = readiness(unknown(1), true);
+        assert!(r.ready);
+        assert_eq!(r.recheck, Some(Duration::from_secs(5)));
+        assert!(!readiness(unknown(7), true).ready);
+        let r = readiness(unknown(1), false);
+        assert!(!r.ready, "a node never seen beating is not made Ready");
+        assert_eq!(r.reason, "NoHeartbeat");
     }
 
     #[test]

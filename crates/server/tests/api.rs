@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
     let mut registry = Registry::default();
     let state = ApiState::new(
         store.clone(),
+        Default::default(),
         TOKEN,
         Arc::new(NoLogs),
         &mut registry,
@@ -480,6 +481,7 @@ async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
     let mut registry = Registry::default();
     let router = flotilla_server::router(ApiState::new(
         reopened,
+        Default::default(),
         TOKEN,
         Arc::new(NoLogs),
         &mut registry,
@@ -505,7 +507,8 @@ async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
 async fn controller_converges_instances_to_replicas() {
     let f = fixture();
     let mut registry = Registry::default();
-    let controller = ServiceController::new(f.store.clone(), "local", &mut registry);
+    let controller =
+        ServiceController::new(f.store.clone(), Default::default(), "local", &mut registry);
     call(
         &f.router,
         "POST",
@@ -563,7 +566,8 @@ async fn controller_converges_instances_to_replicas() {
 async fn revision_history_is_capped_and_keeps_the_last_good_one() {
     let f = fixture();
     let mut registry = Registry::default();
-    let controller = ServiceController::new(f.store.clone(), "local", &mut registry);
+    let controller =
+        ServiceController::new(f.store.clone(), Default::default(), "local", &mut registry);
     let spec = |n: u32| {
         json!({
             "metadata": { "name": "hist" },

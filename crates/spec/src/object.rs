@@ -93,7 +93,6 @@ pub const KINDS: &[KindInfo] = &[
     KindInfo::of::<Event>(true),
     KindInfo::of::<Revision>(false),
     KindInfo::of::<Node>(true),
-    KindInfo::of::<Lease>(false),
 ];
 
 /// The kind served under `plural` in API paths.
@@ -451,11 +450,11 @@ pub fn now_rfc3339() -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Node and Lease
+// Node
 
 /// A machine that runs instances: registered by its agent (status), steered by the operator
-/// (spec: cordon). Its liveness is its [`Lease`], renewed by the agent: a heartbeat is one
-/// small write, not a rewrite of the node's status.
+/// (spec: cordon). Its liveness is a lease its agent renews, held in the control plane's
+/// memory (`flotilla_store::Leases`): a heartbeat writes nothing to the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
@@ -527,23 +526,4 @@ pub struct NodeCondition {
     /// RFC 3339: when `status` last changed.
     #[serde(default)]
     pub last_transition: String,
-}
-
-/// A node's heartbeat: renewed by its agent every few seconds; expired, the node is NotReady.
-/// Named after the node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Lease {
-    pub metadata: ObjectMeta,
-    pub spec: LeaseSpec,
-}
-object!(Lease, "Lease", "leases");
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LeaseSpec {
-    /// RFC 3339 with milliseconds.
-    pub renew_time: String,
-    /// The lease expires this long after `renew_time`.
-    pub duration_seconds: u32,
 }

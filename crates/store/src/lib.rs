@@ -9,6 +9,7 @@
 pub mod embedded;
 mod error;
 pub mod events;
+pub mod lease;
 pub mod node;
 pub mod reconcile;
 pub mod remote;
@@ -16,6 +17,7 @@ pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
+pub use lease::{DEFAULT_LEASE, LeaseState, Leases};
 
 /// Locks `m`, taking over a lock poisoned by a panic: every value kept under these locks is
 /// changed in single steps (a map insert, a queue push), so it stays consistent when a holder

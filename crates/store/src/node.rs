@@ -17,13 +17,12 @@ use async_trait::async_trait;
 use std::collections::BTreeMap;
 
 use flotilla_spec::{
-    EventType, Instance, InstanceStatus, Lease, LeaseSpec, Node, NodeSpec, NodeStatus, Object,
-    ObjectMeta,
+    EventType, Instance, InstanceStatus, Node, NodeSpec, NodeStatus, Object, ObjectMeta,
 };
 
 use crate::{
-    KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent, events,
-    typed,
+    KeyValue, Leases, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent,
+    events, typed,
 };
 
 /// Why a node operation did not happen.
@@ -90,7 +89,8 @@ pub trait NodeApi: Send + Sync + 'static {
     /// the control plane's and are kept.
     async fn register(&self, registration: Registration) -> Result<(), NodeError>;
 
-    /// Renews this node's lease for `duration_seconds` from now: one small write.
+    /// Renews this node's lease for `duration_seconds` from now (its heartbeat): kept in the
+    /// control plane's memory, not written to the store.
     async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError>;
 }
 
@@ -98,6 +98,7 @@ pub trait NodeApi: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct StoreNode {
     store: Arc<dyn Store>,
+    leases: Arc<Leases>,
     node: String,
 }
 
@@ -113,9 +114,10 @@ impl std::fmt::Debug for StoreNode {
 const STATUS_ATTEMPTS: usize = 16;
 
 impl StoreNode {
-    pub fn new(store: Arc<dyn Store>, node: impl Into<String>) -> Self {
+    pub fn new(store: Arc<dyn Store>, leases: Arc<Leases>, node: impl Into<String>) -> Self {
         Self {
             store,
+            leases,
             node: node.into(),
         }
     }
@@ -297,28 +299,10 @@ impl NodeApi for StoreNode {
     }
 
     async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError> {
-        let store = self.store.as_ref();
-        let spec = LeaseSpec {
-            renew_time: flotilla_spec::now_rfc3339(),
-            duration_seconds,
-        };
-        let renewed = typed::modify::<Lease>(store, &self.node, |l| {
-            l.spec = spec.clone();
-            true
-        })
-        .await?;
-        if renewed.is_none() {
-            let lease = Lease {
-                metadata: ObjectMeta::named(self.node.clone()),
-                spec,
-            };
-            match typed::create(store, lease).await {
-                Ok(_) => {}
-                // Created meanwhile: the next beat renews it.
-                Err(e) if e.is_conflict() => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.leases.renew(
+            &self.node,
+            std::time::Duration::from_secs(u64::from(duration_seconds)),
+        );
         Ok(())
     }
 }
@@ -443,7 +427,7 @@ mod tests {
         typed::create(store.as_ref(), instance("b1", "b"))
             .await
             .expect("create");
-        let a = StoreNode::new(store.clone(), "a");
+        let a = StoreNode::new(store.clone(), Default::default(), "a");
 
         let (mine, _) = typed::list::<Instance>(a.instances().as_ref())
             .await
@@ -505,7 +489,7 @@ mod tests {
         );
 
         // A stale compare-and-swap is a conflict, not a lost write.
-        let b = StoreNode::new(store.clone(), "b");
+        let b = StoreNode::new(store.clone(), Default::default(), "b");
         let rv = b1.metadata.resource_version;
         b.replace_status("b1", rv, InstanceStatus::default())
             .await

@@ -53,7 +53,11 @@ pub async fn start_with(
     config.cgroups = CgroupMode::Auto;
     tweak(&mut config);
     let mut registry = prometheus_client::registry::Registry::default();
-    let api = Arc::new(flotilla_store::StoreNode::new(store.clone(), node.clone()));
+    let api = Arc::new(flotilla_store::StoreNode::new(
+        store.clone(),
+        Default::default(),
+        node.clone(),
+    ));
     let agent = Agent::new(config, api, &mut registry).unwrap();
     let cgroups = agent.cgroup_version();
     let shutdown = CancellationToken::new();

@@ -72,6 +72,8 @@ struct RequestLabels {
 #[derive(Clone)]
 pub struct ApiState {
     store: Arc<dyn Store>,
+    /// Node heartbeats, shared with the node lifecycle in the controller.
+    leases: Arc<flotilla_store::Leases>,
     token: Arc<str>,
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
@@ -84,6 +86,7 @@ pub struct ApiState {
 impl ApiState {
     pub fn new(
         store: Arc<dyn Store>,
+        leases: Arc<flotilla_store::Leases>,
         token: impl Into<Arc<str>>,
         logs: Arc<dyn LogSource>,
         registry: &mut Registry,
@@ -99,6 +102,7 @@ impl ApiState {
         );
         Self {
             store,
+            leases,
             token: token.into(),
             logs,
             latency,

@@ -2,13 +2,13 @@
 //! handler runs the same [`StoreNode`] rules as an in-process agent: a node sees and writes only
 //! its own instances, writes only their status, and deletes only what the controller marked.
 
-use flotilla_spec::{EventType, InstanceStatus, Lease, LeaseSpec, Node};
-use flotilla_store::{NodeApi, NodeError, Registration, StoreNode};
+use flotilla_spec::{EventType, InstanceStatus, Node};
+use flotilla_store::{LeaseState, NodeApi, NodeError, Registration, StoreNode};
 
 use super::*;
 
 fn node_api(state: &ApiState, node: &str) -> StoreNode {
-    StoreNode::new(state.store.clone(), node)
+    StoreNode::new(state.store.clone(), state.leases.clone(), node)
 }
 
 impl From<NodeError> for ApiError {
@@ -129,31 +129,41 @@ pub(super) async fn finish_deletion(
     }
 }
 
-/// A node as the API shows it: the object and its lease (the heartbeat), which is stored apart
-/// so that a heartbeat is one small write.
+/// A node as the API shows it: the object and its heartbeat as this control plane saw it
+/// (held in memory, never stored).
 #[derive(Debug, Serialize)]
 pub(super) struct NodeView {
     #[serde(flatten)]
     node: Node,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lease: Option<LeaseSpec>,
+    heartbeat: Option<Heartbeat>,
 }
 
-/// `GET /api/v1/nodes`: every registered node with its lease.
+/// The last heartbeat of a node.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Heartbeat {
+    /// Milliseconds since the last lease renewal reached this control plane.
+    age_millis: u64,
+    /// The lease lasts this long from each renewal.
+    lease_seconds: u64,
+}
+
+fn view(state: &ApiState, node: Node) -> NodeView {
+    let heartbeat = match state.leases.state(&node.metadata.name) {
+        LeaseState::Held { ago, duration } => Some(Heartbeat {
+            age_millis: u64::try_from(ago.as_millis()).unwrap_or(u64::MAX),
+            lease_seconds: duration.as_secs(),
+        }),
+        LeaseState::Unknown { .. } => None,
+    };
+    NodeView { node, heartbeat }
+}
+
+/// `GET /api/v1/nodes`: every registered node with its last heartbeat.
 pub(super) async fn list_nodes(State(state): State<ApiState>) -> ApiResult<Json<List<NodeView>>> {
     let (nodes, rev) = typed::list::<Node>(&*state.store).await?;
-    let (leases, _) = typed::list::<Lease>(&*state.store).await?;
-    let mut leases: BTreeMap<String, LeaseSpec> = leases
-        .into_iter()
-        .map(|l| (l.metadata.name, l.spec))
-        .collect();
-    let items = nodes
-        .into_iter()
-        .map(|node| NodeView {
-            lease: leases.remove(&node.metadata.name),
-            node,
-        })
-        .collect();
+    let items = nodes.into_iter().map(|n| view(&state, n)).collect();
     Ok(Json(List {
         items,
         resource_version: rev,
@@ -166,10 +176,7 @@ pub(super) async fn get_node(
     Path(name): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
     let node = operations::get_named::<Node>(&*state.store, &name).await?;
-    let lease = typed::get::<Lease>(&*state.store, &name)
-        .await?
-        .map(|l| l.spec);
-    Ok(Json(NodeView { node, lease }))
+    Ok(Json(view(&state, node)))
 }
 
 /// `PUT /api/v1/nodes/{node}/registration`: an agent registers its node.

@@ -30,9 +30,13 @@ pub(super) async fn watch(
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     // `?node=` (instances only): what that node sees through the node interface.
     let source: Arc<dyn Store> = match query.get("node") {
-        Some(node) if info.plural == Instance::PLURAL => flotilla_store::NodeApi::instances(
-            &flotilla_store::StoreNode::new(state.store.clone(), node.clone()),
-        ),
+        Some(node) if info.plural == Instance::PLURAL => {
+            flotilla_store::NodeApi::instances(&flotilla_store::StoreNode::new(
+                state.store.clone(),
+                state.leases.clone(),
+                node.clone(),
+            ))
+        }
         Some(_) => {
             return Err(
                 ApiError::bad_request("only instances can be watched by node")

@@ -1,0 +1,168 @@
+//! Node heartbeats, held in the control plane's memory rather than in the store.
+//!
+//! A heartbeat says only "this node is alive now"; it is worth nothing after a few seconds, so
+//! making it durable would cost a write per node every beat (5,000 nodes beating every 2 s is
+//! 2,500 durable writes a second) for nothing. etcd's own lease keep-alives are not written
+//! to its log either. Times are the control plane's monotonic clock at arrival, never the
+//! node's wall clock, so a node with a skewed clock is judged like any other. After a restart
+//! of the control plane no lease is known: every node gets one `grace` from the start before
+//! it can be judged NotReady (Kubernetes' node controller does the same).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::lock;
+
+/// What the control plane knows of a node's lease at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Renewed `ago` before now, for `duration` from its renewal.
+    Held { ago: Duration, duration: Duration },
+    /// Never renewed since this control plane started, `since_start` ago; nodes are given
+    /// `grace` from the start.
+    Unknown {
+        since_start: Duration,
+        grace: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    renewed: Instant,
+    duration: Duration,
+}
+
+impl Held {
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.renewed) < self.duration
+    }
+}
+
+/// The leases of every node, as renewed through this control plane.
+#[derive(Debug)]
+pub struct Leases {
+    held: Mutex<HashMap<String, Held>>,
+    started: Instant,
+    grace: Duration,
+    /// Bumped when a renewal makes a node live that was not (first lease, or expired).
+    revived: tokio::sync::watch::Sender<u64>,
+}
+
+/// How long a node's lease lasts unless its agent is configured otherwise (renewed every
+/// third of it), and the grace a restarted control plane gives every node.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(6);
+
+/// Longest lease a node may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+impl Default for Leases {
+    /// A table with [`DEFAULT_LEASE`] as the grace.
+    fn default() -> Self {
+        Self::new(DEFAULT_LEASE)
+    }
+}
+
+impl Leases {
+    /// A table whose nodes are given `grace` from now before an unknown lease counts as
+    /// expired.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            held: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            grace,
+            revived: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Renews `node`'s lease for `duration` from now (at most [`MAX_LEASE`]).
+    pub fn renew(&self, node: &str, duration: Duration) {
+        self.renew_at(node, duration.min(MAX_LEASE), Instant::now());
+    }
+
+    fn renew_at(&self, node: &str, duration: Duration, now: Instant) {
+        let held = Held {
+            renewed: now,
+            duration,
+        };
+        let revived = match lock(&self.held).insert(node.to_string(), held) {
+            Some(before) => !before.live(now),
+            None => true,
+        };
+        if revived {
+            self.revived.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The lease of `node` as of now.
+    pub fn state(&self, node: &str) -> LeaseState {
+        self.state_at(node, Instant::now())
+    }
+
+    fn state_at(&self, node: &str, now: Instant) -> LeaseState {
+        match lock(&self.held).get(node) {
+            Some(h) => LeaseState::Held {
+                ago: now.saturating_duration_since(h.renewed),
+                duration: h.duration,
+            },
+            None => LeaseState::Unknown {
+                since_start: now.saturating_duration_since(self.started),
+                grace: self.grace,
+            },
+        }
+    }
+
+    /// Forgets the leases of nodes `keep` says no longer exist.
+    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
+        lock(&self.held).retain(|name, _| keep(name));
+    }
+
+    /// Changes each time a node becomes live that was not: what the node lifecycle waits on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revived.subscribe()
+    }
+}
+
+impl LeaseState {
+    /// Time left before the lease counts as expired (zero once it has).
+    pub fn left(&self) -> Duration {
+        match *self {
+            LeaseState::Held { ago, duration } => duration.saturating_sub(ago),
+            LeaseState::Unknown { since_start, grace } => grace.saturating_sub(since_start),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_are_judged_on_the_control_planes_clock() {
+        let leases = Leases::new(Duration::from_secs(6));
+        let t0 = leases.started;
+        assert_eq!(
+            leases.state_at("a", t0 + Duration::from_secs(2)),
+            LeaseState::Unknown {
+                since_start: Duration::from_secs(2),
+                grace: Duration::from_secs(6)
+            }
+        );
+        let mut revived = leases.subscribe();
+        leases.renew_at("a", Duration::from_secs(3), t0 + Duration::from_secs(1));
+        assert!(
+            revived.has_changed().unwrap_or(false),
+            "a first lease revives"
+        );
+        revived.mark_unchanged();
+        leases.renew_at("a", Duration::from_secs(3), t0 + Duration::from_secs(2));
+        assert!(!revived.has_changed().unwrap_or(true), "a renewal does not");
+        let s = leases.state_at("a", t0 + Duration::from_secs(4));
+        assert_eq!(s.left(), Duration::from_secs(1));
+        // Expired, then renewed: revived again.
+        leases.renew_at("a", Duration::from_secs(3), t0 + Duration::from_secs(9));
+        assert!(revived.has_changed().unwrap_or(false));
+        leases.retain(|n| n != "a");
+        assert!(matches!(leases.state("a"), LeaseState::Unknown { .. }));
+    }
+}
