@@ -152,6 +152,8 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
 /// The node agent. Build with [`Agent::new`], then [`Agent::run`] until shutdown.
 pub struct Agent {
     shared: Arc<Shared>,
+    /// [`Agent::register`] was called.
+    registered: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -212,7 +214,26 @@ impl Agent {
                 cgroup_note,
                 metrics,
             }),
+            registered: false,
         })
+    }
+
+    /// Registers this node (capacity, allocatable, labels, address) and renews its lease
+    /// once: what `run` does first unless this was called. `flotilla up` calls it before its
+    /// controller starts, so that the first placements find the node.
+    pub async fn register(&mut self) -> Result<(), AgentError> {
+        let node = &self.shared.config.node;
+        let api = &self.shared.api;
+        api.register(registration::registration(&self.shared.config))
+            .await
+            .map_err(|e| AgentError::Config(format!("registering node {node}: {e}")))?;
+        let lease =
+            u32::try_from(self.shared.config.lease_duration.as_secs().max(1)).unwrap_or(u32::MAX);
+        api.renew_lease(lease)
+            .await
+            .map_err(|e| AgentError::Config(format!("renewing the lease of node {node}: {e}")))?;
+        self.registered = true;
+        Ok(())
     }
 
     /// `"v1"`, `"v2"`, or `None` when running without cgroups.
@@ -224,7 +245,7 @@ impl Agent {
     /// stops this node's instances, on the shared reconcile runtime (see [`supervisor`]). On
     /// shutdown, stops every local instance gracefully (in parallel), sets them back to
     /// `Pending` and returns.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let node = self.shared.config.node.clone();
         self.sweep().await;
         let reflector = Reflector::<Instance>::start(self.shared.api.instances(), &shutdown)
@@ -234,11 +255,9 @@ impl Agent {
                 key: <Instance as flotilla_spec::Object>::PREFIX.to_string(),
                 source,
             })?;
-        self.shared
-            .api
-            .register(registration::registration(&self.shared.config))
-            .await
-            .map_err(|e| AgentError::Config(format!("registering node {node}: {e}")))?;
+        if !self.registered {
+            self.register().await?;
+        }
         let supervisor = Arc::new(Supervisor::new(self.shared.clone(), reflector.subscribe()));
         let runtime = Runtime::new(
             "agent",

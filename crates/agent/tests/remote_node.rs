@@ -234,7 +234,7 @@ async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
     let controller = flotilla_server::controller::ServiceController::new(
         store.clone(),
         leases.clone(),
-        "local",
+        flotilla_server::cluster::Membership::Fleet,
         &mut registry,
     );
     let controller_task = tokio::spawn(controller.run(shutdown.clone()));

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use flotilla_agent::{Agent, AgentConfig};
 use flotilla_gateway::{Gateway, GatewayConfig};
+use flotilla_server::cluster::Membership;
 use flotilla_server::{ApplyRequest, LogSource, ServiceController};
 use flotilla_store::{EmbeddedStore, Store};
 use prometheus_client::registry::Registry;
@@ -229,8 +230,12 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     let shutdown = CancellationToken::new();
     let mut registry = Registry::default();
     let leases = Arc::new(flotilla_store::Leases::new(flotilla_store::DEFAULT_LEASE));
-    let controller =
-        ServiceController::new(store.clone(), leases.clone(), &args.node, &mut registry);
+    let controller = ServiceController::new(
+        store.clone(),
+        leases.clone(),
+        Membership::Local(args.node.clone()),
+        &mut registry,
+    );
     let gw_config = match file.as_ref().and_then(|f| f.gateway.as_ref()) {
         Some(section) => {
             let base = file_dir.clone().unwrap_or_else(|| PathBuf::from("."));
@@ -249,7 +254,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         leases.clone(),
         &args.node,
     ));
-    let agent = Agent::new(agent_config, node_api, &mut registry)
+    let mut agent = Agent::new(agent_config, node_api, &mut registry)
         .map_err(|e| anyhow!(e))
         .context("starting the agent")?;
     let gw_tls = gateway.tls_local_addr();
@@ -268,6 +273,12 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     ));
     let registry = Arc::new(registry);
 
+    // The node is registered before the controller's first placements look for it.
+    agent
+        .register()
+        .await
+        .map_err(|e| anyhow!(e))
+        .context("registering this node")?;
     // Every task is owned here and ends when `shutdown` is cancelled.
     let agent_shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

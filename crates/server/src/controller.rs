@@ -4,7 +4,7 @@
 //! fresh list from the store, so a missed or coalesced notification loses nothing.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use flotilla_spec::{
@@ -22,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeConfig, Trigger};
 
+use crate::cluster::{Cluster, Membership};
 use crate::plan::{Action, plan};
 use crate::rollout;
+use crate::schedule::{Placed, Placement};
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
@@ -53,10 +55,13 @@ pub struct ServiceController {
     store: Arc<dyn Store>,
     /// The nodes' heartbeats (renewed through the API or by the in-process agent).
     leases: Arc<Leases>,
-    node: String,
-    /// The nodes of the cluster; instances bound elsewhere are orphans. Until Node objects
-    /// exist this is the one node of `flotilla up`.
-    nodes: BTreeSet<String>,
+    /// Which nodes make up the cluster; instances bound elsewhere are orphans.
+    membership: Membership,
+    /// Held while instances are placed, so that two services placed at once cannot both
+    /// take the last room on a node.
+    placing: tokio::sync::Mutex<()>,
+    /// Set once running: the node lifecycle triggers every service when nodes change.
+    trigger: OnceLock<Trigger<ControllerKey>>,
     metrics: Metrics,
 }
 
@@ -72,12 +77,12 @@ const PHASES: [Phase; 8] = [
 ];
 
 impl ServiceController {
-    /// `node` is where new instances are bound until a scheduler exists; `leases` are the
-    /// heartbeats the API and the in-process agent renew.
+    /// `membership` says which nodes make up the cluster; `leases` are the heartbeats the API
+    /// and the in-process agent renew.
     pub fn new(
         store: Arc<dyn Store>,
         leases: Arc<Leases>,
-        node: impl Into<String>,
+        membership: Membership,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics {
@@ -100,12 +105,12 @@ impl ServiceController {
             "Reconcile passes that hit an error (retried)",
             metrics.reconcile_errors.clone(),
         );
-        let node = node.into();
         Self {
             store,
             leases,
-            nodes: BTreeSet::from([node.clone()]),
-            node,
+            membership,
+            placing: tokio::sync::Mutex::new(()),
+            trigger: OnceLock::new(),
             metrics,
         }
     }
@@ -127,6 +132,7 @@ impl ServiceController {
                 },
             },
         );
+        let _ = me.trigger.set(runtime.trigger());
         let mut followers = tokio::task::JoinSet::new();
         for prefix in [Service::PREFIX, Instance::PREFIX, Node::PREFIX] {
             followers.spawn(follow(
@@ -151,24 +157,67 @@ impl ServiceController {
         let service = typed::get::<Service>(&*self.store, name).await?;
         let (instances, _) = typed::list::<Instance>(&*self.store).await?;
         let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
-        // Orphans (unknown nodes) are the housekeeping key's; they never count here.
-        let owned: Vec<&Instance> = instances
-            .iter()
-            .filter(|i| i.spec.service == name && self.nodes.contains(&i.spec.node))
-            .collect();
+        let cluster = self.cluster().await?;
+        // Orphans (unknown nodes) are the housekeeping key's; they never count here. The
+        // instances of a lost node are deleted and replaced.
+        let mut owned: Vec<&Instance> = Vec::new();
+        for i in instances.iter().filter(|i| i.spec.service == name) {
+            if i.spec.node.is_empty() || cluster.is_ready(&i.spec.node) {
+                owned.push(i);
+            } else if let Some(why) = cluster.lost(&i.spec.node) {
+                self.delete_lost(i, why).await?;
+            }
+        }
         let mut history: Vec<&Revision> = revisions
             .iter()
             .filter(|r| r.spec.service == name)
             .collect();
         history.sort_by_key(|r| r.spec.number);
-        self.reconcile_service(name, service.as_ref(), &owned, &history)
+        self.reconcile_service(name, service.as_ref(), &owned, &history, &cluster)
             .await
+    }
+
+    /// The cluster's members and their readiness, now.
+    async fn cluster(&self) -> Result<Cluster, StoreError> {
+        let (nodes, _) = typed::list::<Node>(&*self.store).await?;
+        Ok(Cluster::build(&self.membership, &nodes, &self.leases))
+    }
+
+    /// Deletes an instance of a node that is not ready: its agent cannot stop it or confirm
+    /// anything, so the object goes at once (the gateways stop routing to it) and the plan
+    /// replaces it. If the node comes back, its agent stops the process, whose instance is gone.
+    async fn delete_lost(&self, i: &Instance, why: &str) -> Result<(), StoreError> {
+        let name = &i.metadata.name;
+        let rv = i.metadata.resource_version;
+        match typed::delete::<Instance>(&*self.store, name, Some(rv)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(()),
+            // Changed meanwhile: looked at again on the next pass.
+            Err(e) if e.is_conflict() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        tracing::warn!(instance = %name, node = %i.spec.node, why, "deleted an instance of a lost node");
+        events::record(
+            &*self.store,
+            Service::KIND,
+            &i.spec.service,
+            EventType::Warning,
+            "NodeLost",
+            format!(
+                "deleted instance {name}: node {} is not ready ({why}); replacing it",
+                i.spec.node
+            ),
+            SOURCE,
+        )
+        .await;
+        Ok(())
     }
 
     /// Orphans, event pruning and the instances-by-phase gauge.
     async fn housekeeping(&self) -> Result<(), StoreError> {
         let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
-        self.collect_orphans(&mut instances).await?;
+        let cluster = self.cluster().await?;
+        self.collect_orphans(&mut instances, &cluster).await?;
         self.count_phases(&instances);
         events::prune(&*self.store, events::MAX_EVENTS).await?;
         Ok(())
@@ -182,6 +231,7 @@ impl ServiceController {
             .retain(|name| nodes.iter().any(|n| n.metadata.name == name));
         let stamp = now_rfc3339();
         let mut next = RESYNC;
+        let mut changed = false;
         for node in nodes {
             let name = node.metadata.name.clone();
             let was_ready = node
@@ -206,6 +256,7 @@ impl ServiceController {
             } else {
                 (EventType::Warning, "NodeNotReady")
             };
+            changed = true;
             tracing::info!(node = %name, ready = r.ready, reason = r.reason, "node readiness changed");
             events::record(
                 &*self.store,
@@ -218,7 +269,25 @@ impl ServiceController {
             )
             .await;
         }
+        if changed {
+            self.trigger_services().await;
+        }
         Ok(next.max(Duration::from_millis(50)))
+    }
+
+    /// Every service is looked at again (nodes changed: lost instances, room for pending ones).
+    async fn trigger_services(&self) {
+        let Some(trigger) = self.trigger.get() else {
+            return;
+        };
+        match typed::list::<Service>(&*self.store).await {
+            Ok((services, _)) => {
+                for s in services {
+                    trigger.trigger(ControllerKey::Service(s.metadata.name));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listing services after a node change"),
+        }
     }
 
     fn count_phases(&self, instances: &[Instance]) {
@@ -257,10 +326,14 @@ impl ServiceController {
     /// another machine, or `up` restarted under another `--node`): no agent will ever run or
     /// stop them, so they are deleted outright, like Kubernetes' pod garbage collector does
     /// for pods of deleted nodes, and dropped from `instances` so this pass replaces them.
-    async fn collect_orphans(&self, instances: &mut Vec<Instance>) -> Result<(), StoreError> {
+    async fn collect_orphans(
+        &self,
+        instances: &mut Vec<Instance>,
+        cluster: &Cluster,
+    ) -> Result<(), StoreError> {
         let mut kept = Vec::with_capacity(instances.len());
         for i in std::mem::take(instances) {
-            if self.nodes.contains(&i.spec.node) {
+            if i.spec.node.is_empty() || cluster.is_member(&i.spec.node) {
                 kept.push(i);
                 continue;
             }
@@ -283,7 +356,7 @@ impl ServiceController {
                 format!(
                     "deleted instance {name}: bound to node {:?}, which is not part of this cluster (nodes: {})",
                     i.spec.node,
-                    self.nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                    cluster.names().collect::<Vec<_>>().join(", ")
                 ),
                 SOURCE,
             )
@@ -300,12 +373,13 @@ impl ServiceController {
         service: Option<&Service>,
         owned: &[&Instance],
         history: &[&Revision],
+        cluster: &Cluster,
     ) -> Result<bool, StoreError> {
         let now = std::time::SystemTime::now();
         let Some(service) = service else {
             // Gone: stop its instances and forget its revisions.
             for action in plan(name, None, owned, now) {
-                self.execute(None, action).await?;
+                self.execute(action).await?;
             }
             for r in history {
                 typed::delete::<Revision>(&*self.store, &r.metadata.name, None).await?;
@@ -315,8 +389,20 @@ impl ServiceController {
 
         let revision = self.ensure_revision(service, history).await?;
         let desired = rollout::desired(service);
+        let mut creates = Vec::new();
         for action in plan(name, Some(&desired), owned, now) {
-            self.execute(Some(service), action).await?;
+            match action {
+                Action::Create { spec_hash, .. } => creates.push(spec_hash),
+                other => self.execute(other).await?,
+            }
+        }
+        let pending: Vec<&Instance> = owned
+            .iter()
+            .copied()
+            .filter(|i| i.spec.node.is_empty() && i.metadata.deletion_timestamp.is_none())
+            .collect();
+        if !creates.is_empty() || !pending.is_empty() {
+            self.place(service, cluster, creates, &pending).await?;
         }
 
         let judgement = rollout::judge(service, revision, owned, now);
@@ -517,42 +603,140 @@ impl ServiceController {
         Ok(())
     }
 
-    async fn execute(&self, service: Option<&Service>, action: Action) -> Result<(), StoreError> {
-        match action {
-            Action::Create {
-                service: name,
-                spec_hash,
-            } => {
-                let Some(service) = service else {
-                    return Ok(());
-                };
-                let instance_name = format!("{name}-{}", random_suffix());
-                let mut metadata = ObjectMeta::named(&instance_name);
-                metadata
-                    .labels
-                    .insert("flotilla.dev/service".to_string(), name.clone());
-                let instance = Instance {
-                    metadata,
-                    spec: InstanceSpec {
-                        service: name.clone(),
-                        node: self.node.clone(),
-                        spec_hash,
-                        template: service.spec.clone(),
-                    },
-                    status: Default::default(),
-                };
-                typed::create(&*self.store, instance).await?;
-                events::record(
-                    &*self.store,
-                    Service::KIND,
-                    &name,
-                    EventType::Normal,
-                    "Created",
-                    format!("created instance {instance_name}"),
-                    SOURCE,
-                )
-                .await;
+    /// Places new instances of `service` (one per `creates` hash) and the `pending` ones that
+    /// found no node before, one at a time against a fresh list of what every node runs.
+    /// An instance that fits nowhere is created (or stays) unbound and Pending, with the
+    /// reasons in its status and a FailedScheduling event when they change.
+    async fn place(
+        &self,
+        service: &Service,
+        cluster: &Cluster,
+        creates: Vec<String>,
+        pending: &[&Instance],
+    ) -> Result<(), StoreError> {
+        let _placing = self.placing.lock().await;
+        let (all, _) = typed::list::<Instance>(&*self.store).await?;
+        let mut placed: Vec<Placed> = all
+            .iter()
+            .filter(|i| cluster.is_ready(&i.spec.node))
+            .filter_map(crate::cluster::placed)
+            .collect();
+        let name = &service.metadata.name;
+        for i in pending {
+            let request = crate::cluster::request(name, &i.spec.template);
+            match crate::schedule::place(&request, &cluster.nodes, &placed) {
+                Placement::Node(node) => {
+                    let bound = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
+                        if !i.spec.node.is_empty() {
+                            return false;
+                        }
+                        i.spec.node = node.clone();
+                        i.status.message = None;
+                        true
+                    })
+                    .await?;
+                    if let Some(b) = bound {
+                        placed.extend(crate::cluster::placed(&b));
+                        self.scheduled_event(name, &b.metadata.name, &node, "assigned")
+                            .await;
+                    }
+                }
+                Placement::Unschedulable(why) => {
+                    let message = why.to_string();
+                    if i.status.message.as_deref() == Some(message.as_str()) {
+                        continue;
+                    }
+                    let written = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
+                        if !i.spec.node.is_empty() {
+                            return false;
+                        }
+                        i.status.message = Some(message.clone());
+                        true
+                    })
+                    .await?;
+                    if written.is_some() {
+                        self.unschedulable_event(name, &i.metadata.name, &message)
+                            .await;
+                    }
+                }
             }
+        }
+        for spec_hash in creates {
+            let request = crate::cluster::request(name, &service.spec);
+            let (node, message) = match crate::schedule::place(&request, &cluster.nodes, &placed) {
+                Placement::Node(node) => (node, None),
+                Placement::Unschedulable(why) => (String::new(), Some(why.to_string())),
+            };
+            let instance_name = format!("{name}-{}", random_suffix());
+            let mut metadata = ObjectMeta::named(&instance_name);
+            metadata
+                .labels
+                .insert("flotilla.dev/service".to_string(), name.clone());
+            let mut instance = Instance {
+                metadata,
+                spec: InstanceSpec {
+                    service: name.clone(),
+                    node: node.clone(),
+                    spec_hash,
+                    template: service.spec.clone(),
+                },
+                status: Default::default(),
+            };
+            instance.status.message = message.clone();
+            let created = typed::create(&*self.store, instance).await?;
+            match message {
+                None => {
+                    placed.extend(crate::cluster::placed(&created));
+                    self.scheduled_event(name, &instance_name, &node, "created")
+                        .await;
+                }
+                Some(m) => self.unschedulable_event(name, &instance_name, &m).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn scheduled_event(&self, service: &str, instance: &str, node: &str, what: &str) {
+        let message = match &self.membership {
+            // One machine: where it runs says nothing.
+            Membership::Local(_) => format!("{what} instance {instance}"),
+            Membership::Fleet => format!("{what} instance {instance} to node {node}"),
+        };
+        let reason = if what == "created" {
+            "Created"
+        } else {
+            "Scheduled"
+        };
+        events::record(
+            &*self.store,
+            Service::KIND,
+            service,
+            EventType::Normal,
+            reason,
+            message,
+            SOURCE,
+        )
+        .await;
+    }
+
+    async fn unschedulable_event(&self, service: &str, instance: &str, why: &str) {
+        tracing::info!(service, instance, why, "instance not placed");
+        events::record(
+            &*self.store,
+            Service::KIND,
+            service,
+            EventType::Warning,
+            "FailedScheduling",
+            format!("instance {instance}: {why}"),
+            SOURCE,
+        )
+        .await;
+    }
+
+    async fn execute(&self, action: Action) -> Result<(), StoreError> {
+        match action {
+            // Creates go through `place`.
+            Action::Create { .. } => {}
             Action::Delete { instance, reason } => {
                 let marked = typed::modify::<Instance>(&*self.store, &instance, |i| {
                     if i.metadata.deletion_timestamp.is_some() {

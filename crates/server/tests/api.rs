@@ -42,6 +42,27 @@ struct Fixture {
     router: axum::Router,
 }
 
+/// A controller for one machine whose node "local" is registered (as `up`'s agent does
+/// before the controller starts).
+async fn local_controller(store: &Arc<dyn Store>, registry: &mut Registry) -> ServiceController {
+    use flotilla_store::NodeApi;
+    let leases: Arc<flotilla_store::Leases> = Default::default();
+    let node = flotilla_store::StoreNode::new(store.clone(), leases.clone(), "local");
+    let mut registration = flotilla_store::Registration::default();
+    registration.status.allocatable.cpu_millicores = 2000;
+    registration.status.allocatable.memory_bytes = 1 << 32;
+    registration.status.allocatable.pids = 10_000;
+    node.register(registration)
+        .await
+        .expect("register the node");
+    ServiceController::new(
+        store.clone(),
+        leases,
+        flotilla_server::cluster::Membership::Local("local".into()),
+        registry,
+    )
+}
+
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> =
@@ -507,8 +528,7 @@ async fn watch_from_a_revision_streams_later_changes_and_expired_says_so() {
 async fn controller_converges_instances_to_replicas() {
     let f = fixture();
     let mut registry = Registry::default();
-    let controller =
-        ServiceController::new(f.store.clone(), Default::default(), "local", &mut registry);
+    let controller = local_controller(&f.store, &mut registry).await;
     call(
         &f.router,
         "POST",
@@ -566,8 +586,7 @@ async fn controller_converges_instances_to_replicas() {
 async fn revision_history_is_capped_and_keeps_the_last_good_one() {
     let f = fixture();
     let mut registry = Registry::default();
-    let controller =
-        ServiceController::new(f.store.clone(), Default::default(), "local", &mut registry);
+    let controller = local_controller(&f.store, &mut registry).await;
     let spec = |n: u32| {
         json!({
             "metadata": { "name": "hist" },

@@ -43,6 +43,9 @@ pub struct ServiceSpec {
     pub stop: StopSpec,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
+    /// Which nodes the instances may run on and how they spread over them.
+    #[serde(default, skip_serializing_if = "PlacementSpec::is_default")]
+    pub placement: PlacementSpec,
     /// Rolling-update settings (not part of a revision).
     #[serde(default, skip_serializing_if = "DeploySpec::is_default")]
     pub deploy: DeploySpec,
@@ -73,6 +76,58 @@ impl Resources {
     pub fn is_empty(&self) -> bool {
         self == &Self::default()
     }
+}
+
+/// Where a service's instances may run. Resource limits (`resources`) are also what the
+/// scheduler reserves on a node for each instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// Only nodes with all these labels (`zone = "a"`, `flotilla.dev/hostname = "web-1"`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Two instances of the service on one node: `soft` (default: avoided while another node
+    /// fits), `hard` (never), or `none`.
+    #[serde(default, skip_serializing_if = "AntiAffinityMode::is_default")]
+    pub anti_affinity: AntiAffinityMode,
+    /// Spread the instances over the values of a node label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadSpec>,
+}
+
+impl PlacementSpec {
+    pub fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AntiAffinityMode {
+    #[default]
+    Soft,
+    Hard,
+    None,
+}
+
+impl AntiAffinityMode {
+    pub fn is_default(&self) -> bool {
+        *self == Self::Soft
+    }
+}
+
+/// At most `max_skew` more instances in one domain (a value of `topology_key` on the nodes)
+/// than in the least loaded one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadSpec {
+    pub topology_key: String,
+    #[serde(default = "default_max_skew")]
+    pub max_skew: u32,
+}
+
+fn default_max_skew() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -156,6 +156,26 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
         );
     }
 
+    // Placement.
+    let placement = root.key("placement");
+    for k in spec.placement.node_selector.keys() {
+        if k.trim().is_empty() {
+            v.push(
+                placement.key("node_selector"),
+                "label names must not be empty",
+            );
+        }
+    }
+    if let Some(spread) = &spec.placement.spread {
+        let p = placement.key("spread");
+        if spread.topology_key.trim().is_empty() {
+            v.push(p.key("topology_key"), "must not be empty");
+        }
+        if spread.max_skew == 0 {
+            v.push(p.key("max_skew"), "must be at least 1");
+        }
+    }
+
     // Ports.
     if spec.ports.len() > MAX_PORTS {
         v.push(

@@ -1,0 +1,154 @@
+//! The cluster as the controller sees it in one pass: which nodes belong to it, which are
+//! ready, and the scheduler's view of them ([`crate::schedule`]).
+//!
+//! - [`Membership::Local`] (`flotilla up`): one machine. Its node is the process itself, so it
+//!   is ready while the controller runs; any other node in the store (a store copied from
+//!   another machine, `up` restarted under another `--node`) is not part of the cluster.
+//! - [`Membership::Fleet`] (`flotilla server`): every registered Node object is a member, ready
+//!   while its lease is ([`crate::nodes::readiness`]).
+
+use std::collections::BTreeMap;
+
+use flotilla_spec::{AntiAffinityMode, Instance, Node, ServiceSpec};
+use flotilla_store::Leases;
+
+use crate::schedule::{AntiAffinity, Capacity, NodeInfo, Placed, Request, Spread};
+
+/// Which nodes make up the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// One machine: this node, alive as long as this process.
+    Local(String),
+    /// Every registered node, alive while its lease is.
+    Fleet,
+}
+
+/// One member node.
+#[derive(Debug, Clone)]
+struct Member {
+    ready: bool,
+    /// Why it is not ready (the lease's story), for events.
+    why: String,
+}
+
+/// The members of the cluster at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    members: BTreeMap<String, Member>,
+    /// The scheduler's view of every member.
+    pub nodes: Vec<NodeInfo>,
+}
+
+impl Cluster {
+    pub fn build(membership: &Membership, nodes: &[Node], leases: &Leases) -> Cluster {
+        let mut cluster = Cluster::default();
+        for node in nodes {
+            let name = &node.metadata.name;
+            let (ready, why) = match membership {
+                Membership::Local(local) if local == name => (true, String::new()),
+                Membership::Local(_) => continue,
+                Membership::Fleet => {
+                    let was_ready = node
+                        .status
+                        .condition(crate::nodes::READY)
+                        .is_some_and(|c| c.status);
+                    let r = crate::nodes::readiness(leases.state(name), was_ready);
+                    (r.ready, r.message)
+                }
+            };
+            cluster.nodes.push(node_info(node, ready));
+            cluster.members.insert(name.clone(), Member { ready, why });
+        }
+        // The local node is a member even before it registered (its instances are not
+        // orphans), though nothing is placed on it until it has.
+        if let Membership::Local(local) = membership {
+            cluster.members.entry(local.clone()).or_insert(Member {
+                ready: true,
+                why: String::new(),
+            });
+        }
+        cluster
+    }
+
+    /// `node` belongs to the cluster (ready or not).
+    pub fn is_member(&self, node: &str) -> bool {
+        self.members.contains_key(node)
+    }
+
+    /// `node` is a member and ready.
+    pub fn is_ready(&self, node: &str) -> bool {
+        self.members.get(node).is_some_and(|m| m.ready)
+    }
+
+    /// Why member `node` is lost (not ready); `None` when it is ready or not a member.
+    pub fn lost(&self, node: &str) -> Option<&str> {
+        self.members
+            .get(node)
+            .filter(|m| !m.ready)
+            .map(|m| m.why.as_str())
+    }
+
+    /// The member names, for messages.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.members.keys().map(String::as_str)
+    }
+}
+
+fn node_info(node: &Node, ready: bool) -> NodeInfo {
+    let a = node.status.allocatable;
+    NodeInfo {
+        name: node.metadata.name.clone(),
+        labels: node.metadata.labels.clone(),
+        allocatable: Capacity {
+            cpu_millicores: a.cpu_millicores,
+            memory_bytes: a.memory_bytes,
+            pids: a.pids,
+        },
+        ready,
+        unschedulable: node.spec.unschedulable,
+        taints: Vec::new(),
+    }
+}
+
+/// What each instance of a service reserves on its node: its resource limits.
+pub fn resources(spec: &ServiceSpec) -> Capacity {
+    Capacity {
+        cpu_millicores: spec.resources.cpu.map_or(0, |c| c.0),
+        memory_bytes: spec.resources.memory.map_or(0, |m| m.0),
+        pids: spec.resources.pids.unwrap_or(0),
+    }
+}
+
+/// What an instance of `service` (running `spec`) asks of its node.
+pub fn request(service: &str, spec: &ServiceSpec) -> Request {
+    let p = &spec.placement;
+    Request {
+        service: service.to_string(),
+        resources: resources(spec),
+        host_ports: Vec::new(),
+        node_selector: p.node_selector.clone(),
+        tolerations: Vec::new(),
+        spread: p.spread.as_ref().map(|s| Spread {
+            topology_key: s.topology_key.clone(),
+            max_skew: s.max_skew,
+        }),
+        anti_affinity: match p.anti_affinity {
+            AntiAffinityMode::Soft => Some(AntiAffinity::Soft),
+            AntiAffinityMode::Hard => Some(AntiAffinity::Hard),
+            AntiAffinityMode::None => None,
+        },
+    }
+}
+
+/// What `instance` holds on its node, if it is bound and may still run.
+pub fn placed(instance: &Instance) -> Option<Placed> {
+    if instance.spec.node.is_empty() || instance.status.phase.is_terminal() {
+        return None;
+    }
+    Some(Placed {
+        node: instance.spec.node.clone(),
+        service: instance.spec.service.clone(),
+        resources: resources(&instance.spec.template),
+        host_ports: Vec::new(),
+    })
+}
