@@ -218,8 +218,8 @@ impl Agent {
         })
     }
 
-    /// Registers this node (capacity, allocatable, labels, address) and renews its lease
-    /// once: what `run` does first unless this was called. `flotilla up` calls it before its
+    /// Registers this node (capacity, allocatable, labels, address, and its first lease):
+    /// what `run` does first unless this was called. `flotilla up` calls it before its
     /// controller starts, so that the first placements find the node.
     pub async fn register(&mut self) -> Result<(), AgentError> {
         let node = &self.shared.config.node;
@@ -227,11 +227,6 @@ impl Agent {
         api.register(registration::registration(&self.shared.config))
             .await
             .map_err(|e| AgentError::Config(format!("registering node {node}: {e}")))?;
-        let lease =
-            u32::try_from(self.shared.config.lease_duration.as_secs().max(1)).unwrap_or(u32::MAX);
-        api.renew_lease(lease)
-            .await
-            .map_err(|e| AgentError::Config(format!("renewing the lease of node {node}: {e}")))?;
         self.registered = true;
         Ok(())
     }

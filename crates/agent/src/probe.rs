@@ -69,6 +69,8 @@ impl ProbeState {
 /// What a check needs to know about the instance.
 #[derive(Debug, Clone)]
 pub struct ProbeContext {
+    /// The address the instance listens on (its node's).
+    pub host: String,
     pub ports: BTreeMap<String, u16>,
     /// Name of the first port (default for http/tcp probes).
     pub first_port: Option<String>,
@@ -99,7 +101,7 @@ pub async fn check(probe: &Probe, ctx: &ProbeContext) -> Result<(), String> {
     let timeout = probe.timeout.0.max(Duration::from_millis(1));
     if let Some(h) = &probe.http {
         let port = ctx.port(h.port.as_ref())?;
-        return match tokio::time::timeout(timeout, http_get(port, &h.path)).await {
+        return match tokio::time::timeout(timeout, http_get(&ctx.host, port, &h.path)).await {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
             Ok(Ok(code)) => Err(format!("HTTP GET {} on port {port}: status {code}", h.path)),
             Ok(Err(e)) => Err(format!("HTTP GET {} on port {port}: {e}", h.path)),
@@ -111,7 +113,9 @@ pub async fn check(probe: &Probe, ctx: &ProbeContext) -> Result<(), String> {
     }
     if let Some(t) = &probe.tcp {
         let port = ctx.port(t.port.as_ref())?;
-        return match tokio::time::timeout(timeout, TcpStream::connect(("127.0.0.1", port))).await {
+        return match tokio::time::timeout(timeout, TcpStream::connect((ctx.host.as_str(), port)))
+            .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("TCP connect to port {port}: {e}")),
             Err(_) => Err(format!(
@@ -126,10 +130,15 @@ pub async fn check(probe: &Probe, ctx: &ProbeContext) -> Result<(), String> {
 }
 
 /// A minimal HTTP/1.1 GET; returns the status code.
-async fn http_get(port: u16, path: &str) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+async fn http_get(host: &str, port: u16, path: &str) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect((host, port)).await?;
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: flotilla-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: flotilla-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(256);
@@ -373,6 +382,7 @@ mod tests {
 
     fn ctx(port: u16) -> ProbeContext {
         ProbeContext {
+            host: "127.0.0.1".into(),
             ports: BTreeMap::from([("http".to_string(), port)]),
             first_port: Some("http".to_string()),
             env: BTreeMap::from([("WANT".to_string(), "yes".to_string())]),

@@ -65,6 +65,7 @@ pub fn registration(config: &AgentConfig) -> Registration {
     labels.insert(OS_LABEL.to_string(), std::env::consts::OS.to_string());
     labels.extend(config.labels.clone());
     Registration {
+        lease_seconds: u32::try_from(config.lease_duration.as_secs().max(1)).unwrap_or(u32::MAX),
         labels,
         status: NodeStatus {
             address: config.host.clone(),

@@ -141,11 +141,12 @@ pub(crate) fn build_env(
     instance: &str,
     service: &str,
     node: &str,
+    host: &str,
     spec: &ServiceSpec,
     ports: &BTreeMap<String, u16>,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), AgentError> {
     let platform =
-        flotilla_spec::platform::platform_env(instance, service, node, &spec.ports, ports);
+        flotilla_spec::platform::platform_env(instance, service, node, host, &spec.ports, ports);
     let mut vars = spec.env.clone();
     vars.extend(platform.clone());
     let mut env = BTreeMap::new();
@@ -378,6 +379,7 @@ impl Worker {
             &self.name,
             &self.service,
             &self.shared.config.node,
+            &self.shared.config.host,
             &self.spec,
             &self.ports,
         )?;
@@ -504,6 +506,7 @@ impl Worker {
         let (ptx, mut prx) = mpsc::channel(16);
         let probe_cancel = CancellationToken::new();
         let ctx = ProbeContext {
+            host: self.shared.config.host.clone(),
             ports: self.ports.clone(),
             first_port: self.spec.ports.first().cloned(),
             env: p.env.clone(),
@@ -1244,7 +1247,7 @@ mod tests {
         }))
         .unwrap();
         let ports = BTreeMap::from([("http".to_string(), 8001), ("admin-api".to_string(), 8002)]);
-        let (env, args) = build_env("web-1", "web", "n1", &spec, &ports).unwrap();
+        let (env, args) = build_env("web-1", "web", "n1", "127.0.0.1", &spec, &ports).unwrap();
         assert_eq!(env["PORT"], "8001");
         assert_eq!(env["PORT_HTTP"], "8001");
         assert_eq!(env["PORT_ADMIN_API"], "8002");
@@ -1257,7 +1260,7 @@ mod tests {
             vec!["--port", "8001", "--admin=8002", "hello web-1", "$HOME"]
         );
         spec.args = vec!["${NOPE}".into()];
-        let e = build_env("web-1", "web", "n1", &spec, &ports)
+        let e = build_env("web-1", "web", "n1", "127.0.0.1", &spec, &ports)
             .unwrap_err()
             .to_string();
         assert!(e.contains("args[0]") && e.contains("NOPE"), "{e}");

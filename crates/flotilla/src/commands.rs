@@ -37,6 +37,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let (base, token) = resolve(api, token, data_dir)?;
         return crate::gateway::run(args, &base, &token).await;
     }
+    if let Command::Server(args) = command {
+        return crate::fleet::server(args, data_dir).await;
+    }
+    if let Command::Agent(args) = command {
+        let (Some(api), Some(token)) = (api, token) else {
+            bail!(
+                "flotilla agent needs the server's API and a token: --api URL and FLOTILLA_TOKEN (or --token)"
+            );
+        };
+        let base = api_url(&api);
+        return crate::fleet::agent(args, &base, &token, data_dir).await;
+    }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, data_dir) {
@@ -114,7 +126,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollout { command, .. } => crate::rollout::run(&client, command).await,
         Command::Restart { service, .. } => crate::rollout::restart(&client, &service).await,
-        Command::Up(_) | Command::Gateway(_) | Command::Version { .. } => Ok(ExitCode::SUCCESS),
+        Command::Up(_)
+        | Command::Gateway(_)
+        | Command::Server(_)
+        | Command::Agent(_)
+        | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 

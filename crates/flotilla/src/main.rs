@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod context;
+mod fleet;
 mod follow;
 mod gateway;
 mod output;
@@ -96,6 +97,12 @@ pub enum Command {
     Up(UpArgs),
     /// Run the gateway alone, routing from a remote API's services and instances.
     Gateway(GatewayArgs),
+    /// Run the control plane of a fleet: store, API, controller and scheduler. Workloads run
+    /// on agents (`flotilla agent`) that join it.
+    Server(ServerArgs),
+    /// Run this machine as a node of a fleet: register with the server's API, renew its
+    /// lease, run the instances the server places here.
+    Agent(AgentArgs),
     /// Create or update the services in a file.
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -197,8 +204,9 @@ impl Command {
     /// The API flags given after the subcommand, if any.
     pub fn conn(&self) -> Conn {
         let sub = match self {
-            Command::Up(_) => return Conn::default(),
+            Command::Up(_) | Command::Server(_) => return Conn::default(),
             Command::Gateway(args) => &args.conn,
+            Command::Agent(args) => &args.conn,
             Command::Apply { conn, .. }
             | Command::Get { conn, .. }
             | Command::Describe { conn, .. }
@@ -306,6 +314,42 @@ pub struct GatewayArgs {
     pub file: Option<PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// API listen address (agents, gateways and the CLI connect here).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: String,
+    /// Metrics listen address (none if unset).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub conn: SubConn,
+    /// This node's name [default: the host name].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The IP address of this node: instances listen on it (`FLOTILLA_HOST`) and gateways
+    /// connect to it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// A label of this node (`zone=a`), for placement; repeat for more.
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    pub label: Vec<String>,
+    /// CPU held back from instances (`500m`, `1`): allocatable = capacity − reserve.
+    #[arg(long)]
+    pub reserve_cpu: Option<String>,
+    /// Memory held back from instances (`512Mi`, `1Gi`).
+    #[arg(long)]
+    pub reserve_memory: Option<String>,
+    /// How long the node's lease lasts without a renewal (renewed every third of it); a node
+    /// whose lease expired is NotReady and its instances are replaced elsewhere.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+}
+
 /// Servers hold a descriptor per connection: use the whole hard limit, not the usual soft 1024.
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -332,12 +376,21 @@ fn default_sigpipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_up = matches!(cli.command, Command::Up(_));
-    if !matches!(cli.command, Command::Up(_) | Command::Gateway(_)) {
+    let daemon = matches!(
+        cli.command,
+        Command::Up(_) | Command::Gateway(_) | Command::Server(_) | Command::Agent(_)
+    );
+    if !daemon {
         default_sigpipe();
     }
-    init_logging(cli.log_format, is_up);
-    if matches!(cli.command, Command::Up(_) | Command::Gateway(_)) {
+    init_logging(
+        cli.log_format,
+        matches!(
+            cli.command,
+            Command::Up(_) | Command::Server(_) | Command::Agent(_)
+        ),
+    );
+    if daemon {
         raise_open_files_limit();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -462,7 +462,19 @@ pub fn nodes_table(items: &[(NodeView, usize)], wide: bool) -> String {
                 cores(n.status.allocatable.cpu_millicores),
                 bytes(n.status.allocatable.memory_bytes),
                 instances.to_string(),
-                labels(&n.metadata.labels),
+                if wide {
+                    labels(&n.metadata.labels)
+                } else {
+                    // The operator's labels; the agent's own (flotilla.dev/…) with -o wide.
+                    labels(
+                        &n.metadata
+                            .labels
+                            .iter()
+                            .filter(|(k, _)| !k.starts_with("flotilla.dev/"))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    )
+                },
                 age(n.metadata.creation_timestamp.as_deref()),
                 n.heartbeat
                     .map_or_else(|| "-".to_string(), |h| span(h.age_millis / 1000)),

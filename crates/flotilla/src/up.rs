@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::UpArgs;
 
 /// How long servers and the controller get to finish after shutdown begins.
-const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::context::{self, ContextFile};
 
 /// The in-process gateway confirms an instance is unrouted, and that no request it sent the
@@ -159,7 +159,7 @@ fn describe_file_apply(
 }
 
 /// A listen address: an IP and a port (`127.0.0.1:7070`, `[::1]:7070`); names are not resolved.
-fn parse_addr(what: &str, addr: &str) -> Result<SocketAddr> {
+pub(crate) fn parse_addr(what: &str, addr: &str) -> Result<SocketAddr> {
     addr.parse().map_err(|_| {
         anyhow!(
             "invalid {what} address {addr:?}: expected IP:PORT such as 127.0.0.1:7070 or [::1]:7070 (host names are not resolved)"
@@ -167,7 +167,7 @@ fn parse_addr(what: &str, addr: &str) -> Result<SocketAddr> {
     })
 }
 
-async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
+pub(crate) async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the {what} on {addr}"))

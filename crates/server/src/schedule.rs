@@ -251,7 +251,7 @@ fn least_allocated(req: &Request, node: &NodeInfo, u: &Usage) -> u64 {
 }
 
 /// Points taken off per instance of the same service on a node (soft anti-affinity).
-const SOFT_ANTI_AFFINITY_PENALTY: u64 = 500;
+const SOFT_ANTI_AFFINITY_PENALTY: i64 = 500;
 
 /// Chooses the node for `req` among `nodes`, given the instances already `placed`.
 pub fn place(req: &Request, nodes: &[NodeInfo], placed: &[Placed]) -> Placement {
@@ -277,11 +277,13 @@ pub fn place(req: &Request, nodes: &[NodeInfo], placed: &[Placed]) -> Placement 
         }
     }
     let best = feasible.into_iter().max_by(|a, b| {
+        // Signed: the penalty must keep counting past the free share (a saturating score
+        // would tie every node that already runs two and pile the rest on the first name).
         let score = |n: &NodeInfo| {
             let u = usage.get(&n.name).unwrap_or(&empty);
-            let mut s = least_allocated(req, n, u);
+            let mut s = i64::try_from(least_allocated(req, n, u)).unwrap_or(i64::MAX);
             if req.anti_affinity == Some(AntiAffinity::Soft) {
-                s = s.saturating_sub(SOFT_ANTI_AFFINITY_PENALTY * u64::from(u.same_service));
+                s -= SOFT_ANTI_AFFINITY_PENALTY * i64::from(u.same_service);
             }
             s
         };

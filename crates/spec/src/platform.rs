@@ -10,11 +10,13 @@ pub const INSTANCE_VAR: &str = "FLOTILLA_INSTANCE";
 pub const SERVICE_VAR: &str = "FLOTILLA_SERVICE";
 /// The node it runs on.
 pub const NODE_VAR: &str = "FLOTILLA_NODE";
+/// The address the instance should listen on: its node's (`127.0.0.1` on one machine).
+pub const HOST_VAR: &str = "FLOTILLA_HOST";
 /// The host port of the service's first port.
 pub const PORT_VAR: &str = "PORT";
 
 /// Variables flotilla sets for every instance (besides `PORT` and `PORT_<NAME>`).
-pub const PLATFORM_VARS: &[&str] = &[INSTANCE_VAR, SERVICE_VAR, NODE_VAR];
+pub const PLATFORM_VARS: &[&str] = &[INSTANCE_VAR, SERVICE_VAR, NODE_VAR, HOST_VAR];
 
 /// The environment variable holding the host port of a named port: `PORT_<NAME>`, upper-cased,
 /// `-` → `_` (`admin-api` → `PORT_ADMIN_API`).
@@ -28,6 +30,7 @@ pub fn platform_env(
     instance: &str,
     service: &str,
     node: &str,
+    host: &str,
     port_names: &[String],
     ports: &BTreeMap<String, u16>,
 ) -> BTreeMap<String, String> {
@@ -35,6 +38,7 @@ pub fn platform_env(
     env.insert(INSTANCE_VAR.to_string(), instance.to_string());
     env.insert(SERVICE_VAR.to_string(), service.to_string());
     env.insert(NODE_VAR.to_string(), node.to_string());
+    env.insert(HOST_VAR.to_string(), host.to_string());
     for (i, name) in port_names.iter().enumerate() {
         if let Some(p) = ports.get(name) {
             if i == 0 {
@@ -73,7 +77,7 @@ mod tests {
             ("http".to_string(), 20001),
             ("admin-api".to_string(), 20002),
         ]);
-        let env = platform_env("web-1", "web", "n1", &names, &ports);
+        let env = platform_env("web-1", "web", "n1", "127.0.0.1", &names, &ports);
         assert_eq!(env["PORT"], "20001");
         assert_eq!(env["PORT_HTTP"], "20001");
         assert_eq!(env["PORT_ADMIN_API"], "20002");

@@ -53,6 +53,10 @@ pub struct Registration {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub status: NodeStatus,
+    /// The node's first lease, renewed before the node is written so that a new node is
+    /// never seen without one (0: none).
+    #[serde(default)]
+    pub lease_seconds: u32,
 }
 
 /// A status edit: changes the status in place and says whether it changed anything.
@@ -264,8 +268,11 @@ impl NodeApi for StoreNode {
 
     async fn register(&self, registration: Registration) -> Result<(), NodeError> {
         let store = self.store.as_ref();
+        if registration.lease_seconds > 0 {
+            self.renew_lease(registration.lease_seconds).await?;
+        }
         for _ in 0..STATUS_ATTEMPTS {
-            let Registration { labels, status } = registration.clone();
+            let Registration { labels, status, .. } = registration.clone();
             let updated = typed::modify::<Node>(store, &self.node, |n| {
                 let conditions = std::mem::take(&mut n.status.conditions);
                 n.status = status.clone();

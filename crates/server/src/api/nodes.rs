@@ -186,6 +186,11 @@ pub(super) async fn put_registration(
     body: Bytes,
 ) -> ApiResult<StatusCode> {
     let registration: Registration = json_body(&body)?;
+    if registration.lease_seconds > 3600 {
+        return Err(
+            ApiError::bad_request("leaseSeconds must be at most 3600").with_field("leaseSeconds")
+        );
+    }
     node_api(&state, &node).register(registration).await?;
     Ok(StatusCode::NO_CONTENT)
 }

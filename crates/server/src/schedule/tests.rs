@@ -98,6 +98,25 @@ fn the_least_allocated_node_wins_and_ties_go_by_name() {
     assert_eq!(on(&place(&req, &bigger, &[])), "big");
 }
 
+/// Soft anti-affinity keeps counting past two per node: a dozen replicas on three nodes stay
+/// even (a saturating score once tied every node at two and piled the rest on the first).
+#[test]
+fn soft_anti_affinity_keeps_spreading_many_replicas() {
+    let nodes = [
+        node("a", 2000, 4096, &[]),
+        node("b", 2000, 4096, &[]),
+        node("c", 2000, 4096, &[]),
+    ];
+    let mut req = request("web", 0, 0);
+    req.anti_affinity = Some(AntiAffinity::Soft);
+    let (got, _) = place_all(&req, &nodes, 12);
+    let mut per: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in &got {
+        *per.entry(on(p)).or_insert(0) += 1;
+    }
+    assert_eq!(per.values().copied().collect::<Vec<_>>(), [4, 4, 4]);
+}
+
 #[test]
 fn hard_anti_affinity_puts_one_per_node_then_stops() {
     let nodes = [

@@ -1,0 +1,262 @@
+//! `flotilla server` and `flotilla agent`: the control plane and a node, as separate processes
+//! for a fleet. `flotilla up` is the same parts in one process for one machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use flotilla_agent::{Agent, AgentConfig};
+use flotilla_server::cluster::Membership;
+use flotilla_server::{LogSource, ServiceController};
+use flotilla_store::{EmbeddedStore, RemoteNode, Store};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::context;
+use crate::up::{bind, parse_addr};
+use crate::{AgentArgs, ServerArgs};
+
+/// The logs of an instance stay on its node; the server cannot read them.
+struct NodeLogs;
+
+const LOGS_ON_NODES: &str = "instance logs are kept on the node that runs the instance; read them there (the server does not relay them yet)";
+
+#[async_trait]
+impl LogSource for NodeLogs {
+    async fn read(&self, _instance: &str, _tail: Option<usize>) -> Result<Vec<u8>, String> {
+        Err(LOGS_ON_NODES.to_string())
+    }
+
+    fn follow(
+        &self,
+        _instance: &str,
+        _tail: Option<usize>,
+        _stop: CancellationToken,
+    ) -> mpsc::Receiver<Result<Bytes, String>> {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Err(LOGS_ON_NODES.to_string()));
+        rx
+    }
+}
+
+/// Waits for SIGINT or SIGTERM, or for `task` to end first (its result, then).
+async fn until_signal<T>(task: &mut tokio::task::JoinHandle<T>) -> Result<Option<T>> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT received, shutting down");
+            Ok(None)
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM received, shutting down");
+            Ok(None)
+        }
+        done = task => done.map(Some).map_err(|e| anyhow!("task failed: {e}")),
+    }
+}
+
+fn data_dir_or(flag: Option<PathBuf>, leaf: &str) -> Result<PathBuf> {
+    let dir = match flag {
+        Some(d) => d,
+        None => context::default_data_dir()?.join(leaf),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    Ok(std::path::absolute(&dir)?)
+}
+
+/// `flotilla server`: the store, the API, the controller and the scheduler, for agents on
+/// other machines. Runs no workload itself.
+pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCode> {
+    let started = Instant::now();
+    let api_socket = parse_addr("API", &args.listen)?;
+    let metrics_socket = match &args.metrics_listen {
+        Some(m) => Some(parse_addr("metrics", m)?),
+        None => None,
+    };
+    let data_dir = data_dir_or(data_dir_flag, "server")?;
+    let store_path = data_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path).with_context(|| {
+        format!(
+            "opening the store at {} (is another flotilla using this data directory?)",
+            store_path.display()
+        )
+    })?);
+    let token = context::ensure_token(&data_dir)?;
+    let api_listener = bind("API", api_socket).await?;
+    let api_local = api_listener.local_addr()?;
+    let metrics_listener = match metrics_socket {
+        Some(m) => Some(bind("metrics", m).await?),
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut registry = Registry::default();
+    let leases = Arc::new(flotilla_store::Leases::new(flotilla_store::DEFAULT_LEASE));
+    let controller = ServiceController::new(
+        store.clone(),
+        leases.clone(),
+        Membership::Fleet,
+        &mut registry,
+    );
+    let api_state = flotilla_server::ApiState::new(
+        store.clone(),
+        leases,
+        token,
+        Arc::new(NodeLogs),
+        &mut registry,
+        shutdown.clone(),
+    );
+    let registry = Arc::new(registry);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut controller_task = tokio::spawn(controller.run(shutdown.clone()));
+    tasks.spawn(flotilla_server::serve(
+        api_listener,
+        flotilla_server::router(api_state),
+        shutdown.clone(),
+    ));
+    let mut metrics_shown = String::new();
+    if let Some(listener) = metrics_listener {
+        metrics_shown = format!("\n  metrics   http://{}/metrics", listener.local_addr()?);
+        tasks.spawn(flotilla_server::serve(
+            listener,
+            flotilla_server::metrics::router(registry.clone()),
+            shutdown.clone(),
+        ));
+    }
+    let token_file = data_dir.join(context::TOKEN_FILE);
+    println!(
+        "flotilla server {} is up in {:.0?}",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed()
+    );
+    println!(
+        "  API       http://{api_local}  (token: {}){metrics_shown}",
+        token_file.display()
+    );
+    println!("  data      {}", data_dir.display());
+    println!(
+        "Nodes join with: FLOTILLA_TOKEN=… flotilla agent --api http://{api_local} --node NAME --address IP"
+    );
+
+    let early = until_signal(&mut controller_task).await?;
+    shutdown.cancel();
+    if early.is_none() {
+        let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, controller_task).await;
+    }
+    let drained = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::warn!(error = %e, "server task ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    match early {
+        Some(()) => Err(anyhow!("the controller stopped unexpectedly")),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `label=value` pairs of `--label`.
+fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("invalid --label {l:?}: expected NAME=VALUE");
+        };
+        let k = k.trim();
+        if k.is_empty() || k.starts_with("flotilla.dev/") {
+            bail!(
+                "invalid --label {l:?}: the name must be non-empty and not in flotilla.dev/ (the agent sets those)"
+            );
+        }
+        out.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// This machine's host name, the default node name.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// `flotilla agent`: runs the instances the server binds to this node.
+pub async fn agent(
+    args: AgentArgs,
+    api: &str,
+    token: &str,
+    data_dir_flag: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let node = match args.node.clone().or_else(hostname) {
+        Some(n) => n,
+        None => bail!("cannot tell this machine's host name: pass --node NAME"),
+    };
+    flotilla_spec::validate::validate_name(&node)
+        .map_err(|e| anyhow!("invalid --node {node:?}: {e}"))?;
+    let address: std::net::IpAddr = args.address.parse().map_err(|_| {
+        anyhow!(
+            "invalid --address {:?}: expected the IP address instances listen on (such as 198.18.0.2)",
+            args.address
+        )
+    })?;
+    let data_dir = data_dir_or(data_dir_flag, "agent")?;
+    let mut config = AgentConfig::new(&node, data_dir.clone());
+    config.host = address.to_string();
+    config.labels = parse_labels(&args.label)?;
+    if let Some(cpu) = &args.reserve_cpu {
+        config.reserve.cpu_millicores = flotilla_spec::quantity::parse_cpu(cpu)
+            .map_err(|e| anyhow!("invalid --reserve-cpu {cpu:?}: {e}"))?
+            .0;
+    }
+    if let Some(mem) = &args.reserve_memory {
+        config.reserve.memory_bytes = flotilla_spec::quantity::parse_bytes(mem)
+            .map_err(|e| anyhow!("invalid --reserve-memory {mem:?}: {e}"))?
+            .0;
+    }
+    config.lease_duration = args.lease;
+    if config.lease_duration < std::time::Duration::from_secs(1) {
+        bail!("invalid --lease {:?}: must be at least 1s", args.lease);
+    }
+    let mut registry = Registry::default();
+    let node_api = Arc::new(RemoteNode::new(api, token, &node));
+    let mut agent = Agent::new(config, node_api, &mut registry)
+        .map_err(|e| anyhow!(e))
+        .context("starting the agent")?;
+    agent
+        .register()
+        .await
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("joining the cluster at {api}"))?;
+    println!(
+        "flotilla agent {}: node {node} ({address}) joined {api}",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!("  data      {}", data_dir.display());
+    let shutdown = CancellationToken::new();
+    let mut task = tokio::spawn(agent.run(shutdown.clone()));
+    let early = until_signal(&mut task).await?;
+    shutdown.cancel();
+    let was_early = early.is_some();
+    let result = match early {
+        Some(done) => done,
+        None => task.await.map_err(|e| anyhow!("the agent failed: {e}"))?,
+    };
+    match (result, was_early) {
+        (Ok(()), false) => Ok(ExitCode::SUCCESS),
+        (Ok(()), true) => Err(anyhow!("the agent stopped unexpectedly")),
+        (Err(e), _) => Err(anyhow!(e).context("agent")),
+    }
+}

@@ -1,0 +1,544 @@
+//! A fleet on one machine: a `flotilla server`, agents on their own loopback addresses (one
+//! per node: 127.77.N.I) and a standalone `flotilla gateway`, all real processes. Covers
+//! placement over nodes, traffic through the gateway to every node, the loss of a node under
+//! load, and a frozen agent that comes back to instances replaced meanwhile.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{flotilla_bin, http, instance_of, path_with_demo, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+struct Agent {
+    proc: Option<Proc>,
+    address: String,
+    data: PathBuf,
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    api: String,
+    token: String,
+    server: Proc,
+    agents: BTreeMap<String, Agent>,
+    gateway: Option<(Proc, String)>,
+}
+
+impl Fleet {
+    /// A server and `nodes` agents named node-1… on 127.77.`net`.1…
+    fn start(net: u8, nodes: u8) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let api = format!("127.0.0.1:{}", free_port());
+        let server = spawn(
+            &dir,
+            "server",
+            &[
+                "--data-dir",
+                dir.path().join("server").to_str().unwrap(),
+                "server",
+                "--listen",
+                &api,
+            ],
+            &[],
+        );
+        let token_file = dir.path().join("server/admin.token");
+        let token = wait_for("the server's token", Duration::from_secs(20), || {
+            std::fs::read_to_string(&token_file)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+        })
+        .trim()
+        .to_string();
+        let mut fleet = Fleet {
+            dir,
+            api,
+            token,
+            server,
+            agents: BTreeMap::new(),
+            gateway: None,
+        };
+        wait_for("the server's API", Duration::from_secs(20), || {
+            http(&fleet.api, "GET", "/healthz", &[], "").filter(|r| r.status == 200)
+        });
+        for i in 1..=nodes {
+            let name = format!("node-{i}");
+            let agent = Agent {
+                proc: None,
+                address: format!("127.77.{net}.{i}"),
+                data: fleet.dir.path().join(&name),
+            };
+            fleet.agents.insert(name.clone(), agent);
+            fleet.start_agent(&name);
+        }
+        wait_for("every node Ready", Duration::from_secs(20), || {
+            (fleet.ready_nodes().len() == usize::from(nodes)).then_some(())
+        });
+        fleet
+    }
+
+    fn start_agent(&mut self, name: &str) {
+        let agent = &self.agents[name];
+        let (address, data) = (agent.address.clone(), agent.data.clone());
+        let api = format!("http://{}", self.api);
+        let proc = spawn(
+            &self.dir,
+            name,
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "agent",
+                "--api",
+                &api,
+                "--node",
+                name,
+                "--address",
+                &address,
+                "--lease",
+                "3s",
+            ],
+            &[("FLOTILLA_TOKEN", &self.token)],
+        );
+        self.agents.get_mut(name).unwrap().proc = Some(proc);
+    }
+
+    fn start_gateway(&mut self) -> String {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let api = format!("http://{}", self.api);
+        let proc = spawn(
+            &self.dir,
+            "gateway",
+            &["gateway", "--api", &api, "--listen", &listen],
+            &[("FLOTILLA_TOKEN", &self.token)],
+        );
+        wait_for("the gateway to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&listen).ok()
+        });
+        self.gateway = Some((proc, listen.clone()));
+        listen
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(flotilla_bin())
+            .args(args)
+            .env("FLOTILLA_API", &self.api)
+            .env("FLOTILLA_TOKEN", &self.token)
+            .env("FLOTILLA_CONFIG_DIR", self.dir.path().join("config"))
+            .output()
+            .unwrap()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let auth = format!("Bearer {}", self.token);
+        let r = http(&self.api, "GET", path, &[("Authorization", &auth)], "")
+            .unwrap_or_else(|| panic!("GET {path}: no answer"));
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    fn apply(&self, text: &str) {
+        let path = self.dir.path().join("services.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = self.cli(&["apply", "-f", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ready_nodes(&self) -> Vec<String> {
+        self.get("/api/v1/nodes")["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == true)
+                })
+            })
+            .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn instances(&self, service: &str) -> Vec<Value> {
+        self.get(&format!("/api/v1/instances?service={service}"))["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn ready_instances(&self, service: &str) -> Vec<Value> {
+        self.instances(service)
+            .into_iter()
+            .filter(|i| {
+                i["status"]["ready"] == true && i["metadata"]["deletionTimestamp"].is_null()
+            })
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = format!("--- server\n{}", self.server.log());
+        for (name, a) in &self.agents {
+            if let Some(p) = &a.proc {
+                out.push_str(&format!("\n--- {name}\n{}", p.log()));
+            }
+        }
+        if let Some((g, _)) = &self.gateway {
+            out.push_str(&format!("\n--- gateway\n{}", g.log()));
+        }
+        out
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Agents first (they stop their instances), then the rest.
+        for a in self.agents.values_mut() {
+            if let Some(p) = a.proc.as_mut() {
+                let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGCONT);
+                let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+            }
+        }
+        for a in self.agents.values_mut() {
+            if let Some(p) = a.proc.as_mut() {
+                let _ = p.child.wait();
+            }
+        }
+        let mut rest: Vec<&mut Proc> = vec![&mut self.server];
+        if let Some((g, _)) = self.gateway.as_mut() {
+            rest.push(g);
+        }
+        for p in rest {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+fn spawn(dir: &tempfile::TempDir, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let log = dir
+        .path()
+        .join(format!("{name}-{}.log", common::rand_suffix()));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(flotilla_bin());
+    cmd.args(args)
+        .env("PATH", path_with_demo())
+        .env("FLOTILLA_LOG", "info")
+        .env("FLOTILLA_CONFIG_DIR", dir.path().join("config"))
+        .env_remove("FLOTILLA_TOKEN")
+        .env_remove("FLOTILLA_API")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        log,
+    }
+}
+
+/// A demo service of `replicas` listening on its node's address.
+fn web(replicas: u32) -> String {
+    format!(
+        r#"
+[service.web]
+command = "flotilla-demo"
+args = ["--listen", "${{FLOTILLA_HOST}}:${{PORT}}"]
+replicas = {replicas}
+ports = ["http"]
+stop = {{ grace_period = "2s" }}
+
+[service.web.probes.readiness]
+http = {{ path = "/health" }}
+period = "200ms"
+timeout = "200ms"
+failure_threshold = 1
+
+[[service.web.routes]]
+path = "/"
+"#
+    )
+}
+
+fn node_of(i: &Value) -> String {
+    i["spec"]["node"].as_str().unwrap_or_default().to_string()
+}
+
+fn per_node(instances: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for i in instances {
+        *m.entry(node_of(i)).or_insert(0) += 1;
+    }
+    m
+}
+
+fn pid_of(i: &Value) -> i32 {
+    i["status"]["pid"].as_i64().unwrap() as i32
+}
+
+fn alive(pid: i32) -> bool {
+    // Signal 0: exists (a zombie counts as gone once reaped by its parent, the agent).
+    kill(Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// Requests through the gateway in two threads (GETs and POSTs) until stopped; counts.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<[AtomicU64; 2]>,
+    failed: Arc<[AtomicU64; 2]>,
+    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(gateway: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let failed: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let mut threads = Vec::new();
+        for (k, method) in ["GET", "POST"].into_iter().enumerate() {
+            let (stop, ok, failed, gw) = (
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                gateway.to_string(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    match http(&gw, method, "/", &[], "ping") {
+                        Some(r) if r.status == 200 => {
+                            ok[k].fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => {
+                            failed[k].fetch_add(1, Ordering::SeqCst);
+                            failures
+                                .push(format!("{method}: {:?}", other.map(|r| (r.status, r.body))));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                failures
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    /// (ok, failed) per method (GET, POST), and what the failures were.
+    fn finish(self) -> ([u64; 2], [u64; 2], Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failures = Vec::new();
+        for t in self.threads {
+            failures.extend(t.join().unwrap());
+        }
+        let get = |a: &[AtomicU64; 2]| [a[0].load(Ordering::SeqCst), a[1].load(Ordering::SeqCst)];
+        (get(&self.ok), get(&self.failed), failures)
+    }
+}
+
+/// 1 server + 3 agents: six replicas spread 2/2/2, each listening on its node's address, and
+/// the gateway reaches all six. Then one node dies under load (`kill -9` of its agent and of
+/// every instance on it): its instances are ready on the other nodes within 10 s and no
+/// request through the gateway fails, GET or POST.
+#[test]
+fn six_replicas_spread_over_three_nodes_and_survive_the_loss_of_one() {
+    let mut fleet = Fleet::start(1, 3);
+    let gateway = fleet.start_gateway();
+    fleet.apply(&web(6));
+    let ready = wait_for("six ready instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 6).then_some(r)
+    });
+    let spread = per_node(&ready);
+    assert_eq!(
+        spread.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{spread:?}"
+    );
+    for i in &ready {
+        let node = node_of(i);
+        assert_eq!(
+            i["status"]["host"].as_str(),
+            Some(fleet.agents[&node].address.as_str()),
+            "instance on {node} listens on another address: {i:#}"
+        );
+    }
+    // The gateway reaches every instance on every node.
+    let names: Vec<String> = ready
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        if let Some(r) = http(&gateway, "GET", "/", &[], "")
+            && r.status == 200
+            && let Some(name) = instance_of(&r.body)
+        {
+            seen.insert(name);
+        }
+        if seen.len() == 6 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.iter().cloned().collect::<Vec<_>>(),
+        {
+            let mut n = names.clone();
+            n.sort();
+            n
+        },
+        "instances reached through the gateway"
+    );
+
+    // node-3 dies under load: its agent and every process on it.
+    let load = Load::start(&gateway);
+    wait_for("some load", Duration::from_secs(10), || {
+        (load.ok[0].load(Ordering::SeqCst) > 20 && load.ok[1].load(Ordering::SeqCst) > 20)
+            .then_some(())
+    });
+    let victims: Vec<i32> = ready
+        .iter()
+        .filter(|i| node_of(i) == "node-3")
+        .map(pid_of)
+        .collect();
+    let agent = fleet.agents.get_mut("node-3").unwrap().proc.take().unwrap();
+    let mut agent_child = agent.child;
+    let killed = Instant::now();
+    agent_child.kill().unwrap();
+    for pid in &victims {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let _ = agent_child.wait();
+    let recovered = wait_for(
+        "six ready instances on the two nodes left",
+        Duration::from_secs(30),
+        || {
+            let r = fleet.ready_instances("web");
+            (r.len() == 6 && r.iter().all(|i| node_of(i) != "node-3")).then_some(r)
+        },
+    );
+    let took = killed.elapsed();
+    // A little more load after the recovery, then the counts.
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed, failures) = load.finish();
+    assert!(
+        took < Duration::from_secs(10),
+        "replacement took {took:?}\n{}",
+        fleet.logs()
+    );
+    assert_eq!(
+        per_node(&recovered).values().copied().collect::<Vec<_>>(),
+        [3, 3]
+    );
+    assert!(ok[0] > 100 && ok[1] > 100, "too little load: {ok:?}");
+    assert_eq!(
+        failed,
+        [0, 0],
+        "failed requests (GET, POST) of {ok:?} ok: {failures:?}"
+    );
+    println!(
+        "node loss → six ready elsewhere in {took:?}; {} GETs and {} POSTs, none failed",
+        ok[0], ok[1]
+    );
+
+    // What a user sees: node-3 NotReady, the loss in the events.
+    let nodes = fleet.cli(&["get", "nodes"]);
+    let text = String::from_utf8_lossy(&nodes.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("node-3"))
+        .unwrap_or_default();
+    assert!(line.contains("NotReady"), "{text}");
+    let events = fleet.cli(&["events"]);
+    let text = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        text.contains("NodeLost") && text.contains("node node-3 is not ready"),
+        "{text}"
+    );
+}
+
+/// An agent frozen (SIGSTOP) is a node cut off while its processes still run: its lease
+/// expires, its instances are replaced on the other nodes, and when it thaws it stops the
+/// processes of the instances that were replaced and the node is Ready again.
+#[test]
+fn a_frozen_node_is_replaced_and_stops_its_superseded_instances_when_it_thaws() {
+    let fleet = Fleet::start(2, 2);
+    fleet.apply(&web(2));
+    let ready = wait_for("two ready instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 2).then_some(r)
+    });
+    assert_eq!(per_node(&ready).len(), 2, "not spread: {ready:#?}");
+    let frozen_instance = ready.iter().find(|i| node_of(i) == "node-2").unwrap();
+    let pid = pid_of(frozen_instance);
+    let agent_pid = fleet.agents["node-2"].proc.as_ref().unwrap().child.id() as i32;
+    kill(Pid::from_raw(agent_pid), Signal::SIGSTOP).unwrap();
+
+    wait_for(
+        "both instances ready on node-1",
+        Duration::from_secs(20),
+        || {
+            let r = fleet.ready_instances("web");
+            (r.len() == 2 && r.iter().all(|i| node_of(i) == "node-1")).then_some(())
+        },
+    );
+    assert!(alive(pid), "the frozen node's process should still run");
+    assert!(!fleet.ready_nodes().contains(&"node-2".to_string()));
+
+    kill(Pid::from_raw(agent_pid), Signal::SIGCONT).unwrap();
+    wait_for(
+        "the thawed agent to stop its superseded instance",
+        Duration::from_secs(20),
+        || (!alive(pid)).then_some(()),
+    );
+    wait_for("node-2 Ready again", Duration::from_secs(20), || {
+        fleet
+            .ready_nodes()
+            .contains(&"node-2".to_string())
+            .then_some(())
+    });
+    // Nothing moves back: the two replacements stay where they are.
+    let now = fleet.ready_instances("web");
+    assert_eq!(now.len(), 2);
+    assert!(now.iter().all(|i| node_of(i) == "node-1"), "{now:#?}");
+}
