@@ -2,7 +2,7 @@
 //! per node: 127.77.N.I) and a standalone `flotilla gateway`, all real processes. Covers
 //! placement over nodes, traffic through the gateway to every node, the loss of a node under
 //! load, and a frozen agent that comes back to instances replaced meanwhile.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_macros, clippy::unwrap_used, clippy::expect_used)] // figures are printed for `--nocapture` runs
 
 mod common;
 
@@ -351,6 +351,8 @@ impl Load {
                                 .push(format!("{method}: {:?}", other.map(|r| (r.status, r.body))));
                         }
                     }
+                    // The pace of the load, not synchronization.
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 failures
@@ -458,8 +460,11 @@ fn six_replicas_spread_over_three_nodes_and_survive_the_loss_of_one() {
         },
     );
     let took = killed.elapsed();
-    // A little more load after the recovery, then the counts.
-    std::thread::sleep(Duration::from_millis(500));
+    // Some more load after the recovery, then the counts.
+    let after = load.ok[1].load(Ordering::SeqCst) + 50;
+    wait_for("load after the recovery", Duration::from_secs(10), || {
+        (load.ok[1].load(Ordering::SeqCst) >= after).then_some(())
+    });
     let (ok, failed, failures) = load.finish();
     assert!(
         took < Duration::from_secs(10),
