@@ -41,13 +41,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         return crate::fleet::server(args, data_dir).await;
     }
     if let Command::Agent(args) = command {
-        let (Some(api), Some(token)) = (api, token) else {
+        let Some(api) = api else {
             bail!(
-                "flotilla agent needs the server's API and a token: --api URL and FLOTILLA_TOKEN (or --token)"
+                "flotilla agent needs the server's API: --api URL (and a join token: --token or FLOTILLA_TOKEN)"
             );
         };
         let base = api_url(&api);
-        return crate::fleet::agent(args, &base, &token, data_dir).await;
+        return crate::fleet::agent(args, &base, token.as_deref(), data_dir).await;
     }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
@@ -126,12 +126,39 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollout { command, .. } => crate::rollout::run(&client, command).await,
         Command::Restart { service, .. } => crate::rollout::restart(&client, &service).await,
+        Command::Token {
+            command: crate::TokenCommand::Create { join, ttl, .. },
+            ..
+        } => create_token(&client, if join { "join" } else { "gateway" }, &ttl).await,
         Command::Up(_)
         | Command::Gateway(_)
         | Command::Server(_)
         | Command::Agent(_)
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `flotilla token create`: the token alone on stdout (for `$(…)`), what it is on stderr.
+async fn create_token(client: &Client, kind: &str, ttl: &str) -> Result<ExitCode> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Issued {
+        token: String,
+        expires_at: String,
+    }
+    let body = serde_json::json!({ "kind": kind, "ttl": ttl });
+    let (_, bytes) = client
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            Some(body.to_string().into_bytes()),
+        )
+        .await?;
+    let issued: Issued =
+        serde_json::from_slice(&bytes).context("unexpected answer from POST /api/v1/tokens")?;
+    println!("{}", issued.token);
+    eprintln!("{kind} token, valid until {}", issued.expires_at);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Finds the API and the token: flags/env first, then the context file `up` wrote, then the

@@ -208,7 +208,44 @@ pub fn find_context(data_dir: Option<&Path>) -> Result<Option<ContextFile>> {
 
 /// Reads the admin token, or creates one readable only by its owner.
 pub fn ensure_token(data_dir: &Path) -> Result<String> {
-    let path = data_dir.join(TOKEN_FILE);
+    ensure_secret(data_dir, TOKEN_FILE)
+}
+
+/// The file holding the key that signs join, node and gateway tokens.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+
+/// The control plane's token signer, its key created on first start.
+pub fn signer(data_dir: &Path) -> Result<flotilla_server::auth::Signer> {
+    let key = ensure_secret(data_dir, SIGNING_KEY_FILE)?;
+    Ok(flotilla_server::auth::Signer::new(key.as_bytes()))
+}
+
+/// Writes `secret` to `path`, readable only by its owner, replacing it whole.
+pub fn write_private(path: &Path, secret: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a secret of the data directory, or creates a random one readable only by its owner.
+fn ensure_secret(data_dir: &Path, file: &str) -> Result<String> {
+    let path = data_dir.join(file);
     match fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => {
             let mode = fs::metadata(&path)?.permissions().mode();
@@ -222,23 +259,11 @@ pub fn ensure_token(data_dir: &Path) -> Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    // Written to a private temporary file and renamed into place, so the token is never
+    // Written to a private temporary file and renamed into place, so the secret is never
     // readable by others, whatever mode an old file had.
-    let token = random_token();
-    let tmp = data_dir.join(format!("{TOKEN_FILE}.{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    f.write_all(token.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(token)
+    let secret = random_token();
+    write_private(&path, &secret)?;
+    Ok(secret)
 }
 
 fn random_token() -> String {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flotilla_agent::{Agent, AgentConfig};
 use flotilla_server::cluster::Membership;
 use flotilla_server::{LogSource, ServiceController};
-use flotilla_store::{EmbeddedStore, RemoteNode, Store};
+use flotilla_store::{Credential, EmbeddedStore, RemoteNode, Store};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -112,7 +112,8 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         Arc::new(NodeLogs),
         &mut registry,
         shutdown.clone(),
-    );
+    )
+    .with_signer(context::signer(&data_dir)?);
     let registry = Arc::new(registry);
     let mut tasks = tokio::task::JoinSet::new();
     let mut controller_task = tokio::spawn(controller.run(shutdown.clone()));
@@ -193,11 +194,127 @@ fn hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Where an agent keeps its node credential.
+const CREDENTIAL_FILE: &str = "node.token";
+
+/// `(kind, subject, expiry)` of a signed token, read without checking it (the server does).
+fn token_parts(token: &str) -> Option<(&str, &str, u64)> {
+    let (body, _mac) = token.rsplit_once('.')?;
+    let (head, expiry) = body.rsplit_once('.')?;
+    let (kind, subject) = head.strip_prefix("flt.")?.split_once('.')?;
+    Some((kind, subject, expiry.parse().ok()?))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(serde::Deserialize)]
+struct Issued {
+    token: String,
+}
+
+/// The credential this agent uses: its saved node credential while valid; else a join
+/// token exchanged for one (and saved); else the token given as it is.
+async fn node_credential(
+    api: &str,
+    given: Option<&str>,
+    node: &str,
+    data_dir: &std::path::Path,
+) -> Result<String> {
+    let path = data_dir.join(CREDENTIAL_FILE);
+    let saved = std::fs::read_to_string(&path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| {
+            token_parts(t).is_some_and(|(kind, subject, expiry)| {
+                kind == "node" && subject == node && expiry > unix_now() + 60
+            })
+        });
+    let given_kind = given.and_then(token_parts).map(|(kind, _, _)| kind);
+    if let Some(saved) = saved.filter(|_| given.is_none() || given_kind == Some("join")) {
+        return Ok(saved);
+    }
+    match (given, given_kind) {
+        (Some(g), Some("node")) => Ok(g.to_string()),
+        (Some(join), Some("join")) => {
+            let client = crate::client::Client::new(api, join.to_string());
+            let body = serde_json::json!({ "node": node }).to_string().into_bytes();
+            let (_, bytes) = client
+                .call(hyper::Method::POST, "/api/v1/join", Some(body))
+                .await
+                .with_context(|| format!("joining {api} as node {node}"))?;
+            let issued: Issued = serde_json::from_slice(&bytes)
+                .context("unexpected answer from POST /api/v1/join")?;
+            context::write_private(&path, &issued.token)?;
+            tracing::info!(node, "joined with a join token; node credential saved");
+            Ok(issued.token)
+        }
+        (Some(other), _) => {
+            tracing::warn!(
+                node,
+                "running the agent with a token that is not a node credential (the admin token?): it can do far more than a node needs; join with `flotilla token create --join`"
+            );
+            Ok(other.to_string())
+        }
+        (None, _) => bail!(
+            "no credential for node {node}: pass a join token (`flotilla token create --join` on the server) with --token or FLOTILLA_TOKEN"
+        ),
+    }
+}
+
+/// Renews the node credential at half its life, until `stop`.
+async fn renew_credential(
+    api: String,
+    node: String,
+    credential: Credential,
+    path: PathBuf,
+    stop: CancellationToken,
+) {
+    loop {
+        let current = credential.get();
+        let Some((_, _, expiry)) = token_parts(&current) else {
+            return; // not a node credential: nothing to renew
+        };
+        let left = expiry.saturating_sub(unix_now());
+        let wait = std::time::Duration::from_secs((left / 2).max(5));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let client = crate::client::Client::new(&api, credential.get().to_string());
+        let renewed = client
+            .call(
+                hyper::Method::POST,
+                &format!("/api/v1/nodes/{node}/credential"),
+                None,
+            )
+            .await
+            .and_then(|(_, bytes)| {
+                serde_json::from_slice::<Issued>(&bytes).context("unexpected answer")
+            });
+        match renewed {
+            Ok(issued) => {
+                credential.set(&issued.token);
+                if let Err(e) = context::write_private(&path, &issued.token) {
+                    tracing::warn!(error = %format!("{e:#}"), "could not save the renewed node credential");
+                }
+                tracing::info!(node = %node, "node credential renewed");
+            }
+            Err(e) => {
+                tracing::warn!(node = %node, error = %format!("{e:#}"), "could not renew the node credential; retrying");
+            }
+        }
+    }
+}
+
 /// `flotilla agent`: runs the instances the server binds to this node.
 pub async fn agent(
     args: AgentArgs,
     api: &str,
-    token: &str,
+    token: Option<&str>,
     data_dir_flag: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let node = match args.node.clone().or_else(hostname) {
@@ -230,8 +347,9 @@ pub async fn agent(
     if config.lease_duration < std::time::Duration::from_secs(1) {
         bail!("invalid --lease {:?}: must be at least 1s", args.lease);
     }
+    let credential = Credential::new(&node_credential(api, token, &node, &data_dir).await?);
     let mut registry = Registry::default();
-    let node_api = Arc::new(RemoteNode::new(api, token, &node));
+    let node_api = Arc::new(RemoteNode::with_credential(api, credential.clone(), &node));
     let mut agent = Agent::new(config, node_api, &mut registry)
         .map_err(|e| anyhow!(e))
         .context("starting the agent")?;
@@ -246,9 +364,17 @@ pub async fn agent(
     );
     println!("  data      {}", data_dir.display());
     let shutdown = CancellationToken::new();
+    let renewal = tokio::spawn(renew_credential(
+        api.to_string(),
+        node.clone(),
+        credential,
+        data_dir.join(CREDENTIAL_FILE),
+        shutdown.clone(),
+    ));
     let mut task = tokio::spawn(agent.run(shutdown.clone()));
     let early = until_signal(&mut task).await?;
     shutdown.cancel();
+    let _ = renewal.await;
     let was_early = early.is_some();
     let result = match early {
         Some(done) => done,

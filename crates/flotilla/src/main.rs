@@ -193,6 +193,13 @@ pub enum Command {
         #[command(flatten)]
         conn: SubConn,
     },
+    /// Create credentials for other machines (needs the admin token).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        conn: SubConn,
+    },
     /// Print the client's (and the server's, if reachable) version.
     Version {
         #[command(flatten)]
@@ -215,6 +222,7 @@ impl Command {
             | Command::Delete { conn, .. }
             | Command::Rollout { conn, .. }
             | Command::Restart { conn, .. }
+            | Command::Token { conn, .. }
             | Command::Version { conn } => conn,
         };
         Conn {
@@ -222,6 +230,21 @@ impl Command {
             token: sub.token.clone(),
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a new token: `--join` (a node exchanges it for its own credential when its agent
+    /// starts) or `--gateway` (reads services, instances and nodes; for `flotilla gateway`).
+    Create {
+        #[arg(long, conflicts_with = "gateway", required_unless_present = "gateway")]
+        join: bool,
+        #[arg(long)]
+        gateway: bool,
+        /// How long the token is valid (`30m`, `1h`, `7d`; join tokens at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

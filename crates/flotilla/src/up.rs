@@ -268,6 +268,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         &mut registry,
         shutdown.clone(),
     )
+    .with_signer(context::signer(&data_dir)?)
     .with_gateway(flotilla_spec::gateway_digest(
         file.as_ref().and_then(|f| f.gateway.as_ref()),
     ));

@@ -47,7 +47,10 @@ struct Agent {
 struct Fleet {
     dir: tempfile::TempDir,
     api: String,
+    /// The admin token (for the test's own reads and the CLI).
     token: String,
+    /// What agents join with.
+    join: String,
     server: Proc,
     agents: BTreeMap<String, Agent>,
     gateway: Option<(Proc, String)>,
@@ -82,6 +85,7 @@ impl Fleet {
             dir,
             api,
             token,
+            join: String::new(),
             server,
             agents: BTreeMap::new(),
             gateway: None,
@@ -89,6 +93,7 @@ impl Fleet {
         wait_for("the server's API", Duration::from_secs(20), || {
             http(&fleet.api, "GET", "/healthz", &[], "").filter(|r| r.status == 200)
         });
+        fleet.join = fleet.new_token(&["--join", "--ttl", "10m"]);
         for i in 1..=nodes {
             let name = format!("node-{i}");
             let agent = Agent {
@@ -125,19 +130,33 @@ impl Fleet {
                 "--lease",
                 "3s",
             ],
-            &[("FLOTILLA_TOKEN", &self.token)],
+            &[("FLOTILLA_TOKEN", &self.join)],
         );
         self.agents.get_mut(name).unwrap().proc = Some(proc);
+    }
+
+    /// `flotilla token create ARGS`: the token printed.
+    fn new_token(&self, args: &[&str]) -> String {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn start_gateway(&mut self) -> String {
         let listen = format!("127.0.0.1:{}", free_port());
         let api = format!("http://{}", self.api);
+        let token = self.new_token(&["--gateway", "--ttl", "1h"]);
         let proc = spawn(
             &self.dir,
             "gateway",
             &["gateway", "--api", &api, "--listen", &listen],
-            &[("FLOTILLA_TOKEN", &self.token)],
+            &[("FLOTILLA_TOKEN", &token)],
         );
         wait_for("the gateway to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(&listen).ok()
@@ -546,4 +565,142 @@ fn a_frozen_node_is_replaced_and_stops_its_superseded_instances_when_it_thaws() 
     let now = fleet.ready_instances("web");
     assert_eq!(now.len(), 2);
     assert!(now.iter().all(|i| node_of(i) == "node-1"), "{now:#?}");
+}
+
+fn call(api: &str, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    let auth = format!("Bearer {token}");
+    let r = http(api, method, path, &[("Authorization", &auth)], body)
+        .unwrap_or_else(|| panic!("{method} {path}: no answer"));
+    (r.status, r.body)
+}
+
+/// Nodes join with a short-lived join token and get a credential of their own, which reaches
+/// only their own instances: not another node's, not a service. A wrong or expired join token
+/// is refused, and so is joining under the name of a live node. A gateway token only reads.
+#[test]
+fn join_tokens_and_node_credentials_are_scoped() {
+    let fleet = Fleet::start(3, 2);
+    fleet.apply(&web(2));
+    wait_for("two ready instances", Duration::from_secs(30), || {
+        (fleet.ready_instances("web").len() == 2).then_some(())
+    });
+    let credential = std::fs::read_to_string(fleet.agents["node-1"].data.join("node.token"))
+        .expect("node-1 saved its credential")
+        .trim()
+        .to_string();
+    assert!(credential.starts_with("flt.node.node-1."), "{credential}");
+    assert_ne!(credential, fleet.join);
+    let api = &fleet.api;
+
+    // Its own instances: yes. Another node's, all instances, a service: no.
+    let (status, body) = call(
+        api,
+        "GET",
+        "/api/v1/nodes/node-1/instances",
+        &credential,
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    for (method, path) in [
+        ("GET", "/api/v1/nodes/node-2/instances"),
+        ("GET", "/api/v1/instances"),
+        ("GET", "/api/v1/services"),
+        ("GET", "/api/v1/watch/instances?node=node-2"),
+        ("POST", "/api/v1/services"),
+        ("DELETE", "/api/v1/services/web"),
+        ("POST", "/api/v1/tokens"),
+    ] {
+        let (status, body) = call(api, method, path, &credential, "{}");
+        assert_eq!(
+            status, 403,
+            "{method} {path} with node-1's credential: {body}"
+        );
+        assert!(body.contains("node-1"), "{body}");
+    }
+    // A write of another node's instance status through its own path is refused by the
+    // node rules (it is not found there).
+    let other = fleet
+        .instances("web")
+        .into_iter()
+        .find(|i| node_of(i) == "node-2")
+        .unwrap();
+    let name = other["metadata"]["name"].as_str().unwrap();
+    let (status, _) = call(
+        api,
+        "PUT",
+        &format!("/api/v1/nodes/node-1/instances/{name}/status"),
+        &credential,
+        &serde_json::json!({"resourceVersion": 1, "status": {"phase": "Failed"}}).to_string(),
+    );
+    assert_eq!(status, 404);
+
+    // Join: a made-up token, an expired one, a live node's name.
+    let join = |token: &str, node: &str| {
+        call(
+            api,
+            "POST",
+            "/api/v1/join",
+            token,
+            &format!(r#"{{"node":"{node}"}}"#),
+        )
+    };
+    let forged = fleet.join.replace("flt.join.", "flt.join.0").to_string();
+    let (status, body) = join(&forged, "node-9");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = join("not-a-token", "node-9");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = join(&fleet.join, "node-2");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("live member"), "{body}");
+    let short = fleet.new_token(&["--join", "--ttl", "1s"]);
+    let (status, body) = wait_for(
+        "the 1s join token to expire",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = join(&short, "node-9");
+            (status != 200).then_some((status, body))
+        },
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    // A join token is for joining only.
+    let (status, _) = call(api, "GET", "/api/v1/nodes", &fleet.join, "");
+    assert_eq!(status, 403);
+    // An agent started with a bad join token says so and exits.
+    let bad = Command::new(flotilla_bin())
+        .args(["--data-dir"])
+        .arg(fleet.dir.path().join("node-9"))
+        .args([
+            "agent",
+            "--api",
+            &format!("http://{api}"),
+            "--node",
+            "node-9",
+            "--address",
+            "127.77.3.9",
+        ])
+        .env("FLOTILLA_TOKEN", &forged)
+        .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("joining") && err.contains("signature"),
+        "{err}"
+    );
+    assert!(!err.contains(&forged), "the token was echoed: {err}");
+
+    // A gateway token reads what a gateway routes from, and nothing else.
+    let gw = fleet.new_token(&["--gateway", "--ttl", "1h"]);
+    assert_eq!(call(api, "GET", "/api/v1/services", &gw, "").0, 200);
+    assert_eq!(call(api, "POST", "/api/v1/services", &gw, "{}").0, 403);
+    assert_eq!(call(api, "GET", "/api/v1/events", &gw, "").0, 403);
 }

@@ -1,6 +1,7 @@
 //! flotilla's control plane: the HTTP API, the service controller, events and metrics.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod controller;
 pub mod error;

@@ -31,7 +31,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct RemoteStore {
     base: Arc<str>,
-    token: Arc<str>,
+    token: Credential,
     /// When set, instances are read through this node's endpoints (only its own).
     node: Option<Arc<str>>,
     http: Client<HttpConnector, Full<Bytes>>,
@@ -105,15 +105,51 @@ fn to_kv(kind: &str, mut object: Value) -> Result<KeyValue, StoreError> {
     })
 }
 
+/// A bearer token that its holder may replace (a node renews its credential) while every
+/// clone of the store or node interface keeps using the current one.
+#[derive(Clone)]
+pub struct Credential(Arc<std::sync::RwLock<Arc<str>>>);
+
+impl Credential {
+    pub fn new(token: &str) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(token.into())))
+    }
+
+    pub fn get(&self) -> Arc<str> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn set(&self, token: &str) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = token.into();
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(..)")
+    }
+}
+
 impl RemoteStore {
     /// `base` is the API's URL (`http://10.0.0.1:7070`), `token` a bearer token.
     pub fn new(base: &str, token: &str) -> Self {
+        Self::with_credential(base, Credential::new(token))
+    }
+
+    /// The same with a token that may be replaced later.
+    pub fn with_credential(base: &str, token: Credential) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         connector.set_nodelay(true);
         Self {
             base: base.trim_end_matches('/').into(),
-            token: token.into(),
+            token,
             node: None,
             http: Client::builder(TokioExecutor::new()).build(connector),
             revision: Arc::new(AtomicU64::new(0)),
@@ -121,8 +157,8 @@ impl RemoteStore {
     }
 
     /// The same API, reading instances as node `node` does: only the instances bound to it.
-    pub fn for_node(base: &str, token: &str, node: &str) -> Self {
-        let mut store = Self::new(base, token);
+    pub fn for_node(base: &str, token: Credential, node: &str) -> Self {
+        let mut store = Self::with_credential(base, token);
         store.node = Some(node.into());
         store
     }
@@ -148,7 +184,7 @@ impl RemoteStore {
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
-            .header("authorization", format!("Bearer {}", self.token));
+            .header("authorization", format!("Bearer {}", self.token.get()));
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -360,6 +396,11 @@ const STATUS_ATTEMPTS: usize = 16;
 
 impl RemoteNode {
     pub fn new(base: &str, token: &str, node: &str) -> Self {
+        Self::with_credential(base, Credential::new(token), node)
+    }
+
+    /// The node interface with a credential its holder renews.
+    pub fn with_credential(base: &str, token: Credential, node: &str) -> Self {
         Self {
             api: RemoteStore::for_node(base, token, node),
             node: node.to_string(),

@@ -6,6 +6,7 @@ mod instances;
 mod logs;
 mod nodes;
 mod services;
+mod tokens;
 mod watch;
 
 use events::*;
@@ -74,6 +75,8 @@ pub struct ApiState {
     store: Arc<dyn Store>,
     /// Node heartbeats, shared with the node lifecycle in the controller.
     leases: Arc<flotilla_store::Leases>,
+    /// Issues and checks join, node and gateway tokens; `None`: only the admin token works.
+    signer: Option<Arc<crate::auth::Signer>>,
     token: Arc<str>,
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
@@ -103,12 +106,19 @@ impl ApiState {
         Self {
             store,
             leases,
+            signer: None,
             token: token.into(),
             logs,
             latency,
             shutdown,
             gateway: None,
         }
+    }
+
+    /// Join, node and gateway tokens are signed and checked with this.
+    pub fn with_signer(mut self, signer: crate::auth::Signer) -> Self {
+        self.signer = Some(Arc::new(signer));
+        self
     }
 
     /// This server runs a gateway, started with the `[gateway]` table of this digest.
@@ -153,6 +163,12 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/nodes/{node}/instances/{name}/events",
             post(post_event),
         )
+        .route(
+            "/api/v1/nodes/{node}/credential",
+            post(tokens::renew_credential),
+        )
+        .route("/api/v1/tokens", post(tokens::create_token))
+        .route("/api/v1/join", post(tokens::join))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/watch/{kind}", get(watch))
         .route("/api/v1/gateway", get(gateway_info))
@@ -171,21 +187,40 @@ pub fn router(state: ApiState) -> Router {
 // ------------------------------------------------------------------------------------------
 // Middleware
 
-/// Bearer-token check, constant time in the token's length.
-async fn auth(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// Who is calling: the admin token (constant-time compare), or a signed join, node or gateway
+/// token; then whether that caller may reach this path ([`crate::auth::allowed`]). The
+/// principal is left in the request's extensions for the handlers.
+async fn auth(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+    use crate::auth::{Principal, TokenKind};
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")
-            .into_response(),
-        Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
-            ApiError::unauthorized("invalid bearer token").into_response()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")
+            .into_response();
+    };
+    let principal = if constant_time_eq(given.as_bytes(), state.token.as_bytes()) {
+        Principal::Admin
+    } else {
+        let Some(signer) = state.signer.as_ref().filter(|_| given.starts_with("flt.")) else {
+            return ApiError::unauthorized("invalid bearer token").into_response();
+        };
+        match signer.verify(given, std::time::SystemTime::now()) {
+            Ok((TokenKind::Join, _)) => Principal::Join,
+            Ok((TokenKind::Node, node)) => Principal::Node(node),
+            Ok((TokenKind::Gateway, _)) => Principal::Gateway,
+            Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
         }
-        Some(_) => next.run(request).await,
+    };
+    let uri = request.uri();
+    if let Err(why) = crate::auth::allowed(&principal, request.method(), uri.path(), uri.query()) {
+        return ApiError::forbidden(why).into_response();
     }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

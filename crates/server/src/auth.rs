@@ -1,0 +1,273 @@
+//! Who may call the API, and what each may reach.
+//!
+//! - The **admin** token (the data directory's `admin.token`): everything.
+//! - **Join** tokens (`flotilla token create --join`): short-lived, only exchanged at
+//!   `POST /api/v1/join` for a node credential.
+//! - **Node** credentials: only that node's own endpoints (`/api/v1/nodes/{node}/…`, the watch
+//!   of its instances). A compromised node cannot read other nodes' instances, nor change a
+//!   service.
+//! - **Gateway** tokens (`flotilla token create --gateway`): read services, instances, nodes
+//!   and their watches — what a gateway routes from — and nothing else.
+//!
+//! Join, node and gateway tokens are signed by the control plane (HMAC-SHA256 with a key kept
+//! in its data directory) rather than stored: `flt.<kind>.<subject>.<expiry>.<mac>`. Checking
+//! one needs no store read, and every token expires; node credentials are renewed by their
+//! agent before they do.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::hmac;
+
+/// What a signed token lets its holder be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Join,
+    Node,
+    Gateway,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Join => "join",
+            TokenKind::Node => "node",
+            TokenKind::Gateway => "gateway",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "join" => Some(TokenKind::Join),
+            "node" => Some(TokenKind::Node),
+            "gateway" => Some(TokenKind::Gateway),
+            _ => None,
+        }
+    }
+}
+
+/// The caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    /// May only exchange itself for a node credential.
+    Join,
+    Node(String),
+    Gateway,
+}
+
+/// Why a token was refused (said to the caller without echoing the token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("token signature does not match (issued by another control plane, or altered)")]
+    BadSignature,
+    #[error("{kind} token expired {ago}s ago")]
+    Expired { kind: &'static str, ago: u64 },
+}
+
+/// Issues and checks signed tokens.
+pub struct Signer {
+    key: hmac::Key,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(..)")
+    }
+}
+
+const PREFIX: &str = "flt";
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Signer {
+    /// A signer over `secret` (at least 32 random bytes, kept by the control plane).
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    fn mac(&self, body: &str) -> String {
+        hex(hmac::sign(&self.key, body.as_bytes()).as_ref())
+    }
+
+    /// A token of `kind` for `subject` (the node's name; a random id for join tokens),
+    /// valid for `ttl` from `now`; and its expiry.
+    pub fn issue(
+        &self,
+        kind: TokenKind,
+        subject: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> (String, SystemTime) {
+        let expires = now + ttl;
+        let body = format!("{PREFIX}.{}.{subject}.{}", kind.as_str(), unix(expires));
+        let mac = self.mac(&body);
+        (
+            format!("{body}.{mac}"),
+            UNIX_EPOCH + Duration::from_secs(unix(expires)),
+        )
+    }
+
+    /// Checks a token at `now`: its kind and subject.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<(TokenKind, String), TokenError> {
+        let (body, mac) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let (head, expiry) = body.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let rest = head
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_prefix('.'))
+            .ok_or(TokenError::Malformed)?;
+        let (kind, subject) = rest.split_once('.').ok_or(TokenError::Malformed)?;
+        let kind = TokenKind::parse(kind).ok_or(TokenError::Malformed)?;
+        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let given = (0..mac.len())
+            .step_by(2)
+            .map(|i| {
+                mac.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or(TokenError::Malformed)?;
+        hmac::verify(&self.key, body.as_bytes(), &given).map_err(|_| TokenError::BadSignature)?;
+        let now = unix(now);
+        if expiry <= now {
+            return Err(TokenError::Expired {
+                kind: kind.as_str(),
+                ago: now - expiry,
+            });
+        }
+        if subject.is_empty() {
+            return Err(TokenError::Malformed);
+        }
+        Ok((kind, subject.to_string()))
+    }
+}
+
+/// Whether `principal` may make this request; `Err` says what it may do instead.
+pub fn allowed(
+    principal: &Principal,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(), String> {
+    let node_of_query = || {
+        query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("node="))
+    };
+    match principal {
+        Principal::Admin => Ok(()),
+        Principal::Join => {
+            if method == http::Method::POST && path == "/api/v1/join" {
+                Ok(())
+            } else {
+                Err(
+                    "a join token can only be exchanged for a node credential (POST /api/v1/join)"
+                        .into(),
+                )
+            }
+        }
+        Principal::Node(node) => {
+            let own = format!("/api/v1/nodes/{node}/");
+            let ok = path.starts_with(&own)
+                || (method == http::Method::GET
+                    && path == "/api/v1/watch/instances"
+                    && node_of_query() == Some(node.as_str()));
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the credential of node {node} only reaches {own}… and the watch of its own instances"
+                ))
+            }
+        }
+        Principal::Gateway => {
+            let readable = [
+                "/api/v1/services",
+                "/api/v1/instances",
+                "/api/v1/nodes",
+                "/api/v1/gateway",
+                "/api/v1/watch/services",
+                "/api/v1/watch/instances",
+                "/api/v1/watch/nodes",
+            ];
+            if method == http::Method::GET && readable.contains(&path) {
+                Ok(())
+            } else {
+                Err("a gateway token only reads services, instances and nodes".into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_expire_and_cannot_be_altered() {
+        let s = Signer::new(b"0123456789abcdef0123456789abcdef");
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let (tok, exp) = s.issue(TokenKind::Node, "node-1", Duration::from_secs(60), t0);
+        assert_eq!(exp, t0 + Duration::from_secs(60));
+        assert_eq!(s.verify(&tok, t0), Ok((TokenKind::Node, "node-1".into())));
+        assert_eq!(
+            s.verify(&tok, t0 + Duration::from_secs(70)),
+            Err(TokenError::Expired {
+                kind: "node",
+                ago: 10
+            })
+        );
+        // Another node's name, or another control plane's key: refused.
+        let forged = tok.replace("node-1", "node-2");
+        assert_eq!(s.verify(&forged, t0), Err(TokenError::BadSignature));
+        let other = Signer::new(b"another key, another key, anothe");
+        assert_eq!(other.verify(&tok, t0), Err(TokenError::BadSignature));
+        assert_eq!(s.verify("admin-ish", t0), Err(TokenError::Malformed));
+        assert_eq!(s.verify("flt.node.x.1.zz", t0), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn each_principal_reaches_only_its_own() {
+        use http::Method;
+        let n = Principal::Node("node-1".into());
+        assert!(allowed(&n, &Method::PUT, "/api/v1/nodes/node-1/lease", None).is_ok());
+        assert!(allowed(&n, &Method::GET, "/api/v1/nodes/node-2/instances", None).is_err());
+        assert!(allowed(&n, &Method::GET, "/api/v1/nodes/node-10/instances", None).is_err());
+        assert!(
+            allowed(
+                &n,
+                &Method::GET,
+                "/api/v1/watch/instances",
+                Some("resourceVersion=1&node=node-1")
+            )
+            .is_ok()
+        );
+        assert!(
+            allowed(
+                &n,
+                &Method::GET,
+                "/api/v1/watch/instances",
+                Some("node=node-2")
+            )
+            .is_err()
+        );
+        assert!(allowed(&n, &Method::GET, "/api/v1/instances", None).is_err());
+        assert!(allowed(&n, &Method::POST, "/api/v1/services", None).is_err());
+        let g = Principal::Gateway;
+        assert!(allowed(&g, &Method::GET, "/api/v1/watch/services", None).is_ok());
+        assert!(allowed(&g, &Method::POST, "/api/v1/services", None).is_err());
+        assert!(allowed(&g, &Method::GET, "/api/v1/events", None).is_err());
+        assert!(allowed(&Principal::Join, &Method::POST, "/api/v1/join", None).is_ok());
+        assert!(allowed(&Principal::Join, &Method::GET, "/api/v1/nodes", None).is_err());
+    }
+}
