@@ -126,6 +126,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollout { command, .. } => crate::rollout::run(&client, command).await,
         Command::Restart { service, .. } => crate::rollout::restart(&client, &service).await,
+        Command::Node { command, .. } => steer_node(&client, command).await,
         Command::Token {
             command: crate::TokenCommand::Create { join, ttl, .. },
             ..
@@ -135,6 +136,51 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Server(_)
         | Command::Agent(_)
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `flotilla node cordon|uncordon|drain NODE`.
+async fn steer_node(client: &Client, command: crate::NodeCommand) -> Result<ExitCode> {
+    use crate::NodeCommand;
+    let (node, action, timeout) = match command {
+        NodeCommand::Cordon { node } => (node, "cordon", None),
+        NodeCommand::Uncordon { node } => (node, "uncordon", None),
+        NodeCommand::Drain { node, timeout } => (node, "drain", Some(*timeout)),
+    };
+    ensure_name("node", &node)?;
+    client
+        .call(
+            Method::POST,
+            &format!("/api/v1/nodes/{}/{action}", encode(&node)),
+            None,
+        )
+        .await?;
+    let Some(timeout) = timeout else {
+        println!("node/{node} {action}ed");
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!("node/{node} cordoned; replacing its instances on other nodes");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = usize::MAX;
+    loop {
+        let list: List<Instance> = client.get("/api/v1/instances").await?;
+        let left = list.items.iter().filter(|i| i.spec.node == node).count();
+        if left == 0 {
+            println!("node/{node} drained");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if left != last {
+            println!("  {left} instance(s) left on {node}");
+            last = left;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "error: node/{node} still runs {left} instance(s) after {}: see `flotilla get instances -o wide` and `flotilla events` (a service may have nowhere else to go)",
+                humantime::format_duration(timeout)
+            );
+            return Ok(ExitCode::from(5));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

@@ -193,6 +193,13 @@ pub enum Command {
         #[command(flatten)]
         conn: SubConn,
     },
+    /// Steer a node: stop placing instances on it, or move its instances off it.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+        #[command(flatten)]
+        conn: SubConn,
+    },
     /// Create credentials for other machines (needs the admin token).
     Token {
         #[command(subcommand)]
@@ -223,6 +230,7 @@ impl Command {
             | Command::Rollout { conn, .. }
             | Command::Restart { conn, .. }
             | Command::Token { conn, .. }
+            | Command::Node { conn, .. }
             | Command::Version { conn } => conn,
         };
         Conn {
@@ -230,6 +238,22 @@ impl Command {
             token: sub.token.clone(),
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// No new instance is placed on the node; what runs there stays.
+    Cordon { node: String },
+    /// Placements on the node resume (and a drain in progress stops).
+    Uncordon { node: String },
+    /// Cordon the node and replace its instances on other nodes, each service keeping
+    /// `replicas - max_unavailable` available as in a rollout; waits until the node is empty
+    /// (exit 0) or the timeout passes (exit 5).
+    Drain {
+        node: String,
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -704,3 +704,120 @@ fn join_tokens_and_node_credentials_are_scoped() {
     assert_eq!(call(api, "POST", "/api/v1/services", &gw, "{}").0, 403);
     assert_eq!(call(api, "GET", "/api/v1/events", &gw, "").0, 403);
 }
+
+/// Cordon stops placements on a node; drain moves its instances to the other nodes without
+/// ever dropping below `replicas - max_unavailable` ready instances (0 here); uncordon lets
+/// placements come back.
+#[test]
+fn cordon_and_drain_move_instances_within_max_unavailable() {
+    let fleet = Fleet::start(4, 3);
+    let deploy = "\n[service.web.deploy]\nmax_surge = 1\nmax_unavailable = 0\n";
+    fleet.apply(&format!("{}{deploy}", web(3)));
+    let ready = wait_for("three ready instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 3).then_some(r)
+    });
+    assert_eq!(per_node(&ready).len(), 3, "not spread: {ready:#?}");
+
+    let out = fleet.cli(&["node", "cordon", "node-3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "node/node-3 cordoned"
+    );
+    let nodes = String::from_utf8_lossy(&fleet.cli(&["get", "nodes"]).stdout).to_string();
+    let line = nodes
+        .lines()
+        .find(|l| l.starts_with("node-3"))
+        .unwrap_or_default();
+    assert!(line.contains("Ready,SchedulingDisabled"), "{nodes}");
+    // Scaled up: nothing new on the cordoned node.
+    fleet.apply(&format!("{}{deploy}", web(5)));
+    let five = wait_for("five ready instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 5).then_some(r)
+    });
+    assert_eq!(
+        per_node(&five).get("node-3"),
+        Some(&1),
+        "{:?}",
+        per_node(&five)
+    );
+
+    // Drain, sampling the ready count all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (api, token, stop) = (fleet.api.clone(), fleet.token.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut least = usize::MAX;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let (status, body) = call(&api, "GET", "/api/v1/instances?service=web", &token, "");
+                if status == 200 {
+                    let v: Value = serde_json::from_str(&body).unwrap();
+                    let n = v["items"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|i| {
+                            i["status"]["ready"] == true
+                                && i["metadata"]["deletionTimestamp"].is_null()
+                        })
+                        .count();
+                    least = least.min(n);
+                }
+            }
+            least
+        })
+    };
+    let out = fleet.cli(&["node", "drain", "node-3", "--timeout", "30s"]);
+    stop.store(true, Ordering::SeqCst);
+    let least = sampler.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "drain: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fleet.logs()
+    );
+    assert!(text.contains("node/node-3 drained"), "{text}");
+    assert!(
+        least >= 5,
+        "only {least} ready instances during the drain (max_unavailable = 0)"
+    );
+    let after = wait_for("five ready off node-3", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 5 && r.iter().all(|i| node_of(i) != "node-3")).then_some(r)
+    });
+    assert_eq!(per_node(&after).len(), 2);
+    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    assert!(events.contains("its node is being drained"), "{events}");
+
+    // Uncordon: the next instance goes to the empty node.
+    let out = fleet.cli(&["node", "uncordon", "node-3"]);
+    assert!(out.status.success());
+    fleet.apply(&format!("{}{deploy}", web(6)));
+    wait_for(
+        "an instance on node-3 again",
+        Duration::from_secs(30),
+        || {
+            let r = fleet.ready_instances("web");
+            (r.len() == 6 && r.iter().any(|i| node_of(i) == "node-3")).then_some(())
+        },
+    );
+    // A node cannot uncordon itself.
+    let credential =
+        std::fs::read_to_string(fleet.agents["node-3"].data.join("node.token")).unwrap();
+    let (status, _) = call(
+        &fleet.api,
+        "POST",
+        "/api/v1/nodes/node-3/uncordon",
+        credential.trim(),
+        "",
+    );
+    assert_eq!(status, 403);
+}

@@ -178,7 +178,13 @@ pub fn allowed(
         }
         Principal::Node(node) => {
             let own = format!("/api/v1/nodes/{node}/");
-            let ok = path.starts_with(&own)
+            // Not cordon, uncordon or drain: those are the operator's.
+            let own_part = path.strip_prefix(&own).is_some_and(|rest| {
+                ["registration", "lease", "credential", "instances"]
+                    .iter()
+                    .any(|p| rest == *p || rest.starts_with(&format!("{p}/")))
+            });
+            let ok = own_part
                 || (method == http::Method::GET
                     && path == "/api/v1/watch/instances"
                     && node_of_query() == Some(node.as_str()));
@@ -241,6 +247,17 @@ mod tests {
         use http::Method;
         let n = Principal::Node("node-1".into());
         assert!(allowed(&n, &Method::PUT, "/api/v1/nodes/node-1/lease", None).is_ok());
+        assert!(
+            allowed(
+                &n,
+                &Method::GET,
+                "/api/v1/nodes/node-1/instances/web-1",
+                None
+            )
+            .is_ok()
+        );
+        assert!(allowed(&n, &Method::POST, "/api/v1/nodes/node-1/uncordon", None).is_err());
+        assert!(allowed(&n, &Method::POST, "/api/v1/nodes/node-1/instancesx", None).is_err());
         assert!(allowed(&n, &Method::GET, "/api/v1/nodes/node-2/instances", None).is_err());
         assert!(allowed(&n, &Method::GET, "/api/v1/nodes/node-10/instances", None).is_err());
         assert!(

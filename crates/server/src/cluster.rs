@@ -27,6 +27,8 @@ pub enum Membership {
 #[derive(Debug, Clone)]
 struct Member {
     ready: bool,
+    /// Being drained: its instances are replaced elsewhere.
+    draining: bool,
     /// Why it is not ready (the lease's story), for events.
     why: String,
 }
@@ -57,13 +59,22 @@ impl Cluster {
                 }
             };
             cluster.nodes.push(node_info(node, ready));
-            cluster.members.insert(name.clone(), Member { ready, why });
+            let draining = node.spec.drain;
+            cluster.members.insert(
+                name.clone(),
+                Member {
+                    ready,
+                    draining,
+                    why,
+                },
+            );
         }
         // The local node is a member even before it registered (its instances are not
         // orphans), though nothing is placed on it until it has.
         if let Membership::Local(local) = membership {
             cluster.members.entry(local.clone()).or_insert(Member {
                 ready: true,
+                draining: false,
                 why: String::new(),
             });
         }
@@ -78,6 +89,11 @@ impl Cluster {
     /// `node` is a member and ready.
     pub fn is_ready(&self, node: &str) -> bool {
         self.members.get(node).is_some_and(|m| m.ready)
+    }
+
+    /// `node` is being drained.
+    pub fn is_draining(&self, node: &str) -> bool {
+        self.members.get(node).is_some_and(|m| m.draining)
     }
 
     /// Why member `node` is lost (not ready); `None` when it is ready or not a member.
@@ -105,7 +121,7 @@ fn node_info(node: &Node, ready: bool) -> NodeInfo {
             pids: a.pids,
         },
         ready,
-        unschedulable: node.spec.unschedulable,
+        unschedulable: node.spec.unschedulable || node.spec.drain,
         taints: Vec::new(),
     }
 }

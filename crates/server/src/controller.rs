@@ -62,6 +62,8 @@ pub struct ServiceController {
     placing: tokio::sync::Mutex<()>,
     /// Set once running: the node lifecycle triggers every service when nodes change.
     trigger: OnceLock<Trigger<ControllerKey>>,
+    /// The nodes as placement last saw them (name, ready, cordoned, drained).
+    node_shape: std::sync::Mutex<Vec<(String, bool, bool, bool)>>,
     metrics: Metrics,
 }
 
@@ -111,6 +113,7 @@ impl ServiceController {
             membership,
             placing: tokio::sync::Mutex::new(()),
             trigger: OnceLock::new(),
+            node_shape: std::sync::Mutex::new(Vec::new()),
             metrics,
         }
     }
@@ -231,7 +234,8 @@ impl ServiceController {
             .retain(|name| nodes.iter().any(|n| n.metadata.name == name));
         let stamp = now_rfc3339();
         let mut next = RESYNC;
-        let mut changed = false;
+        // What placement depends on: which nodes exist, are ready, cordoned, drained.
+        let mut shape: Vec<(String, bool, bool, bool)> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let name = node.metadata.name.clone();
             let was_ready = node
@@ -242,6 +246,12 @@ impl ServiceController {
             if let Some(left) = r.recheck {
                 next = next.min(left + Duration::from_millis(20));
             }
+            shape.push((
+                name.clone(),
+                r.ready,
+                node.spec.unschedulable,
+                node.spec.drain,
+            ));
             let mut conditions = node.status.conditions.clone();
             if !crate::nodes::set_ready(&mut conditions, r.ready, r.reason, &r.message, &stamp) {
                 continue;
@@ -256,7 +266,6 @@ impl ServiceController {
             } else {
                 (EventType::Warning, "NodeNotReady")
             };
-            changed = true;
             tracing::info!(node = %name, ready = r.ready, reason = r.reason, "node readiness changed");
             events::record(
                 &*self.store,
@@ -269,6 +278,12 @@ impl ServiceController {
             )
             .await;
         }
+        let changed = {
+            let mut last = flotilla_store::lock(&self.node_shape);
+            let changed = *last != shape;
+            *last = shape;
+            changed
+        };
         if changed {
             self.trigger_services().await;
         }
@@ -389,10 +404,36 @@ impl ServiceController {
 
         let revision = self.ensure_revision(service, history).await?;
         let desired = rollout::desired(service);
+        // Instances of a node being drained are planned as if they ran an older revision: they
+        // are replaced like in a rollout, within max_surge and max_unavailable.
+        let drained: Vec<Instance> = owned
+            .iter()
+            .filter(|i| cluster.is_draining(&i.spec.node))
+            .map(|i| {
+                let mut i = (*i).clone();
+                i.spec.spec_hash.push_str("+drain");
+                i
+            })
+            .collect();
+        let view: Vec<&Instance> = owned
+            .iter()
+            .copied()
+            .filter(|i| !cluster.is_draining(&i.spec.node))
+            .chain(drained.iter())
+            .collect();
         let mut creates = Vec::new();
-        for action in plan(name, Some(&desired), owned, now) {
+        for action in plan(name, Some(&desired), &view, now) {
             match action {
                 Action::Create { spec_hash, .. } => creates.push(spec_hash),
+                Action::Delete { instance, .. }
+                    if drained.iter().any(|d| d.metadata.name == instance) =>
+                {
+                    self.execute(Action::Delete {
+                        instance,
+                        reason: crate::plan::DeleteReason::Drained,
+                    })
+                    .await?
+                }
                 other => self.execute(other).await?,
             }
         }
@@ -457,7 +498,8 @@ impl ServiceController {
             .as_ref()
             .is_some_and(|r| r.phase == flotilla_spec::RolloutPhase::Progressing)
             || !desired.min_ready.is_zero()
-                && judgement.status.available_replicas < desired.replicas;
+                && judgement.status.available_replicas < desired.replicas
+            || !drained.is_empty();
         let generation = service.metadata.generation;
         let status = judgement.status;
         typed::modify::<Service>(&*self.store, name, |s| {

@@ -28,6 +28,8 @@ pub enum DeleteReason {
     ScaleDown,
     /// Runs an older revision and enough instances of the new one are available.
     Replaced,
+    /// Its node is being drained and enough replacements are available.
+    Drained,
 }
 
 impl DeleteReason {
@@ -36,6 +38,7 @@ impl DeleteReason {
             DeleteReason::ServiceGone => "service deleted",
             DeleteReason::ScaleDown => "scaled down",
             DeleteReason::Replaced => "replaced by a newer revision",
+            DeleteReason::Drained => "its node is being drained",
         }
     }
 }

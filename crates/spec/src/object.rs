@@ -472,6 +472,10 @@ pub struct NodeSpec {
     /// Cordoned: no new instance is placed on it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unschedulable: bool,
+    /// Being drained (implies cordoned): its instances are replaced elsewhere, each service
+    /// keeping `replicas - max_unavailable` available, as in a rollout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 /// CPU, memory and process counts of a node.

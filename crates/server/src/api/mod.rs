@@ -163,6 +163,9 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/nodes/{node}/instances/{name}/events",
             post(post_event),
         )
+        .route("/api/v1/nodes/{node}/cordon", post(cordon))
+        .route("/api/v1/nodes/{node}/uncordon", post(uncordon))
+        .route("/api/v1/nodes/{node}/drain", post(drain))
         .route(
             "/api/v1/nodes/{node}/credential",
             post(tokens::renew_credential),

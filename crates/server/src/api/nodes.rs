@@ -219,3 +219,59 @@ pub(super) async fn put_lease(
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// What `cordon`, `uncordon` and `drain` do to a node's spec.
+fn set_schedulable(spec: &mut flotilla_spec::NodeSpec, action: &str) -> bool {
+    let before = spec.clone();
+    match action {
+        "cordon" => spec.unschedulable = true,
+        "drain" => {
+            spec.unschedulable = true;
+            spec.drain = true;
+        }
+        _ => {
+            spec.unschedulable = false;
+            spec.drain = false;
+        }
+    }
+    *spec != before
+}
+
+async fn steer(state: &ApiState, name: &str, action: &str) -> ApiResult<Json<NodeView>> {
+    operations::get_named::<Node>(&*state.store, name).await?;
+    let node = typed::modify::<Node>(&*state.store, name, |n| {
+        set_schedulable(&mut n.spec, action)
+    })
+    .await?;
+    let node = match node {
+        Some(n) => n,
+        None => operations::get_named::<Node>(&*state.store, name).await?,
+    };
+    tracing::info!(node = %name, action, "node steered");
+    Ok(Json(view(state, node)))
+}
+
+/// `POST /api/v1/nodes/{node}/cordon`: no new instance is placed on it.
+pub(super) async fn cordon(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    steer(&state, &name, "cordon").await
+}
+
+/// `POST /api/v1/nodes/{node}/uncordon`: placements resume (and a drain stops).
+pub(super) async fn uncordon(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    steer(&state, &name, "uncordon").await
+}
+
+/// `POST /api/v1/nodes/{node}/drain`: cordoned, and its instances replaced elsewhere within
+/// each service's max_unavailable.
+pub(super) async fn drain(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    steer(&state, &name, "drain").await
+}
