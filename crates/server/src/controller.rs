@@ -25,7 +25,7 @@ use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeCon
 use crate::cluster::{Cluster, Membership};
 use crate::plan::{Action, plan};
 use crate::rollout;
-use crate::schedule::{Placed, Placement};
+use crate::schedule::{Placed, Placement, Snapshot};
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
@@ -658,15 +658,16 @@ impl ServiceController {
     ) -> Result<(), StoreError> {
         let _placing = self.placing.lock().await;
         let (all, _) = typed::list::<Instance>(&*self.store).await?;
-        let mut placed: Vec<Placed> = all
+        let placed: Vec<Placed> = all
             .iter()
             .filter(|i| cluster.is_ready(&i.spec.node))
             .filter_map(crate::cluster::placed)
             .collect();
+        let mut snapshot = Snapshot::new(cluster.nodes.clone(), &placed);
         let name = &service.metadata.name;
         for i in pending {
             let request = crate::cluster::request(name, &i.spec.template);
-            match crate::schedule::place(&request, &cluster.nodes, &placed) {
+            match snapshot.place(&request) {
                 Placement::Node(node) => {
                     let bound = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
                         if !i.spec.node.is_empty() {
@@ -678,7 +679,9 @@ impl ServiceController {
                     })
                     .await?;
                     if let Some(b) = bound {
-                        placed.extend(crate::cluster::placed(&b));
+                        if let Some(p) = crate::cluster::placed(&b) {
+                            snapshot.bind(&p);
+                        }
                         self.scheduled_event(name, &b.metadata.name, &node, "assigned")
                             .await;
                     }
@@ -728,7 +731,9 @@ impl ServiceController {
             let created = typed::create(&*self.store, instance).await?;
             match message {
                 None => {
-                    placed.extend(crate::cluster::placed(&created));
+                    if let Some(p) = crate::cluster::placed(&created) {
+                        snapshot.bind(&p);
+                    }
                     self.scheduled_event(name, &instance_name, &node, "created")
                         .await;
                 }

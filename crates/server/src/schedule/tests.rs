@@ -370,6 +370,48 @@ fn skew_after(
     Some(count(target) + 1 - min)
 }
 
+/// Checks one answer of the scheduler against the plain statement of the constraints; the
+/// instance placed, if any.
+fn check(
+    req: &Request,
+    nodes: &[NodeInfo],
+    placed: &[Placed],
+    answer: Placement,
+) -> Result<Option<Placed>, TestCaseError> {
+    let fine = |n: &NodeInfo| {
+        allowed(req, n, placed)
+            && match &req.spread {
+                None => true,
+                Some(s) => skew_after(req, nodes, placed, n).is_some_and(|k| k <= s.max_skew),
+            }
+    };
+    match answer {
+        Placement::Node(name) => {
+            let node = nodes.iter().find(|n| n.name == name).unwrap();
+            prop_assert!(
+                allowed(req, node, placed),
+                "{name} breaks a hard constraint for {req:?}"
+            );
+            prop_assert!(fine(node), "{name} breaks the spread for {req:?}");
+            Ok(Some(Placed {
+                node: name,
+                service: req.service.clone(),
+                resources: req.resources,
+                host_ports: req.host_ports.clone(),
+            }))
+        }
+        Placement::Unschedulable(u) => {
+            prop_assert!(
+                !nodes.iter().any(fine),
+                "unschedulable ({u}) though a node could take {req:?}"
+            );
+            prop_assert_eq!(u.nodes, nodes.len());
+            prop_assert!(!u.reasons.is_empty());
+            Ok(None)
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -380,33 +422,31 @@ proptest! {
     ) {
         let mut placed: Vec<Placed> = Vec::new();
         for req in &requests {
-            let fine = |n: &NodeInfo| {
-                allowed(req, n, &placed)
-                    && match &req.spread {
-                        None => true,
-                        Some(s) => skew_after(req, &nodes, &placed, n).is_some_and(|k| k <= s.max_skew),
-                    }
-            };
-            match place(req, &nodes, &placed) {
-                Placement::Node(name) => {
-                    let node = nodes.iter().find(|n| n.name == name).unwrap();
-                    prop_assert!(allowed(req, node, &placed), "{name} breaks a hard constraint for {req:?}");
-                    prop_assert!(fine(node), "{name} breaks the spread for {req:?}");
-                    placed.push(Placed {
-                        node: name,
-                        service: req.service.clone(),
-                        resources: req.resources,
-                        host_ports: req.host_ports.clone(),
-                    });
-                }
-                Placement::Unschedulable(u) => {
-                    prop_assert!(
-                        !nodes.iter().any(fine),
-                        "unschedulable ({u}) though a node could take {req:?}"
-                    );
-                    prop_assert_eq!(u.nodes, nodes.len());
-                    prop_assert!(!u.reasons.is_empty());
-                }
+            let answer = place(req, &nodes, &placed);
+            if let Some(p) = check(req, &nodes, &placed, answer)? {
+                placed.push(p);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// Past 100 nodes a placement looks at a sample of the nodes; it still never breaks a
+    /// constraint, and answers Unschedulable only when no node at all could take it.
+    #[test]
+    fn a_sampled_scan_of_many_nodes_keeps_every_constraint(
+        nodes in (101usize..260).prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>()),
+        requests in prop::collection::vec(arb_request(), 1..60),
+    ) {
+        let mut snapshot = Snapshot::new(nodes.clone(), &[]);
+        let mut placed: Vec<Placed> = Vec::new();
+        for req in &requests {
+            let answer = snapshot.place(req);
+            if let Some(p) = check(req, &nodes, &placed, answer)? {
+                snapshot.bind(&p);
+                placed.push(p);
             }
         }
     }
