@@ -40,6 +40,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Server(args) = command {
         return crate::fleet::server(args, data_dir).await;
     }
+    if let Command::SimulateNodes(args) = command {
+        let (Some(api), Some(token)) = (api, token) else {
+            bail!("simulate-nodes needs --api and a join token (--token or FLOTILLA_TOKEN)");
+        };
+        return crate::simulate::run(args, &api_url(&api), &token).await;
+    }
     if let Command::Agent(args) = command {
         let Some(api) = api else {
             bail!(
@@ -135,6 +141,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Gateway(_)
         | Command::Server(_)
         | Command::Agent(_)
+        | Command::SimulateNodes(_)
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }

@@ -9,6 +9,7 @@ mod follow;
 mod gateway;
 mod output;
 mod rollout;
+mod simulate;
 mod up;
 
 use std::path::PathBuf;
@@ -103,6 +104,10 @@ pub enum Command {
     /// Run this machine as a node of a fleet: register with the server's API, renew its
     /// lease, run the instances the server places here.
     Agent(AgentArgs),
+    /// Benchmarking: many simulated nodes (heartbeats and instance status, no processes)
+    /// against a server.
+    #[command(hide = true)]
+    SimulateNodes(SimulateArgs),
     /// Create or update the services in a file.
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -221,6 +226,7 @@ impl Command {
             Command::Up(_) | Command::Server(_) => return Conn::default(),
             Command::Gateway(args) => &args.conn,
             Command::Agent(args) => &args.conn,
+            Command::SimulateNodes(args) => &args.conn,
             Command::Apply { conn, .. }
             | Command::Get { conn, .. }
             | Command::Describe { conn, .. }
@@ -397,6 +403,23 @@ pub struct AgentArgs {
     pub lease: std::time::Duration,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub conn: SubConn,
+    /// How many nodes.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// Node names are PREFIX-00000, PREFIX-00001, …
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+    /// How long to run.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+}
+
 /// Servers hold a descriptor per connection: use the whole hard limit, not the usual soft 1024.
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -425,7 +448,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
-        Command::Up(_) | Command::Gateway(_) | Command::Server(_) | Command::Agent(_)
+        Command::Up(_)
+            | Command::Gateway(_)
+            | Command::Server(_)
+            | Command::Agent(_)
+            | Command::SimulateNodes(_)
     );
     if !daemon {
         default_sigpipe();

@@ -122,7 +122,10 @@ fn run(n_nodes: usize, instances: usize) {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let n_nodes = args.first().copied().unwrap_or(5000);
     let counts: Vec<usize> = if args.len() > 1 {
         args[1..].to_vec()

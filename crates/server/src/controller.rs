@@ -708,7 +708,7 @@ impl ServiceController {
         }
         for spec_hash in creates {
             let request = crate::cluster::request(name, &service.spec);
-            let (node, message) = match crate::schedule::place(&request, &cluster.nodes, &placed) {
+            let (node, message) = match snapshot.place(&request) {
                 Placement::Node(node) => (node, None),
                 Placement::Unschedulable(why) => (String::new(), Some(why.to_string())),
             };

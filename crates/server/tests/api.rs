@@ -708,3 +708,45 @@ async fn plain_applies_succeed_while_status_is_being_written() {
         .unwrap();
     assert_eq!(s.spec.replicas, 21);
 }
+
+/// In a fleet the controller spreads a service's instances over the ready nodes.
+#[tokio::test]
+async fn a_fleet_controller_spreads_instances_over_ready_nodes() {
+    use flotilla_store::NodeApi;
+    let f = fixture();
+    let leases: Arc<flotilla_store::Leases> = Default::default();
+    for n in ["a", "b", "c"] {
+        let node = flotilla_store::StoreNode::new(f.store.clone(), leases.clone(), n);
+        let mut registration = flotilla_store::Registration::default();
+        registration.status.allocatable.cpu_millicores = 32_000;
+        registration.status.allocatable.memory_bytes = 128 << 30;
+        registration.lease_seconds = 60;
+        node.register(registration).await.expect("register");
+    }
+    let mut registry = Registry::default();
+    let controller = ServiceController::new(
+        f.store.clone(),
+        leases,
+        flotilla_server::cluster::Membership::Fleet,
+        &mut registry,
+    );
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(6)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
+    let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in &instances {
+        *per.entry(i.spec.node.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{per:?}"
+    );
+}

@@ -451,3 +451,30 @@ proptest! {
         }
     }
 }
+
+/// Placements bound one after the other into one snapshot spread like fresh ones, past the
+/// sampling threshold too.
+#[test]
+fn a_snapshot_spreads_what_it_binds() {
+    let nodes: Vec<NodeInfo> = (0..200)
+        .map(|i| node(&format!("n{i:03}"), 32_000, 128 * 1024, &[]))
+        .collect();
+    let mut req = request("big", 0, 0);
+    req.anti_affinity = Some(AntiAffinity::Soft);
+    let mut snapshot = Snapshot::new(nodes, &[]);
+    let mut per: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..400 {
+        let Placement::Node(name) = snapshot.place(&req) else {
+            panic!("unschedulable");
+        };
+        snapshot.bind(&Placed {
+            node: name.clone(),
+            service: req.service.clone(),
+            resources: req.resources,
+            host_ports: Vec::new(),
+        });
+        *per.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(per.len(), 200, "{per:?}");
+    assert!(per.values().all(|&n| n == 2), "{per:?}");
+}
