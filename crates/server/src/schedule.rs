@@ -9,7 +9,7 @@
 //! cordon, taints, node selector, host ports, hard anti-affinity, topology spread), and answers
 //! Unschedulable only when no node passes every filter.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// Resources a node offers or an instance asks for.
@@ -250,9 +250,39 @@ pub struct Snapshot {
     used: Vec<Used>,
     index: HashMap<String, usize>,
     /// Per service: its instances per node index.
-    services: HashMap<String, HashMap<usize, u32>>,
+    services: HashMap<String, FnvHashMap<usize, u32>>,
+    /// Per topology key: each node's domain (an index into the key's domain names).
+    domains: HashMap<String, Domains>,
     /// Where the next sampled scan starts.
     cursor: usize,
+}
+
+type FnvHashMap<K, V> = HashMap<K, V, fnv::FnvBuildHasher>;
+
+/// The values of one node label: which one each node has.
+#[derive(Debug, Clone)]
+struct Domains {
+    of_node: Vec<Option<u32>>,
+    count: usize,
+}
+
+impl Domains {
+    fn new(nodes: &[NodeInfo], key: &str) -> Domains {
+        let mut names: HashMap<&str, u32> = HashMap::new();
+        let of_node = nodes
+            .iter()
+            .map(|n| {
+                n.labels.get(key).map(|v| {
+                    let next = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                    *names.entry(v.as_str()).or_insert(next)
+                })
+            })
+            .collect();
+        Domains {
+            of_node,
+            count: names.len(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -267,6 +297,7 @@ impl Snapshot {
             nodes,
             index,
             services: HashMap::new(),
+            domains: HashMap::new(),
             cursor: 0,
         };
         for p in placed {
@@ -292,12 +323,11 @@ impl Snapshot {
         u.res.memory_bytes = u.res.memory_bytes.saturating_add(p.resources.memory_bytes);
         u.res.pids = u.res.pids.saturating_add(p.resources.pids);
         u.ports.extend(p.host_ports.iter().copied());
-        *self
-            .services
-            .entry(p.service.clone())
-            .or_default()
-            .entry(i)
-            .or_insert(0) += 1;
+        let counts = match self.services.get_mut(&p.service) {
+            Some(c) => c,
+            None => self.services.entry(p.service.clone()).or_default(),
+        };
+        *counts.entry(i).or_insert(0) += 1;
     }
 
     /// How many feasible nodes a sampled scan looks for.
@@ -313,23 +343,51 @@ impl Snapshot {
     /// Chooses the node for `req`; binding it is the caller's ([`Snapshot::bind`]).
     pub fn place(&mut self, req: &Request) -> Placement {
         let n = self.nodes.len();
+        if let Some(spread) = &req.spread
+            && !self.domains.contains_key(&spread.topology_key)
+        {
+            let d = Domains::new(&self.nodes, &spread.topology_key);
+            self.domains.insert(spread.topology_key.clone(), d);
+        }
+        let domains = req
+            .spread
+            .as_ref()
+            .and_then(|s| self.domains.get(&s.topology_key));
         let counts = self.services.get(&req.service);
         let same = |i: usize| counts.and_then(|c| c.get(&i)).copied().unwrap_or(0);
-        let wanted = if req.spread.is_some() {
-            n
-        } else {
-            self.wanted()
-        };
+        // The service's instances per domain, and which domains have a feasible node so far.
+        let mut per_domain: Vec<u32> = Vec::new();
+        let mut seen_domain: Vec<bool> = Vec::new();
+        let mut domains_left = 0;
+        if let Some(d) = domains {
+            per_domain = vec![0; d.count];
+            seen_domain = vec![false; d.count];
+            domains_left = d.count;
+            for (&i, &c) in counts.into_iter().flatten() {
+                if let Some(Some(x)) = d.of_node.get(i) {
+                    per_domain[*x as usize] += c;
+                }
+            }
+        }
+        let wanted = self.wanted();
         let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
         let mut feasible: Vec<usize> = Vec::new();
         let mut why = Vec::new();
         let mut scanned = 0;
-        while scanned < n && feasible.len() < wanted {
+        // Enough feasible nodes, and (with a spread) one in every domain: the least loaded
+        // domain that can take the instance is then known exactly.
+        while scanned < n && (feasible.len() < wanted || domains_left > 0) {
             let i = (self.cursor + scanned) % n;
             scanned += 1;
             filter(req, &self.nodes[i], &self.used[i], same(i), &mut why);
             if why.is_empty() {
                 feasible.push(i);
+                if let Some(Some(x)) = domains.map(|d| d.of_node[i])
+                    && !seen_domain[x as usize]
+                {
+                    seen_domain[x as usize] = true;
+                    domains_left -= 1;
+                }
             }
             for r in &why {
                 *reasons.entry(*r).or_insert(0) += 1;
@@ -338,72 +396,46 @@ impl Snapshot {
         if n > 0 {
             self.cursor = (self.cursor + scanned) % n;
         }
-        if let Some(spread) = &req.spread {
+        if let (Some(spread), Some(d)) = (&req.spread, domains) {
+            let min = (0..d.count)
+                .filter(|&x| seen_domain[x])
+                .map(|x| per_domain[x])
+                .min();
             let before = feasible.len();
-            let allowed = within_skew(spread, &self.nodes, &feasible, &same);
-            feasible.retain(|i| allowed.contains(i));
+            feasible.retain(|&i| match (d.of_node[i], min) {
+                (Some(x), Some(min)) => per_domain[x as usize] + 1 - min <= spread.max_skew.max(1),
+                _ => false,
+            });
             if feasible.len() < before {
                 *reasons.entry(Reason::Spread).or_insert(0) += before - feasible.len();
             }
         }
         // Signed: the penalty must keep counting past the free share (a saturating score
         // would tie every node that already runs two and pile the rest on the first name).
-        let score = |i: usize| {
-            let mut s = i64::try_from(least_allocated(req, &self.nodes[i], &self.used[i]))
+        let soft = req.anti_affinity == Some(AntiAffinity::Soft);
+        let mut best: Option<(i64, usize)> = None;
+        for i in feasible {
+            let mut score = i64::try_from(least_allocated(req, &self.nodes[i], &self.used[i]))
                 .unwrap_or(i64::MAX);
-            if req.anti_affinity == Some(AntiAffinity::Soft) {
-                s -= SOFT_ANTI_AFFINITY_PENALTY * i64::from(same(i));
+            if soft {
+                score -= SOFT_ANTI_AFFINITY_PENALTY * i64::from(same(i));
             }
-            s
-        };
-        let best = feasible.into_iter().max_by(|&a, &b| {
             // Higher score wins; on a tie the name first in order does.
-            score(a)
-                .cmp(&score(b))
-                .then_with(|| self.nodes[b].name.cmp(&self.nodes[a].name))
-        });
+            let better = match best {
+                None => true,
+                Some((s, b)) => {
+                    score > s || (score == s && self.nodes[i].name < self.nodes[b].name)
+                }
+            };
+            if better {
+                best = Some((score, i));
+            }
+        }
         match best {
-            Some(i) => Placement::Node(self.nodes[i].name.clone()),
+            Some((_, i)) => Placement::Node(self.nodes[i].name.clone()),
             None => Placement::Unschedulable(Unschedulable { nodes: n, reasons }),
         }
     }
-}
-
-/// The feasible nodes where one more instance keeps the spread within `max_skew`. Domains are
-/// the values of the topology key; a domain's count is the service's instances on all its
-/// nodes, and the least loaded domain is sought among those with a feasible node (a domain
-/// whose nodes are all full or cordoned cannot hold the others back). A node without the label
-/// is in no domain and takes no spread instance.
-fn within_skew(
-    spread: &Spread,
-    nodes: &[NodeInfo],
-    feasible: &[usize],
-    same: &dyn Fn(usize) -> u32,
-) -> BTreeSet<usize> {
-    let domain = |i: usize| nodes[i].labels.get(&spread.topology_key);
-    let mut count: HashMap<&String, u32> = HashMap::new();
-    for i in 0..nodes.len() {
-        if let Some(d) = domain(i) {
-            *count.entry(d).or_insert(0) += same(i);
-        }
-    }
-    let Some(min) = feasible
-        .iter()
-        .filter_map(|&i| domain(i).and_then(|d| count.get(d)))
-        .min()
-        .copied()
-    else {
-        return BTreeSet::new();
-    };
-    feasible
-        .iter()
-        .copied()
-        .filter(|&i| {
-            domain(i)
-                .and_then(|d| count.get(d).copied())
-                .is_some_and(|c| c + 1 - min <= spread.max_skew.max(1))
-        })
-        .collect()
 }
 
 #[cfg(test)]
