@@ -105,6 +105,20 @@ pub enum Reason {
     Spread,
 }
 
+/// Every reason, in the order of their discriminants.
+const REASONS: [Reason; 10] = [
+    Reason::NotReady,
+    Reason::Cordoned,
+    Reason::UntoleratedTaint,
+    Reason::NodeSelector,
+    Reason::InsufficientCpu,
+    Reason::InsufficientMemory,
+    Reason::InsufficientPids,
+    Reason::HostPort,
+    Reason::AntiAffinity,
+    Reason::Spread,
+];
+
 impl Reason {
     fn text(self) -> &'static str {
         match self {
@@ -164,46 +178,48 @@ fn fits(need: u64, used: u64, allocatable: u64) -> bool {
     need == 0 || used.saturating_add(need) <= allocatable
 }
 
-/// The reasons `node` cannot take `req` (empty: it can), spread aside; `same` is the number
-/// of the service's instances already there.
-fn filter(req: &Request, node: &NodeInfo, u: &Used, same: u32, why: &mut Vec<Reason>) {
-    why.clear();
+/// The reasons `node` cannot take `req` as a set of [`Reason`] bits (0: it can), spread
+/// aside; `same` is the number of the service's instances already there.
+fn filter(req: &Request, node: &NodeInfo, u: &Used, same: u32) -> u16 {
+    let mut why = 0u16;
+    let mut no = |r: Reason| why |= 1 << (r as u16);
     if !node.ready {
-        why.push(Reason::NotReady);
+        no(Reason::NotReady);
     }
     if node.unschedulable {
-        why.push(Reason::Cordoned);
+        no(Reason::Cordoned);
     }
     if node
         .taints
         .iter()
         .any(|t| !req.tolerations.iter().any(|tol| tol.tolerates(t)))
     {
-        why.push(Reason::UntoleratedTaint);
+        no(Reason::UntoleratedTaint);
     }
     if req
         .node_selector
         .iter()
         .any(|(k, v)| node.labels.get(k) != Some(v))
     {
-        why.push(Reason::NodeSelector);
+        no(Reason::NodeSelector);
     }
     let (r, a) = (req.resources, node.allocatable);
     if !fits(r.cpu_millicores, u.res.cpu_millicores, a.cpu_millicores) {
-        why.push(Reason::InsufficientCpu);
+        no(Reason::InsufficientCpu);
     }
     if !fits(r.memory_bytes, u.res.memory_bytes, a.memory_bytes) {
-        why.push(Reason::InsufficientMemory);
+        no(Reason::InsufficientMemory);
     }
     if !fits(r.pids, u.res.pids, a.pids) {
-        why.push(Reason::InsufficientPids);
+        no(Reason::InsufficientPids);
     }
     if req.host_ports.iter().any(|p| u.ports.contains(p)) {
-        why.push(Reason::HostPort);
+        no(Reason::HostPort);
     }
     if req.anti_affinity == Some(AntiAffinity::Hard) && same > 0 {
-        why.push(Reason::AntiAffinity);
+        no(Reason::AntiAffinity);
     }
+    why
 }
 
 /// Free share (0–1000 per resource, averaged over CPU and memory) left after placing.
@@ -370,17 +386,17 @@ impl Snapshot {
             }
         }
         let wanted = self.wanted();
-        let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
+        // Nodes that gave each reason, by `Reason as usize`.
+        let mut refused = [0usize; REASONS.len()];
         let mut feasible: Vec<usize> = Vec::new();
-        let mut why = Vec::new();
         let mut scanned = 0;
         // Enough feasible nodes, and (with a spread) one in every domain: the least loaded
         // domain that can take the instance is then known exactly.
         while scanned < n && (feasible.len() < wanted || domains_left > 0) {
             let i = (self.cursor + scanned) % n;
             scanned += 1;
-            filter(req, &self.nodes[i], &self.used[i], same(i), &mut why);
-            if why.is_empty() {
+            let why = filter(req, &self.nodes[i], &self.used[i], same(i));
+            if why == 0 {
                 feasible.push(i);
                 if let Some(Some(x)) = domains.map(|d| d.of_node[i])
                     && !seen_domain[x as usize]
@@ -389,8 +405,12 @@ impl Snapshot {
                     domains_left -= 1;
                 }
             }
-            for r in &why {
-                *reasons.entry(*r).or_insert(0) += 1;
+            if why != 0 {
+                for (bit, count) in refused.iter_mut().enumerate() {
+                    if why & (1 << bit) != 0 {
+                        *count += 1;
+                    }
+                }
             }
         }
         if n > 0 {
@@ -406,9 +426,7 @@ impl Snapshot {
                 (Some(x), Some(min)) => per_domain[x as usize] + 1 - min <= spread.max_skew.max(1),
                 _ => false,
             });
-            if feasible.len() < before {
-                *reasons.entry(Reason::Spread).or_insert(0) += before - feasible.len();
-            }
+            refused[Reason::Spread as usize] += before - feasible.len();
         }
         // Signed: the penalty must keep counting past the free share (a saturating score
         // would tie every node that already runs two and pile the rest on the first name).
@@ -433,7 +451,15 @@ impl Snapshot {
         }
         match best {
             Some((_, i)) => Placement::Node(self.nodes[i].name.clone()),
-            None => Placement::Unschedulable(Unschedulable { nodes: n, reasons }),
+            None => Placement::Unschedulable(Unschedulable {
+                nodes: n,
+                reasons: REASONS
+                    .iter()
+                    .zip(refused)
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(r, count)| (*r, count))
+                    .collect(),
+            }),
         }
     }
 }

@@ -479,3 +479,10 @@ fn a_snapshot_spreads_what_it_binds() {
     assert_eq!(per.len(), 200, "{per:?}");
     assert!(per.values().all(|&n| n == 2), "{per:?}");
 }
+
+#[test]
+fn reasons_are_listed_in_discriminant_order() {
+    for (i, r) in REASONS.iter().enumerate() {
+        assert_eq!(*r as usize, i, "{r:?}");
+    }
+}
