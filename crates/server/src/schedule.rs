@@ -179,8 +179,9 @@ fn fits(need: u64, used: u64, allocatable: u64) -> bool {
 }
 
 /// The reasons `node` cannot take `req` as a set of [`Reason`] bits (0: it can), spread
-/// aside; `same` is the number of the service's instances already there.
-fn filter(req: &Request, node: &NodeInfo, u: &Used, same: u32) -> u16 {
+/// aside; `same` counts the service's instances already there (asked only for hard
+/// anti-affinity: a map lookup per node looked at is a good part of a scan).
+fn filter(req: &Request, node: &NodeInfo, u: &Used, same: impl Fn() -> u32) -> u16 {
     let mut why = 0u16;
     let mut no = |r: Reason| why |= 1 << (r as u16);
     if !node.ready {
@@ -216,7 +217,7 @@ fn filter(req: &Request, node: &NodeInfo, u: &Used, same: u32) -> u16 {
     if req.host_ports.iter().any(|p| u.ports.contains(p)) {
         no(Reason::HostPort);
     }
-    if req.anti_affinity == Some(AntiAffinity::Hard) && same > 0 {
+    if req.anti_affinity == Some(AntiAffinity::Hard) && same() > 0 {
         no(Reason::AntiAffinity);
     }
     why
@@ -395,7 +396,7 @@ impl Snapshot {
         while scanned < n && (feasible.len() < wanted || domains_left > 0) {
             let i = (self.cursor + scanned) % n;
             scanned += 1;
-            let why = filter(req, &self.nodes[i], &self.used[i], same(i));
+            let why = filter(req, &self.nodes[i], &self.used[i], || same(i));
             if why == 0 {
                 feasible.push(i);
                 if let Some(Some(x)) = domains.map(|d| d.of_node[i])
