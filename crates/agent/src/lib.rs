@@ -213,6 +213,7 @@ impl Agent {
                 cgroups,
                 cgroup_note,
                 metrics,
+                renewed: std::sync::Mutex::new(None),
             }),
             registered: false,
         })
@@ -224,9 +225,11 @@ impl Agent {
     pub async fn register(&mut self) -> Result<(), AgentError> {
         let node = &self.shared.config.node;
         let api = &self.shared.api;
+        let sent = std::time::Instant::now();
         api.register(registration::registration(&self.shared.config))
             .await
             .map_err(|e| AgentError::Config(format!("registering node {node}: {e}")))?;
+        *flotilla_store::lock(&self.shared.renewed) = Some(sent);
         self.registered = true;
         Ok(())
     }

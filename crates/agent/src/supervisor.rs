@@ -59,6 +59,8 @@ pub(crate) struct Supervisor {
     state: Arc<Mutex<State>>,
     workers: TaskTracker,
     trigger: OnceLock<Trigger<AgentKey>>,
+    /// Singletons were last found fenced (see [`Shared::fenced`]).
+    fenced: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl Supervisor {
             state: Arc::default(),
             workers: TaskTracker::new(),
             trigger: OnceLock::new(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         }
     }
@@ -117,6 +120,10 @@ impl Supervisor {
         if !deleting && inst.status.phase.is_terminal() {
             return;
         }
+        if inst.spec.template.singleton && !deleting && self.shared.fenced() {
+            // Cut off from the control plane: another node may run it soon.
+            return;
+        }
         let entry = self.start_worker(name, inst, deleting);
         state.workers.insert(name.to_string(), entry);
     }
@@ -158,11 +165,50 @@ impl Supervisor {
     async fn heartbeat(&self) -> Duration {
         let lease = self.shared.config.lease_duration;
         let seconds = u32::try_from(lease.as_secs().max(1)).unwrap_or(u32::MAX);
-        match self.shared.api.renew_lease(seconds).await {
-            Ok(()) => lease / 3,
+        let sent = std::time::Instant::now();
+        let next = match self.shared.api.renew_lease(seconds).await {
+            Ok(()) => {
+                *lock(&self.shared.renewed) = Some(sent);
+                lease / 3
+            }
             Err(error) => {
                 tracing::warn!(node = %self.shared.config.node, error = %flotilla_store::error_chain(&error), "could not renew the node's lease");
                 (lease / 12).max(Duration::from_millis(100))
+            }
+        };
+        let fenced = self.shared.fenced();
+        if fenced != self.fenced.swap(fenced, Ordering::SeqCst) {
+            self.fence_changed(fenced);
+        }
+        next
+    }
+
+    /// Singletons stop when the lease is about to expire unrenewed (the control plane will
+    /// replace them elsewhere once it has expired for longer) and may start again once a
+    /// renewal gets through.
+    fn fence_changed(&self, fenced: bool) {
+        let node = &self.shared.config.node;
+        let singletons: Vec<String> = self
+            .instances
+            .borrow()
+            .iter()
+            .filter(|(_, i)| i.spec.template.singleton && &i.spec.node == node)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if fenced {
+            tracing::warn!(node = %node, instances = singletons.len(), "lease about to expire without a renewal: stopping singleton instances");
+            let state = lock(&self.state);
+            for name in &singletons {
+                if let Some(w) = state.workers.get(name) {
+                    raise(&w.desired, Desired::Gone);
+                }
+            }
+        } else {
+            tracing::info!(node = %node, "lease renewed again: singleton instances may run");
+            if let Some(trigger) = self.trigger.get() {
+                for name in singletons {
+                    trigger.trigger(AgentKey::Instance(name));
+                }
             }
         }
     }

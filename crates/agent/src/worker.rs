@@ -48,6 +48,17 @@ pub(crate) struct Shared {
     pub cgroup_note: Option<String>,
     pub ports: PortAllocator,
     pub metrics: Metrics,
+    /// When the last lease renewal that succeeded was sent (on this machine's clock).
+    pub renewed: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Shared {
+    /// Singletons must be stopped: the lease has a third of its time left (on this node's
+    /// own clock) without a renewal, so the control plane may soon replace them elsewhere.
+    pub fn fenced(&self) -> bool {
+        let lease = self.config.lease_duration;
+        flotilla_store::lock(&self.renewed).is_some_and(|t| t.elapsed() >= lease * 2 / 3)
+    }
 }
 
 /// Longest wait for the drain hook's confirmation (unrouted, no request in flight).
@@ -1134,6 +1145,7 @@ mod tests {
             cgroups: None,
             cgroup_note: None,
             metrics: Metrics::register(&mut registry),
+            renewed: std::sync::Mutex::new(None),
         })
     }
 

@@ -42,6 +42,8 @@ struct Agent {
     proc: Option<Proc>,
     address: String,
     data: PathBuf,
+    /// The API address this agent uses, when not the server's own (a [`Link`]).
+    api: Option<String>,
 }
 
 struct Fleet {
@@ -100,6 +102,7 @@ impl Fleet {
                 proc: None,
                 address: format!("127.77.{net}.{i}"),
                 data: fleet.dir.path().join(&name),
+                api: None,
             };
             fleet.agents.insert(name.clone(), agent);
             fleet.start_agent(&name);
@@ -113,7 +116,7 @@ impl Fleet {
     fn start_agent(&mut self, name: &str) {
         let agent = &self.agents[name];
         let (address, data) = (agent.address.clone(), agent.data.clone());
-        let api = format!("http://{}", self.api);
+        let api = format!("http://{}", agent.api.as_deref().unwrap_or(&self.api));
         let proc = spawn(
             &self.dir,
             name,
@@ -133,6 +136,17 @@ impl Fleet {
             &[("FLOTILLA_TOKEN", &self.join)],
         );
         self.agents.get_mut(name).unwrap().proc = Some(proc);
+    }
+
+    /// Stops `name`'s agent (SIGTERM: its instances stop) and starts it again through `api`.
+    fn restart_agent_via(&mut self, name: &str, api: &str) {
+        let agent = self.agents.get_mut(name).unwrap();
+        if let Some(mut p) = agent.proc.take() {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+            let _ = p.child.wait();
+        }
+        agent.api = Some(api.to_string());
+        self.start_agent(name);
     }
 
     /// `flotilla token create ARGS`: the token printed.
@@ -820,4 +834,204 @@ fn cordon_and_drain_move_instances_within_max_unavailable() {
         "",
     );
     assert_eq!(status, 403);
+}
+
+/// A network link the test can cut: a TCP relay in front of the server's API. Cut, it resets
+/// every connection and refuses new ones, as a dropped link does to an agent.
+struct Link {
+    addr: String,
+    up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Link {
+    fn start(upstream: &str) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let accept = {
+            let (up, stop, conns, upstream) = (
+                up.clone(),
+                stop.clone(),
+                conns.clone(),
+                upstream.to_string(),
+            );
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = client else { continue };
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection closes
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                        continue;
+                    };
+                    let mut held = conns.lock().unwrap();
+                    held.push(client.try_clone().unwrap());
+                    held.push(server.try_clone().unwrap());
+                    for (mut from, mut to) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        // Ends when either side closes or the link is cut (shutdown).
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            })
+        };
+        Link {
+            addr,
+            up,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(&self.addr); // wakes the accept loop
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A singleton on a node whose link to the server is cut: the node stops it itself before
+/// its lease expires, the server replaces it on another node only once that is certain, and
+/// at no moment do two copies answer. Healed, the node runs nothing of it again.
+#[test]
+fn a_partitioned_singleton_never_runs_twice() {
+    let mut fleet = Fleet::start(5, 2);
+    let link = Link::start(&fleet.api);
+    fleet.restart_agent_via("node-2", &link.addr);
+    wait_for(
+        "node-2 Ready through the link",
+        Duration::from_secs(20),
+        || (fleet.ready_nodes().len() == 2).then_some(()),
+    );
+    let solo = r#"
+[service.solo]
+command = "flotilla-demo"
+args = ["--listen", "${FLOTILLA_HOST}:${PORT}"]
+singleton = true
+ports = ["http"]
+stop = { grace_period = "1s" }
+
+[service.solo.probes.readiness]
+http = { path = "/health" }
+period = "200ms"
+timeout = "200ms"
+failure_threshold = 1
+"#;
+    // On node-2 first.
+    assert!(fleet.cli(&["node", "cordon", "node-1"]).status.success());
+    fleet.apply(solo);
+    let first = wait_for("solo ready on node-2", Duration::from_secs(30), || {
+        fleet.ready_instances("solo").into_iter().next()
+    });
+    assert_eq!(node_of(&first), "node-2");
+    assert!(fleet.cli(&["node", "uncordon", "node-1"]).status.success());
+    let old_pid = pid_of(&first);
+
+    // Every endpoint ever listed is probed directly, all the time: never two answer at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (api, token, stop) = (fleet.api.clone(), fleet.token.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut endpoints = std::collections::BTreeSet::new();
+            let mut most = 0;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let (status, body) =
+                    call(&api, "GET", "/api/v1/instances?service=solo", &token, "");
+                if status == 200 {
+                    let v: Value = serde_json::from_str(&body).unwrap();
+                    for i in v["items"].as_array().unwrap() {
+                        if let (Some(h), Some(p)) = (
+                            i["status"]["host"].as_str(),
+                            i["status"]["ports"]["http"].as_u64(),
+                        ) {
+                            endpoints.insert(format!("{h}:{p}"));
+                        }
+                    }
+                }
+                let answering = endpoints
+                    .iter()
+                    .filter(|e| http(e, "GET", "/health", &[], "").is_some_and(|r| r.status == 200))
+                    .count();
+                most = most.max(answering);
+            }
+            (most, endpoints.len())
+        })
+    };
+
+    link.cut();
+    let cut = Instant::now();
+    let second = wait_for("solo ready on node-1", Duration::from_secs(40), || {
+        fleet
+            .ready_instances("solo")
+            .into_iter()
+            .find(|i| node_of(i) == "node-1")
+    });
+    let took = cut.elapsed();
+    assert!(
+        !alive(old_pid),
+        "the old copy still runs on the cut-off node (replaced after {took:?})\n{}",
+        fleet.logs()
+    );
+    link.heal();
+    wait_for("node-2 Ready again", Duration::from_secs(20), || {
+        (fleet.ready_nodes().len() == 2).then_some(())
+    });
+    // Settled: one copy, the new one; the old process is gone for good.
+    let now = fleet.instances("solo");
+    assert_eq!(now.len(), 1, "{now:#?}");
+    assert_eq!(now[0]["metadata"]["name"], second["metadata"]["name"]);
+    stop.store(true, Ordering::SeqCst);
+    let (most, endpoints) = sampler.join().unwrap();
+    assert_eq!(endpoints, 2, "both copies were probed");
+    assert_eq!(most, 1, "two copies of the singleton answered at once");
+    assert!(!alive(old_pid));
+    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    assert!(events.contains("Fencing"), "{events}");
+    println!("partitioned singleton replaced after {took:?}, never two copies answering");
+    // A singleton cannot ask for more than one.
+    let path = fleet.dir.path().join("two.toml");
+    std::fs::write(
+        &path,
+        solo.replace("singleton = true", "singleton = true\nreplicas = 2"),
+    )
+    .unwrap();
+    let out = fleet.cli(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("singleton service runs at most one instance"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

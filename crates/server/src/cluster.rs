@@ -10,7 +10,12 @@
 use std::collections::BTreeMap;
 
 use flotilla_spec::{AntiAffinityMode, Instance, Node, ServiceSpec};
-use flotilla_store::Leases;
+use std::time::Duration;
+
+use flotilla_store::{LeaseState, Leases};
+
+/// Beyond a singleton's grace period: the agent's kill of what is left in the cgroup.
+const FENCE_SLACK: Duration = Duration::from_millis(500);
 
 use crate::schedule::{AntiAffinity, Capacity, NodeInfo, Placed, Request, Spread};
 
@@ -27,6 +32,9 @@ pub enum Membership {
 #[derive(Debug, Clone)]
 struct Member {
     ready: bool,
+    /// How long its lease has been expired (zero while it holds), and how long it lasts.
+    expired_for: std::time::Duration,
+    lease: std::time::Duration,
     /// Being drained: its instances are replaced elsewhere.
     draining: bool,
     /// Why it is not ready (the lease's story), for events.
@@ -46,16 +54,27 @@ impl Cluster {
         let mut cluster = Cluster::default();
         for node in nodes {
             let name = &node.metadata.name;
-            let (ready, why) = match membership {
-                Membership::Local(local) if local == name => (true, String::new()),
+            let (ready, why, expired_for, lease) = match membership {
+                Membership::Local(local) if local == name => {
+                    (true, String::new(), Duration::ZERO, Duration::ZERO)
+                }
                 Membership::Local(_) => continue,
                 Membership::Fleet => {
                     let was_ready = node
                         .status
                         .condition(crate::nodes::READY)
                         .is_some_and(|c| c.status);
-                    let r = crate::nodes::readiness(leases.state(name), was_ready);
-                    (r.ready, r.message)
+                    let state = leases.state(name);
+                    let (expired_for, lease) = match state {
+                        LeaseState::Held { ago, duration } => {
+                            (ago.saturating_sub(duration), duration)
+                        }
+                        LeaseState::Unknown { since_start, grace } => {
+                            (since_start.saturating_sub(grace), grace)
+                        }
+                    };
+                    let r = crate::nodes::readiness(state, was_ready);
+                    (r.ready, r.message, expired_for, lease)
                 }
             };
             cluster.nodes.push(node_info(node, ready));
@@ -64,6 +83,8 @@ impl Cluster {
                 name.clone(),
                 Member {
                     ready,
+                    expired_for,
+                    lease,
                     draining,
                     why,
                 },
@@ -74,6 +95,8 @@ impl Cluster {
         if let Membership::Local(local) = membership {
             cluster.members.entry(local.clone()).or_insert(Member {
                 ready: true,
+                expired_for: Duration::ZERO,
+                lease: Duration::ZERO,
                 draining: false,
                 why: String::new(),
             });
@@ -102,6 +125,19 @@ impl Cluster {
             .get(node)
             .filter(|m| !m.ready)
             .map(|m| m.why.as_str())
+    }
+
+    /// How long until a singleton's instance on lost node `node` is fenced: its agent stops
+    /// singletons once a third of the lease is left without a renewal (on its own clock), in
+    /// at most `grace` (the instance's stop grace period) and a little; the control plane
+    /// waits that long past the expiry it saw, which comes later than the node's own.
+    /// Zero: fenced, the instance may be replaced.
+    pub fn fence_wait(&self, node: &str, grace: Duration) -> Duration {
+        let Some(m) = self.members.get(node).filter(|m| !m.ready) else {
+            return Duration::ZERO;
+        };
+        let needed = m.lease / 3 + grace + FENCE_SLACK;
+        needed.saturating_sub(m.expired_for)
     }
 
     /// The member names, for messages.

@@ -62,6 +62,8 @@ pub struct ServiceController {
     placing: tokio::sync::Mutex<()>,
     /// Set once running: the node lifecycle triggers every service when nodes change.
     trigger: OnceLock<Trigger<ControllerKey>>,
+    /// Singleton instances whose fencing was announced (by uid).
+    fencing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The nodes as placement last saw them (name, ready, cordoned, drained).
     node_shape: std::sync::Mutex<Vec<(String, bool, bool, bool)>>,
     metrics: Metrics,
@@ -114,6 +116,7 @@ impl ServiceController {
             placing: tokio::sync::Mutex::new(()),
             trigger: OnceLock::new(),
             node_shape: std::sync::Mutex::new(Vec::new()),
+            fencing: std::sync::Mutex::new(std::collections::HashSet::new()),
             metrics,
         }
     }
@@ -164,10 +167,22 @@ impl ServiceController {
         // Orphans (unknown nodes) are the housekeeping key's; they never count here. The
         // instances of a lost node are deleted and replaced.
         let mut owned: Vec<&Instance> = Vec::new();
+        let mut fencing = false;
         for i in instances.iter().filter(|i| i.spec.service == name) {
             if i.spec.node.is_empty() || cluster.is_ready(&i.spec.node) {
                 owned.push(i);
             } else if let Some(why) = cluster.lost(&i.spec.node) {
+                if i.spec.template.singleton {
+                    let wait =
+                        cluster.fence_wait(&i.spec.node, i.spec.template.stop.grace_period.0);
+                    if !wait.is_zero() {
+                        // Still counted: no second copy starts before this one is fenced.
+                        owned.push(i);
+                        fencing = true;
+                        self.fencing_event(i, why, wait).await;
+                        continue;
+                    }
+                }
                 self.delete_lost(i, why).await?;
             }
         }
@@ -176,8 +191,34 @@ impl ServiceController {
             .filter(|r| r.spec.service == name)
             .collect();
         history.sort_by_key(|r| r.spec.number);
-        self.reconcile_service(name, service.as_ref(), &owned, &history, &cluster)
-            .await
+        let busy = self
+            .reconcile_service(name, service.as_ref(), &owned, &history, &cluster)
+            .await?;
+        Ok(busy || fencing)
+    }
+
+    /// Once per instance: a singleton's instance on a lost node waits to be fenced.
+    async fn fencing_event(&self, i: &Instance, why: &str, wait: Duration) {
+        if !flotilla_store::lock(&self.fencing).insert(i.metadata.uid.clone()) {
+            return;
+        }
+        events::record(
+            &*self.store,
+            Service::KIND,
+            &i.spec.service,
+            EventType::Warning,
+            "Fencing",
+            format!(
+                "instance {} of a singleton: node {} is not ready ({why}); it is replaced once that node has stopped it, in {}",
+                i.metadata.name,
+                i.spec.node,
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ),
+            SOURCE,
+        )
+        .await;
     }
 
     /// The cluster's members and their readiness, now.
@@ -199,6 +240,7 @@ impl ServiceController {
             Err(e) if e.is_conflict() => return Ok(()),
             Err(e) => return Err(e),
         }
+        flotilla_store::lock(&self.fencing).remove(&i.metadata.uid);
         tracing::warn!(instance = %name, node = %i.spec.node, why, "deleted an instance of a lost node");
         events::record(
             &*self.store,

@@ -28,7 +28,11 @@ pub fn paused(service: &Service) -> bool {
 
 /// What the plan needs from the service.
 pub fn desired(service: &Service) -> Desired {
-    let (max_surge, max_unavailable) = service.spec.deploy.resolve(service.spec.replicas);
+    let (mut max_surge, mut max_unavailable) = service.spec.deploy.resolve(service.spec.replicas);
+    if service.spec.singleton {
+        // Recreate: the old copy stops before the new one starts.
+        (max_surge, max_unavailable) = (0, max_unavailable.max(1));
+    }
     Desired {
         replicas: service.spec.replicas,
         target_hash: target_hash(service),

@@ -29,6 +29,11 @@ pub struct ServiceSpec {
     pub group: Option<String>,
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// At most one copy ever runs, even across a network partition: rollouts stop the old
+    /// instance before starting the new one, and the instance of a lost node is replaced only
+    /// once that node has stopped it itself (its lease provably expired on its own clock).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub singleton: bool,
     /// Named ports; the agent allocates a free host port for each, per instance, and passes it
     /// as `PORT_<NAME>` (upper-cased, `-` → `_`); the first one is also `PORT`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -156,6 +156,16 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
         );
     }
 
+    if spec.singleton && spec.replicas > 1 {
+        v.push(
+            root.key("replicas"),
+            format!(
+                "a singleton service runs at most one instance: replicas must be 0 or 1 (got {})",
+                spec.replicas
+            ),
+        );
+    }
+
     // Placement.
     let placement = root.key("placement");
     for k in spec.placement.node_selector.keys() {
