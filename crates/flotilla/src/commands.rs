@@ -47,13 +47,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         return crate::simulate::run(args, &api_url(&api), &token).await;
     }
     if let Command::Agent(args) = command {
-        let Some(api) = api else {
-            bail!(
-                "flotilla agent needs the server's API: --api URL (and a join token: --token or FLOTILLA_TOKEN)"
-            );
-        };
-        let base = api_url(&api);
-        return crate::fleet::agent(args, &base, token.as_deref(), data_dir).await;
+        return crate::fleet::agent(args, api, token, data_dir).await;
     }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));

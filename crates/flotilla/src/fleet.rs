@@ -71,16 +71,82 @@ fn data_dir_or(flag: Option<PathBuf>, leaf: &str) -> Result<PathBuf> {
     Ok(std::path::absolute(&dir)?)
 }
 
+/// `--config` of `flotilla server`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    #[serde(default)]
+    server: ServerTable,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerTable {
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+/// `--config` of `flotilla agent`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    #[serde(default)]
+    agent: AgentTable,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentTable {
+    api: Option<String>,
+    /// A file holding the join token (or a node credential).
+    token_file: Option<PathBuf>,
+    node: Option<String>,
+    address: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    reserve_cpu: Option<String>,
+    reserve_memory: Option<String>,
+    lease: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+/// Reads a TOML settings file; relative paths in it are taken from its directory.
+fn read_settings<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<(T, PathBuf)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: T = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let dir = std::path::absolute(path)?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((value, dir))
+}
+
 /// `flotilla server`: the store, the API, the controller and the scheduler, for agents on
 /// other machines. Runs no workload itself.
 pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCode> {
     let started = Instant::now();
-    let api_socket = parse_addr("API", &args.listen)?;
-    let metrics_socket = match &args.metrics_listen {
-        Some(m) => Some(parse_addr("metrics", m)?),
+    let (file, base) = match &args.config {
+        Some(path) => {
+            let (f, dir) = read_settings::<ServerFile>(path)?;
+            (f.server, Some(dir))
+        }
+        None => (ServerTable::default(), None),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7443".to_string());
+    let api_socket = parse_addr("API", &listen)?;
+    let metrics_socket = match args.metrics_listen.or(file.metrics_listen) {
+        Some(m) => Some(parse_addr("metrics", &m)?),
         None => None,
     };
-    let data_dir = data_dir_or(data_dir_flag, "server")?;
+    let file_dir = file
+        .data_dir
+        .map(|d| base.map_or_else(|| d.clone(), |b| b.join(&d)));
+    let data_dir = data_dir_or(data_dir_flag.or(file_dir), "server")?;
     let store_path = data_dir.join("store.redb");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path).with_context(|| {
         format!(
@@ -313,39 +379,94 @@ async fn renew_credential(
 /// `flotilla agent`: runs the instances the server binds to this node.
 pub async fn agent(
     args: AgentArgs,
-    api: &str,
-    token: Option<&str>,
+    api_flag: Option<String>,
+    token_flag: Option<String>,
     data_dir_flag: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    let node = match args.node.clone().or_else(hostname) {
+    let (file, base) = match &args.config {
+        Some(path) => {
+            let (f, dir) = read_settings::<AgentFile>(path)?;
+            (f.agent, dir)
+        }
+        None => (AgentTable::default(), PathBuf::from(".")),
+    };
+    let Some(api) = args.join.clone().or(api_flag).or(file.api.clone()) else {
+        bail!(
+            "flotilla agent needs the server's API: --join URL (or --api, or `api` in --config), and a join token: --token or FLOTILLA_TOKEN"
+        );
+    };
+    let api = crate::context::api_url(&api);
+    let api = api.as_str();
+    let token = match (token_flag, &file.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => {
+            let path = base.join(path);
+            Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )
+        }
+        (None, None) => None,
+    };
+    let token = token.as_deref();
+    let node = match args.node.clone().or(file.node.clone()).or_else(hostname) {
         Some(n) => n,
         None => bail!("cannot tell this machine's host name: pass --node NAME"),
     };
     flotilla_spec::validate::validate_name(&node)
         .map_err(|e| anyhow!("invalid --node {node:?}: {e}"))?;
-    let address: std::net::IpAddr = args.address.parse().map_err(|_| {
+    let address_text = args
+        .address
+        .clone()
+        .or(file.address.clone())
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    let address: std::net::IpAddr = address_text.parse().map_err(|_| {
         anyhow!(
-            "invalid --address {:?}: expected the IP address instances listen on (such as 198.18.0.2)",
-            args.address
+            "invalid --address {address_text:?}: expected the IP address instances listen on (such as 198.18.0.2)"
         )
     })?;
-    let data_dir = data_dir_or(data_dir_flag, "agent")?;
+    let file_dir = file.data_dir.as_ref().map(|d| base.join(d));
+    let data_dir = data_dir_or(data_dir_flag.or(file_dir), "agent")?;
     let mut config = AgentConfig::new(&node, data_dir.clone());
     config.host = address.to_string();
-    config.labels = parse_labels(&args.label)?;
-    if let Some(cpu) = &args.reserve_cpu {
+    config.labels = file.labels.clone();
+    config.labels.extend(parse_labels(&args.label)?);
+    if let Some((k, _)) = config
+        .labels
+        .iter()
+        .find(|(k, _)| k.trim().is_empty() || k.starts_with("flotilla.dev/"))
+    {
+        bail!(
+            "invalid label {k:?}: the name must be non-empty and not in flotilla.dev/ (the agent sets those)"
+        );
+    }
+    if let Some(cpu) = args.reserve_cpu.as_ref().or(file.reserve_cpu.as_ref()) {
         config.reserve.cpu_millicores = flotilla_spec::quantity::parse_cpu(cpu)
             .map_err(|e| anyhow!("invalid --reserve-cpu {cpu:?}: {e}"))?
             .0;
     }
-    if let Some(mem) = &args.reserve_memory {
+    if let Some(mem) = args
+        .reserve_memory
+        .as_ref()
+        .or(file.reserve_memory.as_ref())
+    {
         config.reserve.memory_bytes = flotilla_spec::quantity::parse_bytes(mem)
             .map_err(|e| anyhow!("invalid --reserve-memory {mem:?}: {e}"))?
             .0;
     }
-    config.lease_duration = args.lease;
+    config.lease_duration = match (args.lease, &file.lease) {
+        (Some(l), _) => l,
+        (None, Some(text)) => humantime::parse_duration(text)
+            .map_err(|e| anyhow!("invalid lease {text:?} in --config: {e}"))?,
+        (None, None) => flotilla_store::DEFAULT_LEASE,
+    };
     if config.lease_duration < std::time::Duration::from_secs(1) {
-        bail!("invalid --lease {:?}: must be at least 1s", args.lease);
+        bail!(
+            "invalid --lease {}: must be at least 1s",
+            humantime::format_duration(config.lease_duration)
+        );
     }
     let credential = Credential::new(&node_credential(api, token, &node, &data_dir).await?);
     let mut registry = Registry::default();

@@ -369,9 +369,14 @@ pub struct GatewayArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// API listen address (agents, gateways and the CLI connect here).
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    pub listen: String,
+    /// A TOML file with a `[server]` table (`listen`, `metrics_listen`, `data_dir`); flags
+    /// override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// API listen address (agents, gateways and the CLI connect here) [default:
+    /// 127.0.0.1:7443].
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Metrics listen address (none if unset).
     #[arg(long)]
     pub metrics_listen: Option<String>,
@@ -381,13 +386,20 @@ pub struct ServerArgs {
 pub struct AgentArgs {
     #[command(flatten)]
     pub conn: SubConn,
+    /// A TOML file with an `[agent]` table (`api`, `token_file`, `node`, `address`, `labels`,
+    /// `reserve_cpu`, `reserve_memory`, `lease`, `data_dir`); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The server's API to join (the same as --api).
+    #[arg(long, value_name = "URL")]
+    pub join: Option<String>,
     /// This node's name [default: the host name].
     #[arg(long)]
     pub node: Option<String>,
     /// The IP address of this node: instances listen on it (`FLOTILLA_HOST`) and gateways
-    /// connect to it.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub address: String,
+    /// connect to it [default: 127.0.0.1].
+    #[arg(long)]
+    pub address: Option<String>,
     /// A label of this node (`zone=a`), for placement; repeat for more.
     #[arg(long = "label", value_name = "NAME=VALUE")]
     pub label: Vec<String>,
@@ -398,9 +410,9 @@ pub struct AgentArgs {
     #[arg(long)]
     pub reserve_memory: Option<String>,
     /// How long the node's lease lasts without a renewal (renewed every third of it); a node
-    /// whose lease expired is NotReady and its instances are replaced elsewhere.
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
-    pub lease: std::time::Duration,
+    /// whose lease expired is NotReady and its instances are replaced elsewhere [default: 6s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease: Option<std::time::Duration>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1041,3 +1041,120 @@ failure_threshold = 1
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `flotilla server --config` and `flotilla agent --config` (as in /etc/flotilla/…): the
+/// files' settings are used, flags win over them, and a mistake names the file and line.
+#[test]
+fn server_and_agent_take_their_settings_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        dir.path().join("server.toml"),
+        format!("[server]\nlisten = \"{api}\"\ndata_dir = \"srv\"\n"),
+    )
+    .unwrap();
+    let server = spawn(
+        &dir,
+        "server",
+        &[
+            "server",
+            "--config",
+            dir.path().join("server.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let token_file = dir.path().join("srv/admin.token");
+    let token = wait_for(
+        "the server's token in the file's data_dir",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&token_file)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+        },
+    );
+    let token = token.trim().to_string();
+    wait_for(
+        "the API on the file's address",
+        Duration::from_secs(20),
+        || http(&api, "GET", "/healthz", &[], "").filter(|r| r.status == 200),
+    );
+    let auth = format!("Bearer {token}");
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/tokens",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"kind":"join","ttl":"10m"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let join: Value = serde_json::from_str(&r.body).unwrap();
+    std::fs::write(
+        dir.path().join("join.token"),
+        join["token"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!(
+            "[agent]\napi = \"http://{api}\"\ntoken_file = \"join.token\"\nnode = \"from-file\"\naddress = \"127.77.6.1\"\nlabels = {{ zone = \"a\" }}\nlease = \"3s\"\ndata_dir = \"agent\"\n"
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn(
+        &dir,
+        "agent",
+        &[
+            "agent",
+            "--config",
+            dir.path().join("agent.toml").to_str().unwrap(),
+            "--label",
+            "tier=web",
+        ],
+        &[],
+    );
+    let node = wait_for("the node from the file", Duration::from_secs(20), || {
+        let r = http(
+            &api,
+            "GET",
+            "/api/v1/nodes/from-file",
+            &[("Authorization", &auth)],
+            "",
+        )?;
+        (r.status == 200).then(|| serde_json::from_str::<Value>(&r.body).unwrap())
+    });
+    assert_eq!(node["status"]["address"], "127.77.6.1");
+    assert_eq!(node["metadata"]["labels"]["zone"], "a");
+    assert_eq!(node["metadata"]["labels"]["tier"], "web");
+    assert_eq!(node["heartbeat"]["leaseSeconds"], 3);
+    assert!(dir.path().join("agent/node.token").exists());
+
+    // A mistake in a file: named with its line, nothing started.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[agent]\nnode = \"x\"\nadress = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(flotilla_bin())
+        .args(["agent", "--config"])
+        .arg(dir.path().join("bad.toml"))
+        .env("FLOTILLA_CONFIG_DIR", dir.path().join("config"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 3") && err.contains("adress"),
+        "{err}"
+    );
+
+    let _ = kill(Pid::from_raw(agent.child.id() as i32), Signal::SIGTERM);
+    let _ = agent.child.wait();
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+}
