@@ -209,7 +209,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     );
     println!("  data      {}", data_dir.display());
     println!(
-        "Nodes join with: FLOTILLA_TOKEN=… flotilla agent --api http://{api_local} --node NAME --address IP"
+        "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join http://{api_local} --node NAME --address IP"
     );
 
     let early = until_signal(&mut controller_task).await?;

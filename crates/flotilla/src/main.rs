@@ -266,8 +266,9 @@ pub enum NodeCommand {
 pub enum TokenCommand {
     /// Print a new token: `--join` (a node exchanges it for its own credential when its agent
     /// starts) or `--gateway` (reads services, instances and nodes; for `flotilla gateway`).
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["join", "gateway"])))]
     Create {
-        #[arg(long, conflicts_with = "gateway", required_unless_present = "gateway")]
+        #[arg(long)]
         join: bool,
         #[arg(long)]
         gateway: bool,
