@@ -103,19 +103,9 @@ pub fn write_context(ctx: &ContextFile) -> Result<PathBuf> {
     let dir = contexts_dir()?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(context_file_name(&ctx.data_dir));
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-    let text = serde_json::to_vec_pretty(ctx)?;
-    {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&text)?;
-    }
-    fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    let mut text = serde_json::to_vec_pretty(ctx)?;
+    text.push(b'\n');
+    write_private(&path, &text)?;
     Ok(path)
 }
 
@@ -220,14 +210,15 @@ pub fn signer(data_dir: &Path) -> Result<flotilla_server::auth::Signer> {
     Ok(flotilla_server::auth::Signer::new(key.as_bytes()))
 }
 
-/// Writes `secret` to `path`, readable only by its owner, replacing it whole.
-pub fn write_private(path: &Path, secret: &str) -> Result<()> {
+/// Writes `bytes` to `path` through a temporary file renamed into place, readable only by
+/// its owner whatever mode an old file had.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!("{name}.{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -236,8 +227,7 @@ pub fn write_private(path: &Path, secret: &str) -> Result<()> {
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
     Ok(())
@@ -262,7 +252,7 @@ fn ensure_secret(data_dir: &Path, file: &str) -> Result<String> {
     // Written to a private temporary file and renamed into place, so the secret is never
     // readable by others, whatever mode an old file had.
     let secret = random_token();
-    write_private(&path, &secret)?;
+    write_private(&path, format!("{secret}\n").as_bytes())?;
     Ok(secret)
 }
 

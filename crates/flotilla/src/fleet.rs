@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flotilla_agent::{Agent, AgentConfig};
 use flotilla_server::cluster::Membership;
 use flotilla_server::{LogSource, ServiceController};
-use flotilla_store::{Credential, EmbeddedStore, RemoteNode, Store};
+use flotilla_store::{Credential, RemoteNode};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -147,13 +147,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         .data_dir
         .map(|d| base.map_or_else(|| d.clone(), |b| b.join(&d)));
     let data_dir = data_dir_or(data_dir_flag.or(file_dir), "server")?;
-    let store_path = data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path).with_context(|| {
-        format!(
-            "opening the store at {} (is another flotilla using this data directory?)",
-            store_path.display()
-        )
-    })?);
+    let store = crate::up::open_store(&data_dir)?;
     let token = context::ensure_token(&data_dir)?;
     let api_listener = bind("API", api_socket).await?;
     let api_local = api_listener.local_addr()?;
@@ -314,7 +308,7 @@ async fn node_credential(
                 .with_context(|| format!("joining {api} as node {node}"))?;
             let issued: Issued = serde_json::from_slice(&bytes)
                 .context("unexpected answer from POST /api/v1/join")?;
-            context::write_private(&path, &issued.token)?;
+            context::write_private(&path, format!("{}\n", issued.token).as_bytes())?;
             tracing::info!(node, "joined with a join token; node credential saved");
             Ok(issued.token)
         }
@@ -364,7 +358,9 @@ async fn renew_credential(
         match renewed {
             Ok(issued) => {
                 credential.set(&issued.token);
-                if let Err(e) = context::write_private(&path, &issued.token) {
+                if let Err(e) =
+                    context::write_private(&path, format!("{}\n", issued.token).as_bytes())
+                {
                     tracing::warn!(error = %format!("{e:#}"), "could not save the renewed node credential");
                 }
                 tracing::info!(node = %node, "node credential renewed");

@@ -173,6 +173,18 @@ pub(crate) async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen for the {what} on {addr}"))
 }
 
+/// The embedded store of a data directory (`store.redb`), which one process holds at a time.
+pub(crate) fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>> {
+    let path = data_dir.join("store.redb");
+    let store = EmbeddedStore::open(&path).with_context(|| {
+        format!(
+            "opening the store at {} (is another flotilla using this data directory?)",
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(store))
+}
+
 pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCode> {
     let started = Instant::now();
     let file = match &args.file {
@@ -213,13 +225,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let data_dir = std::path::absolute(&data_dir)?;
 
-    let store_path = data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path).with_context(|| {
-        format!(
-            "opening the store at {} (is another `flotilla up` using this data directory?)",
-            store_path.display()
-        )
-    })?);
+    let store = open_store(&data_dir)?;
     let token = context::ensure_token(&data_dir)?;
 
     let api_listener = bind("API", api_socket).await?;

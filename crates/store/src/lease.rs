@@ -112,9 +112,14 @@ impl Leases {
         }
     }
 
-    /// Forgets the leases of nodes `keep` says no longer exist.
-    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        lock(&self.held).retain(|name, _| keep(name));
+    /// Forgets the expired leases of nodes `keep` says no longer exist. A live lease stays:
+    /// it may belong to a node registering right now, after the caller listed the nodes.
+    pub fn retain(&self, keep: impl FnMut(&str) -> bool) {
+        self.retain_at(keep, Instant::now());
+    }
+
+    fn retain_at(&self, mut keep: impl FnMut(&str) -> bool, now: Instant) {
+        lock(&self.held).retain(|name, held| held.live(now) || keep(name));
     }
 
     /// Changes each time a node becomes live that was not: what the node lifecycle waits on.
@@ -162,7 +167,18 @@ mod tests {
         // Expired, then renewed: revived again.
         leases.renew_at("a", Duration::from_secs(3), t0 + Duration::from_secs(9));
         assert!(revived.has_changed().unwrap_or(false));
-        leases.retain(|n| n != "a");
-        assert!(matches!(leases.state("a"), LeaseState::Unknown { .. }));
+        // A live lease survives a stale list of nodes; an expired one of an unknown node goes.
+        let later = t0 + Duration::from_secs(20);
+        leases.renew_at("b", Duration::from_secs(60), later);
+        leases.renew_at("c", Duration::from_secs(1), t0);
+        leases.retain_at(|_| false, later);
+        assert!(matches!(
+            leases.state_at("b", later),
+            LeaseState::Held { .. }
+        ));
+        assert!(matches!(
+            leases.state_at("c", later),
+            LeaseState::Unknown { .. }
+        ));
     }
 }
