@@ -313,13 +313,15 @@ async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
     );
     let c = down.status.condition("Ready").unwrap();
     assert_eq!(c.reason, "LeaseExpired", "{c:?}");
-    let (events, _) = typed::list::<Event>(store.as_ref()).await.unwrap();
-    assert!(
+    // The event is written right after the condition.
+    poll("the NodeNotReady event", async || {
+        let (events, _) = typed::list::<Event>(store.as_ref()).await.unwrap();
         events
             .iter()
-            .any(|e| e.involved.name == node && e.reason == "NodeNotReady"),
-        "{events:#?}"
-    );
+            .any(|e| e.involved.name == node && e.reason == "NodeNotReady")
+            .then_some(())
+    })
+    .await;
 
     shutdown.cancel();
     controller_task.await.unwrap();
