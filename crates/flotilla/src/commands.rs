@@ -140,10 +140,54 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `flotilla node taint NODE KEY=VALUE… KEY-…`: the node's taints, edited.
+async fn taint_node(client: &Client, node: &str, edits: &[String]) -> Result<ExitCode> {
+    ensure_name("node", node)?;
+    let path = format!("/api/v1/nodes/{}", encode(node));
+    let current: serde_json::Value = client.get(&path).await?;
+    let mut taints: Vec<flotilla_spec::NodeTaint> =
+        serde_json::from_value(current["spec"]["taints"].clone()).unwrap_or_default();
+    for edit in edits {
+        if let Some(key) = edit.strip_suffix('-') {
+            taints.retain(|t| t.key != key);
+            continue;
+        }
+        let (key, value) = edit.split_once('=').unwrap_or((edit.as_str(), ""));
+        if key.trim().is_empty() {
+            bail!("invalid taint {edit:?}: expected KEY=VALUE, KEY, or KEY- to remove");
+        }
+        taints.retain(|t| t.key != key);
+        taints.push(flotilla_spec::NodeTaint {
+            key: key.to_string(),
+            value: value.to_string(),
+        });
+    }
+    let body = serde_json::json!({ "taints": taints })
+        .to_string()
+        .into_bytes();
+    client
+        .call(Method::PUT, &format!("{path}/taints"), Some(body))
+        .await?;
+    let shown: Vec<String> = taints
+        .iter()
+        .map(|t| format!("{}={}", t.key, t.value))
+        .collect();
+    println!(
+        "node/{node} tainted: {}",
+        if shown.is_empty() {
+            "(none)".to_string()
+        } else {
+            shown.join(", ")
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `flotilla node cordon|uncordon|drain NODE`.
 async fn steer_node(client: &Client, command: crate::NodeCommand) -> Result<ExitCode> {
     use crate::NodeCommand;
     let (node, action, timeout) = match command {
+        NodeCommand::Taint { node, taints } => return taint_node(client, &node, &taints).await,
         NodeCommand::Cordon { node } => (node, "cordon", None),
         NodeCommand::Uncordon { node } => (node, "uncordon", None),
         NodeCommand::Drain { node, timeout } => (node, "drain", Some(*timeout)),

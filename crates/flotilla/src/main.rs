@@ -252,6 +252,13 @@ pub enum NodeCommand {
     Cordon { node: String },
     /// Placements on the node resume (and a drain in progress stops).
     Uncordon { node: String },
+    /// Set taints (`KEY=VALUE`, or `KEY` alone) or remove them (`KEY-`): only services that
+    /// tolerate a node's taints (`placement.tolerations`) are placed there; what runs stays.
+    Taint {
+        node: String,
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        taints: Vec<String>,
+    },
     /// Cordon the node and replace its instances on other nodes, each service keeping
     /// `replicas - max_unavailable` available as in a rollout; waits until the node is empty
     /// (exit 0) or the timeout passes (exit 5).

@@ -525,6 +525,15 @@ pub fn describe_node(n: &NodeView, instances: &[Instance]) -> String {
         s.allocatable.pids
     );
     let _ = writeln!(out, "Labels:        {}", labels(&n.metadata.labels));
+    if !n.spec.taints.is_empty() {
+        let taints: Vec<String> = n
+            .spec
+            .taints
+            .iter()
+            .map(|t| format!("{}={}", t.key, t.value))
+            .collect();
+        let _ = writeln!(out, "Taints:        {}", taints.join(", "));
+    }
     let _ = writeln!(out, "Agent:         {}", s.agent_version);
     let _ = writeln!(
         out,

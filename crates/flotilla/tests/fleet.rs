@@ -1160,3 +1160,106 @@ fn server_and_agent_take_their_settings_from_files() {
     let _ = server.child.kill();
     let _ = server.child.wait();
 }
+
+/// Taints keep out the services that do not tolerate them; an instance that fits no node
+/// waits Pending with Kubernetes-style reasons, and is placed once a node can take it.
+#[test]
+fn taints_tolerations_and_unschedulable_reasons() {
+    let fleet = Fleet::start(7, 2);
+    let out = fleet.cli(&["node", "taint", "node-2", "dedicated=batch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "node/node-2 tainted: dedicated=batch"
+    );
+    let described =
+        String::from_utf8_lossy(&fleet.cli(&["describe", "node", "node-2"]).stdout).to_string();
+    assert!(
+        described.contains("Taints:        dedicated=batch"),
+        "{described}"
+    );
+
+    fleet.apply(&web(3));
+    let ready = wait_for("three web instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 3).then_some(r)
+    });
+    assert!(
+        ready.iter().all(|i| node_of(i) == "node-1"),
+        "{:?}",
+        per_node(&ready)
+    );
+
+    // Routed by web only (one route per path).
+    let unrouted = |n: u32| web(n).replace("[[service.web.routes]]\npath = \"/\"\n", "");
+    let batch = unrouted(2).replace("service.web", "service.batch").replace(
+        "[service.batch.probes.readiness]",
+        "[[service.batch.placement.tolerations]]\nkey = \"dedicated\"\n\n[service.batch.probes.readiness]",
+    );
+    let path = fleet.dir.path().join("batch.toml");
+    std::fs::write(&path, &batch).unwrap();
+    assert!(
+        fleet
+            .cli(&["apply", "-f", path.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let b = wait_for("two batch instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("batch");
+        (r.len() == 2).then_some(r)
+    });
+    assert_eq!(
+        per_node(&b).len(),
+        2,
+        "a toleration lets it on node-2 too: {:?}",
+        per_node(&b)
+    );
+
+    // Nowhere to go: Pending, with why.
+    let nowhere = unrouted(1).replace("service.web", "service.picky").replace(
+        "[service.picky.probes.readiness]",
+        "[service.picky.placement]\nnode_selector = { zone = \"mars\" }\n\n[service.picky.probes.readiness]",
+    );
+    std::fs::write(&path, &nowhere).unwrap();
+    assert!(
+        fleet
+            .cli(&["apply", "-f", path.to_str().unwrap()])
+            .status
+            .success()
+    );
+    // node-2 also has its taint: each node's reasons are counted, most frequent first.
+    let why = "0/2 nodes are available: 2 node(s) didn't match the node selector, 1 node(s) had untolerated taints.";
+    let pending = wait_for(
+        "the reason on the pending instance",
+        Duration::from_secs(20),
+        || {
+            fleet
+                .instances("picky")
+                .into_iter()
+                .find(|i| i["status"]["message"].as_str().is_some_and(|m| m == why))
+        },
+    );
+    assert_eq!(pending["spec"]["node"], "");
+    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    assert!(events.contains("FailedScheduling"), "{events}");
+
+    // Untainted, node-2 takes what tolerated nothing; picky still waits.
+    assert!(
+        fleet
+            .cli(&["node", "taint", "node-2", "dedicated-"])
+            .status
+            .success()
+    );
+    let described =
+        String::from_utf8_lossy(&fleet.cli(&["describe", "node", "node-2"]).stdout).to_string();
+    assert!(!described.contains("Taints:"), "{described}");
+    fleet.apply(&web(4));
+    wait_for("a web instance on node-2", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 4 && r.iter().any(|i| node_of(i) == "node-2")).then_some(())
+    });
+}

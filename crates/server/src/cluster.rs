@@ -17,7 +17,9 @@ use flotilla_store::{LeaseState, Leases};
 /// Beyond a singleton's grace period: the agent's kill of what is left in the cgroup.
 const FENCE_SLACK: Duration = Duration::from_millis(500);
 
-use crate::schedule::{AntiAffinity, Capacity, NodeInfo, Placed, Request, Spread};
+use crate::schedule::{
+    AntiAffinity, Capacity, NodeInfo, Placed, Request, Spread, Taint, Toleration,
+};
 
 /// Which nodes make up the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +160,15 @@ fn node_info(node: &Node, ready: bool) -> NodeInfo {
         },
         ready,
         unschedulable: node.spec.unschedulable || node.spec.drain,
-        taints: Vec::new(),
+        taints: node
+            .spec
+            .taints
+            .iter()
+            .map(|t| Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -179,7 +189,14 @@ pub fn request(service: &str, spec: &ServiceSpec) -> Request {
         resources: resources(spec),
         host_ports: Vec::new(),
         node_selector: p.node_selector.clone(),
-        tolerations: Vec::new(),
+        tolerations: p
+            .tolerations
+            .iter()
+            .map(|t| Toleration {
+                key: t.key.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
         spread: p.spread.as_ref().map(|s| Spread {
             topology_key: s.topology_key.clone(),
             max_skew: s.max_skew,

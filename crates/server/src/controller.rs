@@ -64,8 +64,8 @@ pub struct ServiceController {
     trigger: OnceLock<Trigger<ControllerKey>>,
     /// Singleton instances whose fencing was announced (by uid).
     fencing: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// The nodes as placement last saw them (name, ready, cordoned, drained).
-    node_shape: std::sync::Mutex<Vec<(String, bool, bool, bool)>>,
+    /// The nodes as placement last saw them (name, ready, cordoned, drained, taints).
+    node_shape: std::sync::Mutex<Vec<(String, bool, bool, bool, usize)>>,
     metrics: Metrics,
 }
 
@@ -277,7 +277,7 @@ impl ServiceController {
         let stamp = now_rfc3339();
         let mut next = RESYNC;
         // What placement depends on: which nodes exist, are ready, cordoned, drained.
-        let mut shape: Vec<(String, bool, bool, bool)> = Vec::with_capacity(nodes.len());
+        let mut shape: Vec<(String, bool, bool, bool, usize)> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let name = node.metadata.name.clone();
             let was_ready = node
@@ -293,6 +293,7 @@ impl ServiceController {
                 r.ready,
                 node.spec.unschedulable,
                 node.spec.drain,
+                taints_fingerprint(&node.spec.taints),
             ));
             let mut conditions = node.status.conditions.clone();
             if !crate::nodes::set_ready(&mut conditions, r.ready, r.reason, &r.message, &stamp) {
@@ -993,6 +994,17 @@ async fn follow(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+}
+
+/// A fingerprint of a node's taints, to see them change.
+fn taints_fingerprint(taints: &[flotilla_spec::NodeTaint]) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in taints {
+        t.key.hash(&mut h);
+        t.value.hash(&mut h);
+    }
+    h.finish() as usize
 }
 
 /// Triggers the node lifecycle each time a node's lease comes alive (first heartbeat, or one

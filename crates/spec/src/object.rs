@@ -476,6 +476,18 @@ pub struct NodeSpec {
     /// keeping `replicas - max_unavailable` available, as in a rollout.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drain: bool,
+    /// Instances that do not tolerate one of these are not placed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<NodeTaint>,
+}
+
+/// `key=value`: repels instances without a matching toleration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTaint {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 /// CPU, memory and process counts of a node.

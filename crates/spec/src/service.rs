@@ -98,6 +98,18 @@ pub struct PlacementSpec {
     /// Spread the instances over the values of a node label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<SpreadSpec>,
+    /// Taints of nodes this service may run on anyway (`{ key = "dedicated", value =
+    /// "batch" }`; without `value`, any value of the key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<TolerationSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TolerationSpec {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 impl PlacementSpec {

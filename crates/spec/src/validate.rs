@@ -176,6 +176,14 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
             );
         }
     }
+    for (i, t) in spec.placement.tolerations.iter().enumerate() {
+        if t.key.trim().is_empty() {
+            v.push(
+                placement.key("tolerations").index(i).key("key"),
+                "must not be empty",
+            );
+        }
+    }
     if let Some(spread) = &spec.placement.spread {
         let p = placement.key("spread");
         if spread.topology_key.trim().is_empty() {

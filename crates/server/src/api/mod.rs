@@ -167,6 +167,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/nodes/{node}/uncordon", post(uncordon))
         .route("/api/v1/nodes/{node}/drain", post(drain))
         .route(
+            "/api/v1/nodes/{node}/taints",
+            axum::routing::put(put_taints),
+        )
+        .route(
             "/api/v1/nodes/{node}/credential",
             post(tokens::renew_credential),
         )

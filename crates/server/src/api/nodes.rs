@@ -275,3 +275,41 @@ pub(super) async fn drain(
 ) -> ApiResult<Json<NodeView>> {
     steer(&state, &name, "drain").await
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TaintsWrite {
+    taints: Vec<flotilla_spec::NodeTaint>,
+}
+
+/// `PUT /api/v1/nodes/{node}/taints`: replaces the node's taints (`{"taints": [{key, value}]}`).
+pub(super) async fn put_taints(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<NodeView>> {
+    let write: TaintsWrite = json_body(&body)?;
+    for (i, t) in write.taints.iter().enumerate() {
+        if t.key.trim().is_empty() || t.key.contains(char::is_whitespace) {
+            return Err(
+                ApiError::bad_request(format!("invalid taint key {:?}", t.key))
+                    .with_field(format!("taints[{i}].key")),
+            );
+        }
+    }
+    operations::get_named::<Node>(&*state.store, &name).await?;
+    let taints = write.taints;
+    let node = typed::modify::<Node>(&*state.store, &name, |n| {
+        if n.spec.taints == taints {
+            return false;
+        }
+        n.spec.taints = taints.clone();
+        true
+    })
+    .await?;
+    let node = match node {
+        Some(n) => n,
+        None => operations::get_named::<Node>(&*state.store, &name).await?,
+    };
+    Ok(Json(view(&state, node)))
+}
