@@ -65,7 +65,7 @@ pub struct ServiceController {
     /// Singleton instances whose fencing was announced (by uid).
     fencing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The nodes as placement last saw them (name, ready, cordoned, drained, taints).
-    node_shape: std::sync::Mutex<Vec<(String, bool, bool, bool, usize)>>,
+    node_shape: std::sync::Mutex<Vec<NodeShape>>,
     metrics: Metrics,
 }
 
@@ -277,7 +277,7 @@ impl ServiceController {
         let stamp = now_rfc3339();
         let mut next = RESYNC;
         // What placement depends on: which nodes exist, are ready, cordoned, drained.
-        let mut shape: Vec<(String, bool, bool, bool, usize)> = Vec::with_capacity(nodes.len());
+        let mut shape: Vec<NodeShape> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let name = node.metadata.name.clone();
             let was_ready = node
@@ -995,6 +995,9 @@ async fn follow(
         }
     }
 }
+
+/// What placement depends on of a node: name, ready, cordoned, drained, taints fingerprint.
+type NodeShape = (String, bool, bool, bool, usize);
 
 /// A fingerprint of a node's taints, to see them change.
 fn taints_fingerprint(taints: &[flotilla_spec::NodeTaint]) -> usize {
