@@ -280,7 +280,16 @@ async fn a_node_registers_beats_and_goes_not_ready_when_its_agent_stops() {
             .then_some(())
     })
     .await;
-    let revision = store.revision();
+    // Settled: the revision the store reports catches up with the last write it committed.
+    let mut last = store.revision();
+    let revision = poll("the store to settle", async || {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = store.revision();
+        let settled = now == last;
+        last = now;
+        settled.then_some(now)
+    })
+    .await;
     let age = || match leases.state(&node) {
         LeaseState::Held { ago, duration } => {
             assert_eq!(duration, Duration::from_secs(2));
