@@ -149,6 +149,18 @@ impl Fleet {
         self.start_agent(name);
     }
 
+    /// A CLI command that must succeed: what it printed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flotilla {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `flotilla token create ARGS`: the token printed.
     fn new_token(&self, args: &[&str]) -> String {
         let mut all = vec!["token", "create"];
@@ -741,17 +753,11 @@ fn cordon_and_drain_move_instances_within_max_unavailable() {
     });
     assert_eq!(per_node(&ready).len(), 3, "not spread: {ready:#?}");
 
-    let out = fleet.cli(&["node", "cordon", "node-3"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        fleet.ok(&["node", "cordon", "node-3"]).trim(),
         "node/node-3 cordoned"
     );
-    let nodes = String::from_utf8_lossy(&fleet.cli(&["get", "nodes"]).stdout).to_string();
+    let nodes = fleet.ok(&["get", "nodes"]);
     let line = nodes
         .lines()
         .find(|l| l.starts_with("node-3"))
@@ -816,7 +822,7 @@ fn cordon_and_drain_move_instances_within_max_unavailable() {
         (r.len() == 5 && r.iter().all(|i| node_of(i) != "node-3")).then_some(r)
     });
     assert_eq!(per_node(&after).len(), 2);
-    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    let events = fleet.ok(&["events"]);
     assert!(events.contains("its node is being drained"), "{events}");
 
     // Uncordon: the next instance goes to the empty node.
@@ -1024,7 +1030,7 @@ failure_threshold = 1
     assert_eq!(endpoints, 2, "both copies were probed");
     assert_eq!(most, 1, "two copies of the singleton answered at once");
     assert!(!alive(old_pid));
-    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    let events = fleet.ok(&["events"]);
     assert!(events.contains("Fencing"), "{events}");
     println!("partitioned singleton replaced after {took:?}, never two copies answering");
     // A singleton cannot ask for more than one.
@@ -1166,18 +1172,13 @@ fn server_and_agent_take_their_settings_from_files() {
 #[test]
 fn taints_tolerations_and_unschedulable_reasons() {
     let fleet = Fleet::start(7, 2);
-    let out = fleet.cli(&["node", "taint", "node-2", "dedicated=batch"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        fleet
+            .ok(&["node", "taint", "node-2", "dedicated=batch"])
+            .trim(),
         "node/node-2 tainted: dedicated=batch"
     );
-    let described =
-        String::from_utf8_lossy(&fleet.cli(&["describe", "node", "node-2"]).stdout).to_string();
+    let described = fleet.ok(&["describe", "node", "node-2"]);
     assert!(
         described.contains("Taints:        dedicated=batch"),
         "{described}"
@@ -1244,7 +1245,7 @@ fn taints_tolerations_and_unschedulable_reasons() {
         },
     );
     assert_eq!(pending["spec"]["node"], "");
-    let events = String::from_utf8_lossy(&fleet.cli(&["events"]).stdout).to_string();
+    let events = fleet.ok(&["events"]);
     assert!(events.contains("FailedScheduling"), "{events}");
 
     // Untainted, node-2 takes what tolerated nothing; picky still waits.
@@ -1254,8 +1255,7 @@ fn taints_tolerations_and_unschedulable_reasons() {
             .status
             .success()
     );
-    let described =
-        String::from_utf8_lossy(&fleet.cli(&["describe", "node", "node-2"]).stdout).to_string();
+    let described = fleet.ok(&["describe", "node", "node-2"]);
     assert!(!described.contains("Taints:"), "{described}");
     fleet.apply(&web(4));
     wait_for("a web instance on node-2", Duration::from_secs(30), || {
