@@ -13,6 +13,14 @@ pub const HOSTNAME_LABEL: &str = "flotilla.dev/hostname";
 pub const ARCH_LABEL: &str = "flotilla.dev/arch";
 pub const OS_LABEL: &str = "flotilla.dev/os";
 
+/// This machine's host name (the agent's default node name and its hostname label).
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// The machine's resources, as far as the host tells them.
 pub fn capacity() -> NodeResources {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
@@ -54,11 +62,7 @@ pub fn allocatable(capacity: NodeResources, reserve: NodeResources) -> NodeResou
 pub fn registration(config: &AgentConfig) -> Registration {
     let capacity = capacity();
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(host) = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-    {
+    if let Some(host) = hostname() {
         labels.insert(HOSTNAME_LABEL.to_string(), host);
     }
     labels.insert(ARCH_LABEL.to_string(), std::env::consts::ARCH.to_string());

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flotilla_agent::{Agent, AgentConfig};
+use flotilla_server::auth::{TokenKind, parts};
 use flotilla_server::cluster::Membership;
 use flotilla_server::{LogSource, ServiceController};
 use flotilla_store::{Credential, RemoteNode};
@@ -235,35 +236,13 @@ fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, 
         let Some((k, v)) = l.split_once('=') else {
             bail!("invalid --label {l:?}: expected NAME=VALUE");
         };
-        let k = k.trim();
-        if k.is_empty() || k.starts_with("flotilla.dev/") {
-            bail!(
-                "invalid --label {l:?}: the name must be non-empty and not in flotilla.dev/ (the agent sets those)"
-            );
-        }
-        out.insert(k.to_string(), v.trim().to_string());
+        out.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(out)
 }
 
-/// This machine's host name, the default node name.
-fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-}
-
 /// Where an agent keeps its node credential.
 const CREDENTIAL_FILE: &str = "node.token";
-
-/// `(kind, subject, expiry)` of a signed token, read without checking it (the server does).
-fn token_parts(token: &str) -> Option<(&str, &str, u64)> {
-    let (body, _mac) = token.rsplit_once('.')?;
-    let (head, expiry) = body.rsplit_once('.')?;
-    let (kind, subject) = head.strip_prefix("flt.")?.split_once('.')?;
-    Some((kind, subject, expiry.parse().ok()?))
-}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -274,6 +253,19 @@ fn unix_now() -> u64 {
 #[derive(serde::Deserialize)]
 struct Issued {
     token: String,
+}
+
+/// A join token exchanged for the credential of node `node` (`POST /api/v1/join`).
+pub(crate) async fn join(api: &str, join_token: &str, node: &str) -> Result<String> {
+    let client = crate::client::Client::new(api, join_token.to_string());
+    let body = serde_json::json!({ "node": node }).to_string().into_bytes();
+    let (_, bytes) = client
+        .call(hyper::Method::POST, "/api/v1/join", Some(body))
+        .await
+        .with_context(|| format!("joining {api} as node {node}"))?;
+    Ok(serde_json::from_slice::<Issued>(&bytes)
+        .context("unexpected answer from POST /api/v1/join")?
+        .token)
 }
 
 /// The credential this agent uses: its saved node credential while valid; else a join
@@ -289,28 +281,21 @@ async fn node_credential(
         .ok()
         .map(|t| t.trim().to_string())
         .filter(|t| {
-            token_parts(t).is_some_and(|(kind, subject, expiry)| {
-                kind == "node" && subject == node && expiry > unix_now() + 60
+            parts(t).is_some_and(|p| {
+                p.kind == TokenKind::Node && p.subject == node && p.expiry > unix_now() + 60
             })
         });
-    let given_kind = given.and_then(token_parts).map(|(kind, _, _)| kind);
-    if let Some(saved) = saved.filter(|_| given.is_none() || given_kind == Some("join")) {
+    let given_kind = given.and_then(parts).map(|p| p.kind);
+    if let Some(saved) = saved.filter(|_| given.is_none() || given_kind == Some(TokenKind::Join)) {
         return Ok(saved);
     }
     match (given, given_kind) {
-        (Some(g), Some("node")) => Ok(g.to_string()),
-        (Some(join), Some("join")) => {
-            let client = crate::client::Client::new(api, join.to_string());
-            let body = serde_json::json!({ "node": node }).to_string().into_bytes();
-            let (_, bytes) = client
-                .call(hyper::Method::POST, "/api/v1/join", Some(body))
-                .await
-                .with_context(|| format!("joining {api} as node {node}"))?;
-            let issued: Issued = serde_json::from_slice(&bytes)
-                .context("unexpected answer from POST /api/v1/join")?;
-            context::write_private(&path, format!("{}\n", issued.token).as_bytes())?;
+        (Some(g), Some(TokenKind::Node)) => Ok(g.to_string()),
+        (Some(join_token), Some(TokenKind::Join)) => {
+            let token = join(api, join_token, node).await?;
+            context::write_private(&path, format!("{token}\n").as_bytes())?;
             tracing::info!(node, "joined with a join token; node credential saved");
-            Ok(issued.token)
+            Ok(token)
         }
         (Some(other), _) => {
             tracing::warn!(
@@ -335,10 +320,10 @@ async fn renew_credential(
 ) {
     loop {
         let current = credential.get();
-        let Some((_, _, expiry)) = token_parts(&current) else {
+        let Some(p) = parts(&current) else {
             return; // not a node credential: nothing to renew
         };
-        let left = expiry.saturating_sub(unix_now());
+        let left = p.expiry.saturating_sub(unix_now());
         let wait = std::time::Duration::from_secs((left / 2).max(5));
         tokio::select! {
             () = stop.cancelled() => return,
@@ -407,7 +392,12 @@ pub async fn agent(
         (None, None) => None,
     };
     let token = token.as_deref();
-    let node = match args.node.clone().or(file.node.clone()).or_else(hostname) {
+    let node = match args
+        .node
+        .clone()
+        .or(file.node.clone())
+        .or_else(flotilla_agent::registration::hostname)
+    {
         Some(n) => n,
         None => bail!("cannot tell this machine's host name: pass --node NAME"),
     };

@@ -26,23 +26,6 @@ struct Stats {
     latencies: std::sync::Mutex<Vec<u64>>,
 }
 
-#[derive(serde::Deserialize)]
-struct Issued {
-    token: String,
-}
-
-async fn join(api: &str, join_token: &str, node: &str) -> Result<String> {
-    let client = crate::client::Client::new(api, join_token.to_string());
-    let body = serde_json::json!({ "node": node }).to_string().into_bytes();
-    let (_, bytes) = client
-        .call(hyper::Method::POST, "/api/v1/join", Some(body))
-        .await
-        .with_context(|| format!("joining as {node}"))?;
-    Ok(serde_json::from_slice::<Issued>(&bytes)
-        .context("unexpected answer from POST /api/v1/join")?
-        .token)
-}
-
 async fn run_node(
     api: Arc<RemoteNode>,
     lease: Duration,
@@ -112,7 +95,7 @@ pub async fn run(args: SimulateArgs, api: &str, join_token: &str) -> Result<Exit
     let started = Instant::now();
     for i in 0..args.nodes {
         let node = format!("{}-{i:05}", args.prefix);
-        let credential = join(api, join_token, &node).await?;
+        let credential = crate::fleet::join(api, join_token, &node).await?;
         let remote = Arc::new(RemoteNode::with_credential(
             api,
             Credential::new(&credential),

@@ -120,14 +120,8 @@ impl Signer {
     /// Checks a token at `now`: its kind and subject.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<(TokenKind, String), TokenError> {
         let (body, mac) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let (head, expiry) = body.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let rest = head
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.strip_prefix('.'))
-            .ok_or(TokenError::Malformed)?;
-        let (kind, subject) = rest.split_once('.').ok_or(TokenError::Malformed)?;
-        let kind = TokenKind::parse(kind).ok_or(TokenError::Malformed)?;
-        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let parts = parts(token).ok_or(TokenError::Malformed)?;
+        let (kind, subject, expiry) = (parts.kind, parts.subject, parts.expiry);
         let given = (0..mac.len())
             .step_by(2)
             .map(|i| {
@@ -149,6 +143,31 @@ impl Signer {
         }
         Ok((kind, subject.to_string()))
     }
+}
+
+/// A signed token's fields, read without checking its signature (that is [`Signer::verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenParts<'a> {
+    pub kind: TokenKind,
+    pub subject: &'a str,
+    /// Seconds since the Unix epoch.
+    pub expiry: u64,
+}
+
+/// The fields of `flt.<kind>.<subject>.<expiry>.<mac>`; `None` for anything else. A holder
+/// uses it to see when its own token expires.
+pub fn parts(token: &str) -> Option<TokenParts<'_>> {
+    let (body, _mac) = token.rsplit_once('.')?;
+    let (head, expiry) = body.rsplit_once('.')?;
+    let (kind, subject) = head
+        .strip_prefix(PREFIX)?
+        .strip_prefix('.')?
+        .split_once('.')?;
+    Some(TokenParts {
+        kind: TokenKind::parse(kind)?,
+        subject,
+        expiry: expiry.parse().ok()?,
+    })
 }
 
 /// Whether `principal` may make this request; `Err` says what it may do instead.
