@@ -11,6 +11,7 @@ Each node is an agent on its own loopback address (127.78.0.N). Usage:
 """
 
 import json
+import ssl
 import os
 import signal
 import socket
@@ -62,6 +63,9 @@ class Fleet:
         token_file = os.path.join(self.dir, "server", "admin.token")
         wait("the admin token", lambda: os.path.exists(token_file) and open(token_file).read().strip())
         self.token = open(token_file).read().strip()
+        self.ca = os.path.join(self.dir, "server", "ca.crt")
+        wait("the cluster CA", lambda: os.path.exists(self.ca) and os.path.getsize(self.ca) > 0)
+        self.tls = ssl.create_default_context(cafile=self.ca)
         wait("the API", self.healthy)
         self.join = self.cli("token", "create", "--join", "--ttl", "1h").strip()
         self.agents = {}
@@ -77,23 +81,23 @@ class Fleet:
     def start_agent(self, name):
         i = name.split("-")[1]
         self.agents[name] = self.spawn(name, [
-            "--data-dir", os.path.join(self.dir, name), "agent", "--api", f"http://{self.api}",
+            "--data-dir", os.path.join(self.dir, name), "agent", "--api", f"https://{self.api}",
             "--node", name, "--address", f"127.78.0.{i}"], {"FLOTILLA_TOKEN": self.join})
 
     def cli(self, *args):
-        env = dict(self.env, FLOTILLA_API=self.api, FLOTILLA_TOKEN=self.token)
+        env = dict(self.env, FLOTILLA_API=self.api, FLOTILLA_TOKEN=self.token, FLOTILLA_CA=self.ca)
         return subprocess.run([BIN] + list(args), env=env, check=True, capture_output=True, text=True).stdout
 
     def healthy(self):
         try:
-            with urllib.request.urlopen(f"http://{self.api}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"https://{self.api}/healthz", timeout=1, context=self.tls) as r:
                 return r.status == 200
         except OSError:
             return False
 
     def get(self, path):
-        req = urllib.request.Request(f"http://{self.api}{path}", headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        req = urllib.request.Request(f"https://{self.api}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10, context=self.tls) as r:
             return json.loads(r.read())
 
     def ready_nodes(self):

@@ -14,6 +14,7 @@ Usage: FLOTILLA_BIN=target/release/flotilla NODES=1000 python3 scripts/bench_sca
 """
 
 import json
+import ssl
 import os
 import signal
 import socket
@@ -65,20 +66,26 @@ def main():
             raise RuntimeError("no admin token")
         time.sleep(0.05)
     token = open(token_file).read().strip()
+    ca = os.path.join(d, "server", "ca.crt")
+    while not (os.path.exists(ca) and os.path.getsize(ca) > 0):
+        if time.time() > deadline:
+            raise RuntimeError("no cluster CA")
+        time.sleep(0.05)
+    tls = ssl.create_default_context(cafile=ca)
     time.sleep(0.3)
-    cli_env = dict(env, FLOTILLA_API=api, FLOTILLA_TOKEN=token)
+    cli_env = dict(env, FLOTILLA_API=api, FLOTILLA_TOKEN=token, FLOTILLA_CA=ca)
 
     def cli(*args):
         return subprocess.run([BIN] + list(args), env=cli_env, check=True, capture_output=True, text=True).stdout
 
     def get(path):
-        req = urllib.request.Request(f"http://{api}{path}", headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
+        req = urllib.request.Request(f"https://{api}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30, context=tls) as r:
             return json.loads(r.read())
 
     join = cli("token", "create", "--join", "--ttl", "1h").strip()
     sim_log = open(os.path.join(d, "simulate.log"), "w")
-    sim = subprocess.Popen([BIN, "simulate-nodes", "--api", f"http://{api}", "--nodes", str(NODES),
+    sim = subprocess.Popen([BIN, "simulate-nodes", "--api", f"https://{api}", "--nodes", str(NODES),
                             "--duration", "30m"], env=dict(env, FLOTILLA_TOKEN=join), stdout=sim_log, stderr=sim_log)
     try:
         t0 = time.time()

@@ -5,14 +5,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
 pub struct Client {
     base: String,
     token: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<flotilla_pki::Connector, Full<Bytes>>,
 }
 
 /// An error answered by the API, rendered for people.
@@ -52,8 +51,15 @@ fn reason(s: StatusCode) -> &'static str {
 impl std::error::Error for ApiFailure {}
 
 impl Client {
-    pub fn new(base: &str, token: String) -> Self {
-        let http = HyperClient::builder(TokioExecutor::new()).build_http();
+    /// A client of `base` that speaks TLS with `tls` to `https://` (the bearer `token` is left
+    /// out when empty: a member certificate in `tls` speaks for it).
+    pub fn with_tls(
+        base: &str,
+        token: String,
+        tls: Option<std::sync::Arc<flotilla_pki::rustls::ClientConfig>>,
+    ) -> Self {
+        let http =
+            HyperClient::builder(TokioExecutor::new()).build(flotilla_pki::Connector::new(tls));
         Self {
             base: base.trim_end_matches('/').to_string(),
             token,
@@ -70,10 +76,10 @@ impl Client {
         let uri: Uri = format!("{}{}", self.base, path)
             .parse()
             .with_context(|| format!("bad API address {:?}", self.base))?;
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", format!("Bearer {}", self.token));
+        let mut builder = Request::builder().method(method).uri(uri);
+        if !self.token.is_empty() {
+            builder = builder.header("authorization", format!("Bearer {}", self.token));
+        }
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }
@@ -85,6 +91,7 @@ impl Client {
         request: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         self.http.request(request).await.map_err(|e| {
+            let e = flotilla_store::error_chain(&e);
             anyhow!(
                 "cannot reach the flotilla API at {} ({e}); is `flotilla up` running? (set --api / FLOTILLA_API)",
                 self.base

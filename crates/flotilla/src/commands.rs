@@ -30,12 +30,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let sub = command.conn();
     let api = sub.api.or(top.api);
     let token = sub.token.or(top.token);
+    let ca = sub.ca.or(top.ca);
     if let Command::Up(args) = command {
         return crate::up::run(args, data_dir).await;
     }
     if let Command::Gateway(args) = command {
-        let (base, token) = resolve(api, token, data_dir)?;
-        return crate::gateway::run(args, &base, &token).await;
+        let target = resolve(api, token, ca, data_dir)?;
+        return crate::gateway::run(args, target).await;
     }
     if let Command::Server(args) = command {
         return crate::fleet::server(args, data_dir).await;
@@ -44,14 +45,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let (Some(api), Some(token)) = (api, token) else {
             bail!("simulate-nodes needs --api and a join token (--token or FLOTILLA_TOKEN)");
         };
-        return crate::simulate::run(args, &api_url(&api), &token).await;
+        return crate::simulate::run(args, &context::api_url_tls(&api, true), &token, ca).await;
     }
     if let Command::Agent(args) = command {
-        return crate::fleet::agent(args, api, token, data_dir).await;
+        return crate::fleet::agent(args, api, token, ca, data_dir).await;
     }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
-        if let Ok(client) = connect(api, token, data_dir) {
+        if let Ok(client) = connect(api, token, ca, data_dir) {
             match client.get::<serde_json::Value>("/version").await {
                 Ok(v) => println!("flotilla {} (server)", v["version"].as_str().unwrap_or("?")),
                 Err(e) => println!("server: not reachable ({e})"),
@@ -66,10 +67,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     };
     // Finds the API again after a lost stream (a restarted `up` may listen elsewhere).
     let reconnect = {
-        let (api, token, data_dir) = (api.clone(), token.clone(), data_dir.clone());
-        move || connect(api.clone(), token.clone(), data_dir.clone())
+        let (api, token, ca, data_dir) = (api.clone(), token.clone(), ca.clone(), data_dir.clone());
+        move || connect(api.clone(), token.clone(), ca.clone(), data_dir.clone())
     };
-    let client = connect(api, token, data_dir)?;
+    let client = connect(api, token, ca, data_dir)?;
     match command {
         Command::Apply { .. } => match file {
             Some((path, parsed)) => apply(&client, &path, parsed).await,
@@ -252,31 +253,75 @@ async fn create_token(client: &Client, kind: &str, ttl: &str) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// Finds the API and the token: flags/env first, then the context file `up` wrote, then the
-/// default address with the token from the data directory.
+/// Where the CLI's API is, and how to reach it.
+pub struct Target {
+    pub base: String,
+    pub token: String,
+    /// The cluster CA of an `https://` API.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// The TLS configuration for `https://` (trusting the CA, no client certificate).
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<flotilla_pki::rustls::ClientConfig>>> {
+        if !self.base.starts_with("https://") {
+            return Ok(None);
+        }
+        let Some(ca) = &self.ca else {
+            bail!(
+                "{} is https://: pass the cluster CA with --ca FILE or FLOTILLA_CA (ca.crt in the server's data directory)",
+                self.base
+            );
+        };
+        let pem = std::fs::read_to_string(ca)
+            .with_context(|| format!("reading the cluster CA {}", ca.display()))?;
+        Ok(Some(flotilla_pki::client_config(&pem, None).with_context(
+            || format!("the cluster CA {}", ca.display()),
+        )?))
+    }
+}
+
+/// Finds the API, the token and the CA: flags/env first, then the context file `up` or
+/// `server` wrote, then the default address with the token from the data directory.
 fn connect(
     api: Option<String>,
     token: Option<String>,
+    ca: Option<std::path::PathBuf>,
     data_dir: Option<std::path::PathBuf>,
 ) -> Result<Client> {
-    let (base, token) = resolve(api, token, data_dir)?;
-    Ok(Client::new(&base, token))
+    let target = resolve(api, token, ca, data_dir)?;
+    Ok(Client::with_tls(
+        &target.base,
+        target.token.clone(),
+        target.tls()?,
+    ))
 }
 
-/// The API's base URL and the bearer token: flags and environment first, then the context
-/// file of the running `up` (of `--data-dir` when given, else the only one), then the default
-/// address with the token of the data directory.
 fn resolve(
     api: Option<String>,
     token: Option<String>,
+    ca: Option<std::path::PathBuf>,
     data_dir: Option<std::path::PathBuf>,
-) -> Result<(String, String)> {
+) -> Result<Target> {
+    // A CA in the data directory given: the server's (`flotilla server` keeps `ca.crt` there).
+    let dir_ca = data_dir
+        .as_ref()
+        .map(|d| d.join(flotilla_pki::CA_CERT_FILE))
+        .filter(|p| p.exists());
     if let (Some(a), Some(t)) = (&api, &token) {
-        return Ok((api_url(a), t.clone()));
+        let ca = ca.or(dir_ca);
+        return Ok(Target {
+            base: context::api_url_tls(a, ca.is_some()),
+            token: t.clone(),
+            ca,
+        });
     }
     let ctx = context::find_context(data_dir.as_deref())?;
+    let ca = ca
+        .or(dir_ca)
+        .or_else(|| ctx.as_ref().and_then(|c| c.ca.clone()));
     let base = match (&api, &ctx) {
-        (Some(a), _) => api_url(a),
+        (Some(a), _) => context::api_url_tls(a, ca.is_some()),
         (None, Some(c)) => c.api.clone(),
         (None, None) => api_url(context::DEFAULT_API),
     };
@@ -296,7 +341,7 @@ fn resolve(
             context::read_token(&path)?
         }
     };
-    Ok((base, token))
+    Ok(Target { base, token, ca })
 }
 
 /// Parses a flotilla file, printing every error with file:line:col, and resolves relative

@@ -63,6 +63,9 @@ pub struct ContextFile {
     /// The data directory of the `up` that wrote it (canonical).
     #[serde(default)]
     pub data_dir: PathBuf,
+    /// The cluster CA of an `https://` API (`flotilla server`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 /// Where the context files live: one per data directory, so that two `up`s (each with its
@@ -268,10 +271,17 @@ pub fn read_token(path: &Path) -> Result<String> {
     Ok(t.trim().to_string())
 }
 
-/// `host:port` or a URL → a base URL.
+/// `host:port` or a URL → a base URL (`http://` for a bare address).
 pub fn api_url(addr: &str) -> String {
+    api_url_tls(addr, false)
+}
+
+/// The same, `https://` for a bare address when `tls` (a fleet's server, or a CA given).
+pub fn api_url_tls(addr: &str, tls: bool) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.trim_end_matches('/').to_string()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }

@@ -18,9 +18,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::context;
 use crate::up::{bind, parse_addr};
 use crate::{AgentArgs, ServerArgs};
+use crate::{context, member};
 
 /// The logs of an instance stay on its node; the server cannot read them.
 struct NodeLogs;
@@ -86,6 +86,40 @@ struct ServerTable {
     listen: Option<String>,
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    /// More names for the server's certificate (`--san`).
+    #[serde(default)]
+    san: Vec<String>,
+    /// How long member certificates last (`--certificate-ttl`).
+    certificate_ttl: Option<String>,
+}
+
+/// The names the server's certificate holds: the listen address (or, listening on every
+/// address, each of this host's), loopback, `localhost`, the host name, and `extra`.
+fn certificate_names(listen: std::net::SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+        "localhost".to_string(),
+    ];
+    if listen.ip().is_unspecified() {
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs {
+                let Some(addr) = a.address else { continue };
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    names.push(v4.ip().to_string());
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    names.push(v6.ip().to_string());
+                }
+            }
+        }
+    } else {
+        names.push(listen.ip().to_string());
+    }
+    names.extend(flotilla_agent::registration::hostname());
+    names.extend(extra.iter().cloned());
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
+    names
 }
 
 /// `--config` of `flotilla agent`.
@@ -100,8 +134,10 @@ struct AgentFile {
 #[serde(deny_unknown_fields)]
 struct AgentTable {
     api: Option<String>,
-    /// A file holding the join token (or a node credential).
+    /// A file holding the join token.
     token_file: Option<PathBuf>,
+    /// The cluster CA (else the join token's pin finds it).
+    ca_file: Option<PathBuf>,
     node: Option<String>,
     address: Option<String>,
     #[serde(default)]
@@ -150,8 +186,28 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     let data_dir = data_dir_or(data_dir_flag.or(file_dir), "server")?;
     let store = crate::up::open_store(&data_dir)?;
     let token = context::ensure_token(&data_dir)?;
+    let authority =
+        Arc::new(flotilla_pki::Authority::load_or_create(&data_dir).context("the cluster CA")?);
     let api_listener = bind("API", api_socket).await?;
     let api_local = api_listener.local_addr()?;
+    let certificate_ttl = match (args.certificate_ttl, &file.certificate_ttl) {
+        (Some(t), _) => t,
+        (None, Some(text)) => humantime::parse_duration(text)
+            .map_err(|e| anyhow!("invalid certificate_ttl {text:?} in --config: {e}"))?,
+        (None, None) => flotilla_server::api::MEMBER_CERT_TTL,
+    };
+    if certificate_ttl < std::time::Duration::from_secs(10) {
+        bail!(
+            "invalid --certificate-ttl {}: must be at least 10s",
+            humantime::format_duration(certificate_ttl)
+        );
+    }
+    let mut sans = file.san.clone();
+    sans.extend(args.sans.iter().cloned());
+    let names = certificate_names(api_local, &sans);
+    let tls = authority
+        .server_config(&names)
+        .context("the server's TLS certificate")?;
     let metrics_listener = match metrics_socket {
         Some(m) => Some(bind("metrics", m).await?),
         None => None,
@@ -174,13 +230,15 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         &mut registry,
         shutdown.clone(),
     )
-    .with_signer(context::signer(&data_dir)?);
+    .with_signer(context::signer(&data_dir)?)
+    .with_authority(authority.clone(), certificate_ttl);
     let registry = Arc::new(registry);
     let mut tasks = tokio::task::JoinSet::new();
     let mut controller_task = tokio::spawn(controller.run(shutdown.clone()));
-    tasks.spawn(flotilla_server::serve(
+    tasks.spawn(flotilla_server::serve_tls(
         api_listener,
         flotilla_server::router(api_state),
+        tls,
         shutdown.clone(),
     ));
     let mut metrics_shown = String::new();
@@ -193,18 +251,37 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         ));
     }
     let token_file = data_dir.join(context::TOKEN_FILE);
+    let ca_file = data_dir.join(flotilla_pki::CA_CERT_FILE);
+    let ctx_path = context::write_context(&context::ContextFile {
+        api: format!("https://{api_local}"),
+        token_file: token_file.clone(),
+        gateway: String::new(),
+        metrics: String::new(),
+        pid: std::process::id(),
+        data_dir: context::canonical(&data_dir),
+        ca: Some(ca_file.clone()),
+    });
+    let ctx_shown = match &ctx_path {
+        Ok(p) => p.display().to_string(),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not write the context file; the CLI needs --api, --token and --ca");
+            "(not written)".to_string()
+        }
+    };
     println!(
         "flotilla server {} is up in {:.0?}",
         env!("CARGO_PKG_VERSION"),
         started.elapsed()
     );
     println!(
-        "  API       http://{api_local}  (token: {}){metrics_shown}",
+        "  API       https://{api_local}  (token: {}){metrics_shown}",
         token_file.display()
     );
+    println!("  CA        {}  ({})", ca_file.display(), authority.pin());
     println!("  data      {}", data_dir.display());
+    println!("  context   {ctx_shown}");
     println!(
-        "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join http://{api_local} --node NAME --address IP"
+        "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP"
     );
 
     let early = until_signal(&mut controller_task).await?;
@@ -222,6 +299,9 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     .await;
     if drained.is_err() {
         tasks.abort_all();
+    }
+    if let Ok(p) = &ctx_path {
+        context::remove_own_context(p);
     }
     match early {
         Some(()) => Err(anyhow!("the controller stopped unexpectedly")),
@@ -241,120 +321,62 @@ fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, 
     Ok(out)
 }
 
-/// Where an agent keeps its node credential.
-const CREDENTIAL_FILE: &str = "node.token";
+/// Where an agent keeps its node certificate and key (`node.crt`, `node.key`, with `ca.crt`).
+const CERT_STEM: &str = "node";
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// A join token exchanged at `api` for the certificate of node `node` (`POST /api/v1/join`).
+pub(crate) async fn join(
+    api: &str,
+    ca_pem: &str,
+    join_token: &str,
+    node: &str,
+) -> Result<member::Enrolled> {
+    member::enroll(
+        api,
+        ca_pem,
+        Some(join_token),
+        None,
+        "/api/v1/join",
+        node,
+        serde_json::json!({ "node": node }),
+    )
+    .await
+    .with_context(|| format!("joining {api} as node {node}"))
 }
 
-#[derive(serde::Deserialize)]
-struct Issued {
-    token: String,
-}
-
-/// A join token exchanged for the credential of node `node` (`POST /api/v1/join`).
-pub(crate) async fn join(api: &str, join_token: &str, node: &str) -> Result<String> {
-    let client = crate::client::Client::new(api, join_token.to_string());
-    let body = serde_json::json!({ "node": node }).to_string().into_bytes();
-    let (_, bytes) = client
-        .call(hyper::Method::POST, "/api/v1/join", Some(body))
-        .await
-        .with_context(|| format!("joining {api} as node {node}"))?;
-    Ok(serde_json::from_slice::<Issued>(&bytes)
-        .context("unexpected answer from POST /api/v1/join")?
-        .token)
-}
-
-/// The credential this agent uses: its saved node credential while valid; else a join
-/// token exchanged for one (and saved); else the token given as it is.
-async fn node_credential(
+/// This agent's certificate: the one it saved while valid (unless a join token is given for
+/// another run: then that one); else a join token's, saved.
+async fn node_certificate(
     api: &str,
     given: Option<&str>,
+    ca_file: Option<&std::path::Path>,
     node: &str,
     data_dir: &std::path::Path,
-) -> Result<String> {
-    let path = data_dir.join(CREDENTIAL_FILE);
-    let saved = std::fs::read_to_string(&path)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| {
-            parts(t).is_some_and(|p| {
-                p.kind == TokenKind::Node && p.subject == node && p.expiry > unix_now() + 60
-            })
-        });
-    let given_kind = given.and_then(parts).map(|p| p.kind);
-    if let Some(saved) = saved.filter(|_| given.is_none() || given_kind == Some(TokenKind::Join)) {
+) -> Result<member::Enrolled> {
+    let who = flotilla_pki::Identity {
+        role: flotilla_pki::Role::Node,
+        name: node.to_string(),
+    };
+    if let Some(saved) = member::Enrolled::load(data_dir, CERT_STEM, &who) {
         return Ok(saved);
     }
-    match (given, given_kind) {
-        (Some(g), Some(TokenKind::Node)) => Ok(g.to_string()),
-        (Some(join_token), Some(TokenKind::Join)) => {
-            let token = join(api, join_token, node).await?;
-            context::write_private(&path, format!("{token}\n").as_bytes())?;
-            tracing::info!(node, "joined with a join token; node credential saved");
-            Ok(token)
-        }
-        (Some(other), _) => {
-            tracing::warn!(
-                node,
-                "running the agent with a token that is not a node credential (the admin token?): it can do far more than a node needs; join with `flotilla token create --join`"
-            );
-            Ok(other.to_string())
-        }
-        (None, _) => bail!(
-            "no credential for node {node}: pass a join token (`flotilla token create --join` on the server) with --token or FLOTILLA_TOKEN"
+    let Some(token) = given else {
+        bail!(
+            "no certificate for node {node} in {}: pass a join token (`flotilla token create --join` on the server) with --token or FLOTILLA_TOKEN",
+            data_dir.display()
+        );
+    };
+    match parts(token).map(|p| p.kind) {
+        Some(TokenKind::Join) => {}
+        _ => bail!(
+            "the token given is not a join token: create one with `flotilla token create --join` on the server"
         ),
     }
-}
-
-/// Renews the node credential at half its life, until `stop`.
-async fn renew_credential(
-    api: String,
-    node: String,
-    credential: Credential,
-    path: PathBuf,
-    stop: CancellationToken,
-) {
-    loop {
-        let current = credential.get();
-        let Some(p) = parts(&current) else {
-            return; // not a node credential: nothing to renew
-        };
-        let left = p.expiry.saturating_sub(unix_now());
-        let wait = std::time::Duration::from_secs((left / 2).max(5));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        let client = crate::client::Client::new(&api, credential.get().to_string());
-        let renewed = client
-            .call(
-                hyper::Method::POST,
-                &format!("/api/v1/nodes/{node}/credential"),
-                None,
-            )
-            .await
-            .and_then(|(_, bytes)| {
-                serde_json::from_slice::<Issued>(&bytes).context("unexpected answer")
-            });
-        match renewed {
-            Ok(issued) => {
-                credential.set(&issued.token);
-                if let Err(e) =
-                    context::write_private(&path, format!("{}\n", issued.token).as_bytes())
-                {
-                    tracing::warn!(error = %format!("{e:#}"), "could not save the renewed node credential");
-                }
-                tracing::info!(node = %node, "node credential renewed");
-            }
-            Err(e) => {
-                tracing::warn!(node = %node, error = %format!("{e:#}"), "could not renew the node credential; retrying");
-            }
-        }
-    }
+    let ca = member::cluster_ca(api, ca_file, Some(token)).await?;
+    let enrolled = join(api, &ca, token, node).await?;
+    enrolled.save(data_dir, CERT_STEM)?;
+    tracing::info!(node, "joined with a join token; node certificate saved");
+    Ok(enrolled)
 }
 
 /// `flotilla agent`: runs the instances the server binds to this node.
@@ -362,6 +384,7 @@ pub async fn agent(
     args: AgentArgs,
     api_flag: Option<String>,
     token_flag: Option<String>,
+    ca_flag: Option<PathBuf>,
     data_dir_flag: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let (file, base) = match &args.config {
@@ -376,8 +399,9 @@ pub async fn agent(
             "flotilla agent needs the server's API: --join URL (or --api, or `api` in --config), and a join token: --token or FLOTILLA_TOKEN"
         );
     };
-    let api = crate::context::api_url(&api);
+    let api = crate::context::api_url_tls(&api, true);
     let api = api.as_str();
+    member::require_https(api)?;
     let token = match (token_flag, &file.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(path)) => {
@@ -454,9 +478,17 @@ pub async fn agent(
             humantime::format_duration(config.lease_duration)
         );
     }
-    let credential = Credential::new(&node_credential(api, token, &node, &data_dir).await?);
+    let ca_file = ca_flag.or(file.ca_file.as_ref().map(|p| base.join(p)));
+    let enrolled = node_certificate(api, token, ca_file.as_deref(), &node, &data_dir).await?;
+    let identity = enrolled.identity()?;
+    let tls = enrolled.tls(identity.clone())?;
     let mut registry = Registry::default();
-    let node_api = Arc::new(RemoteNode::with_credential(api, credential.clone(), &node));
+    let node_api = Arc::new(RemoteNode::connect(
+        api,
+        Credential::new(""),
+        &node,
+        Some(tls),
+    ));
     let mut agent = Agent::new(config, node_api, &mut registry)
         .map_err(|e| anyhow!(e))
         .context("starting the agent")?;
@@ -471,11 +503,15 @@ pub async fn agent(
     );
     println!("  data      {}", data_dir.display());
     let shutdown = CancellationToken::new();
-    let renewal = tokio::spawn(renew_credential(
-        api.to_string(),
-        node.clone(),
-        credential,
-        data_dir.join(CREDENTIAL_FILE),
+    let renewal = tokio::spawn(member::renew(
+        member::Renewal {
+            api: api.to_string(),
+            path: format!("/api/v1/nodes/{node}/credential"),
+            name: node.clone(),
+            save: Some((data_dir.clone(), CERT_STEM)),
+        },
+        enrolled,
+        identity,
         shutdown.clone(),
     ));
     let mut task = tokio::spawn(agent.run(shutdown.clone()));

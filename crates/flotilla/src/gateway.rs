@@ -7,14 +7,63 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use flotilla_gateway::{Gateway, GatewayConfig};
-use flotilla_store::{RemoteStore, Store};
+use flotilla_store::{Credential, RemoteStore, Store};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::GatewayArgs;
 
-pub async fn run(args: GatewayArgs, api: &str, token: &str) -> Result<ExitCode> {
-    let store: Arc<dyn Store> = Arc::new(RemoteStore::new(api, token));
+/// The gateway's view of the API: with a gateway token at an `https://` API, a gateway
+/// certificate got for it (and renewed until `stop`); else the token as it is.
+async fn remote_store(
+    target: &crate::commands::Target,
+    stop: &CancellationToken,
+) -> Result<(RemoteStore, Option<tokio::task::JoinHandle<()>>)> {
+    use flotilla_server::auth::{GATEWAY_CREDENTIAL, TokenKind, parts};
+    let (api, token) = (target.base.as_str(), target.token.as_str());
+    let is_gateway_token = parts(token).is_some_and(|p| p.kind == TokenKind::Gateway);
+    if !api.starts_with("https://") || !is_gateway_token {
+        let store = RemoteStore::connect(api, Credential::new(token), target.tls()?);
+        return Ok((store, None));
+    }
+    let ca = crate::member::cluster_ca(api, target.ca.as_deref(), Some(token)).await?;
+    let enrolled = crate::member::enroll(
+        api,
+        &ca,
+        Some(token),
+        None,
+        GATEWAY_CREDENTIAL,
+        "gateway",
+        serde_json::json!({}),
+    )
+    .await
+    .with_context(|| format!("getting a gateway certificate from {api}"))?;
+    let identity = enrolled.identity()?;
+    let store = RemoteStore::connect(
+        api,
+        Credential::new(""),
+        Some(enrolled.tls(identity.clone())?),
+    );
+    let renewal = crate::member::Renewal {
+        api: api.to_string(),
+        path: GATEWAY_CREDENTIAL.to_string(),
+        name: "gateway".to_string(),
+        save: None,
+    };
+    let task = tokio::spawn(crate::member::renew(
+        renewal,
+        enrolled,
+        identity,
+        stop.clone(),
+    ));
+    Ok((store, Some(task)))
+}
+
+pub async fn run(args: GatewayArgs, target: crate::commands::Target) -> Result<ExitCode> {
+    let api = target.base.as_str();
+    let shutdown = CancellationToken::new();
+    let (store, renewal) = remote_store(&target, &shutdown).await?;
+    let store: Arc<dyn Store> = Arc::new(store);
     let listen: SocketAddr = args.listen.parse().with_context(|| {
         format!(
             "invalid listen address {:?} (expected host:port)",
@@ -41,7 +90,6 @@ pub async fn run(args: GatewayArgs, api: &str, token: &str) -> Result<ExitCode> 
         .await
         .with_context(|| format!("starting the gateway on {listen} against the API at {api}"))?;
     let local = gateway.local_addr();
-    let shutdown = CancellationToken::new();
     let metrics = match &args.metrics_listen {
         Some(addr) => {
             let addr: SocketAddr = addr
@@ -76,6 +124,9 @@ pub async fn run(args: GatewayArgs, api: &str, token: &str) -> Result<ExitCode> 
     };
     if let Some(m) = metrics {
         let _ = m.await;
+    }
+    if let Some(r) = renewal {
+        let _ = r.await;
     }
     match result {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),

@@ -7,6 +7,7 @@ mod context;
 mod fleet;
 mod follow;
 mod gateway;
+mod member;
 mod output;
 mod rollout;
 mod simulate;
@@ -46,6 +47,10 @@ pub struct Conn {
     /// Bearer token; default: the token file named in the context file.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA of an `https://` API (`ca.crt` in the server's data directory);
+    /// default: from the context file.
+    #[arg(long, env = "FLOTILLA_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 /// [`Conn`] for a subcommand: global there, so that nested subcommands (`rollout status`) take
@@ -71,6 +76,16 @@ pub struct SubConn {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// The cluster CA of an `https://` API (`ca.crt` in the server's data directory);
+    /// default: from the context file.
+    #[arg(
+        long = "ca",
+        id = "sub_ca",
+        value_name = "FILE",
+        global = true,
+        env = "FLOTILLA_CA"
+    )]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -242,6 +257,7 @@ impl Command {
         Conn {
             api: sub.api.clone(),
             token: sub.token.clone(),
+            ca: sub.ca.clone(),
         }
     }
 }
@@ -377,8 +393,8 @@ pub struct GatewayArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// A TOML file with a `[server]` table (`listen`, `metrics_listen`, `data_dir`); flags
-    /// override it.
+    /// A TOML file with a `[server]` table (`listen`, `metrics_listen`, `data_dir`, `san`,
+    /// `certificate_ttl`); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// API listen address (agents, gateways and the CLI connect here) [default:
@@ -388,6 +404,15 @@ pub struct ServerArgs {
     /// Metrics listen address (none if unset).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Another name or address agents and gateways reach the server by, for its TLS
+    /// certificate (repeatable; the listen address, this host's addresses and names are in
+    /// it already).
+    #[arg(long = "san", value_name = "NAME")]
+    pub sans: Vec<String>,
+    /// How long node and gateway certificates last (they are renewed at half of it)
+    /// [default: 24h; at least 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub certificate_ttl: Option<std::time::Duration>,
 }
 
 #[derive(clap::Args, Debug)]

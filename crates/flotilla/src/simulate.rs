@@ -88,18 +88,26 @@ async fn run_node(
     Ok(())
 }
 
-pub async fn run(args: SimulateArgs, api: &str, join_token: &str) -> Result<ExitCode> {
+pub async fn run(
+    args: SimulateArgs,
+    api: &str,
+    join_token: &str,
+    ca_file: Option<std::path::PathBuf>,
+) -> Result<ExitCode> {
+    crate::member::require_https(api)?;
+    let ca = crate::member::cluster_ca(api, ca_file.as_deref(), Some(join_token)).await?;
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
     for i in 0..args.nodes {
         let node = format!("{}-{i:05}", args.prefix);
-        let credential = crate::fleet::join(api, join_token, &node).await?;
-        let remote = Arc::new(RemoteNode::with_credential(
+        let enrolled = crate::fleet::join(api, &ca, join_token, &node).await?;
+        let remote = Arc::new(RemoteNode::connect(
             api,
-            Credential::new(&credential),
+            Credential::new(""),
             &node,
+            Some(enrolled.tls(enrolled.identity()?)?),
         ));
         let resources = NodeResources {
             cpu_millicores: 32_000,

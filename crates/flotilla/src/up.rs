@@ -348,6 +348,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
             metrics: format!("http://{metrics_local}/metrics"),
             pid: std::process::id(),
             data_dir: context::canonical(&data_dir),
+            ca: None,
         });
         let ctx_path = match ctx_path {
             Ok(p) => {

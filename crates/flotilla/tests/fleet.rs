@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{flotilla_bin, http, instance_of, path_with_demo, wait_for};
+use common::{flotilla_bin, http, http_on, instance_of, path_with_demo, wait_for};
+use flotilla_pki::rustls;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -46,9 +47,55 @@ struct Agent {
     api: Option<String>,
 }
 
+/// A TLS client configuration trusting the cluster CA of `ca`, showing the member
+/// certificate kept in `member` (an agent's data directory) when given.
+fn tls_config(ca: &std::path::Path, member: Option<&std::path::Path>) -> Arc<rustls::ClientConfig> {
+    let ca = std::fs::read_to_string(ca).unwrap();
+    let identity = member.map(|dir| {
+        let cert = std::fs::read_to_string(dir.join("node.crt")).unwrap();
+        let key = std::fs::read_to_string(dir.join("node.key")).unwrap();
+        flotilla_pki::ClientIdentity::new(&cert, &key).unwrap()
+    });
+    flotilla_pki::client_config(&ca, identity).unwrap()
+}
+
+/// One HTTPS request (`Connection: close`) to `addr` with `tls`, with a bearer token if given.
+fn https(
+    addr: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<common::Http> {
+    let tcp = std::net::TcpStream::connect(addr).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").ok()?;
+    let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
+    let stream = rustls::StreamOwned::new(conn, tcp);
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_on(stream, addr, method, path, &headers, body)
+}
+
+/// A request with a bearer token: status and body (0 and empty when nothing answered).
+fn call(
+    api: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
+    https(api, tls, method, path, Some(token), "")
+        .map_or((0, String::new()), |r| (r.status, r.body))
+}
+
 struct Fleet {
     dir: tempfile::TempDir,
     api: String,
+    /// The cluster CA (the server's `ca.crt`), and a TLS configuration trusting it.
+    ca: PathBuf,
+    tls: Arc<rustls::ClientConfig>,
     /// The admin token (for the test's own reads and the CLI).
     token: String,
     /// What agents join with.
@@ -61,20 +108,23 @@ struct Fleet {
 impl Fleet {
     /// A server and `nodes` agents named node-1… on 127.77.`net`.1…
     fn start(net: u8, nodes: u8) -> Fleet {
+        Self::start_with(net, nodes, &[])
+    }
+
+    /// The same, with more arguments for `flotilla server`.
+    fn start_with(net: u8, nodes: u8, server_args: &[&str]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let api = format!("127.0.0.1:{}", free_port());
-        let server = spawn(
-            &dir,
+        let data = dir.path().join("server");
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
             "server",
-            &[
-                "--data-dir",
-                dir.path().join("server").to_str().unwrap(),
-                "server",
-                "--listen",
-                &api,
-            ],
-            &[],
-        );
+            "--listen",
+            &api,
+        ];
+        args.extend_from_slice(server_args);
+        let server = spawn(&dir, "server", &args, &[]);
         let token_file = dir.path().join("server/admin.token");
         let token = wait_for("the server's token", Duration::from_secs(20), || {
             std::fs::read_to_string(&token_file)
@@ -83,9 +133,16 @@ impl Fleet {
         })
         .trim()
         .to_string();
+        let ca = dir.path().join("server/ca.crt");
+        wait_for("the cluster CA", Duration::from_secs(20), || {
+            std::fs::metadata(&ca).ok().filter(|m| m.len() > 0)
+        });
+        let tls = tls_config(&ca, None);
         let mut fleet = Fleet {
             dir,
             api,
+            ca,
+            tls,
             token,
             join: String::new(),
             server,
@@ -93,7 +150,7 @@ impl Fleet {
             gateway: None,
         };
         wait_for("the server's API", Duration::from_secs(20), || {
-            http(&fleet.api, "GET", "/healthz", &[], "").filter(|r| r.status == 200)
+            https(&fleet.api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
         });
         fleet.join = fleet.new_token(&["--join", "--ttl", "10m"]);
         for i in 1..=nodes {
@@ -116,7 +173,7 @@ impl Fleet {
     fn start_agent(&mut self, name: &str) {
         let agent = &self.agents[name];
         let (address, data) = (agent.address.clone(), agent.data.clone());
-        let api = format!("http://{}", agent.api.as_deref().unwrap_or(&self.api));
+        let api = format!("https://{}", agent.api.as_deref().unwrap_or(&self.api));
         let proc = spawn(
             &self.dir,
             name,
@@ -176,7 +233,7 @@ impl Fleet {
 
     fn start_gateway(&mut self) -> String {
         let listen = format!("127.0.0.1:{}", free_port());
-        let api = format!("http://{}", self.api);
+        let api = format!("https://{}", self.api);
         let token = self.new_token(&["--gateway", "--ttl", "1h"]);
         let proc = spawn(
             &self.dir,
@@ -196,14 +253,29 @@ impl Fleet {
             .args(args)
             .env("FLOTILLA_API", &self.api)
             .env("FLOTILLA_TOKEN", &self.token)
+            .env("FLOTILLA_CA", &self.ca)
             .env("FLOTILLA_CONFIG_DIR", self.dir.path().join("config"))
             .output()
             .unwrap()
     }
 
+    /// A request with the bearer `token`: status and body.
+    fn call(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+        let r = https(&self.api, &self.tls, method, path, Some(token), body)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer"));
+        (r.status, r.body)
+    }
+
+    /// A request as node `node`, with the certificate its agent keeps: status and body.
+    fn call_as_node(&self, node: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+        let tls = tls_config(&self.ca, Some(&self.agents[node].data));
+        let r = https(&self.api, &tls, method, path, None, body)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer"));
+        (r.status, r.body)
+    }
+
     fn get(&self, path: &str) -> Value {
-        let auth = format!("Bearer {}", self.token);
-        let r = http(&self.api, "GET", path, &[("Authorization", &auth)], "")
+        let r = https(&self.api, &self.tls, "GET", path, Some(&self.token), "")
             .unwrap_or_else(|| panic!("GET {path}: no answer"));
         assert_eq!(r.status, 200, "GET {path}: {}", r.body);
         serde_json::from_str(&r.body).unwrap()
@@ -601,39 +673,38 @@ fn a_frozen_node_is_replaced_and_stops_its_superseded_instances_when_it_thaws() 
     assert!(now.iter().all(|i| node_of(i) == "node-1"), "{now:#?}");
 }
 
-fn call(api: &str, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
-    let auth = format!("Bearer {token}");
-    let r = http(api, method, path, &[("Authorization", &auth)], body)
-        .unwrap_or_else(|| panic!("{method} {path}: no answer"));
-    (r.status, r.body)
-}
-
-/// Nodes join with a short-lived join token and get a credential of their own, which reaches
-/// only their own instances: not another node's, not a service. A wrong or expired join token
-/// is refused, and so is joining under the name of a live node. A gateway token only reads.
+/// Nodes join with a short-lived join token and get a certificate of their own from the
+/// cluster CA, which reaches only their own instances: not another node's, not a service. A
+/// wrong or expired join token is refused, and so is joining under the name of a live node,
+/// or with a certificate of another cluster. A gateway token is only exchanged for a gateway
+/// certificate, which only reads.
 #[test]
-fn join_tokens_and_node_credentials_are_scoped() {
+fn join_tokens_and_node_certificates_are_scoped() {
     let fleet = Fleet::start(3, 2);
     fleet.apply(&web(2));
     wait_for("two ready instances", Duration::from_secs(30), || {
         (fleet.ready_instances("web").len() == 2).then_some(())
     });
-    let credential = std::fs::read_to_string(fleet.agents["node-1"].data.join("node.token"))
-        .expect("node-1 saved its credential")
-        .trim()
-        .to_string();
-    assert!(credential.starts_with("flt.node.node-1."), "{credential}");
-    assert_ne!(credential, fleet.join);
-    let api = &fleet.api;
+    let data = &fleet.agents["node-1"].data;
+    let cert =
+        std::fs::read_to_string(data.join("node.crt")).expect("node-1 saved its certificate");
+    let der = flotilla_pki::parse_cert("node-1", &cert).unwrap();
+    assert_eq!(
+        flotilla_pki::identity_of(&der),
+        Some(flotilla_pki::Identity {
+            role: flotilla_pki::Role::Node,
+            name: "node-1".into()
+        })
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "node.key is readable by its owner only");
 
     // Its own instances: yes. Another node's, all instances, a service: no.
-    let (status, body) = call(
-        api,
-        "GET",
-        "/api/v1/nodes/node-1/instances",
-        &credential,
-        "",
-    );
+    let (status, body) = fleet.call_as_node("node-1", "GET", "/api/v1/nodes/node-1/instances", "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["items"]
@@ -650,11 +721,12 @@ fn join_tokens_and_node_credentials_are_scoped() {
         ("POST", "/api/v1/services"),
         ("DELETE", "/api/v1/services/web"),
         ("POST", "/api/v1/tokens"),
+        ("POST", "/api/v1/nodes/node-2/credential"),
     ] {
-        let (status, body) = call(api, method, path, &credential, "{}");
+        let (status, body) = fleet.call_as_node("node-1", method, path, "{}");
         assert_eq!(
             status, 403,
-            "{method} {path} with node-1's credential: {body}"
+            "{method} {path} with node-1's certificate: {body}"
         );
         assert!(body.contains("node-1"), "{body}");
     }
@@ -666,23 +738,25 @@ fn join_tokens_and_node_credentials_are_scoped() {
         .find(|i| node_of(i) == "node-2")
         .unwrap();
     let name = other["metadata"]["name"].as_str().unwrap();
-    let (status, _) = call(
-        api,
+    let (status, _) = fleet.call_as_node(
+        "node-1",
         "PUT",
         &format!("/api/v1/nodes/node-1/instances/{name}/status"),
-        &credential,
         &serde_json::json!({"resourceVersion": 1, "status": {"phase": "Failed"}}).to_string(),
     );
     assert_eq!(status, 404);
+    // Without a token or a certificate: nothing.
+    let anonymous = https(&fleet.api, &fleet.tls, "GET", "/api/v1/nodes", None, "").unwrap();
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
 
     // Join: a made-up token, an expired one, a live node's name.
+    let (_, csr) = flotilla_pki::new_key_and_csr("node-9").unwrap();
     let join = |token: &str, node: &str| {
-        call(
-            api,
+        fleet.call(
             "POST",
             "/api/v1/join",
             token,
-            &format!(r#"{{"node":"{node}"}}"#),
+            &serde_json::json!({ "node": node, "csr": csr }).to_string(),
         )
     };
     let forged = fleet.join.replace("flt.join.", "flt.join.0").to_string();
@@ -693,6 +767,14 @@ fn join_tokens_and_node_credentials_are_scoped() {
     let (status, body) = join(&fleet.join, "node-2");
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("live member"), "{body}");
+    let (status, body) = fleet.call(
+        "POST",
+        "/api/v1/join",
+        &fleet.join,
+        r#"{"node":"node-9","csr":"garbage"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("csr"), "{body}");
     let short = fleet.new_token(&["--join", "--ttl", "1s"]);
     let (status, body) = wait_for(
         "the 1s join token to expire",
@@ -705,25 +787,28 @@ fn join_tokens_and_node_credentials_are_scoped() {
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("expired"), "{body}");
     // A join token is for joining only.
-    let (status, _) = call(api, "GET", "/api/v1/nodes", &fleet.join, "");
+    let (status, _) = fleet.call("GET", "/api/v1/nodes", &fleet.join, "");
     assert_eq!(status, 403);
-    // An agent started with a bad join token says so and exits.
-    let bad = Command::new(flotilla_bin())
-        .args(["--data-dir"])
-        .arg(fleet.dir.path().join("node-9"))
-        .args([
-            "agent",
-            "--api",
-            &format!("http://{api}"),
-            "--node",
-            "node-9",
-            "--address",
-            "127.77.3.9",
-        ])
-        .env("FLOTILLA_TOKEN", &forged)
-        .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
-        .output()
-        .unwrap();
+    // An agent started with a bad join token says so and exits, without echoing it.
+    let agent_with = |token: &str| {
+        Command::new(flotilla_bin())
+            .args(["--data-dir"])
+            .arg(fleet.dir.path().join("node-9"))
+            .args([
+                "agent",
+                "--api",
+                &format!("https://{}", fleet.api),
+                "--node",
+                "node-9",
+                "--address",
+                "127.77.3.9",
+            ])
+            .env("FLOTILLA_TOKEN", token)
+            .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
+            .output()
+            .unwrap()
+    };
+    let bad = agent_with(&forged);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
@@ -731,12 +816,134 @@ fn join_tokens_and_node_credentials_are_scoped() {
         "{err}"
     );
     assert!(!err.contains(&forged), "the token was echoed: {err}");
+    // A token whose pin names another CA: the agent does not even send it.
+    let pin = fleet
+        .join
+        .split('.')
+        .nth(2)
+        .unwrap()
+        .split('-')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let wrong_pin = fleet.join.replace(&pin, &"0".repeat(64));
+    let bad = agent_with(&wrong_pin);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("pin"), "{err}");
 
-    // A gateway token reads what a gateway routes from, and nothing else.
+    // A certificate of another cluster's CA is refused at the handshake.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = flotilla_pki::Authority::load_or_create(other.path()).unwrap();
+    let (key, csr) = flotilla_pki::new_key_and_csr("node-1").unwrap();
+    let node1 = flotilla_pki::Identity {
+        role: flotilla_pki::Role::Node,
+        name: "node-1".into(),
+    };
+    let (cert, _) = other_ca
+        .sign(&csr, &node1, Duration::from_secs(600))
+        .unwrap();
+    let ca_pem = std::fs::read_to_string(&fleet.ca).unwrap();
+    let foreign = flotilla_pki::client_config(
+        &ca_pem,
+        Some(flotilla_pki::ClientIdentity::new(&cert, &key).unwrap()),
+    )
+    .unwrap();
+    let r = https(
+        &fleet.api,
+        &foreign,
+        "GET",
+        "/api/v1/nodes/node-1/instances",
+        None,
+        "",
+    );
+    assert!(
+        r.is_none_or(|r| r.status != 200),
+        "a foreign certificate was accepted"
+    );
+
+    // A gateway token only gets a gateway certificate; that reads what a gateway routes from,
+    // and nothing else.
     let gw = fleet.new_token(&["--gateway", "--ttl", "1h"]);
-    assert_eq!(call(api, "GET", "/api/v1/services", &gw, "").0, 200);
-    assert_eq!(call(api, "POST", "/api/v1/services", &gw, "{}").0, 403);
-    assert_eq!(call(api, "GET", "/api/v1/events", &gw, "").0, 403);
+    assert_eq!(fleet.call("GET", "/api/v1/services", &gw, "").0, 403);
+    let (key, csr) = flotilla_pki::new_key_and_csr("gw").unwrap();
+    let (status, body) = fleet.call(
+        "POST",
+        "/api/v1/gateways/credential",
+        &gw,
+        &serde_json::json!({ "csr": csr }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let issued: Value = serde_json::from_str(&body).unwrap();
+    let gw_tls = flotilla_pki::client_config(
+        &ca_pem,
+        Some(
+            flotilla_pki::ClientIdentity::new(issued["certificate"].as_str().unwrap(), &key)
+                .unwrap(),
+        ),
+    )
+    .unwrap();
+    let as_gateway = |method: &str, path: &str| {
+        https(&fleet.api, &gw_tls, method, path, None, "{}")
+            .unwrap()
+            .status
+    };
+    assert_eq!(as_gateway("GET", "/api/v1/services"), 200);
+    assert_eq!(as_gateway("GET", "/api/v1/instances"), 200);
+    assert_eq!(as_gateway("POST", "/api/v1/services"), 403);
+    assert_eq!(as_gateway("GET", "/api/v1/events"), 403);
+    assert_eq!(as_gateway("GET", "/api/v1/nodes/node-1/instances"), 403);
+}
+
+/// Node certificates are renewed at half-life and kept: with 12 s certificates the agent's
+/// changes within seconds, the first is refused once it has expired, and the node stays
+/// Ready throughout on the renewed ones.
+#[test]
+fn node_certificates_are_renewed_before_they_expire() {
+    let fleet = Fleet::start_with(7, 1, &["--certificate-ttl", "12s"]);
+    let data = fleet.agents["node-1"].data.clone();
+    let first = std::fs::read_to_string(data.join("node.crt")).unwrap();
+    let first_tls = tls_config(&fleet.ca, Some(&data));
+    let own = "/api/v1/nodes/node-1/instances";
+    let with_first = || https(&fleet.api, &first_tls, "GET", own, None, "").map(|r| r.status);
+    assert_eq!(with_first(), Some(200));
+    let expires = std::time::SystemTime::now() + Duration::from_secs(12);
+    wait_for("a renewed certificate", Duration::from_secs(20), || {
+        let now = std::fs::read_to_string(data.join("node.crt")).ok()?;
+        (now != first).then_some(())
+    });
+    wait_for(
+        "the renewed certificate to work",
+        Duration::from_secs(10),
+        || (fleet.call_as_node("node-1", "GET", own, "").0 == 200).then_some(()),
+    );
+    wait_for(
+        "the first certificate to be refused",
+        Duration::from_secs(20),
+        || (with_first() != Some(200)).then_some(()),
+    );
+    assert!(std::time::SystemTime::now() + Duration::from_secs(1) >= expires);
+    // A heartbeat made well after the first one's expiry: the agent renewed its lease on a
+    // renewed certificate, and the node is Ready.
+    wait_for(
+        "a heartbeat after the first expiry",
+        Duration::from_secs(20),
+        || {
+            let node = fleet.get("/api/v1/nodes/node-1");
+            let age = Duration::from_millis(node["heartbeat"]["ageMillis"].as_u64()?);
+            let since = std::time::SystemTime::now().duration_since(expires).ok()?;
+            (since > age + Duration::from_secs(2)).then_some(())
+        },
+    );
+    assert_eq!(
+        fleet.ready_nodes(),
+        vec!["node-1".to_string()],
+        "{}",
+        fleet.logs()
+    );
+    let log = fleet.agents["node-1"].proc.as_ref().unwrap().log();
+    assert!(log.contains("certificate renewed"), "{log}");
+    assert!(!log.contains("could not renew"), "{log}");
 }
 
 /// Cordon stops placements on a node; drain moves its instances to the other nodes without
@@ -779,12 +986,18 @@ fn cordon_and_drain_move_instances_within_max_unavailable() {
     // Drain, sampling the ready count all along.
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (api, token, stop) = (fleet.api.clone(), fleet.token.clone(), stop.clone());
+        let (api, token, stop, tls) = (
+            fleet.api.clone(),
+            fleet.token.clone(),
+            stop.clone(),
+            fleet.tls.clone(),
+        );
         std::thread::spawn(move || {
             let mut least = usize::MAX;
             let deadline = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let (status, body) = call(&api, "GET", "/api/v1/instances?service=web", &token, "");
+                let (status, body) =
+                    call(&api, &tls, "GET", "/api/v1/instances?service=web", &token);
                 if status == 200 {
                     let v: Value = serde_json::from_str(&body).unwrap();
                     let n = v["items"]
@@ -838,15 +1051,7 @@ fn cordon_and_drain_move_instances_within_max_unavailable() {
         },
     );
     // A node cannot uncordon itself.
-    let credential =
-        std::fs::read_to_string(fleet.agents["node-3"].data.join("node.token")).unwrap();
-    let (status, _) = call(
-        &fleet.api,
-        "POST",
-        "/api/v1/nodes/node-3/uncordon",
-        credential.trim(),
-        "",
-    );
+    let (status, _) = fleet.call_as_node("node-3", "POST", "/api/v1/nodes/node-3/uncordon", "");
     assert_eq!(status, 403);
 }
 
@@ -974,14 +1179,19 @@ failure_threshold = 1
     // Every endpoint ever listed is probed directly, all the time: never two answer at once.
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (api, token, stop) = (fleet.api.clone(), fleet.token.clone(), stop.clone());
+        let (api, token, stop, tls) = (
+            fleet.api.clone(),
+            fleet.token.clone(),
+            stop.clone(),
+            fleet.tls.clone(),
+        );
         std::thread::spawn(move || {
             let mut endpoints = std::collections::BTreeSet::new();
             let mut most = 0;
             let deadline = Instant::now() + Duration::from_secs(90);
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
                 let (status, body) =
-                    call(&api, "GET", "/api/v1/instances?service=solo", &token, "");
+                    call(&api, &tls, "GET", "/api/v1/instances?service=solo", &token);
                 if status == 200 {
                     let v: Value = serde_json::from_str(&body).unwrap();
                     for i in v["items"].as_array().unwrap() {
@@ -1082,20 +1292,24 @@ fn server_and_agent_take_their_settings_from_files() {
         },
     );
     let token = token.trim().to_string();
+    let ca = dir.path().join("srv/ca.crt");
+    wait_for(
+        "the cluster CA in the file's data_dir",
+        Duration::from_secs(20),
+        || std::fs::metadata(&ca).ok().filter(|m| m.len() > 0),
+    );
+    let tls = tls_config(&ca, None);
     wait_for(
         "the API on the file's address",
         Duration::from_secs(20),
-        || http(&api, "GET", "/healthz", &[], "").filter(|r| r.status == 200),
+        || https(&api, &tls, "GET", "/healthz", None, "").filter(|r| r.status == 200),
     );
-    let auth = format!("Bearer {token}");
-    let r = http(
+    let r = https(
         &api,
+        &tls,
         "POST",
         "/api/v1/tokens",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
+        Some(&token),
         r#"{"kind":"join","ttl":"10m"}"#,
     )
     .unwrap();
@@ -1109,7 +1323,7 @@ fn server_and_agent_take_their_settings_from_files() {
     std::fs::write(
         dir.path().join("agent.toml"),
         format!(
-            "[agent]\napi = \"http://{api}\"\ntoken_file = \"join.token\"\nnode = \"from-file\"\naddress = \"127.77.6.1\"\nlabels = {{ zone = \"a\" }}\nlease = \"3s\"\ndata_dir = \"agent\"\n"
+            "[agent]\napi = \"https://{api}\"\ntoken_file = \"join.token\"\nnode = \"from-file\"\naddress = \"127.77.6.1\"\nlabels = {{ zone = \"a\" }}\nlease = \"3s\"\ndata_dir = \"agent\"\n"
         ),
     )
     .unwrap();
@@ -1126,11 +1340,12 @@ fn server_and_agent_take_their_settings_from_files() {
         &[],
     );
     let node = wait_for("the node from the file", Duration::from_secs(20), || {
-        let r = http(
+        let r = https(
             &api,
+            &tls,
             "GET",
             "/api/v1/nodes/from-file",
-            &[("Authorization", &auth)],
+            Some(&token),
             "",
         )?;
         (r.status == 200).then(|| serde_json::from_str::<Value>(&r.body).unwrap())
@@ -1139,7 +1354,8 @@ fn server_and_agent_take_their_settings_from_files() {
     assert_eq!(node["metadata"]["labels"]["zone"], "a");
     assert_eq!(node["metadata"]["labels"]["tier"], "web");
     assert_eq!(node["heartbeat"]["leaseSeconds"], 3);
-    assert!(dir.path().join("agent/node.token").exists());
+    assert!(dir.path().join("agent/node.crt").exists());
+    assert!(dir.path().join("agent/node.key").exists());
 
     // A mistake in a file: named with its line, nothing started.
     std::fs::write(

@@ -1,18 +1,20 @@
 //! Who may call the API, and what each may reach.
 //!
 //! - The **admin** token (the data directory's `admin.token`): everything.
-//! - **Join** tokens (`flotilla token create --join`): short-lived, only exchanged at
-//!   `POST /api/v1/join` for a node credential.
-//! - **Node** credentials: only that node's own endpoints (`/api/v1/nodes/{node}/…`, the watch
-//!   of its instances). A compromised node cannot read other nodes' instances, nor change a
-//!   service.
-//! - **Gateway** tokens (`flotilla token create --gateway`): read services, instances, nodes
-//!   and their watches — what a gateway routes from — and nothing else.
+//! - **Bootstrap tokens**, signed and short-lived, each only exchanged for a certificate of
+//!   the cluster CA ([`flotilla_pki`]): a **join** token (`flotilla token create --join`) at
+//!   `POST /api/v1/join` for a node's, a **gateway** token (`--gateway`) at
+//!   `POST /api/v1/gateways/credential` for a gateway's. Each carries the CA's pin, so that its
+//!   holder can trust the server before sending it.
+//! - **Node certificates** (mutual TLS): only that node's own endpoints
+//!   (`/api/v1/nodes/{node}/…`, the watch of its instances). A compromised node cannot read
+//!   other nodes' instances, nor change a service.
+//! - **Gateway certificates**: read services, instances, nodes and their watches — what a
+//!   gateway routes from — and nothing else.
 //!
-//! Join, node and gateway tokens are signed by the control plane (HMAC-SHA256 with a key kept
-//! in its data directory) rather than stored: `flt.<kind>.<subject>.<expiry>.<mac>`. Checking
-//! one needs no store read, and every token expires; node credentials are renewed by their
-//! agent before they do.
+//! Bootstrap tokens are signed by the control plane (HMAC-SHA256 with a key kept in its data
+//! directory) rather than stored: `flt.<kind>.<id>-<pin>.<expiry>.<mac>`. Checking one needs no
+//! store read, and every one expires. Certificates are renewed by their holder at half-life.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +24,6 @@ use ring::hmac;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
     Join,
-    Node,
     Gateway,
 }
 
@@ -30,7 +31,6 @@ impl TokenKind {
     fn as_str(self) -> &'static str {
         match self {
             TokenKind::Join => "join",
-            TokenKind::Node => "node",
             TokenKind::Gateway => "gateway",
         }
     }
@@ -38,7 +38,6 @@ impl TokenKind {
     fn parse(s: &str) -> Option<Self> {
         match s {
             "join" => Some(TokenKind::Join),
-            "node" => Some(TokenKind::Node),
             "gateway" => Some(TokenKind::Gateway),
             _ => None,
         }
@@ -49,10 +48,25 @@ impl TokenKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Admin,
-    /// May only exchange itself for a node credential.
+    /// A join token: may only exchange itself for a node certificate.
     Join,
+    /// A gateway token (its id): may only exchange itself for a gateway certificate.
+    GatewayToken(String),
+    /// A node certificate.
     Node(String),
-    Gateway,
+    /// A gateway certificate.
+    Gateway(String),
+}
+
+/// The CA pin a bootstrap token carries (`sha256:<hex>`), read without checking the token.
+pub fn pin_of_token(token: &str) -> Option<String> {
+    let (_, pin) = parts(token)?.subject.rsplit_once('-')?;
+    (pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{pin}"))
+}
+
+/// The subject of a bootstrap token: a random id, and the pin of the CA (`sha256:<hex>`).
+pub fn bootstrap_subject(id: u64, ca_pin: &str) -> String {
+    format!("{id:016x}-{}", ca_pin.trim_start_matches("sha256:"))
 }
 
 /// Why a token was refused (said to the caller without echoing the token).
@@ -170,6 +184,9 @@ pub fn parts(token: &str) -> Option<TokenParts<'_>> {
     })
 }
 
+/// Where gateways get and renew their certificates.
+pub const GATEWAY_CREDENTIAL: &str = "/api/v1/gateways/credential";
+
 /// Whether `principal` may make this request; `Err` says what it may do instead.
 pub fn allowed(
     principal: &Principal,
@@ -190,9 +207,18 @@ pub fn allowed(
                 Ok(())
             } else {
                 Err(
-                    "a join token can only be exchanged for a node credential (POST /api/v1/join)"
+                    "a join token can only be exchanged for a node certificate (POST /api/v1/join)"
                         .into(),
                 )
+            }
+        }
+        Principal::GatewayToken(_) => {
+            if method == http::Method::POST && path == GATEWAY_CREDENTIAL {
+                Ok(())
+            } else {
+                Err(format!(
+                    "a gateway token can only be exchanged for a gateway certificate (POST {GATEWAY_CREDENTIAL})"
+                ))
             }
         }
         Principal::Node(node) => {
@@ -211,11 +237,14 @@ pub fn allowed(
                 Ok(())
             } else {
                 Err(format!(
-                    "the credential of node {node} only reaches {own}… and the watch of its own instances"
+                    "the certificate of node {node} only reaches {own}… and the watch of its own instances"
                 ))
             }
         }
-        Principal::Gateway => {
+        Principal::Gateway(_) => {
+            if method == http::Method::POST && path == GATEWAY_CREDENTIAL {
+                return Ok(());
+            }
             let readable = [
                 "/api/v1/services",
                 "/api/v1/instances",
@@ -228,7 +257,7 @@ pub fn allowed(
             if method == http::Method::GET && readable.contains(&path) {
                 Ok(())
             } else {
-                Err("a gateway token only reads services, instances and nodes".into())
+                Err("a gateway certificate only reads services, instances and nodes".into())
             }
         }
     }
@@ -242,23 +271,27 @@ mod tests {
     fn tokens_verify_expire_and_cannot_be_altered() {
         let s = Signer::new(b"0123456789abcdef0123456789abcdef");
         let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let (tok, exp) = s.issue(TokenKind::Node, "node-1", Duration::from_secs(60), t0);
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let subject = bootstrap_subject(7, &pin);
+        let (tok, exp) = s.issue(TokenKind::Join, &subject, Duration::from_secs(60), t0);
         assert_eq!(exp, t0 + Duration::from_secs(60));
-        assert_eq!(s.verify(&tok, t0), Ok((TokenKind::Node, "node-1".into())));
+        assert_eq!(s.verify(&tok, t0), Ok((TokenKind::Join, subject.clone())));
+        assert_eq!(pin_of_token(&tok), Some(pin));
         assert_eq!(
             s.verify(&tok, t0 + Duration::from_secs(70)),
             Err(TokenError::Expired {
-                kind: "node",
+                kind: "join",
                 ago: 10
             })
         );
-        // Another node's name, or another control plane's key: refused.
-        let forged = tok.replace("node-1", "node-2");
+        // Another kind, or another control plane's key: refused.
+        let forged = tok.replace("join", "gateway");
         assert_eq!(s.verify(&forged, t0), Err(TokenError::BadSignature));
         let other = Signer::new(b"another key, another key, anothe");
         assert_eq!(other.verify(&tok, t0), Err(TokenError::BadSignature));
         assert_eq!(s.verify("admin-ish", t0), Err(TokenError::Malformed));
-        assert_eq!(s.verify("flt.node.x.1.zz", t0), Err(TokenError::Malformed));
+        assert_eq!(s.verify("flt.join.x.1.zz", t0), Err(TokenError::Malformed));
+        assert_eq!(s.verify("flt.node.x.1.00", t0), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -299,10 +332,14 @@ mod tests {
         );
         assert!(allowed(&n, &Method::GET, "/api/v1/instances", None).is_err());
         assert!(allowed(&n, &Method::POST, "/api/v1/services", None).is_err());
-        let g = Principal::Gateway;
+        let g = Principal::Gateway("gateway-1".into());
         assert!(allowed(&g, &Method::GET, "/api/v1/watch/services", None).is_ok());
+        assert!(allowed(&g, &Method::POST, GATEWAY_CREDENTIAL, None).is_ok());
         assert!(allowed(&g, &Method::POST, "/api/v1/services", None).is_err());
         assert!(allowed(&g, &Method::GET, "/api/v1/events", None).is_err());
+        let gt = Principal::GatewayToken("1".into());
+        assert!(allowed(&gt, &Method::POST, GATEWAY_CREDENTIAL, None).is_ok());
+        assert!(allowed(&gt, &Method::GET, "/api/v1/services", None).is_err());
         assert!(allowed(&Principal::Join, &Method::POST, "/api/v1/join", None).is_ok());
         assert!(allowed(&Principal::Join, &Method::GET, "/api/v1/nodes", None).is_err());
     }

@@ -28,7 +28,7 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use node::{NodeApi, NodeError, Registration, StoreNode};
 #[doc(hidden)]
 pub use remote::fuzzing;
-pub use remote::{Credential, RemoteNode, RemoteStore};
+pub use remote::{Credential, RemoteNode, RemoteStore, TlsConfig};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;

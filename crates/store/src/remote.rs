@@ -16,12 +16,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
+
+/// The TLS configuration of a client of the API ([`flotilla_pki::client_config`]).
+pub type TlsConfig = flotilla_pki::rustls::ClientConfig;
 
 /// Events buffered per watch.
 pub(crate) const WATCH_BUFFER: usize = 256;
@@ -34,7 +36,7 @@ pub struct RemoteStore {
     token: Credential,
     /// When set, instances are read through this node's endpoints (only its own).
     node: Option<Arc<str>>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<flotilla_pki::Connector, Full<Bytes>>,
     revision: Arc<AtomicU64>,
 }
 
@@ -144,21 +146,29 @@ impl RemoteStore {
 
     /// The same with a token that may be replaced later.
     pub fn with_credential(base: &str, token: Credential) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
+        Self::connect(base, token, None)
+    }
+
+    /// The API at `base` over TLS when `tls` is given (`https://`; the client certificate, if
+    /// any, is in the configuration), with `token` as bearer token (none when empty).
+    pub fn connect(base: &str, token: Credential, tls: Option<Arc<TlsConfig>>) -> Self {
         Self {
             base: base.trim_end_matches('/').into(),
             token,
             node: None,
-            http: Client::builder(TokioExecutor::new()).build(connector),
+            http: Client::builder(TokioExecutor::new()).build(flotilla_pki::Connector::new(tls)),
             revision: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The same API, reading instances as node `node` does: only the instances bound to it.
-    pub fn for_node(base: &str, token: Credential, node: &str) -> Self {
-        let mut store = Self::with_credential(base, token);
+    pub fn for_node(
+        base: &str,
+        token: Credential,
+        node: &str,
+        tls: Option<Arc<TlsConfig>>,
+    ) -> Self {
+        let mut store = Self::connect(base, token, tls);
         store.node = Some(node.into());
         store
     }
@@ -181,10 +191,11 @@ impl RemoteStore {
         let uri: Uri = format!("{}{path}", self.base)
             .parse()
             .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", format!("Bearer {}", self.token.get()));
+        let mut req = Request::builder().method(method).uri(uri);
+        let token = self.token.get();
+        if !token.is_empty() {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -401,8 +412,13 @@ impl RemoteNode {
 
     /// The node interface with a credential its holder renews.
     pub fn with_credential(base: &str, token: Credential, node: &str) -> Self {
+        Self::connect(base, token, node, None)
+    }
+
+    /// The node interface over TLS (the node's certificate in `tls`) when `tls` is given.
+    pub fn connect(base: &str, token: Credential, node: &str, tls: Option<Arc<TlsConfig>>) -> Self {
         Self {
-            api: RemoteStore::for_node(base, token, node),
+            api: RemoteStore::for_node(base, token, node, tls),
             node: node.to_string(),
         }
     }

@@ -7,6 +7,7 @@ mod logs;
 mod nodes;
 mod services;
 mod tokens;
+pub use tokens::MEMBER_CERT_TTL;
 mod watch;
 
 use events::*;
@@ -75,8 +76,13 @@ pub struct ApiState {
     store: Arc<dyn Store>,
     /// Node heartbeats, shared with the node lifecycle in the controller.
     leases: Arc<flotilla_store::Leases>,
-    /// Issues and checks join, node and gateway tokens; `None`: only the admin token works.
+    /// Issues and checks bootstrap tokens; `None`: only the admin token works.
     signer: Option<Arc<crate::auth::Signer>>,
+    /// The cluster CA, which signs node and gateway certificates; `None` (`flotilla up`, on
+    /// loopback): no member can join.
+    authority: Option<Arc<flotilla_pki::Authority>>,
+    /// How long the node and gateway certificates it signs last.
+    member_ttl: std::time::Duration,
     token: Arc<str>,
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
@@ -107,6 +113,8 @@ impl ApiState {
             store,
             leases,
             signer: None,
+            authority: None,
+            member_ttl: tokens::MEMBER_CERT_TTL,
             token: token.into(),
             logs,
             latency,
@@ -118,6 +126,18 @@ impl ApiState {
     /// Join, node and gateway tokens are signed and checked with this.
     pub fn with_signer(mut self, signer: crate::auth::Signer) -> Self {
         self.signer = Some(Arc::new(signer));
+        self
+    }
+
+    /// Node and gateway certificates are signed by this CA, valid for `ttl` (their holders
+    /// renew them at half-life).
+    pub fn with_authority(
+        mut self,
+        authority: Arc<flotilla_pki::Authority>,
+        ttl: std::time::Duration,
+    ) -> Self {
+        self.authority = Some(authority);
+        self.member_ttl = ttl;
         self
     }
 
@@ -176,6 +196,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/tokens", post(tokens::create_token))
         .route("/api/v1/join", post(tokens::join))
+        .route(
+            crate::auth::GATEWAY_CREDENTIAL,
+            post(tokens::gateway_credential),
+        )
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/watch/{kind}", get(watch))
         .route("/api/v1/gateway", get(gateway_info))
@@ -194,32 +218,46 @@ pub fn router(state: ApiState) -> Router {
 // ------------------------------------------------------------------------------------------
 // Middleware
 
-/// Who is calling: the admin token (constant-time compare), or a signed join, node or gateway
-/// token; then whether that caller may reach this path ([`crate::auth::allowed`]). The
-/// principal is left in the request's extensions for the handlers.
+/// Who is calling: the admin token (constant-time compare) or a signed bootstrap token in
+/// `Authorization`; else the member certificate the connection showed ([`crate::Peer`]); then
+/// whether that caller may reach this path ([`crate::auth::allowed`]). The principal is left
+/// in the request's extensions for the handlers.
 async fn auth(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     use crate::auth::{Principal, TokenKind};
+    use flotilla_pki::Role;
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(given) = given else {
-        return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    let peer = request
+        .extensions()
+        .get::<crate::Peer>()
+        .and_then(|p| p.0.clone());
+    let principal = match (given, peer) {
+        (Some(given), _) if constant_time_eq(given.as_bytes(), state.token.as_bytes()) => {
+            Principal::Admin
+        }
+        (Some(given), _) => {
+            let Some(signer) = state.signer.as_ref().filter(|_| given.starts_with("flt.")) else {
+                return ApiError::unauthorized("invalid bearer token").into_response();
+            };
+            match signer.verify(given, std::time::SystemTime::now()) {
+                Ok((TokenKind::Join, _)) => Principal::Join,
+                Ok((TokenKind::Gateway, subject)) => Principal::GatewayToken(subject),
+                Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
+            }
+        }
+        (None, Some(id)) => match id.role {
+            Role::Node => Principal::Node(id.name),
+            Role::Gateway => Principal::Gateway(id.name),
+        },
+        (None, None) => {
+            return ApiError::unauthorized(
+                "missing credentials: a bearer token (Authorization: Bearer <token>) or a member certificate",
+            )
             .into_response();
-    };
-    let principal = if constant_time_eq(given.as_bytes(), state.token.as_bytes()) {
-        Principal::Admin
-    } else {
-        let Some(signer) = state.signer.as_ref().filter(|_| given.starts_with("flt.")) else {
-            return ApiError::unauthorized("invalid bearer token").into_response();
-        };
-        match signer.verify(given, std::time::SystemTime::now()) {
-            Ok((TokenKind::Join, _)) => Principal::Join,
-            Ok((TokenKind::Node, node)) => Principal::Node(node),
-            Ok((TokenKind::Gateway, _)) => Principal::Gateway,
-            Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
         }
     };
     let uri = request.uri();

@@ -1,6 +1,7 @@
 //! `POST /api/v1/tokens` (admin: a join or gateway token), `POST /api/v1/join` (a join
-//! token's holder gets a node credential), `POST /api/v1/nodes/{node}/credential` (a node
-//! renews its credential before it expires). See [`crate::auth`].
+//! token's holder gets a node certificate), `POST /api/v1/nodes/{node}/credential` (a node
+//! renews its certificate before it expires), `POST /api/v1/gateways/credential` (the same for
+//! gateways). See [`crate::auth`].
 
 use std::time::{Duration, SystemTime};
 
@@ -12,8 +13,9 @@ use crate::auth::{Principal, Signer, TokenKind};
 
 use super::*;
 
-/// How long a node credential lasts; its agent renews it at half of that.
-pub const NODE_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a node or gateway certificate lasts by default; its holder renews it at half of
+/// that.
+pub const MEMBER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest join token.
 const MAX_JOIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest gateway token.
@@ -86,9 +88,9 @@ pub(super) async fn create_token(
         ))
         .with_field("ttl"));
     }
-    let id: u64 = rand::random();
-    let (token, expires) =
-        signer(&state)?.issue(kind, &format!("{id:016x}"), ttl, SystemTime::now());
+    let pin = authority(&state)?.pin();
+    let subject = crate::auth::bootstrap_subject(rand::random(), &pin);
+    let (token, expires) = signer(&state)?.issue(kind, &subject, ttl, SystemTime::now());
     tracing::info!(kind = name, ttl = %humantime::format_duration(ttl), "token issued");
     Ok(Json(issued(name, None, token, expires)))
 }
@@ -97,15 +99,68 @@ pub(super) async fn create_token(
 #[serde(deny_unknown_fields)]
 pub(super) struct JoinRequest {
     node: String,
+    /// A PEM certificate signing request for the node's key.
+    csr: String,
 }
 
-/// `POST /api/v1/join`: a join token's holder becomes node `node` (a credential for it). A
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CsrRequest {
+    csr: String,
+}
+
+/// A member certificate: PEM, with the CA that signed it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct IssuedCertificate {
+    kind: &'static str,
+    name: String,
+    certificate: String,
+    ca: String,
+    expires_at: String,
+}
+
+fn authority(state: &ApiState) -> ApiResult<&flotilla_pki::Authority> {
+    state.authority.as_deref().ok_or_else(|| {
+        ApiError::bad_request(
+            "this control plane has no cluster CA (flotilla up serves its API on loopback only): run `flotilla server` for a fleet",
+        )
+    })
+}
+
+fn certify(
+    state: &ApiState,
+    csr: &str,
+    role: flotilla_pki::Role,
+    name: &str,
+) -> ApiResult<IssuedCertificate> {
+    let ca = authority(state)?;
+    let who = flotilla_pki::Identity {
+        role,
+        name: name.to_string(),
+    };
+    let (certificate, expires) = ca
+        .sign(csr, &who, state.member_ttl)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("csr"))?;
+    Ok(IssuedCertificate {
+        kind: match role {
+            flotilla_pki::Role::Node => "node",
+            flotilla_pki::Role::Gateway => "gateway",
+        },
+        name: name.to_string(),
+        certificate,
+        ca: ca.cert_pem().to_string(),
+        expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+    })
+}
+
+/// `POST /api/v1/join`: a join token's holder becomes node `node` (a certificate for it). A
 /// name whose node is alive (its lease held) is refused: a join token does not let its
 /// holder take over a running node.
 pub(super) async fn join(
     State(state): State<ApiState>,
     body: Bytes,
-) -> ApiResult<Json<IssuedToken>> {
+) -> ApiResult<Json<IssuedCertificate>> {
     let req: JoinRequest = json_body(&body)?;
     flotilla_spec::validate::validate_name(&req.node).map_err(|e| {
         ApiError::bad_request(format!("invalid node name {:?}: {e}", req.node)).with_field("node")
@@ -123,33 +178,54 @@ pub(super) async fn join(
         ))
         .with_field("node"));
     }
-    let (token, expires) = signer(&state)?.issue(
-        TokenKind::Node,
-        &req.node,
-        NODE_CREDENTIAL_TTL,
-        SystemTime::now(),
-    );
+    let issued = certify(&state, &req.csr, flotilla_pki::Role::Node, &req.node)?;
     tracing::info!(node = %req.node, "node joined with a join token");
-    Ok(Json(issued("node", Some(req.node), token, expires)))
+    Ok(Json(issued))
 }
 
-/// `POST /api/v1/nodes/{node}/credential`: a fresh credential for the node (its own, or the
-/// admin's call).
+/// `POST /api/v1/nodes/{node}/credential`: a fresh certificate for the node (its own, or the
+/// admin's call), for the key of the request.
 pub(super) async fn renew_credential(
     State(state): State<ApiState>,
     Path(node): Path<String>,
     Extension(principal): Extension<Principal>,
-) -> ApiResult<Json<IssuedToken>> {
+    body: Bytes,
+) -> ApiResult<Json<IssuedCertificate>> {
     match &principal {
         Principal::Admin => {}
         Principal::Node(own) if *own == node => {}
         _ => return Err(ApiError::forbidden(format!("not node {node}'s credential"))),
     }
-    let (token, expires) = signer(&state)?.issue(
-        TokenKind::Node,
+    let req: CsrRequest = json_body(&body)?;
+    Ok(Json(certify(
+        &state,
+        &req.csr,
+        flotilla_pki::Role::Node,
         &node,
-        NODE_CREDENTIAL_TTL,
-        SystemTime::now(),
-    );
-    Ok(Json(issued("node", Some(node), token, expires)))
+    )?))
+}
+
+/// `POST /api/v1/gateways/credential`: a gateway certificate, for a gateway token (named
+/// `gateway-<its id>`) or a gateway renewing its own.
+pub(super) async fn gateway_credential(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<Json<IssuedCertificate>> {
+    let name = match &principal {
+        Principal::GatewayToken(subject) => {
+            let id = subject.split('-').next().unwrap_or_default();
+            format!("gateway-{id}")
+        }
+        Principal::Gateway(name) => name.clone(),
+        _ => {
+            return Err(ApiError::forbidden(
+                "only a gateway token or a gateway certificate gets a gateway certificate",
+            ));
+        }
+    };
+    let req: CsrRequest = json_body(&body)?;
+    let issued = certify(&state, &req.csr, flotilla_pki::Role::Gateway, &name)?;
+    tracing::info!(gateway = %name, "gateway certificate issued");
+    Ok(Json(issued))
 }
