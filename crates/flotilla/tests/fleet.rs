@@ -1479,3 +1479,121 @@ fn taints_tolerations_and_unschedulable_reasons() {
         (r.len() == 4 && r.iter().any(|i| node_of(i) == "node-2")).then_some(())
     });
 }
+
+/// A service of `replicas`, each asking `cpu` millicores, with `priority` and `extra` lines.
+fn cpu_service(name: &str, replicas: u32, cpu: u64, priority: i32, extra: &str) -> String {
+    format!(
+        r#"
+[service.{name}]
+command = "flotilla-demo"
+args = ["--listen", "${{FLOTILLA_HOST}}:${{PORT}}"]
+replicas = {replicas}
+priority = {priority}
+ports = ["http"]
+resources = {{ cpu = "{cpu}m" }}
+stop = {{ grace_period = "2s" }}
+{extra}
+[service.{name}.probes.readiness]
+http = {{ path = "/health" }}
+period = "200ms"
+timeout = "200ms"
+failure_threshold = 1
+"#
+    )
+}
+
+/// Two nodes full of low-priority batch instances; a high-priority service that fits nowhere
+/// stops the fewest of them it needs (one per node) and runs; the batch instances it displaced
+/// wait Pending (they preempt nothing: nothing has a lower priority), and the events say who
+/// preempted whom.
+#[test]
+fn a_higher_priority_service_preempts_lower_priority_instances() {
+    let fleet = Fleet::start(8, 2);
+    let node = fleet.get("/api/v1/nodes/node-1");
+    let cpu = node["status"]["allocatable"]["cpuMillicores"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("allocatable cpu of {node:#}"));
+    assert!(cpu >= 500, "{node:#}");
+    // Two batch instances per node take 80 % of it; an urgent one needs 50 %.
+    let path = fleet.dir.path().join("batch.toml");
+    std::fs::write(&path, cpu_service("batch", 4, cpu * 2 / 5, 0, "")).unwrap();
+    fleet.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let batch = wait_for("four batch instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("batch");
+        (r.len() == 4).then_some(r)
+    });
+    assert_eq!(per_node(&batch).values().collect::<Vec<_>>(), vec![&2, &2]);
+
+    let urgent = cpu_service(
+        "urgent",
+        2,
+        cpu / 2,
+        1000,
+        "[service.urgent.placement]\nanti_affinity = \"hard\"\n",
+    );
+    let path = fleet.dir.path().join("urgent.toml");
+    std::fs::write(&path, urgent).unwrap();
+    fleet.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let ready = wait_for(
+        "both urgent instances ready",
+        Duration::from_secs(40),
+        || {
+            let r = fleet.ready_instances("urgent");
+            (r.len() == 2).then_some(r)
+        },
+    );
+    assert_eq!(per_node(&ready).len(), 2, "{:?}", per_node(&ready));
+    // One batch instance per node was stopped; their replacements wait with the reason.
+    let pending = wait_for(
+        "two batch instances pending for cpu",
+        Duration::from_secs(30),
+        || {
+            let all = fleet.instances("batch");
+            let live: Vec<&Value> = all
+                .iter()
+                .filter(|i| i["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            let waiting: Vec<Value> = live
+                .iter()
+                .filter(|i| i["spec"]["node"].as_str().unwrap_or_default().is_empty())
+                .map(|i| (*i).clone())
+                .collect();
+            (live.len() == 4 && waiting.len() == 2).then_some(waiting)
+        },
+    );
+    for i in &pending {
+        let message = i["status"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("Insufficient cpu"), "{i:#}");
+        assert!(i["status"]["nominatedNode"].is_null(), "{i:#}");
+    }
+    assert_eq!(fleet.ready_instances("batch").len(), 2);
+    let events = fleet.ok(&["events"]);
+    assert_eq!(
+        events.matches("Preempted").count(),
+        2,
+        "one victim per node: {events}"
+    );
+    assert!(
+        events.contains("to make room for instance urgent-"),
+        "{events}"
+    );
+    assert!(events.contains("Preempting"), "{events}");
+    // Scaled down, the urgent service gives the room back to batch.
+    std::fs::write(
+        &path,
+        cpu_service(
+            "urgent",
+            0,
+            cpu / 2,
+            1000,
+            "[service.urgent.placement]\nanti_affinity = \"hard\"\n",
+        ),
+    )
+    .unwrap();
+    fleet.ok(&["apply", "-f", path.to_str().unwrap()]);
+    wait_for(
+        "four batch instances again",
+        Duration::from_secs(40),
+        || (fleet.ready_instances("batch").len() == 4).then_some(()),
+    );
+}

@@ -64,6 +64,7 @@ fn request(s: usize) -> Request {
         tolerations: Vec::new(),
         spread: None,
         anti_affinity: Some(AntiAffinity::Soft),
+        ..Default::default()
     };
     match s % 10 {
         4 | 5 => {
@@ -104,6 +105,7 @@ fn run(n_nodes: usize, instances: usize) {
                 service: req.service.clone(),
                 resources: req.resources,
                 host_ports: req.host_ports.clone(),
+                ..Default::default()
             }),
             Placement::Unschedulable(_) => unschedulable += 1,
         }

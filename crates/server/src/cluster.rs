@@ -186,6 +186,8 @@ pub fn request(service: &str, spec: &ServiceSpec) -> Request {
     let p = &spec.placement;
     Request {
         service: service.to_string(),
+        priority: spec.priority,
+        instance: String::new(),
         resources: resources(spec),
         host_ports: Vec::new(),
         node_selector: p.node_selector.clone(),
@@ -209,15 +211,25 @@ pub fn request(service: &str, spec: &ServiceSpec) -> Request {
     }
 }
 
-/// What `instance` holds on its node, if it is bound and may still run.
+/// What `instance` holds on its node, if it is bound and may still run; or the room a
+/// pending preemptor holds on the node it was nominated to.
 pub fn placed(instance: &Instance) -> Option<Placed> {
-    if instance.spec.node.is_empty() || instance.status.phase.is_terminal() {
+    if instance.status.phase.is_terminal() {
         return None;
     }
+    let (node, nominated) = match (&instance.spec.node, &instance.status.nominated_node) {
+        (n, _) if !n.is_empty() => (n.clone(), false),
+        (_, Some(n)) if instance.metadata.deletion_timestamp.is_none() => (n.clone(), true),
+        _ => return None,
+    };
     Some(Placed {
-        node: instance.spec.node.clone(),
+        node,
         service: instance.spec.service.clone(),
         resources: resources(&instance.spec.template),
         host_ports: Vec::new(),
+        instance: instance.metadata.name.clone(),
+        priority: instance.spec.template.priority,
+        terminating: instance.metadata.deletion_timestamp.is_some(),
+        nominated,
     })
 }

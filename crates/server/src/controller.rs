@@ -25,7 +25,7 @@ use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeCon
 use crate::cluster::{Cluster, Membership};
 use crate::plan::{Action, plan};
 use crate::rollout;
-use crate::schedule::{Placed, Placement, Snapshot};
+use crate::schedule::{Placed, Placement, Request, Snapshot};
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
@@ -485,8 +485,11 @@ impl ServiceController {
             .copied()
             .filter(|i| i.spec.node.is_empty() && i.metadata.deletion_timestamp.is_none())
             .collect();
+        // An instance waiting for the room it preempted is looked at again soon: the victims'
+        // deletion wakes their own services, not this one.
+        let mut preempting = false;
         if !creates.is_empty() || !pending.is_empty() {
-            self.place(service, cluster, creates, &pending).await?;
+            preempting = self.place(service, cluster, creates, &pending).await?;
         }
 
         let judgement = rollout::judge(service, revision, owned, now);
@@ -542,7 +545,8 @@ impl ServiceController {
             .is_some_and(|r| r.phase == flotilla_spec::RolloutPhase::Progressing)
             || !desired.min_ready.is_zero()
                 && judgement.status.available_replicas < desired.replicas
-            || !drained.is_empty();
+            || !drained.is_empty()
+            || preempting;
         let generation = service.metadata.generation;
         let status = judgement.status;
         typed::modify::<Service>(&*self.store, name, |s| {
@@ -690,26 +694,34 @@ impl ServiceController {
 
     /// Places new instances of `service` (one per `creates` hash) and the `pending` ones that
     /// found no node before, one at a time against a fresh list of what every node runs.
-    /// An instance that fits nowhere is created (or stays) unbound and Pending, with the
-    /// reasons in its status and a FailedScheduling event when they change.
+    /// An instance that fits nowhere preempts lower-priority instances where that makes room
+    /// ([`Self::make_room`]); else it is created (or stays) unbound and Pending, with the
+    /// reasons in its status and a FailedScheduling event when they change. True when one
+    /// waits for the room it preempted.
     async fn place(
         &self,
         service: &Service,
         cluster: &Cluster,
         creates: Vec<String>,
         pending: &[&Instance],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let _placing = self.placing.lock().await;
+        let mut preempting = false;
         let (all, _) = typed::list::<Instance>(&*self.store).await?;
         let placed: Vec<Placed> = all
             .iter()
-            .filter(|i| cluster.is_ready(&i.spec.node))
             .filter_map(crate::cluster::placed)
+            .filter(|p| cluster.is_ready(&p.node))
             .collect();
         let mut snapshot = Snapshot::new(cluster.nodes.clone(), &placed);
         let name = &service.metadata.name;
         for i in pending {
-            let request = crate::cluster::request(name, &i.spec.template);
+            let mut request = crate::cluster::request(name, &i.spec.template);
+            request.instance = i.metadata.name.clone();
+            // The room it holds is not in its own way.
+            if let Some(n) = &i.status.nominated_node {
+                snapshot.unbind(n, &i.metadata.name);
+            }
             match snapshot.place(&request) {
                 Placement::Node(node) => {
                     let bound = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
@@ -718,6 +730,7 @@ impl ServiceController {
                         }
                         i.spec.node = node.clone();
                         i.status.message = None;
+                        i.status.nominated_node = None;
                         true
                     })
                     .await?;
@@ -730,8 +743,17 @@ impl ServiceController {
                     }
                 }
                 Placement::Unschedulable(why) => {
-                    let message = why.to_string();
-                    if i.status.message.as_deref() == Some(message.as_str()) {
+                    let (nominated, message) = match self
+                        .make_room(&mut snapshot, &request, i.status.nominated_node.as_deref())
+                        .await?
+                    {
+                        Some((node, message)) => (Some(node), message),
+                        None => (None, why.to_string()),
+                    };
+                    preempting |= nominated.is_some();
+                    if i.status.message.as_deref() == Some(message.as_str())
+                        && i.status.nominated_node == nominated
+                    {
                         continue;
                     }
                     let written = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
@@ -739,10 +761,11 @@ impl ServiceController {
                             return false;
                         }
                         i.status.message = Some(message.clone());
+                        i.status.nominated_node = nominated.clone();
                         true
                     })
                     .await?;
-                    if written.is_some() {
+                    if written.is_some() && nominated.is_none() {
                         self.unschedulable_event(name, &i.metadata.name, &message)
                             .await;
                     }
@@ -750,12 +773,18 @@ impl ServiceController {
             }
         }
         for spec_hash in creates {
-            let request = crate::cluster::request(name, &service.spec);
-            let (node, message) = match snapshot.place(&request) {
-                Placement::Node(node) => (node, None),
-                Placement::Unschedulable(why) => (String::new(), Some(why.to_string())),
-            };
             let instance_name = format!("{name}-{}", random_suffix());
+            let mut request = crate::cluster::request(name, &service.spec);
+            request.instance = instance_name.clone();
+            let (node, message, nominated) = match snapshot.place(&request) {
+                Placement::Node(node) => (node, None, None),
+                Placement::Unschedulable(why) => {
+                    match self.make_room(&mut snapshot, &request, None).await? {
+                        Some((node, message)) => (String::new(), Some(message), Some(node)),
+                        None => (String::new(), Some(why.to_string()), None),
+                    }
+                }
+            };
             let mut metadata = ObjectMeta::named(&instance_name);
             metadata
                 .labels
@@ -771,19 +800,106 @@ impl ServiceController {
                 status: Default::default(),
             };
             instance.status.message = message.clone();
+            instance.status.nominated_node = nominated.clone();
             let created = typed::create(&*self.store, instance).await?;
-            match message {
-                None => {
+            match (message, nominated) {
+                (None, _) => {
                     if let Some(p) = crate::cluster::placed(&created) {
                         snapshot.bind(&p);
                     }
                     self.scheduled_event(name, &instance_name, &node, "created")
                         .await;
                 }
-                Some(m) => self.unschedulable_event(name, &instance_name, &m).await,
+                (Some(_), Some(_)) => preempting = true,
+                (Some(m), None) => self.unschedulable_event(name, &instance_name, &m).await,
             }
         }
-        Ok(())
+        Ok(preempting)
+    }
+
+    /// For `request`, which fits nowhere: the node where room is being made for it, and what
+    /// to say — the node it was nominated to while lower-priority instances there are still
+    /// stopping, else a node where stopping lower-priority instances makes room (they are
+    /// marked for deletion now, with a Preempted event on their service). The room is held
+    /// in `snapshot` for it. `None`: no preemption can help.
+    async fn make_room(
+        &self,
+        snapshot: &mut Snapshot,
+        request: &Request,
+        nominated: Option<&str>,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let hold = |snapshot: &mut Snapshot, node: &str| {
+            snapshot.bind(&Placed {
+                node: node.to_string(),
+                service: request.service.clone(),
+                resources: request.resources,
+                host_ports: request.host_ports.clone(),
+                instance: request.instance.clone(),
+                priority: request.priority,
+                terminating: false,
+                nominated: true,
+            });
+        };
+        if let Some(node) = nominated {
+            let stopping = snapshot.making_room(node, request);
+            if stopping > 0 {
+                hold(snapshot, node);
+                return Ok(Some((
+                    node.to_string(),
+                    format!(
+                        "waiting for node {node}: {stopping} lower-priority instance(s) stopping to make room"
+                    ),
+                )));
+            }
+        }
+        let Some(preemption) = snapshot.preempt(request) else {
+            return Ok(None);
+        };
+        let node = preemption.node;
+        for victim in &preemption.victims {
+            let marked = typed::modify::<Instance>(&*self.store, victim, |i| {
+                if i.metadata.deletion_timestamp.is_some() {
+                    return false;
+                }
+                i.metadata.deletion_timestamp = Some(now_rfc3339());
+                true
+            })
+            .await?;
+            snapshot.mark_terminating(&node, victim);
+            if let Some(v) = marked {
+                tracing::info!(victim = %victim, node = %node, preemptor = %request.instance, "preempting");
+                events::record(
+                    &*self.store,
+                    Service::KIND,
+                    &v.spec.service,
+                    EventType::Warning,
+                    "Preempted",
+                    format!(
+                        "instance {victim} on node {node} (priority {}): stopped to make room for instance {} of service {} (priority {})",
+                        v.spec.template.priority, request.instance, request.service, request.priority
+                    ),
+                    SOURCE,
+                )
+                .await;
+            }
+        }
+        let message = format!(
+            "waiting for node {node}: preempting {} lower-priority instance(s) ({})",
+            preemption.victims.len(),
+            preemption.victims.join(", ")
+        );
+        events::record(
+            &*self.store,
+            Service::KIND,
+            &request.service,
+            EventType::Normal,
+            "Preempting",
+            format!("instance {}: {message}", request.instance),
+            SOURCE,
+        )
+        .await;
+        hold(snapshot, &node);
+        Ok(Some((node, message)))
     }
 
     async fn scheduled_event(&self, service: &str, instance: &str, node: &str, what: &str) {

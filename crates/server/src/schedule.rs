@@ -70,9 +70,14 @@ pub enum AntiAffinity {
 }
 
 /// What an instance needs from its node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub service: String,
+    /// Placement priority: it may preempt instances of lower priority.
+    pub priority: i32,
+    /// The instance being placed, when it exists already (its own reservation is not in its
+    /// way).
+    pub instance: String,
     pub resources: Capacity,
     pub host_ports: Vec<u16>,
     pub node_selector: BTreeMap<String, String>,
@@ -81,13 +86,29 @@ pub struct Request {
     pub anti_affinity: Option<AntiAffinity>,
 }
 
-/// An instance already bound to a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An instance already bound to a node (or a pending one holding room on the node it
+/// preempted instances on: `nominated`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Placed {
     pub node: String,
     pub service: String,
     pub resources: Capacity,
     pub host_ports: Vec<u16>,
+    /// Its name (empty: anonymous, never a preemption victim).
+    pub instance: String,
+    pub priority: i32,
+    /// Being stopped already: it frees its room soon, and is no victim to choose again.
+    pub terminating: bool,
+    /// Not running there: room held for a pending preemptor.
+    pub nominated: bool,
+}
+
+/// Instances to stop on `node` so that the request fits there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub node: String,
+    /// The victims' names, lowest priority first.
+    pub victims: Vec<String>,
 }
 
 /// Why a node cannot take the instance (each is counted over the nodes, as Kubernetes does).
@@ -272,6 +293,8 @@ pub struct Snapshot {
     domains: HashMap<String, Domains>,
     /// Where the next sampled scan starts.
     cursor: usize,
+    /// Per node: the named instances on it (candidates for preemption, and reservations).
+    residents: Vec<Vec<Placed>>,
 }
 
 type FnvHashMap<K, V> = HashMap<K, V, fnv::FnvBuildHasher>;
@@ -311,6 +334,7 @@ impl Snapshot {
             .collect();
         let mut s = Snapshot {
             used: vec![Used::default(); nodes.len()],
+            residents: vec![Vec::new(); nodes.len()],
             nodes,
             index,
             services: HashMap::new(),
@@ -340,11 +364,199 @@ impl Snapshot {
         u.res.memory_bytes = u.res.memory_bytes.saturating_add(p.resources.memory_bytes);
         u.res.pids = u.res.pids.saturating_add(p.resources.pids);
         u.ports.extend(p.host_ports.iter().copied());
-        let counts = match self.services.get_mut(&p.service) {
-            Some(c) => c,
-            None => self.services.entry(p.service.clone()).or_default(),
+        if !p.nominated {
+            let counts = match self.services.get_mut(&p.service) {
+                Some(c) => c,
+                None => self.services.entry(p.service.clone()).or_default(),
+            };
+            *counts.entry(i).or_insert(0) += 1;
+        }
+        if !p.instance.is_empty() {
+            self.residents[i].push(p.clone());
+        }
+    }
+
+    /// Forgets the named instance (or reservation) `instance` on `node`: a victim, or the
+    /// room a preemptor held for itself.
+    pub fn unbind(&mut self, node: &str, instance: &str) -> bool {
+        let Some(&i) = self.index.get(node) else {
+            return false;
         };
-        *counts.entry(i).or_insert(0) += 1;
+        let Some(at) = self.residents[i]
+            .iter()
+            .position(|p| p.instance == instance)
+        else {
+            return false;
+        };
+        let p = self.residents[i].swap_remove(at);
+        let u = &mut self.used[i];
+        u.res.cpu_millicores = u
+            .res
+            .cpu_millicores
+            .saturating_sub(p.resources.cpu_millicores);
+        u.res.memory_bytes = u.res.memory_bytes.saturating_sub(p.resources.memory_bytes);
+        u.res.pids = u.res.pids.saturating_sub(p.resources.pids);
+        for port in &p.host_ports {
+            if let Some(k) = u.ports.iter().position(|x| x == port) {
+                u.ports.swap_remove(k);
+            }
+        }
+        if !p.nominated
+            && let Some(c) = self
+                .services
+                .get_mut(&p.service)
+                .and_then(|c| c.get_mut(&i))
+        {
+            *c = c.saturating_sub(1);
+        }
+        true
+    }
+
+    /// How many instances of lower priority than `req` are stopping on `node` (room being
+    /// made, perhaps for it).
+    pub fn making_room(&self, node: &str, req: &Request) -> usize {
+        self.index.get(node).map_or(0, |&i| {
+            self.residents[i]
+                .iter()
+                .filter(|p| p.terminating && p.priority < req.priority)
+                .count()
+        })
+    }
+
+    /// Marks the named instance on `node` as stopping.
+    pub fn mark_terminating(&mut self, node: &str, instance: &str) {
+        if let Some(&i) = self.index.get(node)
+            && let Some(p) = self.residents[i]
+                .iter_mut()
+                .find(|p| p.instance == instance)
+        {
+            p.terminating = true;
+        }
+    }
+
+    /// Where `req`, which fits on no node as things are, would fit by stopping instances of
+    /// lower priority; `None` when nowhere. Like kube-scheduler: only nodes whose sole
+    /// objections are resources or host ports are candidates; on each, every lower-priority
+    /// instance is taken out, then put back, highest priority first, while the request still
+    /// fits; the node whose victims have the lowest highest priority wins, then the fewest
+    /// victims, then the name. A node where lower-priority instances are already stopping is
+    /// waited for rather than preempted again. Topology spread is checked against the domains
+    /// as they are.
+    pub fn preempt(&mut self, req: &Request) -> Option<Preemption> {
+        const ROOM: u16 = (1 << Reason::InsufficientCpu as u16)
+            | (1 << Reason::InsufficientMemory as u16)
+            | (1 << Reason::InsufficientPids as u16)
+            | (1 << Reason::HostPort as u16);
+        if let Some(spread) = &req.spread
+            && !self.domains.contains_key(&spread.topology_key)
+        {
+            let d = Domains::new(&self.nodes, &spread.topology_key);
+            self.domains.insert(spread.topology_key.clone(), d);
+        }
+        let counts = self.services.get(&req.service);
+        let same = |i: usize| counts.and_then(|c| c.get(&i)).copied().unwrap_or(0);
+        // Spread: the service's instances per domain, and the least loaded domain among
+        // those with a node that could take it (resources aside).
+        let spread = req.spread.as_ref().and_then(|s| {
+            let d = self.domains.get(&s.topology_key)?;
+            let mut per = vec![0u32; d.count];
+            for (&i, &c) in counts.into_iter().flatten() {
+                if let Some(Some(x)) = d.of_node.get(i) {
+                    per[*x as usize] += c;
+                }
+            }
+            let eligible =
+                |i: usize| filter(req, &self.nodes[i], &self.used[i], || same(i)) & !ROOM == 0;
+            let min = (0..self.nodes.len())
+                .filter(|&i| eligible(i))
+                .filter_map(|i| d.of_node[i])
+                .map(|x| per[x as usize])
+                .min()?;
+            Some((d, per, min, s.max_skew.max(1)))
+        });
+        // (highest victim priority, victims, node name) — lowest wins — and the node's index
+        // and victims.
+        type Choice = ((i32, usize, String), usize, Vec<String>);
+        let mut best: Option<Choice> = None;
+        for i in 0..self.nodes.len() {
+            let why = filter(req, &self.nodes[i], &self.used[i], || same(i));
+            if why == 0 || why & !ROOM != 0 {
+                continue;
+            }
+            if let Some((d, per, min, skew)) = &spread {
+                let ok = d.of_node[i].is_some_and(|x| per[x as usize] + 1 - min <= *skew);
+                if !ok {
+                    continue;
+                }
+            }
+            let lower = |p: &&Placed| p.priority < req.priority && p.instance != req.instance;
+            if self.residents[i]
+                .iter()
+                .filter(lower)
+                .any(|p| p.terminating)
+            {
+                // Room is being made here already: wait for it.
+                continue;
+            }
+            let mut candidates: Vec<&Placed> = self.residents[i]
+                .iter()
+                .filter(lower)
+                .filter(|p| !p.nominated)
+                .collect();
+            // Put back highest priority first (then the oldest-bound, as listed).
+            candidates.sort_by_key(|p| std::cmp::Reverse(p.priority));
+            let mut u = self.used[i].clone();
+            let take = |u: &mut Used, p: &Placed| {
+                u.res.cpu_millicores = u
+                    .res
+                    .cpu_millicores
+                    .saturating_sub(p.resources.cpu_millicores);
+                u.res.memory_bytes = u.res.memory_bytes.saturating_sub(p.resources.memory_bytes);
+                u.res.pids = u.res.pids.saturating_sub(p.resources.pids);
+                for port in &p.host_ports {
+                    if let Some(k) = u.ports.iter().position(|x| x == port) {
+                        u.ports.swap_remove(k);
+                    }
+                }
+            };
+            for p in &candidates {
+                take(&mut u, p);
+            }
+            let fits_now = |u: &Used| filter(req, &self.nodes[i], u, || same(i)) == 0;
+            if !fits_now(&u) {
+                continue;
+            }
+            let mut victims = Vec::new();
+            for p in &candidates {
+                let mut with = u.clone();
+                with.res.cpu_millicores += p.resources.cpu_millicores;
+                with.res.memory_bytes += p.resources.memory_bytes;
+                with.res.pids += p.resources.pids;
+                with.ports.extend(p.host_ports.iter().copied());
+                if fits_now(&with) {
+                    u = with;
+                } else {
+                    victims.push(*p);
+                }
+            }
+            if victims.is_empty() {
+                continue;
+            }
+            let key = (
+                victims.iter().map(|p| p.priority).max().unwrap_or(i32::MIN),
+                victims.len(),
+                self.nodes[i].name.clone(),
+            );
+            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
+                victims.sort_by_key(|p| p.priority);
+                let names = victims.iter().map(|p| p.instance.clone()).collect();
+                best = Some((key, i, names));
+            }
+        }
+        best.map(|(_, i, victims)| Preemption {
+            node: self.nodes[i].name.clone(),
+            victims,
+        })
     }
 
     /// How many feasible nodes a sampled scan looks for.

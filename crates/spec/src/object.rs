@@ -386,6 +386,10 @@ pub struct InstanceStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// A pending instance that preempted lower-priority instances: the node it waits for
+    /// (written by the scheduler; room there is held for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nominated_node: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

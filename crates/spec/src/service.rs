@@ -34,6 +34,10 @@ pub struct ServiceSpec {
     /// once that node has stopped it itself (its lease provably expired on its own clock).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub singleton: bool,
+    /// Placement priority: an instance that fits on no node may preempt (stop) instances of
+    /// lower priority to make room. Default 0; between -1,000,000,000 and 1,000,000,000.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
     /// Named ports; the agent allocates a free host port for each, per instance, and passes it
     /// as `PORT_<NAME>` (upper-cased, `-` → `_`); the first one is also `PORT`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -54,6 +58,10 @@ pub struct ServiceSpec {
     /// Rolling-update settings (not part of a revision).
     #[serde(default, skip_serializing_if = "DeploySpec::is_default")]
     pub deploy: DeploySpec,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_replicas() -> u32 {

@@ -16,6 +16,8 @@ use crate::route::RouteKey;
 use crate::service::{Probe, RouteSpec, ServiceSpec};
 
 /// Most replicas one service may ask for.
+/// Largest placement priority, either way (Kubernetes' bound for user priority classes).
+pub const MAX_PRIORITY: u32 = 1_000_000_000;
 pub const MAX_REPLICAS: u32 = 1000;
 /// Most named ports per service.
 pub const MAX_PORTS: usize = 16;
@@ -162,6 +164,16 @@ pub fn validate_spec(spec: &ServiceSpec) -> Vec<FieldError> {
             format!(
                 "a singleton service runs at most one instance: replicas must be 0 or 1 (got {})",
                 spec.replicas
+            ),
+        );
+    }
+
+    if spec.priority.unsigned_abs() > MAX_PRIORITY {
+        v.push(
+            root.key("priority"),
+            format!(
+                "must be between -{MAX_PRIORITY} and {MAX_PRIORITY} (got {})",
+                spec.priority
             ),
         );
     }

@@ -37,6 +37,7 @@ fn request(service: &str, cpu: u64, mem_mi: u64) -> Request {
         tolerations: Vec::new(),
         spread: None,
         anti_affinity: None,
+        ..Default::default()
     }
 }
 
@@ -52,6 +53,7 @@ fn place_all(req: &Request, nodes: &[NodeInfo], n: usize) -> (Vec<Placement>, Ve
                 service: req.service.clone(),
                 resources: req.resources,
                 host_ports: req.host_ports.clone(),
+                ..Default::default()
             });
         }
         out.push(p);
@@ -302,6 +304,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
                     max_skew,
                 }),
                 anti_affinity: anti,
+                ..Default::default()
             },
         )
 }
@@ -399,6 +402,7 @@ fn check(
                 service: req.service.clone(),
                 resources: req.resources,
                 host_ports: req.host_ports.clone(),
+                ..Default::default()
             }))
         }
         Placement::Unschedulable(u) => {
@@ -473,6 +477,7 @@ fn a_snapshot_spreads_what_it_binds() {
             service: req.service.clone(),
             resources: req.resources,
             host_ports: Vec::new(),
+            ..Default::default()
         });
         *per.entry(name).or_insert(0) += 1;
     }
@@ -484,5 +489,176 @@ fn a_snapshot_spreads_what_it_binds() {
 fn reasons_are_listed_in_discriminant_order() {
     for (i, r) in REASONS.iter().enumerate() {
         assert_eq!(*r as usize, i, "{r:?}");
+    }
+}
+
+fn resident(node: &str, name: &str, service: &str, cpu: u64, priority: i32) -> Placed {
+    Placed {
+        node: node.into(),
+        service: service.into(),
+        resources: Capacity {
+            cpu_millicores: cpu,
+            memory_bytes: 0,
+            pids: 0,
+        },
+        instance: name.into(),
+        priority,
+        ..Default::default()
+    }
+}
+
+fn urgent(cpu: u64, priority: i32) -> Request {
+    let mut r = request("urgent", cpu, 0);
+    r.resources.pids = 0;
+    r.priority = priority;
+    r.instance = "urgent-1".into();
+    r
+}
+
+#[test]
+fn preemption_stops_the_fewest_lowest_priority_instances_that_make_room() {
+    let nodes = vec![node("n1", 1000, 1024, &[])];
+    let placed = vec![
+        resident("n1", "a", "batch", 300, 0),
+        resident("n1", "b", "batch", 300, 0),
+        resident("n1", "c", "reports", 300, 5),
+    ];
+    let mut s = Snapshot::new(nodes, &placed);
+    let req = urgent(400, 10);
+    assert!(matches!(s.place(&req), Placement::Unschedulable(_)));
+    // All three out, then put back highest priority first while 400m still fits: c and one
+    // of the batch ones stay.
+    let p = s.preempt(&req).unwrap();
+    assert_eq!(p.node, "n1");
+    assert_eq!(p.victims.len(), 1, "{p:?}");
+    assert!(p.victims[0] == "a" || p.victims[0] == "b", "{p:?}");
+    // Nothing of equal or higher priority is ever a victim.
+    assert_eq!(s.preempt(&urgent(400, 0)), None);
+    assert_eq!(s.preempt(&urgent(1200, 10)), None, "more than the node has");
+    // Once the victim is gone, it fits.
+    assert!(s.unbind("n1", &p.victims[0]));
+    assert_eq!(s.place(&req), Placement::Node("n1".into()));
+}
+
+#[test]
+fn preemption_picks_the_node_with_the_least_important_victims() {
+    let nodes = vec![
+        node("n1", 1000, 1024, &[]),
+        node("n2", 1000, 1024, &[]),
+        node("n3", 1000, 1024, &[("disk", "hdd")]),
+    ];
+    let placed = vec![
+        resident("n1", "mid", "api", 1000, 5),
+        resident("n2", "low-1", "batch", 500, 1),
+        resident("n2", "low-2", "batch", 500, 1),
+        resident("n3", "lowest", "batch", 1000, -5),
+    ];
+    let mut s = Snapshot::new(nodes, &placed);
+    let mut req = urgent(800, 10);
+    req.node_selector = BTreeMap::from([("disk".to_string(), "ssd".to_string())]);
+    // n3 has the cheapest victim but fails the node selector (not a matter of room): never.
+    assert_eq!(s.preempt(&req), None);
+    req.node_selector.clear();
+    let p = s.preempt(&req).unwrap();
+    assert_eq!(p.node, "n3");
+    assert_eq!(p.victims, vec!["lowest".to_string()]);
+    // Without n3, two priority-1 victims beat one priority-5 victim.
+    s.unbind("n3", "lowest");
+    s.bind(&resident("n3", "top", "core", 1000, 100));
+    let p = s.preempt(&req).unwrap();
+    assert_eq!(p.node, "n2");
+    assert_eq!(p.victims.len(), 2);
+}
+
+#[test]
+fn room_being_made_is_waited_for_and_held_for_its_preemptor() {
+    let nodes = vec![node("n1", 1000, 1024, &[])];
+    let mut stopping = resident("n1", "old", "batch", 1000, 0);
+    stopping.terminating = true;
+    let mut s = Snapshot::new(nodes.clone(), &[stopping]);
+    let req = urgent(800, 10);
+    // Lower-priority instances are stopping there already: no second round of victims.
+    assert_eq!(s.making_room("n1", &req), 1);
+    assert_eq!(s.preempt(&req), None);
+
+    // The room a nominated preemptor holds is not given to a lower-priority instance.
+    let mut s = Snapshot::new(nodes, &[]);
+    let mut held = resident("n1", "urgent-1", "urgent", 800, 10);
+    held.nominated = true;
+    s.bind(&held);
+    let low = {
+        let mut r = request("batch", 500, 0);
+        r.resources.pids = 0;
+        r
+    };
+    assert!(matches!(s.place(&low), Placement::Unschedulable(_)));
+    // Nor is a reservation a victim, nor counted as an instance of its service.
+    assert_eq!(s.preempt(&urgent(900, 20)), None);
+    // The preemptor itself drops its own hold and fits.
+    assert!(s.unbind("n1", "urgent-1"));
+    assert_eq!(s.place(&req), Placement::Node("n1".into()));
+}
+
+fn arb_residents(nodes: usize) -> impl Strategy<Value = Vec<Placed>> {
+    prop::collection::vec((0..nodes, 100u64..700, -3i32..4, any::<bool>()), 0..12).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(k, (n, cpu, prio, terminating))| {
+                let mut p = resident(&format!("n{n}"), &format!("r{k}"), "other", cpu, prio);
+                p.terminating = terminating && k % 3 == 0;
+                p
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// Preemption only ever stops instances of lower priority, on the node it names, and
+    /// stopping them makes the request fit there; it answers None only when no node could
+    /// take the request even with every lower-priority instance gone (or one is already
+    /// making room).
+    #[test]
+    fn preemption_frees_exactly_enough_and_only_below_its_priority(
+        residents in arb_residents(3),
+        cpu in 100u64..1200,
+        priority in -2i32..5,
+    ) {
+        let nodes: Vec<NodeInfo> = (0..3).map(|i| node(&format!("n{i}"), 1000, 1024, &[])).collect();
+        let mut s = Snapshot::new(nodes.clone(), &residents);
+        let req = urgent(cpu, priority);
+        if !matches!(s.place(&req), Placement::Unschedulable(_)) {
+            return Ok(());
+        }
+        match s.preempt(&req) {
+            Some(p) => {
+                for v in &p.victims {
+                    let r = residents.iter().find(|r| &r.instance == v).unwrap();
+                    prop_assert!(r.priority < priority, "victim {v} has priority {}", r.priority);
+                    prop_assert_eq!(&r.node, &p.node);
+                    prop_assert!(!r.terminating);
+                    prop_assert!(s.unbind(&p.node, v));
+                }
+                let node = nodes.iter().find(|n| n.name == p.node).unwrap();
+                let idx = s.index[&p.node];
+                prop_assert_eq!(filter(&req, node, &s.used[idx], || 0), 0);
+            }
+            None => {
+                for n in &nodes {
+                    let here: Vec<&Placed> = residents.iter().filter(|r| r.node == n.name).collect();
+                    let waiting = here.iter().any(|r| r.terminating && r.priority < priority);
+                    let kept: u64 = here
+                        .iter()
+                        .filter(|r| r.priority >= priority)
+                        .map(|r| r.resources.cpu_millicores)
+                        .sum();
+                    prop_assert!(
+                        waiting || kept + cpu > 1000,
+                        "node {} could take {cpu}m by preemption: {here:?}",
+                        n.name
+                    );
+                }
+            }
+        }
     }
 }

@@ -211,7 +211,7 @@ fn all_errors_across_services_in_document_order() {
         vec![
             "f.toml:2:11: service.b.command: must not be empty",
             // service.a has a deserialization error, so its values are not validated further.
-            "f.toml:6:1: service.a: unknown field `colour`; expected one of `command`, `args`, `workdir`, `env`, `user`, `group`, `replicas`, `singleton`, `ports`, `resources`, `probes`, `restart`, `stop`, `routes`, `placement`, `deploy`",
+            "f.toml:6:1: service.a: unknown field `colour`; expected one of `command`, `args`, `workdir`, `env`, `user`, `group`, `replicas`, `singleton`, `priority`, `ports`, `resources`, `probes`, `restart`, `stop`, `routes`, `placement`, `deploy`",
             "f.toml:9:12: service.c.replicas: must be at most 1000 (got 5000)",
         ]
     );
@@ -286,7 +286,7 @@ fn json_syntax_errors() {
     assert_eq!(json_errors(""), vec!["1:0: EOF while parsing a value"]);
     assert_eq!(
         json_errors("[]"),
-        vec!["1:1: invalid length 0, expected struct ServiceSpec with 16 elements"]
+        vec!["1:1: invalid length 0, expected struct ServiceSpec with 17 elements"]
     );
     let e = parse_service_json(b"{\"command\": \"\xff\"}").unwrap_err();
     assert_eq!(e.len(), 1);
