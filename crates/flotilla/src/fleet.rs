@@ -321,6 +321,50 @@ fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, 
     Ok(out)
 }
 
+/// The agent's drain hook across machines: before it signals a deleted instance, the server
+/// waits (briefly) for every gateway to confirm it no longer routes to it.
+struct ServerDrain {
+    client: crate::client::Client,
+    node: String,
+}
+
+#[derive(serde::Deserialize)]
+struct DrainOutcome {
+    confirmed: Vec<String>,
+    waiting: Vec<String>,
+}
+
+#[async_trait]
+impl flotilla_agent::DrainHook for ServerDrain {
+    async fn unrouted(&self, instance: &str) {
+        // Within the agent's own bound on the wait.
+        let path = format!(
+            "/api/v1/nodes/{}/instances/{instance}/drain?timeout=1900ms",
+            self.node
+        );
+        let answer = self
+            .client
+            .call(hyper::Method::POST, &path, None)
+            .await
+            .and_then(|(_, body)| Ok(serde_json::from_slice::<DrainOutcome>(&body)?));
+        match answer {
+            Ok(o) if o.waiting.is_empty() => tracing::info!(
+                instance,
+                gateways = o.confirmed.len(),
+                "instance unrouted by every gateway"
+            ),
+            Ok(o) => tracing::info!(
+                instance,
+                waiting = %o.waiting.join(","),
+                "gateways still route to the instance; stopping it anyway"
+            ),
+            Err(e) => {
+                tracing::warn!(instance, error = %format!("{e:#}"), "could not drain the instance through the server")
+            }
+        }
+    }
+}
+
 /// Where an agent keeps its node certificate and key (`node.crt`, `node.key`, with `ca.crt`).
 const CERT_STEM: &str = "node";
 
@@ -482,6 +526,10 @@ pub async fn agent(
     let enrolled = node_certificate(api, token, ca_file.as_deref(), &node, &data_dir).await?;
     let identity = enrolled.identity()?;
     let tls = enrolled.tls(identity.clone())?;
+    config.drain = Some(Arc::new(ServerDrain {
+        client: crate::client::Client::with_tls(api, String::new(), Some(tls.clone())),
+        node: node.clone(),
+    }));
     let mut registry = Registry::default();
     let node_api = Arc::new(RemoteNode::connect(
         api,

@@ -18,13 +18,17 @@ use crate::GatewayArgs;
 async fn remote_store(
     target: &crate::commands::Target,
     stop: &CancellationToken,
-) -> Result<(RemoteStore, Option<tokio::task::JoinHandle<()>>)> {
+) -> Result<(
+    RemoteStore,
+    Option<tokio::task::JoinHandle<()>>,
+    Option<crate::client::Client>,
+)> {
     use flotilla_server::auth::{GATEWAY_CREDENTIAL, TokenKind, parts};
     let (api, token) = (target.base.as_str(), target.token.as_str());
     let is_gateway_token = parts(token).is_some_and(|p| p.kind == TokenKind::Gateway);
     if !api.starts_with("https://") || !is_gateway_token {
         let store = RemoteStore::connect(api, Credential::new(token), target.tls()?);
-        return Ok((store, None));
+        return Ok((store, None, None));
     }
     let ca = crate::member::cluster_ca(api, target.ca.as_deref(), Some(token)).await?;
     let enrolled = crate::member::enroll(
@@ -39,11 +43,9 @@ async fn remote_store(
     .await
     .with_context(|| format!("getting a gateway certificate from {api}"))?;
     let identity = enrolled.identity()?;
-    let store = RemoteStore::connect(
-        api,
-        Credential::new(""),
-        Some(enrolled.tls(identity.clone())?),
-    );
+    let tls = enrolled.tls(identity.clone())?;
+    let store = RemoteStore::connect(api, Credential::new(""), Some(tls.clone()));
+    let client = crate::client::Client::with_tls(api, String::new(), Some(tls));
     let renewal = crate::member::Renewal {
         api: api.to_string(),
         path: GATEWAY_CREDENTIAL.to_string(),
@@ -56,13 +58,81 @@ async fn remote_store(
         identity,
         stop.clone(),
     ));
-    Ok((store, Some(task)))
+    Ok((store, Some(task), Some(client)))
+}
+
+#[derive(serde::Deserialize)]
+struct Pending {
+    instances: Vec<String>,
+}
+
+/// How long the gateway tries to confirm one round of drains before polling again.
+const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes part in draining ([`flotilla_server::drains`]): polls the server for instances being
+/// drained, and confirms each once this gateway no longer routes to it and has nothing in
+/// flight to it. Until `stop`.
+async fn confirm_drains(
+    client: crate::client::Client,
+    view: flotilla_gateway::RoutingView,
+    stop: CancellationToken,
+) {
+    use flotilla_server::auth::GATEWAY_DRAINS;
+    let pause = |d| {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = stop.cancelled() => false,
+                () = tokio::time::sleep(d) => true,
+            }
+        }
+    };
+    let poll_path = format!("{GATEWAY_DRAINS}?wait=10s");
+    loop {
+        let polled = tokio::select! {
+            () = stop.cancelled() => return,
+            r = client.get::<Pending>(&poll_path) => r,
+        };
+        let mut left = match polled {
+            Ok(p) => p.instances,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "polling the server for drains failed; retrying");
+                if !pause(std::time::Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + CONFIRM_WITHIN;
+        while !left.is_empty() {
+            let (done, busy): (Vec<String>, Vec<String>) =
+                left.into_iter().partition(|i| !view.busy(i));
+            if !done.is_empty() {
+                let body = serde_json::json!({ "confirmed": done })
+                    .to_string()
+                    .into_bytes();
+                if let Err(e) = client
+                    .call(hyper::Method::POST, GATEWAY_DRAINS, Some(body))
+                    .await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "confirming drains failed");
+                }
+            }
+            left = busy;
+            if left.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || !pause(std::time::Duration::from_millis(5)).await
+            {
+                break;
+            }
+        }
+    }
 }
 
 pub async fn run(args: GatewayArgs, target: crate::commands::Target) -> Result<ExitCode> {
     let api = target.base.as_str();
     let shutdown = CancellationToken::new();
-    let (store, renewal) = remote_store(&target, &shutdown).await?;
+    let (store, renewal, member_client) = remote_store(&target, &shutdown).await?;
     let store: Arc<dyn Store> = Arc::new(store);
     let listen: SocketAddr = args.listen.parse().with_context(|| {
         format!(
@@ -109,6 +179,8 @@ pub async fn run(args: GatewayArgs, target: crate::commands::Target) -> Result<E
     if let Some(tls) = gateway.tls_local_addr() {
         println!("  TLS       https://{tls}");
     }
+    let drains = member_client
+        .map(|client| tokio::spawn(confirm_drains(client, gateway.routing(), shutdown.clone())));
     let mut task = tokio::spawn(gateway.run(shutdown.clone()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -127,6 +199,9 @@ pub async fn run(args: GatewayArgs, target: crate::commands::Target) -> Result<E
     }
     if let Some(r) = renewal {
         let _ = r.await;
+    }
+    if let Some(d) = drains {
+        let _ = d.await;
     }
     match result {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),

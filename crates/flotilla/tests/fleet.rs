@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -1595,5 +1595,53 @@ fn a_higher_priority_service_preempts_lower_priority_instances() {
         "four batch instances again",
         Duration::from_secs(40),
         || (fleet.ready_instances("batch").len() == 4).then_some(()),
+    );
+}
+
+/// Before an agent stops a deleted instance, every gateway routing from the server confirms
+/// it no longer routes to it; a gateway that cannot answer (frozen) holds the stop only until
+/// the drain's deadline.
+#[test]
+fn draining_waits_for_the_gateways_on_other_machines() {
+    let mut fleet = Fleet::start(9, 1);
+    let gateway = fleet.start_gateway();
+    fleet.apply(&web(2));
+    wait_for(
+        "two instances behind the gateway",
+        Duration::from_secs(30),
+        || {
+            let answered: BTreeSet<String> = (0..20)
+                .filter_map(|_| http(&gateway, "GET", "/", &[], ""))
+                .filter(|r| r.status == 200)
+                .filter_map(|r| instance_of(&r.body))
+                .collect();
+            (answered.len() == 2).then_some(())
+        },
+    );
+    let agent_log = || fleet.agents["node-1"].proc.as_ref().unwrap().log();
+
+    fleet.apply(&web(1));
+    wait_for("one instance left", Duration::from_secs(30), || {
+        (fleet.instances("web").len() == 1).then_some(())
+    });
+    let log = agent_log();
+    assert!(
+        log.contains("instance unrouted by every gateway") && log.contains("gateways=1"),
+        "{log}"
+    );
+
+    // A frozen gateway is waited for, within the deadline, and named.
+    let gw_pid = Pid::from_raw(fleet.gateway.as_ref().unwrap().0.child.id() as i32);
+    kill(gw_pid, Signal::SIGSTOP).unwrap();
+    fleet.apply(&web(0));
+    wait_for("no instance left", Duration::from_secs(30), || {
+        fleet.instances("web").is_empty().then_some(())
+    });
+    kill(gw_pid, Signal::SIGCONT).unwrap();
+    let log = agent_log();
+    assert!(
+        log.contains("gateways still route to the instance; stopping it anyway")
+            && log.contains("waiting=gateway-"),
+        "{log}"
     );
 }

@@ -186,6 +186,8 @@ pub fn parts(token: &str) -> Option<TokenParts<'_>> {
 
 /// Where gateways get and renew their certificates.
 pub const GATEWAY_CREDENTIAL: &str = "/api/v1/gateways/credential";
+/// Where gateways learn what is being drained and confirm they stopped routing to it.
+pub const GATEWAY_DRAINS: &str = "/api/v1/gateways/drains";
 
 /// Whether `principal` may make this request; `Err` says what it may do instead.
 pub fn allowed(
@@ -242,7 +244,9 @@ pub fn allowed(
             }
         }
         Principal::Gateway(_) => {
-            if method == http::Method::POST && path == GATEWAY_CREDENTIAL {
+            if (method == http::Method::POST && path == GATEWAY_CREDENTIAL)
+                || path == GATEWAY_DRAINS
+            {
                 return Ok(());
             }
             let readable = [
@@ -335,6 +339,18 @@ mod tests {
         let g = Principal::Gateway("gateway-1".into());
         assert!(allowed(&g, &Method::GET, "/api/v1/watch/services", None).is_ok());
         assert!(allowed(&g, &Method::POST, GATEWAY_CREDENTIAL, None).is_ok());
+        assert!(allowed(&g, &Method::GET, GATEWAY_DRAINS, Some("wait=10s")).is_ok());
+        assert!(allowed(&g, &Method::POST, GATEWAY_DRAINS, None).is_ok());
+        assert!(
+            allowed(
+                &n,
+                &Method::POST,
+                "/api/v1/nodes/node-1/instances/web-1/drain",
+                None
+            )
+            .is_ok()
+        );
+        assert!(allowed(&n, &Method::GET, GATEWAY_DRAINS, None).is_err());
         assert!(allowed(&g, &Method::POST, "/api/v1/services", None).is_err());
         assert!(allowed(&g, &Method::GET, "/api/v1/events", None).is_err());
         let gt = Principal::GatewayToken("1".into());

@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod controller;
+pub mod drains;
 pub mod error;
 
 pub mod metrics;

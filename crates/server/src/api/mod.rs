@@ -1,6 +1,7 @@
 //! The HTTP + JSON API (axum). Every route except `/healthz` needs the bearer token. The
 //! handlers, by resource, parse and authenticate; what they do is in [`crate::operations`].
 
+mod drains;
 mod events;
 mod instances;
 mod logs;
@@ -10,6 +11,7 @@ mod tokens;
 pub use tokens::MEMBER_CERT_TTL;
 mod watch;
 
+use drains::*;
 use events::*;
 use instances::*;
 use logs::*;
@@ -83,6 +85,8 @@ pub struct ApiState {
     authority: Option<Arc<flotilla_pki::Authority>>,
     /// How long the node and gateway certificates it signs last.
     member_ttl: std::time::Duration,
+    /// Drains waiting for the gateways' confirmations.
+    drains: Arc<crate::drains::Drains>,
     token: Arc<str>,
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
@@ -115,6 +119,7 @@ impl ApiState {
             signer: None,
             authority: None,
             member_ttl: tokens::MEMBER_CERT_TTL,
+            drains: crate::drains::Drains::new(),
             token: token.into(),
             logs,
             latency,
@@ -182,6 +187,14 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/nodes/{node}/instances/{name}/events",
             post(post_event),
+        )
+        .route(
+            "/api/v1/nodes/{node}/instances/{name}/drain",
+            post(drain_instance),
+        )
+        .route(
+            crate::auth::GATEWAY_DRAINS,
+            get(poll_drains).post(confirm_drains),
         )
         .route("/api/v1/nodes/{node}/cordon", post(cordon))
         .route("/api/v1/nodes/{node}/uncordon", post(uncordon))
