@@ -15,6 +15,7 @@ mod error;
 pub mod logs;
 mod metrics;
 pub mod ports;
+pub mod pressure;
 pub mod probe;
 mod process;
 pub mod registration;
@@ -83,6 +84,10 @@ pub struct AgentConfig {
     /// The node's lease lasts this long; it is renewed every third of it. A node whose lease
     /// expired is NotReady.
     pub lease_duration: Duration,
+    /// Below these the node reports memory or disk pressure (and takes no new instance).
+    pub pressure: pressure::Thresholds,
+    /// How often pressure is sampled.
+    pub pressure_interval: Duration,
 }
 
 /// Something that routes traffic to instances and can confirm it stopped doing so. In
@@ -119,6 +124,8 @@ impl AgentConfig {
             labels: std::collections::BTreeMap::new(),
             reserve: flotilla_spec::NodeResources::default(),
             lease_duration: flotilla_store::DEFAULT_LEASE,
+            pressure: pressure::Thresholds::default(),
+            pressure_interval: Duration::from_secs(10),
             port_range: ports::default_port_range(ports::ephemeral_range()),
             drain: None,
         }
@@ -273,9 +280,17 @@ impl Agent {
             runtime.trigger(),
             stop.clone(),
         ));
+        let pressure = tokio::spawn(pressure::watch(
+            self.shared.api.clone(),
+            self.shared.config.data_dir.clone(),
+            self.shared.config.pressure,
+            self.shared.config.pressure_interval,
+            stop.clone(),
+        ));
         tracing::info!(node = %node, "agent running");
         runtime.run(stop.clone()).await;
         stop.cancel();
+        let _ = pressure.await;
         let followed = follower.await.unwrap_or(false);
         let result = if followed || shutdown.is_cancelled() {
             Ok(())

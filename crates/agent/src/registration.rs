@@ -33,12 +33,19 @@ pub fn capacity() -> NodeResources {
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.
 fn meminfo_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_meminfo_total(&text)
+    meminfo("MemTotal")
 }
 
-fn parse_meminfo_total(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+/// A field of `/proc/meminfo` (`MemTotal`, `MemAvailable`), in bytes.
+pub(crate) fn meminfo(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text, key)
+}
+
+fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }
@@ -89,8 +96,8 @@ mod tests {
     #[test]
     fn meminfo_and_reserve() {
         let text = "MemTotal:       16303092 kB\nMemFree:         1234 kB\n";
-        assert_eq!(parse_meminfo_total(text), Some(16_303_092 * 1024));
-        assert_eq!(parse_meminfo_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_meminfo(text, "MemTotal"), Some(16_303_092 * 1024));
+        assert_eq!(parse_meminfo("MemFree: 1 kB\n", "MemTotal"), None);
         let cap = NodeResources {
             cpu_millicores: 2000,
             memory_bytes: 1 << 30,

@@ -145,6 +145,8 @@ struct AgentTable {
     reserve_cpu: Option<String>,
     reserve_memory: Option<String>,
     lease: Option<String>,
+    pressure_memory: Option<String>,
+    pressure_disk: Option<String>,
     data_dir: Option<PathBuf>,
 }
 
@@ -516,6 +518,27 @@ pub async fn agent(
             .map_err(|e| anyhow!("invalid lease {text:?} in --config: {e}"))?,
         (None, None) => flotilla_store::DEFAULT_LEASE,
     };
+    if let Some(mem) = args
+        .pressure_memory
+        .as_ref()
+        .or(file.pressure_memory.as_ref())
+    {
+        config.pressure.memory_available_bytes = flotilla_spec::quantity::parse_bytes(mem)
+            .map_err(|e| anyhow!("invalid --pressure-memory {mem:?}: {e}"))?
+            .0;
+    }
+    if let Some(disk) = args.pressure_disk.as_ref().or(file.pressure_disk.as_ref()) {
+        config.pressure.disk_available_percent = disk
+            .trim()
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<u8>().ok())
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| {
+                anyhow!(
+                    "invalid --pressure-disk {disk:?}: expected a share of the disk, 0% to 100%"
+                )
+            })?;
+    }
     if config.lease_duration < std::time::Duration::from_secs(1) {
         bail!(
             "invalid --lease {}: must be at least 1s",

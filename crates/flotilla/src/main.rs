@@ -419,8 +419,9 @@ pub struct ServerArgs {
 pub struct AgentArgs {
     #[command(flatten)]
     pub conn: SubConn,
-    /// A TOML file with an `[agent]` table (`api`, `token_file`, `node`, `address`, `labels`,
-    /// `reserve_cpu`, `reserve_memory`, `lease`, `data_dir`); flags override it.
+    /// A TOML file with an `[agent]` table (`api`, `token_file`, `ca_file`, `node`, `address`,
+    /// `labels`, `reserve_cpu`, `reserve_memory`, `lease`, `pressure_memory`, `pressure_disk`,
+    /// `data_dir`); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The server's API to join (the same as --api).
@@ -446,6 +447,13 @@ pub struct AgentArgs {
     /// whose lease expired is NotReady and its instances are replaced elsewhere [default: 6s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lease: Option<std::time::Duration>,
+    /// Memory pressure below this much available memory (no new instance is placed here)
+    /// [default: 100Mi].
+    #[arg(long)]
+    pub pressure_memory: Option<String>,
+    /// Disk pressure below this share of the data directory's filesystem free [default: 10%].
+    #[arg(long)]
+    pub pressure_disk: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]

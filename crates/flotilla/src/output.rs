@@ -418,6 +418,12 @@ impl NodeView {
         if self.spec.unschedulable {
             s.push_str(",SchedulingDisabled");
         }
+        for kind in [flotilla_spec::MEMORY_PRESSURE, flotilla_spec::DISK_PRESSURE] {
+            if self.status.condition(kind).is_some_and(|c| c.status) {
+                s.push(',');
+                s.push_str(kind);
+            }
+        }
         s
     }
 }
@@ -508,6 +514,18 @@ pub fn describe_node(n: &NodeView, instances: &[Instance]) -> String {
             "Ready:         {} ({}: {}) since {}",
             c.status, c.reason, c.message, c.last_transition
         );
+    }
+    for (kind, label) in [
+        (flotilla_spec::MEMORY_PRESSURE, "MemoryPressure:"),
+        (flotilla_spec::DISK_PRESSURE, "DiskPressure:  "),
+    ] {
+        if let Some(c) = s.condition(kind) {
+            let _ = writeln!(
+                out,
+                "{label} {} ({}: {}) since {}",
+                c.status, c.reason, c.message, c.last_transition
+            );
+        }
     }
     let _ = writeln!(out, "Address:       {}", s.address);
     let _ = writeln!(

@@ -254,6 +254,11 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         .with_context(|| format!("cannot start the gateway on {gw_addr}"))?;
     let gw_local = gateway.local_addr();
     let mut agent_config = AgentConfig::new(&args.node, data_dir.clone());
+    // One machine has nowhere else to place an instance: pressure is not a reason to stop.
+    agent_config.pressure = flotilla_agent::pressure::Thresholds {
+        memory_available_bytes: 0,
+        disk_available_percent: 0,
+    };
     agent_config.drain = Some(Arc::new(GatewayDrain(gateway.routing())));
     let node_api = Arc::new(flotilla_store::StoreNode::new(
         store.clone(),

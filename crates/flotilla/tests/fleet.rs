@@ -45,6 +45,8 @@ struct Agent {
     data: PathBuf,
     /// The API address this agent uses, when not the server's own (a [`Link`]).
     api: Option<String>,
+    /// More arguments for `flotilla agent`.
+    extra: Vec<String>,
 }
 
 /// A TLS client configuration trusting the cluster CA of `ca`, showing the member
@@ -160,6 +162,7 @@ impl Fleet {
                 address: format!("127.77.{net}.{i}"),
                 data: fleet.dir.path().join(&name),
                 api: None,
+                extra: Vec::new(),
             };
             fleet.agents.insert(name.clone(), agent);
             fleet.start_agent(&name);
@@ -174,24 +177,21 @@ impl Fleet {
         let agent = &self.agents[name];
         let (address, data) = (agent.address.clone(), agent.data.clone());
         let api = format!("https://{}", agent.api.as_deref().unwrap_or(&self.api));
-        let proc = spawn(
-            &self.dir,
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
+            "agent",
+            "--api",
+            &api,
+            "--node",
             name,
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "agent",
-                "--api",
-                &api,
-                "--node",
-                name,
-                "--address",
-                &address,
-                "--lease",
-                "3s",
-            ],
-            &[("FLOTILLA_TOKEN", &self.join)],
-        );
+            "--address",
+            &address,
+            "--lease",
+            "3s",
+        ];
+        args.extend(agent.extra.iter().map(String::as_str));
+        let proc = spawn(&self.dir, name, &args, &[("FLOTILLA_TOKEN", &self.join)]);
         self.agents.get_mut(name).unwrap().proc = Some(proc);
     }
 
@@ -1643,5 +1643,63 @@ fn draining_waits_for_the_gateways_on_other_machines() {
         log.contains("gateways still route to the instance; stopping it anyway")
             && log.contains("waiting=gateway-"),
         "{log}"
+    );
+}
+
+/// A node whose agent reports disk pressure shows it (condition, status, describe) and takes
+/// no new instance; the scheduler says so when nothing else can take one.
+#[test]
+fn a_node_under_pressure_takes_no_new_instance() {
+    let mut fleet = Fleet::start(10, 2);
+    // Asking for every byte of the disk free: node-2 is under disk pressure at once.
+    fleet.agents.get_mut("node-2").unwrap().extra = vec!["--pressure-disk".into(), "100%".into()];
+    let link = fleet.api.clone();
+    fleet.restart_agent_via("node-2", &link);
+    wait_for(
+        "node-2 under disk pressure",
+        Duration::from_secs(20),
+        || {
+            let n = fleet.get("/api/v1/nodes/node-2");
+            n["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "DiskPressure" && c["status"] == true)
+                .then_some(())
+        },
+    );
+    let nodes = fleet.ok(&["get", "nodes"]);
+    assert!(nodes.contains("Ready,DiskPressure"), "{nodes}");
+    let described = fleet.ok(&["describe", "node", "node-2"]);
+    assert!(
+        described.contains("DiskPressure:   true (LowDisk:"),
+        "{described}"
+    );
+    assert!(described.contains("MemoryPressure: false"), "{described}");
+
+    fleet.apply(&web(2));
+    let ready = wait_for("two web instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 2).then_some(r)
+    });
+    assert!(
+        ready.iter().all(|i| node_of(i) == "node-1"),
+        "{:?}",
+        per_node(&ready)
+    );
+    fleet.ok(&["node", "cordon", "node-1"]);
+    fleet.apply(&web(3));
+    let pending = wait_for("a pending instance", Duration::from_secs(30), || {
+        fleet
+            .instances("web")
+            .into_iter()
+            .find(|i| i["spec"]["node"].as_str().unwrap_or_default().is_empty())
+    });
+    let why = pending["status"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("1 node(s) had disk pressure") && why.contains("1 node(s) cordoned"),
+        "{why}"
     );
 }

@@ -37,6 +37,8 @@ fn nodes(n: usize) -> Vec<NodeInfo> {
                 },
                 ready: i % 100 != 7,
                 unschedulable: i % 100 == 13,
+                memory_pressure: false,
+                disk_pressure: false,
                 taints: if i % 20 == 3 {
                     vec![Taint {
                         key: "dedicated".into(),

@@ -227,9 +227,15 @@ pub fn allowed(
             let own = format!("/api/v1/nodes/{node}/");
             // Not cordon, uncordon or drain: those are the operator's.
             let own_part = path.strip_prefix(&own).is_some_and(|rest| {
-                ["registration", "lease", "credential", "instances"]
-                    .iter()
-                    .any(|p| rest == *p || rest.starts_with(&format!("{p}/")))
+                [
+                    "registration",
+                    "lease",
+                    "conditions",
+                    "credential",
+                    "instances",
+                ]
+                .iter()
+                .any(|p| rest == *p || rest.starts_with(&format!("{p}/")))
             });
             let ok = own_part
                 || (method == http::Method::GET

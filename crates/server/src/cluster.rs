@@ -150,6 +150,7 @@ impl Cluster {
 
 fn node_info(node: &Node, ready: bool) -> NodeInfo {
     let a = node.status.allocatable;
+    let pressure = |kind: &str| node.status.condition(kind).is_some_and(|c| c.status);
     NodeInfo {
         name: node.metadata.name.clone(),
         labels: node.metadata.labels.clone(),
@@ -169,6 +170,8 @@ fn node_info(node: &Node, ready: bool) -> NodeInfo {
                 value: t.value.clone(),
             })
             .collect(),
+        memory_pressure: pressure(flotilla_spec::MEMORY_PRESSURE),
+        disk_pressure: pressure(flotilla_spec::DISK_PRESSURE),
     }
 }
 

@@ -293,7 +293,7 @@ impl ServiceController {
                 r.ready,
                 node.spec.unschedulable,
                 node.spec.drain,
-                taints_fingerprint(&node.spec.taints),
+                placement_fingerprint(&node),
             ));
             let mut conditions = node.status.conditions.clone();
             if !crate::nodes::set_ready(&mut conditions, r.ready, r.reason, &r.message, &stamp) {
@@ -1112,16 +1112,23 @@ async fn follow(
     }
 }
 
-/// What placement depends on of a node: name, ready, cordoned, drained, taints fingerprint.
+/// What placement depends on of a node: name, ready, cordoned, drained, and a fingerprint
+/// of its taints and pressure conditions.
 type NodeShape = (String, bool, bool, bool, usize);
 
-/// A fingerprint of a node's taints, to see them change.
-fn taints_fingerprint(taints: &[flotilla_spec::NodeTaint]) -> usize {
+/// A fingerprint of a node's taints and pressure conditions, to see them change.
+fn placement_fingerprint(node: &flotilla_spec::Node) -> usize {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for t in taints {
+    for t in &node.spec.taints {
         t.key.hash(&mut h);
         t.value.hash(&mut h);
+    }
+    for kind in [flotilla_spec::MEMORY_PRESSURE, flotilla_spec::DISK_PRESSURE] {
+        node.status
+            .condition(kind)
+            .is_some_and(|c| c.status)
+            .hash(&mut h);
     }
     h.finish() as usize
 }

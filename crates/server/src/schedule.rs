@@ -51,6 +51,9 @@ pub struct NodeInfo {
     /// Cordoned: takes no new instance.
     pub unschedulable: bool,
     pub taints: Vec<Taint>,
+    /// Its agent reports memory or disk pressure: takes no new instance.
+    pub memory_pressure: bool,
+    pub disk_pressure: bool,
 }
 
 /// Replicas of the service spread over the values of a node label.
@@ -124,10 +127,12 @@ pub enum Reason {
     HostPort,
     AntiAffinity,
     Spread,
+    MemoryPressure,
+    DiskPressure,
 }
 
 /// Every reason, in the order of their discriminants.
-const REASONS: [Reason; 10] = [
+const REASONS: [Reason; 12] = [
     Reason::NotReady,
     Reason::Cordoned,
     Reason::UntoleratedTaint,
@@ -138,6 +143,8 @@ const REASONS: [Reason; 10] = [
     Reason::HostPort,
     Reason::AntiAffinity,
     Reason::Spread,
+    Reason::MemoryPressure,
+    Reason::DiskPressure,
 ];
 
 impl Reason {
@@ -153,6 +160,8 @@ impl Reason {
             Reason::HostPort => "node(s) didn't have the requested host ports free",
             Reason::AntiAffinity => "node(s) already run an instance of the service",
             Reason::Spread => "node(s) would break the topology spread",
+            Reason::MemoryPressure => "node(s) had memory pressure",
+            Reason::DiskPressure => "node(s) had disk pressure",
         }
     }
 }
@@ -210,6 +219,12 @@ fn filter(req: &Request, node: &NodeInfo, u: &Used, same: impl Fn() -> u32) -> u
     }
     if node.unschedulable {
         no(Reason::Cordoned);
+    }
+    if node.memory_pressure {
+        no(Reason::MemoryPressure);
+    }
+    if node.disk_pressure {
+        no(Reason::DiskPressure);
     }
     if node
         .taints

@@ -515,7 +515,8 @@ pub struct NodeStatus {
     /// What instances may use: capacity minus the node's reserve.
     #[serde(default)]
     pub allocatable: NodeResources,
-    /// `Ready` (from the lease), set by the control plane.
+    /// `Ready` (from the lease), set by the control plane; `MemoryPressure` and
+    /// `DiskPressure`, reported by the agent when they change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<NodeCondition>,
     #[serde(default)]
@@ -532,10 +533,15 @@ impl NodeStatus {
     }
 }
 
+/// A node's memory is short (reported by its agent): no new instance is placed there.
+pub const MEMORY_PRESSURE: &str = "MemoryPressure";
+/// A node's data disk is short (reported by its agent): no new instance is placed there.
+pub const DISK_PRESSURE: &str = "DiskPressure";
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCondition {
-    /// `Ready`.
+    /// `Ready` (the control plane's), `MemoryPressure`, `DiskPressure` (the agent's).
     #[serde(rename = "type")]
     pub kind: String,
     pub status: bool,

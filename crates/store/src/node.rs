@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use std::collections::BTreeMap;
 
 use flotilla_spec::{
-    EventType, Instance, InstanceStatus, Node, NodeSpec, NodeStatus, Object, ObjectMeta,
+    EventType, Instance, InstanceStatus, Node, NodeCondition, NodeSpec, NodeStatus, Object,
+    ObjectMeta,
 };
 
 use crate::{
@@ -41,6 +42,9 @@ pub enum NodeError {
         instance: String,
         expected: Revision,
     },
+    /// A node reported a condition it does not own (only the pressure conditions are its).
+    #[error("a node reports only MemoryPressure and DiskPressure, not {kind:?}")]
+    NotNodeCondition { kind: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -96,6 +100,42 @@ pub trait NodeApi: Send + Sync + 'static {
     /// Renews this node's lease for `duration_seconds` from now (its heartbeat): kept in the
     /// control plane's memory, not written to the store.
     async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError>;
+
+    /// Sets the conditions the node itself reports (`MemoryPressure`, `DiskPressure`); written
+    /// only when one changes, its transition time with it. The agent calls it on changes.
+    async fn report_conditions(&self, conditions: Vec<NodeCondition>) -> Result<(), NodeError>;
+}
+
+/// `current` with the node-reported `reported` merged in: a transition time moves only when
+/// the status does. `None` when nothing changes.
+pub fn merge_conditions(
+    current: &[NodeCondition],
+    reported: &[NodeCondition],
+    now: &str,
+) -> Option<Vec<NodeCondition>> {
+    let mut out = current.to_vec();
+    let mut changed = false;
+    for r in reported {
+        match out.iter_mut().find(|c| c.kind == r.kind) {
+            Some(c) if c.status == r.status && c.reason == r.reason && c.message == r.message => {}
+            Some(c) => {
+                if c.status != r.status {
+                    c.last_transition = now.to_string();
+                }
+                c.status = r.status;
+                c.reason = r.reason.clone();
+                c.message = r.message.clone();
+                changed = true;
+            }
+            None => {
+                let mut c = r.clone();
+                c.last_transition = now.to_string();
+                out.push(c);
+                changed = true;
+            }
+        }
+    }
+    changed.then_some(out)
 }
 
 /// The node interface over a store, in-process.
@@ -310,6 +350,30 @@ impl NodeApi for StoreNode {
             &self.node,
             std::time::Duration::from_secs(u64::from(duration_seconds)),
         );
+        Ok(())
+    }
+
+    async fn report_conditions(&self, conditions: Vec<NodeCondition>) -> Result<(), NodeError> {
+        if let Some(c) = conditions.iter().find(|c| {
+            c.kind != flotilla_spec::MEMORY_PRESSURE && c.kind != flotilla_spec::DISK_PRESSURE
+        }) {
+            return Err(NodeError::NotNodeCondition {
+                kind: c.kind.clone(),
+            });
+        }
+        let now = flotilla_spec::now_rfc3339();
+        typed::modify::<Node>(self.store.as_ref(), &self.node, |n| match merge_conditions(
+            &n.status.conditions,
+            &conditions,
+            &now,
+        ) {
+            Some(merged) => {
+                n.status.conditions = merged;
+                true
+            }
+            None => false,
+        })
+        .await?;
         Ok(())
     }
 }

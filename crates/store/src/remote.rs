@@ -533,6 +533,21 @@ impl crate::NodeApi for RemoteNode {
         }
     }
 
+    async fn report_conditions(
+        &self,
+        conditions: Vec<flotilla_spec::NodeCondition>,
+    ) -> Result<(), crate::NodeError> {
+        let path = format!("/api/v1/nodes/{}/conditions", self.node);
+        let body = serde_json::to_vec(&serde_json::json!({ "conditions": conditions }))
+            .map_err(|e| backend(format!("encoding PUT {path}"), e))?;
+        let (status, bytes) = self.api.send(Method::PUT, &path, Some(body)).await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
+        }
+    }
+
     async fn finish_deletion(&self, instance: &str) -> Result<bool, crate::NodeError> {
         let path = self.path(instance);
         let (status, bytes) = self.api.send(Method::DELETE, &path, None).await?;

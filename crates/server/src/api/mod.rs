@@ -175,6 +175,10 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::put(put_registration),
         )
         .route("/api/v1/nodes/{node}/lease", axum::routing::put(put_lease))
+        .route(
+            "/api/v1/nodes/{node}/conditions",
+            axum::routing::put(put_conditions),
+        )
         .route("/api/v1/nodes/{node}/instances", get(node_instances))
         .route(
             "/api/v1/nodes/{node}/instances/{name}",

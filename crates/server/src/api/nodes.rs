@@ -17,6 +17,9 @@ impl From<NodeError> for ApiError {
         match error {
             NodeError::NotFound { .. } => ApiError::not_found(message),
             NodeError::NotDeleting { .. } => ApiError::conflict(message),
+            NodeError::NotNodeCondition { .. } => {
+                ApiError::bad_request(message).with_field("conditions")
+            }
             NodeError::Conflict { .. } => ApiError::conflict(message).with_field("resourceVersion"),
             NodeError::Store(e) => e.into(),
         }
@@ -216,6 +219,29 @@ pub(super) async fn put_lease(
     }
     node_api(&state, &node)
         .renew_lease(write.duration_seconds)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ConditionsWrite {
+    conditions: Vec<flotilla_spec::NodeCondition>,
+}
+
+/// `PUT /api/v1/nodes/{node}/conditions`: the agent's own conditions (memory and disk
+/// pressure), sent when they change.
+pub(super) async fn put_conditions(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let write: ConditionsWrite = json_body(&body)?;
+    if write.conditions.len() > 8 {
+        return Err(ApiError::bad_request("at most 8 conditions").with_field("conditions"));
+    }
+    node_api(&state, &node)
+        .report_conditions(write.conditions)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

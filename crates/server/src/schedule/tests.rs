@@ -21,6 +21,8 @@ fn node(name: &str, cpu: u64, mem_mi: u64, labels: &[(&str, &str)]) -> NodeInfo 
         ready: true,
         unschedulable: false,
         taints: Vec::new(),
+        memory_pressure: false,
+        disk_pressure: false,
     }
 }
 
@@ -255,6 +257,8 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
                     } else {
                         Vec::new()
                     },
+                    memory_pressure: false,
+                    disk_pressure: false,
                 }
             },
         )
@@ -660,5 +664,26 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn nodes_under_pressure_take_nothing_new() {
+    let mut nodes = vec![
+        node("n1", 1000, 1024, &[]),
+        node("n2", 1000, 1024, &[]),
+        node("n3", 1000, 1024, &[]),
+    ];
+    nodes[0].memory_pressure = true;
+    nodes[1].disk_pressure = true;
+    let req = request("web", 100, 64);
+    assert_eq!(place(&req, &nodes, &[]), Placement::Node("n3".into()));
+    nodes[2].memory_pressure = true;
+    match place(&req, &nodes, &[]) {
+        Placement::Unschedulable(u) => assert_eq!(
+            u.to_string(),
+            "0/3 nodes are available: 2 node(s) had memory pressure, 1 node(s) had disk pressure."
+        ),
+        other => panic!("{other:?}"),
     }
 }
