@@ -5,6 +5,8 @@ need=()
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v ps >/dev/null 2>&1 || need+=(procps)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# Network namespaces, veth pairs and a bridge for the fleet tests over a real network.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # A C++ compiler: libfuzzer-sys builds libFuzzer (scripts/fuzz.sh).
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then

@@ -161,18 +161,25 @@ impl Supervisor {
     }
 
     /// Renews the node's lease; when to renew it next (sooner after a failure, so that one
-    /// lost write does not let the lease expire).
+    /// lost write does not let the lease expire). A renewal gets a sixth of the lease: over a
+    /// link that drops packets (no reset, no answer) a request would otherwise hang for the
+    /// client's whole timeout, and the fencing check after it would come too late.
     async fn heartbeat(&self) -> Duration {
         let lease = self.shared.config.lease_duration;
         let seconds = u32::try_from(lease.as_secs().max(1)).unwrap_or(u32::MAX);
         let sent = std::time::Instant::now();
-        let next = match self.shared.api.renew_lease(seconds).await {
-            Ok(()) => {
+        let attempt = tokio::time::timeout(lease / 6, self.shared.api.renew_lease(seconds)).await;
+        let next = match attempt {
+            Ok(Ok(())) => {
                 *lock(&self.shared.renewed) = Some(sent);
                 lease / 3
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(node = %self.shared.config.node, error = %flotilla_store::error_chain(&error), "could not renew the node's lease");
+                (lease / 12).max(Duration::from_millis(100))
+            }
+            Err(_) => {
+                tracing::warn!(node = %self.shared.config.node, timeout = ?(lease / 6), "renewing the node's lease timed out");
                 (lease / 12).max(Duration::from_millis(100))
             }
         };
