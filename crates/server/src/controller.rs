@@ -66,6 +66,10 @@ pub struct ServiceController {
     fencing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The nodes as placement last saw them (name, ready, cordoned, drained, taints).
     node_shape: std::sync::Mutex<Vec<NodeShape>>,
+    /// Decoded nodes and instances from the last full lists (lists stay fresh; only the
+    /// decoding of what did not change is saved).
+    nodes: typed::DecodeCache<Node>,
+    instances: typed::DecodeCache<Instance>,
     metrics: Metrics,
 }
 
@@ -117,6 +121,8 @@ impl ServiceController {
             trigger: OnceLock::new(),
             node_shape: std::sync::Mutex::new(Vec::new()),
             fencing: std::sync::Mutex::new(std::collections::HashSet::new()),
+            nodes: typed::DecodeCache::default(),
+            instances: typed::DecodeCache::default(),
             metrics,
         }
     }
@@ -161,8 +167,12 @@ impl ServiceController {
     /// Instances, revisions and status of one service, from fresh lists.
     async fn reconcile_one(&self, name: &str) -> Result<bool, StoreError> {
         let service = typed::get::<Service>(&*self.store, name).await?;
-        let (instances, _) = typed::list::<Instance>(&*self.store).await?;
-        let (revisions, _) = typed::list::<Revision>(&*self.store).await?;
+        // Instances are named `<service>-<suffix>` and revisions `<service>.<number>`: one range
+        // read each, of this service's (and of services whose names extend it, filtered out).
+        let (instances, _) =
+            typed::list_named::<Instance>(&*self.store, &format!("{name}-")).await?;
+        let (revisions, _) =
+            typed::list_named::<Revision>(&*self.store, &format!("{name}.")).await?;
         let cluster = self.cluster().await?;
         // Orphans (unknown nodes) are the housekeeping key's; they never count here. The
         // instances of a lost node are deleted and replaced.
@@ -223,7 +233,7 @@ impl ServiceController {
 
     /// The cluster's members and their readiness, now.
     async fn cluster(&self) -> Result<Cluster, StoreError> {
-        let (nodes, _) = typed::list::<Node>(&*self.store).await?;
+        let (nodes, _) = self.nodes.list(&*self.store).await?;
         Ok(Cluster::build(&self.membership, &nodes, &self.leases))
     }
 
@@ -260,7 +270,7 @@ impl ServiceController {
 
     /// Orphans, event pruning and the instances-by-phase gauge.
     async fn housekeeping(&self) -> Result<(), StoreError> {
-        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (mut instances, _) = self.instances.list(&*self.store).await?;
         let cluster = self.cluster().await?;
         self.collect_orphans(&mut instances, &cluster).await?;
         self.count_phases(&instances);
@@ -271,7 +281,7 @@ impl ServiceController {
     /// Sets each node's `Ready` condition from its lease (written only when it changes); when
     /// to look again: as a lease expires, at the latest at the resync.
     async fn node_readiness(&self) -> Result<Duration, StoreError> {
-        let (nodes, _) = typed::list::<Node>(&*self.store).await?;
+        let (nodes, _) = self.nodes.list(&*self.store).await?;
         self.leases
             .retain(|name| nodes.iter().any(|n| n.metadata.name == name));
         let stamp = now_rfc3339();
@@ -707,7 +717,7 @@ impl ServiceController {
     ) -> Result<bool, StoreError> {
         let _placing = self.placing.lock().await;
         let mut preempting = false;
-        let (all, _) = typed::list::<Instance>(&*self.store).await?;
+        let (all, _) = self.instances.list(&*self.store).await?;
         let placed: Vec<Placed> = all
             .iter()
             .filter_map(crate::cluster::placed)

@@ -91,6 +91,73 @@ pub async fn list<T: Object>(store: &dyn Store) -> Result<(Vec<T>, Revision), St
     Ok((items, listed.revision))
 }
 
+/// The objects of kind `T` whose names start with `name_prefix` (one range read), and the
+/// revision they were read at.
+pub async fn list_named<T: Object>(
+    store: &dyn Store,
+    name_prefix: &str,
+) -> Result<(Vec<T>, Revision), StoreError> {
+    let listed = store.list(&format!("{}{name_prefix}", T::PREFIX)).await?;
+    let items = listed
+        .items
+        .iter()
+        .filter_map(|kv| match decode(kv) {
+            Ok(obj) => Some(obj),
+            Err(error) => {
+                tracing::warn!(key = %kv.key, %error, "skipping an object that does not decode");
+                None
+            }
+        })
+        .collect();
+    Ok((items, listed.revision))
+}
+
+/// Decoded objects of one kind kept by name and revision: a fresh list reuses what did not
+/// change since the last one instead of decoding it again (a list stays as consistent as the
+/// store's; only the decoding is saved).
+#[derive(Debug)]
+pub struct DecodeCache<T> {
+    cache: std::sync::Mutex<std::collections::HashMap<String, (Revision, T)>>,
+}
+
+impl<T> Default for DecodeCache<T> {
+    fn default() -> Self {
+        Self {
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<T: Object + Clone> DecodeCache<T> {
+    /// Every object of kind `T`, as [`list`] reads them.
+    pub async fn list(&self, store: &dyn Store) -> Result<(Vec<T>, Revision), StoreError> {
+        let listed = store.list(T::PREFIX).await?;
+        let mut cache = crate::lock(&self.cache);
+        let mut items = Vec::with_capacity(listed.items.len());
+        let mut keep = std::collections::HashSet::with_capacity(listed.items.len());
+        for kv in &listed.items {
+            keep.insert(kv.key.as_str());
+            if let Some((rev, obj)) = cache.get(&kv.key)
+                && *rev == kv.mod_revision
+            {
+                items.push(obj.clone());
+                continue;
+            }
+            match decode::<T>(kv) {
+                Ok(obj) => {
+                    cache.insert(kv.key.clone(), (kv.mod_revision, obj.clone()));
+                    items.push(obj);
+                }
+                Err(error) => {
+                    tracing::warn!(key = %kv.key, %error, "skipping an object that does not decode");
+                }
+            }
+        }
+        cache.retain(|k, _| keep.contains(k.as_str()));
+        Ok((items, listed.revision))
+    }
+}
+
 /// Stores a new object; `Conflict` if one of that name exists. Fills `uid` if empty,
 /// `creation_timestamp` if unset and `generation = 1` if 0. Returns the stored object (with its
 /// `resource_version`).

@@ -536,3 +536,40 @@ async fn reflector_relists_after_a_watch_ends_with_closed() {
     let result = timeout(WAIT, reflector.stop()).await.unwrap();
     assert!(matches!(result, Err(StoreError::Closed)), "{result:?}");
 }
+
+/// A decode cache answers what a plain list would, change after change, and what a prefix
+/// list reads is exactly the objects whose names start with it.
+#[tokio::test]
+async fn the_decode_cache_and_named_lists_read_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), StoreOptions::default());
+    let store = store.as_ref();
+    let cache = typed::DecodeCache::<Event>::default();
+    let messages = |items: Vec<Event>| {
+        let mut v: Vec<(String, String)> = items
+            .into_iter()
+            .map(|e| (e.metadata.name, e.message))
+            .collect();
+        v.sort();
+        v
+    };
+    for name in ["web-a", "web-b", "webber-c", "api-d"] {
+        typed::create(store, event(name, "one")).await.unwrap();
+    }
+    let (first, _) = cache.list(store).await.unwrap();
+    assert_eq!(first.len(), 4);
+    typed::modify::<Event>(store, "web-a", |e| {
+        e.message = "two".into();
+        true
+    })
+    .await
+    .unwrap();
+    typed::delete::<Event>(store, "api-d", None).await.unwrap();
+    let (cached, rev) = cache.list(store).await.unwrap();
+    let (plain, plain_rev) = typed::list::<Event>(store).await.unwrap();
+    assert_eq!(rev, plain_rev);
+    assert_eq!(messages(cached), messages(plain));
+    let (web, _) = typed::list_named::<Event>(store, "web-").await.unwrap();
+    let names: Vec<String> = web.into_iter().map(|e| e.metadata.name).collect();
+    assert_eq!(names, vec!["web-a".to_string(), "web-b".to_string()]);
+}
