@@ -66,10 +66,10 @@ pub struct ServiceController {
     fencing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The nodes as placement last saw them (name, ready, cordoned, drained, taints).
     node_shape: std::sync::Mutex<Vec<NodeShape>>,
-    /// Decoded nodes and instances from the last full lists (lists stay fresh; only the
-    /// decoding of what did not change is saved).
+    /// Decoded nodes from the last full list (lists stay fresh; only the decoding of what did
+    /// not change is saved). Not for instances: at 10,000 of them the copies cost more memory
+    /// than the decoding costs time (store writes bound placement, see benchmarks.md).
     nodes: typed::DecodeCache<Node>,
-    instances: typed::DecodeCache<Instance>,
     metrics: Metrics,
 }
 
@@ -122,7 +122,6 @@ impl ServiceController {
             node_shape: std::sync::Mutex::new(Vec::new()),
             fencing: std::sync::Mutex::new(std::collections::HashSet::new()),
             nodes: typed::DecodeCache::default(),
-            instances: typed::DecodeCache::default(),
             metrics,
         }
     }
@@ -270,7 +269,7 @@ impl ServiceController {
 
     /// Orphans, event pruning and the instances-by-phase gauge.
     async fn housekeeping(&self) -> Result<(), StoreError> {
-        let (mut instances, _) = self.instances.list(&*self.store).await?;
+        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
         let cluster = self.cluster().await?;
         self.collect_orphans(&mut instances, &cluster).await?;
         self.count_phases(&instances);
@@ -717,7 +716,7 @@ impl ServiceController {
     ) -> Result<bool, StoreError> {
         let _placing = self.placing.lock().await;
         let mut preempting = false;
-        let (all, _) = self.instances.list(&*self.store).await?;
+        let (all, _) = typed::list::<Instance>(&*self.store).await?;
         let placed: Vec<Placed> = all
             .iter()
             .filter_map(crate::cluster::placed)
