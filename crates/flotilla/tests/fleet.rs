@@ -1152,20 +1152,7 @@ fn a_partitioned_singleton_never_runs_twice() {
         Duration::from_secs(20),
         || (fleet.ready_nodes().len() == 2).then_some(()),
     );
-    let solo = r#"
-[service.solo]
-command = "flotilla-demo"
-args = ["--listen", "${FLOTILLA_HOST}:${PORT}"]
-singleton = true
-ports = ["http"]
-stop = { grace_period = "1s" }
-
-[service.solo.probes.readiness]
-http = { path = "/health" }
-period = "200ms"
-timeout = "200ms"
-failure_threshold = 1
-"#;
+    let solo = common::SINGLETON_SERVICE;
     // On node-2 first.
     assert!(fleet.cli(&["node", "cordon", "node-1"]).status.success());
     fleet.apply(solo);

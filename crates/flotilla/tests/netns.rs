@@ -329,20 +329,7 @@ fn a_partitioned_node_never_leaves_two_copies_of_a_singleton() {
         return;
     };
     let fleet = Fleet::start(net, &["node-1", "node-2"]);
-    let solo = r#"
-[service.solo]
-command = "flotilla-demo"
-args = ["--listen", "${FLOTILLA_HOST}:${PORT}"]
-singleton = true
-ports = ["http"]
-stop = { grace_period = "1s" }
-
-[service.solo.probes.readiness]
-http = { path = "/health" }
-period = "200ms"
-timeout = "200ms"
-failure_threshold = 1
-"#;
+    let solo = common::SINGLETON_SERVICE;
     let path = fleet.dir.path().join("solo.toml");
     std::fs::write(&path, solo).unwrap();
     fleet.cli(&["node", "cordon", "node-2"]);

@@ -203,6 +203,21 @@ struct Used {
     ports: Vec<u16>,
 }
 
+impl Used {
+    /// Gives back what `p` held.
+    fn release(&mut self, p: &Placed) {
+        let r = &mut self.res;
+        r.cpu_millicores = r.cpu_millicores.saturating_sub(p.resources.cpu_millicores);
+        r.memory_bytes = r.memory_bytes.saturating_sub(p.resources.memory_bytes);
+        r.pids = r.pids.saturating_sub(p.resources.pids);
+        for port in &p.host_ports {
+            if let Some(k) = self.ports.iter().position(|x| x == port) {
+                self.ports.swap_remove(k);
+            }
+        }
+    }
+}
+
 /// Whether `need` more fits in `allocatable` with `used` taken.
 fn fits(need: u64, used: u64, allocatable: u64) -> bool {
     need == 0 || used.saturating_add(need) <= allocatable
@@ -404,18 +419,7 @@ impl Snapshot {
             return false;
         };
         let p = self.residents[i].swap_remove(at);
-        let u = &mut self.used[i];
-        u.res.cpu_millicores = u
-            .res
-            .cpu_millicores
-            .saturating_sub(p.resources.cpu_millicores);
-        u.res.memory_bytes = u.res.memory_bytes.saturating_sub(p.resources.memory_bytes);
-        u.res.pids = u.res.pids.saturating_sub(p.resources.pids);
-        for port in &p.host_ports {
-            if let Some(k) = u.ports.iter().position(|x| x == port) {
-                u.ports.swap_remove(k);
-            }
-        }
+        self.used[i].release(&p);
         if !p.nominated
             && let Some(c) = self
                 .services
@@ -521,21 +525,8 @@ impl Snapshot {
             // Put back highest priority first (then the oldest-bound, as listed).
             candidates.sort_by_key(|p| std::cmp::Reverse(p.priority));
             let mut u = self.used[i].clone();
-            let take = |u: &mut Used, p: &Placed| {
-                u.res.cpu_millicores = u
-                    .res
-                    .cpu_millicores
-                    .saturating_sub(p.resources.cpu_millicores);
-                u.res.memory_bytes = u.res.memory_bytes.saturating_sub(p.resources.memory_bytes);
-                u.res.pids = u.res.pids.saturating_sub(p.resources.pids);
-                for port in &p.host_ports {
-                    if let Some(k) = u.ports.iter().position(|x| x == port) {
-                        u.ports.swap_remove(k);
-                    }
-                }
-            };
             for p in &candidates {
-                take(&mut u, p);
+                u.release(p);
             }
             let fits_now = |u: &Used| filter(req, &self.nodes[i], u, || same(i)) == 0;
             if !fits_now(&u) {

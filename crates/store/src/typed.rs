@@ -76,19 +76,7 @@ pub async fn get<T: Object>(store: &dyn Store, name: &str) -> Result<Option<T>, 
 /// naming its key, as the reflector does: one bad object must not stop every list, and with it
 /// the controller and the API.
 pub async fn list<T: Object>(store: &dyn Store) -> Result<(Vec<T>, Revision), StoreError> {
-    let listed = store.list(T::PREFIX).await?;
-    let items = listed
-        .items
-        .iter()
-        .filter_map(|kv| match decode(kv) {
-            Ok(obj) => Some(obj),
-            Err(error) => {
-                tracing::warn!(key = %kv.key, %error, "skipping an object that does not decode");
-                None
-            }
-        })
-        .collect();
-    Ok((items, listed.revision))
+    list_named(store, "").await
 }
 
 /// The objects of kind `T` whose names start with `name_prefix` (one range read), and the

@@ -664,3 +664,19 @@ path = "/"
 "#
     )
 }
+
+/// A singleton demo service listening on its node's address, for the partition tests.
+pub const SINGLETON_SERVICE: &str = r#"
+[service.solo]
+command = "flotilla-demo"
+args = ["--listen", "${FLOTILLA_HOST}:${PORT}"]
+singleton = true
+ports = ["http"]
+stop = { grace_period = "1s" }
+
+[service.solo.probes.readiness]
+http = { path = "/health" }
+period = "200ms"
+timeout = "200ms"
+failure_threshold = 1
+"#;
