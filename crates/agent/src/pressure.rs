@@ -60,21 +60,32 @@ pub fn judge(sample: Sample, t: Thresholds) -> Vec<NodeCondition> {
                 "SufficientMemory"
             }
             .to_string(),
-            message: format!(
-                "{} available (pressure below {})",
-                mib(sample.memory_available),
-                mib(t.memory_available_bytes)
-            ),
+            message: if t.memory_available_bytes == 0 {
+                format!(
+                    "{} available (no pressure threshold)",
+                    mib(sample.memory_available)
+                )
+            } else {
+                format!(
+                    "{} available (pressure below {})",
+                    mib(sample.memory_available),
+                    mib(t.memory_available_bytes)
+                )
+            },
             last_transition: String::new(),
         },
         NodeCondition {
             kind: DISK_PRESSURE.to_string(),
             status: disk,
             reason: if disk { "LowDisk" } else { "SufficientDisk" }.to_string(),
-            message: format!(
-                "{free_percent}% of the data disk free (pressure below {}%)",
-                t.disk_available_percent
-            ),
+            message: if t.disk_available_percent == 0 {
+                format!("{free_percent}% of the data disk free (no pressure threshold)")
+            } else {
+                format!(
+                    "{free_percent}% of the data disk free (pressure below {}%)",
+                    t.disk_available_percent
+                )
+            },
             last_transition: String::new(),
         },
     ]

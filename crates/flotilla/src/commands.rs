@@ -173,14 +173,11 @@ async fn taint_node(client: &Client, node: &str, edits: &[String]) -> Result<Exi
         .iter()
         .map(|t| format!("{}={}", t.key, t.value))
         .collect();
-    println!(
-        "node/{node} tainted: {}",
-        if shown.is_empty() {
-            "(none)".to_string()
-        } else {
-            shown.join(", ")
-        }
-    );
+    if shown.is_empty() {
+        println!("node/{node} untainted: it has no taints now");
+    } else {
+        println!("node/{node} tainted: {}", shown.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -190,6 +190,10 @@ impl Fleet {
             "--lease",
             "3s",
         ];
+        // Placement must not hang on how full this machine's disk happens to be.
+        if !agent.extra.iter().any(|a| a == "--pressure-disk") {
+            args.extend(["--pressure-disk", "0%"]);
+        }
         args.extend(agent.extra.iter().map(String::as_str));
         let proc = spawn(&self.dir, name, &args, &[("FLOTILLA_TOKEN", &self.join)]);
         self.agents.get_mut(name).unwrap().proc = Some(proc);

@@ -275,6 +275,9 @@ impl Fleet {
                     &address,
                     "--lease",
                     "3s",
+                    // Placement must not hang on how full this machine's disk happens to be.
+                    "--pressure-disk",
+                    "0%",
                 ],
                 &[("FLOTILLA_TOKEN", &join)],
             );
