@@ -3,7 +3,7 @@
 //! the binding). Filters first — each node that cannot take the instance says why — then a
 //! score among the nodes left: least allocated (free share of CPU and memory after placing),
 //! minus a penalty per instance of the same service already there (soft anti-affinity), ties
-//! broken by name so the result is deterministic.
+//! broken by the number of instances on the node, then by name, so the result is deterministic.
 //!
 //! Property-tested: it never overcommits a node, never breaks a hard constraint (readiness,
 //! cordon, taints, node selector, host ports, hard anti-affinity, topology spread), and answers
@@ -201,6 +201,8 @@ pub enum Placement {
 struct Used {
     res: Capacity,
     ports: Vec<u16>,
+    /// Instances running there (of every service), for ties.
+    instances: u32,
 }
 
 impl Used {
@@ -214,6 +216,9 @@ impl Used {
             if let Some(k) = self.ports.iter().position(|x| x == port) {
                 self.ports.swap_remove(k);
             }
+        }
+        if !p.nominated {
+            self.instances = self.instances.saturating_sub(1);
         }
     }
 }
@@ -395,6 +400,7 @@ impl Snapshot {
         u.res.pids = u.res.pids.saturating_add(p.resources.pids);
         u.ports.extend(p.host_ports.iter().copied());
         if !p.nominated {
+            u.instances = u.instances.saturating_add(1);
             let counts = match self.services.get_mut(&p.service) {
                 Some(c) => c,
                 None => self.services.entry(p.service.clone()).or_default(),
@@ -657,11 +663,13 @@ impl Snapshot {
             if soft {
                 score -= SOFT_ANTI_AFFINITY_PENALTY * i64::from(same(i));
             }
-            // Higher score wins; on a tie the name first in order does.
+            // Higher score wins; on a tie the node running fewer instances (of any service:
+            // requests without resources score alike everywhere), then the name first in order.
             let better = match best {
                 None => true,
                 Some((s, b)) => {
-                    score > s || (score == s && self.nodes[i].name < self.nodes[b].name)
+                    let key = |n: usize| (self.used[n].instances, &self.nodes[n].name);
+                    score > s || (score == s && key(i) < key(b))
                 }
             };
             if better {

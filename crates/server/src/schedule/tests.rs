@@ -687,3 +687,26 @@ fn nodes_under_pressure_take_nothing_new() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn ties_go_to_the_node_running_fewer_instances_of_any_service() {
+    let nodes = vec![node("n1", 1000, 1024, &[]), node("n2", 1000, 1024, &[])];
+    // Nothing requested: least-allocated ties everywhere; soft anti-affinity sees only the
+    // same service. Ten services of one replica each spread 5/5, not all on n1.
+    let mut s = Snapshot::new(nodes, &[]);
+    let mut per = BTreeMap::new();
+    for k in 0..10 {
+        let mut req = request(&format!("svc-{k}"), 0, 0);
+        req.resources.pids = 0;
+        let Placement::Node(n) = s.place(&req) else {
+            panic!("unschedulable")
+        };
+        s.bind(&Placed {
+            node: n.clone(),
+            service: req.service.clone(),
+            ..Default::default()
+        });
+        *per.entry(n).or_insert(0) += 1;
+    }
+    assert_eq!(per.values().collect::<Vec<_>>(), vec![&5, &5], "{per:?}");
+}
