@@ -10,8 +10,7 @@
 //! - `--api`/`FLOTILLA_API` and `--token`/`FLOTILLA_TOKEN` override the context file.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -214,26 +213,9 @@ pub fn signer(data_dir: &Path) -> Result<flotilla_server::auth::Signer> {
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place, readable only by
-/// its owner whatever mode an old file had.
+/// its owner whatever mode an old file had ([`flotilla_pki::write_private`]).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(())
+    Ok(flotilla_pki::write_private(path, bytes)?)
 }
 
 /// Reads a secret of the data directory, or creates a random one readable only by its owner.

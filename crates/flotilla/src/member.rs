@@ -119,11 +119,12 @@ impl Enrolled {
     pub fn load(dir: &Path, stem: &str, who: &flotilla_pki::Identity) -> Option<Self> {
         let [ca, cert, key] = Self::files(dir, stem);
         let read = |p: &Path| std::fs::read_to_string(p).ok();
+        let cert_pem = read(&cert)?;
         let saved = Self {
             ca_pem: read(&ca)?,
-            cert_pem: read(&cert)?,
+            expires: flotilla_pki::expiry_of(&cert_pem).ok()?,
+            cert_pem,
             key_pem: read(&key)?,
-            expires: flotilla_pki::expiry_of(&read(&cert)?).ok()?,
         };
         let der = flotilla_pki::parse_cert("saved", &saved.cert_pem).ok()?;
         let fresh = saved.expires > SystemTime::now() + Duration::from_secs(60);

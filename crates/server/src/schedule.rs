@@ -206,6 +206,18 @@ struct Used {
 }
 
 impl Used {
+    /// Takes what `p` holds.
+    fn hold(&mut self, p: &Placed) {
+        let r = &mut self.res;
+        r.cpu_millicores = r.cpu_millicores.saturating_add(p.resources.cpu_millicores);
+        r.memory_bytes = r.memory_bytes.saturating_add(p.resources.memory_bytes);
+        r.pids = r.pids.saturating_add(p.resources.pids);
+        self.ports.extend(p.host_ports.iter().copied());
+        if !p.nominated {
+            self.instances = self.instances.saturating_add(1);
+        }
+    }
+
     /// Gives back what `p` held.
     fn release(&mut self, p: &Placed) {
         let r = &mut self.res;
@@ -391,16 +403,8 @@ impl Snapshot {
         let Some(&i) = self.index.get(&p.node) else {
             return;
         };
-        let u = &mut self.used[i];
-        u.res.cpu_millicores = u
-            .res
-            .cpu_millicores
-            .saturating_add(p.resources.cpu_millicores);
-        u.res.memory_bytes = u.res.memory_bytes.saturating_add(p.resources.memory_bytes);
-        u.res.pids = u.res.pids.saturating_add(p.resources.pids);
-        u.ports.extend(p.host_ports.iter().copied());
+        self.used[i].hold(p);
         if !p.nominated {
-            u.instances = u.instances.saturating_add(1);
             let counts = match self.services.get_mut(&p.service) {
                 Some(c) => c,
                 None => self.services.entry(p.service.clone()).or_default(),
@@ -541,10 +545,7 @@ impl Snapshot {
             let mut victims = Vec::new();
             for p in &candidates {
                 let mut with = u.clone();
-                with.res.cpu_millicores += p.resources.cpu_millicores;
-                with.res.memory_bytes += p.resources.memory_bytes;
-                with.res.pids += p.resources.pids;
-                with.ports.extend(p.host_ports.iter().copied());
+                with.hold(p);
                 if fits_now(&with) {
                     u = with;
                 } else {

@@ -426,6 +426,19 @@ impl RemoteNode {
     fn path(&self, instance: &str) -> String {
         format!("/api/v1/nodes/{}/instances/{instance}", self.node)
     }
+
+    /// `PUT /api/v1/nodes/{node}/{what}` with `body` as JSON.
+    async fn put(&self, what: &str, body: &impl serde::Serialize) -> Result<(), crate::NodeError> {
+        let path = format!("/api/v1/nodes/{}/{what}", self.node);
+        let body =
+            serde_json::to_vec(body).map_err(|e| backend(format!("encoding PUT {path}"), e))?;
+        let (status, bytes) = self.api.send(Method::PUT, &path, Some(body)).await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
+        }
+    }
 }
 
 #[async_trait]
@@ -508,44 +521,26 @@ impl crate::NodeApi for RemoteNode {
         &self,
         registration: crate::node::Registration,
     ) -> Result<(), crate::NodeError> {
-        let path = format!("/api/v1/nodes/{}/registration", self.node);
-        let body = serde_json::to_vec(&registration)
-            .map_err(|e| backend(format!("encoding PUT {path}"), e))?;
-        let (status, bytes) = self.api.send(Method::PUT, &path, Some(body)).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
-        }
+        self.put("registration", &registration).await
     }
 
     async fn renew_lease(&self, duration_seconds: u32) -> Result<(), crate::NodeError> {
-        let path = format!("/api/v1/nodes/{}/lease", self.node);
-        let body = serde_json::json!({ "durationSeconds": duration_seconds });
-        let (status, bytes) = self
-            .api
-            .send(Method::PUT, &path, Some(body.to_string().into_bytes()))
-            .await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
-        }
+        self.put(
+            "lease",
+            &serde_json::json!({ "durationSeconds": duration_seconds }),
+        )
+        .await
     }
 
     async fn report_conditions(
         &self,
         conditions: Vec<flotilla_spec::NodeCondition>,
     ) -> Result<(), crate::NodeError> {
-        let path = format!("/api/v1/nodes/{}/conditions", self.node);
-        let body = serde_json::to_vec(&serde_json::json!({ "conditions": conditions }))
-            .map_err(|e| backend(format!("encoding PUT {path}"), e))?;
-        let (status, bytes) = self.api.send(Method::PUT, &path, Some(body)).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(answer_error(&format!("PUT {path}"), status, &bytes).into())
-        }
+        self.put(
+            "conditions",
+            &serde_json::json!({ "conditions": conditions }),
+        )
+        .await
     }
 
     async fn finish_deletion(&self, instance: &str) -> Result<bool, crate::NodeError> {

@@ -35,8 +35,6 @@ pub(super) struct TokenRequest {
 pub(super) struct IssuedToken {
     token: String,
     kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<String>,
     expires_at: String,
 }
 
@@ -48,16 +46,10 @@ fn signer(state: &ApiState) -> ApiResult<&Signer> {
     })
 }
 
-fn issued(
-    kind: &'static str,
-    node: Option<String>,
-    token: String,
-    expires: SystemTime,
-) -> IssuedToken {
+fn issued(kind: &'static str, token: String, expires: SystemTime) -> IssuedToken {
     IssuedToken {
         token,
         kind,
-        node,
         expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
     }
 }
@@ -92,7 +84,7 @@ pub(super) async fn create_token(
     let subject = crate::auth::bootstrap_subject(rand::random(), &pin);
     let (token, expires) = signer(&state)?.issue(kind, &subject, ttl, SystemTime::now());
     tracing::info!(kind = name, ttl = %humantime::format_duration(ttl), "token issued");
-    Ok(Json(issued(name, None, token, expires)))
+    Ok(Json(issued(name, token, expires)))
 }
 
 #[derive(Debug, Deserialize)]
