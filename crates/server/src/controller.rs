@@ -866,14 +866,7 @@ impl ServiceController {
         };
         let node = preemption.node;
         for victim in &preemption.victims {
-            let marked = typed::modify::<Instance>(&*self.store, victim, |i| {
-                if i.metadata.deletion_timestamp.is_some() {
-                    return false;
-                }
-                i.metadata.deletion_timestamp = Some(now_rfc3339());
-                true
-            })
-            .await?;
+            let marked = self.mark_deleting(victim).await?;
             snapshot.mark_terminating(&node, victim);
             if let Some(v) = marked {
                 tracing::info!(victim = %victim, node = %node, preemptor = %request.instance, "preempting");
@@ -948,19 +941,25 @@ impl ServiceController {
         .await;
     }
 
+    /// Starts the deletion of `instance` (its agent stops it, then removes it); the instance
+    /// if this call started it.
+    async fn mark_deleting(&self, instance: &str) -> Result<Option<Instance>, StoreError> {
+        typed::modify::<Instance>(&*self.store, instance, |i| {
+            if i.metadata.deletion_timestamp.is_some() {
+                return false;
+            }
+            i.metadata.deletion_timestamp = Some(now_rfc3339());
+            true
+        })
+        .await
+    }
+
     async fn execute(&self, action: Action) -> Result<(), StoreError> {
         match action {
             // Creates go through `place`.
             Action::Create { .. } => {}
             Action::Delete { instance, reason } => {
-                let marked = typed::modify::<Instance>(&*self.store, &instance, |i| {
-                    if i.metadata.deletion_timestamp.is_some() {
-                        return false;
-                    }
-                    i.metadata.deletion_timestamp = Some(now_rfc3339());
-                    true
-                })
-                .await?;
+                let marked = self.mark_deleting(&instance).await?;
                 if let Some(i) = marked {
                     events::record(
                         &*self.store,
