@@ -12,6 +12,7 @@ use flotilla_spec::{
     Service, annotations, now_rfc3339,
 };
 use flotilla_store::{Leases, Store, StoreError, typed};
+use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,6 +30,21 @@ use crate::schedule::{Placed, Placement, Request, Snapshot};
 use flotilla_store::events;
 
 const SOURCE: &str = "controller";
+/// Instance creates a placement pass has in flight at once (the store commits them together).
+const WRITES_IN_FLIGHT: usize = 64;
+/// Instances created in one pass beyond which their events are summarised.
+const EVENTS_PER_BATCH: usize = 10;
+
+/// The first few names and how many more: `a, b, c and 997 more`.
+fn sample<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 3;
+    let total = names.len();
+    let mut out = names.take(SHOWN).collect::<Vec<_>>().join(", ");
+    if total > SHOWN {
+        out.push_str(&format!(" and {} more", total - SHOWN));
+    }
+    out
+}
 /// Orphans, event pruning and metrics run this often.
 const HOUSEKEEPING: Duration = EVENT_GC;
 /// Reconcile everything at least this often, even without notifications.
@@ -781,6 +797,10 @@ impl ServiceController {
                 }
             }
         }
+        // Decided one after the other against the snapshot, written together: the store
+        // commits concurrent writes in one transaction, so a scale-up of a thousand costs a
+        // few commits rather than a thousand.
+        let mut instances = Vec::with_capacity(creates.len());
         for spec_hash in creates {
             let instance_name = format!("{name}-{}", random_suffix());
             let mut request = crate::cluster::request(name, &service.spec);
@@ -802,28 +822,124 @@ impl ServiceController {
                 metadata,
                 spec: InstanceSpec {
                     service: name.clone(),
-                    node: node.clone(),
+                    node,
                     spec_hash,
                     template: service.spec.clone(),
                 },
                 status: Default::default(),
             };
-            instance.status.message = message.clone();
-            instance.status.nominated_node = nominated.clone();
-            let created = typed::create(&*self.store, instance).await?;
-            match (message, nominated) {
-                (None, _) => {
-                    if let Some(p) = crate::cluster::placed(&created) {
-                        snapshot.bind(&p);
-                    }
-                    self.scheduled_event(name, &instance_name, &node, "created")
-                        .await;
-                }
-                (Some(_), Some(_)) => preempting = true,
-                (Some(m), None) => self.unschedulable_event(name, &instance_name, &m).await,
+            preempting |= nominated.is_some();
+            instance.status.message = message;
+            instance.status.nominated_node = nominated;
+            if let Some(p) = crate::cluster::placed(&instance) {
+                snapshot.bind(&p);
+            }
+            instances.push(instance);
+        }
+        let mut created = Vec::with_capacity(instances.len());
+        let mut writes = futures::stream::iter(
+            instances
+                .into_iter()
+                .map(|i| typed::create(&*self.store, i)),
+        )
+        .buffered(WRITES_IN_FLIGHT);
+        let mut failed = None;
+        while let Some(result) = writes.next().await {
+            match result {
+                Ok(i) => created.push(i),
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(preempting)
+        drop(writes);
+        self.created_events(name, &created).await;
+        match failed {
+            // What was created is in the store; the next pass sees it and makes the rest.
+            Some(e) => Err(e),
+            None => Ok(preempting),
+        }
+    }
+
+    /// Events for instances just created: one each (Created, or FailedScheduling with the
+    /// reason), or, beyond [`EVENTS_PER_BATCH`], one summary per kind so that a large scale-up
+    /// does not push every other event out of the store's bounded history.
+    async fn created_events(&self, service: &str, created: &[Instance]) {
+        let (placed, unplaced): (Vec<&Instance>, Vec<&Instance>) =
+            created.iter().partition(|i| !i.spec.node.is_empty());
+        let unplaced: Vec<&Instance> = unplaced
+            .into_iter()
+            .filter(|i| i.status.nominated_node.is_none())
+            .collect();
+        if placed.len() + unplaced.len() <= EVENTS_PER_BATCH {
+            let events = placed
+                .iter()
+                .map(|i| {
+                    futures::future::Either::Left(self.scheduled_event(
+                        service,
+                        &i.metadata.name,
+                        &i.spec.node,
+                        "created",
+                    ))
+                })
+                .chain(unplaced.iter().map(|i| {
+                    futures::future::Either::Right(self.unschedulable_event(
+                        service,
+                        &i.metadata.name,
+                        i.status.message.as_deref().unwrap_or_default(),
+                    ))
+                }));
+            futures::future::join_all(events).await;
+            return;
+        }
+        if !placed.is_empty() {
+            let nodes: std::collections::BTreeSet<&str> =
+                placed.iter().map(|i| i.spec.node.as_str()).collect();
+            let message = match &self.membership {
+                Membership::Local(_) => format!(
+                    "created {} instances ({})",
+                    placed.len(),
+                    sample(placed.iter().map(|i| i.metadata.name.as_str()))
+                ),
+                Membership::Fleet => format!(
+                    "created {} instances ({}) on {} node(s)",
+                    placed.len(),
+                    sample(placed.iter().map(|i| i.metadata.name.as_str())),
+                    nodes.len()
+                ),
+            };
+            events::record(
+                &*self.store,
+                Service::KIND,
+                service,
+                EventType::Normal,
+                "Created",
+                message,
+                SOURCE,
+            )
+            .await;
+        }
+        if let Some(first) = unplaced.first() {
+            let why = first.status.message.as_deref().unwrap_or_default();
+            tracing::info!(
+                service,
+                instances = unplaced.len(),
+                why,
+                "instances not placed"
+            );
+            events::record(
+                &*self.store,
+                Service::KIND,
+                service,
+                EventType::Warning,
+                "FailedScheduling",
+                format!(
+                    "{} instances ({}): {why}",
+                    unplaced.len(),
+                    sample(unplaced.iter().map(|i| i.metadata.name.as_str()))
+                ),
+                SOURCE,
+            )
+            .await;
+        }
     }
 
     /// For `request`, which fits nowhere: the node where room is being made for it, and what

@@ -55,6 +55,10 @@ pub struct StoreOptions {
     pub write_queue: usize,
     /// Most writes committed in one transaction (default 256).
     pub max_batch: usize,
+    /// Memory redb may use to cache pages (default 32 MiB; redb's own default is 1 GiB, which
+    /// a long-running server would fill with every page it ever read: the kernel's page
+    /// cache already holds a hot file).
+    pub cache_bytes: usize,
     /// Commit with `Durability::Immediate` (default `true`). `false` is for tests and benches
     /// only: acknowledged writes may then be lost by a crash.
     pub durable: bool,
@@ -67,6 +71,7 @@ impl Default for StoreOptions {
             watch_buffer: 1_024,
             write_queue: 1_024,
             max_batch: 256,
+            cache_bytes: 32 << 20,
             durable: true,
         }
     }
@@ -120,6 +125,7 @@ impl EmbeddedStore {
     /// Opens (creating if missing) the store at `path`. See [`EmbeddedStore::open`].
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
             .create(path)
             .map_err(|e| StoreError::backend(format!("opening {}", path.display()), e))?;
         let revision = init_tables(&db)
@@ -130,6 +136,7 @@ impl EmbeddedStore {
             watch_buffer: options.watch_buffer.max(1),
             write_queue: options.write_queue.max(1),
             max_batch: options.max_batch.max(1),
+            cache_bytes: options.cache_bytes,
             durable: options.durable,
         };
         let shared = Arc::new(Shared {

@@ -11,6 +11,7 @@ mod error;
 pub mod events;
 pub mod lease;
 pub mod node;
+pub mod node_watch;
 pub mod reconcile;
 pub mod remote;
 pub mod typed;
@@ -26,6 +27,7 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 pub use node::{NodeApi, NodeError, Registration, StoreNode};
+pub use node_watch::NodeWatches;
 #[doc(hidden)]
 pub use remote::fuzzing;
 pub use remote::{Credential, RemoteNode, RemoteStore, TlsConfig};

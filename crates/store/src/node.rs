@@ -22,7 +22,7 @@ use flotilla_spec::{
 };
 
 use crate::{
-    KeyValue, Leases, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent,
+    KeyValue, Leases, ListResult, NodeWatches, Precondition, Revision, Store, StoreError, Watch,
     events, typed,
 };
 
@@ -144,6 +144,7 @@ pub struct StoreNode {
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
     node: String,
+    watches: Option<Arc<NodeWatches>>,
 }
 
 impl std::fmt::Debug for StoreNode {
@@ -163,7 +164,15 @@ impl StoreNode {
             store,
             leases,
             node: node.into(),
+            watches: None,
         }
+    }
+
+    /// Serves this node's instance watches from a shared [`NodeWatches`] (a server with many
+    /// agents) instead of filtering a store watch of its own.
+    pub fn with_watches(mut self, watches: Arc<NodeWatches>) -> Self {
+        self.watches = Some(watches);
+        self
     }
 
     fn not_found(&self, instance: &str) -> NodeError {
@@ -182,13 +191,14 @@ impl StoreNode {
 
     /// This node's instances and the revision they were read at.
     pub async fn list(&self) -> Result<(Vec<Instance>, Revision), NodeError> {
-        let (all, rev) = typed::list::<Instance>(self.store.as_ref()).await?;
-        Ok((
-            all.into_iter()
-                .filter(|i| i.spec.node == self.node)
-                .collect(),
-            rev,
-        ))
+        let listed = self.store.list(Instance::PREFIX).await?;
+        let mine = listed
+            .items
+            .iter()
+            .filter(|kv| on_node(kv, &self.node))
+            .map(typed::decode::<Instance>)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((mine, listed.revision))
     }
 
     /// Replaces the status of `instance` if it is still at `resource_version` (compare and
@@ -230,6 +240,7 @@ impl NodeApi for StoreNode {
         Arc::new(NodeInstances {
             inner: self.store.clone(),
             node: self.node.clone(),
+            watches: self.watches.clone(),
         })
     }
 
@@ -382,6 +393,7 @@ impl NodeApi for StoreNode {
 struct NodeInstances {
     inner: Arc<dyn Store>,
     node: String,
+    watches: Option<Arc<NodeWatches>>,
 }
 
 impl NodeInstances {
@@ -433,6 +445,9 @@ impl Store for NodeInstances {
         if !prefix.starts_with(Instance::PREFIX) {
             return Err(Self::refuse(prefix));
         }
+        if let Some(watches) = &self.watches {
+            return watches.watch(&self.node, prefix, after);
+        }
         let mut inner = self.inner.watch(prefix, after).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(crate::remote::WATCH_BUFFER);
         let node = self.node.clone();
@@ -444,14 +459,14 @@ impl Store for NodeInstances {
                     ev = inner.rx.recv() => ev,
                 };
                 let Some(ev) = ev else { return };
-                let keep = match &ev {
-                    Ok(WatchEvent::Put { kv, .. }) => on_node(kv, &node),
-                    Ok(WatchEvent::Delete { prev, .. }) => {
-                        prev.as_ref().is_some_and(|kv| on_node(kv, &node))
-                    }
-                    Err(_) => true,
+                let view = match ev {
+                    Ok(ev) => match crate::node_watch::Entry::new(ev).view(&node) {
+                        Some(view) => Ok(view),
+                        None => continue,
+                    },
+                    Err(e) => Err(e),
                 };
-                if keep && tx.send(ev).await.is_err() {
+                if tx.send(view).await.is_err() {
                     return;
                 }
             }
@@ -465,7 +480,7 @@ impl Store for NodeInstances {
 }
 
 fn on_node(kv: &KeyValue, node: &str) -> bool {
-    typed::decode::<Instance>(kv).is_ok_and(|i| i.spec.node == node)
+    crate::node_watch::bound_node(kv).is_some_and(|n| n == node)
 }
 
 #[cfg(test)]

@@ -87,6 +87,8 @@ pub struct ApiState {
     member_ttl: std::time::Duration,
     /// Drains waiting for the gateways' confirmations.
     drains: Arc<crate::drains::Drains>,
+    /// Agents' instance watches, one store watch for all of them.
+    node_watches: Arc<flotilla_store::NodeWatches>,
     token: Arc<str>,
     logs: Arc<dyn LogSource>,
     latency: Family<RequestLabels, Histogram>,
@@ -114,6 +116,7 @@ impl ApiState {
             latency.clone(),
         );
         Self {
+            node_watches: flotilla_store::NodeWatches::start(store.clone(), shutdown.clone()),
             store,
             leases,
             signer: None,

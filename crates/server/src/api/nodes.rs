@@ -7,8 +7,9 @@ use flotilla_store::{LeaseState, NodeApi, NodeError, Registration, StoreNode};
 
 use super::*;
 
-fn node_api(state: &ApiState, node: &str) -> StoreNode {
+pub(super) fn node_api(state: &ApiState, node: &str) -> StoreNode {
     StoreNode::new(state.store.clone(), state.leases.clone(), node)
+        .with_watches(state.node_watches.clone())
 }
 
 impl From<NodeError> for ApiError {

@@ -31,11 +31,7 @@ pub(super) async fn watch(
     // `?node=` (instances only): what that node sees through the node interface.
     let source: Arc<dyn Store> = match query.get("node") {
         Some(node) if info.plural == Instance::PLURAL => {
-            flotilla_store::NodeApi::instances(&flotilla_store::StoreNode::new(
-                state.store.clone(),
-                state.leases.clone(),
-                node.clone(),
-            ))
+            flotilla_store::NodeApi::instances(&super::nodes::node_api(&state, node))
         }
         Some(_) => {
             return Err(
