@@ -132,6 +132,12 @@ def main():
             time.sleep(1)
         placed = time.time() - t0
         busy_rss = rss_mib(server.pid)
+        # Steady state: every node still beating, nothing changing.
+        time.sleep(20)
+        settled_rss = rss_mib(server.pid)
+        cpu1, w1 = cpu_seconds(server.pid), time.time()
+        time.sleep(10)
+        settled_cpu = (cpu_seconds(server.pid) - cpu1) / (time.time() - w1)
         per_node = {}
         for i in get("/api/v1/instances")["items"]:
             per_node[i["spec"]["node"]] = per_node.get(i["spec"]["node"], 0) + 1
@@ -140,7 +146,7 @@ def main():
               f"store writes {writes:.2f}/s; GET /api/v1/nodes/NAME p50 {lat[len(lat) // 2]:.2f} ms, "
               f"p99 {lat[int(len(lat) * 0.99) - 1]:.2f} ms")
         print(f"{total} instances placed and reported Running in {placed:.1f} s ({total / placed:.0f}/s end to end); "
-              f"server RSS then {busy_rss:.1f} MiB; instances per node min {min(per_node.values())}, max {max(per_node.values())}")
+              f"server RSS then {busy_rss:.1f} MiB, 20 s later {settled_rss:.1f} MiB (CPU {settled_cpu * 100:.1f} % of a core); instances per node min {min(per_node.values())}, max {max(per_node.values())}")
     finally:
         sim.send_signal(signal.SIGINT)
         try:

@@ -78,6 +78,9 @@ impl Client {
             .with_context(|| format!("bad API address {:?}", self.base))?;
         let mut builder = Request::builder().method(method).uri(uri);
         if !self.token.is_empty() {
+            if !flotilla_store::remote::token_is_sendable(&self.token) {
+                bail!("{}", flotilla_store::remote::BAD_TOKEN);
+            }
             builder = builder.header("authorization", format!("Bearer {}", self.token));
         }
         if body.is_some() {

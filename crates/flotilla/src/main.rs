@@ -484,6 +484,18 @@ fn raise_open_files_limit() {
     }
 }
 
+/// glibc gives threads that allocate arenas of their own (up to 8 per core) and seldom returns
+/// their free space: a server at 1,000 nodes held about 40 MiB more than with two, which match
+/// the runtime's two workers. `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called before the runtime starts any thread; mallopt only sets a tunable.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+}
+
 /// Client commands end quietly when their reader goes away (`flotilla events -f | head`), as
 /// every Unix tool does: Rust ignores SIGPIPE, which turns the next write into an error (and
 /// `println!` into a panic). The servers keep ignoring it: a closed stdout must not kill them.
@@ -519,6 +531,7 @@ fn main() -> ExitCode {
     );
     if daemon {
         raise_open_files_limit();
+        limit_malloc_arenas();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use flotilla_store::reconcile::{Backoff, Reconcile, Requeue, Runtime, RuntimeConfig, Trigger};
 
-use crate::cluster::{Cluster, Membership};
+use crate::cluster::{Cluster, Membership, Summary};
 use crate::plan::{Action, plan};
 use crate::rollout;
 use crate::schedule::{Placed, Placement, Request, Snapshot};
@@ -285,7 +285,7 @@ impl ServiceController {
 
     /// Orphans, event pruning and the instances-by-phase gauge.
     async fn housekeeping(&self) -> Result<(), StoreError> {
-        let (mut instances, _) = typed::list::<Instance>(&*self.store).await?;
+        let (mut instances, _) = crate::cluster::summaries(&*self.store).await?;
         let cluster = self.cluster().await?;
         self.collect_orphans(&mut instances, &cluster).await?;
         self.count_phases(&instances);
@@ -373,9 +373,9 @@ impl ServiceController {
         }
     }
 
-    fn count_phases(&self, instances: &[Instance]) {
+    fn count_phases(&self, instances: &[Summary]) {
         for phase in PHASES {
-            let n = instances.iter().filter(|i| i.status.phase == phase).count();
+            let n = instances.iter().filter(|i| i.phase == phase).count();
             self.metrics
                 .instances
                 .get_or_create(&PhaseLabels {
@@ -411,17 +411,17 @@ impl ServiceController {
     /// for pods of deleted nodes, and dropped from `instances` so this pass replaces them.
     async fn collect_orphans(
         &self,
-        instances: &mut Vec<Instance>,
+        instances: &mut Vec<Summary>,
         cluster: &Cluster,
     ) -> Result<(), StoreError> {
         let mut kept = Vec::with_capacity(instances.len());
         for i in std::mem::take(instances) {
-            if i.spec.node.is_empty() || cluster.is_member(&i.spec.node) {
+            if i.node.is_empty() || cluster.is_member(&i.node) {
                 kept.push(i);
                 continue;
             }
-            let name = i.metadata.name.clone();
-            let rv = i.metadata.resource_version;
+            let name = i.name.clone();
+            let rv = i.resource_version;
             match typed::delete::<Instance>(&*self.store, &name, Some(rv)).await {
                 Ok(Some(_)) => {}
                 // Gone already, or changed meanwhile (looked at again next pass).
@@ -429,16 +429,16 @@ impl ServiceController {
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
             }
-            tracing::info!(instance = %name, node = %i.spec.node, "deleted instance bound to an unknown node");
+            tracing::info!(instance = %name, node = %i.node, "deleted instance bound to an unknown node");
             events::record(
                 &*self.store,
                 Service::KIND,
-                &i.spec.service,
+                &i.service,
                 EventType::Warning,
                 "Orphaned",
                 format!(
                     "deleted instance {name}: bound to node {:?}, which is not part of this cluster (nodes: {})",
-                    i.spec.node,
+                    i.node,
                     cluster.names().collect::<Vec<_>>().join(", ")
                 ),
                 SOURCE,
@@ -732,7 +732,7 @@ impl ServiceController {
     ) -> Result<bool, StoreError> {
         let _placing = self.placing.lock().await;
         let mut preempting = false;
-        let (all, _) = typed::list::<Instance>(&*self.store).await?;
+        let (all, _) = crate::cluster::summaries(&*self.store).await?;
         let placed: Vec<Placed> = all
             .iter()
             .filter_map(crate::cluster::placed)
@@ -760,7 +760,7 @@ impl ServiceController {
                     })
                     .await?;
                     if let Some(b) = bound {
-                        if let Some(p) = crate::cluster::placed(&b) {
+                        if let Some(p) = crate::cluster::placed(&Summary::of(&b)) {
                             snapshot.bind(&p);
                         }
                         self.scheduled_event(name, &b.metadata.name, &node, "assigned")
@@ -831,7 +831,7 @@ impl ServiceController {
             preempting |= nominated.is_some();
             instance.status.message = message;
             instance.status.nominated_node = nominated;
-            if let Some(p) = crate::cluster::placed(&instance) {
+            if let Some(p) = crate::cluster::placed(&Summary::of(&instance)) {
                 snapshot.bind(&p);
             }
             instances.push(instance);

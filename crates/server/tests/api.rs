@@ -582,6 +582,63 @@ async fn controller_converges_instances_to_replicas() {
     );
 }
 
+/// A small scale-up records an event per instance; a large one a single summary, so that it
+/// does not push every other event out of the store's bounded list.
+#[tokio::test]
+async fn a_large_scale_up_records_one_summary_event() {
+    let f = fixture();
+    let mut registry = Registry::default();
+    let controller = local_controller(&f.store, &mut registry).await;
+    let created_events = || async {
+        let (events, _) = typed::list::<flotilla_spec::Event>(&*f.store)
+            .await
+            .unwrap();
+        events
+            .into_iter()
+            .filter(|e| e.reason == "Created")
+            .map(|e| e.message)
+            .collect::<Vec<_>>()
+    };
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(3)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    let small = created_events().await;
+    assert_eq!(small.len(), 3, "{small:?}");
+    assert!(
+        small
+            .iter()
+            .all(|m| m.starts_with("created instance hello-")),
+        "{small:?}"
+    );
+
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(hello(203)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    assert_eq!(
+        typed::list::<Instance>(&*f.store).await.unwrap().0.len(),
+        203
+    );
+    let all = created_events().await;
+    assert_eq!(all.len(), 4, "one more event for 200 instances: {all:?}");
+    let summary = &all[3];
+    assert!(
+        summary.starts_with("created 200 instances (hello-") && summary.ends_with(" and 197 more)"),
+        "{summary}"
+    );
+}
+
 #[tokio::test]
 async fn revision_history_is_capped_and_keeps_the_last_good_one() {
     let f = fixture();

@@ -194,6 +194,9 @@ impl RemoteStore {
         let mut req = Request::builder().method(method).uri(uri);
         let token = self.token.get();
         if !token.is_empty() {
+            if !token_is_sendable(&token) {
+                return Err(backend(format!("sending a request for {path}"), BAD_TOKEN));
+            }
             req = req.header("authorization", format!("Bearer {token}"));
         }
         if body.is_some() {
@@ -703,6 +706,15 @@ fn watch_event(kind: &str, prefix: &str, line: &[u8]) -> Result<Option<WatchEven
         }
         _ => Ok(None),
     }
+}
+
+/// Why a token cannot be sent (the token itself is never shown: it is a secret).
+pub const BAD_TOKEN: &str = "the token holds a space, a line break or another character no flotilla token has: copy it again, without what was printed around it";
+
+/// Whether `token` can travel in an `Authorization` header: every flotilla token is printable
+/// ASCII without spaces, so anything else is a copying mistake, told as such.
+pub fn token_is_sendable(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]
