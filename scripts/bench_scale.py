@@ -89,7 +89,12 @@ def main():
                             "--duration", "30m"], env=dict(env, FLOTILLA_TOKEN=join), stdout=sim_log, stderr=sim_log)
     try:
         t0 = time.time()
-        while len(get("/api/v1/nodes")["items"]) < NODES:
+        def ready(node):
+            return any(c.get("type") == "Ready" and c.get("status") is True
+                       for c in node.get("status", {}).get("conditions", []))
+
+        # Joined: registered and found Ready (the Ready condition is one write per node).
+        while sum(1 for n in get("/api/v1/nodes")["items"] if ready(n)) < NODES:
             if sim.poll() is not None:
                 raise RuntimeError("simulate-nodes exited: " + open(os.path.join(d, "simulate.log")).read())
             time.sleep(0.5)
