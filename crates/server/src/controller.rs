@@ -791,8 +791,12 @@ impl ServiceController {
                     })
                     .await?;
                     if written.is_some() && nominated.is_none() {
-                        self.unschedulable_event(name, &i.metadata.name, &message)
-                            .await;
+                        self.unschedulable_event(
+                            name,
+                            &format!("instance {}", i.metadata.name),
+                            &message,
+                        )
+                        .await;
                     }
                 }
             }
@@ -881,11 +885,11 @@ impl ServiceController {
                     ))
                 })
                 .chain(unplaced.iter().map(|i| {
-                    futures::future::Either::Right(self.unschedulable_event(
-                        service,
-                        &i.metadata.name,
-                        i.status.message.as_deref().unwrap_or_default(),
-                    ))
+                    let subject = format!("instance {}", i.metadata.name);
+                    let why = i.status.message.as_deref().unwrap_or_default().to_string();
+                    futures::future::Either::Right(async move {
+                        self.unschedulable_event(service, &subject, &why).await
+                    })
                 }));
             futures::future::join_all(events).await;
             return;
@@ -918,27 +922,13 @@ impl ServiceController {
             .await;
         }
         if let Some(first) = unplaced.first() {
-            let why = first.status.message.as_deref().unwrap_or_default();
-            tracing::info!(
-                service,
-                instances = unplaced.len(),
-                why,
-                "instances not placed"
+            let subject = format!(
+                "{} instances ({})",
+                unplaced.len(),
+                sample(unplaced.iter().map(|i| i.metadata.name.as_str()))
             );
-            events::record(
-                &*self.store,
-                Service::KIND,
-                service,
-                EventType::Warning,
-                "FailedScheduling",
-                format!(
-                    "{} instances ({}): {why}",
-                    unplaced.len(),
-                    sample(unplaced.iter().map(|i| i.metadata.name.as_str()))
-                ),
-                SOURCE,
-            )
-            .await;
+            let why = first.status.message.as_deref().unwrap_or_default();
+            self.unschedulable_event(service, &subject, why).await;
         }
     }
 
@@ -1043,15 +1033,16 @@ impl ServiceController {
         .await;
     }
 
-    async fn unschedulable_event(&self, service: &str, instance: &str, why: &str) {
-        tracing::info!(service, instance, why, "instance not placed");
+    /// `subject`: `instance NAME`, or `N instances (…)` for a summary.
+    async fn unschedulable_event(&self, service: &str, subject: &str, why: &str) {
+        tracing::info!(service, subject, why, "not placed");
         events::record(
             &*self.store,
             Service::KIND,
             service,
             EventType::Warning,
             "FailedScheduling",
-            format!("instance {instance}: {why}"),
+            format!("{subject}: {why}"),
             SOURCE,
         )
         .await;

@@ -484,11 +484,12 @@ fn on_node(kv: &KeyValue, node: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flotilla_spec::{InstanceSpec, ObjectMeta};
 
-    fn instance(name: &str, node: &str) -> Instance {
+    /// An instance of service `svc` bound to `node` ("" for none).
+    pub(crate) fn instance(name: &str, node: &str) -> Instance {
         Instance {
             metadata: ObjectMeta::named(name),
             spec: InstanceSpec {

@@ -324,23 +324,9 @@ impl NodeWatches {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::tests::instance;
     use crate::{EmbeddedStore, NodeApi, StoreNode, typed};
-    use flotilla_spec::{InstanceSpec, ObjectMeta};
     use std::time::Duration;
-
-    fn instance(name: &str, node: &str) -> Instance {
-        Instance {
-            metadata: ObjectMeta::named(name),
-            spec: InstanceSpec {
-                service: "svc".into(),
-                node: node.into(),
-                spec_hash: "h".into(),
-                template: serde_json::from_value(serde_json::json!({"command": "x"}))
-                    .expect("template"),
-            },
-            status: Default::default(),
-        }
-    }
 
     fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open store"))
