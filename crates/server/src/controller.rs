@@ -750,7 +750,8 @@ impl ServiceController {
             match snapshot.place(&request) {
                 Placement::Node(node) => {
                     let bound = typed::modify::<Instance>(&*self.store, &i.metadata.name, |i| {
-                        if !i.spec.node.is_empty() {
+                        // Bound meanwhile, or deleted by this very pass (a scale-down).
+                        if !i.spec.node.is_empty() || i.metadata.deletion_timestamp.is_some() {
                             return false;
                         }
                         i.spec.node = node.clone();
@@ -759,6 +760,9 @@ impl ServiceController {
                         true
                     })
                     .await?;
+                    // `modify` answers the current object also when it did not write.
+                    let bound = bound
+                        .filter(|b| b.spec.node == node && b.metadata.deletion_timestamp.is_none());
                     if let Some(b) = bound {
                         if let Some(p) = crate::cluster::placed(&Summary::of(&b)) {
                             snapshot.bind(&p);

@@ -639,6 +639,74 @@ async fn a_large_scale_up_records_one_summary_event() {
     );
 }
 
+/// A scale-down that deletes instances still waiting for room never binds them afterwards in
+/// the same pass (they would be started only to be stopped).
+#[tokio::test]
+async fn pending_instances_deleted_by_a_scale_down_are_not_bound() {
+    let f = fixture();
+    let mut registry = Registry::default();
+    let controller = local_controller(&f.store, &mut registry).await;
+    let spec = |replicas: u32| {
+        json!({
+            "metadata": { "name": "big" },
+            "spec": { "command": "/bin/sleep", "args": ["100"], "replicas": replicas,
+                      "resources": { "cpu": "1000m" } }
+        })
+        .to_string()
+    };
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(spec(4)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
+    let pending: Vec<String> = instances
+        .iter()
+        .filter(|i| i.spec.node.is_empty())
+        .map(|i| i.metadata.name.clone())
+        .collect();
+    assert_eq!(pending.len(), 2, "2 CPUs hold two of four: {instances:?}");
+
+    // One running instance exits (its room frees up) as the service is scaled down to one.
+    let exited = instances.iter().find(|i| !i.spec.node.is_empty()).unwrap();
+    typed::modify::<Instance>(&*f.store, &exited.metadata.name, |i| {
+        i.status.phase = flotilla_spec::Phase::Failed;
+        true
+    })
+    .await
+    .unwrap();
+    call(
+        &f.router,
+        "POST",
+        "/api/v1/services",
+        Some(TOKEN),
+        Some(spec(1)),
+    )
+    .await;
+    controller.reconcile_all().await.unwrap();
+    let (instances, _) = typed::list::<Instance>(&*f.store).await.unwrap();
+    for i in instances
+        .iter()
+        .filter(|i| i.metadata.deletion_timestamp.is_some())
+    {
+        if pending.contains(&i.metadata.name) {
+            assert!(i.spec.node.is_empty(), "deleted, then bound: {i:?}");
+        }
+    }
+    let (events, _) = typed::list::<flotilla_spec::Event>(&*f.store)
+        .await
+        .unwrap();
+    assert!(
+        !events.iter().any(|e| e.reason == "Scheduled"),
+        "{:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn revision_history_is_capped_and_keeps_the_last_good_one() {
     let f = fixture();
