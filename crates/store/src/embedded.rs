@@ -499,7 +499,26 @@ fn conflict(key: &str, expected: Precondition, current: Option<&KeyValue>) -> St
 // ---------------------------------------------------------------------------------------------
 // Watch hub
 
-type WatchSender = mpsc::Sender<Result<WatchEvent, StoreError>>;
+pub(crate) type WatchSender = mpsc::Sender<Result<WatchEvent, StoreError>>;
+
+/// Queues `event` for a watcher; `false` when the watcher is gone or fell behind. A watcher
+/// whose channel is full is sent `Compacted` (from `last_sent`; the oldest replayable revision
+/// is `oldest`) in the one slot always kept free for it, and is to be dropped.
+pub(crate) fn offer(
+    tx: &WatchSender,
+    event: &WatchEvent,
+    last_sent: Revision,
+    oldest: Revision,
+) -> bool {
+    if tx.capacity() <= 1 {
+        let _ = tx.try_send(Err(StoreError::Compacted {
+            requested: last_sent,
+            oldest,
+        }));
+        return false;
+    }
+    tx.try_send(Ok(event.clone())).is_ok()
+}
 
 struct Watcher {
     prefix: String,
@@ -540,22 +559,12 @@ impl Hub {
             if revision <= w.after || !event.key().starts_with(&w.prefix) {
                 return true;
             }
-            // One slot stays free for the final `Compacted`.
-            if w.tx.capacity() <= 1 {
+            if !offer(&w.tx, event, w.last_sent, start) {
                 tracing::warn!(prefix = %w.prefix, last_sent = w.last_sent, "watcher fell behind; dropping it");
-                let _ = w.tx.try_send(Err(StoreError::Compacted {
-                    requested: w.last_sent,
-                    oldest: start,
-                }));
                 return false;
             }
-            match w.tx.try_send(Ok(event.clone())) {
-                Ok(()) => {
-                    w.last_sent = revision;
-                    true
-                }
-                Err(_) => false,
-            }
+            w.last_sent = revision;
+            true
         });
     }
 

@@ -102,7 +102,7 @@ impl Entry {
 struct Subscriber {
     prefix: String,
     after: Revision,
-    tx: mpsc::Sender<Result<WatchEvent, StoreError>>,
+    tx: crate::embedded::WatchSender,
 }
 
 struct Hub {
@@ -258,26 +258,16 @@ impl NodeWatches {
                 if entry.revision <= s.after || !view.key().starts_with(&s.prefix) {
                     return true;
                 }
-                // One slot stays free for the final `Compacted`.
-                if s.tx.capacity() <= 1 {
+                if !crate::embedded::offer(&s.tx, &view, s.after, start) {
                     tracing::warn!(
                         node,
                         after = s.after,
                         "node watcher fell behind; dropping it"
                     );
-                    let _ = s.tx.try_send(Err(StoreError::Compacted {
-                        requested: s.after,
-                        oldest: start,
-                    }));
                     return false;
                 }
-                match s.tx.try_send(Ok(view.clone())) {
-                    Ok(()) => {
-                        s.after = entry.revision;
-                        true
-                    }
-                    Err(_) => false,
-                }
+                s.after = entry.revision;
+                true
             });
             if entry.now == entry.before {
                 // Bound to the same node before and after: one view is enough.
@@ -297,13 +287,12 @@ impl NodeWatches {
     fn restart(&self, revision: Revision) -> Revision {
         let mut hub = self.hub();
         hub.history.clear();
-        let oldest = revision;
         hub.start = revision;
         for (_, list) in hub.subscribers.drain() {
             for s in list {
                 let _ = s.tx.try_send(Err(StoreError::Compacted {
                     requested: s.after,
-                    oldest,
+                    oldest: revision,
                 }));
             }
         }
