@@ -60,7 +60,8 @@ struct Args {
     /// Start with readiness failing (`/health` answers 503).
     #[arg(long)]
     fail_readiness: bool,
-    /// Exit with code 1 after this long (`500ms`, `3s`, `1m`).
+    /// Exit with code 1 this long after the process starts (`500ms`, `3s`, `1m`), also during
+    /// `--start-delay`: with a longer delay the process crashes before it ever listens.
     #[arg(long, value_parser = humantime::parse_duration)]
     crash_after: Option<Duration>,
     /// Allocate this many MiB at start-up, touch every page and keep it.
@@ -127,6 +128,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let crash_at = args
+        .crash_after
+        .map(|after| (tokio::time::Instant::now() + after, after));
+    let crash_message = |after: Duration| {
+        format!(
+            "crashing as asked (--crash-after {})",
+            humantime::format_duration(after)
+        )
+    };
     let addr = args
         .listen
         .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, args.port.unwrap_or(8080))));
@@ -150,7 +160,13 @@ async fn run(args: Args) -> Result<(), String> {
             "starting slowly: listening in {}",
             humantime::format_duration(delay)
         );
-        tokio::time::sleep(delay).await;
+        match crash_at {
+            Some((at, after)) if at < tokio::time::Instant::now() + delay => {
+                tokio::time::sleep_until(at).await;
+                return Err(crash_message(after));
+            }
+            _ => tokio::time::sleep(delay).await,
+        }
     }
 
     if let Some(mb) = args.alloc_mb {
@@ -179,13 +195,10 @@ async fn run(args: Args) -> Result<(), String> {
     );
 
     let crash_after = async {
-        match args.crash_after {
-            Some(after) => {
-                tokio::time::sleep(after).await;
-                format!(
-                    "crashing as asked (--crash-after {})",
-                    humantime::format_duration(after)
-                )
+        match crash_at {
+            Some((at, after)) => {
+                tokio::time::sleep_until(at).await;
+                crash_message(after)
             }
             None => std::future::pending().await,
         }

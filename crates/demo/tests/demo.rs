@@ -256,9 +256,39 @@ async fn crash_endpoint_and_flag_exit_with_code_1() {
     assert_eq!(demo.post("/crash").await, (200, "crashing\n".to_string()));
     assert_eq!(demo.wait_exit().await.code(), Some(1));
 
-    let mut demo = Demo::start(&["--crash-after", "200ms"], &[]).await;
+    let mut demo = Demo::start(&["--crash-after", "500ms"], &[]).await;
     assert_eq!(demo.get("/health").await.0, 200);
     assert_eq!(demo.wait_exit().await.code(), Some(1));
+}
+
+#[tokio::test]
+async fn a_crash_due_during_a_slow_start_comes_before_listening() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla-demo"))
+        .args([
+            "--port",
+            "0",
+            "--start-delay",
+            "30s",
+            "--crash-after",
+            "10ms",
+        ])
+        .env_remove("PORT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = timeout(DEADLINE, out)
+        .await
+        .expect("the demo crashes long before its start delay ends")
+        .expect("run flotilla-demo");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("crashing as asked (--crash-after 10ms)"),
+        "{log}"
+    );
+    assert!(!log.contains("listening on"), "{log}");
 }
 
 #[tokio::test]

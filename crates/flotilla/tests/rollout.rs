@@ -187,7 +187,15 @@ fn a_revision_that_crashes_on_start_rolls_back() {
     let from = Instant::now();
     apply(
         &up,
-        &versioned("web", 2, "v2", r#", "--crash-after", "10ms""#, ""),
+        // It crashes before it listens, so it never passes readiness: one that crashed a few
+        // milliseconds after a passed probe would take the requests sent to it down too.
+        &versioned(
+            "web",
+            2,
+            "v2",
+            r#", "--start-delay", "1s", "--crash-after", "10ms""#,
+            "",
+        ),
     );
     let s = wait_phase(&up, "web", 3, "RolledBack");
     let to = Instant::now();
