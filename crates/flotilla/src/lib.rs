@@ -537,7 +537,7 @@ pub fn main() -> ExitCode {
         raise_open_files_limit();
         limit_malloc_arenas();
     }
-    block_on(commands::run(cli))
+    block_on(multi_thread(), commands::run(cli))
 }
 
 /// `flotilla-agent`: the agent alone, with the arguments of `flotilla agent`.
@@ -565,23 +565,32 @@ pub fn agent_main() -> ExitCode {
     raise_open_files_limit();
     limit_malloc_arenas();
     let conn = cli.agent.conn.clone();
-    block_on(fleet::agent(
-        cli.agent,
-        conn.api,
-        conn.token,
-        conn.ca,
-        cli.data_dir,
-    ))
+    // One thread: a node's supervision is waiting, not computing (log files are read on the
+    // blocking pool), and the work-stealing scheduler's code and threads are memory an idle
+    // node would keep for nothing.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    block_on(
+        runtime,
+        fleet::agent(cli.agent, conn.api, conn.token, conn.ca, cli.data_dir),
+    )
 }
 
-/// Runs `work` on the runtime both binaries use (two workers) and turns its end into an exit
-/// code.
-fn block_on(work: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// `flotilla`'s runtime: two workers (the gateway's own workers are apart from it).
+fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
+}
+
+/// Runs `work` on `runtime` and turns its end into an exit code.
+fn block_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    work: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> ExitCode {
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
