@@ -537,7 +537,12 @@ pub fn main() -> ExitCode {
         raise_open_files_limit();
         limit_malloc_arenas();
     }
-    block_on(multi_thread(), commands::run(cli))
+    let runtime = if matches!(cli.command, Command::Agent(_)) {
+        agent_runtime()
+    } else {
+        multi_thread()
+    };
+    block_on(runtime, commands::run(cli))
 }
 
 /// `flotilla-agent`: the agent alone, with the arguments of `flotilla agent`.
@@ -581,6 +586,15 @@ pub fn agent_main() -> ExitCode {
 fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// The agent's runtime, in both binaries: one thread. A node's supervision waits far more than
+/// it computes (log files are read on the blocking pool), and idle worker threads are memory
+/// every node would keep for nothing.
+fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -195,7 +195,14 @@ impl Fleet {
             args.extend(["--pressure-disk", "0%"]);
         }
         args.extend(agent.extra.iter().map(String::as_str));
-        let proc = spawn(&self.dir, name, &args, &[("FLOTILLA_TOKEN", &self.join)]);
+        let env = [("FLOTILLA_TOKEN", self.join.as_str())];
+        // node-2 runs `flotilla-agent`, the others `flotilla agent`: every fleet test sees both.
+        let proc = if name == "node-2" {
+            args.retain(|a| *a != "agent");
+            spawn_bin(&agent_bin(), &self.dir, name, &args, &env)
+        } else {
+            spawn(&self.dir, name, &args, &env)
+        };
         self.agents.get_mut(name).unwrap().proc = Some(proc);
     }
 
@@ -367,11 +374,26 @@ impl Drop for Fleet {
 }
 
 fn spawn(dir: &tempfile::TempDir, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    spawn_bin(&flotilla_bin(), dir, name, args, env)
+}
+
+/// `flotilla-agent`, the agent alone (the same arguments as `flotilla agent`).
+fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flotilla-agent"))
+}
+
+fn spawn_bin(
+    bin: &Path,
+    dir: &tempfile::TempDir,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let log = dir
         .path()
         .join(format!("{name}-{}.log", common::rand_suffix()));
     let file = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(flotilla_bin());
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("PATH", path_with_demo())
         .env("FLOTILLA_LOG", "info")
@@ -1318,11 +1340,12 @@ fn server_and_agent_take_their_settings_from_files() {
         ),
     )
     .unwrap();
-    let mut agent = spawn(
+    // `flotilla-agent` here; the mistaken file below goes to `flotilla agent`.
+    let mut agent = spawn_bin(
+        &agent_bin(),
         &dir,
         "agent",
         &[
-            "agent",
             "--config",
             dir.path().join("agent.toml").to_str().unwrap(),
             "--label",
