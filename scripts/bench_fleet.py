@@ -8,6 +8,8 @@
 
 Each node is an agent on its own loopback address (127.78.0.N). Usage:
     FLOTILLA_BIN=target/release/flotilla ROUNDS=10 python3 scripts/bench_fleet.py
+With FLOTILLA_AGENT_BIN (the path of `flotilla-agent`, such as the static one from
+scripts/build-static.sh) the nodes run that binary instead of `flotilla agent`.
 """
 
 import json
@@ -23,6 +25,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("FLOTILLA_BIN", os.path.join(ROOT, "target", "release", "flotilla"))
+AGENT_BIN = os.environ.get("FLOTILLA_AGENT_BIN")
 DEMO_DIR = os.path.dirname(os.path.abspath(BIN))
 ROUNDS = int(os.environ.get("ROUNDS", "10"))
 NODES = 3
@@ -34,10 +37,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rss_mib(pid):
+def rss_mib(pid, field="VmRSS:"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -73,16 +76,19 @@ class Fleet:
             self.start_agent(f"node-{i}")
         wait("every node Ready", lambda: len(self.ready_nodes()) == NODES)
 
-    def spawn(self, name, args, env=None):
+    def spawn(self, name, args, env=None, binary=BIN):
         log = open(os.path.join(self.dir, name + ".log"), "a")
-        return subprocess.Popen([BIN] + args, env=dict(self.env, **(env or {})), stdout=log, stderr=log,
+        return subprocess.Popen([binary] + args, env=dict(self.env, **(env or {})), stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL)
 
     def start_agent(self, name):
         i = name.split("-")[1]
-        self.agents[name] = self.spawn(name, [
-            "--data-dir", os.path.join(self.dir, name), "agent", "--api", f"https://{self.api}",
-            "--node", name, "--address", f"127.78.0.{i}"], {"FLOTILLA_TOKEN": self.join})
+        args = ["--data-dir", os.path.join(self.dir, name), "agent", "--api", f"https://{self.api}",
+                "--node", name, "--address", f"127.78.0.{i}"]
+        if AGENT_BIN:
+            args.remove("agent")
+        self.agents[name] = self.spawn(name, args, {"FLOTILLA_TOKEN": self.join},
+                                       binary=AGENT_BIN or BIN)
 
     def cli(self, *args):
         env = dict(self.env, FLOTILLA_API=self.api, FLOTILLA_TOKEN=self.token, FLOTILLA_CA=self.ca)
@@ -137,6 +143,7 @@ def main():
     try:
         time.sleep(2)  # idle: registered, beating, nothing to run
         agent_rss = [rss_mib(p.pid) for p in fleet.agents.values()]
+        agent_anon = [rss_mib(p.pid, "RssAnon:") for p in fleet.agents.values()]
         server_rss = rss_mib(fleet.server.pid)
         path = os.path.join(fleet.dir, "web.toml")
         with open(path, "w") as f:
@@ -169,7 +176,9 @@ def main():
             wait(f"{victim} Ready again", lambda: victim in fleet.ready_nodes())
             # Spread again for the next round: scale down and up.
             fleet.cli("apply", "-f", path)
-        print(f"agent idle RSS: median {statistics.median(agent_rss):.1f} MiB {[round(x, 2) for x in agent_rss]} (goal ≤ 6 MiB)")
+        which = os.path.basename(AGENT_BIN) if AGENT_BIN else "flotilla agent"
+        print(f"{which} idle RSS: median {statistics.median(agent_rss):.2f} MiB {[round(x, 2) for x in agent_rss]} "
+              f"(goal ≤ 6 MiB), of which anonymous {statistics.median(agent_anon):.2f} MiB")
         print(f"server idle RSS with {NODES} nodes: {server_rss:.1f} MiB")
         print(f"node loss → six ready elsewhere, {len(losses)} rounds: median {statistics.median(losses):.2f} s, "
               f"max {max(losses):.2f} s {[round(x, 2) for x in losses]} (goal ≤ 10 s; lease 6 s)")
