@@ -11,7 +11,7 @@ target=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs" \
     cargo build --release --locked --bins --target "$target"
 for bin in flotilla flotilla-agent; do
-    out="target/$target/release/$bin"
+    out="${CARGO_TARGET_DIR:-target}/$target/release/$bin"
     file "$out" 2>/dev/null || true
     ls -l "$out"
 done
