@@ -9,7 +9,8 @@
 Each node is an agent on its own loopback address (127.78.0.N). Usage:
     FLOTILLA_BIN=target/release/flotilla ROUNDS=10 python3 scripts/bench_fleet.py
 With FLOTILLA_AGENT_BIN (the path of `flotilla-agent`, such as the static one from
-scripts/build-static.sh) the nodes run that binary instead of `flotilla agent`.
+scripts/build-static.sh) the nodes run that binary instead of `flotilla agent`; IDLE_SECS (default
+2) is how long they idle before their RSS is read.
 """
 
 import json
@@ -28,6 +29,7 @@ BIN = os.environ.get("FLOTILLA_BIN", os.path.join(ROOT, "target", "release", "fl
 AGENT_BIN = os.environ.get("FLOTILLA_AGENT_BIN")
 DEMO_DIR = os.path.dirname(os.path.abspath(BIN))
 ROUNDS = int(os.environ.get("ROUNDS", "10"))
+IDLE_SECS = float(os.environ.get("IDLE_SECS", "2"))  # how long the fleet idles before the RSS is read
 NODES = 3
 
 
@@ -141,7 +143,7 @@ failure_threshold = 1
 def main():
     fleet = Fleet()
     try:
-        time.sleep(2)  # idle: registered, beating, nothing to run
+        time.sleep(IDLE_SECS)  # idle: registered, beating, nothing to run
         agent_rss = [rss_mib(p.pid) for p in fleet.agents.values()]
         agent_anon = [rss_mib(p.pid, "RssAnon:") for p in fleet.agents.values()]
         server_rss = rss_mib(fleet.server.pid)
