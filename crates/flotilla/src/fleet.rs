@@ -283,7 +283,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     println!("  data      {}", data_dir.display());
     println!("  context   {ctx_shown}");
     println!(
-        "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP"
+        "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP\n  (or `flotilla-agent`, the agent alone, with the same flags)"
     );
 
     let early = until_signal(&mut controller_task).await?;
