@@ -7,6 +7,10 @@ command -v ps >/dev/null 2>&1 || need+=(procps)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # Network namespaces, veth pairs and a bridge for the fleet tests over a real network.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# protoc: the etcd client's gRPC code is generated at build time.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# A real etcd for the store's conformance tests and the high-availability tests.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # A C++ compiler: libfuzzer-sys builds libFuzzer (scripts/fuzz.sh).
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then

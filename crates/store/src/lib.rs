@@ -3,11 +3,14 @@
 //! revision, and watches that resume from a revision or answer `Compacted` so the client relists.
 //!
 //! - [`EmbeddedStore`]: the default backend, one redb file (see [`embedded`]).
+//! - [`EtcdStore`]: the same on an etcd cluster, for servers that share their state (see [`etcd`]).
 //! - [`typed`]: get/list/create/update/delete/modify/watch of [`flotilla_spec::Object`]s, and the
 //!   [`typed::Reflector`] that keeps a live map of every object of a kind.
 
 pub mod embedded;
 mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod events;
 pub mod lease;
 pub mod node;
@@ -18,6 +21,8 @@ pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use lease::{DEFAULT_LEASE, LeaseState, Leases};
 
 /// Locks `m`, taking over a lock poisoned by a panic: every value kept under these locks is

@@ -1,0 +1,754 @@
+//! One conformance suite for both backends: every scenario here runs against the embedded
+//! store (a redb file in a temporary directory) and against a real etcd (a fresh member per
+//! test, from the `etcd` binary), so the two cannot drift apart. Watches are checked without
+//! assuming that an event is queued before its write returns (etcd delivers it a moment
+//! later): "nothing else arrived" is shown by writing a marker and seeing it come next.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use flotilla_store::{
+    EmbeddedStore, EtcdOptions, EtcdStore, KeyValue, Precondition, Revision, Store, StoreError,
+    StoreOptions, Watch, WatchEvent,
+};
+use proptest::prelude::*;
+use support::etcd::{self, Etcd};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Embedded,
+    Etcd,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Opts {
+    /// Events kept for watches to replay (embedded: the history limit; etcd: what
+    /// [`Subject::trim`] keeps when it compacts).
+    history: Option<usize>,
+    watch_buffer: Option<usize>,
+}
+
+/// A store and what keeps it alive (its directory, its etcd member).
+#[allow(dead_code, reason = "the second fields are held, not read")]
+enum Backend {
+    Embedded(Arc<EmbeddedStore>, tempfile::TempDir),
+    Etcd(Arc<EtcdStore>, Etcd),
+}
+
+/// The store under test and what it runs on.
+struct Subject {
+    store: Arc<dyn Store>,
+    backend: Backend,
+    history: Option<usize>,
+}
+
+impl Subject {
+    /// The store of `kind`, or `None` (with the skip notice) when etcd cannot run here.
+    async fn open(kind: Kind, opts: Opts, test: &str) -> Option<Subject> {
+        let mut embedded = StoreOptions {
+            durable: false,
+            ..StoreOptions::default()
+        };
+        let mut remote = EtcdOptions::default();
+        if let Some(h) = opts.history {
+            embedded.history_limit = h;
+        }
+        if let Some(b) = opts.watch_buffer {
+            embedded.watch_buffer = b;
+            remote.watch_buffer = b;
+        }
+        let backend = match kind {
+            Kind::Embedded => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(
+                    EmbeddedStore::open_with(&dir.path().join("s.redb"), embedded).unwrap(),
+                );
+                Backend::Embedded(store, dir)
+            }
+            Kind::Etcd => {
+                if let Some(why) = etcd::unavailable() {
+                    etcd::skip(test, &why);
+                    return None;
+                }
+                let member = Etcd::start().await;
+                let store = Arc::new(
+                    EtcdStore::connect(&member.endpoints(), remote)
+                        .await
+                        .unwrap(),
+                );
+                Backend::Etcd(store, member)
+            }
+        };
+        let store: Arc<dyn Store> = match &backend {
+            Backend::Embedded(s, _) => s.clone(),
+            Backend::Etcd(s, _) => s.clone(),
+        };
+        Some(Subject {
+            store,
+            backend,
+            history: opts.history,
+        })
+    }
+
+    /// Drops the history beyond `history` events (the embedded store does it as it writes).
+    async fn trim(&self) {
+        if let (Backend::Etcd(s, _), Some(keep)) = (&self.backend, self.history) {
+            let from = s.revision() + 1 - keep as Revision;
+            s.compact(from).await.unwrap();
+        }
+    }
+
+    fn close(&self) {
+        match &self.backend {
+            Backend::Embedded(s, _) => s.close(),
+            Backend::Etcd(s, _) => s.close(),
+        }
+    }
+}
+
+async fn put(store: &dyn Store, key: &str, value: &str, pre: Precondition) -> KeyValue {
+    timeout(WAIT, store.put(key, value.as_bytes().to_vec(), pre))
+        .await
+        .expect("put timed out")
+        .expect("put")
+}
+
+async fn next_event(watch: &mut Watch) -> Result<WatchEvent, StoreError> {
+    timeout(WAIT, watch.next())
+        .await
+        .expect("no watch event in time")
+        .expect("watch ended")
+}
+
+/// Shows that nothing but what was already read arrives on `watch` (of `prefix`): writes a
+/// marker under it and expects the marker next. Returns the marker's revision.
+async fn expect_quiet(store: &dyn Store, watch: &mut Watch, prefix: &str) -> Revision {
+    let marker = put(
+        store,
+        &format!("{prefix}~quiet"),
+        "marker",
+        Precondition::None,
+    )
+    .await;
+    let e = next_event(watch).await.unwrap();
+    assert_eq!(
+        (e.key(), e.revision()),
+        (marker.key.as_str(), marker.mod_revision),
+        "something arrived before the marker: {e:?}"
+    );
+    marker.mod_revision
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => { $(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Kind::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$name(super::Kind::Etcd).await
+            }
+        }
+    )* };
+}
+
+conformance!(
+    cas_semantics,
+    revisions_are_monotonic_and_deletes_bump_them,
+    list_by_prefix_in_key_order_at_a_revision,
+    watch_replays_from_a_revision_then_streams_live,
+    resuming_from_the_last_seen_revision_sees_exactly_the_rest,
+    too_old_revisions_are_compacted,
+    slow_watcher_gets_compacted_and_writers_never_block,
+    closing_ends_watches_and_refuses_requests,
+    concurrent_cas_increments_are_serialised,
+    large_lists_are_complete_and_at_one_revision,
+);
+
+async fn cas_semantics(kind: Kind) {
+    let Some(s) = Subject::open(kind, Opts::default(), "cas_semantics").await else {
+        return;
+    };
+    let store = &*s.store;
+    assert_eq!(store.revision(), 0);
+
+    let a1 = put(store, "a", "one", Precondition::Absent).await;
+    assert_eq!((a1.create_revision, a1.mod_revision, a1.version), (1, 1, 1));
+
+    // Absent on an existing key conflicts and leaves the value alone.
+    let err = store
+        .put("a", b"two".to_vec(), Precondition::Absent)
+        .await
+        .unwrap_err();
+    match err {
+        StoreError::Conflict {
+            key,
+            expected,
+            actual,
+        } => {
+            assert_eq!(key, "a");
+            assert_eq!(expected, Precondition::Absent);
+            assert_eq!(actual, Some(1));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(store.get("a").await.unwrap(), Some(a1.clone()));
+    assert_eq!(store.revision(), 1);
+
+    // CAS on the current revision succeeds.
+    let a2 = put(store, "a", "two", Precondition::ModRevision(1)).await;
+    assert_eq!((a2.create_revision, a2.mod_revision, a2.version), (1, 2, 2));
+    assert_eq!(a2.value, b"two");
+    assert_eq!(store.get("a").await.unwrap(), Some(a2.clone()));
+
+    // A stale revision conflicts and changes nothing.
+    let err = store
+        .put("a", b"three".to_vec(), Precondition::ModRevision(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                actual: Some(2),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(store.get("a").await.unwrap(), Some(a2.clone()));
+
+    // CAS on a missing key conflicts.
+    let err = store
+        .put("b", b"x".to_vec(), Precondition::ModRevision(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { actual: None, .. }),
+        "{err}"
+    );
+    assert_eq!(store.get("b").await.unwrap(), None);
+
+    // Deletes: stale revision conflicts; Absent on an existing key conflicts.
+    let err = store
+        .delete("a", Precondition::ModRevision(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict());
+    let err = store.delete("a", Precondition::Absent).await.unwrap_err();
+    assert!(err.is_conflict());
+    assert_eq!(store.revision(), 2);
+
+    let deleted = store
+        .delete("a", Precondition::ModRevision(2))
+        .await
+        .unwrap();
+    assert_eq!(deleted, Some(a2));
+    assert_eq!(store.revision(), 3);
+    assert_eq!(store.get("a").await.unwrap(), None);
+
+    // Deleting an absent key succeeds without a write.
+    assert_eq!(store.delete("a", Precondition::None).await.unwrap(), None);
+    assert_eq!(store.delete("a", Precondition::Absent).await.unwrap(), None);
+    assert_eq!(store.revision(), 3);
+
+    // Re-creating starts a new lifetime: version 1, new create_revision.
+    let a3 = put(store, "a", "again", Precondition::Absent).await;
+    assert_eq!((a3.create_revision, a3.mod_revision, a3.version), (4, 4, 1));
+    // An unconditional write of a new key, then of an existing one.
+    let c = put(store, "c", "1", Precondition::None).await;
+    assert_eq!((c.create_revision, c.mod_revision, c.version), (5, 5, 1));
+    let c = put(store, "c", "2", Precondition::None).await;
+    assert_eq!((c.create_revision, c.mod_revision, c.version), (5, 6, 2));
+}
+
+async fn revisions_are_monotonic_and_deletes_bump_them(kind: Kind) {
+    let test = "revisions_are_monotonic_and_deletes_bump_them";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    let mut last = 0;
+    for i in 0..20 {
+        let key = format!("k/{}", i % 5);
+        let kv = put(store, &key, "v", Precondition::None).await;
+        assert_eq!(kv.mod_revision, last + 1);
+        last = kv.mod_revision;
+        assert_eq!(store.revision(), last);
+    }
+    let prev = store.delete("k/0", Precondition::None).await.unwrap();
+    assert!(prev.is_some());
+    assert_eq!(store.revision(), last + 1);
+}
+
+async fn list_by_prefix_in_key_order_at_a_revision(kind: Kind) {
+    let test = "list_by_prefix_in_key_order_at_a_revision";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    for key in ["a/2", "b/1", "a/1", "a", "a0", "a/3"] {
+        put(store, key, key, Precondition::None).await;
+    }
+    store.delete("a/3", Precondition::None).await.unwrap();
+    let listed = store.list("a/").await.unwrap();
+    let keys: Vec<_> = listed.items.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["a/1", "a/2"]);
+    assert_eq!(listed.revision, 7);
+    assert_eq!(listed.items[0].value, b"a/1");
+    assert_eq!(store.list("").await.unwrap().items.len(), 5);
+    assert!(store.list("zzz").await.unwrap().items.is_empty());
+}
+
+async fn watch_replays_from_a_revision_then_streams_live(kind: Kind) {
+    let test = "watch_replays_from_a_revision_then_streams_live";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    put(store, "w/a", "1", Precondition::None).await;
+    put(store, "other/x", "1", Precondition::None).await;
+    put(store, "w/b", "1", Precondition::None).await;
+    put(store, "w/a", "2", Precondition::None).await;
+
+    let mut watch = store.watch("w/", 1).await.unwrap();
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!((e.key(), e.revision()), ("w/b", 3));
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!((e.key(), e.revision()), ("w/a", 4));
+    match e {
+        WatchEvent::Put { kv, prev } => {
+            assert_eq!(kv.value, b"2");
+            assert_eq!(prev.map(|p| p.value), Some(b"1".to_vec()));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(expect_quiet(store, &mut watch, "w/").await, 5);
+
+    put(store, "other/y", "1", Precondition::None).await;
+    store.delete("w/b", Precondition::None).await.unwrap();
+    match next_event(&mut watch).await.unwrap() {
+        WatchEvent::Delete {
+            key,
+            revision,
+            prev,
+        } => {
+            assert_eq!((key.as_str(), revision), ("w/b", 7));
+            assert_eq!(prev.map(|p| p.mod_revision), Some(3));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(expect_quiet(store, &mut watch, "w/").await, 8);
+
+    // Watching from the current revision (or beyond) sees only later writes.
+    let mut tail = store.watch("w/", store.revision()).await.unwrap();
+    let mut future = store.watch("w/", 9).await.unwrap();
+    put(store, "w/c", "1", Precondition::None).await; // revision 9
+    put(store, "w/d", "1", Precondition::None).await; // revision 10
+    assert_eq!(next_event(&mut tail).await.unwrap().revision(), 9);
+    assert_eq!(next_event(&mut future).await.unwrap().revision(), 10);
+}
+
+async fn resuming_from_the_last_seen_revision_sees_exactly_the_rest(kind: Kind) {
+    let test = "resuming_from_the_last_seen_revision_sees_exactly_the_rest";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    let mut watch = store.watch("", 0).await.unwrap();
+    for i in 0..10 {
+        put(store, &format!("k/{i}"), "v", Precondition::None).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(next_event(&mut watch).await.unwrap().revision());
+    }
+    drop(watch);
+    let last = *seen.last().unwrap();
+    let mut resumed = store.watch("", last).await.unwrap();
+    for _ in 0..3 {
+        put(store, "k/late", "v", Precondition::None).await;
+    }
+    for _ in 0..9 {
+        seen.push(next_event(&mut resumed).await.unwrap().revision());
+    }
+    assert_eq!(expect_quiet(store, &mut resumed, "").await, 14);
+    assert_eq!(seen, (1..=13).collect::<Vec<Revision>>());
+}
+
+async fn too_old_revisions_are_compacted(kind: Kind) {
+    let opts = Opts {
+        history: Some(5),
+        ..Opts::default()
+    };
+    let Some(s) = Subject::open(kind, opts, "too_old_revisions_are_compacted").await else {
+        return;
+    };
+    let store = &*s.store;
+    for i in 0..10 {
+        put(store, &format!("k/{i}"), "v", Precondition::None).await;
+    }
+    s.trim().await;
+    let err = store.watch("k/", 4).await.unwrap_err();
+    match err {
+        StoreError::Compacted { requested, oldest } => assert_eq!((requested, oldest), (4, 5)),
+        other => panic!("unexpected {other}"),
+    }
+    let mut watch = store.watch("k/", 5).await.unwrap();
+    for rev in 6..=10 {
+        assert_eq!(next_event(&mut watch).await.unwrap().revision(), rev);
+    }
+    assert_eq!(expect_quiet(store, &mut watch, "k/").await, 11);
+}
+
+async fn slow_watcher_gets_compacted_and_writers_never_block(kind: Kind) {
+    let opts = Opts {
+        watch_buffer: Some(4),
+        ..Opts::default()
+    };
+    let test = "slow_watcher_gets_compacted_and_writers_never_block";
+    let Some(s) = Subject::open(kind, opts, test).await else {
+        return;
+    };
+    let store = &*s.store;
+    let mut slow = store.watch("", 0).await.unwrap();
+    let mut fast = store.watch("", 0).await.unwrap();
+    let mut fast_seen = Vec::new();
+    for i in 0..50 {
+        // Each write must complete promptly although `slow` never reads.
+        put(store, &format!("k/{i}"), "v", Precondition::None).await;
+        fast_seen.push(next_event(&mut fast).await.unwrap().revision());
+    }
+    assert_eq!(fast_seen, (1..=50).collect::<Vec<Revision>>());
+
+    let mut got = Vec::new();
+    let err = loop {
+        match next_event(&mut slow).await {
+            Ok(e) => got.push(e.revision()),
+            Err(err) => break err,
+        }
+    };
+    assert_eq!(got, (1..=4).collect::<Vec<Revision>>());
+    assert!(
+        matches!(err, StoreError::Compacted { requested: 4, .. }),
+        "{err}"
+    );
+    assert!(timeout(WAIT, slow.next()).await.unwrap().is_none());
+}
+
+async fn closing_ends_watches_and_refuses_requests(kind: Kind) {
+    let test = "closing_ends_watches_and_refuses_requests";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    let mut watch = store.watch("", 0).await.unwrap();
+    put(store, "k", "v", Precondition::None).await;
+    next_event(&mut watch).await.unwrap();
+    s.close();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(timeout(WAIT, watch.next()).await.unwrap().is_none());
+    assert!(store.get("k").await.unwrap_err().is_closed());
+    assert!(
+        store
+            .put("k", vec![], Precondition::None)
+            .await
+            .unwrap_err()
+            .is_closed()
+    );
+    assert!(store.watch("", 1).await.unwrap_err().is_closed());
+}
+
+async fn concurrent_cas_increments_are_serialised(kind: Kind) {
+    let test = "concurrent_cas_increments_are_serialised";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = s.store.clone();
+    store
+        .put("counter", b"0".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                loop {
+                    let kv = store.get("counter").await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
+                    let next = (n + 1).to_string().into_bytes();
+                    match store
+                        .put("counter", next, Precondition::ModRevision(kv.mod_revision))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if e.is_conflict() => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let kv = store.get("counter").await.unwrap().unwrap();
+    assert_eq!(kv.value, b"200");
+    assert_eq!(kv.version, 201);
+    assert_eq!(store.revision(), 201);
+}
+
+/// More keys than one page of an etcd list, with values big enough that one message could not
+/// carry them all: the list is whole, in order, and of one revision.
+async fn large_lists_are_complete_and_at_one_revision(kind: Kind) {
+    let test = "large_lists_are_complete_and_at_one_revision";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = s.store.clone();
+    let value = "x".repeat(4096);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (store, value) = (store.clone(), value.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..350 {
+                put(
+                    &*store,
+                    &format!("big/{w}-{i:04}"),
+                    &value,
+                    Precondition::None,
+                )
+                .await;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    put(&*store, "bigger", "outside the prefix", Precondition::None).await;
+    let listed = store.list("big/").await.unwrap();
+    assert_eq!(listed.items.len(), 1400);
+    assert!(listed.items.windows(2).all(|w| w[0].key < w[1].key));
+    assert!(listed.items.iter().all(|kv| kv.value.len() == 4096));
+    assert_eq!(listed.revision, 1401);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model-based property test, against both backends
+
+#[derive(Debug, Clone)]
+enum PreKind {
+    None,
+    Absent,
+    Current,
+    Stale(u64),
+}
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Put(usize, u8, PreKind),
+    Delete(usize, PreKind),
+}
+
+fn pre_kind() -> impl Strategy<Value = PreKind> {
+    prop_oneof![
+        Just(PreKind::None),
+        Just(PreKind::Absent),
+        Just(PreKind::Current),
+        (0u64..40).prop_map(PreKind::Stale),
+    ]
+}
+
+fn model_op() -> impl Strategy<Value = ModelOp> {
+    prop_oneof![
+        3 => (0usize..6, any::<u8>(), pre_kind()).prop_map(|(k, v, p)| ModelOp::Put(k, v, p)),
+        1 => (0usize..6, pre_kind()).prop_map(|(k, p)| ModelOp::Delete(k, p)),
+    ]
+}
+
+const MODEL_KEYS: [&str; 6] = ["p/a", "p/b", "p/c", "q/a", "p/aa", "p"];
+
+struct Model {
+    revision: Revision,
+    kvs: BTreeMap<String, KeyValue>,
+    events: Vec<WatchEvent>,
+}
+
+impl Model {
+    fn holds(&self, key: &str, pre: Precondition) -> bool {
+        let cur = self.kvs.get(key);
+        match pre {
+            Precondition::None => true,
+            Precondition::Absent => cur.is_none(),
+            Precondition::ModRevision(r) => cur.is_some_and(|c| c.mod_revision == r),
+        }
+    }
+    fn put(&mut self, key: &str, value: Vec<u8>, pre: Precondition) -> Option<KeyValue> {
+        if !self.holds(key, pre) {
+            return None;
+        }
+        self.revision += 1;
+        let prev = self.kvs.get(key).cloned();
+        let kv = KeyValue {
+            key: key.to_owned(),
+            value,
+            create_revision: prev.as_ref().map_or(self.revision, |p| p.create_revision),
+            mod_revision: self.revision,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+        };
+        self.kvs.insert(key.to_owned(), kv.clone());
+        self.events.push(WatchEvent::Put {
+            kv: kv.clone(),
+            prev,
+        });
+        Some(kv)
+    }
+    fn delete(&mut self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, ()> {
+        if !self.holds(key, pre) {
+            return Err(());
+        }
+        let prev = self.kvs.remove(key);
+        if prev.is_some() {
+            self.revision += 1;
+            self.events.push(WatchEvent::Delete {
+                key: key.to_owned(),
+                revision: self.revision,
+                prev: prev.clone(),
+            });
+        }
+        Ok(prev)
+    }
+}
+
+async fn run_model(store: &dyn Store, ops: Vec<ModelOp>) {
+    // The store may have history already (the etcd runs share one member): the model starts at
+    // its revision, and stale preconditions are relative to it.
+    let base = store.revision();
+    let mut watch = store.watch("p/", base).await.unwrap();
+    let mut model = Model {
+        revision: base,
+        kvs: BTreeMap::new(),
+        events: Vec::new(),
+    };
+    for op in ops {
+        let (key, pre_kind) = match &op {
+            ModelOp::Put(k, _, p) | ModelOp::Delete(k, p) => (MODEL_KEYS[*k], p),
+        };
+        let pre = match pre_kind {
+            PreKind::None => Precondition::None,
+            PreKind::Absent => Precondition::Absent,
+            PreKind::Current => {
+                Precondition::ModRevision(model.kvs.get(key).map_or(0, |kv| kv.mod_revision))
+            }
+            PreKind::Stale(r) => Precondition::ModRevision(base + *r),
+        };
+        match op {
+            ModelOp::Put(_, v, _) => {
+                let got = store.put(key, vec![v], pre).await;
+                let want = model.put(key, vec![v], pre);
+                match (got, want) {
+                    (Ok(got), Some(want)) => assert_eq!(got, want),
+                    (Err(e), None) => assert!(e.is_conflict(), "{e}"),
+                    (got, want) => panic!("put {key} {pre:?}: store {got:?}, model {want:?}"),
+                }
+            }
+            ModelOp::Delete(..) => {
+                let got = store.delete(key, pre).await;
+                let want = model.delete(key, pre);
+                match (got, want) {
+                    (Ok(got), Ok(want)) => assert_eq!(got, want),
+                    (Err(e), Err(())) => assert!(e.is_conflict(), "{e}"),
+                    (got, want) => panic!("delete {key} {pre:?}: store {got:?}, model {want:?}"),
+                }
+            }
+        }
+        assert_eq!(store.revision(), model.revision);
+    }
+    for prefix in ["", "p/", "p/a", "q/"] {
+        let listed = store.list(prefix).await.unwrap();
+        let want: Vec<KeyValue> = model
+            .kvs
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, kv)| kv.clone())
+            .collect();
+        assert_eq!(listed.items, want);
+        assert_eq!(listed.revision, model.revision);
+    }
+    let want_events: Vec<WatchEvent> = model
+        .events
+        .iter()
+        .filter(|e| e.key().starts_with("p/"))
+        .cloned()
+        .collect();
+    let mut got_events = Vec::new();
+    for _ in 0..want_events.len() {
+        got_events.push(next_event(&mut watch).await.unwrap());
+    }
+    assert_eq!(got_events, want_events);
+    expect_quiet(store, &mut watch, "p/").await;
+}
+
+/// The one etcd member the model's cases share (each case in a namespace of its own), started
+/// on first use on a runtime of its own.
+fn shared_etcd() -> Option<&'static Etcd> {
+    static ETCD: OnceLock<Option<(Etcd, tokio::runtime::Runtime)>> = OnceLock::new();
+    ETCD.get_or_init(|| {
+        if let Some(why) = etcd::unavailable() {
+            etcd::skip("store_matches_a_btreemap_model (etcd)", &why);
+            return None;
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let member = rt.block_on(Etcd::start());
+        Some((member, rt))
+    })
+    .as_ref()
+    .map(|(member, _)| member)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_a_btreemap_model(ops in proptest::collection::vec(model_op(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let options = StoreOptions { durable: false, ..StoreOptions::default() };
+            let store = EmbeddedStore::open_with(&dir.path().join("s.redb"), options).unwrap();
+            run_model(&store, ops).await;
+        });
+    }
+
+    #[test]
+    fn etcd_matches_a_btreemap_model(ops in proptest::collection::vec(model_op(), 1..60)) {
+        let Some(member) = shared_etcd() else { return Ok(()) };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let options = EtcdOptions {
+                namespace: format!("/model-{case}/"),
+                ..EtcdOptions::default()
+            };
+            let store = EtcdStore::connect(&member.endpoints(), options).await.unwrap();
+            run_model(&store, ops).await;
+        });
+    }
+}

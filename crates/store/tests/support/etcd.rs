@@ -1,0 +1,125 @@
+//! Real etcd members for tests, from the `etcd` binary (Debian's `etcd-server`, installed by
+//! scripts/install-deps.sh). Each member listens on loopback ports picked free, keeps its data
+//! in a temporary directory and is killed when dropped.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why etcd cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    match Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => None,
+        Ok(s) => Some(format!("`etcd --version` exited with {s}")),
+        Err(e) => Some(format!(
+            "no etcd binary ({e}); scripts/install-deps.sh installs Debian's etcd-server"
+        )),
+    }
+}
+
+/// Prints the line the suite counts as a skip.
+#[allow(
+    clippy::disallowed_macros,
+    reason = "the skip notice must reach the test output"
+)]
+pub fn skip(test: &str, why: &str) {
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!("skipped: {test} needs etcd ({why})\n"),
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member of a one-member cluster.
+pub struct Etcd {
+    child: Option<Child>,
+    pub endpoint: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts a fresh single-member cluster and waits until it answers.
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.path().join("etcd.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "m1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("m1={peer_url}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start etcd");
+        let mut etcd = Etcd {
+            child: Some(child),
+            endpoint,
+            log,
+            _dir: dir,
+        };
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect([&self.endpoint], None).await
+                && c.status().await.is_ok()
+            {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "etcd exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer in 30 s: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint.clone()]
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
