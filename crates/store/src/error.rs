@@ -52,6 +52,9 @@ pub enum StoreError {
     /// A delete event carried no previous value, so the deleted object cannot be rebuilt.
     #[error("delete event for {key} carries no previous value")]
     MissingPrevious { key: String },
+    /// A key held exclusively (under a lease) by another holder.
+    #[error("{key} is held by {holder}")]
+    Held { key: String, holder: String },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,

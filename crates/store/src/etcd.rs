@@ -527,6 +527,132 @@ impl Store for EtcdStore {
     }
 }
 
+/// A key held under an etcd lease for as long as its holder renews it (see
+/// [`EtcdStore::hold_exclusive`]).
+pub struct Exclusive {
+    lease: i64,
+    client: Client,
+    lost: CancellationToken,
+    stop: CancellationToken,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Exclusive {
+    /// Cancelled when the lease could not be renewed in time: another holder may have it now.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Gives the key up at once (revokes the lease), so the next holder need not wait for it
+    /// to expire.
+    pub async fn release(self) {
+        self.stop.cancel();
+        let _ = self.renewal.await;
+        let mut lease = self.client.lease_client();
+        let _ = lease.revoke(self.lease).await;
+    }
+}
+
+impl EtcdStore {
+    /// Creates `key` (under the namespace) naming `holder`, bound to a lease of `ttl` that a
+    /// task renews every third of it. `Held` if another holder has it. The hold is lost —
+    /// [`Exclusive::lost`] fires — when a renewal fails or is answered too late, which is
+    /// also when another process may take the key.
+    pub async fn hold_exclusive(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Exclusive, StoreError> {
+        self.open()?;
+        let full = self.full(key);
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut leases = self.client.lease_client();
+        let lease = leases
+            .grant(seconds, None)
+            .await
+            .map_err(etcd_error(format!("taking a lease for {key} in etcd")))?
+            .id();
+        let txn = Txn::new()
+            .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                full.clone(),
+                holder,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(full.clone(), None)]);
+        let mut kv = self.client.kv_client();
+        let answer = kv
+            .txn(txn)
+            .await
+            .map_err(etcd_error(format!("taking {key} in etcd")))?;
+        self.saw(answer.header().map_or(0, |h| h.revision()));
+        if !answer.succeeded() {
+            let _ = leases.revoke(lease).await;
+            let other = answer
+                .op_responses()
+                .iter()
+                .find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g
+                        .kvs()
+                        .first()
+                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            return Err(StoreError::Held {
+                key: key.to_string(),
+                holder: other,
+            });
+        }
+        let (mut keeper, mut answers) = leases
+            .keep_alive(lease)
+            .await
+            .map_err(etcd_error(format!("renewing the lease of {key} in etcd")))?;
+        let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
+        let (lost_task, stop_task) = (lost.clone(), stop.clone());
+        let shown = key.to_string();
+        // Owned by the `Exclusive`: ends at `release`, or when the hold is lost.
+        let renewal = tokio::spawn(async move {
+            let period = ttl / 3;
+            let mut renewed = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    () = stop_task.cancelled() => return,
+                    () = tokio::time::sleep(period) => {}
+                }
+                let beat = async {
+                    keeper.keep_alive().await?;
+                    answers.message().await
+                };
+                let deadline = renewed + ttl;
+                match tokio::time::timeout_at(deadline, beat).await {
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                        renewed = tokio::time::Instant::now();
+                    }
+                    outcome => {
+                        let why = match outcome {
+                            Ok(Ok(_)) => "the lease expired".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "no renewal answered within the lease".to_string(),
+                        };
+                        tracing::error!(key = %shown, why, "lost the hold of an etcd key");
+                        lost_task.cancel();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Exclusive {
+            lease,
+            client: self.client.clone(),
+            lost,
+            stop,
+            renewal,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

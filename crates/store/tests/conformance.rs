@@ -752,3 +752,35 @@ proptest! {
         });
     }
 }
+
+/// An exclusive hold (etcd only): a second holder is refused with the first one's name until
+/// the first releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_holds_are_exclusive_until_released() {
+    let test = "etcd_holds_are_exclusive_until_released";
+    let Some(s) = Subject::open(Kind::Etcd, Opts::default(), test).await else {
+        return;
+    };
+    let Backend::Etcd(store, _) = &s.backend else {
+        unreachable!()
+    };
+    let ttl = Duration::from_secs(3);
+    let first = store.hold_exclusive("lock", "first", ttl).await.unwrap();
+    match store.hold_exclusive("lock", "second", ttl).await {
+        Err(StoreError::Held { key, holder }) => {
+            assert_eq!((key.as_str(), holder.as_str()), ("lock", "first"))
+        }
+        Err(other) => panic!("unexpected {other}"),
+        Ok(_) => panic!("two holders at once"),
+    }
+    // Renewed: nobody else gets it for longer than the lease's own length.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert!(!first.lost().is_cancelled());
+        assert!(store.hold_exclusive("lock", "second", ttl).await.is_err());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    first.release().await;
+    let second = store.hold_exclusive("lock", "second", ttl).await.unwrap();
+    second.release().await;
+}
