@@ -91,6 +91,9 @@ struct ServerTable {
     san: Vec<String>,
     /// How long member certificates last (`--certificate-ttl`).
     certificate_ttl: Option<String>,
+    /// etcd endpoints for the store (`--etcd`); the embedded store when empty.
+    #[serde(default)]
+    etcd: Vec<String>,
 }
 
 /// The names the server's certificate holds: the listen address (or, listening on every
@@ -186,7 +189,17 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         .data_dir
         .map(|d| base.map_or_else(|| d.clone(), |b| b.join(&d)));
     let data_dir = data_dir_or(data_dir_flag.or(file_dir), "server")?;
-    let store = crate::up::open_store(&data_dir)?;
+    let etcd = if args.etcd.is_empty() {
+        file.etcd.clone()
+    } else {
+        args.etcd.clone()
+    };
+    let (store, hold) = if etcd.is_empty() {
+        (crate::up::open_store(&data_dir)?, None)
+    } else {
+        let (store, hold) = open_etcd(&etcd).await?;
+        (store, Some(hold))
+    };
     let token = context::ensure_token(&data_dir)?;
     let authority =
         Arc::new(flotilla_pki::Authority::load_or_create(&data_dir).context("the cluster CA")?);
@@ -286,7 +299,20 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP\n  (or `flotilla-agent`, the agent alone, with the same flags)"
     );
 
-    let early = until_signal(&mut controller_task).await?;
+    let hold_lost = hold.as_ref().map(flotilla_store::etcd::Exclusive::lost);
+    let mut lost = false;
+    let early = tokio::select! {
+        early = until_signal(&mut controller_task) => early?,
+        () = async {
+            match &hold_lost {
+                Some(t) => t.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => {
+            lost = true;
+            None
+        }
+    };
     shutdown.cancel();
     if early.is_none() {
         let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, controller_task).await;
@@ -305,10 +331,55 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     if let Ok(p) = &ctx_path {
         context::remove_own_context(p);
     }
+    if let Some(hold) = hold {
+        hold.release().await;
+    }
+    if lost {
+        bail!(
+            "lost the server's hold in etcd (no renewal answered in time): stopped, so that no two servers act at once"
+        );
+    }
     match early {
         Some(()) => Err(anyhow!("the controller stopped unexpectedly")),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// How long the server's hold in etcd lasts without a renewal.
+const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The store on the etcd cluster at `endpoints`, and this server's exclusive hold of it: until
+/// servers elect a leader, one server at a time uses an etcd namespace.
+async fn open_etcd(
+    endpoints: &[String],
+) -> Result<(
+    Arc<dyn flotilla_store::Store>,
+    flotilla_store::etcd::Exclusive,
+)> {
+    let shown = endpoints.join(",");
+    let store =
+        flotilla_store::EtcdStore::connect(endpoints, flotilla_store::EtcdOptions::default())
+            .await
+            .map_err(|e| anyhow!("{}", flotilla_store::error_chain(&e)))
+            .with_context(|| format!("opening the store on etcd at {shown}"))?;
+    let holder = format!(
+        "{} (pid {})",
+        flotilla_agent::registration::hostname().unwrap_or_else(|| "?".to_string()),
+        std::process::id()
+    );
+    let hold = match store.hold_exclusive("server", &holder, ETCD_HOLD).await {
+        Ok(hold) => hold,
+        Err(flotilla_store::StoreError::Held { holder, .. }) => bail!(
+            "another flotilla server, {holder}, already uses the etcd at {shown}: until servers elect a leader, one server at a time may use it (stop that one first; its hold expires {}s after it stops)",
+            ETCD_HOLD.as_secs()
+        ),
+        Err(e) => {
+            return Err(anyhow!("{}", flotilla_store::error_chain(&e)))
+                .with_context(|| format!("taking the server's hold in etcd at {shown}"));
+        }
+    };
+    tracing::info!(etcd = %shown, "store on etcd");
+    Ok((Arc::new(store), hold))
 }
 
 /// `label=value` pairs of `--label`.

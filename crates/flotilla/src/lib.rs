@@ -416,6 +416,10 @@ pub struct ServerArgs {
     /// [default: 24h; at least 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub certificate_ttl: Option<std::time::Duration>,
+    /// Keep the store on etcd (`http://etcd-1:2379,http://etcd-2:2379,…`) instead of the
+    /// embedded file in the data directory. One server per etcd for now.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]

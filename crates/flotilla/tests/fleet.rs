@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../../store/tests/support/etcd.rs"]
+mod etcd_support;
+
 use common::{flotilla_bin, http, http_on, instance_of, path_with_demo, wait_for};
 use flotilla_pki::rustls;
 use nix::sys::signal::{Signal, kill};
@@ -1716,4 +1719,92 @@ fn a_node_under_pressure_takes_no_new_instance() {
         why.contains("1 node(s) had disk pressure") && why.contains("1 node(s) cordoned"),
         "{why}"
     );
+}
+
+/// `flotilla server --etcd`: the state lives in etcd (nothing in the data directory's store, all
+/// of it there after a restart), and a second server on the same etcd is refused, named, until
+/// servers elect a leader.
+#[test]
+fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
+    let test = "a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = rt.block_on(etcd_support::Etcd::start());
+    let mut fleet = Fleet::start_with(9, 0, &["--etcd", &member.endpoint]);
+    let file = fleet.dir.path().join("web.toml");
+    std::fs::write(&file, web(2)).unwrap();
+    fleet.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let uid = |fleet: &Fleet| {
+        let (status, body) = fleet.call("GET", "/api/v1/services/web", &fleet.token, "");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["metadata"]["uid"].as_str().unwrap().to_string()
+    };
+    let before = uid(&fleet);
+    assert!(!fleet.dir.path().join("server/store.redb").exists());
+
+    // A second server on the same etcd: refused at once, naming the first.
+    let other = fleet.dir.path().join("other");
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut second = spawn(
+        &fleet.dir,
+        "second",
+        &[
+            "--data-dir",
+            other.to_str().unwrap(),
+            "server",
+            "--listen",
+            &listen,
+            "--etcd",
+            &member.endpoint,
+        ],
+        &[],
+    );
+    let status = wait_for(
+        "the second server to give up",
+        Duration::from_secs(20),
+        || second.child.try_wait().unwrap(),
+    );
+    let log = std::fs::read_to_string(&second.log).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("another flotilla server")
+            && log.contains(&format!("(pid {})", fleet.server.child.id())),
+        "{log}"
+    );
+
+    // Restarted, the first finds everything in etcd.
+    let _ = kill(
+        Pid::from_raw(fleet.server.child.id() as i32),
+        Signal::SIGTERM,
+    );
+    let _ = fleet.server.child.wait();
+    let data = fleet.dir.path().join("server");
+    let api = fleet.api.clone();
+    fleet.server = spawn(
+        &fleet.dir,
+        "server",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "server",
+            "--listen",
+            &api,
+            "--etcd",
+            &member.endpoint,
+        ],
+        &[],
+    );
+    wait_for(
+        "the restarted server's API",
+        Duration::from_secs(20),
+        || https(&fleet.api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200),
+    );
+    assert_eq!(uid(&fleet), before);
+    assert!(fleet.ok(&["get", "services"]).contains("web"));
+    assert!(!data.join("store.redb").exists());
 }
