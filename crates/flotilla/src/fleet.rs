@@ -194,11 +194,12 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     } else {
         args.etcd.clone()
     };
-    let (store, hold) = if etcd.is_empty() {
-        (crate::up::open_store(&data_dir)?, None)
+    let (store, on_etcd, hold) = if etcd.is_empty() {
+        (crate::up::open_store(&data_dir)?, None, None)
     } else {
         let (store, hold) = open_etcd(&etcd).await?;
-        (store, Some(hold))
+        let shared: Arc<dyn flotilla_store::Store> = store.clone();
+        (shared, Some(store), Some(hold))
     };
     let token = context::ensure_token(&data_dir)?;
     let authority =
@@ -231,6 +232,10 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     let shutdown = CancellationToken::new();
     let mut registry = Registry::default();
     let leases = Arc::new(flotilla_store::Leases::new(flotilla_store::DEFAULT_LEASE));
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(etcd) = on_etcd {
+        tasks.spawn(compact_etcd(etcd, shutdown.clone()));
+    }
     let controller = ServiceController::new(
         store.clone(),
         leases.clone(),
@@ -248,7 +253,6 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     .with_signer(context::signer(&data_dir)?)
     .with_authority(authority.clone(), certificate_ttl);
     let registry = Arc::new(registry);
-    let mut tasks = tokio::task::JoinSet::new();
     let mut controller_task = tokio::spawn(controller.run(shutdown.clone()));
     tasks.spawn(flotilla_server::serve_tls(
         api_listener,
@@ -345,6 +349,30 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     }
 }
 
+/// Revisions of history kept in etcd for watches to resume from (the embedded store's 10,000).
+const ETCD_HISTORY: u64 = 10_000;
+
+/// etcd keeps every revision until it is compacted: every five minutes, the history beyond
+/// [`ETCD_HISTORY`] revisions is dropped (watchers from before it relist), until `stop`.
+async fn compact_etcd(
+    store: Arc<flotilla_store::EtcdStore>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use flotilla_store::Store;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(std::time::Duration::from_secs(300)) => {}
+        }
+        let revision = store.revision();
+        if revision > ETCD_HISTORY
+            && let Err(e) = store.compact(revision - ETCD_HISTORY).await
+        {
+            tracing::warn!(error = %flotilla_store::error_chain(&e), "cannot compact etcd's history");
+        }
+    }
+}
+
 /// How long the server's hold in etcd lasts without a renewal.
 const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -353,7 +381,7 @@ const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 async fn open_etcd(
     endpoints: &[String],
 ) -> Result<(
-    Arc<dyn flotilla_store::Store>,
+    Arc<flotilla_store::EtcdStore>,
     flotilla_store::etcd::Exclusive,
 )> {
     let shown = endpoints.join(",");
