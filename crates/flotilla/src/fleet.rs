@@ -398,7 +398,7 @@ async fn open_etcd(
     let hold = match store.hold_exclusive("server", &holder, ETCD_HOLD).await {
         Ok(hold) => hold,
         Err(flotilla_store::StoreError::Held { holder, .. }) => bail!(
-            "another flotilla server, {holder}, already uses the etcd at {shown}: until servers elect a leader, one server at a time may use it (stop that one first; its hold expires {}s after it stops)",
+            "another flotilla server, {holder}, already uses the etcd at {shown}: until servers elect a leader, one server at a time may use it (stop that one first; if it died, its hold ends within {}s)",
             ETCD_HOLD.as_secs()
         ),
         Err(e) => {
