@@ -167,6 +167,33 @@ impl EtcdStore {
             .fetch_max(ours(etcd_revision), Ordering::AcqRel);
     }
 
+    /// Runs the write `txn` of `key` under `pre`: etcd's revision after it and the answers of
+    /// its operations, or `Conflict` (with what the `else` read found) when `pre` did not hold.
+    async fn write(
+        &self,
+        txn: Txn,
+        key: &str,
+        pre: Precondition,
+        doing: &str,
+    ) -> Result<(i64, Vec<TxnOpResponse>), StoreError> {
+        let mut kv = self.client.kv_client();
+        let answer = kv
+            .txn(txn)
+            .await
+            .map_err(etcd_error(format!("{doing} {key} in etcd")))?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        self.saw(revision);
+        let responses = answer.op_responses();
+        if !answer.succeeded() {
+            return Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected: pre,
+                actual: found(&responses),
+            });
+        }
+        Ok((revision, responses))
+    }
+
     fn convert(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
         convert(&self.namespace, kv)
     }
@@ -283,21 +310,7 @@ impl Store for EtcdStore {
                 .or_else([TxnOp::get(full.clone(), None)]),
             None => Txn::new().and_then([put]),
         };
-        let mut kv = self.client.kv_client();
-        let answer = kv
-            .txn(txn)
-            .await
-            .map_err(etcd_error(format!("writing {key} to etcd")))?;
-        let revision = answer.header().map_or(0, |h| h.revision());
-        self.saw(revision);
-        let responses = answer.op_responses();
-        if !answer.succeeded() {
-            return Err(StoreError::Conflict {
-                key: key.to_string(),
-                expected: pre,
-                actual: found(&responses),
-            });
-        }
+        let (revision, responses) = self.write(txn, key, pre, "writing").await?;
         let prev = responses.iter().find_map(|r| match r {
             TxnOpResponse::Put(p) => p.prev_key().cloned(),
             _ => None,
@@ -332,20 +345,7 @@ impl Store for EtcdStore {
                 .and_then([delete])
                 .or_else([TxnOp::get(full.clone(), None)]),
         };
-        let mut kv = self.client.kv_client();
-        let answer = kv
-            .txn(txn)
-            .await
-            .map_err(etcd_error(format!("deleting {key} from etcd")))?;
-        self.saw(answer.header().map_or(0, |h| h.revision()));
-        let responses = answer.op_responses();
-        if !answer.succeeded() {
-            return Err(StoreError::Conflict {
-                key: key.to_string(),
-                expected: pre,
-                actual: found(&responses),
-            });
-        }
+        let (_, responses) = self.write(txn, key, pre, "deleting").await?;
         let prev = responses.iter().find_map(|r| match r {
             TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
             _ => None,

@@ -142,21 +142,13 @@ async fn dropped_watchers_are_removed_and_close_ends_watches() {
     assert_eq!(store.watcher_count(), 1);
     next_event(&mut kept).await.unwrap();
 
+    // What closing does to watches and requests is in conformance.rs; here, the bookkeeping.
     store.close();
     assert!(matches!(
         next_event(&mut kept).await,
         Err(StoreError::Closed)
     ));
-    assert!(timeout(WAIT, kept.next()).await.unwrap().is_none());
-    assert!(store.get("k").await.unwrap_err().is_closed());
-    assert!(
-        store
-            .put("k", vec![], Precondition::None)
-            .await
-            .unwrap_err()
-            .is_closed()
-    );
-    assert!(store.watch("", 1).await.unwrap_err().is_closed());
+    assert_eq!(store.watcher_count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
