@@ -8,7 +8,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_store::{
@@ -705,23 +705,6 @@ async fn run_model(store: &dyn Store, ops: Vec<ModelOp>) {
     expect_quiet(store, &mut watch, "p/").await;
 }
 
-/// The one etcd member the model's cases share (each case in a namespace of its own), started
-/// on first use on a runtime of its own.
-fn shared_etcd() -> Option<&'static Etcd> {
-    static ETCD: OnceLock<Option<(Etcd, tokio::runtime::Runtime)>> = OnceLock::new();
-    ETCD.get_or_init(|| {
-        if let Some(why) = etcd::unavailable() {
-            etcd::skip("store_matches_a_btreemap_model (etcd)", &why);
-            return None;
-        }
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let member = rt.block_on(Etcd::start());
-        Some((member, rt))
-    })
-    .as_ref()
-    .map(|(member, _)| member)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -735,21 +718,43 @@ proptest! {
             run_model(&store, ops).await;
         });
     }
+}
 
-    #[test]
-    fn etcd_matches_a_btreemap_model(ops in proptest::collection::vec(model_op(), 1..60)) {
-        let Some(member) = shared_etcd() else { return Ok(()) };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+/// The same model against etcd: one member for all the cases (each in a namespace of its own),
+/// owned by the test so that it stops with it.
+#[test]
+fn etcd_matches_a_btreemap_model() {
+    if let Some(why) = etcd::unavailable() {
+        etcd::skip("etcd_matches_a_btreemap_model", &why);
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let member = rt.block_on(Etcd::start());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    });
+    let case = std::cell::Cell::new(0u64);
+    let outcome = runner.run(&proptest::collection::vec(model_op(), 1..60), |ops| {
+        case.set(case.get() + 1);
         rt.block_on(async {
-            static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let options = EtcdOptions {
-                namespace: format!("/model-{case}/"),
+                namespace: format!("/model-{}/", case.get()),
                 ..EtcdOptions::default()
             };
-            let store = EtcdStore::connect(&member.endpoints(), options).await.unwrap();
+            let store = EtcdStore::connect(&member.endpoints(), options)
+                .await
+                .unwrap();
             run_model(&store, ops).await;
         });
+        Ok(())
+    });
+    drop(member);
+    if let Err(e) = outcome {
+        panic!("{e}");
     }
 }
 
