@@ -82,6 +82,16 @@ impl From<StoreError> for ApiError {
             ))
             .with_field("metadata.resourceVersion");
         }
+        if let StoreError::Unavailable { store, .. } = &error {
+            tracing::warn!(error = %flotilla_store::error_chain(&error), "the store is unavailable");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "StoreUnavailable",
+                format!(
+                    "the store ({store}) is unavailable: nothing was written; retry once it is back (see the server log for this request id)"
+                ),
+            );
+        }
         tracing::error!(%error, "store error while serving a request");
         ApiError::internal()
     }

@@ -32,6 +32,16 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The store cannot be reached or cannot decide (etcd without a quorum): nothing was
+    /// written, and the same request may succeed once it is back.
+    #[error("the store ({store}) is unavailable: {context}")]
+    Unavailable {
+        /// Which store, for people: `etcd`.
+        store: &'static str,
+        context: String,
+        #[source]
+        source: BoxError,
+    },
     /// A stored value could not be decoded as the expected type.
     #[error("cannot decode the value of {key}")]
     Decode {
@@ -73,6 +83,11 @@ impl StoreError {
             context: context.into(),
             source: source.into(),
         }
+    }
+
+    /// The store is out of reach for now (no quorum, no member answering).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 
     /// A precondition failed: re-read and retry (or report a conflict to the client).

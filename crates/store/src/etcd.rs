@@ -66,7 +66,32 @@ pub struct EtcdStore {
 }
 
 fn etcd_error(context: String) -> impl FnOnce(etcd_client::Error) -> StoreError {
-    move |e| StoreError::backend(context, e)
+    move |e| {
+        let unreachable = match &e {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            // A connection that broke under a request comes back as `Unknown`, "transport
+            // error" (with the broken pipe as its source).
+            etcd_client::Error::GRpcStatus(status) => {
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) || (status.code() == tonic::Code::Unknown
+                    && status.message() == "transport error")
+            }
+            _ => false,
+        };
+        if unreachable {
+            StoreError::Unavailable {
+                store: "etcd",
+                context,
+                source: e.into(),
+            }
+        } else {
+            StoreError::backend(context, e)
+        }
+    }
 }
 
 /// Our revision of an etcd revision.

@@ -789,3 +789,88 @@ async fn etcd_holds_are_exclusive_until_released() {
     let second = store.hold_exclusive("lock", "second", ttl).await.unwrap();
     second.release().await;
 }
+
+/// Puts `key`, retrying while the cluster elects a leader (up to `within`): how many attempts.
+async fn put_retrying(store: &dyn Store, key: &str, within: Duration) -> usize {
+    let deadline = std::time::Instant::now() + within;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match store.put(key, b"v".to_vec(), Precondition::None).await {
+            Ok(_) => return attempts,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(
+                    e.is_unavailable(),
+                    "{key}: {}",
+                    flotilla_store::error_chain(&e)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{key} not written in {within:?}: {e}"),
+        }
+    }
+}
+
+/// Three members: with one down writes go on; with two down they fail as `Unavailable` (the
+/// API's 503) within the request timeout; with both back, writes work again and every
+/// acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_without_quorum_is_unavailable_and_recovers() {
+    if let Some(why) = etcd::unavailable() {
+        etcd::skip("etcd_without_quorum_is_unavailable_and_recovers", &why);
+        return;
+    }
+    let mut cluster = etcd::Cluster::start(3).await;
+    let options = EtcdOptions {
+        request_timeout: Duration::from_secs(2),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdStore::connect(&cluster.endpoints(), options)
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let key = format!("k/{i:02}");
+        put_retrying(&store, &key, Duration::from_secs(10)).await;
+        acked.push(key);
+    }
+    cluster.kill(0);
+    for i in 10..20 {
+        let key = format!("k/{i:02}");
+        put_retrying(&store, &key, Duration::from_secs(15)).await;
+        acked.push(key);
+    }
+    cluster.kill(1);
+    let started = std::time::Instant::now();
+    let err = store
+        .put("k/lost", b"v".to_vec(), Precondition::None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_unavailable(),
+        "{}",
+        flotilla_store::error_chain(&err)
+    );
+    assert!(err.to_string().contains("etcd"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    cluster.restart(0);
+    cluster.restart(1);
+    for i in 20..30 {
+        let key = format!("k/{i:02}");
+        put_retrying(&store, &key, Duration::from_secs(60)).await;
+        acked.push(key);
+    }
+    let listed = store.list("k/").await.unwrap();
+    let keys: Vec<&str> = listed.items.iter().map(|kv| kv.key.as_str()).collect();
+    for key in &acked {
+        assert!(
+            keys.contains(&key.as_str()),
+            "{key} was acknowledged and is gone"
+        );
+    }
+}
