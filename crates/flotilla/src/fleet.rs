@@ -374,7 +374,7 @@ async fn compact_etcd(
 }
 
 /// How long the server's hold in etcd lasts without a renewal.
-const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The store on the etcd cluster at `endpoints`, and this server's exclusive hold of it: until
 /// servers elect a leader, one server at a time uses an etcd namespace.

@@ -1808,3 +1808,46 @@ fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
     assert!(fleet.ok(&["get", "services"]).contains("web"));
     assert!(!data.join("store.redb").exists());
 }
+
+/// A server on a three-member etcd: without a quorum a write is refused with a 503 that names
+/// the store (the CLI says so), and once the quorum is back the same write goes through.
+#[test]
+fn without_an_etcd_quorum_writes_fail_with_503_and_recover() {
+    let test = "without_an_etcd_quorum_writes_fail_with_503_and_recover";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cluster = rt.block_on(etcd_support::Cluster::start(3));
+    let endpoints = cluster.endpoints().join(",");
+    let fleet = Fleet::start_with(10, 0, &["--etcd", &endpoints]);
+    let file = fleet.dir.path().join("web.toml");
+    std::fs::write(&file, web(2)).unwrap();
+    fleet.ok(&["apply", "-f", file.to_str().unwrap()]);
+
+    cluster.kill(0);
+    cluster.kill(1);
+    std::fs::write(&file, web(3)).unwrap();
+    let out = fleet.cli(&["apply", "-f", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "applied without a quorum");
+    assert!(err.contains("the store (etcd) is unavailable"), "{err}");
+    // Back within the server's hold (15 s): it stays up and carries on.
+    cluster.restart(0);
+    cluster.restart(1);
+    wait_for(
+        "the apply to go through again",
+        Duration::from_secs(60),
+        || {
+            fleet
+                .cli(&["apply", "-f", file.to_str().unwrap()])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let v = fleet.get("/api/v1/services/web");
+    assert_eq!(v["spec"]["replicas"], 3, "{v}");
+    assert!(fleet.server.child.id() > 0);
+}

@@ -578,6 +578,44 @@ impl Exclusive {
     }
 }
 
+type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews `lease` once, over `stream` (opened again, through another member if need be, when
+/// it broke); retries until it gets an answer. `Err` only when etcd says the lease is gone.
+async fn renew_lease(
+    client: &Client,
+    lease: i64,
+    stream: &mut Option<KeepAlive>,
+) -> Result<(), String> {
+    loop {
+        if stream.is_none() {
+            match client.lease_client().keep_alive(lease).await {
+                Ok(opened) => *stream = Some(opened),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open a lease renewal stream; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let Some((keeper, answers)) = stream.as_mut() else {
+            continue;
+        };
+        let answer = match keeper.keep_alive().await {
+            Ok(()) => answers.message().await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Some(a)) if a.ttl() > 0 => return Ok(()),
+            Ok(Some(_)) => return Err("etcd says the lease expired".to_string()),
+            Ok(None) | Err(_) => {
+                *stream = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 impl EtcdStore {
     /// Creates `key` (under the namespace) naming `holder`, bound to a lease of `ttl` that a
     /// task renews every third of it. `Held` if another holder has it. The hold is lost —
@@ -630,36 +668,27 @@ impl EtcdStore {
                 holder: other,
             });
         }
-        let (mut keeper, mut answers) = leases
-            .keep_alive(lease)
-            .await
-            .map_err(etcd_error(format!("renewing the lease of {key} in etcd")))?;
         let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
         let (lost_task, stop_task) = (lost.clone(), stop.clone());
         let shown = key.to_string();
+        let client = self.client.clone();
         // Owned by the `Exclusive`: ends at `release`, or when the hold is lost.
         let renewal = tokio::spawn(async move {
             let period = ttl / 3;
             let mut renewed = tokio::time::Instant::now();
+            let mut stream = None;
             loop {
                 tokio::select! {
                     () = stop_task.cancelled() => return,
                     () = tokio::time::sleep(period) => {}
                 }
-                let beat = async {
-                    keeper.keep_alive().await?;
-                    answers.message().await
-                };
-                let deadline = renewed + ttl;
-                match tokio::time::timeout_at(deadline, beat).await {
-                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
-                        renewed = tokio::time::Instant::now();
-                    }
+                let renew = renew_lease(&client, lease, &mut stream);
+                match tokio::time::timeout_at(renewed + ttl, renew).await {
+                    Ok(Ok(())) => renewed = tokio::time::Instant::now(),
                     outcome => {
                         let why = match outcome {
-                            Ok(Ok(_)) => "the lease expired".to_string(),
-                            Ok(Err(e)) => e.to_string(),
-                            Err(_) => "no renewal answered within the lease".to_string(),
+                            Ok(Err(why)) => why,
+                            _ => "no renewal got through within the lease".to_string(),
                         };
                         tracing::error!(key = %shown, why, "lost the hold of an etcd key");
                         lost_task.cancel();
