@@ -50,6 +50,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Agent(args) = command {
         return crate::fleet::agent(args, api, token, ca, data_dir).await;
     }
+    if let Command::Store {
+        command: crate::StoreCommand::Migrate { from, to },
+    } = &command
+    {
+        return crate::migrate::run(from, to).await;
+    }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, ca, data_dir) {
@@ -137,6 +143,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Server(_)
         | Command::Agent(_)
         | Command::SimulateNodes(_)
+        | Command::Store { .. }
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }

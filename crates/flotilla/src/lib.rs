@@ -11,6 +11,7 @@ mod fleet;
 mod follow;
 mod gateway;
 mod member;
+mod migrate;
 mod output;
 mod rollout;
 mod simulate;
@@ -230,6 +231,11 @@ pub enum Command {
         #[command(flatten)]
         conn: SubConn,
     },
+    /// Work on a store directly, with no server running on it.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print the client's (and the server's, if reachable) version.
     Version {
         #[command(flatten)]
@@ -241,7 +247,9 @@ impl Command {
     /// The API flags given after the subcommand, if any.
     pub fn conn(&self) -> Conn {
         let sub = match self {
-            Command::Up(_) | Command::Server(_) => return Conn::default(),
+            Command::Up(_) | Command::Server(_) | Command::Store { .. } => {
+                return Conn::default();
+            }
             Command::Gateway(args) => &args.conn,
             Command::Agent(args) => &args.conn,
             Command::SimulateNodes(args) => &args.conn,
@@ -285,6 +293,20 @@ pub enum NodeCommand {
         node: String,
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Copy every object of a stopped server's embedded store into an empty etcd, once, before
+    /// starting the server with `--etcd`.
+    Migrate {
+        /// The embedded store: `redb:PATH` (`store.redb` in the server's data directory).
+        #[arg(long, value_name = "redb:PATH")]
+        from: String,
+        /// The etcd cluster: `etcd:URL[,URL…]`.
+        #[arg(long, value_name = "etcd:URLS")]
+        to: String,
     },
 }
 

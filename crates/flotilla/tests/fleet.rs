@@ -1851,3 +1851,79 @@ fn without_an_etcd_quorum_writes_fail_with_503_and_recover() {
     assert_eq!(v["spec"]["replicas"], 3, "{v}");
     assert!(fleet.server.child.id() > 0);
 }
+
+/// `flotilla store migrate`: a stopped server's embedded store into an empty etcd; the server
+/// started on etcd has the same services (same uids), their revision history and instances;
+/// a second migration into the now full etcd is refused.
+#[test]
+fn store_migrate_moves_an_embedded_store_to_etcd() {
+    let test = "store_migrate_moves_an_embedded_store_to_etcd";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let mut fleet = Fleet::start(11, 0);
+    let file = fleet.dir.path().join("web.toml");
+    std::fs::write(&file, web(2)).unwrap();
+    fleet.ok(&["apply", "-f", file.to_str().unwrap()]);
+    fleet.ok(&["restart", "web"]);
+    let before = fleet.get("/api/v1/services/web");
+    let history = fleet.ok(&["rollout", "history", "web"]);
+    let instances = fleet.instances("web").len();
+    assert!(instances >= 2, "{instances}");
+    let _ = kill(
+        Pid::from_raw(fleet.server.child.id() as i32),
+        Signal::SIGTERM,
+    );
+    let _ = fleet.server.child.wait();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = rt.block_on(etcd_support::Etcd::start());
+    let data = fleet.dir.path().join("server");
+    let from = format!("redb:{}", data.join("store.redb").display());
+    let to = format!("etcd:{}", member.endpoint);
+    let out = fleet.cli(&["store", "migrate", "--from", &from, "--to", &to]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("services") && said.contains("read them back"),
+        "{said}"
+    );
+    // Into an etcd that holds something: refused, nothing written.
+    let again = fleet.cli(&["store", "migrate", "--from", &from, "--to", &to]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(err.contains("already holds"), "{err}");
+
+    let api = fleet.api.clone();
+    fleet.server = spawn(
+        &fleet.dir,
+        "server",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "server",
+            "--listen",
+            &api,
+            "--etcd",
+            &member.endpoint,
+        ],
+        &[],
+    );
+    wait_for("the server on etcd", Duration::from_secs(20), || {
+        https(&fleet.api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
+    });
+    let after = fleet.get("/api/v1/services/web");
+    assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"]);
+    assert_eq!(after["spec"], before["spec"]);
+    assert_eq!(after["status"]["revision"], before["status"]["revision"]);
+    assert_eq!(
+        fleet.ok(&["rollout", "history", "web"]).lines().count(),
+        history.lines().count()
+    );
+    assert_eq!(fleet.instances("web").len(), instances);
+}
