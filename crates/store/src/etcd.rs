@@ -40,6 +40,26 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// How long one request may take before it fails (default 5 s).
     pub request_timeout: Duration,
+    /// TLS to `https://` members: the CA that signed them, and this client's certificate when
+    /// etcd asks for one (`--client-cert-auth`).
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM texts for TLS to etcd.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    /// Certificate and private key of this client.
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    // The private key stays out of logs and panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("identity", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for EtcdOptions {
@@ -49,6 +69,7 @@ impl Default for EtcdOptions {
             watch_buffer: 1_024,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -123,10 +144,18 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:2379`, …) and reads its revision.
     pub async fn connect(endpoints: &[String], options: EtcdOptions) -> Result<Self, StoreError> {
         let shown = endpoints.join(",");
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_timeout(options.request_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if let Some(tls) = &options.tls {
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(config);
+        }
         let client = Client::connect(endpoints, Some(connect))
             .await
             .map_err(etcd_error(format!("connecting to etcd at {shown}")))?;

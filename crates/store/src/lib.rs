@@ -22,7 +22,7 @@ pub mod typed;
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use lease::{DEFAULT_LEASE, LeaseState, Leases};
 
 /// Locks `m`, taking over a lock poisoned by a panic: every value kept under these locks is

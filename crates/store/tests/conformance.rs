@@ -874,3 +874,37 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         );
     }
 }
+
+/// etcd over TLS with client certificates: the store works with the CA and its certificate,
+/// and without a certificate it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_needs_the_ca_and_a_client_certificate() {
+    if let Some(why) = etcd::unavailable() {
+        etcd::skip("etcd_over_tls_needs_the_ca_and_a_client_certificate", &why);
+        return;
+    }
+    let tls = etcd::TestTls::make();
+    let member = Etcd::start_tls(&tls).await;
+    let with = EtcdOptions {
+        tls: Some(flotilla_store::EtcdTls {
+            ca_pem: tls.ca_pem.clone(),
+            identity: Some((tls.client_cert.clone(), tls.client_key.clone())),
+        }),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdStore::connect(&member.endpoints(), with).await.unwrap();
+    let kv = put(&store, "k", "v", Precondition::Absent).await;
+    assert_eq!(store.get("k").await.unwrap(), Some(kv));
+
+    let without = EtcdOptions {
+        tls: Some(flotilla_store::EtcdTls {
+            ca_pem: tls.ca_pem.clone(),
+            identity: None,
+        }),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+        ..EtcdOptions::default()
+    };
+    let refused = EtcdStore::connect(&member.endpoints(), without).await;
+    assert!(refused.is_err(), "connected without a client certificate");
+}

@@ -52,16 +52,82 @@ pub struct Etcd {
     _dir: tempfile::TempDir,
 }
 
+/// PEM files of a test CA, a certificate for the member (127.0.0.1) and one for a client.
+pub struct TestTls {
+    pub ca_pem: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestTls {
+    pub fn make() -> TestTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, "etcd test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf("etcd", ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = leaf("flotilla", ExtendedKeyUsagePurpose::ClientAuth);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.crt"), server_cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key).unwrap();
+        TestTls {
+            ca_pem: ca_cert.pem(),
+            client_cert,
+            client_key,
+            dir,
+        }
+    }
+}
+
 impl Etcd {
     /// Starts a fresh single-member cluster and waits until it answers.
     pub async fn start() -> Etcd {
+        Self::start_with(None).await
+    }
+
+    /// The same over TLS: https only, and a client certificate signed by `tls`'s CA required.
+    pub async fn start_tls(tls: &TestTls) -> Etcd {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<&TestTls>) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = dir.path().join("etcd.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = tls {
+            let file = |f: &str| tls.dir.path().join(f);
+            command
+                .arg("--cert-file")
+                .arg(file("server.crt"))
+                .arg("--key-file")
+                .arg(file("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(file("ca.crt"))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "m1", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &endpoint])
@@ -81,14 +147,24 @@ impl Etcd {
             log,
             _dir: dir,
         };
-        etcd.wait_ready().await;
+        etcd.wait_ready(tls).await;
         etcd
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, tls: Option<&TestTls>) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let options = tls.map(|tls| {
+            etcd_client::ConnectOptions::new().with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem))
+                    .identity(etcd_client::Identity::from_pem(
+                        &tls.client_cert,
+                        &tls.client_key,
+                    )),
+            )
+        });
         loop {
-            if let Ok(mut c) = etcd_client::Client::connect([&self.endpoint], None).await
+            if let Ok(mut c) = etcd_client::Client::connect([&self.endpoint], options.clone()).await
                 && c.status().await.is_ok()
             {
                 return;
