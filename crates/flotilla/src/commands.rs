@@ -51,10 +51,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         return crate::fleet::agent(args, api, token, ca, data_dir).await;
     }
     if let Command::Store {
-        command: crate::StoreCommand::Migrate { from, to },
+        command: crate::StoreCommand::Migrate { from, to, tls },
     } = &command
     {
-        return crate::migrate::run(from, to).await;
+        return crate::migrate::run(from, to, tls).await;
     }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));

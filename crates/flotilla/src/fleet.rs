@@ -94,6 +94,10 @@ struct ServerTable {
     /// etcd endpoints for the store (`--etcd`); the embedded store when empty.
     #[serde(default)]
     etcd: Vec<String>,
+    /// `--etcd-ca`, `--etcd-cert`, `--etcd-key` (relative to the file's directory).
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
 }
 
 /// The names the server's certificate holds: the listen address (or, listening on every
@@ -187,7 +191,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     };
     let file_dir = file
         .data_dir
-        .map(|d| base.map_or_else(|| d.clone(), |b| b.join(&d)));
+        .map(|d| base.as_ref().map_or_else(|| d.clone(), |b| b.join(&d)));
     let data_dir = data_dir_or(data_dir_flag.or(file_dir), "server")?;
     let etcd = if args.etcd.is_empty() {
         file.etcd.clone()
@@ -197,7 +201,15 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     let (store, on_etcd, hold) = if etcd.is_empty() {
         (crate::up::open_store(&data_dir)?, None, None)
     } else {
-        let (store, hold) = open_etcd(&etcd).await?;
+        let mut tls = args.etcd_tls.clone();
+        let from_file = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| base.as_ref().map_or_else(|| p.clone(), |b| b.join(p)))
+        };
+        tls.etcd_ca = tls.etcd_ca.or_else(|| from_file(&file.etcd_ca));
+        tls.etcd_cert = tls.etcd_cert.or_else(|| from_file(&file.etcd_cert));
+        tls.etcd_key = tls.etcd_key.or_else(|| from_file(&file.etcd_key));
+        let (store, hold) = open_etcd(&etcd, etcd_tls(&etcd, &tls)?).await?;
         let shared: Arc<dyn flotilla_store::Store> = store.clone();
         (shared, Some(store), Some(hold))
     };
@@ -376,20 +388,52 @@ async fn compact_etcd(
 /// How long the server's hold in etcd lasts without a renewal.
 const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The TLS settings for `endpoints` from the files named in `args`; `None` for `http://` ones.
+pub(crate) fn etcd_tls(
+    endpoints: &[String],
+    args: &crate::EtcdTlsArgs,
+) -> Result<Option<flotilla_store::EtcdTls>> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let https = endpoints.iter().any(|e| e.starts_with("https://"));
+    let Some(ca) = &args.etcd_ca else {
+        if https {
+            bail!(
+                "https:// etcd members need --etcd-ca FILE (the CA that signed their certificates)"
+            );
+        }
+        return Ok(None);
+    };
+    let identity = match (&args.etcd_cert, &args.etcd_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        (None, None) => None,
+        _ => bail!("--etcd-cert and --etcd-key go together"),
+    };
+    Ok(Some(flotilla_store::EtcdTls {
+        ca_pem: read(ca)?,
+        identity,
+    }))
+}
+
 /// The store on the etcd cluster at `endpoints`, and this server's exclusive hold of it: until
 /// servers elect a leader, one server at a time uses an etcd namespace.
 async fn open_etcd(
     endpoints: &[String],
+    tls: Option<flotilla_store::EtcdTls>,
 ) -> Result<(
     Arc<flotilla_store::EtcdStore>,
     flotilla_store::etcd::Exclusive,
 )> {
     let shown = endpoints.join(",");
-    let store =
-        flotilla_store::EtcdStore::connect(endpoints, flotilla_store::EtcdOptions::default())
-            .await
-            .map_err(|e| anyhow!("{}", flotilla_store::error_chain(&e)))
-            .with_context(|| format!("opening the store on etcd at {shown}"))?;
+    let options = flotilla_store::EtcdOptions {
+        tls,
+        ..flotilla_store::EtcdOptions::default()
+    };
+    let store = flotilla_store::EtcdStore::connect(endpoints, options)
+        .await
+        .map_err(|e| anyhow!("{}", flotilla_store::error_chain(&e)))
+        .with_context(|| format!("opening the store on etcd at {shown}"))?;
     let holder = format!(
         "{} (pid {})",
         flotilla_agent::registration::hostname().unwrap_or_else(|| "?".to_string()),

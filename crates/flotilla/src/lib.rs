@@ -296,6 +296,20 @@ pub enum NodeCommand {
     },
 }
 
+/// TLS to `https://` etcd members.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EtcdTlsArgs {
+    /// The CA that signed the etcd members' certificates (needed for `https://` members).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This process's certificate for etcd's `--client-cert-auth` (with --etcd-key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
     /// Copy every object of a stopped server's embedded store into an empty etcd, once, before
@@ -307,6 +321,8 @@ pub enum StoreCommand {
         /// The etcd cluster: `etcd:URL[,URL…]`.
         #[arg(long, value_name = "etcd:URLS")]
         to: String,
+        #[command(flatten)]
+        tls: EtcdTlsArgs,
     },
 }
 
@@ -442,6 +458,8 @@ pub struct ServerArgs {
     /// embedded file in the data directory. One server per etcd for now.
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
 }
 
 #[derive(clap::Args, Debug)]

@@ -32,7 +32,7 @@ fn store_error(e: flotilla_store::StoreError) -> anyhow::Error {
     anyhow!("{}", error_chain(&e))
 }
 
-pub async fn run(from: &str, to: &str) -> Result<ExitCode> {
+pub async fn run(from: &str, to: &str, tls: &crate::EtcdTlsArgs) -> Result<ExitCode> {
     let Some(path) = from.strip_prefix("redb:") else {
         bail!(
             "invalid --from {from:?}: expected redb:PATH, the embedded store (store.redb in the server's data directory)"
@@ -62,7 +62,11 @@ pub async fn run(from: &str, to: &str) -> Result<ExitCode> {
                 path.display()
             )
         })?;
-    let target = EtcdStore::connect(&endpoints, EtcdOptions::default())
+    let options = EtcdOptions {
+        tls: crate::fleet::etcd_tls(&endpoints, tls)?,
+        ..EtcdOptions::default()
+    };
+    let target = EtcdStore::connect(&endpoints, options)
         .await
         .map_err(store_error)
         .with_context(|| format!("opening the store on etcd at {urls}"))?;

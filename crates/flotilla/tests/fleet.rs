@@ -1927,3 +1927,59 @@ fn store_migrate_moves_an_embedded_store_to_etcd() {
     );
     assert_eq!(fleet.instances("web").len(), instances);
 }
+
+/// `server --etcd https://…` with `--etcd-ca`, `--etcd-cert` and `--etcd-key` reaches an etcd
+/// that requires client certificates; without the CA it says what is missing.
+#[test]
+fn a_server_reaches_etcd_over_tls_with_its_certificate() {
+    let test = "a_server_reaches_etcd_over_tls_with_its_certificate";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let tls = etcd_support::TestTls::make();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = rt.block_on(etcd_support::Etcd::start_tls(&tls));
+    let (cert, key) = (
+        tls.dir.path().join("client.crt"),
+        tls.dir.path().join("client.key"),
+    );
+    std::fs::write(&cert, &tls.client_cert).unwrap();
+    std::fs::write(&key, &tls.client_key).unwrap();
+    let ca = tls.dir.path().join("ca.crt");
+    let fleet = Fleet::start_with(
+        12,
+        0,
+        &[
+            "--etcd",
+            &member.endpoint,
+            "--etcd-ca",
+            ca.to_str().unwrap(),
+            "--etcd-cert",
+            cert.to_str().unwrap(),
+            "--etcd-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let file = fleet.dir.path().join("web.toml");
+    std::fs::write(&file, web(1)).unwrap();
+    fleet.ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(fleet.ok(&["get", "services"]).contains("web"));
+
+    let out = Command::new(flotilla_bin())
+        .args(["--data-dir"])
+        .arg(fleet.dir.path().join("other"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &member.endpoint,
+        ])
+        .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("need --etcd-ca"), "{err}");
+}
