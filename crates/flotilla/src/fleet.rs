@@ -385,6 +385,9 @@ async fn compact_etcd(
     }
 }
 
+/// How long a starting server waits for etcd to answer.
+const ETCD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long the server's hold in etcd lasts without a renewal.
 const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -430,10 +433,21 @@ async fn open_etcd(
         tls,
         ..flotilla_store::EtcdOptions::default()
     };
-    let store = flotilla_store::EtcdStore::connect(endpoints, options)
-        .await
-        .map_err(|e| anyhow!("{}", flotilla_store::error_chain(&e)))
-        .with_context(|| format!("opening the store on etcd at {shown}"))?;
+    // etcd may come up after the server (both started at boot): wait for it a while.
+    let waiting = Instant::now();
+    let store = loop {
+        match flotilla_store::EtcdStore::connect(endpoints, options.clone()).await {
+            Ok(store) => break store,
+            Err(e) if e.is_unavailable() && waiting.elapsed() < ETCD_WAIT => {
+                tracing::warn!(etcd = %shown, error = %flotilla_store::error_chain(&e), "waiting for etcd");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(anyhow!("{}", flotilla_store::error_chain(&e)))
+                    .with_context(|| format!("opening the store on etcd at {shown}"));
+            }
+        }
+    };
     let holder = format!(
         "{} (pid {})",
         flotilla_agent::registration::hostname().unwrap_or_else(|| "?".to_string()),

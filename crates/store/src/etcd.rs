@@ -115,6 +115,24 @@ fn etcd_error(context: String) -> impl FnOnce(etcd_client::Error) -> StoreError 
     }
 }
 
+/// Whether a request never reached a member (its connection was refused or failed): safe to
+/// send again, through another member.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect error")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a read may be sent again: not sent, or refused by a member without a leader now.
+fn read_again(e: &etcd_client::Error) -> bool {
+    not_sent(e)
+        || matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
+}
+
 /// Our revision of an etcd revision.
 fn ours(etcd: i64) -> Revision {
     u64::try_from(etcd).unwrap_or(0).saturating_sub(1)
@@ -169,9 +187,12 @@ impl EtcdStore {
             closed: CancellationToken::new(),
         };
         // Learn the current revision: any read answers it in its header.
-        let mut kv = store.client.kv_client();
-        let probe = kv
-            .get(store.full(""), Some(GetOptions::new().with_count_only()))
+        let kv = store.client.kv_client();
+        let probe = store
+            .again(read_again, || {
+                let (mut kv, key) = (kv.clone(), store.full(""));
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
             .await
             .map_err(etcd_error(format!(
                 "reading from etcd at {}",
@@ -205,6 +226,29 @@ impl EtcdStore {
         self.closed.cancel();
     }
 
+    /// Runs `request` until it succeeds, fails in a way `retry` does not accept, or the
+    /// request timeout passes: the client may route a request to a member that is down (then
+    /// another answers the next attempt) or in the middle of an election.
+    async fn again<T, Fut>(
+        &self,
+        retry: fn(&etcd_client::Error) -> bool,
+        mut request: impl FnMut() -> Fut,
+    ) -> Result<T, etcd_client::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            match request().await {
+                Err(e) if retry(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "etcd request not answered; sending it again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn open(&self) -> Result<(), StoreError> {
         if self.closed.is_cancelled() {
             return Err(StoreError::Closed);
@@ -230,9 +274,12 @@ impl EtcdStore {
         pre: Precondition,
         doing: &str,
     ) -> Result<(i64, Vec<TxnOpResponse>), StoreError> {
-        let mut kv = self.client.kv_client();
-        let answer = kv
-            .txn(txn)
+        let kv = self.client.kv_client();
+        let answer = self
+            .again(not_sent, || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
             .await
             .map_err(etcd_error(format!("{doing} {key} in etcd")))?;
         let revision = answer.header().map_or(0, |h| h.revision());
@@ -284,9 +331,12 @@ fn found(responses: &[TxnOpResponse]) -> Option<Revision> {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.open()?;
-        let mut kv = self.client.kv_client();
-        let answer = kv
-            .get(self.full(key), None)
+        let kv = self.client.kv_client();
+        let answer = self
+            .again(read_again, || {
+                let (mut kv, full) = (kv.clone(), self.full(key));
+                async move { kv.get(full, None).await }
+            })
             .await
             .map_err(etcd_error(format!("reading {key} from etcd")))?;
         self.saw(answer.header().map_or(0, |h| h.revision()));
@@ -295,7 +345,7 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
         self.open()?;
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let full = self.full(prefix);
         let end = prefix_end(full.as_bytes());
         let mut items = Vec::new();
@@ -308,8 +358,11 @@ impl Store for EtcdStore {
             if at > 0 {
                 options = options.with_revision(at);
             }
-            let page = kv
-                .get(from.clone(), Some(options))
+            let page = self
+                .again(read_again, || {
+                    let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+                    async move { kv.get(from, Some(options)).await }
+                })
                 .await
                 .map_err(etcd_error(format!("listing {prefix:?} from etcd")))?;
             if at == 0 {

@@ -825,7 +825,7 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         request_timeout: Duration::from_secs(2),
         ..EtcdOptions::default()
     };
-    let store = EtcdStore::connect(&cluster.endpoints(), options)
+    let store = EtcdStore::connect(&cluster.endpoints(), options.clone())
         .await
         .unwrap();
     let mut acked = Vec::new();
@@ -835,6 +835,12 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         acked.push(key);
     }
     cluster.kill(0);
+    // A client that connects now, with the dead member first in its list, works too.
+    let late = EtcdStore::connect(&cluster.endpoints(), options.clone())
+        .await
+        .unwrap();
+    put_retrying(&late, "k/late", Duration::from_secs(15)).await;
+    acked.push("k/late".to_string());
     for i in 10..20 {
         let key = format!("k/{i:02}");
         put_retrying(&store, &key, Duration::from_secs(15)).await;
