@@ -59,6 +59,14 @@ class Etcd:
                 "--initial-cluster", initial, "--logger", "zap", "--log-level", "warn"],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL))
 
+    def healthy(self):
+        import urllib.request
+        try:
+            return all(json.loads(urllib.request.urlopen(u + "/health", timeout=1).read()).get("health") == "true"
+                       for u in self.client.values())
+        except (OSError, ValueError):
+            return False
+
     def endpoints(self):
         return ",".join(self.client.values())
 
@@ -142,6 +150,8 @@ def main():
         for backend in ("embedded", "etcd"):
             root = tempfile.mkdtemp(prefix="flotilla-bench-etcd-")
             etcd = Etcd(root) if backend == "etcd" else None
+            if etcd:
+                wait("the etcd cluster", etcd.healthy)
             try:
                 server = Server(root, ["--etcd", etcd.endpoints()] if etcd else [])
                 try:
