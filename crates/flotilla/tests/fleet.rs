@@ -220,6 +220,32 @@ impl Fleet {
         self.start_agent(name);
     }
 
+    /// Stops the server (SIGTERM) and starts it again on the same data directory and
+    /// address, with `extra` arguments; returns once its API answers.
+    fn restart_server(&mut self, extra: &[&str]) {
+        let _ = kill(
+            Pid::from_raw(self.server.child.id() as i32),
+            Signal::SIGTERM,
+        );
+        let _ = self.server.child.wait();
+        let data = self.dir.path().join("server");
+        let api = self.api.clone();
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
+            "server",
+            "--listen",
+            &api,
+        ];
+        args.extend_from_slice(extra);
+        self.server = spawn(&self.dir, "server", &args, &[]);
+        wait_for(
+            "the restarted server's API",
+            Duration::from_secs(20),
+            || https(&self.api, &self.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200),
+        );
+    }
+
     /// A CLI command that must succeed: what it printed.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
@@ -1778,32 +1804,8 @@ fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
     );
 
     // Restarted, the first finds everything in etcd.
-    let _ = kill(
-        Pid::from_raw(fleet.server.child.id() as i32),
-        Signal::SIGTERM,
-    );
-    let _ = fleet.server.child.wait();
+    fleet.restart_server(&["--etcd", &member.endpoint]);
     let data = fleet.dir.path().join("server");
-    let api = fleet.api.clone();
-    fleet.server = spawn(
-        &fleet.dir,
-        "server",
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "server",
-            "--listen",
-            &api,
-            "--etcd",
-            &member.endpoint,
-        ],
-        &[],
-    );
-    wait_for(
-        "the restarted server's API",
-        Duration::from_secs(20),
-        || https(&fleet.api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200),
-    );
     assert_eq!(uid(&fleet), before);
     assert!(fleet.ok(&["get", "services"]).contains("web"));
     assert!(!data.join("store.redb").exists());
@@ -1867,7 +1869,11 @@ fn store_migrate_moves_an_embedded_store_to_etcd() {
     std::fs::write(&file, web(2)).unwrap();
     fleet.ok(&["apply", "-f", file.to_str().unwrap()]);
     fleet.ok(&["restart", "web"]);
-    let before = fleet.get("/api/v1/services/web");
+    // The controller records the restart's revision in the status a moment later.
+    let before = wait_for("revision 2 in the status", Duration::from_secs(20), || {
+        let s = fleet.get("/api/v1/services/web");
+        (s["status"]["revision"] == 2).then_some(s)
+    });
     let history = fleet.ok(&["rollout", "history", "web"]);
     let instances = fleet.instances("web").len();
     assert!(instances >= 2, "{instances}");
@@ -1899,24 +1905,7 @@ fn store_migrate_moves_an_embedded_store_to_etcd() {
     assert!(!again.status.success());
     assert!(err.contains("already holds"), "{err}");
 
-    let api = fleet.api.clone();
-    fleet.server = spawn(
-        &fleet.dir,
-        "server",
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "server",
-            "--listen",
-            &api,
-            "--etcd",
-            &member.endpoint,
-        ],
-        &[],
-    );
-    wait_for("the server on etcd", Duration::from_secs(20), || {
-        https(&fleet.api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
-    });
+    fleet.restart_server(&["--etcd", &member.endpoint]);
     let after = fleet.get("/api/v1/services/web");
     assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"]);
     assert_eq!(after["spec"], before["spec"]);
