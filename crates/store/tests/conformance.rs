@@ -17,9 +17,8 @@ use flotilla_store::{
 };
 use proptest::prelude::*;
 use support::etcd::{self, Etcd};
+use support::{WAIT, next_event, put};
 use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -111,20 +110,6 @@ impl Subject {
             Backend::Etcd(s, _) => s.close(),
         }
     }
-}
-
-async fn put(store: &dyn Store, key: &str, value: &str, pre: Precondition) -> KeyValue {
-    timeout(WAIT, store.put(key, value.as_bytes().to_vec(), pre))
-        .await
-        .expect("put timed out")
-        .expect("put")
-}
-
-async fn next_event(watch: &mut Watch) -> Result<WatchEvent, StoreError> {
-    timeout(WAIT, watch.next())
-        .await
-        .expect("no watch event in time")
-        .expect("watch ended")
 }
 
 /// Shows that nothing but what was already read arrives on `watch` (of `prefix`): writes a

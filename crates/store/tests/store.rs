@@ -3,6 +3,8 @@
 //! `kill -9`. What both backends promise is in `conformance.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed test
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -13,26 +15,10 @@ use std::time::{Duration, Instant};
 use flotilla_store::{
     EmbeddedStore, KeyValue, Precondition, Revision, Store, StoreError, Watch, WatchEvent,
 };
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(10);
+use support::{next_event, put};
 
 fn open(dir: &Path) -> EmbeddedStore {
     EmbeddedStore::open(&dir.join("store.redb")).expect("open store")
-}
-
-async fn put(store: &dyn Store, key: &str, value: &str, pre: Precondition) -> KeyValue {
-    timeout(WAIT, store.put(key, value.as_bytes().to_vec(), pre))
-        .await
-        .expect("put timed out")
-        .expect("put")
-}
-
-async fn next_event(watch: &mut Watch) -> Result<WatchEvent, StoreError> {
-    timeout(WAIT, watch.next())
-        .await
-        .expect("no watch event in time")
-        .expect("watch ended")
 }
 
 /// Asserts nothing is queued on the watch right now (events are queued before writes return).
