@@ -65,6 +65,10 @@ pub enum StoreError {
     /// A key held exclusively (under a lease) by another holder.
     #[error("{key} is held by {holder}")]
     Held { key: String, holder: String },
+    /// A leader-only write made after this process stopped leading: another server may lead
+    /// now, so nothing was written (the write's transaction compares the leader key).
+    #[error("not written: this server no longer leads ({key} changed hands)")]
+    Fenced { key: String },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,
@@ -98,6 +102,11 @@ impl StoreError {
     /// The watch cannot resume: list again.
     pub fn is_compacted(&self) -> bool {
         matches!(self, StoreError::Compacted { .. })
+    }
+
+    /// A leader-only write refused because the writer no longer leads.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
     }
 
     pub fn is_closed(&self) -> bool {

@@ -75,6 +75,7 @@ impl Default for EtcdOptions {
 }
 
 /// A [`Store`] on an etcd cluster. Cheap to share: the client multiplexes one connection.
+#[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     namespace: String,
@@ -84,6 +85,19 @@ pub struct EtcdStore {
     request_timeout: Duration,
     endpoints: String,
     closed: CancellationToken,
+    /// Set on a leader's view ([`EtcdStore::fenced`]): every write also compares the leader
+    /// key's `create_revision` (its term), so a deposed leader writes nothing.
+    fence: Option<Fence>,
+    /// What connected this store, to reach each member on its own ([`EtcdStore::members`]).
+    tls: Option<EtcdTls>,
+    connect_timeout: Duration,
+}
+
+/// The leader key and the `create_revision` (etcd's) it had when this process took it.
+#[derive(Debug, Clone)]
+struct Fence {
+    key: String,
+    term: i64,
 }
 
 fn etcd_error(context: String) -> impl FnOnce(etcd_client::Error) -> StoreError {
@@ -185,6 +199,9 @@ impl EtcdStore {
             request_timeout: options.request_timeout,
             endpoints: shown,
             closed: CancellationToken::new(),
+            fence: None,
+            tls: options.tls,
+            connect_timeout: options.connect_timeout,
         };
         // Learn the current revision: any read answers it in its header.
         let kv = store.client.kv_client();
@@ -286,13 +303,40 @@ impl EtcdStore {
         self.saw(revision);
         let responses = answer.op_responses();
         if !answer.succeeded() {
+            if let Some(fence) = &self.fence
+                && lookup(&responses, &fence.key).map(|kv| kv.create_revision()) != Some(fence.term)
+            {
+                return Err(StoreError::Fenced {
+                    key: fence.key.clone(),
+                });
+            }
+            let full = self.full(key);
             return Err(StoreError::Conflict {
                 key: key.to_string(),
                 expected: pre,
-                actual: found(&responses),
+                actual: lookup(&responses, &full).map(|kv| ours(kv.mod_revision())),
             });
         }
         Ok((revision, responses))
+    }
+
+    /// The transaction writing `full` with `op` when `compare` (the precondition, if any) and
+    /// the fence (if any) hold; otherwise it reads the key and the leader key, for the error.
+    fn guarded(&self, full: &str, compare: Option<Compare>, op: TxnOp) -> Txn {
+        let mut when: Vec<Compare> = compare.into_iter().collect();
+        let mut reads = vec![TxnOp::get(full, None)];
+        if let Some(fence) = &self.fence {
+            when.push(Compare::create_revision(
+                fence.key.clone(),
+                CompareOp::Equal,
+                fence.term,
+            ));
+            reads.push(TxnOp::get(fence.key.clone(), None));
+        }
+        if when.is_empty() {
+            return Txn::new().and_then([op]);
+        }
+        Txn::new().when(when).and_then([op]).or_else(reads)
     }
 
     fn convert(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
@@ -319,10 +363,10 @@ fn convert(namespace: &str, kv: &etcd_client::KeyValue) -> Result<KeyValue, Stor
     })
 }
 
-/// What an `else` branch's read found: the key's `mod_revision` (ours), if it exists.
-fn found(responses: &[TxnOpResponse]) -> Option<Revision> {
+/// What an `else` branch's reads found of `full`, if it exists.
+fn lookup<'a>(responses: &'a [TxnOpResponse], full: &str) -> Option<&'a etcd_client::KeyValue> {
     responses.iter().find_map(|r| match r {
-        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| ours(kv.mod_revision())),
+        TxnOpResponse::Get(get) => get.kvs().iter().find(|kv| kv.key() == full.as_bytes()),
         _ => None,
     })
 }
@@ -410,13 +454,7 @@ impl Store for EtcdStore {
             value.clone(),
             Some(PutOptions::new().with_prev_key()),
         );
-        let txn = match compare {
-            Some(c) => Txn::new()
-                .when([c])
-                .and_then([put])
-                .or_else([TxnOp::get(full.clone(), None)]),
-            None => Txn::new().and_then([put]),
-        };
+        let txn = self.guarded(&full, compare, put);
         let (revision, responses) = self.write(txn, key, pre, "writing").await?;
         let prev = responses.iter().find_map(|r| match r {
             TxnOpResponse::Put(p) => p.prev_key().cloned(),
@@ -438,19 +476,22 @@ impl Store for EtcdStore {
         let full = self.full(key);
         let delete = TxnOp::delete(full.clone(), Some(DeleteOptions::new().with_prev_key()));
         let txn = match pre {
-            Precondition::None => Txn::new().and_then([delete]),
+            Precondition::None => self.guarded(&full, None, delete),
             // Deleting what must not exist: nothing to do, unless it exists.
-            Precondition::Absent => Txn::new()
-                .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
-                .or_else([TxnOp::get(full.clone(), None)]),
-            Precondition::ModRevision(r) => Txn::new()
-                .when([Compare::mod_revision(
+            Precondition::Absent => self.guarded(
+                &full,
+                Some(Compare::create_revision(full.clone(), CompareOp::Equal, 0)),
+                TxnOp::get(full.clone(), Some(GetOptions::new().with_count_only())),
+            ),
+            Precondition::ModRevision(r) => self.guarded(
+                &full,
+                Some(Compare::mod_revision(
                     full.clone(),
                     CompareOp::Equal,
                     theirs(r),
-                )])
-                .and_then([delete])
-                .or_else([TxnOp::get(full.clone(), None)]),
+                )),
+                delete,
+            ),
         };
         let (_, responses) = self.write(txn, key, pre, "deleting").await?;
         let prev = responses.iter().find_map(|r| match r {
@@ -635,28 +676,48 @@ impl Store for EtcdStore {
 }
 
 /// A key held under an etcd lease for as long as its holder renews it (see
-/// [`EtcdStore::hold_exclusive`]).
-pub struct Exclusive {
+/// [`EtcdStore::hold_exclusive`], [`EtcdStore::campaign`] and [`EtcdStore::hold`]).
+pub struct Hold {
     lease: i64,
+    /// etcd's `create_revision` of the key when taken: the term a fence compares.
+    term: i64,
+    key: String,
     client: Client,
     lost: CancellationToken,
     stop: CancellationToken,
     renewal: tokio::task::JoinHandle<()>,
 }
 
-impl Exclusive {
+/// The former name of [`Hold`].
+pub type Exclusive = Hold;
+
+impl Hold {
     /// Cancelled when the lease could not be renewed in time: another holder may have it now.
     pub fn lost(&self) -> CancellationToken {
         self.lost.clone()
     }
 
+    /// Our revision of the write that took the key: a leader's term, larger for each new one.
+    pub fn term(&self) -> Revision {
+        ours(self.term)
+    }
+
     /// Gives the key up at once (revokes the lease), so the next holder need not wait for it
-    /// to expire.
+    /// to expire. Does nothing to a key another holder has taken meanwhile.
     pub async fn release(self) {
         self.stop.cancel();
         let _ = self.renewal.await;
         let mut lease = self.client.lease_client();
         let _ = lease.revoke(self.lease).await;
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("key", &self.key)
+            .field("term", &self.term)
+            .finish_non_exhaustive()
     }
 }
 
@@ -672,10 +733,15 @@ async fn renew_lease(
     loop {
         if stream.is_none() {
             match client.lease_client().keep_alive(lease).await {
-                Ok(opened) => *stream = Some(opened),
+                // Opening the stream renewed the lease once already.
+                Ok(opened) => {
+                    *stream = Some(opened);
+                    return Ok(());
+                }
+                Err(etcd_client::Error::LeaseKeepAliveError(why)) => return Err(why),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot open a lease renewal stream; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             }
@@ -692,69 +758,92 @@ async fn renew_lease(
             Ok(Some(_)) => return Err("etcd says the lease expired".to_string()),
             Ok(None) | Err(_) => {
                 *stream = None;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
+/// Seconds of an etcd lease lasting at least `ttl` (etcd counts whole seconds).
+fn lease_seconds(ttl: Duration) -> i64 {
+    let whole = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(whole.max(1)).unwrap_or(i64::MAX)
+}
+
+/// Whether a key was taken, or who holds it (and the revision etcd answered at).
+enum Taken {
+    Yes { term: i64 },
+    HeldBy { holder: String, revision: i64 },
+}
+
 impl EtcdStore {
-    /// Creates `key` (under the namespace) naming `holder`, bound to a lease of `ttl` that a
-    /// task renews every third of it. `Held` if another holder has it. The hold is lost —
-    /// [`Exclusive::lost`] fires — when a renewal fails or is answered too late, which is
-    /// also when another process may take the key.
-    pub async fn hold_exclusive(
-        &self,
-        key: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Exclusive, StoreError> {
-        self.open()?;
-        let full = self.full(key);
-        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+    /// This store's view for a leader holding `leadership`: every write it makes also checks,
+    /// in the same transaction, that the leader key is still the one taken then; once another
+    /// process leads (or the key expired), writes fail with `Fenced` and nothing is written.
+    pub fn fenced(&self, leadership: &Hold) -> EtcdStore {
+        let mut view = self.clone();
+        view.fence = Some(Fence {
+            key: leadership.key.clone(),
+            term: leadership.term,
+        });
+        view
+    }
+
+    async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, StoreError> {
         let mut leases = self.client.lease_client();
-        let lease = leases
-            .grant(seconds, None)
+        Ok(leases
+            .grant(lease_seconds(ttl), None)
             .await
             .map_err(etcd_error(format!("taking a lease for {key} in etcd")))?
-            .id();
-        let txn = Txn::new()
-            .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                full.clone(),
-                holder,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(full.clone(), None)]);
+            .id())
+    }
+
+    /// Writes `value` at `full` under `lease`: only if the key is absent when `exclusive`.
+    async fn take(
+        &self,
+        full: &str,
+        value: &str,
+        lease: i64,
+        exclusive: bool,
+    ) -> Result<Taken, StoreError> {
+        let put = TxnOp::put(full, value, Some(PutOptions::new().with_lease(lease)));
+        let txn = if exclusive {
+            Txn::new()
+                .when([Compare::create_revision(full, CompareOp::Equal, 0)])
+                .and_then([put, TxnOp::get(full, None)])
+                .or_else([TxnOp::get(full, None)])
+        } else {
+            Txn::new().and_then([put, TxnOp::get(full, None)])
+        };
         let mut kv = self.client.kv_client();
         let answer = kv
             .txn(txn)
             .await
-            .map_err(etcd_error(format!("taking {key} in etcd")))?;
-        self.saw(answer.header().map_or(0, |h| h.revision()));
-        if !answer.succeeded() {
-            let _ = leases.revoke(lease).await;
-            let other = answer
-                .op_responses()
-                .iter()
-                .find_map(|r| match r {
-                    TxnOpResponse::Get(g) => g
-                        .kvs()
-                        .first()
-                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            return Err(StoreError::Held {
-                key: key.to_string(),
-                holder: other,
+            .map_err(etcd_error(format!("taking {full} in etcd")))?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        self.saw(revision);
+        let responses = answer.op_responses();
+        let current = lookup(&responses, full);
+        if answer.succeeded() {
+            return Ok(Taken::Yes {
+                term: current.map_or(revision, etcd_client::KeyValue::create_revision),
             });
         }
+        Ok(Taken::HeldBy {
+            holder: current
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                .unwrap_or_default(),
+            revision,
+        })
+    }
+
+    /// Keeps `lease` alive for `key` every third of `ttl`, in a task the returned hold owns.
+    fn keep(&self, key: &str, lease: i64, term: i64, ttl: Duration) -> Hold {
         let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
         let (lost_task, stop_task) = (lost.clone(), stop.clone());
         let shown = key.to_string();
         let client = self.client.clone();
-        // Owned by the `Exclusive`: ends at `release`, or when the hold is lost.
+        // Owned by the `Hold`: ends at `release`, or when the hold is lost.
         let renewal = tokio::spawn(async move {
             let period = ttl / 3;
             let mut renewed = tokio::time::Instant::now();
@@ -772,20 +861,371 @@ impl EtcdStore {
                             Ok(Err(why)) => why,
                             _ => "no renewal got through within the lease".to_string(),
                         };
-                        tracing::error!(key = %shown, why, "lost the hold of an etcd key");
+                        tracing::warn!(key = %shown, why, "lost the hold of an etcd key");
                         lost_task.cancel();
                         return;
                     }
                 }
             }
         });
-        Ok(Exclusive {
+        Hold {
             lease,
+            term,
+            key: self.full(key),
             client: self.client.clone(),
             lost,
             stop,
             renewal,
-        })
+        }
+    }
+
+    /// Creates `key` (under the namespace) naming `holder`, bound to a lease of `ttl` that a
+    /// task renews every third of it. `Held` if another holder has it. The hold is lost —
+    /// [`Hold::lost`] fires — when a renewal fails or is answered too late, which is
+    /// also when another process may take the key.
+    pub async fn hold_exclusive(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Hold, StoreError> {
+        self.open()?;
+        let full = self.full(key);
+        let lease = self.grant(key, ttl).await?;
+        match self.take(&full, holder, lease, true).await {
+            Ok(Taken::Yes { term }) => Ok(self.keep(key, lease, term, ttl)),
+            other => {
+                let _ = self.client.lease_client().revoke(lease).await;
+                match other? {
+                    Taken::HeldBy { holder, .. } => Err(StoreError::Held {
+                        key: key.to_string(),
+                        holder,
+                    }),
+                    Taken::Yes { .. } => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+
+    /// Writes `value` at `key` for as long as this process renews it (a presence record:
+    /// it disappears within `ttl` of the process dying). Not exclusive.
+    pub async fn hold(&self, key: &str, value: &str, ttl: Duration) -> Result<Hold, StoreError> {
+        self.open()?;
+        let full = self.full(key);
+        let lease = self.grant(key, ttl).await?;
+        match self.take(&full, value, lease, false).await {
+            Ok(Taken::Yes { term }) => Ok(self.keep(key, lease, term, ttl)),
+            Ok(Taken::HeldBy { .. }) => Err(StoreError::backend(
+                format!("writing {key} in etcd"),
+                "an unconditional write was refused",
+            )),
+            Err(e) => {
+                let _ = self.client.lease_client().revoke(lease).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes `key` as soon as nobody holds it (an election: the holder leads): waits, without
+    /// polling, for the current holder's key to go (released, or its lease expired), then
+    /// races for it. `None` once `stop` is cancelled. Store errors (no quorum) are retried.
+    pub async fn campaign(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+        stop: &CancellationToken,
+    ) -> Option<Hold> {
+        let full = self.full(key);
+        let mut told = String::new();
+        loop {
+            if stop.is_cancelled() || self.open().is_err() {
+                return None;
+            }
+            let attempt = async {
+                let lease = self.grant(key, ttl).await?;
+                let taken = self.take(&full, holder, lease, true).await;
+                if !matches!(taken, Ok(Taken::Yes { .. })) {
+                    let _ = self.client.lease_client().revoke(lease).await;
+                }
+                Ok::<_, StoreError>((lease, taken?))
+            };
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return None,
+                outcome = attempt => outcome,
+            };
+            match outcome {
+                Ok((lease, Taken::Yes { term })) => return Some(self.keep(key, lease, term, ttl)),
+                Ok((_, Taken::HeldBy { holder, revision })) => {
+                    if told != holder {
+                        tracing::info!(key, leader = %holder, "following");
+                        told = holder;
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        () = self.until_gone(key, ours(revision)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %crate::error_chain(&e), "cannot campaign; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns once `key` is deleted after revision `after` (or the watch broke: the caller
+    /// looks again).
+    async fn until_gone(&self, key: &str, after: Revision) {
+        let Ok(mut watch) = self.watch(key, after).await else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            return;
+        };
+        while let Some(event) = watch.next().await {
+            match event {
+                Ok(WatchEvent::Delete { key: gone, .. }) if gone == key => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The value of `key` and our revision of its creation (a leader key's term), if present.
+    pub async fn holder(&self, key: &str) -> Result<Option<(String, Revision)>, StoreError> {
+        Ok(self.get(key).await?.map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.value).into_owned(),
+                kv.create_revision,
+            )
+        }))
+    }
+}
+
+/// The store key of `node`'s lease, under the namespace.
+pub const NODE_LEASES: &str = "leases/";
+
+/// Node leases kept in etcd, so that whichever server an agent reaches, every server knows
+/// the node is alive. Each node gets an etcd lease of its own lease's length with one key bound
+/// to it (`leases/<node>`); a heartbeat is a keep-alive of that lease, which etcd's leader
+/// answers from memory: no write to etcd's log per beat, only on a node's first beat through
+/// this server (or after its lease ended). The key's deletion (expiry) tells every server.
+pub struct EtcdNodeLeases {
+    store: EtcdStore,
+    /// This server's name, written in the key for people.
+    server: String,
+    /// Each node's etcd lease (id, seconds) as granted through this server.
+    granted: std::sync::Mutex<std::collections::HashMap<String, (i64, i64)>>,
+}
+
+impl EtcdNodeLeases {
+    pub fn new(store: &EtcdStore, server: &str) -> Self {
+        Self {
+            store: store.clone(),
+            server: server.to_string(),
+            granted: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Keeps `leases` equal to the node leases in etcd until `stop`: a key present is a live
+    /// lease, a key deleted one that ended. Relists after a broken watch.
+    pub async fn follow(&self, leases: Arc<crate::Leases>, stop: CancellationToken) {
+        let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+        while !stop.is_cancelled() {
+            let listed = tokio::select! {
+                () = stop.cancelled() => return,
+                listed = self.store.list(NODE_LEASES) => listed,
+            };
+            let list = match listed {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot list the node leases; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            };
+            let mut now_known = std::collections::HashSet::new();
+            for kv in &list.items {
+                if let Some(node) = kv.key.strip_prefix(NODE_LEASES) {
+                    leases.hold_shared(node, lease_length(&kv.value));
+                    now_known.insert(node.to_string());
+                }
+            }
+            for gone in known.difference(&now_known) {
+                leases.end_shared(gone);
+            }
+            known = now_known;
+            let Ok(mut watch) = self.store.watch(NODE_LEASES, list.revision).await else {
+                continue;
+            };
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => return,
+                    event = watch.next() => event,
+                };
+                match event {
+                    Some(Ok(WatchEvent::Put { kv, .. })) => {
+                        if let Some(node) = kv.key.strip_prefix(NODE_LEASES) {
+                            leases.hold_shared(node, lease_length(&kv.value));
+                            known.insert(node.to_string());
+                        }
+                    }
+                    Some(Ok(WatchEvent::Delete { key, .. })) => {
+                        if let Some(node) = key.strip_prefix(NODE_LEASES) {
+                            leases.end_shared(node);
+                            known.remove(node);
+                        }
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+        }
+    }
+
+    async fn grant_for(&self, node: &str, seconds: i64) -> Result<(), StoreError> {
+        let key = format!("{NODE_LEASES}{node}");
+        let lease = self
+            .store
+            .grant(&key, Duration::from_secs(seconds.unsigned_abs()))
+            .await?;
+        let value = serde_json::json!({"server": self.server, "seconds": seconds}).to_string();
+        let full = self.store.full(&key);
+        let put = TxnOp::put(full, value, Some(PutOptions::new().with_lease(lease)));
+        let kv = self.store.client.kv_client();
+        let answer = self
+            .store
+            .again(not_sent, || {
+                let (mut kv, put) = (kv.clone(), put.clone());
+                async move { kv.txn(Txn::new().and_then([put])).await }
+            })
+            .await;
+        match answer {
+            Ok(answer) => {
+                self.store.saw(answer.header().map_or(0, |h| h.revision()));
+                crate::lock(&self.granted).insert(node.to_string(), (lease, seconds));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.store.client.lease_client().revoke(lease).await;
+                Err(etcd_error(format!("writing the lease of node {node} in etcd"))(e))
+            }
+        }
+    }
+}
+
+/// The lease length written in a node lease's key (`seconds`), or the default.
+fn lease_length(value: &[u8]) -> Duration {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|v| v["seconds"].as_u64())
+        .map_or(crate::DEFAULT_LEASE, Duration::from_secs)
+}
+
+#[async_trait]
+impl crate::lease::SharedLeases for EtcdNodeLeases {
+    async fn renew(&self, node: &str, duration: Duration) -> Result<(), StoreError> {
+        self.store.open()?;
+        let seconds = lease_seconds(duration.min(crate::lease::MAX_LEASE));
+        let granted = crate::lock(&self.granted).get(node).copied();
+        if let Some((lease, had)) = granted
+            && had == seconds
+        {
+            let leases = self.store.client.lease_client();
+            match self
+                .store
+                .again(not_sent, || {
+                    let mut leases = leases.clone();
+                    async move { leases.keep_alive(lease).await.map(|_| ()) }
+                })
+                .await
+            {
+                Ok(()) => return Ok(()),
+                // Expired (the node was away, or etcd lost it): a new lease below.
+                Err(etcd_client::Error::LeaseKeepAliveError(_)) => {}
+                Err(e) => {
+                    return Err(etcd_error(format!("renewing the lease of node {node} in etcd"))(e));
+                }
+            }
+        }
+        self.grant_for(node, seconds).await
+    }
+}
+
+/// One etcd member, as the server answering reaches it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub name: String,
+    pub url: String,
+    pub healthy: bool,
+    pub leader: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl EtcdStore {
+    /// Every member of the cluster and whether it answers this server, each asked on its own
+    /// (within the connect timeout).
+    pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        self.open()?;
+        let mut cluster = self.client.cluster_client();
+        let list = cluster
+            .member_list()
+            .await
+            .map_err(etcd_error("listing etcd's members".to_string()))?;
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, m) in list.members().iter().enumerate() {
+            let url = m.client_urls().first().cloned().unwrap_or_default();
+            let (name, id) = (m.name().to_string(), m.id());
+            let mut connect = ConnectOptions::new()
+                .with_connect_timeout(self.connect_timeout)
+                .with_timeout(self.connect_timeout);
+            if let Some(tls) = &self.tls {
+                let mut config = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(etcd_client::Identity::from_pem(cert, key));
+                }
+                connect = connect.with_tls(config);
+            }
+            // Owned by this call: each ends within the timeouts above.
+            asks.spawn(async move {
+                let status = async {
+                    let mut client = Client::connect([url.clone()], Some(connect)).await?;
+                    client.status().await
+                };
+                let member = match status.await {
+                    Ok(s) => Member {
+                        name,
+                        url,
+                        healthy: true,
+                        leader: s.leader() == id,
+                        error: None,
+                    },
+                    Err(e) => Member {
+                        name,
+                        url,
+                        healthy: false,
+                        leader: false,
+                        error: Some(e.to_string()),
+                    },
+                };
+                (i, member)
+            });
+        }
+        let mut members = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            if let Ok(m) = done {
+                members.push(m);
+            }
+        }
+        members.sort_by_key(|(i, _)| *i);
+        Ok(members.into_iter().map(|(_, m)| m).collect())
     }
 }
 

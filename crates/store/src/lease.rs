@@ -9,10 +9,19 @@
 //! it can be judged NotReady (Kubernetes' node controller does the same).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::lock;
+use crate::{StoreError, lock};
+
+/// Where renewals go when several servers share the control plane (on etcd): any server may
+/// receive a node's heartbeat, and every server learns of it from there ([`Leases::hold_shared`],
+/// [`Leases::end_shared`]).
+#[async_trait::async_trait]
+pub trait SharedLeases: Send + Sync + 'static {
+    /// Renews `node`'s lease for `duration`; an error means the renewal did not count.
+    async fn renew(&self, node: &str, duration: Duration) -> Result<(), StoreError>;
+}
 
 /// What the control plane knows of a node's lease at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,11 +40,13 @@ pub enum LeaseState {
 struct Held {
     renewed: Instant,
     duration: Duration,
+    /// Held in the shared store: live until it says the lease ended.
+    shared: bool,
 }
 
 impl Held {
     fn live(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.renewed) < self.duration
+        self.shared || now.saturating_duration_since(self.renewed) < self.duration
     }
 }
 
@@ -45,8 +56,16 @@ pub struct Leases {
     held: Mutex<HashMap<String, Held>>,
     started: Instant,
     grace: Duration,
-    /// Bumped when a renewal makes a node live that was not (first lease, or expired).
+    /// Bumped when a renewal makes a node live that was not (first lease, or expired), and
+    /// when a shared lease ends.
     revived: tokio::sync::watch::Sender<u64>,
+    shared: OnceLock<Arc<dyn SharedLeases>>,
+}
+
+impl std::fmt::Debug for dyn SharedLeases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedLeases")
+    }
 }
 
 /// How long a node's lease lasts unless its agent is configured otherwise (renewed every
@@ -72,7 +91,53 @@ impl Leases {
             started: Instant::now(),
             grace,
             revived: tokio::sync::watch::Sender::new(0),
+            shared: OnceLock::new(),
         }
+    }
+
+    /// Sends every renewal to `relay` from now on (set once, before the API serves).
+    pub fn share(&self, relay: Arc<dyn SharedLeases>) {
+        let _ = self.shared.set(relay);
+    }
+
+    /// Where renewals go, when the leases are shared.
+    pub fn shared(&self) -> Option<&Arc<dyn SharedLeases>> {
+        self.shared.get()
+    }
+
+    /// `node`'s lease, held in the shared store for `duration` per renewal, is live.
+    pub fn hold_shared(&self, node: &str, duration: Duration) {
+        let now = Instant::now();
+        let held = Held {
+            renewed: now,
+            duration: duration.min(MAX_LEASE),
+            shared: true,
+        };
+        let revived = match lock(&self.held).insert(node.to_string(), held) {
+            Some(before) => !before.live(now),
+            None => true,
+        };
+        if revived {
+            self.bump();
+        }
+    }
+
+    /// `node`'s shared lease ended (expired or revoked) just now.
+    pub fn end_shared(&self, node: &str) {
+        let now = Instant::now();
+        let mut held = lock(&self.held);
+        if let Some(h) = held.get_mut(node)
+            && h.shared
+        {
+            h.shared = false;
+            h.renewed = now.checked_sub(h.duration).unwrap_or(now);
+            drop(held);
+            self.bump();
+        }
+    }
+
+    fn bump(&self) {
+        self.revived.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Renews `node`'s lease for `duration` from now (at most [`MAX_LEASE`]).
@@ -84,13 +149,14 @@ impl Leases {
         let held = Held {
             renewed: now,
             duration,
+            shared: false,
         };
         let revived = match lock(&self.held).insert(node.to_string(), held) {
             Some(before) => !before.live(now),
             None => true,
         };
         if revived {
-            self.revived.send_modify(|n| *n = n.wrapping_add(1));
+            self.bump();
         }
     }
 
@@ -101,6 +167,10 @@ impl Leases {
 
     fn state_at(&self, node: &str, now: Instant) -> LeaseState {
         match lock(&self.held).get(node) {
+            Some(h) if h.shared => LeaseState::Held {
+                ago: Duration::ZERO,
+                duration: h.duration,
+            },
             Some(h) => LeaseState::Held {
                 ago: now.saturating_duration_since(h.renewed),
                 duration: h.duration,
@@ -122,7 +192,8 @@ impl Leases {
         lock(&self.held).retain(|name, held| held.live(now) || keep(name));
     }
 
-    /// Changes each time a node becomes live that was not: what the node lifecycle waits on.
+    /// Changes each time a node becomes live that was not, or a shared lease ends: what the
+    /// node lifecycle waits on.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revived.subscribe()
     }

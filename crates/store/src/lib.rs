@@ -22,8 +22,8 @@ pub mod typed;
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use error::{BoxError, StoreError, error_chain};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
-pub use lease::{DEFAULT_LEASE, LeaseState, Leases};
+pub use etcd::{EtcdNodeLeases, EtcdOptions, EtcdStore, EtcdTls};
+pub use lease::{DEFAULT_LEASE, LeaseState, Leases, SharedLeases};
 
 /// Locks `m`, taking over a lock poisoned by a panic: every value kept under these locks is
 /// changed in single steps (a map insert, a queue push), so it stays consistent when a holder

@@ -357,10 +357,12 @@ impl NodeApi for StoreNode {
     }
 
     async fn renew_lease(&self, duration_seconds: u32) -> Result<(), NodeError> {
-        self.leases.renew(
-            &self.node,
-            std::time::Duration::from_secs(u64::from(duration_seconds)),
-        );
+        let duration = std::time::Duration::from_secs(u64::from(duration_seconds));
+        match self.leases.shared() {
+            // Several servers: the lease lives in the shared store, whichever server hears it.
+            Some(relay) => relay.renew(&self.node, duration).await?,
+            None => self.leases.renew(&self.node, duration),
+        }
         Ok(())
     }
 
