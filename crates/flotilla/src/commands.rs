@@ -465,6 +465,17 @@ async fn get(
             let l: List<Instance> = client.get(&format!("/api/v1/instances{q}")).await?;
             print_items(stdout, out, &l.items, output::instances_table)?;
         }
+        (Kind::Servers, _) => {
+            let view: output::ServersView = client.get("/api/v1/servers").await?;
+            match out {
+                Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&view)?)?,
+                Output::Table | Output::Wide => write!(
+                    stdout,
+                    "{}",
+                    output::servers_table(&view, out == Output::Wide)
+                )?,
+            }
+        }
         (Kind::Nodes, name) => {
             let nodes: Vec<output::NodeView> = match &name {
                 Some(name) => {

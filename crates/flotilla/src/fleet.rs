@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flotilla_agent::{Agent, AgentConfig};
+use flotilla_server::api::servers::{ControlPlane, LEADER, SERVERS, ServerRecord};
 use flotilla_server::auth::{TokenKind, parts};
 use flotilla_server::cluster::Membership;
 use flotilla_server::{LogSource, ServiceController};
@@ -198,8 +199,8 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     } else {
         args.etcd.clone()
     };
-    let (store, on_etcd, hold) = if etcd.is_empty() {
-        (crate::up::open_store(&data_dir)?, None, None)
+    let (store, on_etcd) = if etcd.is_empty() {
+        (crate::up::open_store(&data_dir)?, None)
     } else {
         let mut tls = args.etcd_tls.clone();
         let from_file = |p: &Option<PathBuf>| {
@@ -209,9 +210,10 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         tls.etcd_ca = tls.etcd_ca.or_else(|| from_file(&file.etcd_ca));
         tls.etcd_cert = tls.etcd_cert.or_else(|| from_file(&file.etcd_cert));
         tls.etcd_key = tls.etcd_key.or_else(|| from_file(&file.etcd_key));
-        let (store, hold) = open_etcd(&etcd, etcd_tls(&etcd, &tls)?).await?;
+        let store = open_etcd(&etcd, etcd_tls(&etcd, &tls)?).await?;
+        share_secrets(&store, &data_dir).await?;
         let shared: Arc<dyn flotilla_store::Store> = store.clone();
-        (shared, Some(store), Some(hold))
+        (shared, Some(store))
     };
     let token = context::ensure_token(&data_dir)?;
     let authority =
@@ -245,15 +247,63 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     let mut registry = Registry::default();
     let leases = Arc::new(flotilla_store::Leases::new(flotilla_store::DEFAULT_LEASE));
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(etcd) = on_etcd {
-        tasks.spawn(compact_etcd(etcd, shutdown.clone()));
-    }
-    let controller = ServiceController::new(
-        store.clone(),
-        leases.clone(),
-        Membership::Fleet,
-        &mut registry,
-    );
+    let me = ServerRecord {
+        name: format!(
+            "{}:{}",
+            flotilla_agent::registration::hostname().unwrap_or_else(|| "server".to_string()),
+            api_local.port()
+        ),
+        api: format!("https://{api_local}"),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: flotilla_spec::now_rfc3339(),
+    };
+    let metrics = flotilla_server::controller::Metrics::register(&mut registry);
+    let plane = match &on_etcd {
+        Some(etcd) => {
+            let relay = Arc::new(flotilla_store::EtcdNodeLeases::new(etcd, &me.name));
+            leases.share(relay.clone());
+            let (leases, stop) = (leases.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                relay.follow(leases, stop).await;
+                Ok(())
+            });
+            tasks.spawn(stay_present(etcd.clone(), me.clone(), shutdown.clone()));
+            ControlPlane::Etcd {
+                me: me.clone(),
+                store: etcd.clone(),
+            }
+        }
+        None => ControlPlane::Single {
+            me: me.clone(),
+            store: data_dir.join(crate::up::STORE_FILE).display().to_string(),
+        },
+    };
+    let mut main_task = match &on_etcd {
+        Some(etcd) => tokio::spawn(lead(
+            etcd.clone(),
+            me.clone(),
+            leases.clone(),
+            metrics,
+            shutdown.clone(),
+        )),
+        None => {
+            let controller = ServiceController::with_metrics(
+                store.clone(),
+                leases.clone(),
+                Membership::Fleet,
+                metrics,
+            );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                controller.run(stop.clone()).await;
+                if stop.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(anyhow!("the controller stopped unexpectedly"))
+                }
+            })
+        }
+    };
     let api_state = flotilla_server::ApiState::new(
         store.clone(),
         leases,
@@ -263,9 +313,9 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         shutdown.clone(),
     )
     .with_signer(context::signer(&data_dir)?)
-    .with_authority(authority.clone(), certificate_ttl);
+    .with_authority(authority.clone(), certificate_ttl)
+    .with_control_plane(plane);
     let registry = Arc::new(registry);
-    let mut controller_task = tokio::spawn(controller.run(shutdown.clone()));
     tasks.spawn(flotilla_server::serve_tls(
         api_listener,
         flotilla_server::router(api_state),
@@ -315,23 +365,10 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP\n  (or `flotilla-agent`, the agent alone, with the same flags)"
     );
 
-    let hold_lost = hold.as_ref().map(flotilla_store::etcd::Exclusive::lost);
-    let mut lost = false;
-    let early = tokio::select! {
-        early = until_signal(&mut controller_task) => early?,
-        () = async {
-            match &hold_lost {
-                Some(t) => t.cancelled().await,
-                None => std::future::pending().await,
-            }
-        } => {
-            lost = true;
-            None
-        }
-    };
+    let early = until_signal(&mut main_task).await?;
     shutdown.cancel();
     if early.is_none() {
-        let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, controller_task).await;
+        let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, &mut main_task).await;
     }
     let drained = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, async {
         while let Some(done) = tasks.join_next().await {
@@ -347,18 +384,180 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     if let Ok(p) = &ctx_path {
         context::remove_own_context(p);
     }
-    if let Some(hold) = hold {
-        hold.release().await;
-    }
-    if lost {
-        bail!(
-            "lost the server's hold in etcd (no renewal answered in time): stopped, so that no two servers act at once"
-        );
-    }
     match early {
-        Some(()) => Err(anyhow!("the controller stopped unexpectedly")),
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow!("the controller stopped unexpectedly")),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// How long the leader's key in etcd lasts without a renewal: a leader killed outright is
+/// followed within this (and the watch's delivery); Kubernetes' default is 15 s. A deposed
+/// leader that wakes up late writes nothing whatever the lease: its writes are fenced.
+pub const LEADER_LEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a server's presence record outlives its last renewal.
+const PRESENCE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Campaigns for the leadership until `stop`; while this server leads, runs the controller
+/// (services, scheduler, node lifecycle) and etcd's compaction on a fenced view of the store.
+/// When the leadership is lost, they stop and the campaign starts again.
+async fn lead(
+    store: Arc<flotilla_store::EtcdStore>,
+    me: ServerRecord,
+    leases: Arc<flotilla_store::Leases>,
+    metrics: flotilla_server::controller::Metrics,
+    stop: CancellationToken,
+) -> Result<()> {
+    let holder = serde_json::to_string(&me).context("encoding this server's record")?;
+    loop {
+        let Some(hold) = store.campaign(LEADER, &holder, LEADER_LEASE, &stop).await else {
+            return Ok(());
+        };
+        tracing::info!(
+            term = hold.term(),
+            "leading: the controller, the scheduler and the node lifecycle run on this server"
+        );
+        let fenced: Arc<dyn flotilla_store::Store> = Arc::new(store.fenced(&hold));
+        let controller = ServiceController::with_metrics(
+            fenced,
+            leases.clone(),
+            Membership::Fleet,
+            metrics.clone(),
+        );
+        let term = stop.child_token();
+        let mut run = tokio::spawn(controller.run(term.clone()));
+        let compaction = tokio::spawn(compact_etcd(store.clone(), term.clone()));
+        let lost = hold.lost();
+        let ended = tokio::select! {
+            () = lost.cancelled() => {
+                tracing::warn!("lost the leadership (no renewal in time): the controller stops; campaigning again");
+                false
+            }
+            () = stop.cancelled() => false,
+            _ = &mut run => true,
+        };
+        term.cancel();
+        if !ended {
+            let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, run).await;
+        }
+        let _ = compaction.await;
+        hold.release().await;
+        if ended && !stop.is_cancelled() {
+            bail!("the controller stopped unexpectedly");
+        }
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+/// Keeps this server's record in etcd (for `get servers`) until `stop`, taking it again after
+/// etcd lost it.
+async fn stay_present(
+    store: Arc<flotilla_store::EtcdStore>,
+    me: ServerRecord,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let key = format!("{SERVERS}{}", me.name);
+    let Ok(value) = serde_json::to_string(&me) else {
+        return Ok(());
+    };
+    while !stop.is_cancelled() {
+        match store.hold(&key, &value, PRESENCE_TTL).await {
+            Ok(hold) => {
+                let lost = hold.lost();
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = lost.cancelled() => {}
+                }
+                hold.release().await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %flotilla_store::error_chain(&e), "cannot write this server's record in etcd; retrying");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The store key of the secrets every server of a cluster shares.
+const SHARED_SECRETS: &str = "cluster/secrets";
+
+/// The admin token, the token-signing key and the cluster CA belong to the cluster, not to one
+/// server: the first server on an etcd publishes its own (in one write, so that two starting
+/// at once cannot mix them), every later one adopts them into its data directory. Anyone who
+/// can read etcd can read these, as with Kubernetes' secrets: give etcd client certificates
+/// only to the servers.
+async fn share_secrets(
+    store: &flotilla_store::EtcdStore,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use flotilla_store::Store;
+    const FILES: [&str; 4] = [
+        context::TOKEN_FILE,
+        context::SIGNING_KEY_FILE,
+        flotilla_pki::CA_CERT_FILE,
+        flotilla_pki::CA_KEY_FILE,
+    ];
+    context::ensure_token(data_dir)?;
+    context::signer(data_dir)?;
+    flotilla_pki::Authority::load_or_create(data_dir).context("the cluster CA")?;
+    let mut mine = serde_json::Map::new();
+    for file in FILES {
+        let path = data_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        mine.insert(file.to_string(), serde_json::Value::String(text));
+    }
+    let encoded = serde_json::to_vec(&mine).context("encoding the cluster's secrets")?;
+    let stored = match store
+        .put(
+            SHARED_SECRETS,
+            encoded,
+            flotilla_store::Precondition::Absent,
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                "published this server's CA, signing key and admin token for the cluster"
+            );
+            return Ok(());
+        }
+        Err(e) if e.is_conflict() => store
+            .get(SHARED_SECRETS)
+            .await
+            .map_err(|e| anyhow!("{}", flotilla_store::error_chain(&e)))
+            .context("reading the cluster's secrets from etcd")?
+            .ok_or_else(|| {
+                anyhow!("the cluster's secrets vanished from etcd while reading them")
+            })?,
+        Err(e) => {
+            return Err(anyhow!("{}", flotilla_store::error_chain(&e)))
+                .context("publishing the cluster's secrets to etcd");
+        }
+    };
+    let theirs: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&stored.value)
+        .context("the cluster's secrets in etcd (key cluster/secrets) do not decode")?;
+    let mut adopted = false;
+    for file in FILES {
+        let Some(text) = theirs.get(file).and_then(|v| v.as_str()) else {
+            bail!("the cluster's secrets in etcd lack {file}");
+        };
+        if mine.get(file).and_then(|v| v.as_str()) != Some(text) {
+            context::write_private(&data_dir.join(file), text.as_bytes())?;
+            adopted = true;
+        }
+    }
+    if adopted {
+        tracing::info!(data_dir = %data_dir.display(), "adopted the cluster's CA, signing key and admin token");
+    }
+    Ok(())
 }
 
 /// Revisions of history kept in etcd for watches to resume from (the embedded store's 10,000).
@@ -388,9 +587,6 @@ async fn compact_etcd(
 /// How long a starting server waits for etcd to answer.
 const ETCD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How long the server's hold in etcd lasts without a renewal.
-const ETCD_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// The TLS settings for `endpoints` from the files named in `args`; `None` for `http://` ones.
 pub(crate) fn etcd_tls(
     endpoints: &[String],
@@ -419,15 +615,11 @@ pub(crate) fn etcd_tls(
     }))
 }
 
-/// The store on the etcd cluster at `endpoints`, and this server's exclusive hold of it: until
-/// servers elect a leader, one server at a time uses an etcd namespace.
+/// The store on the etcd cluster at `endpoints`, once it answers (within [`ETCD_WAIT`]).
 async fn open_etcd(
     endpoints: &[String],
     tls: Option<flotilla_store::EtcdTls>,
-) -> Result<(
-    Arc<flotilla_store::EtcdStore>,
-    flotilla_store::etcd::Exclusive,
-)> {
+) -> Result<Arc<flotilla_store::EtcdStore>> {
     let shown = endpoints.join(",");
     let options = flotilla_store::EtcdOptions {
         tls,
@@ -448,24 +640,8 @@ async fn open_etcd(
             }
         }
     };
-    let holder = format!(
-        "{} (pid {})",
-        flotilla_agent::registration::hostname().unwrap_or_else(|| "?".to_string()),
-        std::process::id()
-    );
-    let hold = match store.hold_exclusive("server", &holder, ETCD_HOLD).await {
-        Ok(hold) => hold,
-        Err(flotilla_store::StoreError::Held { holder, .. }) => bail!(
-            "another flotilla server, {holder}, already uses the etcd at {shown}: until servers elect a leader, one server at a time may use it (stop that one first; if it died, its hold ends within {}s)",
-            ETCD_HOLD.as_secs()
-        ),
-        Err(e) => {
-            return Err(anyhow!("{}", flotilla_store::error_chain(&e)))
-                .with_context(|| format!("taking the server's hold in etcd at {shown}"));
-        }
-    };
     tracing::info!(etcd = %shown, "store on etcd");
-    Ok((Arc::new(store), hold))
+    Ok(Arc::new(store))
 }
 
 /// `label=value` pairs of `--label`.

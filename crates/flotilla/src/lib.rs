@@ -382,6 +382,9 @@ pub enum Kind {
     Instances,
     #[value(alias = "node", alias = "no")]
     Nodes,
+    /// The control plane's servers, which one leads, and their store's health.
+    #[value(alias = "server")]
+    Servers,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

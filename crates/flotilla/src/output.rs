@@ -635,3 +635,116 @@ mod tests {
         assert!(wide.contains(&"n".repeat(60)));
     }
 }
+
+/// `GET /api/v1/servers`, as `get servers` prints it.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServersView {
+    pub items: Vec<ServerRow>,
+    pub store: StoreRow,
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerRow {
+    pub name: String,
+    pub api: String,
+    pub version: String,
+    pub started_at: String,
+    pub leader: bool,
+    pub answering: bool,
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreRow {
+    pub kind: String,
+    pub location: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberRow>,
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRow {
+    pub name: String,
+    pub url: String,
+    pub healthy: bool,
+    pub leader: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The servers (which leads, which answered), then the store and its members.
+pub fn servers_table(view: &ServersView, wide: bool) -> String {
+    let rows = view
+        .items
+        .iter()
+        .map(|s| {
+            let mut role = if s.leader { "leader" } else { "follower" }.to_string();
+            if s.answering {
+                role.push_str(" (answered)");
+            }
+            [
+                s.name.clone(),
+                role,
+                s.api.clone(),
+                s.version.clone(),
+                age(Some(&s.started_at)),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        [
+            col("NAME"),
+            col("ROLE"),
+            col("API"),
+            col("VERSION"),
+            col("AGE"),
+        ],
+        rows,
+        wide,
+    );
+    if !view.items.iter().any(|s| s.leader) && view.store.kind == "etcd" {
+        out.push_str(
+            "no server leads right now (an election is under way, or etcd has no quorum)\n",
+        );
+    }
+    let store = &view.store;
+    let health = if store.healthy {
+        "healthy"
+    } else {
+        "UNHEALTHY"
+    };
+    let _ = writeln!(out, "\nSTORE  {} {}  {health}", store.kind, store.location);
+    if let Some(e) = &store.error {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    if !store.members.is_empty() {
+        let rows = store
+            .members
+            .iter()
+            .map(|m| {
+                let mut status = if m.healthy { "healthy" } else { "unreachable" }.to_string();
+                if m.leader {
+                    status.push_str(", etcd leader");
+                }
+                [
+                    m.name.clone(),
+                    status,
+                    m.url.clone(),
+                    m.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            [col("MEMBER"), col("STATUS"), col("URL"), cut("ERROR", 60)],
+            rows,
+            wide,
+        ));
+    }
+    out
+}

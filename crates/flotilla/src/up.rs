@@ -174,8 +174,11 @@ pub(crate) async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// The embedded store of a data directory (`store.redb`), which one process holds at a time.
+/// The embedded store's file in a data directory.
+pub(crate) const STORE_FILE: &str = "store.redb";
+
 pub(crate) fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>> {
-    let path = data_dir.join("store.redb");
+    let path = data_dir.join(STORE_FILE);
     let store = EmbeddedStore::open(&path).with_context(|| {
         format!(
             "opening the store at {} (is another flotilla using this data directory?)",
@@ -282,7 +285,16 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     .with_signer(context::signer(&data_dir)?)
     .with_gateway(flotilla_spec::gateway_digest(
         file.as_ref().and_then(|f| f.gateway.as_ref()),
-    ));
+    ))
+    .with_control_plane(flotilla_server::api::servers::ControlPlane::Single {
+        me: flotilla_server::api::servers::ServerRecord {
+            name: args.node.clone(),
+            api: format!("http://{api_local}"),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: flotilla_spec::now_rfc3339(),
+        },
+        store: data_dir.join(STORE_FILE).display().to_string(),
+    });
     let registry = Arc::new(registry);
 
     // The node is registered before the controller's first placements look for it.

@@ -1751,8 +1751,8 @@ fn a_node_under_pressure_takes_no_new_instance() {
 /// of it there after a restart), and a second server on the same etcd is refused, named, until
 /// servers elect a leader.
 #[test]
-fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
-    let test = "a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it";
+fn servers_on_etcd_share_its_state_and_one_leads_at_a_time() {
+    let test = "servers_on_etcd_share_its_state_and_one_leads_at_a_time";
     if let Some(why) = etcd_support::unavailable() {
         etcd_support::skip(test, &why);
         return;
@@ -1772,11 +1772,12 @@ fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
     let before = uid(&fleet);
     assert!(!fleet.dir.path().join("server/store.redb").exists());
 
-    // A second server on the same etcd: refused at once, naming the first.
+    // A second server on the same etcd follows: it adopts the cluster's admin token and CA,
+    // answers the API (writes too), and `get servers` names the leader.
     let other = fleet.dir.path().join("other");
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let mut second = spawn(
+    let second = spawn(
         &fleet.dir,
         "second",
         &[
@@ -1790,23 +1791,81 @@ fn a_server_on_etcd_keeps_its_state_there_and_is_alone_on_it() {
         ],
         &[],
     );
-    let status = wait_for(
-        "the second server to give up",
+    let via_second = |args: &[&str]| {
+        let out = Command::new(flotilla_bin())
+            .arg("--data-dir")
+            .arg(&other)
+            .args(args)
+            .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let servers = wait_for(
+        "the second server to answer",
         Duration::from_secs(20),
-        || second.child.try_wait().unwrap(),
+        || {
+            let (ok, out) = via_second(&["get", "servers"]);
+            (ok && out.matches(":").count() > 0 && out.contains("follower (answered)"))
+                .then_some(out)
+        },
     );
-    let log = std::fs::read_to_string(&second.log).unwrap();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let first_port = fleet.api.rsplit(':').next().unwrap().to_string();
+    let leader_line = servers
+        .lines()
+        .find(|l| l.contains(" leader "))
+        .unwrap_or_else(|| panic!("no leader in:\n{servers}"));
+    assert!(leader_line.contains(&first_port), "{servers}");
     assert!(
-        log.contains("another flotilla server")
-            && log.contains(&format!("(pid {})", fleet.server.child.id())),
-        "{log}"
+        servers.contains("STORE  etcd") && servers.contains("healthy"),
+        "{servers}"
     );
+    assert_eq!(
+        std::fs::read_to_string(other.join("admin.token"))
+            .unwrap()
+            .trim(),
+        fleet.token,
+        "the second server adopted the cluster's admin token"
+    );
+    std::fs::write(&file, web(3)).unwrap();
+    let (ok, out) = via_second(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "a follower takes writes: {out}");
 
-    // Restarted, the first finds everything in etcd.
+    // The leader dies: the follower leads (the lease is 2 s) and the controller runs there.
+    fleet.server.child.kill().unwrap();
+    let _ = fleet.server.child.wait();
+    let killed = std::time::Instant::now();
+    wait_for("the second server to lead", Duration::from_secs(10), || {
+        std::fs::read_to_string(&second.log)
+            .unwrap()
+            .contains("leading:")
+            .then_some(())
+    });
+    let took = killed.elapsed();
+    eprintln!("{test}: the follower led {took:?} after the leader's kill -9");
+    assert!(took < Duration::from_secs(6), "failover took {took:?}");
+    let servers = wait_for(
+        "the second to show as leader",
+        Duration::from_secs(10),
+        || {
+            let (ok, out) = via_second(&["get", "servers"]);
+            (ok && out.contains("leader (answered)")).then_some(out)
+        },
+    );
+    assert!(servers.contains(&port), "{servers}");
+
+    // Restarted, the first finds everything in etcd (and follows).
     fleet.restart_server(&["--etcd", &member.endpoint]);
     let data = fleet.dir.path().join("server");
     assert_eq!(uid(&fleet), before);
+    drop(second);
     assert!(fleet.ok(&["get", "services"]).contains("web"));
     assert!(!data.join("store.redb").exists());
 }

@@ -60,11 +60,39 @@ struct PhaseLabels {
     phase: String,
 }
 
+/// The controller's metrics, registered once and kept across the controllers of successive
+/// leadership terms.
 #[derive(Clone)]
-struct Metrics {
+pub struct Metrics {
     instances: Family<PhaseLabels, Gauge>,
     reconciles: Counter,
     reconcile_errors: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            instances: Family::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+        };
+        registry.register(
+            "flotilla_instances",
+            "Instances by phase",
+            metrics.instances.clone(),
+        );
+        registry.register(
+            "flotilla_controller_reconciles",
+            "Reconcile passes of the service controller",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "flotilla_controller_reconcile_errors",
+            "Reconcile passes that hit an error (retried)",
+            metrics.reconcile_errors.clone(),
+        );
+        metrics
+    }
 }
 
 pub struct ServiceController {
@@ -109,26 +137,16 @@ impl ServiceController {
         membership: Membership,
         registry: &mut Registry,
     ) -> Self {
-        let metrics = Metrics {
-            instances: Family::default(),
-            reconciles: Counter::default(),
-            reconcile_errors: Counter::default(),
-        };
-        registry.register(
-            "flotilla_instances",
-            "Instances by phase",
-            metrics.instances.clone(),
-        );
-        registry.register(
-            "flotilla_controller_reconciles",
-            "Reconcile passes of the service controller",
-            metrics.reconciles.clone(),
-        );
-        registry.register(
-            "flotilla_controller_reconcile_errors",
-            "Reconcile passes that hit an error (retried)",
-            metrics.reconcile_errors.clone(),
-        );
+        Self::with_metrics(store, leases, membership, Metrics::register(registry))
+    }
+
+    /// The same with metrics registered already (a leader's controller, one per term).
+    pub fn with_metrics(
+        store: Arc<dyn Store>,
+        leases: Arc<Leases>,
+        membership: Membership,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             store,
             leases,

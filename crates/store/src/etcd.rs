@@ -1112,7 +1112,9 @@ impl EtcdNodeLeases {
             }
             Err(e) => {
                 let _ = self.store.client.lease_client().revoke(lease).await;
-                Err(etcd_error(format!("writing the lease of node {node} in etcd"))(e))
+                Err(etcd_error(format!(
+                    "writing the lease of node {node} in etcd"
+                ))(e))
             }
         }
     }
@@ -1148,7 +1150,9 @@ impl crate::lease::SharedLeases for EtcdNodeLeases {
                 // Expired (the node was away, or etcd lost it): a new lease below.
                 Err(etcd_client::Error::LeaseKeepAliveError(_)) => {}
                 Err(e) => {
-                    return Err(etcd_error(format!("renewing the lease of node {node} in etcd"))(e));
+                    return Err(etcd_error(format!(
+                        "renewing the lease of node {node} in etcd"
+                    ))(e));
                 }
             }
         }

@@ -6,6 +6,7 @@ mod events;
 mod instances;
 mod logs;
 mod nodes;
+pub mod servers;
 mod services;
 mod tokens;
 pub use tokens::MEMBER_CERT_TTL;
@@ -96,6 +97,8 @@ pub struct ApiState {
     /// [`flotilla_spec::gateway_digest`] of the `[gateway]` table the in-process gateway
     /// started with; `None` when this server runs no gateway.
     gateway: Option<Arc<str>>,
+    /// The servers and their store, for `GET /api/v1/servers`.
+    control_plane: Option<servers::ControlPlane>,
 }
 
 impl ApiState {
@@ -128,7 +131,14 @@ impl ApiState {
             latency,
             shutdown,
             gateway: None,
+            control_plane: None,
         }
+    }
+
+    /// What `GET /api/v1/servers` reports.
+    pub fn with_control_plane(mut self, plane: servers::ControlPlane) -> Self {
+        self.control_plane = Some(plane);
+        self
     }
 
     /// Join, node and gateway tokens are signed and checked with this.
@@ -221,6 +231,7 @@ pub fn router(state: ApiState) -> Router {
             post(tokens::gateway_credential),
         )
         .route("/api/v1/events", get(list_events))
+        .route("/api/v1/servers", get(servers::list_servers))
         .route("/api/v1/watch/{kind}", get(watch))
         .route("/api/v1/gateway", get(gateway_info))
         .route("/version", get(version))
