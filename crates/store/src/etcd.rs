@@ -147,6 +147,17 @@ fn read_again(e: &etcd_client::Error) -> bool {
         || matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
 }
 
+/// `connect` with `tls`'s CA (and client certificate), if any.
+fn with_tls(connect: ConnectOptions, tls: Option<&EtcdTls>) -> ConnectOptions {
+    let Some(tls) = tls else { return connect };
+    let mut config = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(etcd_client::Identity::from_pem(cert, key));
+    }
+    connect.with_tls(config)
+}
+
 /// Our revision of an etcd revision.
 fn ours(etcd: i64) -> Revision {
     u64::try_from(etcd).unwrap_or(0).saturating_sub(1)
@@ -176,18 +187,13 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:2379`, …) and reads its revision.
     pub async fn connect(endpoints: &[String], options: EtcdOptions) -> Result<Self, StoreError> {
         let shown = endpoints.join(",");
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        if let Some(tls) = &options.tls {
-            let mut config = etcd_client::TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
-            if let Some((cert, key)) = &tls.identity {
-                config = config.identity(etcd_client::Identity::from_pem(cert, key));
-            }
-            connect = connect.with_tls(config);
-        }
+        let connect = with_tls(
+            ConnectOptions::new()
+                .with_connect_timeout(options.connect_timeout)
+                .with_timeout(options.request_timeout)
+                .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3)),
+            options.tls.as_ref(),
+        );
         let client = Client::connect(endpoints, Some(connect))
             .await
             .map_err(etcd_error(format!("connecting to etcd at {shown}")))?;
@@ -1186,17 +1192,12 @@ impl EtcdStore {
         for (i, m) in list.members().iter().enumerate() {
             let url = m.client_urls().first().cloned().unwrap_or_default();
             let (name, id) = (m.name().to_string(), m.id());
-            let mut connect = ConnectOptions::new()
-                .with_connect_timeout(self.connect_timeout)
-                .with_timeout(self.connect_timeout);
-            if let Some(tls) = &self.tls {
-                let mut config = etcd_client::TlsOptions::new()
-                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
-                if let Some((cert, key)) = &tls.identity {
-                    config = config.identity(etcd_client::Identity::from_pem(cert, key));
-                }
-                connect = connect.with_tls(config);
-            }
+            let connect = with_tls(
+                ConnectOptions::new()
+                    .with_connect_timeout(self.connect_timeout)
+                    .with_timeout(self.connect_timeout),
+                self.tls.as_ref(),
+            );
             // Owned by this call: each ends within the timeouts above.
             asks.spawn(async move {
                 let status = async {

@@ -108,11 +108,19 @@ impl Leases {
     /// `node`'s lease, held in the shared store for `duration` per renewal, is live.
     pub fn hold_shared(&self, node: &str, duration: Duration) {
         let now = Instant::now();
-        let held = Held {
-            renewed: now,
-            duration: duration.min(MAX_LEASE),
-            shared: true,
-        };
+        self.insert(
+            node,
+            Held {
+                renewed: now,
+                duration: duration.min(MAX_LEASE),
+                shared: true,
+            },
+            now,
+        );
+    }
+
+    /// Records `held` for `node`; a node that was not live is revived.
+    fn insert(&self, node: &str, held: Held, now: Instant) {
         let revived = match lock(&self.held).insert(node.to_string(), held) {
             Some(before) => !before.live(now),
             None => true,
@@ -146,18 +154,15 @@ impl Leases {
     }
 
     fn renew_at(&self, node: &str, duration: Duration, now: Instant) {
-        let held = Held {
-            renewed: now,
-            duration,
-            shared: false,
-        };
-        let revived = match lock(&self.held).insert(node.to_string(), held) {
-            Some(before) => !before.live(now),
-            None => true,
-        };
-        if revived {
-            self.bump();
-        }
+        self.insert(
+            node,
+            Held {
+                renewed: now,
+                duration,
+                shared: false,
+            },
+            now,
+        );
     }
 
     /// The lease of `node` as of now.
