@@ -1,15 +1,18 @@
 //! A small HTTP client for the API, on hyper (the same stack as the gateway and the server).
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use flotilla_store::servers::{ATTEMPT_TIMEOUT, Servers, repeatable, unavailable, unsent};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
+/// A client of one API, or of the servers of one cluster (`base` lists them separated by
+/// commas): requests go to one until it fails, then to the next ([`flotilla_store::servers`]).
 pub struct Client {
-    base: String,
+    servers: Servers,
     token: String,
     http: HyperClient<flotilla_pki::Connector, Full<Bytes>>,
 }
@@ -51,8 +54,9 @@ fn reason(s: StatusCode) -> &'static str {
 impl std::error::Error for ApiFailure {}
 
 impl Client {
-    /// A client of `base` that speaks TLS with `tls` to `https://` (the bearer `token` is left
-    /// out when empty: a member certificate in `tls` speaks for it).
+    /// A client of `base` (one URL or several, comma-separated) that speaks TLS with `tls` to
+    /// `https://` (the bearer `token` is left out when empty: a member certificate in `tls`
+    /// speaks for it).
     pub fn with_tls(
         base: &str,
         token: String,
@@ -61,7 +65,7 @@ impl Client {
         let http =
             HyperClient::builder(TokioExecutor::new()).build(flotilla_pki::Connector::new(tls));
         Self {
-            base: base.trim_end_matches('/').to_string(),
+            servers: Servers::parse(base),
             token,
             http,
         }
@@ -69,13 +73,14 @@ impl Client {
 
     fn request(
         &self,
+        base: &str,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Request<Full<Bytes>>> {
-        let uri: Uri = format!("{}{}", self.base, path)
+        let uri: Uri = format!("{base}{path}")
             .parse()
-            .with_context(|| format!("bad API address {:?}", self.base))?;
+            .with_context(|| format!("bad API address {base:?}"))?;
         let mut builder = Request::builder().method(method).uri(uri);
         if !self.token.is_empty() {
             if !flotilla_store::remote::token_is_sendable(&self.token) {
@@ -86,20 +91,67 @@ impl Client {
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }
-        Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+        Ok(builder.body(Full::new(body.unwrap_or_default()))?)
     }
 
+    /// Sends a request to the server in use; to the next one when it cannot be reached, or
+    /// (for a request that may be repeated) fails, hangs or answers that it cannot serve.
     async fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        self.http.request(request).await.map_err(|e| {
-            let e = flotilla_store::error_chain(&e);
-            anyhow!(
-                "cannot reach the flotilla API at {} ({e}); is `flotilla up` running? (set --api / FLOTILLA_API)",
-                self.base
+        let body = body.map(Bytes::from);
+        let attempts = self.servers.attempts();
+        let count = attempts.len();
+        let mut last = String::new();
+        for (k, (index, base)) in attempts.into_iter().enumerate() {
+            let more = k + 1 < count;
+            let retry = more && repeatable(&method);
+            let request = self.request(&base, method.clone(), path, body.clone())?;
+            let attempt = self.servers.attempt(index);
+            let answer = if retry {
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, self.http.request(request)).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        last = format!("{base}: no answer within {}s", ATTEMPT_TIMEOUT.as_secs());
+                        continue;
+                    }
+                }
+            } else {
+                self.http.request(request).await
+            };
+            match answer {
+                Ok(response) if retry && unavailable(response.status()) => {
+                    last = format!("{base}: answered {}", response.status());
+                }
+                Ok(response) => {
+                    attempt.succeeded();
+                    return Ok(response);
+                }
+                Err(e) if (more && unsent(&e)) || retry => {
+                    last = format!("{base}: {}", flotilla_store::error_chain(&e));
+                }
+                Err(e) => {
+                    last = flotilla_store::error_chain(&e);
+                    if count > 1 {
+                        last = format!("{base}: {last}");
+                    }
+                    break;
+                }
+            }
+        }
+        if count > 1 {
+            bail!(
+                "cannot reach the flotilla API at any of {} (last: {last}) (set --api / FLOTILLA_API)",
+                self.servers
             )
-        })
+        }
+        bail!(
+            "cannot reach the flotilla API at {} ({last}); is `flotilla up` running? (set --api / FLOTILLA_API)",
+            self.servers
+        )
     }
 
     /// Sends a request and returns the body, turning API errors into [`ApiFailure`].
@@ -109,7 +161,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes)> {
-        let response = self.send(self.request(method, path, body)?).await?;
+        let response = self.send(method, path, body).await?;
         let status = response.status();
         let bytes = response
             .into_body()
@@ -128,14 +180,14 @@ impl Client {
         serde_json::from_slice(&body).with_context(|| format!("unexpected answer from GET {path}"))
     }
 
-    /// The API's base URL.
-    pub fn base(&self) -> &str {
-        &self.base
+    /// The base URL of the server in use.
+    pub fn base(&self) -> std::sync::Arc<str> {
+        self.servers.current()
     }
 
     /// Opens a streamed GET: its body, once the API answered with success.
     pub async fn open_stream(&self, path: &str) -> Result<hyper::body::Incoming> {
-        let response = self.send(self.request(Method::GET, path, None)?).await?;
+        let response = self.send(Method::GET, path, None).await?;
         let status = response.status();
         let body = response.into_body();
         if !status.is_success() {

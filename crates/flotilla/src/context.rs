@@ -258,13 +258,26 @@ pub fn api_url(addr: &str) -> String {
     api_url_tls(addr, false)
 }
 
-/// The same, `https://` for a bare address when `tls` (a fleet's server, or a CA given).
+/// The same, `https://` for a bare address when `tls` (a fleet's server, or a CA given). A
+/// list of servers (`server-1:7443,server-2:7443`) gives a list of URLs, comma-separated.
 pub fn api_url_tls(addr: &str, tls: bool) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_string()
-    } else if tls {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
+    let one = |addr: &str| {
+        if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_string()
+        } else if tls {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        }
+    };
+    let urls: Vec<String> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(one)
+        .collect();
+    if urls.is_empty() {
+        return one(addr.trim());
     }
+    urls.join(",")
 }

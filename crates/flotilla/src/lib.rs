@@ -45,7 +45,8 @@ pub struct Cli {
 /// `up`, which they mean nothing to).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Conn {
-    /// API address (host:port or URL); default: from the context file written by `up`.
+    /// API address (host:port or URL), or several servers' comma-separated (the client moves
+    /// to the next when one does not answer); default: from the context file written by `up`.
     #[arg(long, env = "FLOTILLA_API")]
     pub api: Option<String>,
     /// Bearer token; default: the token file named in the context file.
@@ -61,7 +62,8 @@ pub struct Conn {
 /// it too.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SubConn {
-    /// API address (host:port or URL); default: from the context file written by `up`.
+    /// API address (host:port or URL), or several servers' comma-separated (the client moves
+    /// to the next when one does not answer); default: from the context file written by `up`.
     #[arg(
         long = "api",
         id = "sub_api",
@@ -458,7 +460,8 @@ pub struct ServerArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub certificate_ttl: Option<std::time::Duration>,
     /// Keep the store on etcd (`http://etcd-1:2379,http://etcd-2:2379,…`) instead of the
-    /// embedded file in the data directory. One server per etcd for now.
+    /// embedded file in the data directory. Several servers may share one etcd: one leads,
+    /// every one answers the API.
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     pub etcd: Vec<String>,
     #[command(flatten)]
@@ -474,8 +477,10 @@ pub struct AgentArgs {
     /// `data_dir`); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The server's API to join (the same as --api).
-    #[arg(long, value_name = "URL")]
+    /// The server's API to join (the same as --api): one URL, or every server's,
+    /// comma-separated (`https://server-1:7443,https://server-2:7443`); the agent moves to
+    /// the next when one does not answer.
+    #[arg(long, value_name = "URLS")]
     pub join: Option<String>,
     /// This node's name [default: the host name].
     #[arg(long)]

@@ -37,19 +37,29 @@ pub async fn cluster_ca(api: &str, ca_file: Option<&Path>, token: Option<&str>) 
             "cannot tell which CA to trust at {api}: pass a join or gateway token from `flotilla token create` (it carries the CA's pin), or --ca FILE"
         );
     };
-    flotilla_pki::fetch_ca_pinned(api, &pin)
-        .await
-        .with_context(|| format!("finding the cluster CA at {api}"))
+    // Any server of the cluster shows the same CA: the first that answers does.
+    let servers = flotilla_store::servers::Servers::parse(api);
+    let mut failure = None;
+    for server in servers.all() {
+        match flotilla_pki::fetch_ca_pinned(server, &pin).await {
+            Ok(pem) => return Ok(pem),
+            Err(e) => {
+                failure = Some(anyhow!(e).context(format!("finding the cluster CA at {server}")))
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| anyhow!("no server address given")))
 }
 
-/// Refuses an API that is not `https://`: a fleet's server speaks TLS only.
+/// Refuses an API that is not `https://`: a fleet's server speaks TLS only (every one of a
+/// list of servers).
 pub fn require_https(api: &str) -> Result<()> {
-    if api.starts_with("https://") {
-        Ok(())
-    } else {
-        bail!(
-            "{api}: a flotilla server's API is https:// (only `flotilla up` serves plain HTTP, on loopback)"
-        )
+    let servers = flotilla_store::servers::Servers::parse(api);
+    match servers.all().iter().find(|s| !s.starts_with("https://")) {
+        None => Ok(()),
+        Some(plain) => bail!(
+            "{plain}: a flotilla server's API is https:// (only `flotilla up` serves plain HTTP, on loopback)"
+        ),
     }
 }
 

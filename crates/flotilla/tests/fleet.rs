@@ -179,7 +179,15 @@ impl Fleet {
     fn start_agent(&mut self, name: &str) {
         let agent = &self.agents[name];
         let (address, data) = (agent.address.clone(), agent.data.clone());
-        let api = format!("https://{}", agent.api.as_deref().unwrap_or(&self.api));
+        // `api` may name several servers (`a,b`): the agent fails over between them.
+        let api = agent
+            .api
+            .as_deref()
+            .unwrap_or(&self.api)
+            .split(',')
+            .map(|a| format!("https://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut args = vec![
             "--data-dir",
             data.to_str().unwrap(),
@@ -272,8 +280,15 @@ impl Fleet {
     }
 
     fn start_gateway(&mut self) -> String {
+        let api = self.api.clone();
+        self.start_gateway_via(&api)
+    }
+
+    /// A gateway reaching the API at `api` (`host:port`, or several comma-separated).
+    fn start_gateway_via(&mut self, api: &str) -> String {
         let listen = format!("127.0.0.1:{}", free_port());
-        let api = format!("https://{}", self.api);
+        let api: Vec<String> = api.split(',').map(|a| format!("https://{a}")).collect();
+        let api = api.join(",");
         let token = self.new_token(&["--gateway", "--ttl", "1h"]);
         let proc = spawn(
             &self.dir,
@@ -1868,6 +1883,150 @@ fn servers_on_etcd_share_its_state_and_one_leads_at_a_time() {
     drop(second);
     assert!(fleet.ok(&["get", "services"]).contains("web"));
     assert!(!data.join("store.redb").exists());
+}
+
+/// Two servers on one etcd; agents, a gateway and the CLI are given both. `kill -9` of the
+/// server they use (the leader): the nodes stay Ready and keep their instances (same pids),
+/// the gateway keeps routing without a failed request, the CLI answers through the other
+/// server, and a new apply reaches the agents (the other server leads and places it).
+#[test]
+fn agents_gateways_and_the_cli_fail_over_to_another_server() {
+    let test = "agents_gateways_and_the_cli_fail_over_to_another_server";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = rt.block_on(etcd_support::Etcd::start());
+    let mut fleet = Fleet::start_with(12, 0, &["--etcd", &member.endpoint]);
+    let other = fleet.dir.path().join("other");
+    let second_api = format!("127.0.0.1:{}", free_port());
+    let second = spawn(
+        &fleet.dir,
+        "second",
+        &[
+            "--data-dir",
+            other.to_str().unwrap(),
+            "server",
+            "--listen",
+            &second_api,
+            "--etcd",
+            &member.endpoint,
+        ],
+        &[],
+    );
+    wait_for("the second server's API", Duration::from_secs(20), || {
+        https(&second_api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
+    });
+    let both = format!("{},{}", fleet.api, second_api);
+    for i in 1..=2 {
+        let name = format!("node-{i}");
+        fleet.agents.insert(
+            name.clone(),
+            Agent {
+                proc: None,
+                address: format!("127.77.12.{i}"),
+                data: fleet.dir.path().join(&name),
+                api: Some(both.clone()),
+                extra: Vec::new(),
+            },
+        );
+        fleet.start_agent(&name);
+    }
+    wait_for("both nodes Ready", Duration::from_secs(20), || {
+        (fleet.ready_nodes().len() == 2).then_some(())
+    });
+    fleet.apply(&web(2));
+    let before = wait_for("two ready instances", Duration::from_secs(30), || {
+        let ready = fleet.ready_instances("web");
+        (ready.len() == 2).then_some(ready)
+    });
+    let pids: BTreeSet<i32> = before.iter().map(pid_of).collect();
+    let gateway = fleet.start_gateway_via(&both);
+    wait_for("the gateway to route", Duration::from_secs(20), || {
+        http(&gateway, "GET", "/", &[], "").filter(|r| r.status == 200)
+    });
+    let load = Load::start(&gateway);
+    wait_for("load through the gateway", Duration::from_secs(10), || {
+        (load.ok[0].load(Ordering::SeqCst) > 20).then_some(())
+    });
+
+    // The first server (the leader, and the first address of every client) dies.
+    fleet.server.child.kill().unwrap();
+    let _ = fleet.server.child.wait();
+    let killed = Instant::now();
+    let first_log = fleet.server.log();
+    let first_api = std::mem::replace(&mut fleet.api, second_api.clone());
+    let dead = std::mem::replace(&mut fleet.server, second);
+
+    // The CLI, given both addresses, answers through the second.
+    let cli_both = |args: &[&str]| {
+        Command::new(flotilla_bin())
+            .args(args)
+            .env(
+                "FLOTILLA_API",
+                format!("https://{first_api},https://{second_api}"),
+            )
+            .env("FLOTILLA_TOKEN", &fleet.token)
+            .env("FLOTILLA_CA", &fleet.ca)
+            .env("FLOTILLA_CONFIG_DIR", fleet.dir.path().join("config"))
+            .output()
+            .unwrap()
+    };
+    let out = cli_both(&["get", "nodes"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains("node-1") && printed.contains("node-2"),
+        "get nodes through the list: {}{}",
+        printed,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = fleet.dir.path().join("web3.toml");
+    std::fs::write(&file, web(3)).unwrap();
+    let out = cli_both(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "apply through the list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The second server leads and places the third; an agent runs it.
+    let after = wait_for("three ready instances", Duration::from_secs(30), || {
+        let ready = fleet.ready_instances("web");
+        (ready.len() == 3).then_some(ready)
+    });
+    eprintln!(
+        "{test}: the new instance was ready {:?} after the kill",
+        killed.elapsed()
+    );
+    // Past more than one node lease (3 s) since the kill: both nodes renewed theirs through
+    // the second server, and their instances were neither replaced nor restarted.
+    wait_for(
+        "a node lease past the kill",
+        Duration::from_secs(10),
+        || (killed.elapsed() > Duration::from_secs(4)).then_some(()),
+    );
+    let ready = fleet.ready_nodes();
+    assert_eq!(
+        ready.len(),
+        2,
+        "nodes after the failover: {ready:?}\n{}",
+        fleet.logs()
+    );
+    let now: BTreeSet<i32> = fleet.ready_instances("web").iter().map(pid_of).collect();
+    assert!(
+        pids.is_subset(&now),
+        "instances replaced: {pids:?} → {now:?}"
+    );
+    assert_eq!(now.len(), 3, "{after:?}");
+    let (ok, failed, failures) = load.finish();
+    assert!(ok[0] > 0 && ok[1] > 0, "no load: {ok:?}");
+    assert_eq!(
+        failed,
+        [0, 0],
+        "requests failed across the failover: {failures:?}\n--- first server\n{first_log}\n{}",
+        fleet.logs()
+    );
+    drop(dead);
 }
 
 /// A server on a three-member etcd: without a quorum a write is refused with a 503 that names

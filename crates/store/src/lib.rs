@@ -17,6 +17,7 @@ pub mod node;
 pub mod node_watch;
 pub mod reconcile;
 pub mod remote;
+pub mod servers;
 pub mod typed;
 
 pub use embedded::{EmbeddedStore, StoreOptions};

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::servers::{ATTEMPT_TIMEOUT, Servers, repeatable, unavailable, unsent};
 use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
 
 /// The TLS configuration of a client of the API ([`flotilla_pki::client_config`]).
@@ -29,10 +30,15 @@ pub type TlsConfig = flotilla_pki::rustls::ClientConfig;
 pub(crate) const WATCH_BUFFER: usize = 256;
 /// A request (not a watch stream) that takes longer has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A watch stream silent for longer is taken for dead (its server is hung or cut off) and
+/// resumed elsewhere: the API sends a keep-alive line every `WATCH_KEEPALIVE`.
+const WATCH_SILENCE: Duration = Duration::from_secs(15);
+/// How often the API writes a keep-alive line on an idle watch stream.
+pub const WATCH_KEEPALIVE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct RemoteStore {
-    base: Arc<str>,
+    servers: Servers,
     token: Credential,
     /// When set, instances are read through this node's endpoints (only its own).
     node: Option<Arc<str>>,
@@ -43,7 +49,7 @@ pub struct RemoteStore {
 impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
-            .field("base", &self.base)
+            .field("servers", &self.servers)
             .finish_non_exhaustive()
     }
 }
@@ -150,10 +156,11 @@ impl RemoteStore {
     }
 
     /// The API at `base` over TLS when `tls` is given (`https://`; the client certificate, if
-    /// any, is in the configuration), with `token` as bearer token (none when empty).
+    /// any, is in the configuration), with `token` as bearer token (none when empty). `base`
+    /// may list several servers of one cluster, separated by commas: see [`Servers`].
     pub fn connect(base: &str, token: Credential, tls: Option<Arc<TlsConfig>>) -> Self {
         Self {
-            base: base.trim_end_matches('/').into(),
+            servers: Servers::parse(base),
             token,
             node: None,
             http: Client::builder(TokioExecutor::new()).build(flotilla_pki::Connector::new(tls)),
@@ -181,16 +188,22 @@ impl RemoteStore {
         }
     }
 
-    /// A request to the API with the bearer token (and a JSON body, if any).
+    /// The servers this store reads from.
+    pub fn servers(&self) -> &Servers {
+        &self.servers
+    }
+
+    /// A request to the API at `base` with the bearer token (and a JSON body, if any).
     fn build(
         &self,
+        base: &str,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Request<Full<Bytes>>, StoreError> {
-        let uri: Uri = format!("{}{path}", self.base)
+        let uri: Uri = format!("{base}{path}")
             .parse()
-            .map_err(|e| backend(format!("building a request to {}{path}", self.base), e))?;
+            .map_err(|e| backend(format!("building a request to {base}{path}"), e))?;
         let mut req = Request::builder().method(method).uri(uri);
         let token = self.token.get();
         if !token.is_empty() {
@@ -202,11 +215,12 @@ impl RemoteStore {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        req.body(Full::new(Bytes::from(body.unwrap_or_default())))
+        req.body(Full::new(body.unwrap_or_default()))
             .map_err(|e| backend(format!("building a request for {path}"), e))
     }
 
-    /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`].
+    /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`], failing over
+    /// to the next server as [`crate::servers`] describes.
     pub(crate) async fn send(
         &self,
         method: Method,
@@ -214,25 +228,54 @@ impl RemoteStore {
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), StoreError> {
         let what = format!("{method} {path}");
-        let req = self.build(method, path, body)?;
-        let fetch = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| backend(format!("{what} to {}", self.base), e))?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| backend(format!("reading the answer to {what}"), e))?
-                .to_bytes();
-            Ok::<_, StoreError>((status, body))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, fetch)
-            .await
-            .map_err(|_| backend(what, "timed out"))?
+        let body = body.map(Bytes::from);
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let attempts = self.servers.attempts();
+        let count = attempts.len();
+        let mut last = None;
+        for (k, (index, base)) in attempts.into_iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Another server may be tried after this one.
+            let retry = k + 1 < count && repeatable(&method);
+            let req = self.build(&base, method.clone(), path, body.clone())?;
+            let attempt = self.servers.attempt(index);
+            let fetch = async {
+                let resp = self.http.request(req).await.map_err(|e| {
+                    let again = unsent(&e) && k + 1 < count;
+                    (again, backend(format!("{what} to {base}"), e))
+                })?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| (false, backend(format!("reading the answer to {what}"), e)))?
+                    .to_bytes();
+                Ok((status, body))
+            };
+            let limit = if retry {
+                left.min(ATTEMPT_TIMEOUT)
+            } else {
+                left
+            };
+            match tokio::time::timeout(limit, fetch).await {
+                Ok(Ok((status, body))) if retry && unavailable(status) => {
+                    last = Some(answer_error(&format!("{what} to {base}"), status, &body));
+                }
+                Ok(Ok(answer)) => {
+                    attempt.succeeded();
+                    return Ok(answer);
+                }
+                Ok(Err((again, error))) if again || retry => last = Some(error),
+                Ok(Err((_, error))) => return Err(error),
+                Err(_) if retry => last = Some(backend(format!("{what} to {base}"), "timed out")),
+                Err(_) => return Err(backend(format!("{what} to {base}"), "timed out")),
+            }
+        }
+        Err(last.unwrap_or_else(|| backend(what, "timed out")))
     }
 
     async fn get_json(&self, path: &str) -> Result<Option<Value>, StoreError> {
@@ -319,28 +362,30 @@ impl Store for RemoteStore {
         if let (Some(node), "instances") = (&self.node, kind) {
             path.push_str(&format!("&node={node}"));
         }
-        let req = self.build(Method::GET, &path, None)?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
-            .await
-            .map_err(|_| backend(format!("GET {path}"), "timed out"))?
-            .map_err(|e| backend(format!("GET {}{path}", self.base), e))?;
-        if !resp.status().is_success() {
-            return Err(backend(
-                format!("GET {path}"),
-                format!("the API answered {}", resp.status()),
-            ));
-        }
+        let (index, resp) = self.open_watch(&path).await?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let prefix = prefix.to_string();
         let me = self.clone();
-        // Owned by the watch: it ends when the receiver is dropped or the stream ends.
+        // Owned by the watch: it ends when the receiver is dropped or the stream ends. A
+        // stream that ends any other way counts against its server, so that the watcher's
+        // next watch (from its last revision) goes to the next one.
         tokio::spawn(async move {
+            let servers = me.servers.clone();
+            let attempt = servers.attempt(index);
             let mut body = resp.into_body();
             let mut decoder = WatchDecoder::new(kind, &prefix);
             loop {
                 let frame = tokio::select! {
-                    _ = tx.closed() => return,
-                    f = body.frame() => f,
+                    _ = tx.closed() => {
+                        attempt.succeeded();
+                        return;
+                    }
+                    f = tokio::time::timeout(WATCH_SILENCE, body.frame()) => f,
+                };
+                let Ok(frame) = frame else {
+                    let silent = format!("no word from the API for {}s", WATCH_SILENCE.as_secs());
+                    let _ = tx.send(Err(backend("watching", silent))).await;
+                    return;
                 };
                 let data = match frame {
                     None => {
@@ -381,6 +426,54 @@ impl Store for RemoteStore {
 
     fn revision(&self) -> Revision {
         self.revision.load(Ordering::Relaxed)
+    }
+}
+
+impl RemoteStore {
+    /// Opens the watch stream at `path` on the first server that answers it with success:
+    /// that server's index and the answer.
+    async fn open_watch(
+        &self,
+        path: &str,
+    ) -> Result<(usize, hyper::Response<hyper::body::Incoming>), StoreError> {
+        let attempts = self.servers.attempts();
+        let count = attempts.len();
+        let mut last = None;
+        for (k, (index, base)) in attempts.into_iter().enumerate() {
+            let limit = if k + 1 < count {
+                ATTEMPT_TIMEOUT
+            } else {
+                REQUEST_TIMEOUT
+            };
+            let req = self.build(&base, Method::GET, path, None)?;
+            let attempt = self.servers.attempt(index);
+            let error = match tokio::time::timeout(limit, self.http.request(req)).await {
+                Err(_) => backend(format!("GET {base}{path}"), "timed out"),
+                Ok(Err(e)) => backend(format!("GET {base}{path}"), e),
+                Ok(Ok(resp)) if resp.status().is_success() => {
+                    attempt.succeeded();
+                    return Ok((index, resp));
+                }
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let body = tokio::time::timeout(ATTEMPT_TIMEOUT, resp.into_body().collect())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let error = answer_error(&format!("GET {path}"), status, &body);
+                    if !unavailable(status) {
+                        // This server answered; another would say the same.
+                        attempt.succeeded();
+                        return Err(error);
+                    }
+                    error
+                }
+            };
+            last = Some(error);
+        }
+        Err(last.unwrap_or_else(|| backend(format!("GET {path}"), "no server to ask")))
     }
 }
 

@@ -328,9 +328,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Keeps `tx` holding the full current map of objects of kind `T` (name → object): lists,
 /// publishes, watches from the list's revision and publishes after every change (events already
-/// queued are folded into one publication), relists on `Compacted` or any other watch error
-/// (after a backoff for errors other than `Compacted`). It never stops on its own while the
-/// store is open: every way a watch can end leads to a relist.
+/// queued are folded into one publication), relists on `Compacted`; a watch that fails or
+/// ends any other way is resumed from the revision of its last event after a backoff (another
+/// server of a cluster answers it), and relisted if the resumed one fails before any event. It
+/// never stops on its own while the store is open: every way a watch can end leads to a new one.
 ///
 /// Every full list is published with `send_replace`, so receivers are notified even when nothing
 /// changed: the first notification a receiver sees after creation is the first complete list.
@@ -429,9 +430,17 @@ async fn relist<T: Object>(
 }
 
 /// Why a watch ended.
-enum WatchEnd {
+enum WatchEnd<T> {
     Shutdown,
-    Relist(Option<StoreError>),
+    /// The watch failed or ended (`None`): watch again from where it was, or relist.
+    Ended {
+        map: BTreeMap<String, T>,
+        /// The revision of the last event applied (or the list's).
+        revision: Revision,
+        /// Whether it delivered an event: a watch that resumed and failed again at once relists.
+        progressed: bool,
+        error: Option<StoreError>,
+    },
 }
 
 async fn reflect<T: Object>(
@@ -441,6 +450,8 @@ async fn reflect<T: Object>(
     mut listed: Option<(BTreeMap<String, T>, Revision)>,
 ) -> Result<(), StoreError> {
     let mut backoff = BACKOFF_MIN;
+    // The watch about to start resumes one that ended.
+    let mut resuming = false;
     loop {
         let (map, revision) = match listed.take() {
             Some(listed) => listed,
@@ -468,19 +479,42 @@ async fn reflect<T: Object>(
         };
         match follow(store.as_ref(), &shutdown, &tx, map, revision).await {
             WatchEnd::Shutdown => return Ok(()),
-            // A watch that ends with `Closed` is retried like any other failure: only the list
-            // decides that the store is closed for good (a watch stream may end for other
-            // reasons, and a reflector that stops freezes every consumer).
-            WatchEnd::Relist(Some(err)) if err.is_compacted() => {
+            WatchEnd::Ended {
+                error: Some(err), ..
+            } if err.is_compacted() => {
                 tracing::debug!(kind = T::KIND, error = %crate::error_chain(&err), "reflector relisting");
                 backoff = BACKOFF_MIN;
+                resuming = false;
             }
-            WatchEnd::Relist(err) => {
-                match &err {
+            // A watch that ends any other way — a server gone, a stream cut, even `Closed` —
+            // is resumed from its last revision (on a store of several servers, the next one
+            // answers), once; if that one fails before any event too, the reflector relists.
+            // Only the list decides that the store is closed for good: a reflector that stops
+            // freezes every consumer.
+            WatchEnd::Ended {
+                map,
+                revision,
+                progressed,
+                error,
+            } => {
+                let resume = progressed || !resuming;
+                let what = if resume {
+                    "reflector watch ended; resuming"
+                } else {
+                    "reflector watch ended; relisting"
+                };
+                match &error {
                     Some(e) => {
-                        tracing::warn!(kind = T::KIND, error = %crate::error_chain(&e), "reflector watch ended; relisting")
+                        tracing::warn!(kind = T::KIND, revision, error = %crate::error_chain(e), "{what}")
                     }
-                    None => tracing::warn!(kind = T::KIND, "reflector watch ended; relisting"),
+                    None => tracing::warn!(kind = T::KIND, revision, "{what}"),
+                }
+                if progressed {
+                    backoff = BACKOFF_MIN;
+                }
+                resuming = resume;
+                if resume {
+                    listed = Some((map, revision));
                 }
                 if !pause(&shutdown, &mut backoff).await {
                     return Ok(());
@@ -505,12 +539,20 @@ async fn follow<T: Object>(
     shutdown: &CancellationToken,
     tx: &watch::Sender<ObjectMap<T>>,
     mut map: BTreeMap<String, T>,
-    revision: Revision,
-) -> WatchEnd {
+    mut revision: Revision,
+) -> WatchEnd<T> {
     let mut watch = match store.watch(T::PREFIX, revision).await {
         Ok(watch) => watch,
-        Err(err) => return WatchEnd::Relist(Some(err)),
+        Err(error) => {
+            return WatchEnd::Ended {
+                map,
+                revision,
+                progressed: false,
+                error: Some(error),
+            };
+        }
     };
+    let mut progressed = false;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return WatchEnd::Shutdown,
@@ -521,9 +563,22 @@ async fn follow<T: Object>(
         let mut applied = 0;
         loop {
             match next {
-                None => return WatchEnd::Relist(None),
-                Some(Err(err)) => return WatchEnd::Relist(Some(err)),
-                Some(Ok(event)) => apply_event(&mut map, &event),
+                Some(Ok(event)) => {
+                    apply_event(&mut map, &event);
+                    revision = revision.max(event.revision());
+                    progressed = true;
+                }
+                ended => {
+                    if applied > 0 {
+                        tx.send_replace(Arc::new(map.clone()));
+                    }
+                    return WatchEnd::Ended {
+                        map,
+                        revision,
+                        progressed,
+                        error: ended.and_then(Result::err),
+                    };
+                }
             }
             applied += 1;
             if applied >= MAX_EVENTS_PER_PUBLISH {

@@ -428,7 +428,8 @@ impl CuttableStore {
         }
     }
 
-    /// Ends every open watch with `Closed`; the next `closed_lists` lists fail with `Closed`.
+    /// Ends every open watch with `Closed`; the next `closed_lists` lists fail with `Closed`,
+    /// and so does every watch until then.
     fn cut(&self, closed_lists: usize) {
         self.closed_lists
             .store(closed_lists, std::sync::atomic::Ordering::SeqCst);
@@ -473,6 +474,9 @@ impl Store for CuttableStore {
         prefix: &str,
         after: flotilla_store::Revision,
     ) -> Result<flotilla_store::Watch, StoreError> {
+        if self.closed_lists.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Err(StoreError::Closed);
+        }
         let mut inner = self.inner.watch(prefix, after).await?;
         let cut = self.cut.lock().unwrap().clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -504,7 +508,8 @@ impl Store for CuttableStore {
 }
 
 /// A watch that ends with `Closed` while the store is open (as a remote watch stream did when
-/// the API restarted) used to stop the reflector for good, freezing every consumer.
+/// the API restarted) used to stop the reflector for good, freezing every consumer: now it
+/// resumes from the last revision and misses nothing.
 #[tokio::test]
 async fn reflector_relists_after_a_watch_ends_with_closed() {
     let dir = tempfile::tempdir().unwrap();
@@ -529,7 +534,8 @@ async fn reflector_relists_after_a_watch_ends_with_closed() {
     })
     .await;
 
-    // A list that finds the store closed still ends the reflector, with `Closed`.
+    // A closed store: the watch resumed after the cut fails at once, the reflector relists,
+    // and a list that finds the store closed ends it, with `Closed`.
     store.cut(usize::MAX);
     let ended = timeout(WAIT, rx.changed()).await.expect("reflector ends");
     assert!(ended.is_err(), "the reflector's sender is dropped");

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// How often an idle watch stream carries a [`PING`] line.
+pub(super) const KEEPALIVE: std::time::Duration = flotilla_store::remote::WATCH_KEEPALIVE;
+const PING: &[u8] = b"{\"type\":\"PING\"}\n";
+
 #[derive(Serialize)]
 pub(super) struct WatchLine<'a> {
     #[serde(rename = "type")]
@@ -12,7 +16,8 @@ pub(super) struct WatchLine<'a> {
 /// `GET /api/v1/watch/{services|instances|events}?resourceVersion=N`: NDJSON lines
 /// `{"type": "ADDED"|"MODIFIED"|"DELETED", "object": …}` for every change after N (default:
 /// now). If N is older than the retained history: one `{"type":"ERROR","object":{"code":410}}`
-/// line, then the stream ends — relist and watch from the list's resourceVersion.
+/// line, then the stream ends — relist and watch from the list's resourceVersion. An idle
+/// stream carries `{"type":"PING"}` every [`KEEPALIVE`].
 pub(super) async fn watch(
     State(state): State<ApiState>,
     Path(kind): Path<String>,
@@ -52,12 +57,25 @@ pub(super) async fn watch(
     };
     let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
+        // A line on an idle stream, so that a client tells a quiet watch from a hung server.
+        let keepalive = tokio::time::sleep(KEEPALIVE);
+        tokio::pin!(keepalive);
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
+                () = &mut keepalive => {
+                    if !send_chunk(&tx, Bytes::from_static(PING), &shutdown).await {
+                        return;
+                    }
+                    keepalive.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
+                    continue;
+                }
                 ev = watch.next() => ev,
             };
+            keepalive
+                .as_mut()
+                .reset(tokio::time::Instant::now() + KEEPALIVE);
             let line = match ev {
                 None => return,
                 Some(Err(StoreError::Compacted { requested, oldest })) => {
