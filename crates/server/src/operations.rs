@@ -16,9 +16,6 @@ use crate::error::FieldProblem;
 /// Read-modify-write attempts of a write without a resourceVersion from the caller.
 const ATTEMPTS: usize = 16;
 
-/// Held across the route check and the write of an apply.
-static APPLY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// A short random pause between attempts, so contending writers spread out.
 async fn backoff() {
     use rand::Rng;
@@ -210,37 +207,33 @@ pub async fn apply(
         return Err(OpError::Invalid { problems });
     }
 
-    // Applies are serialized so the route check below and the write are one step: two
-    // concurrent applies cannot both claim a route. (Process-wide: one API server per store
-    // today; across servers this becomes a store transaction.)
-    let _serialized = APPLY_LOCK.lock().await;
-
-    // Routes must not collide with another service's.
-    let (others, _) = typed::list::<Service>(store).await?;
-    let mut all: Vec<(&str, &ServiceSpec)> = others
-        .iter()
-        .filter(|s| s.metadata.name != name)
-        .map(|s| (s.metadata.name.as_str(), &s.spec))
-        .collect();
-    all.push((&name, &spec));
-    let clashes: Vec<FieldProblem> = flotilla_spec::validate_routes_across(&all)
-        .into_iter()
-        .filter(|c| c.service == name)
-        .map(|c| {
-            let e = c.to_field_error();
-            FieldProblem {
-                field: format!("spec.{}", e.path),
-                message: e.message,
-            }
-        })
-        .collect();
-    if !clashes.is_empty() {
-        return Err(OpError::Invalid { problems: clashes });
-    }
-
     let version_given = resource_version.filter(|v| *v != 0);
     for _ in 0..ATTEMPTS {
-        match typed::get::<Service>(store, &name).await? {
+        let current = typed::get::<Service>(store, &name).await?;
+        // An apply that claims a route this service does not hold yet checks it against every
+        // other service's, and its write holds only if no service changed since that check
+        // (a guarded write: one store transaction, on any number of servers). Applies that
+        // claim nothing new are plain compare-and-swaps and run side by side.
+        let claims_new = spec.routes.iter().any(|route| {
+            current
+                .as_ref()
+                .is_none_or(|c| !c.spec.routes.contains(route))
+        });
+        let checked_at = if claims_new {
+            Some(check_routes(store, &name, &spec).await?)
+        } else {
+            None
+        };
+        let write = |service: Service| async move {
+            match checked_at {
+                Some(since) => typed::put_unless_changed(store, service, since).await,
+                None if service.metadata.resource_version == 0 => {
+                    typed::create(store, service).await
+                }
+                None => typed::update(store, service).await,
+            }
+        };
+        match current {
             None => {
                 if version_given.is_some() {
                     return Err(OpError::conflict_on(
@@ -263,10 +256,11 @@ pub async fn apply(
                     spec: spec.clone(),
                     status: Default::default(),
                 };
-                let created = match typed::create(store, service).await {
+                let created = match write(service).await {
                     Ok(s) => s,
-                    // Created concurrently: read it and apply over it.
-                    Err(StoreError::Conflict { .. }) => {
+                    // Created concurrently (read it and apply over it), or another service
+                    // changed since the route check (check again).
+                    Err(e) if e.is_conflict() => {
                         backoff().await;
                         continue;
                     }
@@ -317,8 +311,10 @@ pub async fn apply(
                 // Compare-and-swap on the version we read. Without a resourceVersion from the
                 // client, a concurrent write (the controller's status, say) only means "read
                 // again"; with one, the client asked to fail.
-                let updated = match typed::update(store, current).await {
+                let updated = match write(current).await {
                     Ok(u) => u,
+                    // Another service changed since the route check: check again.
+                    Err(StoreError::Changed { .. }) => continue,
                     Err(StoreError::Conflict { .. }) if version_given.is_none() => {
                         backoff().await;
                         continue;
@@ -332,6 +328,34 @@ pub async fn apply(
     Err(OpError::conflict(format!(
         "service {name} kept changing while it was applied; try again"
     )))
+}
+
+/// Checks `spec`'s routes against every other stored service's: the revision the services
+/// were read at, or every clash (with its field path).
+async fn check_routes(store: &dyn Store, name: &str, spec: &ServiceSpec) -> OpResult<u64> {
+    let (others, revision) = typed::list::<Service>(store).await?;
+    let mut all: Vec<(&str, &ServiceSpec)> = others
+        .iter()
+        .filter(|s| s.metadata.name != name)
+        .map(|s| (s.metadata.name.as_str(), &s.spec))
+        .collect();
+    all.push((name, spec));
+    let clashes: Vec<FieldProblem> = flotilla_spec::validate_routes_across(&all)
+        .into_iter()
+        .filter(|c| c.service == name)
+        .map(|c| {
+            let e = c.to_field_error();
+            FieldProblem {
+                field: format!("spec.{}", e.path),
+                message: e.message,
+            }
+        })
+        .collect();
+    if clashes.is_empty() {
+        Ok(revision)
+    } else {
+        Err(OpError::Invalid { problems: clashes })
+    }
 }
 
 /// Records the event of a stored apply and hands back its result.

@@ -316,6 +316,8 @@ enum Op {
         key: String,
         value: Vec<u8>,
         pre: Precondition,
+        /// Also nothing under this prefix written after this revision.
+        guard: Option<(String, Revision)>,
     },
     Delete {
         key: String,
@@ -429,10 +431,29 @@ impl Writer {
                     None => None,
                 };
                 match &req.op {
-                    Op::Put { value, pre, .. } => {
+                    Op::Put {
+                        value, pre, guard, ..
+                    } => {
                         if !precondition_holds(*pre, current.as_ref()) {
                             results.push(Err(conflict(key, *pre, current.as_ref())));
                             continue;
+                        }
+                        if let Some((prefix, since)) = guard {
+                            match newest_under(&kv, prefix) {
+                                Ok(newest) if newest > *since => {
+                                    results.push(Err(StoreError::Changed {
+                                        prefix: prefix.clone(),
+                                        since: *since,
+                                        revision: newest,
+                                    }));
+                                    continue;
+                                }
+                                Ok(_) => {}
+                                Err(err) => {
+                                    results.push(Err(err));
+                                    continue;
+                                }
+                            }
                         }
                         revision += 1;
                         let new = KeyValue {
@@ -486,6 +507,23 @@ impl Writer {
         }
         Ok((results, events, revision))
     }
+}
+
+/// The newest `mod_revision` of the keys under `prefix` (0 if none), as this batch left them.
+fn newest_under(kv: &redb::Table<&str, &[u8]>, prefix: &str) -> Result<Revision, StoreError> {
+    let range = kv
+        .range::<&str>(prefix..)
+        .map_err(backend(format!("listing {prefix}")))?;
+    let mut newest = 0;
+    for entry in range {
+        let (k, v) = entry.map_err(backend(format!("listing {prefix}")))?;
+        let key = k.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        newest = newest.max(decode_record(key, v.value())?.mod_revision);
+    }
+    Ok(newest)
 }
 
 fn conflict(key: &str, expected: Precondition, current: Option<&KeyValue>) -> StoreError {
@@ -664,6 +702,27 @@ impl Store for EmbeddedStore {
             key: key.to_owned(),
             value,
             pre,
+            guard: None,
+        };
+        match self.write(op).await? {
+            Outcome::Put(kv) => Ok(kv),
+            Outcome::Delete(_) => Err(StoreError::backend("put", "writer answered a delete")),
+        }
+    }
+
+    async fn put_unless_changed(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+        prefix: &str,
+        since: Revision,
+    ) -> Result<KeyValue, StoreError> {
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            pre,
+            guard: Some((prefix.to_owned(), since)),
         };
         match self.write(op).await? {
             Outcome::Put(kv) => Ok(kv),

@@ -17,6 +17,15 @@ pub enum StoreError {
         /// `mod_revision` of the key when the write was attempted (`None`: absent).
         actual: Option<Revision>,
     },
+    /// A guarded write ([`crate::Store::put_unless_changed`]) found a key under its prefix
+    /// written after the revision it was decided at; nothing was written.
+    #[error("conflict: {prefix} changed after revision {since} (at revision {revision})")]
+    Changed {
+        prefix: String,
+        since: Revision,
+        /// The newest `mod_revision` found under the prefix.
+        revision: Revision,
+    },
     /// The requested revision is older than the retained event history (or the watcher fell
     /// behind): list again and watch from the list's revision.
     #[error("revision {requested} is compacted; oldest revision to watch from is {oldest}")]
@@ -95,8 +104,12 @@ impl StoreError {
     }
 
     /// A precondition failed: re-read and retry (or report a conflict to the client).
+    /// A precondition (or a guarded write's guard) did not hold: nothing was written.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, StoreError::Conflict { .. })
+        matches!(
+            self,
+            StoreError::Conflict { .. } | StoreError::Changed { .. }
+        )
     }
 
     /// The watch cannot resume: list again.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnOpResponse, WatchOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -290,11 +290,14 @@ impl EtcdStore {
 
     /// Runs the write `txn` of `key` under `pre`: etcd's revision after it and the answers of
     /// its operations, or `Conflict` (with what the `else` read found) when `pre` did not hold.
+    /// With a `guard` (prefix, revision), a failed transaction whose precondition held failed
+    /// on the guard: `Changed`.
     async fn write(
         &self,
         txn: Txn,
         key: &str,
         pre: Precondition,
+        guard: Option<(&str, Revision)>,
         doing: &str,
     ) -> Result<(i64, Vec<TxnOpResponse>), StoreError> {
         let kv = self.client.kv_client();
@@ -317,10 +320,26 @@ impl EtcdStore {
                 });
             }
             let full = self.full(key);
+            let actual = lookup(&responses, &full).map(|kv| ours(kv.mod_revision()));
+            let held = match pre {
+                Precondition::None => true,
+                Precondition::Absent => actual.is_none(),
+                Precondition::ModRevision(r) => actual == Some(r),
+            };
+            if let Some((prefix, since)) = guard
+                && held
+            {
+                let newest = newest_under(&responses, &self.full(prefix));
+                return Err(StoreError::Changed {
+                    prefix: prefix.to_string(),
+                    since,
+                    revision: newest,
+                });
+            }
             return Err(StoreError::Conflict {
                 key: key.to_string(),
                 expected: pre,
-                actual: lookup(&responses, &full).map(|kv| ours(kv.mod_revision())),
+                actual,
             });
         }
         Ok((revision, responses))
@@ -329,8 +348,19 @@ impl EtcdStore {
     /// The transaction writing `full` with `op` when `compare` (the precondition, if any) and
     /// the fence (if any) hold; otherwise it reads the key and the leader key, for the error.
     fn guarded(&self, full: &str, compare: Option<Compare>, op: TxnOp) -> Txn {
-        let mut when: Vec<Compare> = compare.into_iter().collect();
+        self.guarded_with(full, compare.into_iter().collect(), Vec::new(), op)
+    }
+
+    /// [`Self::guarded`] with several compares, and more reads for the `else` branch.
+    fn guarded_with(
+        &self,
+        full: &str,
+        mut when: Vec<Compare>,
+        more_reads: Vec<TxnOp>,
+        op: TxnOp,
+    ) -> Txn {
         let mut reads = vec![TxnOp::get(full, None)];
+        reads.extend(more_reads);
         if let Some(fence) = &self.fence {
             when.push(Compare::create_revision(
                 fence.key.clone(),
@@ -343,6 +373,72 @@ impl EtcdStore {
             return Txn::new().and_then([op]);
         }
         Txn::new().when(when).and_then([op]).or_else(reads)
+    }
+
+    /// A put, and with a `guard` (prefix, revision) only if nothing under the prefix was
+    /// written after that revision.
+    async fn put_with(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<KeyValue, StoreError> {
+        self.open()?;
+        let full = self.full(key);
+        let compare = match pre {
+            Precondition::None => None,
+            Precondition::Absent => {
+                Some(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
+            }
+            Precondition::ModRevision(r) => Some(Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                theirs(r),
+            )),
+        };
+        let put = TxnOp::put(
+            full.clone(),
+            value.clone(),
+            Some(PutOptions::new().with_prev_key()),
+        );
+        let mut when: Vec<Compare> = compare.into_iter().collect();
+        let mut reads = Vec::new();
+        if let Some((prefix, since)) = guard {
+            // Every key under the prefix unchanged since `since` (etcd compares each key of
+            // the range); the `else` branch reads the newest, for the error.
+            let full_prefix = self.full(prefix);
+            let end = prefix_end(full_prefix.as_bytes());
+            when.push(
+                Compare::mod_revision(full_prefix.clone(), CompareOp::Less, theirs(since) + 1)
+                    .with_range(end.clone()),
+            );
+            reads.push(TxnOp::get(
+                full_prefix,
+                Some(
+                    GetOptions::new()
+                        .with_range(end)
+                        .with_sort(SortTarget::Mod, SortOrder::Descend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            ));
+        }
+        let txn = self.guarded_with(&full, when, reads, put);
+        let (revision, responses) = self.write(txn, key, pre, guard, "writing").await?;
+        let prev = responses.iter().find_map(|r| match r {
+            TxnOpResponse::Put(p) => p.prev_key().cloned(),
+            _ => None,
+        });
+        let prev = prev.map(|p| self.convert(&p)).transpose()?;
+        let revision = ours(revision);
+        Ok(KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
+            mod_revision: revision,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+        })
     }
 
     fn convert(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
@@ -367,6 +463,21 @@ fn convert(namespace: &str, kv: &etcd_client::KeyValue) -> Result<KeyValue, Stor
         mod_revision: ours(kv.mod_revision()),
         version: u64::try_from(kv.version()).unwrap_or(0),
     })
+}
+
+/// The newest `mod_revision` (ours) an `else` branch's reads found under `full_prefix`.
+fn newest_under(responses: &[TxnOpResponse], full_prefix: &str) -> Revision {
+    responses
+        .iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(get) => Some(get.kvs()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|kv| kv.key().starts_with(full_prefix.as_bytes()))
+        .map(|kv| ours(kv.mod_revision()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// What an `else` branch's reads found of `full`, if it exists.
@@ -442,39 +553,18 @@ impl Store for EtcdStore {
         value: Vec<u8>,
         pre: Precondition,
     ) -> Result<KeyValue, StoreError> {
-        self.open()?;
-        let full = self.full(key);
-        let compare = match pre {
-            Precondition::None => None,
-            Precondition::Absent => {
-                Some(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
-            }
-            Precondition::ModRevision(r) => Some(Compare::mod_revision(
-                full.clone(),
-                CompareOp::Equal,
-                theirs(r),
-            )),
-        };
-        let put = TxnOp::put(
-            full.clone(),
-            value.clone(),
-            Some(PutOptions::new().with_prev_key()),
-        );
-        let txn = self.guarded(&full, compare, put);
-        let (revision, responses) = self.write(txn, key, pre, "writing").await?;
-        let prev = responses.iter().find_map(|r| match r {
-            TxnOpResponse::Put(p) => p.prev_key().cloned(),
-            _ => None,
-        });
-        let prev = prev.map(|p| self.convert(&p)).transpose()?;
-        let revision = ours(revision);
-        Ok(KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
-            mod_revision: revision,
-            version: prev.as_ref().map_or(1, |p| p.version + 1),
-        })
+        self.put_with(key, value, pre, None).await
+    }
+
+    async fn put_unless_changed(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+        prefix: &str,
+        since: Revision,
+    ) -> Result<KeyValue, StoreError> {
+        self.put_with(key, value, pre, Some((prefix, since))).await
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError> {
@@ -499,7 +589,7 @@ impl Store for EtcdStore {
                 delete,
             ),
         };
-        let (_, responses) = self.write(txn, key, pre, "deleting").await?;
+        let (_, responses) = self.write(txn, key, pre, None, "deleting").await?;
         let prev = responses.iter().find_map(|r| match r {
             TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
             _ => None,

@@ -127,6 +127,24 @@ pub trait Store: Send + Sync + 'static {
         value: Vec<u8>,
         pre: Precondition,
     ) -> Result<KeyValue, StoreError>;
+    /// `put`, if also no key under `prefix` was written after revision `since` (`Changed`
+    /// otherwise): a write decided on what a list of `prefix` read at `since`, such as an apply
+    /// that checked its routes against every other service's. Deletions do not count. Only the
+    /// stores a server keeps its state in (embedded, etcd) support it.
+    async fn put_unless_changed(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+        prefix: &str,
+        since: Revision,
+    ) -> Result<KeyValue, StoreError> {
+        let _ = (value, pre, since);
+        Err(StoreError::backend(
+            format!("writing {key} unless {prefix} changed"),
+            "this store does not support guarded writes",
+        ))
+    }
     /// Deletes `key`; returns the deleted value, `None` if absent (and `pre` is `None`).
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError>;
     /// Events for keys under `prefix` with revision > `after`.

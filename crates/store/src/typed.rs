@@ -150,6 +150,16 @@ impl<T: Object + Clone> DecodeCache<T> {
 /// `creation_timestamp` if unset and `generation = 1` if 0. Returns the stored object (with its
 /// `resource_version`).
 pub async fn create<T: Object>(store: &dyn Store, mut obj: T) -> Result<T, StoreError> {
+    new_object(&mut obj);
+    let kv = store
+        .put(&obj.key(), encode(&obj)?, Precondition::Absent)
+        .await?;
+    obj.metadata_mut().resource_version = kv.mod_revision;
+    Ok(obj)
+}
+
+/// What [`create`] fills in.
+fn new_object<T: Object>(obj: &mut T) {
     let meta = obj.metadata_mut();
     if meta.uid.is_empty() {
         meta.uid = new_uid();
@@ -161,8 +171,25 @@ pub async fn create<T: Object>(store: &dyn Store, mut obj: T) -> Result<T, Store
         meta.generation = 1;
     }
     meta.resource_version = 0;
+}
+
+/// [`create`] (`resource_version` 0) or [`update`] (compare-and-swap on it), only if no object
+/// of the kind was written after revision `since` (`Changed` otherwise): for a write decided
+/// on a list of every object of the kind read at `since` (an apply's route check).
+pub async fn put_unless_changed<T: Object>(
+    store: &dyn Store,
+    mut obj: T,
+    since: Revision,
+) -> Result<T, StoreError> {
+    let pre = match obj.metadata().resource_version {
+        0 => {
+            new_object(&mut obj);
+            Precondition::Absent
+        }
+        rv => Precondition::ModRevision(rv),
+    };
     let kv = store
-        .put(&obj.key(), encode(&obj)?, Precondition::Absent)
+        .put_unless_changed(&obj.key(), encode(&obj)?, pre, T::PREFIX, since)
         .await?;
     obj.metadata_mut().resource_version = kv.mod_revision;
     Ok(obj)

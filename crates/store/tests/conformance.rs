@@ -157,6 +157,8 @@ conformance!(
     closing_ends_watches_and_refuses_requests,
     concurrent_cas_increments_are_serialised,
     large_lists_are_complete_and_at_one_revision,
+    guarded_writes_fail_once_the_prefix_changed,
+    concurrent_guarded_claims_have_one_winner,
 );
 
 async fn cas_semantics(kind: Kind) {
@@ -497,6 +499,123 @@ async fn concurrent_cas_increments_are_serialised(kind: Kind) {
     assert_eq!(kv.value, b"200");
     assert_eq!(kv.version, 201);
     assert_eq!(store.revision(), 201);
+}
+
+/// `put_unless_changed`: refused (`Changed`, nothing written) once any key under the prefix
+/// was written after the revision given; writes elsewhere and deletions do not count; a
+/// failed precondition is still a `Conflict` on the key.
+async fn guarded_writes_fail_once_the_prefix_changed(kind: Kind) {
+    let test = "guarded_writes_fail_once_the_prefix_changed";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    put(store, "s/a", "1", Precondition::Absent).await;
+    put(store, "s/b", "1", Precondition::Absent).await;
+    let listed = store.list("s/").await.unwrap();
+    assert_eq!(listed.revision, 2);
+    let c = store
+        .put_unless_changed("s/c", b"1".to_vec(), Precondition::Absent, "s/", 2)
+        .await
+        .unwrap();
+    assert_eq!((c.create_revision, c.mod_revision, c.version), (3, 3, 1));
+    let err = store
+        .put_unless_changed("s/d", b"1".to_vec(), Precondition::Absent, "s/", 2)
+        .await
+        .unwrap_err();
+    match &err {
+        StoreError::Changed {
+            prefix,
+            since,
+            revision,
+        } => assert_eq!((prefix.as_str(), *since, *revision), ("s/", 2, 3)),
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.is_conflict());
+    assert_eq!(store.get("s/d").await.unwrap(), None);
+    assert_eq!(store.revision(), 3);
+
+    // A write under another prefix does not count.
+    put(store, "t/x", "1", Precondition::None).await;
+    let d = store
+        .put_unless_changed("s/d", b"1".to_vec(), Precondition::Absent, "s/", 3)
+        .await
+        .unwrap();
+    assert_eq!(d.mod_revision, 5);
+    // Nor does a deletion.
+    store.delete("s/a", Precondition::None).await.unwrap();
+    let e = store
+        .put_unless_changed("s/e", b"1".to_vec(), Precondition::None, "s/", 5)
+        .await
+        .unwrap();
+    assert_eq!(e.mod_revision, 7);
+    // A stale precondition under a holding guard: a `Conflict` on the key.
+    let err = store
+        .put_unless_changed("s/c", b"2".to_vec(), Precondition::ModRevision(1), "s/", 7)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict { key, actual: Some(3), .. } if key == "s/c"),
+        "{err}"
+    );
+    assert_eq!(store.get("s/c").await.unwrap().unwrap().value, b"1");
+    // An update guarded at the current revision goes through.
+    let c2 = store
+        .put_unless_changed("s/c", b"2".to_vec(), Precondition::ModRevision(3), "s/", 7)
+        .await
+        .unwrap();
+    assert_eq!((c2.create_revision, c2.mod_revision, c2.version), (3, 8, 2));
+}
+
+/// Eight writers each claim a name (as applies claim routes): list, see nothing claimed, write
+/// guarded on the list's revision, retry on `Changed`. Exactly one wins, whatever the timing.
+async fn concurrent_guarded_claims_have_one_winner(kind: Kind) {
+    let test = "concurrent_guarded_claims_have_one_winner";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    for round in 0..5 {
+        let prefix = format!("claims-{round}/");
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (store, prefix) = (s.store.clone(), prefix.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let listed = store.list(&prefix).await.unwrap();
+                    if !listed.items.is_empty() {
+                        return false;
+                    }
+                    let key = format!("{prefix}{i}");
+                    match store
+                        .put_unless_changed(
+                            &key,
+                            b"mine".to_vec(),
+                            Precondition::Absent,
+                            &prefix,
+                            listed.revision,
+                        )
+                        .await
+                    {
+                        Ok(_) => return true,
+                        Err(StoreError::Changed { .. }) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }));
+        }
+        let mut won = 0;
+        for task in tasks {
+            if timeout(Duration::from_secs(60), task)
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+        assert_eq!(s.store.list(&prefix).await.unwrap().items.len(), 1);
+    }
 }
 
 /// More keys than one page of an etcd list, with values big enough that one message could not
