@@ -42,6 +42,18 @@ impl Proc {
     }
 }
 
+/// A process a test started does not outlive it (a stopped one is woken to be killed).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // reaped already: its pid may be another process's now
+        }
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 struct Agent {
     proc: Option<Proc>,
     address: String,

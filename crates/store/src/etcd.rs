@@ -91,7 +91,14 @@ pub struct EtcdStore {
     /// What connected this store, to reach each member on its own ([`EtcdStore::members`]).
     tls: Option<EtcdTls>,
     connect_timeout: Duration,
+    /// Until when reads are serializable (answered by any live member from what it has,
+    /// without a quorum): set when a linearizable read found etcd unavailable.
+    degraded_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long reads stay serializable after a linearizable one found no quorum; then one read
+/// tries for a quorum again.
+const DEGRADED_READS: Duration = Duration::from_secs(10);
 
 /// The leader key and the `create_revision` (etcd's) it had when this process took it.
 #[derive(Debug, Clone)]
@@ -208,6 +215,7 @@ impl EtcdStore {
             fence: None,
             tls: options.tls,
             connect_timeout: options.connect_timeout,
+            degraded_until: Arc::default(),
         };
         // Learn the current revision: any read answers it in its header.
         let kv = store.client.kv_client();
@@ -375,6 +383,78 @@ impl EtcdStore {
         Txn::new().when(when).and_then([op]).or_else(reads)
     }
 
+    /// A list in pages at the first page's revision; `serializable`: answered by any member
+    /// from what it has (no quorum needed).
+    async fn list_pages(&self, prefix: &str, serializable: bool) -> Result<ListResult, StoreError> {
+        let kv = self.client.kv_client();
+        let full = self.full(prefix);
+        let end = prefix_end(full.as_bytes());
+        let mut items = Vec::new();
+        let mut from = full.into_bytes();
+        let mut at = 0i64;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if serializable {
+                options = options.with_serializable();
+            }
+            if at > 0 {
+                options = options.with_revision(at);
+            }
+            let page = self
+                .again(read_again, || {
+                    let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+                    async move { kv.get(from, Some(options)).await }
+                })
+                .await
+                .map_err(etcd_error(format!("listing {prefix:?} from etcd")))?;
+            if at == 0 {
+                at = page.header().map_or(0, |h| h.revision());
+                self.saw(at);
+            }
+            for item in page.kvs() {
+                items.push(self.convert(item)?);
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(ListResult {
+            items,
+            revision: ours(at),
+        })
+    }
+
+    /// Whether reads are serializable for now (etcd lately had no quorum).
+    fn degraded(&self) -> bool {
+        let mut until = crate::lock(&self.degraded_until);
+        match *until {
+            Some(t) if std::time::Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A linearizable read found no quorum: serve reads from what members have for a while.
+    fn degrade(&self, error: &StoreError) {
+        let mut until = crate::lock(&self.degraded_until);
+        if until.is_none() {
+            tracing::warn!(
+                error = %crate::error_chain(error),
+                "etcd has no quorum: reads are served from what its members have (they may be stale) until it is back"
+            );
+        }
+        *until = Some(std::time::Instant::now() + DEGRADED_READS);
+    }
+
     /// A put, and with a `guard` (prefix, revision) only if nothing under the prefix was
     /// written after that revision.
     async fn put_with(
@@ -493,58 +573,41 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.open()?;
         let kv = self.client.kv_client();
-        let answer = self
-            .again(read_again, || {
+        let read = |serializable: bool| {
+            let kv = kv.clone();
+            self.again(read_again, move || {
                 let (mut kv, full) = (kv.clone(), self.full(key));
-                async move { kv.get(full, None).await }
+                let options = serializable.then(|| GetOptions::new().with_serializable());
+                async move { kv.get(full, options).await }
             })
-            .await
-            .map_err(etcd_error(format!("reading {key} from etcd")))?;
+        };
+        let what = || format!("reading {key} from etcd");
+        let answer = match self.degraded() {
+            true => read(true).await.map_err(etcd_error(what()))?,
+            false => match read(false).await.map_err(etcd_error(what())) {
+                Err(e) if e.is_unavailable() => {
+                    self.degrade(&e);
+                    read(true).await.map_err(etcd_error(what()))?
+                }
+                other => other?,
+            },
+        };
         self.saw(answer.header().map_or(0, |h| h.revision()));
         answer.kvs().first().map(|kv| self.convert(kv)).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
         self.open()?;
-        let kv = self.client.kv_client();
-        let full = self.full(prefix);
-        let end = prefix_end(full.as_bytes());
-        let mut items = Vec::new();
-        let mut from = full.into_bytes();
-        let mut at = 0i64;
-        loop {
-            let mut options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LIST_PAGE);
-            if at > 0 {
-                options = options.with_revision(at);
-            }
-            let page = self
-                .again(read_again, || {
-                    let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
-                    async move { kv.get(from, Some(options)).await }
-                })
-                .await
-                .map_err(etcd_error(format!("listing {prefix:?} from etcd")))?;
-            if at == 0 {
-                at = page.header().map_or(0, |h| h.revision());
-                self.saw(at);
-            }
-            for item in page.kvs() {
-                items.push(self.convert(item)?);
-            }
-            match page.kvs().last() {
-                Some(last) if page.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
+        if self.degraded() {
+            return self.list_pages(prefix, true).await;
         }
-        Ok(ListResult {
-            items,
-            revision: ours(at),
-        })
+        match self.list_pages(prefix, false).await {
+            Err(e) if e.is_unavailable() => {
+                self.degrade(&e);
+                self.list_pages(prefix, true).await
+            }
+            other => other,
+        }
     }
 
     async fn put(

@@ -967,6 +967,24 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         "{:?}",
         started.elapsed()
     );
+    // Reads still answer, from what the live member has: every acknowledged key, and the
+    // refused write is not there.
+    let started = std::time::Instant::now();
+    let listed = store.list("k/").await.unwrap();
+    let keys: Vec<&str> = listed.items.iter().map(|kv| kv.key.as_str()).collect();
+    for key in &acked {
+        assert!(keys.contains(&key.as_str()), "{key} is not read without a quorum");
+    }
+    assert!(!keys.contains(&"k/lost"), "{keys:?}");
+    assert!(store.get("k/00").await.unwrap().is_some());
+    let again = std::time::Instant::now();
+    assert!(store.get("k/late").await.unwrap().is_some());
+    assert!(
+        again.elapsed() < Duration::from_secs(1),
+        "a read while degraded took {:?} (the first took {:?})",
+        again.elapsed(),
+        again - started
+    );
 
     cluster.restart(0);
     cluster.restart(1);
