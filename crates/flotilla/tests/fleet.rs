@@ -643,14 +643,13 @@ fn six_replicas_spread_over_three_nodes_and_survive_the_loss_of_one() {
         .filter(|i| node_of(i) == "node-3")
         .map(pid_of)
         .collect();
-    let agent = fleet.agents.get_mut("node-3").unwrap().proc.take().unwrap();
-    let mut agent_child = agent.child;
+    let mut agent = fleet.agents.get_mut("node-3").unwrap().proc.take().unwrap();
     let killed = Instant::now();
-    agent_child.kill().unwrap();
+    agent.child.kill().unwrap();
     for pid in &victims {
         let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
     }
-    let _ = agent_child.wait();
+    let _ = agent.child.wait();
     let recovered = wait_for(
         "six ready instances on the two nodes left",
         Duration::from_secs(30),
@@ -2039,6 +2038,429 @@ fn agents_gateways_and_the_cli_fail_over_to_another_server() {
         fleet.logs()
     );
     drop(dead);
+}
+
+/// Three servers on a three-member etcd cluster (the fleet's own server is the first, each on
+/// its own data directory and address), and `nodes` agents given every server's address.
+struct Ha {
+    fleet: Fleet,
+    etcd: etcd_support::Cluster,
+    endpoints: String,
+    /// Every server's address (`host:port`); `fleet.api` is a live one (for the test's reads).
+    apis: Vec<String>,
+    /// Servers 2 and 3 (indices 1 and 2): the process (`None` while killed), its data.
+    others: Vec<(Option<Proc>, PathBuf)>,
+    /// Whether server 1 (`fleet.server`) runs.
+    first_alive: bool,
+}
+
+impl Ha {
+    fn start(rt: &tokio::runtime::Runtime, net: u8, nodes: u8) -> Ha {
+        let etcd = rt.block_on(etcd_support::Cluster::start(3));
+        let endpoints = etcd.endpoints().join(",");
+        let fleet = Fleet::start_with(net, 0, &["--etcd", &endpoints]);
+        let mut ha = Ha {
+            apis: vec![fleet.api.clone()],
+            fleet,
+            etcd,
+            endpoints,
+            others: Vec::new(),
+            first_alive: true,
+        };
+        for k in 2..=3 {
+            let data = ha.fleet.dir.path().join(format!("server-{k}"));
+            ha.apis.push(format!("127.0.0.1:{}", free_port()));
+            ha.others.push((None, data));
+            ha.start_server(k - 1);
+        }
+        let all = ha.apis.join(",");
+        for i in 1..=nodes {
+            let name = format!("node-{i}");
+            let agent = Agent {
+                proc: None,
+                address: format!("127.77.{net}.{i}"),
+                data: ha.fleet.dir.path().join(&name),
+                api: Some(all.clone()),
+                extra: Vec::new(),
+            };
+            ha.fleet.agents.insert(name.clone(), agent);
+            ha.fleet.start_agent(&name);
+        }
+        wait_for("every node Ready", Duration::from_secs(30), || {
+            (ha.fleet.ready_nodes().len() == usize::from(nodes)).then_some(())
+        });
+        ha
+    }
+
+    /// Starts server `i` (again) on its data directory and address; returns once it answers.
+    fn start_server(&mut self, i: usize) {
+        let api = self.apis[i].clone();
+        let data = match i {
+            0 => self.fleet.dir.path().join("server"),
+            _ => self.others[i - 1].1.clone(),
+        };
+        let name = format!("server-{}", i + 1);
+        let proc = spawn(
+            &self.fleet.dir,
+            &name,
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "server",
+                "--listen",
+                &api,
+                "--etcd",
+                &self.endpoints,
+            ],
+            &[],
+        );
+        match i {
+            0 => {
+                self.fleet.server = proc;
+                self.first_alive = true;
+            }
+            _ => self.others[i - 1].0 = Some(proc),
+        }
+        wait_for(&format!("{name}'s API"), Duration::from_secs(30), || {
+            https(&api, &self.fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
+        });
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        match i {
+            0 => self.first_alive,
+            _ => self.others[i - 1].0.is_some(),
+        }
+    }
+
+    fn pid(&self, i: usize) -> i32 {
+        let child = match i {
+            0 => &self.fleet.server.child,
+            _ => &self.others[i - 1].0.as_ref().unwrap().child,
+        };
+        child.id() as i32
+    }
+
+    /// `kill -9` of server `i`; the test's own reads move to a live server.
+    fn kill_server(&mut self, i: usize) {
+        match i {
+            0 => {
+                let _ = self.fleet.server.child.kill();
+                let _ = self.fleet.server.child.wait();
+                self.first_alive = false;
+            }
+            _ => drop(self.others[i - 1].0.take()),
+        }
+        if let Some(live) = (0..3).find(|&k| self.alive(k)) {
+            self.fleet.api = self.apis[live].clone();
+        }
+    }
+
+    /// The index of the server that leads, as a live server reports it.
+    fn leader(&self) -> Option<usize> {
+        let r = https(
+            &self.fleet.api,
+            &self.fleet.tls,
+            "GET",
+            "/api/v1/servers",
+            Some(&self.fleet.token),
+            "",
+        )?;
+        let v: Value = serde_json::from_str(&r.body).ok()?;
+        let api = v["items"]
+            .as_array()?
+            .iter()
+            .find(|s| s["leader"] == true)?["api"]
+            .as_str()?
+            .to_string();
+        self.apis
+            .iter()
+            .position(|a| api.ends_with(&format!("//{a}")))
+    }
+
+    /// The CLI given every server's address.
+    fn cli(&self, args: &[&str]) -> Output {
+        let all: Vec<String> = self.apis.iter().map(|a| format!("https://{a}")).collect();
+        Command::new(flotilla_bin())
+            .args(args)
+            .env("FLOTILLA_API", all.join(","))
+            .env("FLOTILLA_TOKEN", &self.fleet.token)
+            .env("FLOTILLA_CA", &self.fleet.ca)
+            .env("FLOTILLA_CONFIG_DIR", self.fleet.dir.path().join("config"))
+            .output()
+            .unwrap()
+    }
+
+    /// `flotilla apply` of `text` through every server's address: whether it went through, and
+    /// what it printed.
+    fn apply(&self, text: &str) -> (bool, String) {
+        let path = self
+            .fleet
+            .dir
+            .path()
+            .join(format!("apply-{}.toml", common::rand_suffix()));
+        std::fs::write(&path, text).unwrap();
+        let out = self.cli(&["apply", "-f", path.to_str().unwrap()]);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn logs(&self) -> String {
+        let mut out = self.fleet.logs();
+        for (k, (p, _)) in self.others.iter().enumerate() {
+            if let Some(p) = p {
+                out.push_str(&format!("\n--- server-{}\n{}", k + 2, p.log()));
+            }
+        }
+        out
+    }
+}
+
+/// [`web`] with `V = "<version>"` in its environment: a new revision per version.
+fn web_version(replicas: u32, version: &str) -> String {
+    web(replicas).replacen(
+        "ports = [\"http\"]",
+        &format!("ports = [\"http\"]\nenv = {{ V = \"{version}\" }}"),
+        1,
+    )
+}
+
+fn version_of(i: &Value) -> String {
+    i["spec"]["template"]["env"]["V"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Three servers on a three-member etcd, two nodes, a gateway; every client has every server's
+/// address. The leader is killed in the middle of a rollout: another leads within 3 s, the
+/// rollout completes, no instance is lost or duplicated. One etcd member dies: applies go on.
+/// A second dies: writes fail with a clear error while the instances keep running, the
+/// gateway keeps routing and reads answer; both come back: everything converges.
+#[test]
+fn three_servers_survive_their_leader_and_etcd_members_dying() {
+    let test = "three_servers_survive_their_leader_and_etcd_members_dying";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ha = Ha::start(&rt, 13, 2);
+    let (ok, out) = ha.apply(&web_version(3, "1"));
+    assert!(ok, "{out}");
+    wait_for("three ready instances", Duration::from_secs(30), || {
+        (ha.fleet.ready_instances("web").len() == 3).then_some(())
+    });
+    let all = ha.apis.join(",");
+    let gateway = ha.fleet.start_gateway_via(&all);
+    wait_for("the gateway to route", Duration::from_secs(20), || {
+        http(&gateway, "GET", "/", &[], "").filter(|r| r.status == 200)
+    });
+    let load = Load::start(&gateway);
+
+    // A rollout starts; the leader dies under it.
+    let leader = wait_for("a leader", Duration::from_secs(10), || ha.leader());
+    let (ok, out) = ha.apply(&web_version(3, "2"));
+    assert!(ok, "{out}");
+    ha.kill_server(leader);
+    let killed = Instant::now();
+    let next = wait_for("another leader", Duration::from_secs(10), || {
+        ha.leader().filter(|&l| l != leader)
+    });
+    let took = killed.elapsed();
+    eprintln!(
+        "{test}: server-{} led {took:?} after server-{}'s kill -9",
+        next + 1,
+        leader + 1
+    );
+    assert!(took <= Duration::from_secs(3), "failover took {took:?}");
+    // The rollout completes: three ready instances of version 2, each name once, nothing
+    // else left; never more than the surge above three meanwhile.
+    let mut most = 0;
+    let done = wait_for("the rollout to complete", Duration::from_secs(60), || {
+        let all = ha.fleet.instances("web");
+        most = most.max(all.len());
+        let ready = ha.fleet.ready_instances("web");
+        (all.len() == 3 && ready.len() == 3 && ready.iter().all(|i| version_of(i) == "2"))
+            .then_some(ready)
+    });
+    let names: BTreeSet<String> = done
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 3, "{done:?}");
+    assert!(
+        most <= 4,
+        "{most} instances at once during the rollout (surge 1)"
+    );
+    let pids: BTreeSet<i32> = done.iter().map(pid_of).collect();
+
+    // One etcd member dies: applies go through.
+    ha.etcd.kill(0);
+    let (ok, out) = ha.apply(&web_version(4, "2"));
+    assert!(ok, "apply with one etcd member down: {out}");
+    wait_for("four ready instances", Duration::from_secs(30), || {
+        (ha.fleet.ready_instances("web").len() == 4).then_some(())
+    });
+    let pids: BTreeSet<i32> = ha
+        .fleet
+        .ready_instances("web")
+        .iter()
+        .map(pid_of)
+        .collect::<BTreeSet<_>>()
+        .union(&pids)
+        .copied()
+        .collect();
+
+    // A second dies: no quorum. Writes fail naming the store; reads answer; the instances run
+    // and the gateway routes to them.
+    ha.etcd.kill(1);
+    let before = load.ok[0].load(Ordering::SeqCst);
+    let (ok, out) = ha.apply(&web_version(5, "2"));
+    assert!(!ok, "applied without an etcd quorum: {out}");
+    assert!(out.contains("the store (etcd) is unavailable"), "{out}");
+    let listed = ha.cli(&["get", "services"]);
+    assert!(
+        listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains("web"),
+        "get services without a quorum: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    for pid in &pids {
+        assert!(alive(*pid), "instance {pid} stopped without a quorum");
+    }
+    wait_for(
+        "requests routed without a quorum",
+        Duration::from_secs(10),
+        || (load.ok[0].load(Ordering::SeqCst) > before + 50).then_some(()),
+    );
+
+    // Both come back: the write goes through and everything converges.
+    ha.etcd.restart(0);
+    ha.etcd.restart(1);
+    wait_for(
+        "an apply once etcd is back",
+        Duration::from_secs(60),
+        || ha.apply(&web_version(5, "2")).0.then_some(()),
+    );
+    wait_for("five ready instances", Duration::from_secs(60), || {
+        (ha.fleet.ready_instances("web").len() == 5).then_some(())
+    });
+    for pid in &pids {
+        assert!(alive(*pid), "instance {pid} did not survive");
+    }
+    let (ok, failed, failures) = load.finish();
+    assert!(ok[0] > 0 && ok[1] > 0, "no load: {ok:?}");
+    assert!(
+        failed[0] + failed[1] <= 2,
+        "requests failed: {failed:?} {failures:?}\n{}",
+        ha.logs()
+    );
+    eprintln!("{test}: {ok:?} requests answered, {failed:?} failed");
+}
+
+/// The leader frozen (SIGSTOP) past its lease and past the nodes' leases: another leads, keeps
+/// the nodes Ready and scales the service up. Thawed (SIGCONT) with its stale view, the old
+/// leader writes nothing: the nodes stay Ready, no instance is added, replaced or stopped,
+/// and it follows.
+#[test]
+fn a_leader_frozen_past_its_lease_writes_nothing_when_it_thaws() {
+    let test = "a_leader_frozen_past_its_lease_writes_nothing_when_it_thaws";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ha = Ha::start(&rt, 14, 2);
+    let (ok, out) = ha.apply(&web_version(2, "1"));
+    assert!(ok, "{out}");
+    wait_for("two ready instances", Duration::from_secs(30), || {
+        (ha.fleet.ready_instances("web").len() == 2).then_some(())
+    });
+    let old = wait_for("a leader", Duration::from_secs(10), || ha.leader());
+    let pid = Pid::from_raw(ha.pid(old));
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    let live = (0..3).find(|&k| k != old).unwrap();
+    ha.fleet.api = ha.apis[live].clone();
+    let new = wait_for("another leader", Duration::from_secs(10), || {
+        ha.leader().filter(|&l| l != old)
+    });
+    eprintln!(
+        "{test}: server-{} leads {:?} after the freeze",
+        new + 1,
+        frozen.elapsed()
+    );
+    let (ok, out) = ha.apply(&web_version(3, "1"));
+    assert!(ok, "{out}");
+    let three = wait_for("three ready instances", Duration::from_secs(30), || {
+        let ready = ha.fleet.ready_instances("web");
+        (ready.len() == 3).then_some(ready)
+    });
+    let names = |instances: &[Value]| -> BTreeMap<String, i32> {
+        instances
+            .iter()
+            .map(|i| {
+                (
+                    i["metadata"]["name"].as_str().unwrap().to_string(),
+                    pid_of(i),
+                )
+            })
+            .collect()
+    };
+    let expected = names(&three);
+    // Frozen for well past the node leases (3 s) too: its clock says every node is late.
+    wait_for(
+        "the freeze to outlast the node leases",
+        Duration::from_secs(20),
+        || (frozen.elapsed() > Duration::from_secs(7)).then_some(()),
+    );
+    kill(pid, Signal::SIGCONT).unwrap();
+    let thawed = Instant::now();
+    // For 6 s after the thaw nothing changes: the same instances (same pids), none marked for
+    // deletion, both nodes Ready.
+    while thawed.elapsed() < Duration::from_secs(6) {
+        let all = ha.fleet.instances("web");
+        assert_eq!(
+            names(&all),
+            expected,
+            "instances changed after the thaw\n{}",
+            ha.logs()
+        );
+        assert!(
+            all.iter()
+                .all(|i| i["metadata"]["deletionTimestamp"].is_null()),
+            "{all:?}"
+        );
+        assert_eq!(
+            ha.fleet.ready_nodes().len(),
+            2,
+            "a node went NotReady\n{}",
+            ha.logs()
+        );
+        #[allow(clippy::disallowed_methods)] // the pace of the observation, not synchronization
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It follows, and says why it stopped leading.
+    assert_ne!(ha.leader(), Some(old));
+    let log = match old {
+        0 => ha.fleet.server.log(),
+        k => ha.others[k - 1].0.as_ref().unwrap().log(),
+    };
+    eprintln!(
+        "{test}: the thawed leader had {} writes refused by the fence",
+        log.matches("no longer leads").count()
+    );
+    assert!(
+        https(&ha.apis[old], &ha.fleet.tls, "GET", "/healthz", None, "")
+            .is_some_and(|r| r.status == 200),
+        "the thawed server answers\n{log}"
+    );
 }
 
 /// A server on a three-member etcd: without a quorum a write is refused with a 503 that names

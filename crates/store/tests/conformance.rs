@@ -973,7 +973,10 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
     let listed = store.list("k/").await.unwrap();
     let keys: Vec<&str> = listed.items.iter().map(|kv| kv.key.as_str()).collect();
     for key in &acked {
-        assert!(keys.contains(&key.as_str()), "{key} is not read without a quorum");
+        assert!(
+            keys.contains(&key.as_str()),
+            "{key} is not read without a quorum"
+        );
     }
     assert!(!keys.contains(&"k/lost"), "{keys:?}");
     assert!(store.get("k/00").await.unwrap().is_some());
