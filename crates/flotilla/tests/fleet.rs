@@ -2463,6 +2463,130 @@ fn a_leader_frozen_past_its_lease_writes_nothing_when_it_thaws() {
     );
 }
 
+/// 50 rounds of `kill -9` of a server or an etcd member (then its restart) while three
+/// writers apply services through all three servers: every apply that was acknowledged (a
+/// 200 or 201) is there afterwards, with the spec it acknowledged.
+#[test]
+fn every_acknowledged_apply_survives_50_rounds_of_kill_9() {
+    let test = "every_acknowledged_apply_survives_50_rounds_of_kill_9";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ha = Ha::start(&rt, 15, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (stop, attempts) = (stop.clone(), attempts.clone());
+        let (apis, tls, token) = (
+            ha.apis.clone(),
+            ha.fleet.tls.clone(),
+            ha.fleet.token.clone(),
+        );
+        writers.push(std::thread::spawn(move || {
+            let mut acked: Vec<(String, u64)> = Vec::new();
+            let mut refused: BTreeMap<u16, u64> = BTreeMap::new();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                n += 1;
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let name = format!("w{w}-{n}");
+                let body = serde_json::json!({
+                    "metadata": { "name": name },
+                    "spec": { "command": "/bin/true", "replicas": 0, "env": { "N": n.to_string() } }
+                })
+                .to_string();
+                let api = &apis[(n as usize + w) % apis.len()];
+                let answer = std::net::TcpStream::connect(api).ok().and_then(|tcp| {
+                    tcp.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
+                    let server = rustls::pki_types::ServerName::try_from("127.0.0.1").ok()?;
+                    let conn = rustls::ClientConnection::new(tls.clone(), server).ok()?;
+                    let auth = format!("Bearer {token}");
+                    http_on(
+                        rustls::StreamOwned::new(conn, tcp),
+                        api,
+                        "POST",
+                        "/api/v1/services",
+                        &[
+                            ("Authorization", &auth),
+                            ("Content-Type", "application/json"),
+                        ],
+                        &body,
+                    )
+                });
+                match answer {
+                    Some(r) if r.status == 200 || r.status == 201 => acked.push((name, n)),
+                    Some(r) => *refused.entry(r.status).or_default() += 1,
+                    None => *refused.entry(0).or_default() += 1,
+                }
+            }
+            (acked, refused)
+        }));
+    }
+    let more_attempts = |what: &str| {
+        let from = attempts.load(Ordering::SeqCst);
+        wait_for(what, Duration::from_secs(60), || {
+            (attempts.load(Ordering::SeqCst) >= from + 6).then_some(())
+        });
+    };
+    for round in 0..50 {
+        let which = (round / 2) % 3;
+        if round % 2 == 0 {
+            ha.kill_server(which);
+            more_attempts("writes with a server down");
+            ha.start_server(which);
+        } else {
+            ha.etcd.kill(which);
+            more_attempts("writes with an etcd member down");
+            ha.etcd.restart(which);
+            rt.block_on(ha.etcd.wait_writable());
+        }
+        more_attempts("writes after the restart");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    let mut refused: BTreeMap<u16, u64> = BTreeMap::new();
+    for w in writers {
+        let (a, r) = w.join().unwrap();
+        acked.extend(a);
+        for (status, count) in r {
+            *refused.entry(status).or_default() += count;
+        }
+    }
+    // Every acknowledged apply, read back through any server.
+    let mut missing = Vec::new();
+    for (name, n) in &acked {
+        let (status, body) = call(
+            &ha.fleet.api,
+            &ha.fleet.tls,
+            "GET",
+            &format!("/api/v1/services/{name}"),
+            &ha.fleet.token,
+        );
+        let stored: Option<Value> = serde_json::from_str(&body).ok();
+        let stored_n = stored
+            .as_ref()
+            .and_then(|v| v["spec"]["env"]["N"].as_str().map(str::to_string));
+        if status != 200 || stored_n.as_deref() != Some(n.to_string().as_str()) {
+            missing.push(format!("{name}: {status} {body}"));
+        }
+    }
+    eprintln!(
+        "{test}: {} applies acknowledged and all {} read back; refused or unanswered by status: {refused:?}",
+        acked.len(),
+        acked.len() - missing.len()
+    );
+    assert!(
+        acked.len() >= 300,
+        "too few acknowledged writes to mean anything: {}",
+        acked.len()
+    );
+    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+}
+
 /// A server on a three-member etcd: without a quorum a write is refused with a 503 that names
 /// the store (the CLI says so), and once the quorum is back the same write goes through.
 #[test]
