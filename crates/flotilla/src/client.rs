@@ -123,7 +123,7 @@ impl Client {
                 self.http.request(request).await
             };
             match answer {
-                Ok(response) if retry && unavailable(response.status()) => {
+                Ok(response) if retry && unavailable(response.status(), response.headers()) => {
                     last = format!("{base}: answered {}", response.status());
                 }
                 Ok(response) => {

@@ -2322,9 +2322,36 @@ fn three_servers_survive_their_leader_and_etcd_members_dying() {
     // and the gateway routes to them.
     ha.etcd.kill(1);
     let before = load.ok[0].load(Ordering::SeqCst);
+    let refused = Instant::now();
     let (ok, out) = ha.apply(&web_version(5, "2"));
     assert!(!ok, "applied without an etcd quorum: {out}");
     assert!(out.contains("the store (etcd) is unavailable"), "{out}");
+    // One server's answer is every server's: the CLI does not ask the others too (one server
+    // takes up to two etcd request timeouts, 5 s each: its read, then its write).
+    assert!(
+        refused.elapsed() < Duration::from_secs(15),
+        "the refusal took {:?}",
+        refused.elapsed()
+    );
+    let servers = ha.cli(&["get", "servers"]);
+    let shown = String::from_utf8_lossy(&servers.stdout);
+    assert!(
+        servers.status.success(),
+        "{}",
+        String::from_utf8_lossy(&servers.stderr)
+    );
+    for (member, status) in [
+        ("m1", "unreachable"),
+        ("m2", "unreachable"),
+        ("m3", "healthy"),
+    ] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(member) && l.contains(status)),
+            "{member} not {status}:\n{shown}"
+        );
+    }
     let listed = ha.cli(&["get", "services"]);
     assert!(
         listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains("web"),

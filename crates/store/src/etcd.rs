@@ -1336,9 +1336,13 @@ impl EtcdStore {
     /// (within the connect timeout).
     pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
         self.open()?;
-        let mut cluster = self.client.cluster_client();
-        let list = cluster
-            .member_list()
+        let cluster = self.client.cluster_client();
+        // Through whichever member answers (the list is each member's own, no quorum needed).
+        let list = self
+            .again(read_again, || {
+                let mut cluster = cluster.clone();
+                async move { cluster.member_list().await }
+            })
             .await
             .map_err(etcd_error("listing etcd's members".to_string()))?;
         let mut asks = tokio::task::JoinSet::new();
@@ -1370,7 +1374,7 @@ impl EtcdStore {
                         url,
                         healthy: false,
                         leader: false,
-                        error: Some(e.to_string()),
+                        error: Some(root_cause(&e)),
                     },
                 };
                 (i, member)
@@ -1382,9 +1386,18 @@ impl EtcdStore {
                 members.push(m);
             }
         }
-        members.sort_by_key(|(i, _)| *i);
+        members.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name));
         Ok(members.into_iter().map(|(_, m)| m).collect())
     }
+}
+
+/// The innermost cause of an error, for a table cell ("Connection refused (os error 111)").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 #[cfg(test)]

@@ -248,13 +248,14 @@ impl RemoteStore {
                     (again, backend(format!("{what} to {base}"), e))
                 })?;
                 let status = resp.status();
+                let elsewhere = unavailable(status, resp.headers());
                 let body = resp
                     .into_body()
                     .collect()
                     .await
                     .map_err(|e| (false, backend(format!("reading the answer to {what}"), e)))?
                     .to_bytes();
-                Ok((status, body))
+                Ok((status, body, elsewhere))
             };
             let limit = if retry {
                 left.min(ATTEMPT_TIMEOUT)
@@ -262,12 +263,12 @@ impl RemoteStore {
                 left
             };
             match tokio::time::timeout(limit, fetch).await {
-                Ok(Ok((status, body))) if retry && unavailable(status) => {
+                Ok(Ok((status, body, true))) if retry => {
                     last = Some(answer_error(&format!("{what} to {base}"), status, &body));
                 }
-                Ok(Ok(answer)) => {
+                Ok(Ok((status, body, _))) => {
                     attempt.succeeded();
-                    return Ok(answer);
+                    return Ok((status, body));
                 }
                 Ok(Err((again, error))) if again || retry => last = Some(error),
                 Ok(Err((_, error))) => return Err(error),
@@ -456,6 +457,7 @@ impl RemoteStore {
                 }
                 Ok(Ok(resp)) => {
                     let status = resp.status();
+                    let elsewhere = unavailable(status, resp.headers());
                     let body = tokio::time::timeout(ATTEMPT_TIMEOUT, resp.into_body().collect())
                         .await
                         .ok()
@@ -463,7 +465,7 @@ impl RemoteStore {
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
                     let error = answer_error(&format!("GET {path}"), status, &body);
-                    if !unavailable(status) {
+                    if !elsewhere {
                         // This server answered; another would say the same.
                         attempt.succeeded();
                         return Err(error);

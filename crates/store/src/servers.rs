@@ -140,13 +140,19 @@ pub fn repeatable(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::PUT)
 }
 
-/// An answer that says this server cannot serve now (another may): a proxy's or a draining
-/// server's `502`/`503`/`504`.
-pub fn unavailable(status: StatusCode) -> bool {
+/// The header a server's error answers name their reason in (`StoreUnavailable`, …).
+pub const REASON_HEADER: &str = "x-flotilla-reason";
+
+/// An answer that says this server cannot serve now and another may: a proxy's or a draining
+/// server's `502`/`503`/`504`, but not a `StoreUnavailable` (the store they share is down:
+/// every server would answer the same).
+pub fn unavailable(status: StatusCode, headers: &hyper::HeaderMap) -> bool {
     matches!(
         status,
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-    )
+    ) && headers
+        .get(REASON_HEADER)
+        .is_none_or(|r| r.as_bytes() != b"StoreUnavailable")
 }
 
 /// Whether a failure of the client stack left the request unsent (no connection was made).
@@ -193,7 +199,11 @@ mod tests {
     fn only_repeatable_methods_are_sent_twice() {
         assert!(repeatable(&Method::GET) && repeatable(&Method::PUT));
         assert!(!repeatable(&Method::POST) && !repeatable(&Method::DELETE));
-        assert!(unavailable(StatusCode::SERVICE_UNAVAILABLE));
-        assert!(!unavailable(StatusCode::CONFLICT));
+        let none = hyper::HeaderMap::new();
+        assert!(unavailable(StatusCode::SERVICE_UNAVAILABLE, &none));
+        assert!(!unavailable(StatusCode::CONFLICT, &none));
+        let mut store_down = hyper::HeaderMap::new();
+        store_down.insert(REASON_HEADER, "StoreUnavailable".parse().unwrap());
+        assert!(!unavailable(StatusCode::SERVICE_UNAVAILABLE, &store_down));
     }
 }

@@ -321,8 +321,15 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
         let status = error.status;
         tracing::info!(request_id = %id, %method, %path, status = status.as_u16(), error = %error.message, "request failed");
+        let reason = error.reason;
         let body = serde_json::json!({ "error": error, "requestId": id });
         response = (status, Json(body)).into_response();
+        // Clients fail over on a 503, unless it is the store's: every server would say so.
+        if let Ok(v) = HeaderValue::from_str(reason) {
+            response
+                .headers_mut()
+                .insert(flotilla_store::servers::REASON_HEADER, v);
+        }
     } else if let Some(rejection) = rejection_message(&mut response).await {
         let status = response.status();
         let reason = match status.as_u16() {
