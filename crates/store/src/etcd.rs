@@ -1374,7 +1374,10 @@ impl EtcdStore {
                         url,
                         healthy: false,
                         leader: false,
-                        error: Some(root_cause(&e)),
+                        error: Some(match &e {
+                            etcd_client::Error::GRpcStatus(status) => root_cause(status),
+                            other => root_cause(other),
+                        }),
                     },
                 };
                 (i, member)

@@ -133,7 +133,14 @@ async fn etcd_view(me: &ServerRecord, store: &flotilla_store::EtcdStore) -> Serv
             Vec::new()
         }
     };
-    let quorum = members.iter().filter(|m| m.healthy).count() * 2 > members.len();
+    let answering = members.iter().filter(|m| m.healthy).count();
+    let quorum = answering * 2 > members.len();
+    if !quorum && !members.is_empty() {
+        error.get_or_insert(format!(
+            "no quorum: {answering} of {} members answer; writes fail until a majority is back",
+            members.len()
+        ));
+    }
     ServersAnswer {
         items: records
             .into_iter()
