@@ -656,10 +656,13 @@ fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, 
     Ok(out)
 }
 
-/// The agent's drain hook across machines: before it signals a deleted instance, the server
-/// waits (briefly) for every gateway to confirm it no longer routes to it.
+/// The agent's drain hook across machines: before it signals a deleted instance, the servers
+/// wait (briefly) for every gateway to confirm it no longer routes to it. Each server knows
+/// the gateways that poll it, so with several servers the agent asks every one of them at
+/// once (one that is down answers nothing and holds nothing up).
 struct ServerDrain {
-    client: crate::client::Client,
+    /// One client per server.
+    clients: Vec<Arc<crate::client::Client>>,
     node: String,
 }
 
@@ -667,6 +670,29 @@ struct ServerDrain {
 struct DrainOutcome {
     confirmed: Vec<String>,
     waiting: Vec<String>,
+}
+
+/// How long one server may take to answer a drain (it waits up to 1.9 s itself).
+const DRAIN_ANSWER: std::time::Duration = std::time::Duration::from_millis(2500);
+
+impl ServerDrain {
+    fn new(api: &str, tls: Arc<flotilla_pki::rustls::ClientConfig>, node: &str) -> Self {
+        let clients = flotilla_store::servers::Servers::parse(api)
+            .all()
+            .iter()
+            .map(|base| {
+                Arc::new(crate::client::Client::with_tls(
+                    base,
+                    String::new(),
+                    Some(tls.clone()),
+                ))
+            })
+            .collect();
+        Self {
+            clients,
+            node: node.to_string(),
+        }
+    }
 }
 
 #[async_trait]
@@ -677,25 +703,58 @@ impl flotilla_agent::DrainHook for ServerDrain {
             "/api/v1/nodes/{}/instances/{instance}/drain?timeout=1900ms",
             self.node
         );
-        let answer = self
-            .client
-            .call(hyper::Method::POST, &path, None)
-            .await
-            .and_then(|(_, body)| Ok(serde_json::from_slice::<DrainOutcome>(&body)?));
-        match answer {
-            Ok(o) if o.waiting.is_empty() => tracing::info!(
-                instance,
-                gateways = o.confirmed.len(),
-                "instance unrouted by every gateway"
-            ),
-            Ok(o) => tracing::info!(
-                instance,
-                waiting = %o.waiting.join(","),
-                "gateways still route to the instance; stopping it anyway"
-            ),
-            Err(e) => {
-                tracing::warn!(instance, error = %format!("{e:#}"), "could not drain the instance through the server")
+        // Owned by this call; each ends within DRAIN_ANSWER.
+        let mut asks = tokio::task::JoinSet::new();
+        for client in &self.clients {
+            let (client, path) = (client.clone(), path.clone());
+            asks.spawn(async move {
+                let answer = tokio::time::timeout(
+                    DRAIN_ANSWER,
+                    client.call(hyper::Method::POST, &path, None),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {DRAIN_ANSWER:?}"))
+                .and_then(|a| a)
+                .and_then(|(_, body)| Ok(serde_json::from_slice::<DrainOutcome>(&body)?));
+                (client.base(), answer)
+            });
+        }
+        let (mut confirmed, mut waiting, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(done) = asks.join_next().await {
+            let Ok((server, answer)) = done else { continue };
+            match answer {
+                Ok(o) => {
+                    confirmed.extend(o.confirmed);
+                    waiting.extend(o.waiting);
+                }
+                Err(e) => failed.push(format!("{server}: {e:#}")),
             }
+        }
+        // A gateway that moved between servers may be live at both: confirmed is confirmed.
+        confirmed.sort();
+        confirmed.dedup();
+        waiting.sort();
+        waiting.dedup();
+        waiting.retain(|g| !confirmed.contains(g));
+        if failed.len() == self.clients.len() {
+            tracing::warn!(instance, error = %failed.join("; "), "could not drain the instance through any server");
+            return;
+        }
+        if !failed.is_empty() {
+            tracing::debug!(instance, error = %failed.join("; "), "a server did not answer the drain");
+        }
+        if waiting.is_empty() {
+            tracing::info!(
+                instance,
+                gateways = confirmed.len(),
+                "instance unrouted by every gateway"
+            );
+        } else {
+            tracing::info!(
+                instance,
+                waiting = %waiting.join(","),
+                "gateways still route to the instance; stopping it anyway"
+            );
         }
     }
 }
@@ -882,10 +941,7 @@ pub async fn agent(
     let enrolled = node_certificate(api, token, ca_file.as_deref(), &node, &data_dir).await?;
     let identity = enrolled.identity()?;
     let tls = enrolled.tls(identity.clone())?;
-    config.drain = Some(Arc::new(ServerDrain {
-        client: crate::client::Client::with_tls(api, String::new(), Some(tls.clone())),
-        node: node.clone(),
-    }));
+    config.drain = Some(Arc::new(ServerDrain::new(api, tls.clone(), &node)));
     let mut registry = Registry::default();
     let node_api = Arc::new(RemoteNode::connect(
         api,

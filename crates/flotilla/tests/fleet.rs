@@ -1715,6 +1715,46 @@ fn draining_waits_for_the_gateways_on_other_machines() {
     );
 }
 
+/// Two servers on one etcd; the gateway polls only the second, the agent talks to the first:
+/// before the agent stops an instance, the gateway (known only to the second server) still
+/// confirms it unrouted, because the agent asks every server.
+#[test]
+fn draining_waits_for_gateways_polling_another_server() {
+    let test = "draining_waits_for_gateways_polling_another_server";
+    if let Some(why) = etcd_support::unavailable() {
+        etcd_support::skip(test, &why);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ha = Ha::start(&rt, 16, 1);
+    let (ok, out) = ha.apply(&web_version(2, "1"));
+    assert!(ok, "{out}");
+    let second = ha.apis[1].clone();
+    let gateway = ha.fleet.start_gateway_via(&second);
+    wait_for(
+        "two instances behind the gateway",
+        Duration::from_secs(30),
+        || {
+            let answered: BTreeSet<String> = (0..20)
+                .filter_map(|_| http(&gateway, "GET", "/", &[], ""))
+                .filter(|r| r.status == 200)
+                .filter_map(|r| instance_of(&r.body))
+                .collect();
+            (answered.len() == 2).then_some(())
+        },
+    );
+    let (ok, out) = ha.apply(&web_version(1, "1"));
+    assert!(ok, "{out}");
+    wait_for("one instance left", Duration::from_secs(30), || {
+        (ha.fleet.instances("web").len() == 1).then_some(())
+    });
+    let log = ha.fleet.agents["node-1"].proc.as_ref().unwrap().log();
+    assert!(
+        log.contains("instance unrouted by every gateway") && log.contains("gateways=1"),
+        "{log}"
+    );
+}
+
 /// A node whose agent reports disk pressure shows it (condition, status, describe) and takes
 /// no new instance; the scheduler says so when nothing else can take one.
 #[test]
