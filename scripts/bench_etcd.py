@@ -4,7 +4,9 @@
 
 Each write is an apply (POST /api/v1/services) of a service with 0 replicas, a new spec each
 time (a new revision: the service, its revision and an event are written). C clients, each on
-its own keep-alive connection, send W writes one after the other. Usage:
+its own keep-alive connection, send W writes one after the other. Before the server starts,
+the same clients put keys straight into etcd (its JSON gateway): the floor under any apply
+through it on this machine. Usage:
     FLOTILLA_BIN=target/release/flotilla ROUNDS=2 python3 scripts/bench_etcd.py
 """
 
@@ -144,6 +146,39 @@ def load(server, clients, writes, tag):
     return {"p50": p(0.50), "p99": p(0.99), "rate": len(latencies) / elapsed, "failed": len(failures)}
 
 
+def raw_etcd(etcd, clients, writes, tag):
+    """etcd's own put latency at `clients` (its JSON gateway, one member, keep-alive): the
+    floor under any apply through it on this machine."""
+    import base64
+    latencies = []
+    lock = threading.Lock()
+    host, port = list(etcd.client.values())[0].replace("http://", "").split(":")
+
+    def client(i):
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        mine = []
+        for w in range(writes):
+            body = json.dumps({"key": base64.b64encode(f"/raw/{tag}-{i}".encode()).decode(),
+                               "value": base64.b64encode(b"x" * 300).decode()})
+            t0 = time.perf_counter()
+            c.request("POST", "/v3/kv/put", body=body)
+            c.getresponse().read()
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+    return {"p50": p(0.50), "p99": p(0.99), "rate": len(latencies) / elapsed, "failed": 0}
+
+
 def main():
     results = {}
     for r in range(ROUNDS):
@@ -153,6 +188,13 @@ def main():
             if etcd:
                 wait("the etcd cluster", etcd.healthy)
             try:
+                if etcd:
+                    for c in CLIENTS:
+                        writes = max(10, WRITES // max(1, c // 10))
+                        res = raw_etcd(etcd, c, writes, f"r{r}c{c}")
+                        results.setdefault(("raw-etcd", c), []).append(res)
+                        print(f"round {r} raw-etcd {c:3} clients: p50 {res['p50']:.2f} ms, p99 {res['p99']:.2f} ms, "
+                              f"{res['rate']:.0f} puts/s", flush=True)
                 server = Server(root, ["--etcd", etcd.endpoints()] if etcd else [])
                 try:
                     for c in CLIENTS:
