@@ -271,6 +271,8 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
             ControlPlane::Etcd {
                 me: me.clone(),
                 store: etcd.clone(),
+                peers: flotilla_pki::client_config(authority.cert_pem(), None)
+                    .context("a TLS configuration trusting the cluster CA")?,
             }
         }
         None => ControlPlane::Single {

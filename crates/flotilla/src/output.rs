@@ -653,6 +653,9 @@ pub struct ServerRow {
     pub started_at: String,
     pub leader: bool,
     pub answering: bool,
+    /// Whether it answered the answering server (absent: the answering one, or not asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
 }
 
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -687,6 +690,8 @@ pub fn servers_table(view: &ServersView, wide: bool) -> String {
             let mut role = if s.leader { "leader" } else { "follower" }.to_string();
             if s.answering {
                 role.push_str(" (answered)");
+            } else if s.reachable == Some(false) {
+                role.push_str(" (unreachable)");
             }
             [
                 s.name.clone(),

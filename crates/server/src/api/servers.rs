@@ -36,7 +36,26 @@ pub enum ControlPlane {
     Etcd {
         me: ServerRecord,
         store: Arc<flotilla_store::EtcdStore>,
+        /// Trusts the cluster CA: to ask the other servers whether they answer.
+        peers: Arc<flotilla_pki::rustls::ClientConfig>,
     },
+}
+
+/// How long another server may take to answer `GET /healthz` for `get servers`.
+const PEER_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether the server at `api` answers `GET /healthz` within [`PEER_PROBE`].
+async fn answers(api: &str, tls: Arc<flotilla_pki::rustls::ClientConfig>) -> bool {
+    use http_body_util::Empty;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, Empty<hyper::body::Bytes>>(flotilla_pki::Connector::new(Some(tls)));
+    let Ok(uri) = format!("{}/healthz", api.trim_end_matches('/')).parse::<hyper::Uri>() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(PEER_PROBE, client.get(uri)).await,
+        Ok(Ok(r)) if r.status().is_success()
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +66,9 @@ pub(super) struct ServerView {
     leader: bool,
     /// The server that answered this request.
     answering: bool,
+    /// Whether it answered the answering server just now (not said of the answering one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reachable: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +110,7 @@ pub(super) async fn list_servers(State(state): State<ApiState>) -> ApiResult<Jso
                 record: me,
                 leader: true,
                 answering: true,
+                reachable: None,
             }],
             store: StoreView {
                 kind: "embedded",
@@ -97,11 +120,15 @@ pub(super) async fn list_servers(State(state): State<ApiState>) -> ApiResult<Jso
                 members: Vec::new(),
             },
         },
-        ControlPlane::Etcd { me, store } => etcd_view(&me, &store).await,
+        ControlPlane::Etcd { me, store, peers } => etcd_view(&me, &store, &peers).await,
     }))
 }
 
-async fn etcd_view(me: &ServerRecord, store: &flotilla_store::EtcdStore) -> ServersAnswer {
+async fn etcd_view(
+    me: &ServerRecord,
+    store: &flotilla_store::EtcdStore,
+    peers: &Arc<flotilla_pki::rustls::ClientConfig>,
+) -> ServersAnswer {
     use flotilla_store::Store;
     let mut error = None;
     let leader = match store.holder(LEADER).await {
@@ -126,6 +153,12 @@ async fn etcd_view(me: &ServerRecord, store: &flotilla_store::EtcdStore) -> Serv
         records.push(me.clone());
     }
     records.sort_by(|a, b| a.name.cmp(&b.name));
+    // A server killed a moment ago keeps its record until its lease ends: ask each.
+    let reachable = futures::future::join_all(records.iter().map(|r| {
+        let (api, tls, mine) = (r.api.clone(), peers.clone(), r.name == me.name);
+        async move { (!mine).then_some(answers(&api, tls).await) }
+    }))
+    .await;
     let members = match store.members().await {
         Ok(m) => m,
         Err(e) => {
@@ -144,9 +177,11 @@ async fn etcd_view(me: &ServerRecord, store: &flotilla_store::EtcdStore) -> Serv
     ServersAnswer {
         items: records
             .into_iter()
-            .map(|r| ServerView {
+            .zip(reachable)
+            .map(|(r, reachable)| ServerView {
                 leader: leader.as_ref().is_some_and(|l| l.name == r.name),
                 answering: r.name == me.name,
+                reachable,
                 record: r,
             })
             .collect(),
