@@ -420,6 +420,9 @@ async fn lead(
             term = hold.term(),
             "leading: the controller, the scheduler and the node lifecycle run on this server"
         );
+        // This server's view of the node leases may be older than their renewals (it may
+        // lead because etcd was away): no node is judged lost on it for one grace.
+        leases.regrace();
         let fenced: Arc<dyn flotilla_store::Store> = Arc::new(store.fenced(&hold));
         let controller = ServiceController::with_metrics(
             fenced,

@@ -2425,12 +2425,18 @@ fn three_servers_survive_their_leader_and_etcd_members_dying() {
     wait_for("five ready instances", Duration::from_secs(60), || {
         (ha.fleet.ready_instances("web").len() == 5).then_some(())
     });
-    // Not asserted: a node whose renewals do not reach etcd within its lease once the quorum
-    // is back (here 3 s, while the servers' etcd clients reconnect) may be found lost then,
-    // and its instances replaced; what matters is that everything converged.
-    let gone: Vec<&i32> = pids.iter().filter(|p| !alive(**p)).collect();
-    if !gone.is_empty() {
-        eprintln!("{test}: instances replaced after the quorum came back: {gone:?}");
+    // No node was judged lost on a view older than its renewals (a new leader and a server
+    // reading the leases again after the outage give every node one grace): the same
+    // instances still run.
+    for pid in &pids {
+        if !alive(*pid) {
+            let events = ha.cli(&["events"]);
+            panic!(
+                "instance {pid} did not survive the outage\n--- events\n{}\n{}",
+                String::from_utf8_lossy(&events.stdout),
+                ha.logs()
+            );
+        }
     }
     let (ok, failed, failures) = load.finish();
     assert!(ok[0] > 0 && ok[1] > 0, "no load: {ok:?}");

@@ -1192,6 +1192,7 @@ impl EtcdNodeLeases {
     /// lease, a key deleted one that ended. Relists after a broken watch.
     pub async fn follow(&self, leases: Arc<crate::Leases>, stop: CancellationToken) {
         let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut first = true;
         while !stop.is_cancelled() {
             let listed = tokio::select! {
                 () = stop.cancelled() => return,
@@ -1208,6 +1209,12 @@ impl EtcdNodeLeases {
                     continue;
                 }
             };
+            // Read again after the watch broke (etcd was away): renewals may not have got
+            // through meanwhile, so no node is judged on this view for one grace.
+            if !first {
+                leases.regrace();
+            }
+            first = false;
             let mut now_known = std::collections::HashSet::new();
             for kv in &list.items {
                 if let Some(node) = kv.key.strip_prefix(NODE_LEASES) {

@@ -6,7 +6,8 @@
 //! to its log either. Times are the control plane's monotonic clock at arrival, never the
 //! node's wall clock, so a node with a skewed clock is judged like any other. After a restart
 //! of the control plane no lease is known: every node gets one `grace` from the start before
-//! it can be judged NotReady (Kubernetes' node controller does the same).
+//! it can be judged NotReady (Kubernetes' node controller does the same); a new leader, or a
+//! server that reads the shared leases again after etcd was away, gives the same grace again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -56,6 +57,8 @@ pub struct Leases {
     held: Mutex<HashMap<String, Held>>,
     started: Instant,
     grace: Duration,
+    /// The start of the latest [`Leases::regrace`], if any.
+    regraced: Mutex<Option<Instant>>,
     /// Bumped when a renewal makes a node live that was not (first lease, or expired), and
     /// when a shared lease ends.
     revived: tokio::sync::watch::Sender<u64>,
@@ -90,6 +93,7 @@ impl Leases {
             held: Mutex::new(HashMap::new()),
             started: Instant::now(),
             grace,
+            regraced: Mutex::new(None),
             revived: tokio::sync::watch::Sender::new(0),
             shared: OnceLock::new(),
         }
@@ -165,12 +169,40 @@ impl Leases {
         );
     }
 
+    /// What this table knows may be stale (a new leader took over, or the shared store was
+    /// unreachable and its leases are being read again): for one `grace` from now, a lease
+    /// that looks expired is Unknown instead, as after a restart, so that no node is judged
+    /// lost on a view older than its renewals.
+    pub fn regrace(&self) {
+        self.regrace_at(Instant::now());
+    }
+
+    fn regrace_at(&self, now: Instant) {
+        *lock(&self.regraced) = Some(now);
+    }
+
     /// The lease of `node` as of now.
     pub fn state(&self, node: &str) -> LeaseState {
         self.state_at(node, Instant::now())
     }
 
     fn state_at(&self, node: &str, now: Instant) -> LeaseState {
+        let state = self.known_at(node, now);
+        if state.left().is_zero()
+            && let Some(from) = *lock(&self.regraced)
+        {
+            let since = now.saturating_duration_since(from);
+            if since < self.grace {
+                return LeaseState::Unknown {
+                    since_start: since,
+                    grace: self.grace,
+                };
+            }
+        }
+        state
+    }
+
+    fn known_at(&self, node: &str, now: Instant) -> LeaseState {
         match lock(&self.held).get(node) {
             Some(h) if h.shared => LeaseState::Held {
                 ago: Duration::ZERO,
@@ -256,5 +288,40 @@ mod tests {
             leases.state_at("c", later),
             LeaseState::Unknown { .. }
         ));
+    }
+
+    #[test]
+    fn a_regrace_holds_judgement_for_one_grace() {
+        let leases = Leases::new(Duration::from_secs(6));
+        let t0 = leases.started;
+        leases.renew_at("a", Duration::from_secs(3), t0 + Duration::from_secs(10));
+        leases.renew_at("b", Duration::from_secs(3), t0 + Duration::from_secs(19));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            leases.state_at("a", at(20)).left(),
+            Duration::ZERO,
+            "expired"
+        );
+        // A new term at 20 s: for 6 s, a lease that looks expired is not judged.
+        leases.regrace_at(at(20));
+        assert_eq!(
+            leases.state_at("a", at(22)),
+            LeaseState::Unknown {
+                since_start: Duration::from_secs(2),
+                grace: Duration::from_secs(6)
+            }
+        );
+        // A live lease is what it is.
+        assert_eq!(
+            leases.state_at("b", at(21)),
+            LeaseState::Held {
+                ago: Duration::from_secs(2),
+                duration: Duration::from_secs(3)
+            }
+        );
+        // After the grace, expired again; renewed meanwhile, live.
+        assert_eq!(leases.state_at("a", at(27)).left(), Duration::ZERO);
+        leases.renew_at("a", Duration::from_secs(3), at(25));
+        assert_eq!(leases.state_at("a", at(26)).left(), Duration::from_secs(2));
     }
 }
