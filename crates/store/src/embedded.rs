@@ -275,24 +275,37 @@ fn encode_record(kv: &KeyValue) -> Vec<u8> {
 }
 
 fn decode_record(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
-    let corrupt = || {
-        StoreError::backend(
-            format!("decoding the record of {key}"),
-            format!("record of {} bytes is shorter than its header", bytes.len()),
-        )
-    };
-    let word = |i: usize| -> Result<u64, StoreError> {
-        let slice = bytes.get(i * 8..i * 8 + 8).ok_or_else(corrupt)?;
-        let arr: [u8; 8] = slice.try_into().map_err(|_| corrupt())?;
-        Ok(u64::from_le_bytes(arr))
-    };
     Ok(KeyValue {
         key: key.to_owned(),
-        create_revision: word(0)?,
-        mod_revision: word(1)?,
-        version: word(2)?,
-        value: bytes.get(HEADER_LEN..).ok_or_else(corrupt)?.to_vec(),
+        create_revision: record_word(key, bytes, 0)?,
+        mod_revision: record_mod_revision(key, bytes)?,
+        version: record_word(key, bytes, 2)?,
+        value: bytes
+            .get(HEADER_LEN..)
+            .ok_or_else(|| short_record(key, bytes))?
+            .to_vec(),
     })
+}
+
+/// A record's `mod_revision`, without copying its value.
+fn record_mod_revision(key: &str, bytes: &[u8]) -> Result<Revision, StoreError> {
+    record_word(key, bytes, 1)
+}
+
+/// Word `i` of a record's header.
+fn record_word(key: &str, bytes: &[u8], i: usize) -> Result<u64, StoreError> {
+    let slice = bytes
+        .get(i * 8..i * 8 + 8)
+        .ok_or_else(|| short_record(key, bytes))?;
+    let arr: [u8; 8] = slice.try_into().map_err(|_| short_record(key, bytes))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+fn short_record(key: &str, bytes: &[u8]) -> StoreError {
+    StoreError::backend(
+        format!("decoding the record of {key}"),
+        format!("record of {} bytes is shorter than its header", bytes.len()),
+    )
 }
 
 fn backend<E: Into<redb::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
@@ -521,7 +534,7 @@ fn newest_under(kv: &redb::Table<&str, &[u8]>, prefix: &str) -> Result<Revision,
         if !key.starts_with(prefix) {
             break;
         }
-        newest = newest.max(decode_record(key, v.value())?.mod_revision);
+        newest = newest.max(record_mod_revision(key, v.value())?);
     }
     Ok(newest)
 }

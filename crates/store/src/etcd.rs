@@ -430,6 +430,24 @@ impl EtcdStore {
         })
     }
 
+    /// A read (`read(serializable)`): linearizable, unless etcd lately had no quorum; one that
+    /// finds no quorum makes reads serializable for [`DEGRADED_READS`] and is read so at once.
+    async fn read_degrading<T, Fut>(&self, read: impl Fn(bool) -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        if self.degraded() {
+            return read(true).await;
+        }
+        match read(false).await {
+            Err(e) if e.is_unavailable() => {
+                self.degrade(&e);
+                read(true).await
+            }
+            other => other,
+        }
+    }
+
     /// Whether reads are serializable for now (etcd lately had no quorum).
     fn degraded(&self) -> bool {
         let mut until = crate::lock(&self.degraded_until);
@@ -573,41 +591,28 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.open()?;
         let kv = self.client.kv_client();
-        let read = |serializable: bool| {
-            let kv = kv.clone();
-            self.again(read_again, move || {
-                let (mut kv, full) = (kv.clone(), self.full(key));
-                let options = serializable.then(|| GetOptions::new().with_serializable());
-                async move { kv.get(full, options).await }
-            })
-        };
-        let what = || format!("reading {key} from etcd");
-        let answer = match self.degraded() {
-            true => read(true).await.map_err(etcd_error(what()))?,
-            false => match read(false).await.map_err(etcd_error(what())) {
-                Err(e) if e.is_unavailable() => {
-                    self.degrade(&e);
-                    read(true).await.map_err(etcd_error(what()))?
+        let answer = self
+            .read_degrading(|serializable| {
+                let kv = kv.clone();
+                async move {
+                    self.again(read_again, move || {
+                        let (mut kv, full) = (kv.clone(), self.full(key));
+                        let options = serializable.then(|| GetOptions::new().with_serializable());
+                        async move { kv.get(full, options).await }
+                    })
+                    .await
+                    .map_err(etcd_error(format!("reading {key} from etcd")))
                 }
-                other => other?,
-            },
-        };
+            })
+            .await?;
         self.saw(answer.header().map_or(0, |h| h.revision()));
         answer.kvs().first().map(|kv| self.convert(kv)).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
         self.open()?;
-        if self.degraded() {
-            return self.list_pages(prefix, true).await;
-        }
-        match self.list_pages(prefix, false).await {
-            Err(e) if e.is_unavailable() => {
-                self.degrade(&e);
-                self.list_pages(prefix, true).await
-            }
-            other => other,
-        }
+        self.read_degrading(|serializable| self.list_pages(prefix, serializable))
+            .await
     }
 
     async fn put(
@@ -1353,7 +1358,7 @@ impl EtcdStore {
             .await
             .map_err(etcd_error("listing etcd's members".to_string()))?;
         let mut asks = tokio::task::JoinSet::new();
-        for (i, m) in list.members().iter().enumerate() {
+        for m in list.members() {
             let url = m.client_urls().first().cloned().unwrap_or_default();
             let (name, id) = (m.name().to_string(), m.id());
             let connect = with_tls(
@@ -1387,7 +1392,7 @@ impl EtcdStore {
                         }),
                     },
                 };
-                (i, member)
+                member
             });
         }
         let mut members = Vec::new();
@@ -1396,8 +1401,8 @@ impl EtcdStore {
                 members.push(m);
             }
         }
-        members.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name));
-        Ok(members.into_iter().map(|(_, m)| m).collect())
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(members)
     }
 }
 
