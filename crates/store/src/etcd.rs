@@ -1373,7 +1373,7 @@ impl EtcdStore {
                     let mut client = Client::connect([url.clone()], Some(connect)).await?;
                     client.status().await
                 };
-                let member = match status.await {
+                match status.await {
                     Ok(s) => Member {
                         name,
                         url,
@@ -1391,8 +1391,7 @@ impl EtcdStore {
                             other => root_cause(other),
                         }),
                     },
-                };
-                member
+                }
             });
         }
         let mut members = Vec::new();
