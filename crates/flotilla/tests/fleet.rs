@@ -1678,14 +1678,7 @@ fn draining_waits_for_the_gateways_on_other_machines() {
     wait_for(
         "two instances behind the gateway",
         Duration::from_secs(30),
-        || {
-            let answered: BTreeSet<String> = (0..20)
-                .filter_map(|_| http(&gateway, "GET", "/", &[], ""))
-                .filter(|r| r.status == 200)
-                .filter_map(|r| instance_of(&r.body))
-                .collect();
-            (answered.len() == 2).then_some(())
-        },
+        || (answering_instances(&gateway).len() == 2).then_some(()),
     );
     let agent_log = || fleet.agents["node-1"].proc.as_ref().unwrap().log();
 
@@ -1730,14 +1723,7 @@ fn draining_waits_for_gateways_polling_another_server() {
     wait_for(
         "two instances behind the gateway",
         Duration::from_secs(30),
-        || {
-            let answered: BTreeSet<String> = (0..20)
-                .filter_map(|_| http(&gateway, "GET", "/", &[], ""))
-                .filter(|r| r.status == 200)
-                .filter_map(|r| instance_of(&r.body))
-                .collect();
-            (answered.len() == 2).then_some(())
-        },
+        || (answering_instances(&gateway).len() == 2).then_some(()),
     );
     let (ok, out) = ha.apply(&web_version(1, "1"));
     assert!(ok, "{out}");
@@ -1809,6 +1795,43 @@ fn a_node_under_pressure_takes_no_new_instance() {
     );
 }
 
+/// `flotilla server` on `data`, listening on `listen`, with its store on `etcd`.
+fn spawn_etcd_server(
+    dir: &tempfile::TempDir,
+    name: &str,
+    data: &Path,
+    listen: &str,
+    etcd: &str,
+) -> Proc {
+    let data = data.to_str().unwrap();
+    let args = [
+        "--data-dir",
+        data,
+        "server",
+        "--listen",
+        listen,
+        "--etcd",
+        etcd,
+    ];
+    spawn(dir, name, &args, &[])
+}
+
+/// Waits until the server at `api` answers `GET /healthz`.
+fn wait_answering(api: &str, tls: &Arc<rustls::ClientConfig>, what: &str) {
+    wait_for(what, Duration::from_secs(30), || {
+        https(api, tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
+    });
+}
+
+/// The instances that answered 20 requests through `gateway`.
+fn answering_instances(gateway: &str) -> BTreeSet<String> {
+    (0..20)
+        .filter_map(|_| http(gateway, "GET", "/", &[], ""))
+        .filter(|r| r.status == 200)
+        .filter_map(|r| instance_of(&r.body))
+        .collect()
+}
+
 /// A runtime for a test that needs etcd, or `None` (after the skip notice) when etcd cannot run
 /// here.
 fn with_etcd(test: &str) -> Option<tokio::runtime::Runtime> {
@@ -1845,20 +1868,7 @@ fn servers_on_etcd_share_its_state_and_one_leads_at_a_time() {
     let other = fleet.dir.path().join("other");
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let second = spawn(
-        &fleet.dir,
-        "second",
-        &[
-            "--data-dir",
-            other.to_str().unwrap(),
-            "server",
-            "--listen",
-            &listen,
-            "--etcd",
-            &member.endpoint,
-        ],
-        &[],
-    );
+    let second = spawn_etcd_server(&fleet.dir, "second", &other, &listen, &member.endpoint);
     let via_second = |args: &[&str]| {
         let out = Command::new(flotilla_bin())
             .arg("--data-dir")
@@ -1950,23 +1960,8 @@ fn agents_gateways_and_the_cli_fail_over_to_another_server() {
     let mut fleet = Fleet::start_with(12, 0, &["--etcd", &member.endpoint]);
     let other = fleet.dir.path().join("other");
     let second_api = format!("127.0.0.1:{}", free_port());
-    let second = spawn(
-        &fleet.dir,
-        "second",
-        &[
-            "--data-dir",
-            other.to_str().unwrap(),
-            "server",
-            "--listen",
-            &second_api,
-            "--etcd",
-            &member.endpoint,
-        ],
-        &[],
-    );
-    wait_for("the second server's API", Duration::from_secs(20), || {
-        https(&second_api, &fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
-    });
+    let second = spawn_etcd_server(&fleet.dir, "second", &other, &second_api, &member.endpoint);
+    wait_answering(&second_api, &fleet.tls, "the second server's API");
     let both = format!("{},{}", fleet.api, second_api);
     for i in 1..=2 {
         let name = format!("node-{i}");
@@ -2138,20 +2133,7 @@ impl Ha {
             _ => self.others[i - 1].1.clone(),
         };
         let name = format!("server-{}", i + 1);
-        let proc = spawn(
-            &self.fleet.dir,
-            &name,
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "server",
-                "--listen",
-                &api,
-                "--etcd",
-                &self.endpoints,
-            ],
-            &[],
-        );
+        let proc = spawn_etcd_server(&self.fleet.dir, &name, &data, &api, &self.endpoints);
         match i {
             0 => {
                 self.fleet.server = proc;
@@ -2159,9 +2141,7 @@ impl Ha {
             }
             _ => self.others[i - 1].0 = Some(proc),
         }
-        wait_for(&format!("{name}'s API"), Duration::from_secs(30), || {
-            https(&api, &self.fleet.tls, "GET", "/healthz", None, "").filter(|r| r.status == 200)
-        });
+        wait_answering(&api, &self.fleet.tls, &format!("{name}'s API"));
     }
 
     fn alive(&self, i: usize) -> bool {
