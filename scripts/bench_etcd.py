@@ -79,60 +79,81 @@ class Etcd:
 
 
 class Server:
-    def __init__(self, root, extra):
-        self.dir = os.path.join(root, "server-" + str(len(os.listdir(root))))
+    """A `flotilla server` on its own data directory and address (`name`, or the next
+    `server-N` under `root`), restartable on both."""
+
+    def __init__(self, root, extra, name=None):
+        self.root, self.extra = root, extra
+        self.name = name or "server-" + str(len(os.listdir(root)))
+        self.dir = os.path.join(root, self.name)
         self.api = f"127.0.0.1:{free_port()}"
-        env = dict(os.environ, FLOTILLA_LOG="warn", FLOTILLA_CONFIG_DIR=os.path.join(root, "config"))
-        log = open(self.dir + ".log", "w")
-        self.proc = subprocess.Popen([BIN, "--data-dir", self.dir, "server", "--listen", self.api] + extra,
+        self.proc = None
+        self.start()
+
+    def start(self):
+        env = dict(os.environ, FLOTILLA_LOG="warn", FLOTILLA_CONFIG_DIR=os.path.join(self.root, "config"))
+        env.pop("FLOTILLA_TOKEN", None)
+        log = open(self.dir + ".log", "a")
+        self.proc = subprocess.Popen([BIN, "--data-dir", self.dir, "server", "--listen", self.api] + self.extra,
                                      env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         token = os.path.join(self.dir, "admin.token")
         wait("the admin token", lambda: os.path.exists(token) and open(token).read().strip())
         self.token = open(token).read().strip()
-        self.tls = ssl.create_default_context(cafile=os.path.join(self.dir, "ca.crt"))
-        wait("the API", self.healthy)
+        self.ca = os.path.join(self.dir, "ca.crt")
+        self.tls = ssl.create_default_context(cafile=self.ca)
+        wait(f"{self.name}'s API", self.healthy)
 
-    def conn(self):
+    def conn(self, timeout=30):
         host, port = self.api.split(":")
-        return http.client.HTTPSConnection(host, int(port), context=self.tls, timeout=30)
+        return http.client.HTTPSConnection(host, int(port), context=self.tls, timeout=timeout)
+
+    def request(self, method, path, body=None, timeout=5):
+        c = self.conn(timeout)
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, data
 
     def healthy(self):
         try:
-            c = self.conn()
+            c = self.conn(5)
             c.request("GET", "/healthz")
             return c.getresponse().status == 200
         except OSError:
             return False
 
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
 
 
-def load(server, clients, writes, tag):
+def closed_loop(clients, writes, connect, send):
+    """`clients` threads, each on its own connection (`connect()`), sending `writes` requests
+    one after the other (`send(conn, client, n)` -> HTTP status): latency percentiles, rate
+    and the count of answers other than 200/201."""
     latencies = []
     failures = []
     lock = threading.Lock()
 
     def client(i):
-        c = server.conn()
-        mine = []
+        c = connect()
+        mine, failed = [], []
         for w in range(writes):
-            body = json.dumps({"metadata": {"name": f"{tag}-{i}"},
-                               "spec": {"command": "/bin/true", "replicas": 0,
-                                        "env": {"N": str(w)}}})
             t0 = time.perf_counter()
-            c.request("POST", "/api/v1/services", body=body,
-                      headers={"Authorization": f"Bearer {server.token}",
-                               "Content-Type": "application/json"})
-            r = c.getresponse()
-            r.read()
+            status = send(c, i, w)
             mine.append(time.perf_counter() - t0)
-            if r.status not in (200, 201):
-                with lock:
-                    failures.append(r.status)
+            if status not in (200, 201):
+                failed.append(status)
         with lock:
             latencies.extend(mine)
+            failures.extend(failed)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
@@ -146,37 +167,35 @@ def load(server, clients, writes, tag):
     return {"p50": p(0.50), "p99": p(0.99), "rate": len(latencies) / elapsed, "failed": len(failures)}
 
 
+def load(server, clients, writes, tag):
+    """Applies through the API: each client applies its own service, a new spec each time."""
+    def send(c, i, w):
+        body = json.dumps({"metadata": {"name": f"{tag}-{i}"},
+                           "spec": {"command": "/bin/true", "replicas": 0, "env": {"N": str(w)}}})
+        c.request("POST", "/api/v1/services", body=body,
+                  headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        return r.status
+
+    return closed_loop(clients, writes, server.conn, send)
+
+
 def raw_etcd(etcd, clients, writes, tag):
     """etcd's own put latency at `clients` (its JSON gateway, one member, keep-alive): the
     floor under any apply through it on this machine."""
     import base64
-    latencies = []
-    lock = threading.Lock()
     host, port = list(etcd.client.values())[0].replace("http://", "").split(":")
 
-    def client(i):
-        c = http.client.HTTPConnection(host, int(port), timeout=30)
-        mine = []
-        for w in range(writes):
-            body = json.dumps({"key": base64.b64encode(f"/raw/{tag}-{i}".encode()).decode(),
-                               "value": base64.b64encode(b"x" * 300).decode()})
-            t0 = time.perf_counter()
-            c.request("POST", "/v3/kv/put", body=body)
-            c.getresponse().read()
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            latencies.extend(mine)
+    def send(c, i, w):
+        body = json.dumps({"key": base64.b64encode(f"/raw/{tag}-{i}".encode()).decode(),
+                           "value": base64.b64encode(b"x" * 300).decode()})
+        c.request("POST", "/v3/kv/put", body=body)
+        r = c.getresponse()
+        r.read()
+        return r.status
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    latencies.sort()
-    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-    return {"p50": p(0.50), "p99": p(0.99), "rate": len(latencies) / elapsed, "failed": 0}
+    return closed_loop(clients, writes, lambda: http.client.HTTPConnection(host, int(port), timeout=30), send)
 
 
 def main():

@@ -19,12 +19,10 @@ Usage:
     FLOTILLA_BIN=target/release/flotilla python3 scripts/bench_ha.py [failover] [nodes] [watchers]
 """
 
-import http.client
 import json
 import os
 import shutil
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -33,67 +31,13 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_etcd import BIN, Etcd, free_port, wait  # noqa: E402
+from bench_etcd import BIN, Etcd, Server, wait  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "10"))
 NODES = int(os.environ.get("NODES", "1000"))
 WINDOW = float(os.environ.get("WINDOW", "30"))
 WATCHERS = int(os.environ.get("WATCHERS", "100"))
 WRITES = int(os.environ.get("WRITES", "200"))
-
-
-class Server:
-    """A `flotilla server` on its own data directory and address, restartable on both."""
-
-    def __init__(self, root, name, extra):
-        self.root, self.name, self.extra = root, name, extra
-        self.dir = os.path.join(root, name)
-        self.api = f"127.0.0.1:{free_port()}"
-        self.proc = None
-        self.start()
-
-    def start(self):
-        env = dict(os.environ, FLOTILLA_LOG="warn", FLOTILLA_CONFIG_DIR=os.path.join(self.root, "config"))
-        env.pop("FLOTILLA_TOKEN", None)
-        log = open(self.dir + ".log", "a")
-        self.proc = subprocess.Popen([BIN, "--data-dir", self.dir, "server", "--listen", self.api] + self.extra,
-                                     env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        token = os.path.join(self.dir, "admin.token")
-        wait("the admin token", lambda: os.path.exists(token) and open(token).read().strip())
-        self.token = open(token).read().strip()
-        self.ca = os.path.join(self.dir, "ca.crt")
-        self.tls = ssl.create_default_context(cafile=self.ca)
-        wait(f"{self.name}'s API", self.healthy)
-
-    def conn(self, timeout=5):
-        host, port = self.api.split(":")
-        return http.client.HTTPSConnection(host, int(port), context=self.tls, timeout=timeout)
-
-    def request(self, method, path, body=None, timeout=5):
-        c = self.conn(timeout)
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-        c.request(method, path, body=body, headers=headers)
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        return r.status, data
-
-    def healthy(self):
-        try:
-            c = self.conn()
-            c.request("GET", "/healthz")
-            return c.getresponse().status == 200
-        except OSError:
-            return False
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
 
 
 def leader_of(servers, live):
@@ -121,7 +65,7 @@ def failover():
     servers = []
     try:
         for k in range(3):
-            servers.append(Server(root, f"server-{k + 1}", ["--etcd", etcd.endpoints()]))
+            servers.append(Server(root, ["--etcd", etcd.endpoints()], name=f"server-{k + 1}"))
         took = []
         for r in range(ROUNDS):
             # (wait takes a falsy answer for "not yet", and server 0 is one)
@@ -153,7 +97,7 @@ def nodes_at_rest():
     root = tempfile.mkdtemp(prefix="flotilla-bench-ha-")
     etcd = Etcd(root)
     wait("the etcd cluster", etcd.healthy)
-    server = Server(root, "server", ["--etcd", etcd.endpoints()])
+    server = Server(root, ["--etcd", etcd.endpoints()], name="server")
     sim = None
     try:
         env = dict(os.environ, FLOTILLA_API=f"https://{server.api}", FLOTILLA_TOKEN=server.token,
@@ -215,7 +159,7 @@ def watchers(backend):
     etcd = Etcd(root) if backend == "etcd" else None
     if etcd:
         wait("the etcd cluster", etcd.healthy)
-    server = Server(root, "server", ["--etcd", etcd.endpoints()] if etcd else [])
+    server = Server(root, ["--etcd", etcd.endpoints()] if etcd else [], name="server")
     try:
         rss_before = rss_mib(server.proc.pid)
         seen = {}  # generation marker -> list of receive times
