@@ -332,7 +332,11 @@ pub async fn apply(
 
 /// Checks `spec`'s routes against every other stored service's: the revision the services
 /// were read at, or every clash (with its field path).
-async fn check_routes(store: &dyn Store, name: &str, spec: &ServiceSpec) -> OpResult<u64> {
+async fn check_routes(
+    store: &dyn Store,
+    name: &str,
+    spec: &ServiceSpec,
+) -> OpResult<flotilla_store::Revision> {
     let (others, revision) = typed::list::<Service>(store).await?;
     let mut all: Vec<(&str, &ServiceSpec)> = others
         .iter()
