@@ -188,11 +188,6 @@ impl RemoteStore {
         }
     }
 
-    /// The servers this store reads from.
-    pub fn servers(&self) -> &Servers {
-        &self.servers
-    }
-
     /// A request to the API at `base` with the bearer token (and a JSON body, if any).
     fn build(
         &self,

@@ -73,7 +73,7 @@ impl Servers {
 
     /// Server `index` failed: the next one is used from now on — unless another request
     /// already moved on (several failures of one server move the choice once).
-    pub fn failed(&self, index: usize) {
+    fn failed(&self, index: usize) {
         let n = self.urls.len();
         if n > 1 {
             let _ = self.current.compare_exchange(
