@@ -51,10 +51,12 @@ fn wait_serving(up: &Up, greeting: &str) {
     );
 }
 
-fn wait_context(up: &Up, needle: &str) -> String {
-    wait_for(&format!("up to print {needle:?}"), T, || {
+/// `up`'s output once its start-up banner is whole (its last line printed): the banner's
+/// `file` line is in it. (A log line may say "file" earlier.)
+fn wait_banner(up: &Up) -> String {
+    wait_for("up to print its start-up banner", T, || {
         let log = up.last_log();
-        log.contains(needle).then_some(log)
+        log.contains("Ctrl-C stops every workload").then_some(log)
     })
 }
 
@@ -62,7 +64,7 @@ fn wait_context(up: &Up, needle: &str) -> String {
 fn a_restart_keeps_api_deploys_and_rolls_out_file_edits() {
     let mut up = Up::start(&greeting_service("from-file"));
     wait_serving(&up, "from-file");
-    let log = wait_context(&up, "file ");
+    let log = wait_banner(&up);
     assert!(log.contains(": applied web"), "start-up output:\n{log}");
 
     // A deploy through the API, then a crash of `up`.
@@ -80,7 +82,7 @@ fn a_restart_keeps_api_deploys_and_rolls_out_file_edits() {
 
     // The unchanged file is not re-applied: the API's revision stands.
     up.spawn();
-    let log = wait_context(&up, "file ");
+    let log = wait_banner(&up);
     assert!(
         log.contains("unchanged since the last start, not re-applied"),
         "start-up output:\n{log}"
@@ -93,7 +95,7 @@ fn a_restart_keeps_api_deploys_and_rolls_out_file_edits() {
     up.write_file(&greeting_service("edited"));
     up.stop();
     up.spawn();
-    let log = wait_context(&up, "file ");
+    let log = wait_banner(&up);
     assert!(log.contains(": applied web"), "start-up output:\n{log}");
     wait_serving(&up, "edited");
     assert!(revision(&up) > api_revision);
