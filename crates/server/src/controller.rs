@@ -552,6 +552,7 @@ impl ServiceController {
                     .await?;
             }
         }
+        let mut completed = None;
         if judgement.completed {
             let phase = judgement
                 .status
@@ -570,16 +571,15 @@ impl ServiceController {
                 .as_ref()
                 .map(|r| r.message.clone())
                 .unwrap_or_default();
-            events::record(
-                &*self.store,
+            // Written with the status that says so.
+            completed = Some(events::new(
                 Service::KIND,
                 name,
                 kind,
                 reason,
                 message,
                 SOURCE,
-            )
-            .await;
+            ));
         }
         let busy = judgement
             .status
@@ -592,15 +592,16 @@ impl ServiceController {
             || preempting;
         let generation = service.metadata.generation;
         let status = judgement.status;
-        typed::modify::<Service>(&*self.store, name, |s| {
+        let report = |s: &mut Service| {
             // The spec may have moved on since our list; only report on what we looked at.
             if s.metadata.generation != generation || s.status == status {
                 return false;
             }
             s.status = status.clone();
             true
-        })
-        .await?;
+        };
+        typed::modify_with_event(&*self.store, name, Some(service.clone()), report, completed)
+            .await?;
         Ok(busy)
     }
 
@@ -657,25 +658,25 @@ impl ServiceController {
                 changes: changes.clone(),
             },
         };
-        match typed::create(&*self.store, revision).await {
-            Ok(_) | Err(StoreError::Conflict { .. }) => {}
-            Err(e) => return Err(e),
-        }
         let what = if changes.is_empty() {
             String::new()
         } else {
             format!(" (changed: {})", changes.join(", "))
         };
-        events::record(
-            &*self.store,
+        let started = events::new(
             Service::KIND,
             name,
             EventType::Normal,
             "RolloutStarted",
             format!("revision {number} ({cause}){what}"),
             SOURCE,
-        )
-        .await;
+        );
+        // The revision and its event in one transaction; a revision already there (another
+        // pass wrote it) was announced by that pass.
+        match typed::write_with_event(&*self.store, revision, None, started).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
         // Keep the newest `revision_history`, and always the last good one.
         let keep = service.spec.deploy.revision_history as usize;
         let last_good = service.status.last_good_revision;

@@ -208,8 +208,23 @@ pub async fn apply(
     }
 
     let version_given = resource_version.filter(|v| *v != 0);
-    for _ in 0..ATTEMPTS {
-        let current = typed::get::<Service>(store, &name).await?;
+    for attempt in 0..ATTEMPTS {
+        // A first conflict is most often the controller's status write landing between our
+        // read and our write: read again at once. Later ones are applies racing: back off.
+        let pause = || async move {
+            if attempt > 0 {
+                backoff().await;
+            }
+        };
+        // The first attempt reads the service from the nearest etcd member (no round to the
+        // leader): a stale read fails the compare-and-swap, and an outcome that writes nothing
+        // is confirmed on a fresh read before it is answered.
+        let recent = attempt == 0;
+        let current = if recent {
+            typed::get_recent::<Service>(store, &name).await?
+        } else {
+            typed::get::<Service>(store, &name).await?
+        };
         // An apply that claims a route this service does not hold yet checks it against every
         // other service's, and its write holds only if no service changed since that check
         // (a guarded write: one store transaction, on any number of servers). Applies that
@@ -224,18 +239,17 @@ pub async fn apply(
         } else {
             None
         };
+        // The service and its `Applied` event: one transaction.
         let write = |service: Service| async move {
-            match checked_at {
-                Some(since) => typed::put_unless_changed(store, service, since).await,
-                None if service.metadata.resource_version == 0 => {
-                    typed::create(store, service).await
-                }
-                None => typed::update(store, service).await,
-            }
+            let event = applied_event(&service, source);
+            typed::write_with_event(store, service, checked_at, event).await
         };
         match current {
             None => {
                 if version_given.is_some() {
+                    if recent {
+                        continue;
+                    }
                     return Err(OpError::conflict_on(
                         format!("service {name} does not exist (resourceVersion given)"),
                         "metadata.resourceVersion",
@@ -261,17 +275,20 @@ pub async fn apply(
                     // Created concurrently (read it and apply over it), or another service
                     // changed since the route check (check again).
                     Err(e) if e.is_conflict() => {
-                        backoff().await;
+                        pause().await;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 };
-                return Ok(applied(store, source, ApplyResult::Created, created).await);
+                return Ok((ApplyResult::Created, created));
             }
             Some(mut current) => {
                 if let Some(rv) = version_given
                     && rv != current.metadata.resource_version
                 {
+                    if recent {
+                        continue;
+                    }
                     return Err(OpError::conflict_on(
                         format!(
                             "service {name} is at resourceVersion {}, not {rv}; read it again and retry",
@@ -296,6 +313,9 @@ pub async fn apply(
                     && current.metadata.labels == labels
                     && current.metadata.annotations == annotations
                 {
+                    if recent {
+                        continue;
+                    }
                     return Ok((ApplyResult::Unchanged, current));
                 }
                 if spec_changed {
@@ -316,12 +336,12 @@ pub async fn apply(
                     // Another service changed since the route check: check again.
                     Err(StoreError::Changed { .. }) => continue,
                     Err(StoreError::Conflict { .. }) if version_given.is_none() => {
-                        backoff().await;
+                        pause().await;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 };
-                return Ok(applied(store, source, ApplyResult::Configured, updated).await);
+                return Ok((ApplyResult::Configured, updated));
             }
         }
     }
@@ -363,32 +383,20 @@ async fn check_routes(
 }
 
 /// Records the event of a stored apply and hands back its result.
-async fn applied(
-    store: &dyn Store,
-    source: &str,
-    result: ApplyResult,
-    service: Service,
-) -> (ApplyResult, Service) {
-    let what = if result == ApplyResult::Created {
-        "created"
-    } else {
-        "configured"
+/// The event an apply writes with the service: created (not stored yet) or configured.
+fn applied_event(service: &Service, source: &str) -> flotilla_spec::Event {
+    let (what, generation) = match service.metadata.resource_version {
+        0 => ("created", 1),
+        _ => ("configured", service.metadata.generation),
     };
-    let message = format!(
-        "service {what} (generation {})",
-        service.metadata.generation
-    );
-    events::record(
-        store,
+    events::new(
         Service::KIND,
         &service.metadata.name,
         EventType::Normal,
         "Applied",
-        message,
+        format!("service {what} (generation {generation})"),
         source,
     )
-    .await;
-    (result, service)
 }
 
 /// Deletes a service; the controller stops its instances gracefully.
@@ -559,6 +567,121 @@ pub async fn restart(store: &dyn Store, name: &str, source: &str) -> OpResult<Se
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_store::{EmbeddedStore, KeyValue, ListResult, Precondition, Put, Revision, Watch};
+    use std::sync::Mutex;
+
+    /// The embedded store, except that `get_recent` answers what a lagging replica would:
+    /// the key as it was when `freeze` was called.
+    struct Lagging {
+        inner: EmbeddedStore,
+        frozen: Mutex<std::collections::HashMap<String, Option<KeyValue>>>,
+    }
+
+    impl Lagging {
+        async fn freeze(&self, key: &str) {
+            let now = self.inner.get(key).await.unwrap();
+            self.frozen.lock().unwrap().insert(key.to_string(), now);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Lagging {
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn get_recent(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            let frozen = self.frozen.lock().unwrap().get(key).cloned();
+            match frozen {
+                Some(then) => Ok(then),
+                None => self.inner.get(key).await,
+            }
+        }
+        async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            pre: Precondition,
+        ) -> Result<KeyValue, StoreError> {
+            self.inner.put(key, value, pre).await
+        }
+        async fn commit(
+            &self,
+            puts: Vec<Put>,
+            guard: Option<(&str, Revision)>,
+        ) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.commit(puts, guard).await
+        }
+        async fn delete(
+            &self,
+            key: &str,
+            pre: Precondition,
+        ) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.delete(key, pre).await
+        }
+        async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+            self.inner.watch(prefix, after).await
+        }
+        fn revision(&self) -> Revision {
+            self.inner.revision()
+        }
+    }
+
+    fn spec(command: &str) -> ServiceSpec {
+        serde_json::from_value(serde_json::json!({ "command": command, "replicas": 0 })).unwrap()
+    }
+
+    /// An apply reads from the nearest replica first; a stale answer must never decide an
+    /// outcome that writes nothing (A, B, then A again on a replica that still has A).
+    #[tokio::test]
+    async fn a_stale_replica_never_makes_an_apply_unchanged_or_conflicting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Lagging {
+            inner: EmbeddedStore::open(&dir.path().join("store.redb")).unwrap(),
+            frozen: Mutex::default(),
+        };
+        let key = Service::key_for("web");
+        let (result, _) = apply(&store, ApplyRequest::new("web", spec("/bin/a")), "api")
+            .await
+            .unwrap();
+        assert_eq!(result, ApplyResult::Created);
+        store.freeze(&key).await;
+        let (result, b) = apply(&store, ApplyRequest::new("web", spec("/bin/b")), "api")
+            .await
+            .unwrap();
+        assert_eq!(result, ApplyResult::Configured);
+        // The replica still says /bin/a: the apply of /bin/a is not "unchanged".
+        let (result, a) = apply(&store, ApplyRequest::new("web", spec("/bin/a")), "api")
+            .await
+            .unwrap();
+        assert_eq!(result, ApplyResult::Configured);
+        assert_eq!(a.spec.command, "/bin/a");
+        let stored = typed::get::<Service>(&store, "web").await.unwrap().unwrap();
+        assert_eq!(stored.spec.command, "/bin/a");
+        // The resourceVersion the client holds is checked against the fresh one.
+        let mut request = ApplyRequest::new("web", spec("/bin/c"));
+        request.resource_version = Some(a.metadata.resource_version);
+        let (result, _) = apply(&store, request, "api").await.unwrap();
+        assert_eq!(result, ApplyResult::Configured);
+        let mut request = ApplyRequest::new("web", spec("/bin/d"));
+        request.resource_version = Some(b.metadata.resource_version);
+        assert!(matches!(
+            apply(&store, request, "api").await,
+            Err(OpError::Conflict { .. })
+        ));
+        // Absent on the replica, present in truth: a resourceVersion given still applies.
+        store.freeze(&Service::key_for("new")).await;
+        apply(&store, ApplyRequest::new("new", spec("/bin/a")), "api")
+            .await
+            .unwrap();
+        let fresh = typed::get::<Service>(&store, "new").await.unwrap().unwrap();
+        let mut request = ApplyRequest::new("new", spec("/bin/b"));
+        request.resource_version = Some(fresh.metadata.resource_version);
+        let (result, _) = apply(&store, request, "api").await.unwrap();
+        assert_eq!(result, ApplyResult::Configured);
+    }
 
     #[test]
     fn not_found_names_the_closest_or_the_existing() {

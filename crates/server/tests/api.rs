@@ -424,7 +424,7 @@ async fn openapi_and_events_are_served() {
     let (status, body) = call(&f.router, "GET", "/openapi.json", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["openapi"], "3.1.0");
-    call(
+    let (_, applied) = call(
         &f.router,
         "POST",
         "/api/v1/services",
@@ -434,13 +434,17 @@ async fn openapi_and_events_are_served() {
     .await;
     let (status, body) = call(&f.router, "GET", "/api/v1/events", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
-    let reasons: Vec<&str> = body["items"]
-        .as_array()
-        .unwrap()
+    let items = body["items"].as_array().unwrap();
+    let reasons: Vec<&str> = items
         .iter()
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
     assert_eq!(reasons, vec!["Applied"]);
+    // The service and its event are one write: the same revision.
+    assert_eq!(
+        items[0]["metadata"]["resourceVersion"], applied["service"]["metadata"]["resourceVersion"],
+        "{body}"
+    );
 }
 
 #[tokio::test]

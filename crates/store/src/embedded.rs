@@ -36,7 +36,9 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
+use crate::{
+    KeyValue, ListResult, Precondition, Put, Revision, Store, StoreError, Watch, WatchEvent,
+};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -207,6 +209,24 @@ impl EmbeddedStore {
         }
     }
 
+    async fn commit_one(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        pre: Precondition,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<KeyValue, StoreError> {
+        let put = Put {
+            key: key.to_owned(),
+            value,
+            pre,
+        };
+        self.commit(vec![put], guard)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::backend(format!("writing {key}"), "nothing was written"))
+    }
+
     async fn write(&self, op: Op) -> Result<Outcome, StoreError> {
         self.check_open()?;
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
@@ -325,10 +345,9 @@ fn precondition_holds(pre: Precondition, current: Option<&KeyValue>) -> bool {
 // Writer
 
 enum Op {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        pre: Precondition,
+    /// Every put at one revision, or none.
+    Commit {
+        puts: Vec<Put>,
         /// Also nothing under this prefix written after this revision.
         guard: Option<(String, Revision)>,
     },
@@ -339,7 +358,7 @@ enum Op {
 }
 
 enum Outcome {
-    Put(KeyValue),
+    Put(Vec<KeyValue>),
     Delete(Option<KeyValue>),
 }
 
@@ -429,82 +448,64 @@ impl Writer {
                 .map(|g| g.value())
                 .unwrap_or(0);
             for req in batch {
-                let key = match &req.op {
-                    Op::Put { key, .. } | Op::Delete { key, .. } => key.as_str(),
-                };
-                let current = match kv.get(key).map_err(backend(format!("reading {key}")))? {
-                    Some(guard) => match decode_record(key, guard.value()) {
-                        Ok(current) => Some(current),
-                        Err(err) => {
-                            // A corrupt record fails the writes to its key only.
-                            results.push(Err(err));
-                            continue;
-                        }
-                    },
-                    None => None,
-                };
-                match &req.op {
-                    Op::Put {
-                        value, pre, guard, ..
-                    } => {
-                        if !precondition_holds(*pre, current.as_ref()) {
-                            results.push(Err(conflict(key, *pre, current.as_ref())));
-                            continue;
-                        }
-                        if let Some((prefix, since)) = guard {
-                            match newest_under(&kv, prefix) {
-                                Ok(newest) if newest > *since => {
-                                    results.push(Err(StoreError::Changed {
-                                        prefix: prefix.clone(),
-                                        since: *since,
-                                        revision: newest,
-                                    }));
-                                    continue;
-                                }
-                                Ok(_) => {}
-                                Err(err) => {
-                                    results.push(Err(err));
-                                    continue;
-                                }
+                let (key, pre) = match &req.op {
+                    Op::Commit { puts, guard } => {
+                        let currents = match check_commit(&kv, puts, guard.as_ref())? {
+                            Ok(currents) => currents,
+                            Err(err) => {
+                                results.push(Err(err));
+                                continue;
                             }
-                        }
-                        revision += 1;
-                        let new = KeyValue {
-                            key: key.to_owned(),
-                            value: value.clone(),
-                            create_revision: current
-                                .as_ref()
-                                .map_or(revision, |c| c.create_revision),
-                            mod_revision: revision,
-                            version: current.as_ref().map_or(1, |c| c.version + 1),
                         };
-                        kv.insert(key, encode_record(&new).as_slice())
-                            .map_err(backend(format!("writing {key}")))?;
-                        events.push(WatchEvent::Put {
-                            kv: new.clone(),
-                            prev: current,
-                        });
-                        results.push(Ok(Outcome::Put(new)));
-                    }
-                    Op::Delete { pre, .. } => {
-                        // Deleting an absent key (under `None` or `Absent`) succeeds
-                        // without a write.
-                        if !precondition_holds(*pre, current.as_ref()) {
-                            results.push(Err(conflict(key, *pre, current.as_ref())));
-                            continue;
-                        }
-                        if current.is_some() {
-                            revision += 1;
-                            kv.remove(key).map_err(backend(format!("deleting {key}")))?;
-                            events.push(WatchEvent::Delete {
-                                key: key.to_owned(),
-                                revision,
-                                prev: current.clone(),
+                        revision += 1;
+                        let mut written = Vec::with_capacity(puts.len());
+                        for (put, current) in puts.iter().zip(currents) {
+                            let new = KeyValue {
+                                key: put.key.clone(),
+                                value: put.value.clone(),
+                                create_revision: current
+                                    .as_ref()
+                                    .map_or(revision, |c| c.create_revision),
+                                mod_revision: revision,
+                                version: current.as_ref().map_or(1, |c| c.version + 1),
+                            };
+                            kv.insert(put.key.as_str(), encode_record(&new).as_slice())
+                                .map_err(backend(format!("writing {}", put.key)))?;
+                            events.push(WatchEvent::Put {
+                                kv: new.clone(),
+                                prev: current,
                             });
+                            written.push(new);
                         }
-                        results.push(Ok(Outcome::Delete(current)));
+                        results.push(Ok(Outcome::Put(written)));
+                        continue;
                     }
+                    Op::Delete { key, pre } => (key.as_str(), *pre),
+                };
+                let current = match read_current(&kv, key)? {
+                    Ok(current) => current,
+                    Err(err) => {
+                        // A corrupt record fails the writes to its key only.
+                        results.push(Err(err));
+                        continue;
+                    }
+                };
+                // Deleting an absent key (under `None` or `Absent`) succeeds
+                // without a write.
+                if !precondition_holds(pre, current.as_ref()) {
+                    results.push(Err(conflict(key, pre, current.as_ref())));
+                    continue;
                 }
+                if current.is_some() {
+                    revision += 1;
+                    kv.remove(key).map_err(backend(format!("deleting {key}")))?;
+                    events.push(WatchEvent::Delete {
+                        key: key.to_owned(),
+                        revision,
+                        prev: current.clone(),
+                    });
+                }
+                results.push(Ok(Outcome::Delete(current)));
             }
             if !events.is_empty() {
                 meta.insert(REVISION_KEY, revision)
@@ -520,6 +521,61 @@ impl Writer {
         }
         Ok((results, events, revision))
     }
+}
+
+/// The current record of `key`: the outer error fails the batch, the inner only the request
+/// (a record that does not decode).
+fn read_current(
+    kv: &redb::Table<&str, &[u8]>,
+    key: &str,
+) -> Result<Result<Option<KeyValue>, StoreError>, StoreError> {
+    Ok(
+        match kv.get(key).map_err(backend(format!("reading {key}")))? {
+            Some(guard) => decode_record(key, guard.value()).map(Some),
+            None => Ok(None),
+        },
+    )
+}
+
+/// Whether a commit may be written, as this batch left the table: each key's current record,
+/// or why not (a precondition, the guard, a record that does not decode, a key put twice).
+#[allow(clippy::type_complexity)]
+fn check_commit(
+    kv: &redb::Table<&str, &[u8]>,
+    puts: &[Put],
+    guard: Option<&(String, Revision)>,
+) -> Result<Result<Vec<Option<KeyValue>>, StoreError>, StoreError> {
+    let mut currents = Vec::with_capacity(puts.len());
+    for (i, put) in puts.iter().enumerate() {
+        if puts[..i].iter().any(|p| p.key == put.key) {
+            return Ok(Err(StoreError::backend(
+                format!("committing {}", put.key),
+                "a commit writes each key once",
+            )));
+        }
+        let current = match read_current(kv, &put.key)? {
+            Ok(current) => current,
+            Err(err) => return Ok(Err(err)),
+        };
+        if !precondition_holds(put.pre, current.as_ref()) {
+            return Ok(Err(conflict(&put.key, put.pre, current.as_ref())));
+        }
+        currents.push(current);
+    }
+    if let Some((prefix, since)) = guard {
+        match newest_under(kv, prefix) {
+            Ok(newest) if newest > *since => {
+                return Ok(Err(StoreError::Changed {
+                    prefix: prefix.clone(),
+                    since: *since,
+                    revision: newest,
+                }));
+            }
+            Ok(_) => {}
+            Err(err) => return Ok(Err(err)),
+        }
+    }
+    Ok(Ok(currents))
 }
 
 /// The newest `mod_revision` of the keys under `prefix` (0 if none), as this batch left them.
@@ -711,16 +767,7 @@ impl Store for EmbeddedStore {
         value: Vec<u8>,
         pre: Precondition,
     ) -> Result<KeyValue, StoreError> {
-        let op = Op::Put {
-            key: key.to_owned(),
-            value,
-            pre,
-            guard: None,
-        };
-        match self.write(op).await? {
-            Outcome::Put(kv) => Ok(kv),
-            Outcome::Delete(_) => Err(StoreError::backend("put", "writer answered a delete")),
-        }
+        self.commit_one(key, value, pre, None).await
     }
 
     async fn put_unless_changed(
@@ -731,15 +778,25 @@ impl Store for EmbeddedStore {
         prefix: &str,
         since: Revision,
     ) -> Result<KeyValue, StoreError> {
-        let op = Op::Put {
-            key: key.to_owned(),
-            value,
-            pre,
-            guard: Some((prefix.to_owned(), since)),
+        self.commit_one(key, value, pre, Some((prefix, since)))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        puts: Vec<Put>,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if puts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = Op::Commit {
+            puts,
+            guard: guard.map(|(prefix, since)| (prefix.to_owned(), since)),
         };
         match self.write(op).await? {
-            Outcome::Put(kv) => Ok(kv),
-            Outcome::Delete(_) => Err(StoreError::backend("put", "writer answered a delete")),
+            Outcome::Put(written) => Ok(written),
+            Outcome::Delete(_) => Err(StoreError::backend("commit", "writer answered a delete")),
         }
     }
 

@@ -24,7 +24,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::embedded::offer;
-use crate::{KeyValue, ListResult, Precondition, Revision, Store, StoreError, Watch, WatchEvent};
+use crate::{
+    KeyValue, ListResult, Precondition, Put, Revision, Store, StoreError, Watch, WatchEvent,
+};
 
 /// Keys one page of a list reads (well below gRPC's 4 MiB message limit for typical objects).
 const LIST_PAGE: i64 = 500;
@@ -304,7 +306,7 @@ impl EtcdStore {
         &self,
         txn: Txn,
         key: &str,
-        pre: Precondition,
+        checks: &[(&str, Precondition)],
         guard: Option<(&str, Revision)>,
         doing: &str,
     ) -> Result<(i64, Vec<TxnOpResponse>), StoreError> {
@@ -327,16 +329,22 @@ impl EtcdStore {
                     key: fence.key.clone(),
                 });
             }
-            let full = self.full(key);
-            let actual = lookup(&responses, &full).map(|kv| ours(kv.mod_revision()));
-            let held = match pre {
-                Precondition::None => true,
-                Precondition::Absent => actual.is_none(),
-                Precondition::ModRevision(r) => actual == Some(r),
-            };
-            if let Some((prefix, since)) = guard
-                && held
-            {
+            for &(key, pre) in checks {
+                let actual = lookup(&responses, &self.full(key)).map(|kv| ours(kv.mod_revision()));
+                let held = match pre {
+                    Precondition::None => true,
+                    Precondition::Absent => actual.is_none(),
+                    Precondition::ModRevision(r) => actual == Some(r),
+                };
+                if !held {
+                    return Err(StoreError::Conflict {
+                        key: key.to_string(),
+                        expected: pre,
+                        actual,
+                    });
+                }
+            }
+            if let Some((prefix, since)) = guard {
                 let newest = newest_under(&responses, &self.full(prefix));
                 return Err(StoreError::Changed {
                     prefix: prefix.to_string(),
@@ -344,11 +352,10 @@ impl EtcdStore {
                     revision: newest,
                 });
             }
-            return Err(StoreError::Conflict {
-                key: key.to_string(),
-                expected: pre,
-                actual,
-            });
+            return Err(StoreError::backend(
+                format!("{doing} {key} in etcd"),
+                "the transaction failed with every precondition holding",
+            ));
         }
         Ok((revision, responses))
     }
@@ -363,12 +370,18 @@ impl EtcdStore {
     fn guarded_with(
         &self,
         full: &str,
-        mut when: Vec<Compare>,
+        when: Vec<Compare>,
         more_reads: Vec<TxnOp>,
         op: TxnOp,
     ) -> Txn {
         let mut reads = vec![TxnOp::get(full, None)];
         reads.extend(more_reads);
+        self.guarded_txn(when, reads, vec![op])
+    }
+
+    /// `then` when every compare in `when` and the fence (if any) hold; otherwise `reads`
+    /// (and the leader key's), for the error.
+    fn guarded_txn(&self, mut when: Vec<Compare>, mut reads: Vec<TxnOp>, then: Vec<TxnOp>) -> Txn {
         if let Some(fence) = &self.fence {
             when.push(Compare::create_revision(
                 fence.key.clone(),
@@ -378,9 +391,9 @@ impl EtcdStore {
             reads.push(TxnOp::get(fence.key.clone(), None));
         }
         if when.is_empty() {
-            return Txn::new().and_then([op]);
+            return Txn::new().and_then(then);
         }
-        Txn::new().when(when).and_then([op]).or_else(reads)
+        Txn::new().when(when).and_then(then).or_else(reads)
     }
 
     /// A list in pages at the first page's revision; `serializable`: answered by any member
@@ -482,26 +495,60 @@ impl EtcdStore {
         pre: Precondition,
         guard: Option<(&str, Revision)>,
     ) -> Result<KeyValue, StoreError> {
-        self.open()?;
-        let full = self.full(key);
-        let compare = match pre {
-            Precondition::None => None,
-            Precondition::Absent => {
-                Some(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
-            }
-            Precondition::ModRevision(r) => Some(Compare::mod_revision(
-                full.clone(),
-                CompareOp::Equal,
-                theirs(r),
-            )),
+        let put = Put {
+            key: key.to_string(),
+            value,
+            pre,
         };
-        let put = TxnOp::put(
-            full.clone(),
-            value.clone(),
-            Some(PutOptions::new().with_prev_key()),
-        );
-        let mut when: Vec<Compare> = compare.into_iter().collect();
+        self.commit_puts(vec![put], guard)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::backend(format!("writing {key}"), "nothing was written"))
+    }
+
+    /// Every put in one transaction, when every precondition, the guard and the fence hold.
+    async fn commit_puts(
+        &self,
+        puts: Vec<Put>,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.open()?;
+        let Some(first) = puts.first() else {
+            return Ok(Vec::new());
+        };
+        for (i, put) in puts.iter().enumerate() {
+            if puts[..i].iter().any(|p| p.key == put.key) {
+                return Err(StoreError::backend(
+                    format!("committing {}", put.key),
+                    "a commit writes each key once",
+                ));
+            }
+        }
+        let mut when = Vec::new();
+        let mut then = Vec::with_capacity(puts.len());
         let mut reads = Vec::new();
+        for put in &puts {
+            let full = self.full(&put.key);
+            match put.pre {
+                Precondition::None => {}
+                Precondition::Absent => {
+                    when.push(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
+                }
+                Precondition::ModRevision(r) => when.push(Compare::mod_revision(
+                    full.clone(),
+                    CompareOp::Equal,
+                    theirs(r),
+                )),
+            }
+            if put.pre != Precondition::None {
+                reads.push(TxnOp::get(full.clone(), None));
+            }
+            then.push(TxnOp::put(
+                full,
+                put.value.clone(),
+                Some(PutOptions::new().with_prev_key()),
+            ));
+        }
         if let Some((prefix, since)) = guard {
             // Every key under the prefix unchanged since `since` (etcd compares each key of
             // the range); the `else` branch reads the newest, for the error.
@@ -522,21 +569,56 @@ impl EtcdStore {
                 ),
             ));
         }
-        let txn = self.guarded_with(&full, when, reads, put);
-        let (revision, responses) = self.write(txn, key, pre, guard, "writing").await?;
-        let prev = responses.iter().find_map(|r| match r {
-            TxnOpResponse::Put(p) => p.prev_key().cloned(),
+        let checks: Vec<(&str, Precondition)> =
+            puts.iter().map(|p| (p.key.as_str(), p.pre)).collect();
+        let txn = self.guarded_txn(when, reads, then);
+        let doing = if puts.len() == 1 {
+            "writing"
+        } else {
+            "committing"
+        };
+        let (revision, responses) = self.write(txn, &first.key, &checks, guard, doing).await?;
+        let revision = ours(revision);
+        let mut prevs = responses.iter().filter_map(|r| match r {
+            TxnOpResponse::Put(p) => Some(p.prev_key().cloned()),
             _ => None,
         });
-        let prev = prev.map(|p| self.convert(&p)).transpose()?;
-        let revision = ours(revision);
-        Ok(KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
-            mod_revision: revision,
-            version: prev.as_ref().map_or(1, |p| p.version + 1),
-        })
+        let mut written = Vec::with_capacity(puts.len());
+        for put in puts {
+            let prev = prevs.next().flatten();
+            let prev = prev.map(|p| self.convert(&p)).transpose()?;
+            written.push(KeyValue {
+                key: put.key,
+                value: put.value,
+                create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
+                mod_revision: revision,
+                version: prev.as_ref().map_or(1, |p| p.version + 1),
+            });
+        }
+        Ok(written)
+    }
+
+    /// A read of `key`; `recent`: serializable (see [`Store::get_recent`]).
+    async fn get_as(&self, key: &str, recent: bool) -> Result<Option<KeyValue>, StoreError> {
+        self.open()?;
+        let kv = self.client.kv_client();
+        let answer = self
+            .read_degrading(|serializable| {
+                let kv = kv.clone();
+                async move {
+                    self.again(read_again, move || {
+                        let (mut kv, full) = (kv.clone(), self.full(key));
+                        let options =
+                            (serializable || recent).then(|| GetOptions::new().with_serializable());
+                        async move { kv.get(full, options).await }
+                    })
+                    .await
+                    .map_err(etcd_error(format!("reading {key} from etcd")))
+                }
+            })
+            .await?;
+        self.saw(answer.header().map_or(0, |h| h.revision()));
+        answer.kvs().first().map(|kv| self.convert(kv)).transpose()
     }
 
     fn convert(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
@@ -589,24 +671,11 @@ fn lookup<'a>(responses: &'a [TxnOpResponse], full: &str) -> Option<&'a etcd_cli
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.open()?;
-        let kv = self.client.kv_client();
-        let answer = self
-            .read_degrading(|serializable| {
-                let kv = kv.clone();
-                async move {
-                    self.again(read_again, move || {
-                        let (mut kv, full) = (kv.clone(), self.full(key));
-                        let options = serializable.then(|| GetOptions::new().with_serializable());
-                        async move { kv.get(full, options).await }
-                    })
-                    .await
-                    .map_err(etcd_error(format!("reading {key} from etcd")))
-                }
-            })
-            .await?;
-        self.saw(answer.header().map_or(0, |h| h.revision()));
-        answer.kvs().first().map(|kv| self.convert(kv)).transpose()
+        self.get_as(key, false).await
+    }
+
+    async fn get_recent(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.get_as(key, true).await
     }
 
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
@@ -635,6 +704,14 @@ impl Store for EtcdStore {
         self.put_with(key, value, pre, Some((prefix, since))).await
     }
 
+    async fn commit(
+        &self,
+        puts: Vec<Put>,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.commit_puts(puts, guard).await
+    }
+
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError> {
         self.open()?;
         let full = self.full(key);
@@ -657,7 +734,9 @@ impl Store for EtcdStore {
                 delete,
             ),
         };
-        let (_, responses) = self.write(txn, key, pre, None, "deleting").await?;
+        let (_, responses) = self
+            .write(txn, key, &[(key, pre)], None, "deleting")
+            .await?;
         let prev = responses.iter().find_map(|r| match r {
             TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
             _ => None,

@@ -29,8 +29,24 @@ pub async fn record(
     message: impl Into<String>,
     source: &str,
 ) {
-    let message = message.into();
-    let event = Event {
+    let event = new(kind, name, event_type, reason, message, source);
+    log(&event);
+    if let Err(error) = typed::create(store, event).await {
+        tracing::warn!(error = %crate::error_chain(&error), "could not record event");
+    }
+}
+
+/// An event to store: for [`typed::write_with_event`], which writes it in the same
+/// transaction as the object it is about (and logs it once written).
+pub fn new(
+    kind: &str,
+    name: &str,
+    event_type: EventType,
+    reason: &str,
+    message: impl Into<String>,
+    source: &str,
+) -> Event {
+    Event {
         metadata: ObjectMeta::named(event_name()),
         involved: ObjectRef {
             kind: kind.to_string(),
@@ -38,16 +54,19 @@ pub async fn record(
         },
         kind: event_type,
         reason: reason.to_string(),
-        message: message.clone(),
+        message: message.into(),
         source: source.to_string(),
         timestamp: now_rfc3339(),
-    };
-    match event_type {
-        EventType::Normal => tracing::info!(kind, name, reason, detail = %message, "event"),
-        EventType::Warning => tracing::warn!(kind, name, reason, detail = %message, "event"),
     }
-    if let Err(error) = typed::create(store, event).await {
-        tracing::warn!(error = %crate::error_chain(&error), "could not record event");
+}
+
+/// Logs an event, as every recorded one is.
+pub(crate) fn log(event: &Event) {
+    let (kind, name) = (event.involved.kind.as_str(), event.involved.name.as_str());
+    let (reason, detail) = (event.reason.as_str(), event.message.as_str());
+    match event.kind {
+        EventType::Normal => tracing::info!(kind, name, reason, detail, "event"),
+        EventType::Warning => tracing::warn!(kind, name, reason, detail, "event"),
     }
 }
 

@@ -67,6 +67,14 @@ pub enum Precondition {
     ModRevision(Revision),
 }
 
+/// One write of a [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub pre: Precondition,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListResult {
     pub items: Vec<KeyValue>,
@@ -118,6 +126,12 @@ impl Watch {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// `key` as the nearest replica has it, which may be a little behind the newest write
+    /// (etcd's serializable read: no round to the leader): for a read-modify-write whose
+    /// compare-and-swap catches a stale read. Decisions that write nothing need [`Self::get`].
+    async fn get_recent(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.get(key).await
+    }
     /// All keys starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError>;
     /// Writes `value`; returns the stored key-value. `Conflict` if `pre` does not hold.
@@ -144,6 +158,30 @@ pub trait Store: Send + Sync + 'static {
             format!("writing {key} unless {prefix} changed"),
             "this store does not support guarded writes",
         ))
+    }
+    /// Writes every put, all at one revision, or none of them: `Conflict` naming the first
+    /// whose precondition does not hold, `Changed` when a `guard` (prefix, revision) is given
+    /// and a key under the prefix was written after it. Returns the stored key-values in
+    /// order. Each key once; since the keys share a revision, a watch resuming from it could
+    /// miss the others under its prefix: write at most one key under any prefix watched (one
+    /// object per kind). Stores without transactions write them one by one, in order.
+    async fn commit(
+        &self,
+        puts: Vec<Put>,
+        guard: Option<(&str, Revision)>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut written = Vec::with_capacity(puts.len());
+        for (i, put) in puts.into_iter().enumerate() {
+            let kv = match guard {
+                Some((prefix, since)) if i == 0 => {
+                    self.put_unless_changed(&put.key, put.value, put.pre, prefix, since)
+                        .await?
+                }
+                _ => self.put(&put.key, put.value, put.pre).await?,
+            };
+            written.push(kv);
+        }
+        Ok(written)
     }
     /// Deletes `key`; returns the deleted value, `None` if absent (and `pre` is `None`).
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError>;

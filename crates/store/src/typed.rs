@@ -70,6 +70,15 @@ pub async fn get<T: Object>(store: &dyn Store, name: &str) -> Result<Option<T>, 
     }
 }
 
+/// [`get`] from the nearest replica ([`Store::get_recent`]): possibly a little behind, for a
+/// read-modify-write whose compare-and-swap catches that.
+pub async fn get_recent<T: Object>(store: &dyn Store, name: &str) -> Result<Option<T>, StoreError> {
+    match store.get_recent(&T::key_for(name)).await? {
+        Some(kv) => decode(&kv).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Every object of kind `T`, in name order, and the revision they were read at (watch from it).
 ///
 /// A value that does not decode (written by another version, say) is left out with a warning
@@ -195,6 +204,45 @@ pub async fn put_unless_changed<T: Object>(
     Ok(obj)
 }
 
+/// [`create`] (`resource_version` 0) or [`update`] of `obj`, and `event` about it, in one
+/// transaction (one write where the store has transactions, instead of two); with `since`,
+/// only if no object of the kind was written after it, as [`put_unless_changed`].
+pub async fn write_with_event<T: Object>(
+    store: &dyn Store,
+    mut obj: T,
+    since: Option<Revision>,
+    mut event: flotilla_spec::Event,
+) -> Result<T, StoreError> {
+    let pre = match obj.metadata().resource_version {
+        0 => {
+            new_object(&mut obj);
+            Precondition::Absent
+        }
+        rv => Precondition::ModRevision(rv),
+    };
+    new_object(&mut event);
+    let puts = vec![
+        crate::Put {
+            key: obj.key(),
+            value: encode(&obj)?,
+            pre,
+        },
+        crate::Put {
+            key: event.key(),
+            value: encode(&event)?,
+            pre: Precondition::Absent,
+        },
+    ];
+    let guard = since.map(|since| (T::PREFIX, since));
+    let written = store.commit(puts, guard).await?;
+    let kv = written
+        .first()
+        .ok_or_else(|| StoreError::backend(format!("writing {}", obj.key()), "nothing written"))?;
+    obj.metadata_mut().resource_version = kv.mod_revision;
+    crate::events::log(&event);
+    Ok(obj)
+}
+
 /// Replaces an object if it is unchanged since it was read: compare-and-swap on
 /// `metadata.resource_version` (`MissingResourceVersion` if 0, `Conflict` if stale or deleted).
 /// Does not touch `generation`: the caller bumps it when it changes the spec.
@@ -231,11 +279,28 @@ pub async fn delete<T: Object>(
 pub async fn modify<T: Object>(
     store: &dyn Store,
     name: &str,
+    f: impl FnMut(&mut T) -> bool,
+) -> Result<Option<T>, StoreError> {
+    modify_with_event(store, name, None, f, None).await
+}
+
+/// [`modify`], starting from `known` (an object read lately; it is read again only if it
+/// changed since), and when it writes, `event` in the same transaction (not stored when it
+/// does not write).
+pub async fn modify_with_event<T: Object>(
+    store: &dyn Store,
+    name: &str,
+    mut known: Option<T>,
     mut f: impl FnMut(&mut T) -> bool,
+    event: Option<flotilla_spec::Event>,
 ) -> Result<Option<T>, StoreError> {
     let mut last_conflict = None;
     for _ in 0..MODIFY_ATTEMPTS {
-        let Some(mut obj) = get::<T>(store, name).await? else {
+        let read = match known.take() {
+            Some(obj) => Some(obj),
+            None => get::<T>(store, name).await?,
+        };
+        let Some(mut obj) = read else {
             return Ok(None);
         };
         if !f(&mut obj) {
@@ -246,7 +311,11 @@ pub async fn modify<T: Object>(
         let meta = obj.metadata_mut();
         meta.name = name.to_owned();
         meta.resource_version = rv;
-        match update(store, obj).await {
+        let written = match &event {
+            Some(event) => write_with_event(store, obj, None, event.clone()).await,
+            None => update(store, obj).await,
+        };
+        match written {
             Ok(stored) => return Ok(Some(stored)),
             Err(err) if err.is_conflict() => {
                 tracing::debug!(kind = T::KIND, name, "modify conflicted; retrying");

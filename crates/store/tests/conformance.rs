@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_store::{
-    EmbeddedStore, EtcdOptions, EtcdStore, KeyValue, Precondition, Revision, Store, StoreError,
-    StoreOptions, Watch, WatchEvent,
+    EmbeddedStore, EtcdOptions, EtcdStore, KeyValue, Precondition, Put, Revision, Store,
+    StoreError, StoreOptions, Watch, WatchEvent,
 };
 use proptest::prelude::*;
 use support::etcd::{self, Etcd};
@@ -159,6 +159,7 @@ conformance!(
     large_lists_are_complete_and_at_one_revision,
     guarded_writes_fail_once_the_prefix_changed,
     concurrent_guarded_claims_have_one_winner,
+    commits_write_every_key_at_one_revision_or_none,
 );
 
 async fn cas_semantics(kind: Kind) {
@@ -565,6 +566,119 @@ async fn guarded_writes_fail_once_the_prefix_changed(kind: Kind) {
         .await
         .unwrap();
     assert_eq!((c2.create_revision, c2.mod_revision, c2.version), (3, 8, 2));
+}
+
+fn put_of(key: &str, value: &str, pre: Precondition) -> Put {
+    Put {
+        key: key.to_string(),
+        value: value.as_bytes().to_vec(),
+        pre,
+    }
+}
+
+/// `commit`: every key written at one revision (watchers see each, at that revision), or
+/// none when one precondition or the guard fails; the error names the key that failed.
+async fn commits_write_every_key_at_one_revision_or_none(kind: Kind) {
+    let test = "commits_write_every_key_at_one_revision_or_none";
+    let Some(s) = Subject::open(kind, Opts::default(), test).await else {
+        return;
+    };
+    let store = &*s.store;
+    let a = put(store, "s/a", "1", Precondition::Absent).await;
+    let mut services = store.watch("s/", a.mod_revision).await.unwrap();
+    let mut events = store.watch("e/", 0).await.unwrap();
+    let written = store
+        .commit(
+            vec![
+                put_of("s/a", "2", Precondition::ModRevision(a.mod_revision)),
+                put_of("e/1", "applied", Precondition::Absent),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    let shape: Vec<_> = written
+        .iter()
+        .map(|kv| {
+            (
+                kv.key.as_str(),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+            )
+        })
+        .collect();
+    assert_eq!(shape, [("s/a", 1, 2, 2), ("e/1", 2, 2, 1)]);
+    assert_eq!(store.revision(), 2);
+    let e = next_event(&mut services).await.unwrap();
+    assert_eq!((e.key(), e.revision()), ("s/a", 2));
+    let e = next_event(&mut events).await.unwrap();
+    assert_eq!((e.key(), e.revision()), ("e/1", 2));
+
+    // One stale precondition: nothing is written, and the error names that key.
+    let err = store
+        .commit(
+            vec![
+                put_of("e/2", "applied", Precondition::Absent),
+                put_of("s/a", "3", Precondition::ModRevision(1)),
+            ],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict { key, actual: Some(2), .. } if key == "s/a"),
+        "{err}"
+    );
+    assert_eq!(store.get("e/2").await.unwrap(), None);
+    assert_eq!(store.get("s/a").await.unwrap().unwrap().value, b"2");
+    assert_eq!(store.revision(), 2);
+
+    // A guard: refused once the prefix changed after it, with nothing written.
+    put(store, "s/b", "1", Precondition::Absent).await;
+    let err = store
+        .commit(
+            vec![
+                put_of("s/c", "1", Precondition::Absent),
+                put_of("e/3", "applied", Precondition::Absent),
+            ],
+            Some(("s/", 2)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Changed { revision: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(store.get("s/c").await.unwrap(), None);
+    assert_eq!(store.get("e/3").await.unwrap(), None);
+    let written = store
+        .commit(
+            vec![
+                put_of("s/c", "1", Precondition::Absent),
+                put_of("e/3", "applied", Precondition::Absent),
+            ],
+            Some(("s/", 3)),
+        )
+        .await
+        .unwrap();
+    assert!(written.iter().all(|kv| kv.mod_revision == 4), "{written:?}");
+
+    // A key twice is refused, and so nothing is written.
+    let err = store
+        .commit(
+            vec![
+                put_of("e/4", "1", Precondition::None),
+                put_of("e/4", "2", Precondition::None),
+            ],
+            None,
+        )
+        .await
+        .unwrap_err();
+    let chain = flotilla_store::error_chain(&err);
+    assert!(chain.contains("each key once"), "{chain}");
+    assert_eq!(store.get("e/4").await.unwrap(), None);
+    assert_eq!(store.revision(), 4);
 }
 
 /// Eight writers each claim a name (as applies claim routes): list, see nothing claimed, write
