@@ -72,6 +72,19 @@ class Etcd:
     def endpoints(self):
         return ",".join(self.client.values())
 
+    def requests(self):
+        """gRPC KV requests every member answered so far, by method (Range, Txn, Put...)."""
+        import re
+        import urllib.request
+        counts = {}
+        pattern = re.compile(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="(\w+)",'
+                             r'grpc_service="etcdserverpb.KV",grpc_type="unary"\} (\d+)')
+        for u in self.client.values():
+            text = urllib.request.urlopen(u + "/metrics", timeout=5).read().decode()
+            for m in pattern.finditer(text):
+                counts[m.group(1)] = counts.get(m.group(1), 0) + int(m.group(2))
+        return counts
+
     def stop(self):
         for p in self.procs:
             p.kill()
@@ -218,10 +231,20 @@ def main():
                 try:
                     for c in CLIENTS:
                         writes = max(10, WRITES // max(1, c // 10))
+                        before = etcd.requests() if etcd else {}
                         res = load(server, c, writes, f"r{r}c{c}")
                         results.setdefault((backend, c), []).append(res)
+                        cost = ""
+                        if etcd:
+                            # What the applies cost etcd, with the controller's writes after
+                            # them (let it catch up first).
+                            time.sleep(1)
+                            after = etcd.requests()
+                            per = {k: (after[k] - before.get(k, 0)) / (c * writes) for k in after}
+                            cost = ", etcd per apply: " + ", ".join(
+                                f"{per[k]:.2f} {k}" for k in sorted(per) if per[k] > 0)
                         print(f"round {r} {backend:8} {c:3} clients: p50 {res['p50']:.2f} ms, p99 {res['p99']:.2f} ms, "
-                              f"{res['rate']:.0f} writes/s, {res['failed']} failed", flush=True)
+                              f"{res['rate']:.0f} writes/s, {res['failed']} failed{cost}", flush=True)
                 finally:
                     server.stop()
             finally:

@@ -213,6 +213,8 @@ pub async fn write_with_event<T: Object>(
     since: Option<Revision>,
     mut event: flotilla_spec::Event,
 ) -> Result<T, StoreError> {
+    // One key per kind in a commit (see `Store::commit`).
+    debug_assert_ne!(T::KIND, flotilla_spec::Event::KIND);
     let pre = match obj.metadata().resource_version {
         0 => {
             new_object(&mut obj);

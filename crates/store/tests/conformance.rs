@@ -1053,10 +1053,22 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         acked.push(key);
     }
     cluster.kill(0);
-    // A client that connects now, with the dead member first in its list, works too.
-    let late = EtcdStore::connect(&cluster.endpoints(), options.clone())
-        .await
-        .unwrap();
+    // A client that connects now, with the dead member first in its list, works too, once
+    // the others have a leader (connecting reads the revision linearizably; when the member
+    // killed led, the election can outlast one request timeout on a loaded machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let late = loop {
+        match EtcdStore::connect(&cluster.endpoints(), options.clone()).await {
+            Ok(store) => break store,
+            Err(e) if e.is_unavailable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "connecting with a member down: {}",
+                flotilla_store::error_chain(&e)
+            ),
+        }
+    };
     put_retrying(&late, "k/late", Duration::from_secs(15)).await;
     acked.push("k/late".to_string());
     for i in 10..20 {
