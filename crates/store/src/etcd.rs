@@ -445,10 +445,16 @@ impl EtcdStore {
 
     /// A read (`read(serializable)`): linearizable, unless etcd lately had no quorum; one that
     /// finds no quorum makes reads serializable for [`DEGRADED_READS`] and is read so at once.
+    /// A fenced store's reads stay linearizable.
     async fn read_degrading<T, Fut>(&self, read: impl Fn(bool) -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        // A leader's loops decide on what they read (instances to create, nodes lost): they
+        // read linearizably or not at all, never from a member that may lag.
+        if self.fence.is_some() {
+            return read(false).await;
+        }
         if self.degraded() {
             return read(true).await;
         }

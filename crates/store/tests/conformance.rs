@@ -1076,6 +1076,12 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         put_retrying(&store, &key, Duration::from_secs(15)).await;
         acked.push(key);
     }
+    // A leader's view (fenced on a leader key): its reads never come from a lagging member.
+    let leadership = store
+        .hold_exclusive("leader", "me", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let leader = store.fenced(&leadership);
     cluster.kill(1);
     let started = std::time::Instant::now();
     let err = store
@@ -1113,6 +1119,12 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         "a read while degraded took {:?} (the first took {:?})",
         again.elapsed(),
         again - started
+    );
+    let err = leader.list("k/").await.unwrap_err();
+    assert!(
+        err.is_unavailable(),
+        "{}",
+        flotilla_store::error_chain(&err)
     );
 
     cluster.restart(0);
