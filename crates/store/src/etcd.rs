@@ -102,6 +102,11 @@ pub struct EtcdStore {
 /// tries for a quorum again.
 const DEGRADED_READS: Duration = Duration::from_secs(10);
 
+/// How long a linearizable read may wait before the store stops waiting for a quorum and
+/// reads degraded: a member that lost its leader holds a linearizable read until the request
+/// timeout, and a `get` should not hang that long (a loaded etcd here answers in ~0.2 s).
+const QUORUM_WAIT: Duration = Duration::from_secs(2);
+
 /// The leader key and the `create_revision` (etcd's) it had when this process took it.
 #[derive(Debug, Clone)]
 struct Fence {
@@ -445,7 +450,8 @@ impl EtcdStore {
 
     /// A read (`read(serializable)`): linearizable, unless etcd lately had no quorum; one that
     /// finds no quorum makes reads serializable for [`DEGRADED_READS`] and is read so at once.
-    /// A fenced store's reads stay linearizable.
+    /// One that takes longer than [`QUORUM_WAIT`] counts as finding no quorum. A fenced
+    /// store's reads stay linearizable.
     async fn read_degrading<T, Fut>(&self, read: impl Fn(bool) -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -458,12 +464,20 @@ impl EtcdStore {
         if self.degraded() {
             return read(true).await;
         }
-        match read(false).await {
-            Err(e) if e.is_unavailable() => {
+        match tokio::time::timeout(QUORUM_WAIT, read(false)).await {
+            Ok(Err(e)) if e.is_unavailable() => {
                 self.degrade(&e);
                 read(true).await
             }
-            other => other,
+            Ok(other) => other,
+            Err(_) => {
+                self.degrade(&StoreError::Unavailable {
+                    store: "etcd",
+                    context: format!("a linearizable read from etcd at {}", self.endpoints),
+                    source: format!("no answer within {QUORUM_WAIT:?}").into(),
+                });
+                read(true).await
+            }
         }
     }
 
@@ -1039,9 +1053,13 @@ impl EtcdStore {
     }
 
     async fn grant(&self, key: &str, ttl: Duration) -> Result<i64, StoreError> {
-        let mut leases = self.client.lease_client();
-        Ok(leases
-            .grant(lease_seconds(ttl), None)
+        let leases = self.client.lease_client();
+        // A grant that was not sent (its member is down) goes to another member.
+        Ok(self
+            .again(not_sent, || {
+                let mut leases = leases.clone();
+                async move { leases.grant(lease_seconds(ttl), None).await }
+            })
             .await
             .map_err(etcd_error(format!("taking a lease for {key} in etcd")))?
             .id())
@@ -1064,9 +1082,12 @@ impl EtcdStore {
         } else {
             Txn::new().and_then([put, TxnOp::get(full, None)])
         };
-        let mut kv = self.client.kv_client();
-        let answer = kv
-            .txn(txn)
+        let kv = self.client.kv_client();
+        let answer = self
+            .again(not_sent, || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
             .await
             .map_err(etcd_error(format!("taking {full} in etcd")))?;
         let revision = answer.header().map_or(0, |h| h.revision());
