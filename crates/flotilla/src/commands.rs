@@ -56,6 +56,51 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     {
         return crate::migrate::run(from, to, tls).await;
     }
+    if let Command::Bench {
+        command:
+            crate::BenchCommand::Overhead {
+                processes,
+                pids,
+                interval,
+                duration,
+                output,
+            },
+    } = &command
+    {
+        let mut selection = crate::bench::Selection {
+            names: processes.clone(),
+            pids: pids.clone(),
+        };
+        if selection.names.is_empty() && selection.pids.is_empty() {
+            selection.names = vec!["flotilla".into(), "flotilla-agent".into()];
+        }
+        let (interval, duration) = ((*interval).into(), (*duration).into());
+        let samples = match output {
+            Some(path) => {
+                let mut file = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                crate::bench::sample(&selection, interval, duration, &mut file).await?
+            }
+            None => {
+                let mut stdout = std::io::stdout();
+                crate::bench::sample(&selection, interval, duration, &mut stdout).await?
+            }
+        };
+        if samples.is_empty() {
+            bail!(
+                "no process matched ({}); names are the kernel's (`ps -o comm`) or their command's file name",
+                selection
+                    .names
+                    .iter()
+                    .cloned()
+                    .chain(selection.pids.iter().map(|p| format!("pid {p}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        eprint!("{}", crate::bench::summary(&samples));
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, ca, data_dir) {
@@ -144,6 +189,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Agent(_)
         | Command::SimulateNodes(_)
         | Command::Store { .. }
+        | Command::Bench { .. }
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }

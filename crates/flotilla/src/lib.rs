@@ -4,6 +4,7 @@
 //! gateway, the cluster CA), which is most of a node's memory (see ARCHITECTURE.md).
 #![allow(clippy::disallowed_macros)] // the CLI is the one place that prints to the terminal
 
+mod bench;
 mod client;
 mod commands;
 mod context;
@@ -238,6 +239,11 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Measure this machine: what flotilla (and what it replaces) costs it.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Print the client's (and the server's, if reachable) version.
     Version {
         #[command(flatten)]
@@ -249,7 +255,7 @@ impl Command {
     /// The API flags given after the subcommand, if any.
     pub fn conn(&self) -> Conn {
         let sub = match self {
-            Command::Up(_) | Command::Server(_) | Command::Store { .. } => {
+            Command::Up(_) | Command::Server(_) | Command::Store { .. } | Command::Bench { .. } => {
                 return Conn::default();
             }
             Command::Gateway(args) => &args.conn,
@@ -310,6 +316,33 @@ pub struct EtcdTlsArgs {
     /// The private key of --etcd-cert.
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Sample the resident memory, CPU and uptime of processes at an interval, as CSV (one row
+    /// per process and sample; a summary per name on stderr at the end).
+    ///
+    /// Without --process or --pid: flotilla's own processes. Compare with what flotilla
+    /// replaces: `flotilla bench overhead --process flotilla --process kubelet --process containerd`.
+    Overhead {
+        /// A process name: the kernel's (as `ps -o comm` shows) or the file name of its
+        /// command. Repeatable.
+        #[arg(long = "process", value_name = "NAME")]
+        processes: Vec<String>,
+        /// A process id. Repeatable.
+        #[arg(long = "pid", value_name = "PID")]
+        pids: Vec<u32>,
+        /// Time between samples (at least 100ms).
+        #[arg(long, default_value = "1s")]
+        interval: humantime::Duration,
+        /// How long to sample.
+        #[arg(long, default_value = "60s")]
+        duration: humantime::Duration,
+        /// Write the CSV here instead of standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

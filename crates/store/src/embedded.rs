@@ -209,24 +209,6 @@ impl EmbeddedStore {
         }
     }
 
-    async fn commit_one(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        pre: Precondition,
-        guard: Option<(&str, Revision)>,
-    ) -> Result<KeyValue, StoreError> {
-        let put = Put {
-            key: key.to_owned(),
-            value,
-            pre,
-        };
-        self.commit(vec![put], guard)
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::backend(format!("writing {key}"), "nothing was written"))
-    }
-
     async fn write(&self, op: Op) -> Result<Outcome, StoreError> {
         self.check_open()?;
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
@@ -767,7 +749,7 @@ impl Store for EmbeddedStore {
         value: Vec<u8>,
         pre: Precondition,
     ) -> Result<KeyValue, StoreError> {
-        self.commit_one(key, value, pre, None).await
+        crate::commit_one(self, key, value, pre, None).await
     }
 
     async fn put_unless_changed(
@@ -778,8 +760,7 @@ impl Store for EmbeddedStore {
         prefix: &str,
         since: Revision,
     ) -> Result<KeyValue, StoreError> {
-        self.commit_one(key, value, pre, Some((prefix, since)))
-            .await
+        crate::commit_one(self, key, value, pre, Some((prefix, since))).await
     }
 
     async fn commit(

@@ -506,26 +506,6 @@ impl EtcdStore {
         *until = Some(std::time::Instant::now() + DEGRADED_READS);
     }
 
-    /// A put, and with a `guard` (prefix, revision) only if nothing under the prefix was
-    /// written after that revision.
-    async fn put_with(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        pre: Precondition,
-        guard: Option<(&str, Revision)>,
-    ) -> Result<KeyValue, StoreError> {
-        let put = Put {
-            key: key.to_string(),
-            value,
-            pre,
-        };
-        self.commit_puts(vec![put], guard)
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::backend(format!("writing {key}"), "nothing was written"))
-    }
-
     /// Every put in one transaction, when every precondition, the guard and the fence hold.
     async fn commit_puts(
         &self,
@@ -710,7 +690,7 @@ impl Store for EtcdStore {
         value: Vec<u8>,
         pre: Precondition,
     ) -> Result<KeyValue, StoreError> {
-        self.put_with(key, value, pre, None).await
+        crate::commit_one(self, key, value, pre, None).await
     }
 
     async fn put_unless_changed(
@@ -721,7 +701,7 @@ impl Store for EtcdStore {
         prefix: &str,
         since: Revision,
     ) -> Result<KeyValue, StoreError> {
-        self.put_with(key, value, pre, Some((prefix, since))).await
+        crate::commit_one(self, key, value, pre, Some((prefix, since))).await
     }
 
     async fn commit(

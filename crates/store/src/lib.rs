@@ -75,6 +75,27 @@ pub struct Put {
     pub pre: Precondition,
 }
 
+/// One put through [`Store::commit`] (with its guard, if any): for backends whose single
+/// writes are commits of one key.
+pub(crate) async fn commit_one(
+    store: &dyn Store,
+    key: &str,
+    value: Vec<u8>,
+    pre: Precondition,
+    guard: Option<(&str, Revision)>,
+) -> Result<KeyValue, StoreError> {
+    let put = Put {
+        key: key.to_owned(),
+        value,
+        pre,
+    };
+    store
+        .commit(vec![put], guard)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::backend(format!("writing {key}"), "nothing was written"))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListResult {
     pub items: Vec<KeyValue>,
