@@ -520,7 +520,7 @@ fn read_current(
 }
 
 /// Whether a commit may be written, as this batch left the table: each key's current record,
-/// or why not (a precondition, the guard, a record that does not decode, a key put twice).
+/// or why not (a precondition, the guard, a record that does not decode).
 #[allow(clippy::type_complexity)]
 fn check_commit(
     kv: &redb::Table<&str, &[u8]>,
@@ -528,13 +528,7 @@ fn check_commit(
     guard: Option<&(String, Revision)>,
 ) -> Result<Result<Vec<Option<KeyValue>>, StoreError>, StoreError> {
     let mut currents = Vec::with_capacity(puts.len());
-    for (i, put) in puts.iter().enumerate() {
-        if puts[..i].iter().any(|p| p.key == put.key) {
-            return Ok(Err(StoreError::backend(
-                format!("committing {}", put.key),
-                "a commit writes each key once",
-            )));
-        }
+    for put in puts {
         let current = match read_current(kv, &put.key)? {
             Ok(current) => current,
             Err(err) => return Ok(Err(err)),
@@ -752,22 +746,12 @@ impl Store for EmbeddedStore {
         crate::commit_one(self, key, value, pre, None).await
     }
 
-    async fn put_unless_changed(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        pre: Precondition,
-        prefix: &str,
-        since: Revision,
-    ) -> Result<KeyValue, StoreError> {
-        crate::commit_one(self, key, value, pre, Some((prefix, since))).await
-    }
-
     async fn commit(
         &self,
         puts: Vec<Put>,
         guard: Option<(&str, Revision)>,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        crate::distinct_keys(&puts)?;
         if puts.is_empty() {
             return Ok(Vec::new());
         }

@@ -368,20 +368,8 @@ impl EtcdStore {
     /// The transaction writing `full` with `op` when `compare` (the precondition, if any) and
     /// the fence (if any) hold; otherwise it reads the key and the leader key, for the error.
     fn guarded(&self, full: &str, compare: Option<Compare>, op: TxnOp) -> Txn {
-        self.guarded_with(full, compare.into_iter().collect(), Vec::new(), op)
-    }
-
-    /// [`Self::guarded`] with several compares, and more reads for the `else` branch.
-    fn guarded_with(
-        &self,
-        full: &str,
-        when: Vec<Compare>,
-        more_reads: Vec<TxnOp>,
-        op: TxnOp,
-    ) -> Txn {
-        let mut reads = vec![TxnOp::get(full, None)];
-        reads.extend(more_reads);
-        self.guarded_txn(when, reads, vec![op])
+        let reads = vec![TxnOp::get(full, None)];
+        self.guarded_txn(compare.into_iter().collect(), reads, vec![op])
     }
 
     /// `then` when every compare in `when` and the fence (if any) hold; otherwise `reads`
@@ -506,98 +494,6 @@ impl EtcdStore {
         *until = Some(std::time::Instant::now() + DEGRADED_READS);
     }
 
-    /// Every put in one transaction, when every precondition, the guard and the fence hold.
-    async fn commit_puts(
-        &self,
-        puts: Vec<Put>,
-        guard: Option<(&str, Revision)>,
-    ) -> Result<Vec<KeyValue>, StoreError> {
-        self.open()?;
-        let Some(first) = puts.first() else {
-            return Ok(Vec::new());
-        };
-        for (i, put) in puts.iter().enumerate() {
-            if puts[..i].iter().any(|p| p.key == put.key) {
-                return Err(StoreError::backend(
-                    format!("committing {}", put.key),
-                    "a commit writes each key once",
-                ));
-            }
-        }
-        let mut when = Vec::new();
-        let mut then = Vec::with_capacity(puts.len());
-        let mut reads = Vec::new();
-        for put in &puts {
-            let full = self.full(&put.key);
-            match put.pre {
-                Precondition::None => {}
-                Precondition::Absent => {
-                    when.push(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
-                }
-                Precondition::ModRevision(r) => when.push(Compare::mod_revision(
-                    full.clone(),
-                    CompareOp::Equal,
-                    theirs(r),
-                )),
-            }
-            if put.pre != Precondition::None {
-                reads.push(TxnOp::get(full.clone(), None));
-            }
-            then.push(TxnOp::put(
-                full,
-                put.value.clone(),
-                Some(PutOptions::new().with_prev_key()),
-            ));
-        }
-        if let Some((prefix, since)) = guard {
-            // Every key under the prefix unchanged since `since` (etcd compares each key of
-            // the range); the `else` branch reads the newest, for the error.
-            let full_prefix = self.full(prefix);
-            let end = prefix_end(full_prefix.as_bytes());
-            when.push(
-                Compare::mod_revision(full_prefix.clone(), CompareOp::Less, theirs(since) + 1)
-                    .with_range(end.clone()),
-            );
-            reads.push(TxnOp::get(
-                full_prefix,
-                Some(
-                    GetOptions::new()
-                        .with_range(end)
-                        .with_sort(SortTarget::Mod, SortOrder::Descend)
-                        .with_limit(1)
-                        .with_keys_only(),
-                ),
-            ));
-        }
-        let checks: Vec<(&str, Precondition)> =
-            puts.iter().map(|p| (p.key.as_str(), p.pre)).collect();
-        let txn = self.guarded_txn(when, reads, then);
-        let doing = if puts.len() == 1 {
-            "writing"
-        } else {
-            "committing"
-        };
-        let (revision, responses) = self.write(txn, &first.key, &checks, guard, doing).await?;
-        let revision = ours(revision);
-        let mut prevs = responses.iter().filter_map(|r| match r {
-            TxnOpResponse::Put(p) => Some(p.prev_key().cloned()),
-            _ => None,
-        });
-        let mut written = Vec::with_capacity(puts.len());
-        for put in puts {
-            let prev = prevs.next().flatten();
-            let prev = prev.map(|p| self.convert(&p)).transpose()?;
-            written.push(KeyValue {
-                key: put.key,
-                value: put.value,
-                create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
-                mod_revision: revision,
-                version: prev.as_ref().map_or(1, |p| p.version + 1),
-            });
-        }
-        Ok(written)
-    }
-
     /// A read of `key`; `recent`: serializable (see [`Store::get_recent`]).
     async fn get_as(&self, key: &str, recent: bool) -> Result<Option<KeyValue>, StoreError> {
         self.open()?;
@@ -693,23 +589,89 @@ impl Store for EtcdStore {
         crate::commit_one(self, key, value, pre, None).await
     }
 
-    async fn put_unless_changed(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        pre: Precondition,
-        prefix: &str,
-        since: Revision,
-    ) -> Result<KeyValue, StoreError> {
-        crate::commit_one(self, key, value, pre, Some((prefix, since))).await
-    }
-
+    /// Every put in one transaction, when every precondition, the guard and the fence hold.
     async fn commit(
         &self,
         puts: Vec<Put>,
         guard: Option<(&str, Revision)>,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        self.commit_puts(puts, guard).await
+        self.open()?;
+        crate::distinct_keys(&puts)?;
+        let Some(first) = puts.first() else {
+            return Ok(Vec::new());
+        };
+        let mut when = Vec::new();
+        let mut then = Vec::with_capacity(puts.len());
+        let mut reads = Vec::new();
+        for put in &puts {
+            let full = self.full(&put.key);
+            match put.pre {
+                Precondition::None => {}
+                Precondition::Absent => {
+                    when.push(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
+                }
+                Precondition::ModRevision(r) => when.push(Compare::mod_revision(
+                    full.clone(),
+                    CompareOp::Equal,
+                    theirs(r),
+                )),
+            }
+            if put.pre != Precondition::None {
+                reads.push(TxnOp::get(full.clone(), None));
+            }
+            then.push(TxnOp::put(
+                full,
+                put.value.clone(),
+                Some(PutOptions::new().with_prev_key()),
+            ));
+        }
+        if let Some((prefix, since)) = guard {
+            // Every key under the prefix unchanged since `since` (etcd compares each key of
+            // the range); the `else` branch reads the newest, for the error.
+            let full_prefix = self.full(prefix);
+            let end = prefix_end(full_prefix.as_bytes());
+            when.push(
+                Compare::mod_revision(full_prefix.clone(), CompareOp::Less, theirs(since) + 1)
+                    .with_range(end.clone()),
+            );
+            reads.push(TxnOp::get(
+                full_prefix,
+                Some(
+                    GetOptions::new()
+                        .with_range(end)
+                        .with_sort(SortTarget::Mod, SortOrder::Descend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            ));
+        }
+        let checks: Vec<(&str, Precondition)> =
+            puts.iter().map(|p| (p.key.as_str(), p.pre)).collect();
+        let txn = self.guarded_txn(when, reads, then);
+        let doing = if puts.len() == 1 {
+            "writing"
+        } else {
+            "committing"
+        };
+        let (revision, responses) = self.write(txn, &first.key, &checks, guard, doing).await?;
+        let revision = ours(revision);
+        let mut prevs = responses.iter().filter_map(|r| match r {
+            TxnOpResponse::Put(p) => Some(p.prev_key().cloned()),
+            _ => None,
+        });
+        let mut written = Vec::with_capacity(puts.len());
+        for put in puts {
+            let prev = prevs.next().flatten();
+            let prev = prev.map(|p| self.convert(&p)).transpose()?;
+            written.push(KeyValue {
+                key: put.key,
+                value: put.value,
+                create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
+                mod_revision: revision,
+                version: prev.as_ref().map_or(1, |p| p.version + 1),
+            });
+        }
+        Ok(written)
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> Result<Option<KeyValue>, StoreError> {

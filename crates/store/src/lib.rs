@@ -75,10 +75,23 @@ pub struct Put {
     pub pre: Precondition,
 }
 
+/// A commit writes each key once: the key put twice otherwise.
+pub(crate) fn distinct_keys(puts: &[Put]) -> Result<(), StoreError> {
+    for (i, put) in puts.iter().enumerate() {
+        if puts[..i].iter().any(|p| p.key == put.key) {
+            return Err(StoreError::backend(
+                format!("committing {}", put.key),
+                "a commit writes each key once",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One put through [`Store::commit`] (with its guard, if any): for backends whose single
 /// writes are commits of one key.
-pub(crate) async fn commit_one(
-    store: &dyn Store,
+pub(crate) async fn commit_one<S: Store + ?Sized>(
+    store: &S,
     key: &str,
     value: Vec<u8>,
     pre: Precondition,
@@ -164,8 +177,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<KeyValue, StoreError>;
     /// `put`, if also no key under `prefix` was written after revision `since` (`Changed`
     /// otherwise): a write decided on what a list of `prefix` read at `since`, such as an apply
-    /// that checked its routes against every other service's. Deletions do not count. Only the
-    /// stores a server keeps its state in (embedded, etcd) support it.
+    /// that checked its routes against every other service's. Deletions do not count. A
+    /// [`Self::commit`] of one put: only the stores a server keeps its state in (embedded,
+    /// etcd) support it.
     async fn put_unless_changed(
         &self,
         key: &str,
@@ -174,33 +188,30 @@ pub trait Store: Send + Sync + 'static {
         prefix: &str,
         since: Revision,
     ) -> Result<KeyValue, StoreError> {
-        let _ = (value, pre, since);
-        Err(StoreError::backend(
-            format!("writing {key} unless {prefix} changed"),
-            "this store does not support guarded writes",
-        ))
+        commit_one(self, key, value, pre, Some((prefix, since))).await
     }
     /// Writes every put, all at one revision, or none of them: `Conflict` naming the first
     /// whose precondition does not hold, `Changed` when a `guard` (prefix, revision) is given
     /// and a key under the prefix was written after it. Returns the stored key-values in
     /// order. Each key once; since the keys share a revision, a watch resuming from it could
     /// miss the others under its prefix: write at most one key under any prefix watched (one
-    /// object per kind). Stores without transactions write them one by one, in order.
+    /// object per kind). Stores without transactions write them one by one, in order, and
+    /// refuse a guard.
     async fn commit(
         &self,
         puts: Vec<Put>,
         guard: Option<(&str, Revision)>,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        distinct_keys(&puts)?;
+        if let Some((prefix, _)) = guard {
+            return Err(StoreError::backend(
+                format!("writing unless {prefix} changed"),
+                "this store does not support guarded writes",
+            ));
+        }
         let mut written = Vec::with_capacity(puts.len());
-        for (i, put) in puts.into_iter().enumerate() {
-            let kv = match guard {
-                Some((prefix, since)) if i == 0 => {
-                    self.put_unless_changed(&put.key, put.value, put.pre, prefix, since)
-                        .await?
-                }
-                _ => self.put(&put.key, put.value, put.pre).await?,
-            };
-            written.push(kv);
+        for put in puts {
+            written.push(self.put(&put.key, put.value, put.pre).await?);
         }
         Ok(written)
     }

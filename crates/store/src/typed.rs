@@ -182,31 +182,10 @@ fn new_object<T: Object>(obj: &mut T) {
     meta.resource_version = 0;
 }
 
-/// [`create`] (`resource_version` 0) or [`update`] (compare-and-swap on it), only if no object
-/// of the kind was written after revision `since` (`Changed` otherwise): for a write decided
-/// on a list of every object of the kind read at `since` (an apply's route check).
-pub async fn put_unless_changed<T: Object>(
-    store: &dyn Store,
-    mut obj: T,
-    since: Revision,
-) -> Result<T, StoreError> {
-    let pre = match obj.metadata().resource_version {
-        0 => {
-            new_object(&mut obj);
-            Precondition::Absent
-        }
-        rv => Precondition::ModRevision(rv),
-    };
-    let kv = store
-        .put_unless_changed(&obj.key(), encode(&obj)?, pre, T::PREFIX, since)
-        .await?;
-    obj.metadata_mut().resource_version = kv.mod_revision;
-    Ok(obj)
-}
-
 /// [`create`] (`resource_version` 0) or [`update`] of `obj`, and `event` about it, in one
 /// transaction (one write where the store has transactions, instead of two); with `since`,
-/// only if no object of the kind was written after it, as [`put_unless_changed`].
+/// only if no object of the kind was written after it (`Changed` otherwise): for a write
+/// decided on a list of every object of the kind read at `since` (an apply's route check).
 pub async fn write_with_event<T: Object>(
     store: &dyn Store,
     mut obj: T,
