@@ -102,11 +102,6 @@ pub struct EtcdStore {
 /// tries for a quorum again.
 const DEGRADED_READS: Duration = Duration::from_secs(10);
 
-/// How long a linearizable read may wait before the store stops waiting for a quorum and
-/// reads degraded: a member that lost its leader holds a linearizable read until the request
-/// timeout, and a `get` should not hang that long (a loaded etcd here answers in ~0.2 s).
-const QUORUM_WAIT: Duration = Duration::from_secs(2);
-
 /// The leader key and the `create_revision` (etcd's) it had when this process took it.
 #[derive(Debug, Clone)]
 struct Fence {
@@ -438,8 +433,7 @@ impl EtcdStore {
 
     /// A read (`read(serializable)`): linearizable, unless etcd lately had no quorum; one that
     /// finds no quorum makes reads serializable for [`DEGRADED_READS`] and is read so at once.
-    /// One that takes longer than [`QUORUM_WAIT`] counts as finding no quorum. A fenced
-    /// store's reads stay linearizable.
+    /// A fenced store's reads stay linearizable.
     async fn read_degrading<T, Fut>(&self, read: impl Fn(bool) -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -452,20 +446,12 @@ impl EtcdStore {
         if self.degraded() {
             return read(true).await;
         }
-        match tokio::time::timeout(QUORUM_WAIT, read(false)).await {
-            Ok(Err(e)) if e.is_unavailable() => {
+        match read(false).await {
+            Err(e) if e.is_unavailable() => {
                 self.degrade(&e);
                 read(true).await
             }
-            Ok(other) => other,
-            Err(_) => {
-                self.degrade(&StoreError::Unavailable {
-                    store: "etcd",
-                    context: format!("a linearizable read from etcd at {}", self.endpoints),
-                    source: format!("no answer within {QUORUM_WAIT:?}").into(),
-                });
-                read(true).await
-            }
+            other => other,
         }
     }
 

@@ -1111,11 +1111,6 @@ async fn etcd_without_quorum_is_unavailable_and_recovers() {
         );
     }
     assert!(!keys.contains(&"k/lost"), "{keys:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the first read without a quorum took {:?}",
-        started.elapsed()
-    );
     assert!(store.get("k/00").await.unwrap().is_some());
     let again = std::time::Instant::now();
     assert!(store.get("k/late").await.unwrap().is_some());
