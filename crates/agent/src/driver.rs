@@ -1,79 +1,197 @@
 //! The driver seam: how a worker runs a workload, behind a trait, so the worker's logic does
-//! not depend on it being a process. [`ProcessDriver`] runs a process in its own process group
-//! (today's only driver); a container driver, or one that re-adopts workloads that outlived
-//! their agent, is another implementation, not a rewrite of the worker.
+//! not depend on it being a process. [`ShimDriver`] runs each workload under a shim of its own
+//! (see [`crate::shim`]) so that it outlives its agent and is re-adopted by the next one;
+//! [`ProcessDriver`] runs it as the agent's direct child, which dies with its agent (for
+//! embedding the agent in a binary that cannot run shims, and for tests). A container driver
+//! is another implementation, not a rewrite of the worker.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
 
+use crate::logs::{LineSink, LogWriter};
 use crate::process::{self, LaunchSpec};
+use crate::shim::{self, Found};
+
+/// How long the output pump may take to drain after the process is gone.
+const PUMP_DRAIN: Duration = Duration::from_secs(2);
 
 /// A started workload.
 #[async_trait]
 pub trait Running: Send {
     /// Its process (and process group) id.
     fn pid(&self) -> u32;
-    /// Waits for it to end. Cancel-safe: a worker selects on it beside probes and stop requests.
+    /// Waits for its process to end (what it left in its group may live on; the worker stops
+    /// it). Cancel-safe: a worker selects on it beside probes and stop requests.
     async fn wait(&mut self) -> io::Result<ExitStatus>;
+}
+
+/// Where a workload's output goes, and which instance it is.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub instance: String,
+    /// The instance object's uid.
+    pub uid: String,
+    pub log_dir: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+    /// The instance's run directory (the shim's state and exit record).
+    pub run_dir: PathBuf,
+    /// The cgroup's OOM kill count before the start.
+    pub oom_before: u64,
+    /// The instance's grace period.
+    pub grace: Duration,
 }
 
 /// Runs workloads.
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
-    /// Starts `launch` in its own process group, its stdout and stderr on `output`.
-    fn spawn(&self, launch: &LaunchSpec, output: OwnedFd) -> io::Result<Box<dyn Running>>;
+    /// Starts `launch` in its own process group, its stdout and stderr into the log.
+    async fn spawn(&self, launch: &LaunchSpec, output: &Output) -> io::Result<Box<dyn Running>>;
     /// Signals every member of the group; a vanished group is not an error.
-    fn signal_group(&self, pgid: u32, signal: Signal);
+    fn signal_group(&self, pgid: u32, signal: Signal) {
+        process::signal_group(pgid, signal);
+    }
     /// Live members of the group.
-    fn group_members(&self, pgid: u32) -> Vec<u32>;
+    fn group_members(&self, pgid: u32) -> Vec<u32> {
+        process::group_members(pgid)
+    }
     /// SIGKILLs the group until it is empty, within `timeout`; false if members are left.
-    async fn kill_group_until_empty(&self, pgid: u32, timeout: Duration) -> bool;
-    /// Takes over a workload started by an earlier agent (by its pid). The process driver
-    /// cannot yet: its children die with their agent.
-    fn adopt(&self, pid: u32) -> io::Result<Box<dyn Running>> {
+    async fn kill_group_until_empty(&self, pgid: u32, timeout: Duration) -> bool {
+        process::kill_group_until_empty(pgid, timeout).await
+    }
+    /// Whether a workload outlives its agent (and the agent may leave it running).
+    fn survives_agent(&self) -> bool {
+        false
+    }
+    /// Takes over a workload an earlier agent started, as [`crate::shim::scan`] found it.
+    fn adopt(&self, found: Found, run_dir: PathBuf) -> io::Result<Box<dyn Running>> {
+        let _ = (found, run_dir);
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("cannot adopt process {pid}: this driver does not re-adopt workloads"),
+            "this driver does not re-adopt workloads",
         ))
     }
 }
 
-/// Processes in their own process group, placed in their cgroup before `exec`.
+/// Each workload under its own shim, started from `program` (the agent's binary).
+#[derive(Debug, Clone)]
+pub struct ShimDriver {
+    pub program: PathBuf,
+}
+
+#[async_trait]
+impl Driver for ShimDriver {
+    async fn spawn(&self, launch: &LaunchSpec, output: &Output) -> io::Result<Box<dyn Running>> {
+        let spec = shim::ShimSpec {
+            instance: output.instance.clone(),
+            uid: output.uid.clone(),
+            program: launch.program.clone(),
+            args: launch.args.clone(),
+            env: launch.env.clone(),
+            workdir: launch.workdir.clone(),
+            user: launch.uid.map(nix::unistd::Uid::as_raw),
+            group: launch.gid.map(nix::unistd::Gid::as_raw),
+            open_files: launch.open_files,
+            cgroup_procs: launch.cgroup_procs.clone(),
+            oom_before: output.oom_before,
+            grace_ms: u64::try_from(output.grace.as_millis()).unwrap_or(u64::MAX),
+            log_dir: output.log_dir.clone(),
+            log_max_bytes: output.log_max_bytes,
+            log_max_files: output.log_max_files,
+            run_dir: output.run_dir.clone(),
+        };
+        Ok(Box::new(shim::spawn(&self.program, &spec).await?))
+    }
+    fn survives_agent(&self) -> bool {
+        true
+    }
+    fn adopt(&self, found: Found, run_dir: PathBuf) -> io::Result<Box<dyn Running>> {
+        found.into_running(run_dir)
+    }
+}
+
+/// Processes as the agent's own children, in their own process group, placed in their cgroup
+/// before `exec`; they die with the agent (`PR_SET_PDEATHSIG`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProcessDriver;
 
-struct Child(tokio::process::Child, u32);
+struct Child {
+    child: tokio::process::Child,
+    pid: u32,
+    pump: Option<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // The pump ends at end-of-file (the worker kills what is left of the group), or is
+        // cancelled a moment later.
+        if let Some(pump) = self.pump.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let cancel = self.cancel.clone();
+            runtime.spawn(async move {
+                let mut pump = pump;
+                if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
+                    cancel.cancel();
+                    let _ = pump.await;
+                }
+            });
+        }
+    }
+}
 
 #[async_trait]
 impl Running for Child {
     fn pid(&self) -> u32 {
-        self.1
+        self.pid
     }
     async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.0.wait().await
+        let status = self.child.wait().await?;
+        // Its last words are in the log before its end is reported; what it left in its
+        // group may write on (the pump runs until end-of-file, at most `PUMP_DRAIN` after
+        // this handle is dropped).
+        if let Some(pump) = &mut self.pump
+            && tokio::time::timeout(crate::shim::FIRST_DRAIN, &mut *pump)
+                .await
+                .is_ok()
+        {
+            self.pump = None;
+        }
+        Ok(status)
     }
 }
 
 #[async_trait]
 impl Driver for ProcessDriver {
-    fn spawn(&self, launch: &LaunchSpec, output: OwnedFd) -> io::Result<Box<dyn Running>> {
-        let child = process::spawn(launch, output)?;
+    async fn spawn(&self, launch: &LaunchSpec, output: &Output) -> io::Result<Box<dyn Running>> {
+        let writer = LogWriter::open(&output.log_dir, output.log_max_bytes, output.log_max_files)
+            .map_err(io::Error::other)?;
+        let (r, w) = process::output_pipe()?;
+        let mut cmd = process::tokio_command(launch)?;
+        cmd.stdout(w.try_clone()?).stderr(w);
+        let child = cmd.spawn()?;
+        drop(cmd);
         let pid = child.id().unwrap_or(0);
-        Ok(Box::new(Child(child, pid)))
-    }
-    fn signal_group(&self, pgid: u32, signal: Signal) {
-        process::signal_group(pgid, signal);
-    }
-    fn group_members(&self, pgid: u32) -> Vec<u32> {
-        process::group_members(pgid)
-    }
-    async fn kill_group_until_empty(&self, pgid: u32, timeout: Duration) -> bool {
-        process::kill_group_until_empty(pgid, timeout).await
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
+        let cancel = CancellationToken::new();
+        let pump = tokio::spawn(crate::logs::pump(
+            rx,
+            LineSink::new(writer, output.instance.clone()),
+            cancel.clone(),
+        ));
+        Ok(Box::new(Child {
+            child,
+            pid,
+            pump: Some(pump),
+            cancel,
+        }))
     }
 }
 
@@ -152,7 +270,11 @@ pub(crate) mod fake {
 
     #[async_trait]
     impl Driver for RecordingDriver {
-        fn spawn(&self, launch: &LaunchSpec, _output: OwnedFd) -> io::Result<Box<dyn Running>> {
+        async fn spawn(
+            &self,
+            launch: &LaunchSpec,
+            _output: &Output,
+        ) -> io::Result<Box<dyn Running>> {
             self.record(Call::Spawn(launch.program.clone()));
             let pid = {
                 let mut p = self

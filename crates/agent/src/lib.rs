@@ -19,6 +19,7 @@ pub mod pressure;
 pub mod probe;
 mod process;
 pub mod registration;
+pub mod shim;
 mod supervisor;
 mod transition;
 mod worker;
@@ -88,6 +89,10 @@ pub struct AgentConfig {
     pub pressure: pressure::Thresholds,
     /// How often pressure is sampled.
     pub pressure_interval: Duration,
+    /// The program that runs a workload's shim (see [`shim`]): the agent's own binary,
+    /// `/proc/self/exe`, whose `main` calls [`shim::main_if_shim`] first. With `None`
+    /// workloads are the agent's direct children and die with it.
+    pub shim: Option<PathBuf>,
 }
 
 /// Something that routes traffic to instances and can confirm it stopped doing so. In
@@ -128,6 +133,7 @@ impl AgentConfig {
             pressure_interval: Duration::from_secs(10),
             port_range: ports::default_port_range(ports::ephemeral_range()),
             drain: None,
+            shim: None,
         }
     }
 }
@@ -211,16 +217,25 @@ impl Agent {
             }
         };
         let metrics = metrics::Metrics::register(registry);
+        let driver: Arc<dyn driver::Driver> = match &config.shim {
+            Some(program) => Arc::new(driver::ShimDriver {
+                program: program.clone(),
+            }),
+            None => Arc::new(driver::ProcessDriver),
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 ports: ports::PortAllocator::new(config.port_range.clone()),
                 config,
                 api,
-                driver: Arc::new(driver::ProcessDriver),
+                driver,
                 cgroups,
                 cgroup_note,
                 metrics,
                 renewed: std::sync::Mutex::new(None),
+                found: std::sync::Mutex::default(),
+                started: std::time::Instant::now(),
+                detach: std::sync::atomic::AtomicBool::new(false),
             }),
             registered: false,
         })
@@ -241,6 +256,14 @@ impl Agent {
         Ok(())
     }
 
+    /// A handle that, set before the shutdown token is cancelled, makes [`Agent::run`] leave
+    /// every workload running for the next agent to re-adopt (what SIGTERM does: a restart
+    /// or an upgrade of the agent) instead of stopping them (Ctrl-C, `flotilla down`). Only
+    /// when workloads run under shims; otherwise they stop either way.
+    pub fn detach_on_exit(&self) -> DetachOnExit {
+        DetachOnExit(self.shared.clone())
+    }
+
     /// `"v1"`, `"v2"`, or `None` when running without cgroups.
     pub fn cgroup_version(&self) -> Option<&'static str> {
         self.shared.cgroups.as_ref().map(|c| c.version())
@@ -252,7 +275,17 @@ impl Agent {
     /// `Pending` and returns.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let node = self.shared.config.node.clone();
-        self.sweep().await;
+        let found = shim::scan(&self.shared.config.data_dir);
+        let alive: std::collections::HashSet<String> = found
+            .iter()
+            .filter(|(_, f)| matches!(f, shim::Found::Alive { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !found.is_empty() {
+            tracing::info!(node = %node, running = alive.len(), ended = found.len() - alive.len(), "found the instances of an earlier agent");
+        }
+        *flotilla_store::lock(&self.shared.found) = found.into_iter().collect();
+        self.sweep(&alive).await;
         let reflector = Reflector::<Instance>::start(self.shared.api.instances(), &shutdown)
             .await
             .map_err(|source| AgentError::Store {
@@ -260,6 +293,8 @@ impl Agent {
                 key: <Instance as flotilla_spec::Object>::PREFIX.to_string(),
                 source,
             })?;
+        let snapshot = reflector.subscribe().borrow().clone();
+        self.forget_unknown(&snapshot).await;
         if !self.registered {
             self.register().await?;
         }
@@ -300,18 +335,61 @@ impl Agent {
                 "instance reflector ended (store closed?)".into(),
             ))
         };
-        supervisor.shutdown().await;
+        let detach = self.shared.detach.load(std::sync::atomic::Ordering::SeqCst)
+            && self.shared.driver.survives_agent();
+        supervisor.shutdown(detach).await;
         let _ = reflector.stop().await;
-        if let Some(cg) = &self.shared.cgroups {
-            cg.remove_scope();
+        if detach {
+            tracing::info!(node = %node, "agent stopped; its workloads keep running");
+        } else {
+            if let Some(cg) = &self.shared.cgroups {
+                cg.remove_scope();
+            }
+            tracing::info!(node = %node, "agent stopped");
         }
-        tracing::info!(node = %node, "agent stopped");
         result
     }
 
+    /// Kills what an earlier agent left running for instances the store no longer has on
+    /// this node (deleted or moved meanwhile), and forgets them.
+    async fn forget_unknown(&self, instances: &flotilla_store::typed::ObjectMap<Instance>) {
+        let node = &self.shared.config.node;
+        let unknown: Vec<(String, shim::Found)> = {
+            let mut found = flotilla_store::lock(&self.shared.found);
+            let names: Vec<String> = found
+                .iter()
+                .filter(|(name, f)| {
+                    !instances.get(*name).is_some_and(|i| {
+                        &i.spec.node == node && f.uid().is_none_or(|u| u == i.metadata.uid)
+                    })
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| found.remove(&n).map(|f| (n, f)))
+                .collect()
+        };
+        for (name, f) in unknown {
+            if let Some(pid) = f.live_pid() {
+                tracing::info!(instance = %name, pid, "stopping a process of an instance that is no longer on this node");
+                self.shared
+                    .driver
+                    .kill_group_until_empty(pid, Duration::from_secs(5))
+                    .await;
+            }
+            if let Some(cg) = &self.shared.cgroups {
+                cgroup::kill_until_empty(cg.as_ref(), &name, Duration::from_secs(5)).await;
+                cgroup::remove_with_retry(cg.as_ref(), &name, Duration::from_secs(5)).await;
+            }
+            let _ = std::fs::remove_dir_all(shim::run_dir(&self.shared.config.data_dir, &name));
+        }
+    }
+
     /// Kills and removes every cgroup left under this node's scope by a previous run (which
-    /// may have been SIGKILLed and so could not clean up).
-    async fn sweep(&self) {
+    /// may have been SIGKILLed and so could not clean up), except those of the processes
+    /// that are re-adopted (`keep`).
+    async fn sweep(&self, keep: &std::collections::HashSet<String>) {
         let Some(cg) = &self.shared.cgroups else {
             return;
         };
@@ -322,12 +400,31 @@ impl Agent {
                 return;
             }
         };
-        for name in names {
+        for name in names.into_iter().filter(|n| !keep.contains(n)) {
             let pids = cg.pids(&name).map(|p| p.len()).unwrap_or(0);
             tracing::info!(instance = %name, processes = pids, "sweeping leftover cgroup of a previous run");
             cgroup::kill_until_empty(cg.as_ref(), &name, Duration::from_secs(5)).await;
             cgroup::remove_with_retry(cg.as_ref(), &name, Duration::from_secs(5)).await;
         }
+    }
+}
+
+/// See [`Agent::detach_on_exit`].
+#[derive(Clone)]
+pub struct DetachOnExit(Arc<Shared>);
+
+impl DetachOnExit {
+    /// At exit, leave the workloads running (or, with `false`, stop them).
+    pub fn set(&self, detach: bool) {
+        self.0
+            .detach
+            .store(detach, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl std::fmt::Debug for DetachOnExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DetachOnExit")
     }
 }
 

@@ -1,12 +1,11 @@
 //! Instance logs: stdout and stderr share one pipe, so lines interleave as the process writes
-//! them; the pump writes whole lines to `<data_dir>/logs/<instance>/output.log`, rotating it to
+//! them; the pump (in the instance's shim, or in the agent for a direct child) writes whole lines to `<data_dir>/logs/<instance>/output.log`, rotating it to
 //! `output.log.1`, `output.log.2`, … when it would exceed `max_bytes`. At most `max_files` files
 //! exist (the current one included). [`read`] and [`follow`] serve them back.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -143,16 +142,62 @@ impl LogWriter {
     }
 }
 
-/// Copies `src` into the log, line by line, until EOF or `cancel`.
-pub async fn pump<R: AsyncRead + Unpin>(
-    mut src: R,
-    writer: Arc<Mutex<LogWriter>>,
+/// Whole lines into a [`LogWriter`]: output is cut at its last newline (a partial line longer
+/// than [`MAX_LINE`] is written without waiting for its newline), the rest waits for more.
+#[derive(Debug)]
+pub struct LineSink {
+    writer: LogWriter,
+    pending: Vec<u8>,
     instance: String,
-    cancel: CancellationToken,
-) {
-    let mut pending: Vec<u8> = Vec::new();
+    warned: bool,
+}
+
+impl LineSink {
+    pub fn new(writer: LogWriter, instance: impl Into<String>) -> Self {
+        Self {
+            writer,
+            pending: Vec::new(),
+            instance: instance.into(),
+            warned: false,
+        }
+    }
+
+    /// Takes `data`, writes every line it completes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+        let cut = match self.pending.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if self.pending.len() >= MAX_LINE => self.pending.len(),
+            None => return,
+        };
+        let chunk: Vec<u8> = self.pending.drain(..cut).collect();
+        self.write(&chunk);
+    }
+
+    /// Writes what is left as a last line.
+    pub fn finish(&mut self) {
+        if !self.pending.is_empty() {
+            let mut last = std::mem::take(&mut self.pending);
+            last.push(b'\n');
+            self.write(&last);
+        }
+    }
+
+    fn write(&mut self, chunk: &[u8]) {
+        for line in chunk.split_inclusive(|b| *b == b'\n') {
+            if let Err(e) = self.writer.write_line(line)
+                && !self.warned
+            {
+                tracing::warn!(instance = %self.instance, error = %e, "cannot write instance log");
+                self.warned = true;
+            }
+        }
+    }
+}
+
+/// Copies `src` into the log, line by line, until EOF or `cancel`.
+pub async fn pump<R: AsyncRead + Unpin>(mut src: R, mut sink: LineSink, cancel: CancellationToken) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut warned = false;
     loop {
         let n = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -160,36 +205,28 @@ pub async fn pump<R: AsyncRead + Unpin>(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(instance, error = %e, "reading process output failed");
+                    tracing::warn!(instance = %sink.instance, error = %e, "reading process output failed");
                     break;
                 }
             },
         };
-        pending.extend_from_slice(&buf[..n]);
-        let cut = match pending.iter().rposition(|b| *b == b'\n') {
-            Some(i) => i + 1,
-            None if pending.len() >= MAX_LINE => pending.len(),
-            None => continue,
-        };
-        let chunk: Vec<u8> = pending.drain(..cut).collect();
-        write_lines(&writer, &chunk, &instance, &mut warned);
+        sink.feed(&buf[..n]);
     }
-    if !pending.is_empty() {
-        pending.push(b'\n');
-        write_lines(&writer, &pending, &instance, &mut warned);
-    }
+    sink.finish();
 }
 
-fn write_lines(writer: &Mutex<LogWriter>, chunk: &[u8], instance: &str, warned: &mut bool) {
-    let mut w = flotilla_store::lock(writer);
-    for line in chunk.split_inclusive(|b| *b == b'\n') {
-        if let Err(e) = w.write_line(line)
-            && !*warned
-        {
-            tracing::warn!(instance, error = %e, "cannot write instance log");
-            *warned = true;
+/// [`pump`] on a thread of its own, for the shim: until EOF or a read error.
+pub fn pump_blocking(mut src: impl std::io::Read, mut sink: LineSink) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => sink.feed(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
+    sink.finish();
 }
 
 fn log_files(dir: &Path) -> Vec<PathBuf> {
@@ -423,6 +460,7 @@ async fn follow_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     #[test]
     fn rotation_keeps_max_files_of_whole_lines() {
@@ -479,9 +517,10 @@ mod tests {
     async fn pump_read_and_follow_across_rotation() {
         let t = tempfile::tempdir().unwrap();
         let dir = log_dir(t.path(), "web-1");
-        let w = Arc::new(Mutex::new(LogWriter::open(&dir, 64, 3).unwrap()));
+        let sink = LineSink::new(LogWriter::open(&dir, 64, 3).unwrap(), "web-1");
         let input: &[u8] = b"one\ntwo\nthree-without-newline";
-        pump(input, w.clone(), "web-1".into(), CancellationToken::new()).await;
+        pump(input, sink, CancellationToken::new()).await;
+        let w = Mutex::new(LogWriter::open(&dir, 64, 3).unwrap());
         let all = read(t.path(), "web-1", None).await.unwrap();
         assert_eq!(all, b"one\ntwo\nthree-without-newline\n");
         assert_eq!(

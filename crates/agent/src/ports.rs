@@ -113,6 +113,11 @@ impl PortAllocator {
         ))
     }
 
+    /// Marks `port` as handed out (a re-adopted process keeps its ports).
+    pub fn claim(&self, port: u16) {
+        flotilla_store::lock(&self.state).in_use.insert(port);
+    }
+
     pub fn release(&self, ports: impl IntoIterator<Item = u16>) {
         let mut st = flotilla_store::lock(&self.state);
         for p in ports {

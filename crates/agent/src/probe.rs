@@ -182,7 +182,7 @@ async fn exec(command: &[String], ctx: &ProbeContext, timeout: Duration) -> Resu
         open_files: ctx.open_files,
         cgroup_procs: ctx.cgroup_procs.clone(),
     };
-    let mut cmd = process::command(&launch).map_err(|e| format!("exec {prog}: {e}"))?;
+    let mut cmd = process::tokio_command(&launch).map_err(|e| format!("exec {prog}: {e}"))?;
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().map_err(|e| format!("exec {prog}: {e}"))?;
@@ -219,6 +219,14 @@ pub enum ProbeEvent {
     LivenessFailed(String),
 }
 
+/// Where the probes of a re-adopted process start: past its initial delays, past its startup
+/// probe if that had passed, and from the readiness its status shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub started: bool,
+    pub ready: bool,
+}
+
 /// Runs the probes of one process until `cancel`; reports through `tx`. Does not return
 /// before `cancel`, even when there is nothing (left) to probe, so `tx` stays open and the
 /// worker's receiver never reports a closed channel while the process runs.
@@ -227,17 +235,19 @@ pub async fn run_probes(
     ctx: ProbeContext,
     tx: mpsc::Sender<ProbeEvent>,
     cancel: CancellationToken,
+    resume: Option<Resume>,
 ) {
     let body = async {
         if let Some(p) = &probes.startup
+            && !resume.is_some_and(|r| r.started)
             && !startup(p, &ctx, &tx).await
         {
             return;
         }
         let _ = tx.send(ProbeEvent::StartupPassed).await;
         tokio::join!(
-            readiness(probes.readiness.as_ref(), &ctx, &tx),
-            liveness(probes.liveness.as_ref(), &ctx, &tx)
+            readiness(probes.readiness.as_ref(), &ctx, &tx, resume),
+            liveness(probes.liveness.as_ref(), &ctx, &tx, resume)
         );
     };
     tokio::select! {
@@ -280,13 +290,27 @@ async fn startup(p: &Probe, ctx: &ProbeContext, tx: &mpsc::Sender<ProbeEvent>) -
     }
 }
 
-async fn readiness(p: Option<&Probe>, ctx: &ProbeContext, tx: &mpsc::Sender<ProbeEvent>) {
+async fn readiness(
+    p: Option<&Probe>,
+    ctx: &ProbeContext,
+    tx: &mpsc::Sender<ProbeEvent>,
+    resume: Option<Resume>,
+) {
     let Some(p) = p else {
         let _ = tx.send(ProbeEvent::Ready(true, String::new())).await;
         return;
     };
-    tokio::time::sleep(p.initial_delay.0).await;
-    let mut st = ProbeState::new(p.success_threshold, p.failure_threshold, Some(false));
+    // A re-adopted process that was ready stays ready unless the probe fails its threshold,
+    // and its first success is reported (the confirmation that it still answers).
+    let initial = match resume {
+        None => {
+            tokio::time::sleep(p.initial_delay.0).await;
+            Some(false)
+        }
+        Some(r) if r.ready => None,
+        Some(_) => Some(false),
+    };
+    let mut st = ProbeState::new(p.success_threshold, p.failure_threshold, initial);
     let mut ever_ready = false;
     let period = p.period.0.max(Duration::from_millis(10));
     loop {
@@ -309,11 +333,18 @@ async fn readiness(p: Option<&Probe>, ctx: &ProbeContext, tx: &mpsc::Sender<Prob
     }
 }
 
-async fn liveness(p: Option<&Probe>, ctx: &ProbeContext, tx: &mpsc::Sender<ProbeEvent>) {
+async fn liveness(
+    p: Option<&Probe>,
+    ctx: &ProbeContext,
+    tx: &mpsc::Sender<ProbeEvent>,
+    resume: Option<Resume>,
+) {
     let Some(p) = p else {
         return;
     };
-    tokio::time::sleep(p.initial_delay.0).await;
+    if resume.is_none() {
+        tokio::time::sleep(p.initial_delay.0).await;
+    }
     let mut st = ProbeState::new(p.success_threshold, p.failure_threshold, Some(true));
     let mut tick = tokio::time::interval(p.period.0.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -474,7 +505,7 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run_probes(probes, ctx(1), tx, cancel.clone()));
+        let task = tokio::spawn(run_probes(probes, ctx(1), tx, cancel.clone(), None));
         assert_eq!(rx.recv().await, Some(ProbeEvent::StartupPassed));
         assert!(matches!(
             rx.recv().await,

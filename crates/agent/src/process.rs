@@ -54,36 +54,27 @@ pub fn resolve_group(spec: &str) -> Result<Gid, String> {
     }
 }
 
-/// A pipe for the child's stdout and stderr: (read end for the agent, write end for the child).
-pub fn output_pipe() -> std::io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
-    Ok((rx, w))
+/// A pipe for the child's stdout and stderr: (read end, write end for the child), both
+/// close-on-exec (the child gets its copies as stdout and stderr).
+pub fn output_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
-/// Starts the process in its own process group, with stdout+stderr on `output`.
-pub fn spawn(spec: &LaunchSpec, output: OwnedFd) -> std::io::Result<tokio::process::Child> {
-    let mut cmd = command(spec)?;
-    cmd.stdout(std::process::Stdio::from(output.try_clone()?))
-        .stderr(std::process::Stdio::from(output));
-    cmd.spawn()
-}
-
-/// The command for `spec`, stdin on /dev/null (the caller sets stdout and stderr): its own
-/// process group, SIGKILLed if the `Child` is dropped before it was waited for (a worker that
-/// panics or is aborted leaves no process running unsupervised).
+/// The command for `spec`, stdin on /dev/null (the caller sets stdout and stderr), in its own
+/// process group.
 ///
 /// In the child, between fork and exec (async-signal-safe calls only, nothing allocates):
 /// join the cgroups, set RLIMIT_NOFILE, drop to the configured group/user, then arm
 /// `PR_SET_PDEATHSIG(SIGKILL)` (after the credential change, which would clear it) and check
-/// the agent did not die in the meantime. Used for instance processes and exec probes alike.
-pub fn command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
-    let mut cmd = tokio::process::Command::new(&spec.program);
+/// the parent did not die in the meantime: the process never outlives whoever started it
+/// (the agent for exec probes and direct children, the instance's shim for a workload).
+pub fn command(spec: &LaunchSpec) -> std::io::Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(&spec.env)
         .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     if let Some(w) = &spec.workdir {
         cmd.current_dir(w);
     }
@@ -131,6 +122,37 @@ pub fn command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
         });
     }
     Ok(cmd)
+}
+
+/// [`command`] for the agent's own children (exec probes, the direct driver): SIGKILLed if
+/// the `Child` is dropped before it was waited for (a worker that panics or is aborted leaves
+/// no process running unsupervised).
+pub fn tokio_command(spec: &LaunchSpec) -> std::io::Result<tokio::process::Command> {
+    let mut cmd = tokio::process::Command::from(command(spec)?);
+    cmd.kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// The start time of a process (clock ticks after boot, field 22 of `/proc/<pid>/stat`):
+/// with the pid, what tells a process from a later one that reused its pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 (starttime) of a `/proc/<pid>/stat` line.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is a live (not zombie) process that started at `start`.
+pub fn alive_since(pid: u32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    parse_stat(&stat).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+        && parse_start_time(&stat) == Some(start)
 }
 
 /// Parses a stop signal name as validation accepts it (`SIGTERM`, `TERM`, `sigterm`; see
@@ -215,6 +237,12 @@ mod tests {
     fn stat_parsing() {
         assert_eq!(parse_stat("123 (a b) c) S 1 456 456 0"), Some(('S', 456)));
         assert_eq!(parse_stat("garbage"), None);
+        let line = "7 (x) y) S 1 7 7 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_start_time(line), Some(98765));
+        let me = std::process::id();
+        let start = start_time(me).unwrap();
+        assert!(alive_since(me, start));
+        assert!(!alive_since(me, start + 1));
     }
 
     #[test]
@@ -225,10 +253,10 @@ mod tests {
         assert_eq!(resolve_group("12345").unwrap(), Gid::from_raw(12345));
     }
 
-    #[tokio::test]
-    async fn spawn_in_own_group_with_output_pipe() {
-        use tokio::io::AsyncReadExt;
-        let (mut rx, w) = output_pipe().unwrap();
+    #[test]
+    fn spawn_in_own_group_with_output_pipe() {
+        use std::io::Read;
+        let (r, w) = output_pipe().unwrap();
         let spec = LaunchSpec {
             program: "sh".into(),
             args: vec![
@@ -242,12 +270,15 @@ mod tests {
             open_files: Some(123),
             cgroup_procs: vec![],
         };
-        let mut child = spawn(&spec, w).unwrap();
-        let pid = child.id().unwrap();
-        let st = child.wait().await.unwrap();
+        let mut cmd = command(&spec).unwrap();
+        cmd.stdout(w.try_clone().unwrap()).stderr(w);
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        let pid = child.id();
+        let st = child.wait().unwrap();
         assert!(st.success());
         let mut out = String::new();
-        rx.read_to_string(&mut out).await.unwrap();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
         assert_eq!(out, "out\nerr\nhello 123\n");
         assert!(group_members(pid).is_empty());
     }

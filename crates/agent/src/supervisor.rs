@@ -245,11 +245,17 @@ impl Supervisor {
     /// Stops every worker gracefully (in parallel) and waits for them, within the longest
     /// grace period plus [`SHUTDOWN_SLACK`]; workers still running then are aborted and
     /// cleaned up after. Called once the runtime stopped, so nothing starts a worker anymore.
-    pub(crate) async fn shutdown(&self) {
+    /// With `detach`, workers stop supervising and leave their processes running instead.
+    pub(crate) async fn shutdown(&self, detach: bool) {
+        let to = if detach {
+            Desired::Detach
+        } else {
+            Desired::Shutdown
+        };
         let running = {
             let state = lock(&self.state);
             for w in state.workers.values() {
-                raise(&w.desired, Desired::Shutdown);
+                raise(&w.desired, to);
             }
             state.workers.len()
         };
@@ -258,7 +264,11 @@ impl Supervisor {
             self.workers.wait().await;
             return;
         }
-        tracing::info!(node = %self.shared.config.node, instances = running, "stopping local instances");
+        if detach {
+            tracing::info!(node = %self.shared.config.node, instances = running, "leaving local instances running");
+        } else {
+            tracing::info!(node = %self.shared.config.node, instances = running, "stopping local instances");
+        }
         let longest = self
             .instances
             .borrow()

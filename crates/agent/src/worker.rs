@@ -1,6 +1,7 @@
 //! One task per instance: start the process, probe it, restart it by policy, stop it.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{self, Decision};
 use crate::cgroup::{self, CgroupManager, Limits};
-use crate::driver::{Driver, Running};
-use crate::logs::{self, LogWriter};
+use crate::driver::{Driver, Output, Running};
+use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::ports::PortAllocator;
 use crate::probe::{self, ProbeContext, ProbeEvent};
 use crate::process::{self, LaunchSpec};
+use crate::shim::{self, Found};
 use crate::transition::{self, Happened};
 use crate::{AgentConfig, AgentError};
 
@@ -31,8 +33,6 @@ pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and longest pause between attempts to delete a stopped instance from the store.
 const DELETE_RETRY_FIRST: Duration = Duration::from_millis(100);
 const DELETE_RETRY_MAX: Duration = Duration::from_secs(5);
-/// How long the output pump may take to drain after the processes are gone.
-const PUMP_DRAIN: Duration = Duration::from_secs(2);
 /// Poll interval while waiting for a stopping process group to exit.
 const STOP_POLL: Duration = Duration::from_millis(25);
 
@@ -50,9 +50,24 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// When the last lease renewal that succeeded was sent (on this machine's clock).
     pub renewed: std::sync::Mutex<Option<std::time::Instant>>,
+    /// What an earlier agent left in `<data_dir>/run`, by instance, until a worker takes it.
+    pub found: Mutex<std::collections::HashMap<String, Found>>,
+    /// When this agent started (for the re-adoption figures in its logs).
+    pub started: Instant,
+    /// At exit, leave the workloads running (see [`crate::Agent::detach_on_exit`]).
+    pub detach: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// What an earlier agent left of instance `name` (the one with `uid`).
+    pub fn take_found(&self, name: &str, uid: &str) -> Option<Found> {
+        let mut found = flotilla_store::lock(&self.found);
+        if found.get(name)?.uid().is_some_and(|u| u != uid) {
+            return None;
+        }
+        found.remove(name)
+    }
+
     /// Singletons must be stopped: the lease has a third of its time left (on this node's
     /// own clock) without a renewal, so the control plane may soon replace them elsewhere.
     pub fn fenced(&self) -> bool {
@@ -72,6 +87,9 @@ pub(crate) enum Desired {
     Delete,
     /// The agent shuts down: stop, clean up, set the status back to Pending.
     Shutdown,
+    /// The agent exits and leaves the workload running for the next agent to re-adopt: stop
+    /// supervising, touch neither the process nor the store.
+    Detach,
     /// Vanished from the store (or rebound elsewhere): stop and clean up, no store writes.
     Gone,
 }
@@ -89,6 +107,19 @@ pub(crate) struct Held {
 enum EvKind {
     Startup,
     Other,
+}
+
+/// What taking over an earlier agent's process left the worker to do.
+enum Resumed {
+    /// Go on with the main loop: start the process (again).
+    Continue,
+    End(Desired),
+}
+
+/// RFC 3339 of a time in milliseconds since the epoch.
+fn unix_ms_rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// How a process run ended.
@@ -118,7 +149,6 @@ pub(crate) fn classify(
     oom: bool,
     killed_for: Option<&str>,
 ) -> ExitInfo {
-    use std::os::unix::process::ExitStatusExt;
     let code = status.and_then(|s| s.code());
     let signal = status.and_then(|s| s.signal());
     let reason = if let Some(r) = killed_for {
@@ -204,12 +234,16 @@ struct Prepared {
     args: Vec<String>,
     uid: Option<Uid>,
     gid: Option<Gid>,
-    log: Arc<Mutex<LogWriter>>,
 }
 
 struct Worker {
     shared: Arc<Shared>,
     name: String,
+    /// The instance object's uid.
+    uid: String,
+    /// The status the instance had when this worker started (what a re-adopted process
+    /// resumes from).
+    initial: InstanceStatus,
     service: String,
     spec: ServiceSpec,
     desired: watch::Receiver<Desired>,
@@ -241,6 +275,8 @@ impl Worker {
         }
         Self {
             name: inst.metadata.name.clone(),
+            uid: inst.metadata.uid.clone(),
+            initial: inst.status.clone(),
             service: inst.spec.service.clone(),
             spec: inst.spec.template.clone(),
             desired,
@@ -280,6 +316,12 @@ impl Worker {
 
     async fn main(&mut self) -> Desired {
         let mut prepared: Option<Prepared> = None;
+        if let Some(found) = self.shared.take_found(&self.name, &self.uid) {
+            match self.resume(found, &mut prepared).await {
+                Resumed::End(d) => return d,
+                Resumed::Continue => {}
+            }
+        }
         loop {
             // Before every start and restart: a stop requested meanwhile (deletion, shutdown)
             // wins over starting again.
@@ -302,7 +344,7 @@ impl Worker {
             let Some(p) = prepared.as_ref() else { continue };
             let next = match self.run_once(p).await {
                 RunEnd::Stop(d) => return d,
-                RunEnd::Exited(exit, ran_for) => self.after_exit(exit, ran_for).await,
+                RunEnd::Exited(exit, ran_for) => self.after_exit(exit, ran_for, false).await,
                 RunEnd::StartFailed(msg) => self.after_start_failure(msg).await,
             };
             if let Some(d) = next {
@@ -407,12 +449,6 @@ impl Worker {
         if let Some(g) = &self.spec.group {
             gid = Some(process::resolve_group(g).map_err(ident)?);
         }
-        let dir = logs::log_dir(&self.shared.config.data_dir, &self.name);
-        let log = LogWriter::open(
-            &dir,
-            self.shared.config.log_max_bytes,
-            self.shared.config.log_max_files,
-        )?;
         let limits = Limits {
             memory_bytes: self.spec.resources.memory.map(|b| b.0),
             cpu_millicores: self.spec.resources.cpu.map(|c| c.0),
@@ -442,13 +478,11 @@ impl Worker {
             args,
             uid,
             gid,
-            log: Arc::new(Mutex::new(log)),
         })
     }
 
-    async fn run_once(&mut self, p: &Prepared) -> RunEnd {
-        let oom_before = self.oom_kills();
-        let launch = LaunchSpec {
+    fn launch(&self, p: &Prepared) -> LaunchSpec {
+        LaunchSpec {
             program: self.spec.command.clone(),
             args: p.args.clone(),
             env: p.env.clone(),
@@ -461,13 +495,139 @@ impl Worker {
                 .as_ref()
                 .map(|c| c.procs_files(&self.name))
                 .unwrap_or_default(),
+        }
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        shim::run_dir(&self.shared.config.data_dir, &self.name)
+    }
+
+    /// Takes over what an earlier agent left of this instance: a process still running is
+    /// re-adopted (probes, usage sampling and its exit resume; its status stays as it was); one
+    /// that ended meanwhile is reported with its exit status, or as lost, and restarted by the
+    /// restart policy.
+    async fn resume(&mut self, found: Found, prepared: &mut Option<Prepared>) -> Resumed {
+        let next = match found {
+            Found::Alive { .. } => {
+                for (name, port) in &self.initial.ports {
+                    self.ports.insert(name.clone(), *port);
+                    self.shared.ports.claim(*port);
+                    self.hold(|h| h.ports.push(*port));
+                }
+                let p = match self.prepare() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // The process keeps running unsupervised is worse than a restart.
+                        tracing::warn!(instance = %self.name, error = %e, "cannot resume the instance; restarting it");
+                        if let Some(pid) = found.live_pid() {
+                            self.kill_leftovers(pid).await;
+                        }
+                        return Resumed::Continue;
+                    }
+                };
+                let Found::Alive { state, .. } = &found else {
+                    return Resumed::Continue;
+                };
+                let (pid, started_ms) = (state.pid, state.started_unix_ms);
+                let oom_before = state.oom_before;
+                let child = match self.shared.driver.adopt(found, self.run_dir()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(instance = %self.name, pid, error = %e, "cannot re-adopt the process; restarting it");
+                        self.kill_leftovers(pid).await;
+                        *prepared = Some(p);
+                        return Resumed::Continue;
+                    }
+                };
+                self.hold(|h| h.pgid = Some(pid));
+                let age = Duration::from_millis(shim::unix_ms().saturating_sub(started_ms));
+                let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                tracing::info!(instance = %self.name, pid, since_agent_start_ms = self.shared.started.elapsed().as_millis() as u64, "re-adopted a running process");
+                self.event(
+                    EventType::Normal,
+                    "Adopted",
+                    &format!(
+                        "re-adopted process {pid} ({}) after an agent restart",
+                        self.spec.command
+                    ),
+                )
+                .await;
+                if self.desired_now() != Desired::Run {
+                    self.desired.mark_changed();
+                }
+                let resume = probe::Resume {
+                    started: self.initial.phase != Phase::Starting,
+                    ready: self.initial.ready,
+                };
+                let launch = self.launch(&p);
+                let end = self
+                    .supervise(&p, &launch, child, started, oom_before, Some(resume))
+                    .await;
+                *prepared = Some(p);
+                match end {
+                    RunEnd::Stop(d) => return Resumed::End(d),
+                    RunEnd::Exited(exit, ran_for) => self.after_exit(exit, ran_for, false).await,
+                    RunEnd::StartFailed(msg) => self.after_start_failure(msg).await,
+                }
+            }
+            Found::Exited { state, exit } => {
+                if self.desired_now() != Desired::Run {
+                    return Resumed::End(self.desired_now());
+                }
+                let oom_before = state.as_ref().map_or(0, |s| s.oom_before);
+                let cg_oom = self
+                    .shared
+                    .cgroups
+                    .as_ref()
+                    .and_then(|cg| cg.oom_kills(&self.name).ok())
+                    .unwrap_or(0);
+                let ran_for = state.as_ref().map_or(Duration::ZERO, |s| {
+                    Duration::from_millis(exit.at_unix_ms.saturating_sub(s.started_unix_ms))
+                });
+                let status = ExitStatus::from_raw(exit.status);
+                let mut info = classify(Some(status), cg_oom > oom_before, None);
+                info.at = unix_ms_rfc3339(exit.at_unix_ms);
+                self.after_exit(info, ran_for, true).await
+            }
+            Found::Lost { .. } => {
+                if let Some(pid) = found.live_pid() {
+                    self.kill_leftovers(pid).await;
+                }
+                if self.desired_now() != Desired::Run {
+                    return Resumed::End(self.desired_now());
+                }
+                let info = ExitInfo {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                    reason: "Unknown".to_string(),
+                    at: now_rfc3339(),
+                };
+                self.after_exit(info, Duration::ZERO, true).await
+            }
+        };
+        match next {
+            Some(d) => Resumed::End(d),
+            None => Resumed::Continue,
+        }
+    }
+
+    async fn run_once(&mut self, p: &Prepared) -> RunEnd {
+        let oom_before = self.oom_kills();
+        let launch = self.launch(p);
+        let output = Output {
+            instance: self.name.clone(),
+            uid: self.uid.clone(),
+            log_dir: logs::log_dir(&self.shared.config.data_dir, &self.name),
+            log_max_bytes: self.shared.config.log_max_bytes,
+            log_max_files: self.shared.config.log_max_files,
+            run_dir: self.run_dir(),
+            oom_before,
+            grace: self.spec.stop.grace_period.0,
         };
         let started = Instant::now();
-        let driver = self.shared.driver.clone();
-        let spawned =
-            process::output_pipe().and_then(|(rx, w)| driver.spawn(&launch, w).map(|c| (rx, c)));
-        let (out_rx, mut child) = match spawned {
-            Ok(x) => x,
+        let child = match self.shared.driver.spawn(&launch, &output).await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(instance = %self.name, error = %e, "spawn failed");
                 return RunEnd::StartFailed(format!("cannot start {:?}: {e}", self.spec.command));
@@ -476,14 +636,6 @@ impl Worker {
         let pid = child.pid();
         self.hold(|h| h.pgid = Some(pid));
         self.start_failure_phase = None;
-        let pump_cancel = CancellationToken::new();
-        let pump = tokio::spawn(logs::pump(
-            out_rx,
-            p.log.clone(),
-            self.name.clone(),
-            pump_cancel.clone(),
-        ));
-
         let has_startup = self.spec.probes.startup.is_some();
         let has_readiness = self.spec.probes.readiness.is_some();
         let started_at = now_rfc3339();
@@ -513,7 +665,24 @@ impl Worker {
         if take_panic(&self.name) {
             panic!("test hook: worker of {} panics after start", self.name);
         }
+        self.supervise(p, &launch, child, started, oom_before, None)
+            .await
+    }
 
+    /// Probes, samples and waits for a running process until it ends or a stop is wanted.
+    /// `resume`: the process was re-adopted, in the state its status shows.
+    async fn supervise(
+        &mut self,
+        p: &Prepared,
+        launch: &LaunchSpec,
+        mut child: Box<dyn Running>,
+        started: Instant,
+        oom_before: u64,
+        resume: Option<probe::Resume>,
+    ) -> RunEnd {
+        let pid = child.pid();
+        let has_startup = self.spec.probes.startup.is_some();
+        let has_readiness = self.spec.probes.readiness.is_some();
         let (ptx, mut prx) = mpsc::channel(16);
         let probe_cancel = CancellationToken::new();
         let ctx = ProbeContext {
@@ -532,6 +701,7 @@ impl Worker {
             ctx,
             ptx,
             probe_cancel.clone(),
+            resume,
         ));
         let mut usage_tick = tokio::time::interval(
             self.shared
@@ -545,7 +715,9 @@ impl Worker {
 
         let mut killed_for: Option<&'static str> = None;
         // Without a readiness probe the process counts as ready from its start.
-        let mut first_ready = !has_readiness && !has_startup;
+        let mut first_ready = resume.map_or(!has_readiness && !has_startup, |r| r.ready);
+        // A re-adopted process: its first probe result after the adoption is logged.
+        let mut unconfirmed = resume.is_some();
         let mut stop: Option<Desired> = None;
         // Every branch must be disabled once its source is exhausted: a closed channel is
         // ready at once and forever, and would turn this loop into a busy loop.
@@ -576,6 +748,9 @@ impl Worker {
                             }
                         }
                         ProbeEvent::Ready(ready, message) => {
+                            if std::mem::take(&mut unconfirmed) {
+                                tracing::info!(instance = %self.name, pid, ready, since_agent_start_ms = self.shared.started.elapsed().as_millis() as u64, "re-adopted process probed");
+                            }
                             first_ready |= ready;
                             self.happened(Happened::Readiness(ready)).await;
                             if !ready {
@@ -601,6 +776,12 @@ impl Worker {
                     if d == Desired::Run {
                         continue;
                     }
+                    if d == Desired::Detach {
+                        probe_cancel.cancel();
+                        let _ = probes.await;
+                        tracing::info!(instance = %self.name, pid, "agent exiting: the process keeps running");
+                        return RunEnd::Stop(d);
+                    }
                     if d != Desired::Gone {
                         self.happened(Happened::Stopping).await;
                     }
@@ -617,11 +798,6 @@ impl Worker {
         let _ = probes.await;
         self.kill_leftovers(pid).await;
         self.hold(|h| h.pgid = None);
-        let mut pump = pump;
-        if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
-            pump_cancel.cancel();
-            let _ = pump.await;
-        }
         if let Some(d) = stop {
             return RunEnd::Stop(d);
         }
@@ -630,13 +806,25 @@ impl Worker {
     }
 
     /// Returns `Some` when the worker should end.
-    async fn after_exit(&mut self, exit: ExitInfo, ran_for: Duration) -> Option<Desired> {
+    /// `away`: it ended while no agent ran (found by the next one).
+    async fn after_exit(
+        &mut self,
+        exit: ExitInfo,
+        ran_for: Duration,
+        away: bool,
+    ) -> Option<Desired> {
         let success = exit.reason == "Completed";
-        let what = match (exit.code, exit.signal) {
+        let mut what = match (exit.code, exit.signal) {
             (_, Some(sig)) => format!("killed by signal {sig}"),
             (Some(code), None) => format!("exited with code {code}"),
+            (None, None) if exit.reason == "Unknown" => {
+                "ended, how is unknown (its shim is gone)".to_string()
+            }
             (None, None) => "could not be started".to_string(),
         };
+        if away {
+            what.push_str(" while no agent ran");
+        }
         tracing::info!(instance = %self.name, reason = %exit.reason, %what, "process ended");
         if exit.oom_killed {
             self.shared
@@ -876,6 +1064,12 @@ impl Worker {
     /// Cleanup after the last process: cgroup, ports, metrics, and the store by `end`.
     /// Returns whether the instance was deleted from the store.
     async fn finish(&mut self, end: Desired) -> bool {
+        if end == Desired::Detach {
+            // The process, its cgroup, its ports and its run directory stay for the next agent.
+            self.hold(|h| *h = Held::default());
+            return false;
+        }
+        let _ = std::fs::remove_dir_all(self.run_dir());
         if let Some(cg) = self.cg.take() {
             cgroup::kill_until_empty(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
             cgroup::remove_with_retry(cg.as_ref(), &self.name, KILL_TIMEOUT).await;
@@ -903,7 +1097,7 @@ impl Worker {
                 )
                 .await;
             }
-            Desired::Gone | Desired::Run => {
+            Desired::Gone | Desired::Run | Desired::Detach => {
                 tracing::info!(instance = %self.name, "instance gone from the store; stopped");
             }
         }
@@ -1146,6 +1340,9 @@ mod tests {
             cgroup_note: None,
             metrics: Metrics::register(&mut registry),
             renewed: std::sync::Mutex::new(None),
+            found: Mutex::default(),
+            started: Instant::now(),
+            detach: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

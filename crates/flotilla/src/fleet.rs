@@ -46,21 +46,46 @@ impl LogSource for NodeLogs {
     }
 }
 
-/// Waits for SIGINT or SIGTERM, or for `task` to end first (its result, then).
-async fn until_signal<T>(task: &mut tokio::task::JoinHandle<T>) -> Result<Option<T>> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("SIGINT received, shutting down");
-            Ok(None)
-        }
-        _ = sigterm.recv() => {
-            tracing::info!("SIGTERM received, shutting down");
-            Ok(None)
-        }
-        done = task => done.map(Some).map_err(|e| anyhow!("task failed: {e}")),
-    }
+/// Which signal ended a daemon's wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM (systemd's stop and restart).
+    Terminate,
+    /// SIGHUP (systemd's reload): exit as for SIGTERM, then run again in place ([`reexec`]).
+    Hangup,
+}
+
+/// Waits for SIGINT, SIGTERM or SIGHUP, or for `task` to end first (its result, then).
+async fn until_signal<T>(
+    task: &mut tokio::task::JoinHandle<T>,
+) -> Result<(Option<T>, Option<Signal>)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (got, what) = tokio::select! {
+        _ = tokio::signal::ctrl_c() => (Signal::Interrupt, "SIGINT"),
+        _ = sigterm.recv() => (Signal::Terminate, "SIGTERM"),
+        _ = sighup.recv() => (Signal::Hangup, "SIGHUP"),
+        done = task => return done.map(|d| (Some(d), None)).map_err(|e| anyhow!("task failed: {e}")),
+    };
+    tracing::info!(signal = what, "shutting down");
+    Ok((None, Some(got)))
+}
+
+/// Runs this program again in this process (same pid, arguments and environment), for a
+/// reload: the new image reads its configuration (and, after an upgrade, is the new binary).
+fn reexec() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    tracing::info!("reloading: running again in place");
+    let e = std::process::Command::new(flotilla_agent::shim::SELF_EXE)
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    anyhow!("cannot run again for the reload: {e}")
 }
 
 fn data_dir_or(flag: Option<PathBuf>, leaf: &str) -> Result<PathBuf> {
@@ -367,8 +392,12 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP\n  (or `flotilla-agent`, the agent alone, with the same flags)"
     );
 
-    let early = until_signal(&mut main_task).await?;
+    crate::sd::ready(&format!("API on https://{api_local}"));
+    let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
+    let (early, signal) = until_signal(&mut main_task).await?;
+    crate::sd::stopping();
     shutdown.cancel();
+    let _ = watchdog.await;
     if early.is_none() {
         let _ = tokio::time::timeout(crate::up::SHUTDOWN_DEADLINE, &mut main_task).await;
     }
@@ -389,6 +418,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     match early {
         Some(Err(e)) => Err(e),
         Some(Ok(())) => Err(anyhow!("the controller stopped unexpectedly")),
+        None if signal == Some(Signal::Hangup) => Err(reexec()),
         None => Ok(ExitCode::SUCCESS),
     }
 }
@@ -883,6 +913,7 @@ pub async fn agent(
     let file_dir = file.data_dir.as_ref().map(|d| base.join(d));
     let data_dir = data_dir_or(data_dir_flag.or(file_dir), "agent")?;
     let mut config = AgentConfig::new(&node, data_dir.clone());
+    config.shim = Some(PathBuf::from(flotilla_agent::shim::SELF_EXE));
     config.host = address.to_string();
     config.labels = file.labels.clone();
     config.labels.extend(parse_labels(&args.label)?);
@@ -979,16 +1010,25 @@ pub async fn agent(
         identity,
         shutdown.clone(),
     ));
+    let detach = agent.detach_on_exit();
+    crate::sd::ready(&format!("node {node} joined {api}"));
+    let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
     let mut task = tokio::spawn(agent.run(shutdown.clone()));
-    let early = until_signal(&mut task).await?;
+    let (early, signal) = until_signal(&mut task).await?;
+    // SIGTERM (systemd's stop and restart, an upgrade) and SIGHUP (a reload) leave the
+    // workloads running for the next agent; Ctrl-C stops them.
+    detach.set(matches!(signal, Some(Signal::Terminate | Signal::Hangup)));
+    crate::sd::stopping();
     shutdown.cancel();
     let _ = renewal.await;
+    let _ = watchdog.await;
     let was_early = early.is_some();
     let result = match early {
         Some(done) => done,
         None => task.await.map_err(|e| anyhow!("the agent failed: {e}"))?,
     };
     match (result, was_early) {
+        (Ok(()), false) if signal == Some(Signal::Hangup) => Err(reexec()),
         (Ok(()), false) => Ok(ExitCode::SUCCESS),
         (Ok(()), true) => Err(anyhow!("the agent stopped unexpectedly")),
         (Err(e), _) => Err(anyhow!(e).context("agent")),

@@ -15,6 +15,7 @@ mod member;
 mod migrate;
 mod output;
 mod rollout;
+mod sd;
 mod simulate;
 mod up;
 
@@ -599,6 +600,9 @@ fn default_sigpipe() {
 
 /// `flotilla`: every command.
 pub fn main() -> ExitCode {
+    if let Some(code) = flotilla_agent::shim::main_if_shim() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
@@ -650,6 +654,9 @@ pub struct AgentCli {
 
 /// `flotilla-agent`'s main.
 pub fn agent_main() -> ExitCode {
+    if let Some(code) = flotilla_agent::shim::main_if_shim() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = AgentCli::parse();
     init_logging(cli.log_format, true);
     raise_open_files_limit();

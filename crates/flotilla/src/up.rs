@@ -135,6 +135,27 @@ async fn apply_file(
     Ok(applied)
 }
 
+/// SIGHUP: reads the file again and applies the services that changed in it since they were
+/// last applied. A file that does not parse or apply is reported and changes nothing.
+async fn reload(store: &dyn Store, path: Option<&Path>, data_dir: &Path) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP received; no file to reload (up runs without -f)");
+        return;
+    };
+    let applied = match crate::commands::load_file(path) {
+        Ok(file) => apply_file(store, &file, data_dir)
+            .await
+            .map(|applied| describe_file_apply(path, &applied, &file)),
+        Err(e) => Err(e),
+    };
+    match applied {
+        Ok(note) => tracing::info!(file = %path.display(), "reloaded: {note}"),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %format!("{e:#}"), "reload failed; nothing changed")
+        }
+    }
+}
+
 /// The start-up line about the file: what was applied, or that nothing was.
 fn describe_file_apply(
     path: &Path,
@@ -257,6 +278,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         .with_context(|| format!("cannot start the gateway on {gw_addr}"))?;
     let gw_local = gateway.local_addr();
     let mut agent_config = AgentConfig::new(&args.node, data_dir.clone());
+    agent_config.shim = Some(PathBuf::from(flotilla_agent::shim::SELF_EXE));
     // One machine has nowhere else to place an instance: pressure is not a reason to stop.
     agent_config.pressure = flotilla_agent::pressure::Thresholds {
         memory_available_bytes: 0,
@@ -310,6 +332,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         let s = shutdown.clone();
         async move { controller.run(s).await }
     });
+    let detach = agent.detach_on_exit();
     let mut agent_task = tokio::spawn({
         let s = agent_shutdown.clone();
         async move { agent.run(s).await }
@@ -397,16 +420,35 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         if let Some(note) = &file_note {
             println!("  file      {note}");
         }
-        println!("Ctrl-C stops every workload and exits.");
+        println!(
+            "Ctrl-C stops every workload and exits; SIGTERM exits and leaves them running for the next `flotilla up`."
+        );
     }
+    crate::sd::ready(&format!("API on http://{api_local}, gateway on {gw_local}"));
+    let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let mut agent_done = None;
-    if failed.is_none() {
+    while failed.is_none() {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-            _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT received, stopping every workload");
+                break;
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM received, exiting; the workloads keep running");
+                detach.set(true);
+                break;
+            }
+            _ = sighup.recv() => {
+                // `systemctl reload`: the file's changed services are applied, as at a start.
+                crate::sd::reloading();
+                reload(&*store, args.file.as_deref(), &data_dir).await;
+                crate::sd::ready("reloaded");
+            }
             done = &mut agent_task => {
                 failed = Some(match done {
                     Ok(Ok(())) => anyhow!("the agent stopped unexpectedly"),
@@ -440,8 +482,10 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
         std::process::exit(130);
     });
 
+    crate::sd::stopping();
     // 1. Stop the controller (nothing new is created) and stop accepting requests.
     shutdown.cancel();
+    let _ = watchdog.await;
     if tokio::time::timeout(SHUTDOWN_DEADLINE, controller_task)
         .await
         .is_err()

@@ -229,11 +229,11 @@ impl Fleet {
         self.agents.get_mut(name).unwrap().proc = Some(proc);
     }
 
-    /// Stops `name`'s agent (SIGTERM: its instances stop) and starts it again through `api`.
+    /// Stops `name`'s agent (SIGINT: its instances stop) and starts it again through `api`.
     fn restart_agent_via(&mut self, name: &str, api: &str) {
         let agent = self.agents.get_mut(name).unwrap();
         if let Some(mut p) = agent.proc.take() {
-            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGINT);
             let _ = p.child.wait();
         }
         agent.api = Some(api.to_string());
@@ -406,11 +406,12 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // Agents first (they stop their instances), then the rest.
+        // Agents first (Ctrl-C: they stop their instances), then the rest; then whatever the
+        // agents a test killed left running.
         for a in self.agents.values_mut() {
             if let Some(p) = a.proc.as_mut() {
                 let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGCONT);
-                let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+                let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGINT);
             }
         }
         for a in self.agents.values_mut() {
@@ -418,6 +419,7 @@ impl Drop for Fleet {
                 let _ = p.child.wait();
             }
         }
+        common::kill_shims_under(self.dir.path());
         let mut rest: Vec<&mut Proc> = vec![&mut self.server];
         if let Some((g, _)) = self.gateway.as_mut() {
             rest.push(g);
@@ -575,6 +577,93 @@ impl Load {
         let get = |a: &[AtomicU64; 2]| [a[0].load(Ordering::SeqCst), a[1].load(Ordering::SeqCst)];
         (get(&self.ok), get(&self.failed), failures)
     }
+}
+
+/// A standalone agent (server, gateway and agent apart) is `kill -9`ed under load through the
+/// gateway and started again: its instances keep running and serving meanwhile (0 failed
+/// requests), the new agent re-adopts them (same pids, no restart) and supervises them again:
+/// an instance killed afterwards is reported and replaced.
+#[test]
+fn a_killed_agent_leaves_its_instances_serving_and_the_next_one_adopts_them() {
+    let mut fleet = Fleet::start(13, 1);
+    let gateway = fleet.start_gateway();
+    fleet.apply(&web(2));
+    let ready = wait_for("two ready instances", Duration::from_secs(30), || {
+        let r = fleet.ready_instances("web");
+        (r.len() == 2).then_some(r)
+    });
+    let before: BTreeMap<String, i32> = ready
+        .iter()
+        .map(|i| {
+            (
+                i["metadata"]["name"].as_str().unwrap().to_string(),
+                pid_of(i),
+            )
+        })
+        .collect();
+
+    let load = Load::start(&gateway);
+    wait_for("some load", Duration::from_secs(10), || {
+        (load.ok[0].load(Ordering::SeqCst) > 20 && load.ok[1].load(Ordering::SeqCst) > 20)
+            .then_some(())
+    });
+    let mut agent = fleet.agents.get_mut("node-1").unwrap().proc.take().unwrap();
+    agent.child.kill().unwrap();
+    let _ = agent.child.wait();
+    // Load goes on while no agent runs.
+    let while_down = load.ok[1].load(Ordering::SeqCst) + 50;
+    wait_for(
+        "load while the agent is down",
+        Duration::from_secs(10),
+        || (load.ok[1].load(Ordering::SeqCst) >= while_down).then_some(()),
+    );
+    for pid in before.values() {
+        assert!(alive(*pid), "process {pid} died with its agent");
+    }
+    fleet.start_agent("node-1");
+    let adopted = wait_for("both instances re-adopted", Duration::from_secs(20), || {
+        let events = fleet.get("/api/v1/events");
+        let n = events["items"]
+            .as_array()
+            .map(|items| items.iter().filter(|e| e["reason"] == "Adopted").count())
+            .unwrap_or(0);
+        (n == 2).then_some(events)
+    });
+    let after = load.ok[1].load(Ordering::SeqCst) + 50;
+    wait_for("load after the restart", Duration::from_secs(10), || {
+        (load.ok[1].load(Ordering::SeqCst) >= after).then_some(())
+    });
+    let (ok, failed, failures) = load.finish();
+    assert_eq!(failed, [0, 0], "failed requests of {ok:?} ok: {failures:?}");
+    let now: BTreeMap<String, i32> = fleet
+        .ready_instances("web")
+        .iter()
+        .map(|i| {
+            assert_eq!(i["status"]["restarts"], 0, "{i:#}");
+            (
+                i["metadata"]["name"].as_str().unwrap().to_string(),
+                pid_of(i),
+            )
+        })
+        .collect();
+    assert_eq!(now, before, "events: {adopted:#}");
+
+    // Supervised again: a process killed now is seen ending and is restarted.
+    let (name, pid) = before.iter().next().map(|(n, p)| (n.clone(), *p)).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let restarted = wait_for(
+        "the killed instance restarted",
+        Duration::from_secs(20),
+        || {
+            let i = fleet.get(&format!("/api/v1/instances/{name}"));
+            (i["status"]["restarts"] == 1 && i["status"]["ready"] == true && pid_of(&i) != pid)
+                .then_some(i)
+        },
+    );
+    assert_eq!(
+        restarted["status"]["lastExit"]["signal"], 9,
+        "{restarted:#}"
+    );
 }
 
 /// 1 server + 3 agents: six replicas spread 2/2/2, each listening on its node's address, and
@@ -1445,7 +1534,7 @@ fn server_and_agent_take_their_settings_from_files() {
         "{err}"
     );
 
-    let _ = kill(Pid::from_raw(agent.child.id() as i32), Signal::SIGTERM);
+    let _ = kill(Pid::from_raw(agent.child.id() as i32), Signal::SIGINT);
     let _ = agent.child.wait();
     let mut server = server;
     let _ = server.child.kill();

@@ -303,12 +303,13 @@ impl Drop for Fleet {
             if let Some((child, _)) = self.procs.get_mut(m) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
+                    nix::sys::signal::Signal::SIGINT,
                 );
                 // An agent stops its instances within their grace period, then exits.
                 let _ = child.wait();
             }
         }
+        common::kill_shims_under(self.dir.path());
     }
 }
 

@@ -175,7 +175,7 @@ impl Drop for Tour {
         if let Some(mut up) = self.up.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(up.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::Signal::SIGINT,
             );
             let _ = wait_for("flotilla up to exit", T, || up.try_wait().ok().flatten());
         }

@@ -6,6 +6,7 @@ pub mod load;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -390,12 +391,22 @@ impl Up {
     }
 
     /// Sends SIGTERM to `flotilla up` and waits for it to exit; returns its exit code.
+    /// Ctrl-C (SIGINT): `up` stops every workload and exits; its exit code.
     pub fn stop(&mut self) -> Option<i32> {
+        self.signal_and_wait(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// SIGTERM (a restart by systemd, an upgrade): `up` exits, its workloads keep running.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal_and_wait(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> Option<i32> {
         let mut child = self.child.take()?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, signal);
         let status = wait_for(
-            "flotilla up to exit after SIGTERM",
+            &format!("flotilla up to exit after {signal}"),
             Duration::from_secs(60),
             || child.try_wait().ok().flatten(),
         );
@@ -416,13 +427,53 @@ impl Drop for Up {
         if self.child.is_some() {
             let _ = self.stop();
         }
-        // Last resort so a failed test never leaves workloads behind.
+        // Last resort so a failed test never leaves workloads behind (a shim's workload dies
+        // with it).
+        kill_shims_under(self.dir.path());
         for pid in self.workload_pids() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// The shims (`flotilla-shim <run dir>`) whose run directory is under `dir`.
+pub fn shims_under(dir: &Path) -> Vec<u32> {
+    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0);
+        if args.next() != Some(b"flotilla-shim".as_slice()) {
+            continue;
+        }
+        let Some(run) = args.next() else { continue };
+        let run = Path::new(std::ffi::OsStr::from_bytes(run));
+        if run.starts_with(&root) || run.starts_with(dir) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs the shims under `dir` (their workloads die with them): what a test leaves of the
+/// agents it killed.
+pub fn kill_shims_under(dir: &Path) {
+    for pid in shims_under(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

@@ -1,0 +1,600 @@
+//! What keeps a workload alive without its agent: one small process per running instance, the
+//! *shim*, started by the agent as `flotilla-shim` (the agent's own binary, re-executed through
+//! `/proc/self/exe`, so an upgrade in place changes nothing for the shims already running).
+//!
+//! The shim is the workload's parent. It starts it (the same pre-exec path as before: cgroup,
+//! rlimits, identity, a death signal tied to the shim), holds the read end of its output pipe and
+//! writes whole lines into the instance's log files, waits for it and records its exit status in
+//! `<data_dir>/run/<instance>/exit`, then ends. The agent only signals the workload's process
+//! group and watches the shim end (a pidfd), so an agent that is killed, crashes, restarts or is
+//! replaced by a new binary leaves every workload running, writing its log, with its exit
+//! status still captured; the next agent finds the shims in `<data_dir>/run` ([`scan`]) and
+//! re-adopts them.
+//!
+//! The shim uses no async runtime and no logging: a thread for the output, the main thread in
+//! `waitpid`. Its stdin, stdout (after the start-up answer) and stderr are `/dev/null`, so the
+//! agent's pipes closing never reaches it.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::Running;
+use crate::logs::{LineSink, LogWriter};
+use crate::process::{self, LaunchSpec};
+
+/// What a binary passes as [`crate::AgentConfig::shim`]: itself, even once replaced on disk.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// `argv[0]` of a shim: how the binaries' `main` knows it is one (see [`main_if_shim`]).
+pub const ARG0: &str = "flotilla-shim";
+
+/// State file of a running shim, in its instance's run directory.
+const STATE: &str = "state.json";
+/// Exit record, written by the shim once its workload ended.
+const EXIT: &str = "exit.json";
+
+/// How long, beyond the grace period, the shim waits for the output pipe to reach end-of-file
+/// after its workload exited: what the workload left in its group may still write until the
+/// agent has stopped it.
+const DRAIN_SLACK: Duration = Duration::from_secs(10);
+/// How long the shim waits for end-of-file before it records the exit.
+pub(crate) const FIRST_DRAIN: Duration = Duration::from_millis(200);
+/// How long the agent waits for the exit record once the workload ended.
+const RECORD_WAIT: Duration = Duration::from_secs(5);
+/// How long the agent waits for a starting shim's answer.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `<data_dir>/run/<instance>`: the shim's state and the workload's exit record.
+pub fn run_dir(data_dir: &Path, instance: &str) -> PathBuf {
+    data_dir.join("run").join(instance)
+}
+
+/// What the agent sends a shim on its stdin: the launch and where the output goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub instance: String,
+    /// The instance object's uid: a later instance of the same name is not this one.
+    pub uid: String,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+    pub user: Option<u32>,
+    pub group: Option<u32>,
+    pub open_files: Option<u64>,
+    pub cgroup_procs: Vec<PathBuf>,
+    /// The cgroup's OOM kill count at the start, kept in the state for the exit's judgement.
+    pub oom_before: u64,
+    /// The instance's grace period: how long its leftovers may write after it ended.
+    pub grace_ms: u64,
+    pub log_dir: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+    pub run_dir: PathBuf,
+}
+
+impl ShimSpec {
+    fn launch(&self) -> LaunchSpec {
+        LaunchSpec {
+            program: self.program.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            uid: self.user.map(nix::unistd::Uid::from_raw),
+            gid: self.group.map(nix::unistd::Gid::from_raw),
+            open_files: self.open_files,
+            cgroup_procs: self.cgroup_procs.clone(),
+        }
+    }
+}
+
+/// A running shim and its workload, as the shim records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimState {
+    pub instance: String,
+    pub uid: String,
+    pub shim_pid: u32,
+    /// Start times (see [`process::start_time`]): a pid reused by another process is not ours.
+    pub shim_start: u64,
+    pub pid: u32,
+    pub pid_start: u64,
+    /// Wall clock of the workload's start, milliseconds since the epoch.
+    pub started_unix_ms: u64,
+    /// See [`ShimSpec::oom_before`].
+    #[serde(default)]
+    pub oom_before: u64,
+}
+
+/// How a workload ended, as its shim recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The raw wait status (exit code or signal).
+    pub status: i32,
+    /// When, milliseconds since the epoch.
+    pub at_unix_ms: u64,
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes `value` as JSON to `dir/name` atomically (a temporary file, then rename).
+fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Runs the shim when this process was started as one (`argv[0]` is [`ARG0`]) and returns its
+/// exit code; `None` otherwise. The binaries call it first thing in `main`.
+pub fn main_if_shim() -> Option<i32> {
+    let arg0 = std::env::args_os().next()?;
+    if Path::new(&arg0).file_name()? != ARG0 {
+        return None;
+    }
+    Some(shim_main())
+}
+
+fn shim_main() -> i32 {
+    let _ = nix::sys::prctl::set_name(c"flotilla-shim");
+    let mut input = Vec::new();
+    let mut answer = io::stdout().lock();
+    let spec: ShimSpec = match io::stdin()
+        .lock()
+        .take(4 << 20)
+        .read_to_end(&mut input)
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_slice(&input).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(answer, "err {} bad shim input: {e}", nix::libc::EINVAL);
+            return 2;
+        }
+    };
+    drop(input);
+    let started = match start(&spec) {
+        Ok(s) => s,
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(nix::libc::EIO);
+            let _ = writeln!(answer, "err {errno} {e}");
+            return 1;
+        }
+    };
+    let (mut child, output, state) = started;
+    if let Err(e) = write_json(&spec.run_dir, STATE, &state) {
+        let _ = child.kill();
+        let _ = child.wait();
+        let errno = e.raw_os_error().unwrap_or(nix::libc::EIO);
+        let _ = writeln!(answer, "err {errno} cannot write the shim's state: {e}");
+        return 1;
+    }
+    let _ = writeln!(answer, "ok {}", state.pid);
+    let _ = answer.flush();
+    drop(answer);
+    // From here on nothing reaches the agent's pipes: it may be gone at any time.
+    if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let sink = LogWriter::open(&spec.log_dir, spec.log_max_bytes, spec.log_max_files)
+        .ok()
+        .map(|w| LineSink::new(w, spec.instance.clone()));
+    let pump = std::thread::Builder::new()
+        .name("output".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let src = std::fs::File::from(output);
+            match sink {
+                Some(sink) => crate::logs::pump_blocking(src, sink),
+                // No log file: still read, so the workload never blocks on a full pipe.
+                None => {
+                    let _ = io::copy(&mut io::BufReader::new(src), &mut io::sink());
+                }
+            }
+            let _ = done_tx.send(());
+        });
+    let status = loop {
+        match child.wait() {
+            Ok(st) => break st.into_raw(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break -1,
+        }
+    };
+    let at_unix_ms = unix_ms();
+    // Its last words are in the log before its end is known (end-of-file at once, unless
+    // something it left in its group holds the pipe).
+    let drained = pump.is_err() || done_rx.recv_timeout(FIRST_DRAIN).is_ok();
+    let record = ExitRecord { status, at_unix_ms };
+    let recorded = write_json(&spec.run_dir, EXIT, &record);
+    // What the workload left in its group may write on until the agent stopped it (at once
+    // after a crash, after the grace period on a stop).
+    if !drained {
+        let _ = done_rx.recv_timeout(Duration::from_millis(spec.grace_ms) + DRAIN_SLACK);
+    }
+    match recorded {
+        Ok(()) => 0,
+        Err(_) => 3,
+    }
+}
+
+/// Starts the workload with its output on a pipe; its state as the shim will record it.
+fn start(spec: &ShimSpec) -> io::Result<(std::process::Child, OwnedFd, ShimState)> {
+    std::fs::create_dir_all(&spec.run_dir)?;
+    let (r, w) = process::output_pipe()?;
+    let mut cmd = process::command(&spec.launch())?;
+    cmd.stdout(w.try_clone()?).stderr(w);
+    let child = cmd.spawn()?;
+    drop(cmd);
+    let pid = child.id();
+    let me = std::process::id();
+    let state = ShimState {
+        instance: spec.instance.clone(),
+        uid: spec.uid.clone(),
+        shim_pid: me,
+        shim_start: process::start_time(me).unwrap_or(0),
+        pid,
+        pid_start: process::start_time(pid).unwrap_or(0),
+        started_unix_ms: unix_ms(),
+        oom_before: spec.oom_before,
+    };
+    Ok((child, r, state))
+}
+
+/// Starts a shim for `spec` through `program` (the agent's binary) and waits for its answer:
+/// the workload's pid, or why it could not start (the error the spawn itself met).
+pub(crate) async fn spawn(program: &Path, spec: &ShimSpec) -> io::Result<ShimRun> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    std::fs::create_dir_all(&spec.run_dir)?;
+    for stale in [EXIT, STATE] {
+        match std::fs::remove_file(spec.run_dir.join(stale)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut cmd = tokio::process::Command::new(program);
+    // `flotilla-shim <run dir>` in `ps`: which instance, and which agent's.
+    cmd.arg0(ARG0)
+        .arg(&spec.run_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // Out of the agent's process group: a Ctrl-C in its terminal is not for the shim.
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn()?;
+    let input = serde_json::to_vec(spec).map_err(io::Error::other)?;
+    let answer = async {
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("shim without stdin"))?;
+        stdin.write_all(&input).await?;
+        drop(stdin);
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("shim without stdout"))?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout.take(64 * 1024))
+            .read_line(&mut line)
+            .await?;
+        Ok::<_, io::Error>(line)
+    };
+    let line = match tokio::time::timeout(START_TIMEOUT, answer).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => {
+            let _ = child.kill().await;
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the shim did not answer within {START_TIMEOUT:?}"),
+            ));
+        }
+    };
+    match parse_answer(&line) {
+        Ok(pid) => {
+            let state = read_json::<ShimState>(&spec.run_dir.join(STATE))
+                .filter(|s| s.pid == pid)
+                .ok_or_else(|| io::Error::other("the shim started without recording its state"))?;
+            ShimRun::open(&state, spec.run_dir.clone(), Some(child))
+        }
+        Err(e) => {
+            let _ = child.wait().await;
+            Err(e)
+        }
+    }
+}
+
+/// `ok <pid>` or `err <errno> <message>`.
+fn parse_answer(line: &str) -> io::Result<u32> {
+    let line = line.trim_end();
+    if let Some(pid) = line.strip_prefix("ok ") {
+        return pid
+            .parse()
+            .map_err(|_| io::Error::other(format!("the shim answered {line:?}")));
+    }
+    if let Some(rest) = line.strip_prefix("err ") {
+        let (errno, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        return Err(match errno.parse::<i32>() {
+            // The spawn's own error, as the worker reports it without a shim.
+            Ok(n) if message.ends_with(&format!("(os error {n})")) => {
+                io::Error::from_raw_os_error(n)
+            }
+            _ => io::Error::other(message.to_string()),
+        });
+    }
+    if line.is_empty() {
+        return Err(io::Error::other("the shim ended without answering"));
+    }
+    Err(io::Error::other(format!("the shim answered {line:?}")))
+}
+
+/// The exit status the shim in `run_dir` recorded.
+fn exit_status(run_dir: &Path) -> io::Result<ExitStatus> {
+    read_json::<ExitRecord>(&run_dir.join(EXIT))
+        .map(|r| ExitStatus::from_raw(r.status))
+        .ok_or_else(|| io::Error::other("the shim ended without recording the workload's exit"))
+}
+
+/// A pidfd of `pid` registered with the runtime: readable once the process ended. `None` when
+/// `pid` is no longer the process that started at `start` (it ended already).
+fn watch(pid: u32, start: u64) -> io::Result<Option<tokio::io::unix::AsyncFd<OwnedFd>>> {
+    let Some(fd) = open_pidfd(pid, start) else {
+        return Ok(None);
+    };
+    // SAFETY: the registered fd is the `OwnedFd` the `AsyncFd` owns: it is closed only when
+    // the `AsyncFd` drops it, after deregistering it.
+    #[allow(unsafe_code)]
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    registered.map(Some).map_err(|e| e.into_parts().1)
+}
+
+/// A workload under its shim, as the agent watches it: pidfds of both (whoever's child they
+/// are), and the exit record the shim writes once it reaped the workload.
+pub(crate) struct ShimRun {
+    pid: u32,
+    workload: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+    shim: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+    /// A shim this agent started: kept so that the runtime reaps it when it ends.
+    _child: Option<tokio::process::Child>,
+    run_dir: PathBuf,
+}
+
+impl ShimRun {
+    fn open(
+        state: &ShimState,
+        run_dir: PathBuf,
+        child: Option<tokio::process::Child>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            pid: state.pid,
+            workload: watch(state.pid, state.pid_start)?,
+            shim: watch(state.shim_pid, state.shim_start)?,
+            _child: child,
+            run_dir,
+        })
+    }
+}
+
+#[async_trait]
+impl Running for ShimRun {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(w) = &self.workload {
+            let _ready = w.readable().await?;
+        }
+        // The shim writes the record right after reaping the workload.
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        loop {
+            if let Ok(status) = exit_status(&self.run_dir) {
+                return Ok(status);
+            }
+            let shim_gone = match &self.shim {
+                Some(shim) => tokio::select! {
+                    biased;
+                    r = shim.readable() => { let _gone = r?; true }
+                    () = tokio::time::sleep(Duration::from_millis(5)) => false,
+                },
+                None => true,
+            };
+            if shim_gone || tokio::time::Instant::now() >= deadline {
+                return exit_status(&self.run_dir);
+            }
+        }
+    }
+}
+
+/// What an agent finds of an instance in `<data_dir>/run` at start-up.
+#[derive(Debug)]
+pub enum Found {
+    /// Its shim still runs: the workload is re-adopted.
+    Alive { state: ShimState },
+    /// The workload ended while no agent ran; its shim recorded how.
+    Exited {
+        state: Option<ShimState>,
+        exit: ExitRecord,
+    },
+    /// The shim is gone without a record (killed, or the machine rebooted).
+    Lost { state: Option<ShimState> },
+}
+
+impl Found {
+    /// The instance object's uid the shim was started for, when known.
+    pub fn uid(&self) -> Option<&str> {
+        match self {
+            Found::Alive { state } => Some(&state.uid),
+            Found::Exited { state, .. } | Found::Lost { state } => {
+                state.as_ref().map(|s| s.uid.as_str())
+            }
+        }
+    }
+
+    /// A live workload, to be killed when nothing adopts it.
+    pub fn live_pid(&self) -> Option<u32> {
+        match self {
+            Found::Alive { state } => Some(state.pid),
+            Found::Lost { state: Some(s) } if process::alive_since(s.pid, s.pid_start) => {
+                Some(s.pid)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn into_running(self, run_dir: PathBuf) -> io::Result<Box<dyn Running>> {
+        match self {
+            Found::Alive { state } => Ok(Box::new(ShimRun::open(&state, run_dir, None)?)),
+            _ => Err(io::Error::other("the shim is not running")),
+        }
+    }
+}
+
+/// The instances in `<data_dir>/run`, by name, and what is left of each.
+pub fn scan(data_dir: &Path) -> BTreeMap<String, Found> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(data_dir.join("run")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let dir = e.path();
+        let state: Option<ShimState> = read_json(&dir.join(STATE));
+        let exit: Option<ExitRecord> = read_json(&dir.join(EXIT));
+        let found = match (state, exit) {
+            (state, Some(exit)) => Found::Exited { state, exit },
+            (Some(state), None) if process::alive_since(state.shim_pid, state.shim_start) => {
+                Found::Alive { state }
+            }
+            (Some(state), None) => {
+                // It may have ended between the two reads.
+                match read_json(&dir.join(EXIT)) {
+                    Some(exit) => Found::Exited {
+                        state: Some(state),
+                        exit,
+                    },
+                    None => Found::Lost { state: Some(state) },
+                }
+            }
+            (None, None) => Found::Lost { state: None },
+        };
+        out.insert(name, found);
+    }
+    out
+}
+
+/// A pidfd of `pid` if it is still the process that started at `start`.
+fn open_pidfd(pid: u32, start: u64) -> Option<OwnedFd> {
+    let raw = i32::try_from(pid).ok()?;
+    let fd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(raw)?,
+        rustix::process::PidfdFlags::NONBLOCK,
+    )
+    .ok()?;
+    // Checked after opening: the fd refers to that process whatever happens to the pid later.
+    process::alive_since(pid, start).then_some(fd)
+}
+
+/// Reads the first line of a file (for tests and diagnostics).
+#[cfg(test)]
+fn first_line(path: &Path) -> Option<String> {
+    let f = std::fs::File::open(path).ok()?;
+    io::BufRead::lines(io::BufReader::new(f)).next()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers() {
+        assert_eq!(parse_answer("ok 42\n").unwrap(), 42);
+        let e = parse_answer("err 2 No such file or directory (os error 2)\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(2));
+        assert_eq!(e.to_string(), "No such file or directory (os error 2)");
+        let e = parse_answer("err 22 bad shim input: EOF").unwrap_err();
+        assert_eq!(e.to_string(), "bad shim input: EOF");
+        assert!(
+            parse_answer("")
+                .unwrap_err()
+                .to_string()
+                .contains("without answering")
+        );
+        assert!(parse_answer("ok nope").is_err());
+    }
+
+    #[test]
+    fn scan_tells_alive_exited_and_lost_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let state = |name: &str, shim_start: u64| ShimState {
+            instance: name.into(),
+            uid: format!("uid-{name}"),
+            shim_pid: me,
+            shim_start,
+            pid: me,
+            pid_start: process::start_time(me).unwrap(),
+            started_unix_ms: 1,
+            oom_before: 0,
+        };
+        let start = process::start_time(me).unwrap();
+        for (name, st, exit) in [
+            ("alive", Some(state("alive", start)), None),
+            ("reused", Some(state("reused", start + 1)), None),
+            (
+                "exited",
+                Some(state("exited", start)),
+                Some(ExitRecord {
+                    status: 3 << 8,
+                    at_unix_ms: 2,
+                }),
+            ),
+            ("empty", None, None),
+        ] {
+            let dir = run_dir(t.path(), name);
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Some(st) = st {
+                write_json(&dir, STATE, &st).unwrap();
+            }
+            if let Some(exit) = exit {
+                write_json(&dir, EXIT, &exit).unwrap();
+            }
+        }
+        let found = scan(t.path());
+        assert!(matches!(found["alive"], Found::Alive { .. }));
+        assert_eq!(found["alive"].uid(), Some("uid-alive"));
+        // Same pid, other start time: another process took the pid.
+        assert!(matches!(found["reused"], Found::Lost { .. }));
+        assert!(matches!(&found["exited"], Found::Exited { exit, .. } if exit.status == 3 << 8));
+        assert!(matches!(found["empty"], Found::Lost { state: None }));
+        assert_eq!(
+            first_line(&run_dir(t.path(), "alive").join(STATE)).map(|l| l.contains("uid-alive")),
+            Some(true)
+        );
+    }
+}
