@@ -11,6 +11,12 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # A real etcd for the store's conformance tests and the high-availability tests.
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# The .deb: built with dpkg-deb, checked with lintian, its units with systemd-analyze.
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v file >/dev/null 2>&1 || need+=(file)
+command -v adduser >/dev/null 2>&1 || need+=(adduser)
 # A C++ compiler: libfuzzer-sys builds libFuzzer (scripts/fuzz.sh).
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then

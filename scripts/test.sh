@@ -18,6 +18,14 @@ set -e
 # summary below.
 fuzz_status=0
 ./scripts/fuzz.sh || fuzz_status=$?
+# The release artifact: the static binary (ldd finds nothing, size printed), run in a chroot
+# holding nothing else, then packaged and taken through install, reload, upgrade and removal.
+release_status=0
+{
+  ./scripts/build-static.sh flotilla &&
+    ./scripts/test-static.sh &&
+    python3 scripts/test-deb.py --binary "${CARGO_TARGET_DIR:-target}/$(rustc -vV | sed -n 's/^host: //p')/release/flotilla"
+} || release_status=$?
 # One closing summary for the whole run (cargo prints one line per test binary). A test that
 # could not run here passes after printing `skipped: <test> needs …`: those are counted apart.
 skips=$(grep -o 'skipped: .*' "$log" | sort -u || true)
@@ -28,5 +36,7 @@ if [ "$skipped" -gt 0 ]; then
   printf '%s\n' "$skips" | sed 's/^/  /'
 fi
 [ "$fuzz_status" -ne 0 ] && echo "note: scripts/fuzz.sh failed (exit $fuzz_status): see its lines above"
+[ "$release_status" -ne 0 ] && echo "note: the static binary or the .deb failed (exit $release_status): see the FAILED line above"
 [ "$status" -ne 0 ] && exit "$status"
-exit "$fuzz_status"
+[ "$fuzz_status" -ne 0 ] && exit "$fuzz_status"
+exit "$release_status"

@@ -72,7 +72,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             pids: pids.clone(),
         };
         if selection.names.is_empty() && selection.pids.is_empty() {
-            selection.names = vec!["flotilla".into(), "flotilla-agent".into()];
+            selection.names = vec![
+                "flotilla".into(),
+                "flotilla-agent".into(),
+                "flotilla-shim".into(),
+            ];
         }
         let (interval, duration) = ((*interval).into(), (*duration).into());
         let samples = match output {

@@ -188,6 +188,11 @@ fn a_workload_whose_instance_is_gone_is_stopped_not_adopted() {
     up.node = format!("{}-other", up.node);
     up.spawn();
     wait_for("the old process stopped", T, || (!alive(pid)).then_some(()));
-    let replacement = up.wait_ready("web", 1).remove(0);
+    let node = up.node.clone();
+    let replacement = wait_for("a ready replacement on the new node", T, || {
+        up.ready_instances("web")
+            .into_iter()
+            .find(|i| i["spec"]["node"] == node.as_str())
+    });
     assert_ne!(replacement["status"]["pid"].as_u64(), Some(pid));
 }

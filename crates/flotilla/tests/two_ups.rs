@@ -157,10 +157,11 @@ fn each_up_has_its_own_context_and_the_cli_finds_the_right_one() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("other") && !text(&o).contains("web"));
 
-    // The second stops: its context goes, the first's stays, and the CLI finds the first.
+    // The second stops (Ctrl-C): its context goes, the first's stays, and the CLI finds the
+    // first.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(second.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     wait_for("the second up to stop", Duration::from_secs(30), || {
