@@ -13,6 +13,7 @@ Every round checks that every pid is the same as before the restart.
 
 Usage:
     FLOTILLA_BIN=target/release/flotilla python3 scripts/bench_adopt.py
+    (DEMO_DIR: where flotilla-demo is, if not beside FLOTILLA_BIN)
 """
 
 import json
@@ -27,7 +28,7 @@ import time
 import urllib.request
 
 BIN = os.environ.get("FLOTILLA_BIN", "target/release/flotilla")
-DEMO_DIR = os.path.dirname(os.path.abspath(BIN))
+DEMO_DIR = os.environ.get("DEMO_DIR", os.path.dirname(os.path.abspath(BIN)))
 ROUNDS = int(os.environ.get("ROUNDS", "10"))
 INSTANCES = int(os.environ.get("INSTANCES", "20"))
 

@@ -210,6 +210,7 @@ fn shim_main() -> i32 {
             }
             let _ = done_tx.send(());
         });
+    trim_start_up_pages();
     let status = loop {
         match child.wait() {
             Ok(st) => break st.into_raw(),
@@ -232,6 +233,74 @@ fn shim_main() -> i32 {
         Ok(()) => 0,
         Err(_) => 3,
     }
+}
+
+/// The clean, read-only pages of this binary that the start-up touched (argument parsing, JSON,
+/// the spawn: megabytes, since the kernel maps file pages around each fault) leave this
+/// process's resident set: what a shim keeps resident while it waits is what its loop uses
+/// (tens of KiB of code) and its own heap and stack. Only mappings of our own executable that
+/// are not writable and hold no private or anonymous page are dropped, so every page comes back
+/// unchanged from the file on its next use.
+fn trim_start_up_pages() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    for (start, end) in clean_mappings_of(&smaps, &exe.to_string_lossy()) {
+        let Some(len) = end.checked_sub(start) else {
+            continue;
+        };
+        // SAFETY: [start, end) is a whole private mapping of our executable that is not
+        // writable and has no private (copied-on-write) or anonymous page: MADV_DONTNEED only
+        // removes its page-table entries, and the next access faults the same bytes in from
+        // the file (which the kernel keeps from being written while it runs).
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            rustix::mm::madvise(
+                start as *mut std::ffi::c_void,
+                len,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        };
+    }
+}
+
+/// (start, end) of the mappings of `path` in a `/proc/<pid>/smaps` text that are not writable and
+/// hold only clean file pages (`Private_Dirty` and `Anonymous` both 0 kB).
+fn clean_mappings_of(smaps: &str, path: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    let mut dirty = false;
+    let mut flush = |current: &mut Option<(usize, usize)>, dirty: bool| {
+        if let Some(range) = current.take()
+            && !dirty
+        {
+            out.push(range);
+        }
+    };
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            flush(&mut current, dirty);
+            dirty = false;
+            let perms = fields.next().unwrap_or("");
+            let name = fields.nth(3).unwrap_or("");
+            if name == path && perms.as_bytes().get(1) == Some(&b'-') {
+                current = Some((a, b));
+            }
+            continue;
+        }
+        if first == "Private_Dirty:" || first == "Anonymous:" {
+            dirty |= fields.next().is_some_and(|kb| kb != "0");
+        }
+    }
+    flush(&mut current, dirty);
+    out
 }
 
 /// Starts the workload with its output on a pipe; its state as the shim will record it.
@@ -530,6 +599,34 @@ fn first_line(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_clean_read_only_mappings_of_the_executable_are_trimmed() {
+        let smaps = "\
+55d0-55e0 r--p 00000000 08:01 42 /usr/bin/flotilla
+Rss:                  64 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+55e0-5600 r-xp 00010000 08:01 42 /usr/bin/flotilla
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+5600-5610 r--p 00030000 08:01 42 /usr/bin/flotilla
+Private_Dirty:        12 kB
+Anonymous:            12 kB
+5610-5620 rw-p 00040000 08:01 42 /usr/bin/flotilla
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f00-7f10 r-xp 00000000 08:01 43 /usr/lib/other.so
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7ff0-7ff8 rw-p 00000000 00:00 0 [stack]
+Private_Dirty:         8 kB
+";
+        assert_eq!(
+            clean_mappings_of(smaps, "/usr/bin/flotilla"),
+            [(0x55d0, 0x55e0), (0x55e0, 0x5600)]
+        );
+    }
 
     #[test]
     fn answers() {

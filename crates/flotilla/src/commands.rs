@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use flotilla_spec::{Event, FlotillaFile, Instance, Service};
 use hyper::Method;
 use serde::Deserialize;
@@ -33,6 +33,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let ca = sub.ca.or(top.ca);
     if let Command::Up(args) = command {
         return crate::up::run(args, data_dir).await;
+    }
+    if let Command::Down = command {
+        return down(data_dir.as_deref()).await;
     }
     if let Command::Gateway(args) = command {
         let target = resolve(api, token, ca, data_dir)?;
@@ -188,6 +191,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             ..
         } => create_token(&client, if join { "join" } else { "gateway" }, &ttl).await,
         Command::Up(_)
+        | Command::Down
         | Command::Gateway(_)
         | Command::Server(_)
         | Command::Agent(_)
@@ -796,5 +800,46 @@ async fn events(
         reconnect_for,
     )
     .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flotilla down`: SIGINT to the running `up` found by its context file, then waits for it to
+/// exit (it stops every workload first, each within its grace period).
+async fn down(data_dir: Option<&std::path::Path>) -> Result<ExitCode> {
+    let Some(ctx) = crate::context::find_context(data_dir)? else {
+        bail!(
+            "no flotilla up is running{} (nothing to stop)",
+            data_dir.map_or(String::new(), |d| format!(
+                " with --data-dir {}",
+                d.display()
+            ))
+        );
+    };
+    let pid = nix::unistd::Pid::from_raw(
+        i32::try_from(ctx.pid)
+            .map_err(|_| anyhow!("invalid pid {} in the context file", ctx.pid))?,
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
+        .with_context(|| format!("signalling flotilla up (pid {})", ctx.pid))?;
+    eprintln!(
+        "stopping flotilla up (pid {}, {}): every workload, then itself",
+        ctx.pid,
+        ctx.data_dir.display()
+    );
+    let started = std::time::Instant::now();
+    while nix::sys::signal::kill(pid, None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", ctx.pid))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        if started.elapsed() > std::time::Duration::from_secs(600) {
+            bail!(
+                "flotilla up (pid {}) is still stopping after 10 minutes",
+                ctx.pid
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("flotilla up stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -119,6 +119,10 @@ pub enum Command {
     /// Settings come from these flags, then the file's `[up]` table, then the defaults: a flag
     /// overrides the file, which overrides the default.
     Up(UpArgs),
+    /// Stop the running `flotilla up` (of `--data-dir`, or the only one) as Ctrl-C does: every
+    /// workload stops gracefully, then it exits. (SIGTERM, what systemd sends, leaves them
+    /// running for the next `up`.)
+    Down,
     /// Run the gateway alone, routing from a remote API's services and instances.
     Gateway(GatewayArgs),
     /// Run the control plane of a fleet: store, API, controller and scheduler. Workloads run
@@ -256,7 +260,11 @@ impl Command {
     /// The API flags given after the subcommand, if any.
     pub fn conn(&self) -> Conn {
         let sub = match self {
-            Command::Up(_) | Command::Server(_) | Command::Store { .. } | Command::Bench { .. } => {
+            Command::Up(_)
+            | Command::Down
+            | Command::Server(_)
+            | Command::Store { .. }
+            | Command::Bench { .. } => {
                 return Conn::default();
             }
             Command::Gateway(args) => &args.conn,

@@ -470,8 +470,8 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     if let Some(e) = &failed {
         tracing::error!(error = %format!("{e:#}"), "shutting down after a failure");
     }
-    // A second signal means "now": exit without waiting for workloads to finish. Direct
-    // children die with us (PR_SET_PDEATHSIG); the next start sweeps what is left in cgroups.
+    // A second signal means "now": exit without waiting for workloads to finish. What still
+    // runs stays under its shim, and the next start re-adopts it.
     tokio::spawn(async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

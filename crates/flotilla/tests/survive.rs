@@ -164,8 +164,11 @@ fn workloads_outlive_up_and_the_next_up_adopts_them() {
         "{restarted:#}"
     );
 
-    // Ctrl-C stops everything, shims included.
+    // `flotilla down` (Ctrl-C to `up`) stops everything, shims included.
     let last = pids(&up);
+    let down = up.cli(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(String::from_utf8_lossy(&down.stdout).contains("flotilla up stopped"));
     assert_eq!(up.stop(), Some(0), "{}", up.up_logs());
     for (n, pid) in &last {
         assert!(!alive(*pid), "{n} (pid {pid}) survives Ctrl-C");
