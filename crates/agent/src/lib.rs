@@ -284,8 +284,11 @@ impl Agent {
         if !found.is_empty() {
             tracing::info!(node = %node, running = alive.len(), ended = found.len() - alive.len(), "found the instances of an earlier agent");
         }
+        // Every cgroup of what was found stays until its worker is done with it: a running
+        // process's is re-adopted, an ended one's holds the OOM count its end is judged by.
+        let keep: std::collections::HashSet<String> = found.keys().cloned().collect();
         *flotilla_store::lock(&self.shared.found) = found.into_iter().collect();
-        self.sweep(&alive).await;
+        self.sweep(&keep).await;
         let reflector = Reflector::<Instance>::start(self.shared.api.instances(), &shutdown)
             .await
             .map_err(|source| AgentError::Store {

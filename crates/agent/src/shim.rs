@@ -116,6 +116,9 @@ pub struct ShimState {
 /// How a workload ended, as its shim recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
+    /// The workload this is the end of (a record of an earlier run is not this run's).
+    #[serde(default)]
+    pub pid: u32,
     /// The raw wait status (exit code or signal).
     pub status: i32,
     /// When, milliseconds since the epoch.
@@ -169,6 +172,14 @@ fn shim_main() -> i32 {
         }
     };
     drop(input);
+    // No log, no start: output nobody can read is a failure to report, not to hide.
+    let writer = match LogWriter::open(&spec.log_dir, spec.log_max_bytes, spec.log_max_files) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = writeln!(answer, "err {} {e}", nix::libc::EIO);
+            return 1;
+        }
+    };
     let started = match start(&spec) {
         Ok(s) => s,
         Err(e) => {
@@ -193,9 +204,7 @@ fn shim_main() -> i32 {
         let _ = nix::unistd::dup2_stdout(&null);
     }
     let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let sink = LogWriter::open(&spec.log_dir, spec.log_max_bytes, spec.log_max_files)
-        .ok()
-        .map(|w| LineSink::new(w, spec.instance.clone()));
+    let sink = Some(LineSink::new(writer, spec.instance.clone()));
     let pump = std::thread::Builder::new()
         .name("output".into())
         .stack_size(64 * 1024)
@@ -222,7 +231,11 @@ fn shim_main() -> i32 {
     // Its last words are in the log before its end is known (end-of-file at once, unless
     // something it left in its group holds the pipe).
     let drained = pump.is_err() || done_rx.recv_timeout(FIRST_DRAIN).is_ok();
-    let record = ExitRecord { status, at_unix_ms };
+    let record = ExitRecord {
+        pid: state.pid,
+        status,
+        at_unix_ms,
+    };
     let recorded = write_json(&spec.run_dir, EXIT, &record);
     // What the workload left in its group may write on until the agent stopped it (at once
     // after a crash, after the grace period on a stop).
@@ -383,10 +396,28 @@ pub(crate) async fn spawn(program: &Path, spec: &ShimSpec) -> io::Result<ShimRun
     };
     match parse_answer(&line) {
         Ok(pid) => {
-            let state = read_json::<ShimState>(&spec.run_dir.join(STATE))
+            let opened = read_json::<ShimState>(&spec.run_dir.join(STATE))
                 .filter(|s| s.pid == pid)
-                .ok_or_else(|| io::Error::other("the shim started without recording its state"))?;
-            ShimRun::open(&state, spec.run_dir.clone(), Some(child))
+                .ok_or_else(|| io::Error::other("the shim started without recording its state"))
+                .and_then(|state| {
+                    let workload = watch(state.pid, state.pid_start)?;
+                    let shim = watch(state.shim_pid, state.shim_start)?;
+                    Ok((workload, shim))
+                });
+            match opened {
+                Ok((workload, shim)) => Ok(ShimRun {
+                    pid,
+                    workload,
+                    shim,
+                    _child: Some(child),
+                    run_dir: spec.run_dir.clone(),
+                }),
+                Err(e) => {
+                    // Unwatched, it must not run: the workload dies with its shim.
+                    let _ = child.kill().await;
+                    Err(e)
+                }
+            }
         }
         Err(e) => {
             let _ = child.wait().await;
@@ -419,17 +450,19 @@ fn parse_answer(line: &str) -> io::Result<u32> {
     Err(io::Error::other(format!("the shim answered {line:?}")))
 }
 
-/// The exit status the shim in `run_dir` recorded.
-fn exit_status(run_dir: &Path) -> io::Result<ExitStatus> {
+/// The exit status the shim in `run_dir` recorded for workload `pid`.
+fn exit_status(run_dir: &Path, pid: u32) -> io::Result<ExitStatus> {
     read_json::<ExitRecord>(&run_dir.join(EXIT))
+        .filter(|r| r.pid == pid)
         .map(|r| ExitStatus::from_raw(r.status))
         .ok_or_else(|| io::Error::other("the shim ended without recording the workload's exit"))
 }
 
 /// A pidfd of `pid` registered with the runtime: readable once the process ended. `None` when
-/// `pid` is no longer the process that started at `start` (it ended already).
+/// `pid` is no longer the process that started at `start` (it ended already); an error when no
+/// pidfd can be had (a kernel before 5.3, no descriptor left).
 fn watch(pid: u32, start: u64) -> io::Result<Option<tokio::io::unix::AsyncFd<OwnedFd>>> {
-    let Some(fd) = open_pidfd(pid, start) else {
+    let Some(fd) = open_pidfd(pid, start)? else {
         return Ok(None);
     };
     // SAFETY: the registered fd is the `OwnedFd` the `AsyncFd` owns: it is closed only when
@@ -453,18 +486,31 @@ pub(crate) struct ShimRun {
 }
 
 impl ShimRun {
-    fn open(
-        state: &ShimState,
-        run_dir: PathBuf,
-        child: Option<tokio::process::Child>,
-    ) -> io::Result<Self> {
+    /// A shim an earlier agent started.
+    fn adopt(state: &ShimState, run_dir: PathBuf) -> io::Result<Self> {
         Ok(Self {
             pid: state.pid,
             workload: watch(state.pid, state.pid_start)?,
             shim: watch(state.shim_pid, state.shim_start)?,
-            _child: child,
+            _child: None,
             run_dir,
         })
+    }
+}
+
+impl Drop for ShimRun {
+    fn drop(&mut self) {
+        // A shim adopted after this agent ran itself again (a reload) is its child although its
+        // runtime never started it: reap it if it ended, or it stays a zombie.
+        if self._child.is_none()
+            && let Some(shim) = &self.shim
+        {
+            use std::os::fd::AsFd;
+            let _ = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(shim.get_ref().as_fd()),
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+            );
+        }
     }
 }
 
@@ -480,7 +526,7 @@ impl Running for ShimRun {
         // The shim writes the record right after reaping the workload.
         let deadline = tokio::time::Instant::now() + RECORD_WAIT;
         loop {
-            if let Ok(status) = exit_status(&self.run_dir) {
+            if let Ok(status) = exit_status(&self.run_dir, self.pid) {
                 return Ok(status);
             }
             let shim_gone = match &self.shim {
@@ -492,7 +538,7 @@ impl Running for ShimRun {
                 None => true,
             };
             if shim_gone || tokio::time::Instant::now() >= deadline {
-                return exit_status(&self.run_dir);
+                return exit_status(&self.run_dir, self.pid);
             }
         }
     }
@@ -536,9 +582,17 @@ impl Found {
 
     pub fn into_running(self, run_dir: PathBuf) -> io::Result<Box<dyn Running>> {
         match self {
-            Found::Alive { state } => Ok(Box::new(ShimRun::open(&state, run_dir, None)?)),
+            Found::Alive { state } => Ok(Box::new(ShimRun::adopt(&state, run_dir)?)),
             _ => Err(io::Error::other("the shim is not running")),
         }
+    }
+}
+
+/// Forgets the run recorded in `run_dir` once its end was reported: a later agent must not
+/// report it again.
+pub fn forget_run(run_dir: &Path) {
+    for file in [EXIT, STATE] {
+        let _ = std::fs::remove_file(run_dir.join(file));
     }
 }
 
@@ -554,7 +608,9 @@ pub fn scan(data_dir: &Path) -> BTreeMap<String, Found> {
         };
         let dir = e.path();
         let state: Option<ShimState> = read_json(&dir.join(STATE));
-        let exit: Option<ExitRecord> = read_json(&dir.join(EXIT));
+        // A record is the end of the run the state describes, not of an earlier one.
+        let of_run = |e: &ExitRecord| state.as_ref().is_none_or(|s| s.pid == e.pid);
+        let exit: Option<ExitRecord> = read_json(&dir.join(EXIT)).filter(of_run);
         let found = match (state, exit) {
             (state, Some(exit)) => Found::Exited { state, exit },
             (Some(state), None) if process::alive_since(state.shim_pid, state.shim_start) => {
@@ -562,7 +618,7 @@ pub fn scan(data_dir: &Path) -> BTreeMap<String, Found> {
             }
             (Some(state), None) => {
                 // It may have ended between the two reads.
-                match read_json(&dir.join(EXIT)) {
+                match read_json::<ExitRecord>(&dir.join(EXIT)).filter(|e| e.pid == state.pid) {
                     Some(exit) => Found::Exited {
                         state: Some(state),
                         exit,
@@ -570,23 +626,29 @@ pub fn scan(data_dir: &Path) -> BTreeMap<String, Found> {
                     None => Found::Lost { state: Some(state) },
                 }
             }
-            (None, None) => Found::Lost { state: None },
+            // Nothing ever ran there (a start that failed before its shim wrote anything).
+            (None, None) => continue,
         };
         out.insert(name, found);
     }
     out
 }
 
-/// A pidfd of `pid` if it is still the process that started at `start`.
-fn open_pidfd(pid: u32, start: u64) -> Option<OwnedFd> {
-    let raw = i32::try_from(pid).ok()?;
-    let fd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(raw)?,
-        rustix::process::PidfdFlags::NONBLOCK,
-    )
-    .ok()?;
+/// A pidfd of `pid` if it is still the process that started at `start` (`None`: it is gone).
+fn open_pidfd(pid: u32, start: u64) -> io::Result<Option<OwnedFd>> {
+    let Some(raw) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return Ok(None);
+    };
+    let fd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::NONBLOCK) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return Ok(None),
+        Err(e) => return Err(io::Error::from(e)),
+    };
     // Checked after opening: the fd refers to that process whatever happens to the pid later.
-    process::alive_since(pid, start).then_some(fd)
+    Ok(process::alive_since(pid, start).then_some(fd))
 }
 
 /// Reads the first line of a file (for tests and diagnostics).
@@ -667,6 +729,7 @@ Private_Dirty:         8 kB
                 "exited",
                 Some(state("exited", start)),
                 Some(ExitRecord {
+                    pid: me,
                     status: 3 << 8,
                     at_unix_ms: 2,
                 }),
@@ -688,7 +751,7 @@ Private_Dirty:         8 kB
         // Same pid, other start time: another process took the pid.
         assert!(matches!(found["reused"], Found::Lost { .. }));
         assert!(matches!(&found["exited"], Found::Exited { exit, .. } if exit.status == 3 << 8));
-        assert!(matches!(found["empty"], Found::Lost { state: None }));
+        assert!(!found.contains_key("empty"), "nothing ran there");
         assert_eq!(
             first_line(&run_dir(t.path(), "alive").join(STATE)).map(|l| l.contains("uid-alive")),
             Some(true)

@@ -59,13 +59,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// What an earlier agent left of instance `name` (the one with `uid`).
-    pub fn take_found(&self, name: &str, uid: &str) -> Option<Found> {
-        let mut found = flotilla_store::lock(&self.found);
-        if found.get(name)?.uid().is_some_and(|u| u != uid) {
-            return None;
-        }
-        found.remove(name)
+    /// What an earlier agent left of instance `name`.
+    pub fn take_found(&self, name: &str) -> Option<Found> {
+        flotilla_store::lock(&self.found).remove(name)
     }
 
     /// Singletons must be stopped: the lease has a third of its time left (on this node's
@@ -118,7 +114,8 @@ enum Resumed {
 
 /// RFC 3339 of a time in milliseconds since the epoch.
 fn unix_ms_rfc3339(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    // Before the year 10000 (a record from outside says when; humantime formats 4-digit years).
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.min(253_402_300_799_000));
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -316,11 +313,22 @@ impl Worker {
 
     async fn main(&mut self) -> Desired {
         let mut prepared: Option<Prepared> = None;
-        if let Some(found) = self.shared.take_found(&self.name, &self.uid) {
-            match self.resume(found, &mut prepared).await {
-                Resumed::End(d) => return d,
-                Resumed::Continue => {}
+        match self.shared.take_found(&self.name) {
+            Some(found) if found.uid().is_none_or(|u| u == self.uid) => {
+                match self.resume(found, &mut prepared).await {
+                    Resumed::End(d) => return d,
+                    Resumed::Continue => {}
+                }
             }
+            Some(stale) => {
+                // An earlier instance of the same name (replaced meanwhile): not this one's.
+                if let Some(pid) = stale.live_pid() {
+                    tracing::info!(instance = %self.name, pid, "stopping the process of a replaced instance of this name");
+                    self.kill_leftovers(pid).await;
+                }
+                shim::forget_run(&self.run_dir());
+            }
+            None => {}
         }
         loop {
             // Before every start and restart: a stop requested meanwhile (deletion, shutdown)
@@ -502,12 +510,30 @@ impl Worker {
         shim::run_dir(&self.shared.config.data_dir, &self.name)
     }
 
+    /// Whether the status this worker started from shows process `pid` running (or stopping).
+    fn records(&self, pid: u32) -> bool {
+        self.initial.pid == Some(pid)
+            && matches!(
+                self.initial.phase,
+                Phase::Starting | Phase::Running | Phase::Stopping
+            )
+    }
+
     /// Takes over what an earlier agent left of this instance: a process still running is
     /// re-adopted (probes, usage sampling and its exit resume; its status stays as it was); one
     /// that ended meanwhile is reported with its exit status, or as lost, and restarted by the
     /// restart policy.
     async fn resume(&mut self, found: Found, prepared: &mut Option<Prepared>) -> Resumed {
         let next = match found {
+            Found::Alive { ref state } if !self.records(state.pid) => {
+                // Started, but the agent died before recording it: its status has neither its
+                // pid nor its ports, so it is started again rather than adopted blind.
+                let pid = state.pid;
+                tracing::info!(instance = %self.name, pid, "a process whose start was never recorded: starting it again");
+                self.kill_leftovers(pid).await;
+                shim::forget_run(&self.run_dir());
+                return Resumed::Continue;
+            }
             Found::Alive { .. } => {
                 for (name, port) in &self.initial.ports {
                     self.ports.insert(name.clone(), *port);
@@ -584,6 +610,11 @@ impl Worker {
                 let ran_for = state.as_ref().map_or(Duration::ZERO, |s| {
                     Duration::from_millis(exit.at_unix_ms.saturating_sub(s.started_unix_ms))
                 });
+                shim::forget_run(&self.run_dir());
+                if let Some(s) = &state {
+                    // What it left in its group, when no cgroup holds it.
+                    self.kill_leftovers(s.pid).await;
+                }
                 let status = ExitStatus::from_raw(exit.status);
                 let mut info = classify(Some(status), cg_oom > oom_before, None);
                 info.at = unix_ms_rfc3339(exit.at_unix_ms);
@@ -593,6 +624,7 @@ impl Worker {
                 if let Some(pid) = found.live_pid() {
                     self.kill_leftovers(pid).await;
                 }
+                shim::forget_run(&self.run_dir());
                 if self.desired_now() != Desired::Run {
                     return Resumed::End(self.desired_now());
                 }
@@ -802,6 +834,8 @@ impl Worker {
             return RunEnd::Stop(d);
         }
         let oom = self.oom_kills() > oom_before;
+        // Its end is reported now: a later agent must not find it again.
+        shim::forget_run(&self.run_dir());
         RunEnd::Exited(classify(status, oom, killed_for), started.elapsed())
     }
 

@@ -76,16 +76,35 @@ async fn until_signal<T>(
 
 /// Runs this program again in this process (same pid, arguments and environment), for a
 /// reload: the new image reads its configuration (and, after an upgrade, is the new binary).
+///
+/// The program is `argv[0]` when it is an absolute path to a file (what systemd starts: after an
+/// upgrade, the new binary), else this process's own executable.
 fn reexec() -> anyhow::Error {
     use std::os::unix::process::CommandExt;
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
-    tracing::info!("reloading: running again in place");
-    let e = std::process::Command::new(flotilla_agent::shim::SELF_EXE)
+    let program =
+        if std::path::Path::new(&arg0).is_absolute() && std::path::Path::new(&arg0).is_file() {
+            PathBuf::from(&arg0)
+        } else {
+            PathBuf::from(flotilla_agent::shim::SELF_EXE)
+        };
+    tracing::info!(program = %program.display(), "reloading: running again in place");
+    let e = std::process::Command::new(program)
         .arg0(arg0)
         .args(args)
         .exec();
     anyhow!("cannot run again for the reload: {e}")
+}
+
+/// What the service manager is told once a signal ends the wait: a reload (SIGHUP) is not a
+/// stop (systemd would kill a unit that said STOPPING=1 and then READY=1).
+fn stopping_or_reloading(signal: Option<Signal>) {
+    if signal == Some(Signal::Hangup) {
+        crate::sd::reloading();
+    } else {
+        crate::sd::stopping();
+    }
 }
 
 fn data_dir_or(flag: Option<PathBuf>, leaf: &str) -> Result<PathBuf> {
@@ -395,7 +414,7 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
     crate::sd::ready(&format!("API on https://{api_local}"));
     let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
     let (early, signal) = until_signal(&mut main_task).await?;
-    crate::sd::stopping();
+    stopping_or_reloading(signal);
     shutdown.cancel();
     let _ = watchdog.await;
     if early.is_none() {
@@ -1018,7 +1037,7 @@ pub async fn agent(
     // SIGTERM (systemd's stop and restart, an upgrade) and SIGHUP (a reload) leave the
     // workloads running for the next agent; Ctrl-C stops them.
     detach.set(matches!(signal, Some(Signal::Terminate | Signal::Hangup)));
-    crate::sd::stopping();
+    stopping_or_reloading(signal);
     shutdown.cancel();
     let _ = renewal.await;
     let _ = watchdog.await;
