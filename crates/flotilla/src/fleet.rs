@@ -57,17 +57,34 @@ enum Signal {
     Hangup,
 }
 
+/// The daemon's signal handlers, installed before it says it is ready: a signal sent at once
+/// after READY=1 (a reload, a stop) is handled, not taken with its default action (exit).
+pub(crate) struct Signals {
+    pub interrupt: tokio::signal::unix::Signal,
+    pub terminate: tokio::signal::unix::Signal,
+    pub hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+}
+
 /// Waits for SIGINT, SIGTERM or SIGHUP, or for `task` to end first (its result, then).
 async fn until_signal<T>(
+    signals: &mut Signals,
     task: &mut tokio::task::JoinHandle<T>,
 ) -> Result<(Option<T>, Option<Signal>)> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (got, what) = tokio::select! {
-        _ = tokio::signal::ctrl_c() => (Signal::Interrupt, "SIGINT"),
-        _ = sigterm.recv() => (Signal::Terminate, "SIGTERM"),
-        _ = sighup.recv() => (Signal::Hangup, "SIGHUP"),
+        _ = signals.interrupt.recv() => (Signal::Interrupt, "SIGINT"),
+        _ = signals.terminate.recv() => (Signal::Terminate, "SIGTERM"),
+        _ = signals.hangup.recv() => (Signal::Hangup, "SIGHUP"),
         done = task => return done.map(|d| (Some(d), None)).map_err(|e| anyhow!("task failed: {e}")),
     };
     tracing::info!(signal = what, "shutting down");
@@ -411,9 +428,10 @@ pub async fn server(args: ServerArgs, data_dir_flag: Option<PathBuf>) -> Result<
         "Nodes join with a token from `flotilla token create --join`: FLOTILLA_TOKEN=<token> flotilla agent --join https://{api_local} --node NAME --address IP\n  (or `flotilla-agent`, the agent alone, with the same flags)"
     );
 
+    let mut signals = Signals::install()?;
     crate::sd::ready(&format!("API on https://{api_local}"));
     let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
-    let (early, signal) = until_signal(&mut main_task).await?;
+    let (early, signal) = until_signal(&mut signals, &mut main_task).await?;
     stopping_or_reloading(signal);
     shutdown.cancel();
     let _ = watchdog.await;
@@ -1030,10 +1048,11 @@ pub async fn agent(
         shutdown.clone(),
     ));
     let detach = agent.detach_on_exit();
+    let mut signals = Signals::install()?;
     crate::sd::ready(&format!("node {node} joined {api}"));
     let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
     let mut task = tokio::spawn(agent.run(shutdown.clone()));
-    let (early, signal) = until_signal(&mut task).await?;
+    let (early, signal) = until_signal(&mut signals, &mut task).await?;
     // SIGTERM (systemd's stop and restart, an upgrade) and SIGHUP (a reload) leave the
     // workloads running for the next agent; Ctrl-C stops them.
     detach.set(matches!(signal, Some(Signal::Terminate | Signal::Hangup)));

@@ -424,17 +424,19 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
             "Ctrl-C stops every workload and exits; SIGTERM exits and leaves them running for the next `flotilla up`."
         );
     }
+    // Handlers first: a signal sent at once after READY=1 must not find the default action.
+    let crate::fleet::Signals {
+        interrupt: mut sigint,
+        terminate: mut sigterm,
+        hangup: mut sighup,
+    } = crate::fleet::Signals::install()?;
     crate::sd::ready(&format!("API on http://{api_local}, gateway on {gw_local}"));
     let watchdog = tokio::spawn(crate::sd::watchdog(shutdown.clone()));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let mut agent_done = None;
     while failed.is_none() {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
                 tracing::info!("SIGINT received, stopping every workload");
                 break;
             }
@@ -474,7 +476,7 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     // runs stays under its shim, and the next start re-adopts it.
     tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
         }
         tracing::warn!("second signal: exiting without waiting for workloads");
