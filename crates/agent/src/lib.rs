@@ -417,6 +417,11 @@ impl Agent {
 pub struct DetachOnExit(Arc<Shared>);
 
 impl DetachOnExit {
+    /// Whether the workloads will be (were) left running at exit.
+    pub fn detaching(&self) -> bool {
+        self.0.detach.load(std::sync::atomic::Ordering::SeqCst) && self.0.driver.survives_agent()
+    }
+
     /// At exit, leave the workloads running (or, with `false`, stop them).
     pub fn set(&self, detach: bool) {
         self.0

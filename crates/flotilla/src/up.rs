@@ -519,7 +519,11 @@ pub async fn run(args: UpArgs, data_dir_flag: Option<PathBuf>) -> Result<ExitCod
     if let Some(path) = &ctx_written {
         context::remove_own_context(path);
     }
-    tracing::info!("all workloads stopped; bye");
+    if detach.detaching() {
+        tracing::info!("exiting; the workloads keep running for the next `flotilla up`");
+    } else {
+        tracing::info!("all workloads stopped; bye");
+    }
     match failed {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
