@@ -276,13 +276,12 @@ impl Agent {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let node = self.shared.config.node.clone();
         let found = shim::scan(&self.shared.config.data_dir);
-        let alive: std::collections::HashSet<String> = found
-            .iter()
-            .filter(|(_, f)| matches!(f, shim::Found::Alive { .. }))
-            .map(|(n, _)| n.clone())
-            .collect();
         if !found.is_empty() {
-            tracing::info!(node = %node, running = alive.len(), ended = found.len() - alive.len(), "found the instances of an earlier agent");
+            let running = found
+                .values()
+                .filter(|f| matches!(f, shim::Found::Alive { .. }))
+                .count();
+            tracing::info!(node = %node, running, ended = found.len() - running, "found the instances of an earlier agent");
         }
         // Every cgroup of what was found stays until its worker is done with it: a running
         // process's is re-adopted, an ended one's holds the OOM count its end is judged by.

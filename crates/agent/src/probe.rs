@@ -177,8 +177,8 @@ async fn exec(command: &[String], ctx: &ProbeContext, timeout: Duration) -> Resu
         args: args.to_vec(),
         env: ctx.env.clone(),
         workdir: ctx.workdir.clone(),
-        uid: ctx.uid.map(nix::unistd::Uid::from_raw),
-        gid: ctx.gid.map(nix::unistd::Gid::from_raw),
+        uid: ctx.uid,
+        gid: ctx.gid,
         open_files: ctx.open_files,
         cgroup_procs: ctx.cgroup_procs.clone(),
     };

@@ -9,16 +9,16 @@ use std::path::PathBuf;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid};
 
-/// Everything needed to start one process of an instance.
-#[derive(Debug, Clone)]
+/// Everything needed to start one process of an instance (also what the agent sends a shim).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LaunchSpec {
     pub program: String,
     pub args: Vec<String>,
     /// Added to the agent's own environment.
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
-    pub uid: Option<Uid>,
-    pub gid: Option<Gid>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     /// RLIMIT_NOFILE (soft and hard).
     pub open_files: Option<u64>,
     /// `cgroup.procs` files the child joins before exec.
@@ -85,7 +85,7 @@ pub fn command(spec: &LaunchSpec) -> std::io::Result<std::process::Command> {
         .collect::<Result<_, _>>()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let open_files = spec.open_files;
-    let (uid, gid) = (spec.uid, spec.gid);
+    let (uid, gid) = (spec.uid.map(Uid::from_raw), spec.gid.map(Gid::from_raw));
     let parent = nix::unistd::getpid();
     // SAFETY: the closure only makes async-signal-safe system calls (open, write, close,
     // setrlimit, setgroups, setgid, setuid, prctl, getppid) on data prepared before fork;

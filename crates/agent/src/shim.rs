@@ -63,14 +63,8 @@ pub struct ShimSpec {
     pub instance: String,
     /// The instance object's uid: a later instance of the same name is not this one.
     pub uid: String,
-    pub program: String,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub workdir: Option<PathBuf>,
-    pub user: Option<u32>,
-    pub group: Option<u32>,
-    pub open_files: Option<u64>,
-    pub cgroup_procs: Vec<PathBuf>,
+    /// The workload.
+    pub launch: LaunchSpec,
     /// The cgroup's OOM kill count at the start, kept in the state for the exit's judgement.
     pub oom_before: u64,
     /// The instance's grace period: how long its leftovers may write after it ended.
@@ -79,21 +73,6 @@ pub struct ShimSpec {
     pub log_max_bytes: u64,
     pub log_max_files: u32,
     pub run_dir: PathBuf,
-}
-
-impl ShimSpec {
-    fn launch(&self) -> LaunchSpec {
-        LaunchSpec {
-            program: self.program.clone(),
-            args: self.args.clone(),
-            env: self.env.clone(),
-            workdir: self.workdir.clone(),
-            uid: self.user.map(nix::unistd::Uid::from_raw),
-            gid: self.group.map(nix::unistd::Gid::from_raw),
-            open_files: self.open_files,
-            cgroup_procs: self.cgroup_procs.clone(),
-        }
-    }
 }
 
 /// A running shim and its workload, as the shim records them.
@@ -320,7 +299,7 @@ fn clean_mappings_of(smaps: &str, path: &str) -> Vec<(usize, usize)> {
 fn start(spec: &ShimSpec) -> io::Result<(std::process::Child, OwnedFd, ShimState)> {
     std::fs::create_dir_all(&spec.run_dir)?;
     let (r, w) = process::output_pipe()?;
-    let mut cmd = process::command(&spec.launch())?;
+    let mut cmd = process::command(&spec.launch)?;
     cmd.stdout(w.try_clone()?).stderr(w);
     let child = cmd.spawn()?;
     drop(cmd);
@@ -399,19 +378,12 @@ pub(crate) async fn spawn(program: &Path, spec: &ShimSpec) -> io::Result<ShimRun
             let opened = read_json::<ShimState>(&spec.run_dir.join(STATE))
                 .filter(|s| s.pid == pid)
                 .ok_or_else(|| io::Error::other("the shim started without recording its state"))
-                .and_then(|state| {
-                    let workload = watch(state.pid, state.pid_start)?;
-                    let shim = watch(state.shim_pid, state.shim_start)?;
-                    Ok((workload, shim))
-                });
+                .and_then(|state| ShimRun::adopt(&state, spec.run_dir.clone()));
             match opened {
-                Ok((workload, shim)) => Ok(ShimRun {
-                    pid,
-                    workload,
-                    shim,
-                    _child: Some(child),
-                    run_dir: spec.run_dir.clone(),
-                }),
+                Ok(mut run) => {
+                    run._child = Some(child);
+                    Ok(run)
+                }
                 Err(e) => {
                     // Unwatched, it must not run: the workload dies with its shim.
                     let _ = child.kill().await;
@@ -486,7 +458,8 @@ pub(crate) struct ShimRun {
 }
 
 impl ShimRun {
-    /// A shim an earlier agent started.
+    /// Watches the shim and workload `state` describes (one an earlier agent started, until
+    /// the caller gives it the child it started itself).
     fn adopt(state: &ShimState, run_dir: PathBuf) -> io::Result<Self> {
         Ok(Self {
             pid: state.pid,

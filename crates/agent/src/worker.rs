@@ -495,8 +495,8 @@ impl Worker {
             args: p.args.clone(),
             env: p.env.clone(),
             workdir: self.spec.workdir.as_ref().map(PathBuf::from),
-            uid: p.uid,
-            gid: p.gid,
+            uid: p.uid.map(Uid::as_raw),
+            gid: p.gid.map(Gid::as_raw),
             open_files: self.spec.resources.open_files,
             cgroup_procs: self
                 .cg
