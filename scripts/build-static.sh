@@ -18,7 +18,7 @@ for bin in "${bins[@]}"; do args+=(--bin "$bin"); done
 # getrandom looks glibc's getrandom() up with dlsym, which a static binary cannot: without
 # `linux_getrandom` it falls back to /dev/urandom and a root without /dev (a bare chroot, a
 # minimal container) cannot start.
-RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs --cfg getrandom_backend=\"linux_getrandom\"" \
+RUSTFLAGS="-C target-feature=+crt-static -C force-unwind-tables=no -C link-arg=-Wl,-z,pack-relative-relocs --cfg getrandom_backend=\"linux_getrandom\"" \
     cargo build --release --locked -p flotilla "${args[@]}" --target "$target"
 for bin in "${bins[@]}"; do
     out="${CARGO_TARGET_DIR:-target}/$target/release/$bin"

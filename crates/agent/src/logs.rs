@@ -4,7 +4,6 @@
 //! exist (the current one included). [`read`] and [`follow`] serve them back.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,6 +68,20 @@ fn rotated(dir: &Path, n: u32) -> PathBuf {
     }
 }
 
+/// `write(2)` until all of `data` is written: the system call itself, no buffering and no
+/// libc in between (the shim's loop keeps only a few pages of code resident).
+fn write_all(file: &File, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(file, data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Size-rotated writer of whole lines.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -103,11 +116,30 @@ impl LogWriter {
         if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
-        self.file
-            .write_all(line)
+        write_all(&self.file, line)
             .map_err(|e| AgentError::io("write log", rotated(&self.dir, 0), e))?;
         self.size += line.len() as u64;
         Ok(())
+    }
+
+    /// Appends whole lines: in one write when they fit in the current file, else line by line
+    /// (each rotating as it must). Every line is tried; the first error is returned.
+    pub fn write_lines(&mut self, chunk: &[u8]) -> Result<(), AgentError> {
+        if self.size + chunk.len() as u64 <= self.max_bytes {
+            write_all(&self.file, chunk)
+                .map_err(|e| AgentError::io("write log", rotated(&self.dir, 0), e))?;
+            self.size += chunk.len() as u64;
+            return Ok(());
+        }
+        let mut first = Ok(());
+        for line in chunk.split_inclusive(|b| *b == b'\n') {
+            if let Err(e) = self.write_line(line)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
     }
 
     fn rotate(&mut self) -> Result<(), AgentError> {
@@ -162,16 +194,29 @@ impl LineSink {
         }
     }
 
-    /// Takes `data`, writes every line it completes.
+    /// Takes `data`, writes every line it completes. Output that arrives in whole lines is
+    /// written straight from `data`; nothing is allocated once the pending buffer has grown.
     pub fn feed(&mut self, data: &[u8]) {
+        if self.pending.is_empty() {
+            let cut = match data.iter().rposition(|b| *b == b'\n') {
+                Some(i) => i + 1,
+                None if data.len() >= MAX_LINE => data.len(),
+                None => 0,
+            };
+            self.write(&data[..cut]);
+            self.pending.extend_from_slice(&data[cut..]);
+            return;
+        }
         self.pending.extend_from_slice(data);
         let cut = match self.pending.iter().rposition(|b| *b == b'\n') {
             Some(i) => i + 1,
             None if self.pending.len() >= MAX_LINE => self.pending.len(),
             None => return,
         };
-        let chunk: Vec<u8> = self.pending.drain(..cut).collect();
-        self.write(&chunk);
+        let pending = std::mem::take(&mut self.pending);
+        self.write(&pending[..cut]);
+        self.pending = pending;
+        self.pending.drain(..cut);
     }
 
     /// Writes what is left as a last line.
@@ -184,13 +229,14 @@ impl LineSink {
     }
 
     fn write(&mut self, chunk: &[u8]) {
-        for line in chunk.split_inclusive(|b| *b == b'\n') {
-            if let Err(e) = self.writer.write_line(line)
-                && !self.warned
-            {
-                tracing::warn!(instance = %self.instance, error = %e, "cannot write instance log");
-                self.warned = true;
-            }
+        if chunk.is_empty() {
+            return;
+        }
+        if let Err(e) = self.writer.write_lines(chunk)
+            && !self.warned
+        {
+            tracing::warn!(instance = %self.instance, error = %e, "cannot write instance log");
+            self.warned = true;
         }
     }
 }

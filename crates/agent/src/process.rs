@@ -114,6 +114,16 @@ pub fn command(spec: &LaunchSpec) -> std::io::Result<std::process::Command> {
             if let Some(u) = uid {
                 nix::unistd::setuid(u)?;
             }
+            // Only stdin, stdout and stderr reach the workload: whatever else its starter
+            // held open without close-on-exec (a descriptor `flotilla up` inherited from its
+            // shell, say) is closed by the exec. Kernels before 5.11 do not know the flag;
+            // there the descriptors stay as before.
+            nix::libc::syscall(
+                nix::libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                nix::libc::CLOSE_RANGE_CLOEXEC,
+            );
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));

@@ -11,8 +11,8 @@
 //! status still captured; the next agent finds the shims in `<data_dir>/run` ([`scan`]) and
 //! re-adopts them.
 //!
-//! The shim uses no async runtime and no logging: a thread for the output, the main thread in
-//! `waitpid`. Its stdin, stdout (after the start-up answer) and stderr are `/dev/null`, so the
+//! The shim uses no async runtime, no logging and one thread: `poll(2)` on the output pipe and
+//! a pidfd of the workload, `read(2)` and `write(2)` into the log, all without libc. Its stdin, stdout (after the start-up answer) and stderr are `/dev/null`, so the
 //! agent's pipes closing never reaches it.
 
 use std::collections::BTreeMap;
@@ -135,6 +135,7 @@ pub fn main_if_shim() -> Option<i32> {
 
 fn shim_main() -> i32 {
     let _ = nix::sys::prctl::set_name(c"flotilla-shim");
+    close_inherited_descriptors();
     let mut input = Vec::new();
     let mut answer = io::stdout().lock();
     let spec: ShimSpec = match io::stdin()
@@ -168,6 +169,23 @@ fn shim_main() -> i32 {
         }
     };
     let (mut child, output, state) = started;
+    // The workload's end, as a descriptor the output loop polls beside the pipe.
+    let exited = match rustix::process::Pid::from_raw(state.pid as i32)
+        .ok_or(rustix::io::Errno::SRCH)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()))
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = writeln!(
+                answer,
+                "err {} cannot watch the workload: {e}",
+                e.raw_os_error()
+            );
+            return 1;
+        }
+    };
     if let Err(e) = write_json(&spec.run_dir, STATE, &state) {
         let _ = child.kill();
         let _ = child.wait();
@@ -182,23 +200,31 @@ fn shim_main() -> i32 {
     if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(&null);
     }
-    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let sink = Some(LineSink::new(writer, spec.instance.clone()));
-    let pump = std::thread::Builder::new()
-        .name("output".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let src = std::fs::File::from(output);
-            match sink {
-                Some(sink) => crate::logs::pump_blocking(src, sink),
-                // No log file: still read, so the workload never blocks on a full pipe.
-                None => {
-                    let _ = io::copy(&mut io::BufReader::new(src), &mut io::sink());
-                }
-            }
-            let _ = done_tx.send(());
-        });
+    let mut out = Output {
+        fd: output,
+        sink: LineSink::new(writer, spec.instance.clone()),
+        buf: vec![0; 16 * 1024],
+        open: true,
+    };
     trim_start_up_pages();
+    // One thread: poll(2) on the pipe and the pidfd, read(2) and write(2) into the log.
+    while out.open {
+        let mut fds = [
+            rustix::event::PollFd::new(&out.fd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&exited, rustix::event::PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
+        }
+        let (output_ready, ended) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if output_ready {
+            out.read_once();
+        }
+        if ended {
+            break;
+        }
+    }
     let status = loop {
         match child.wait() {
             Ok(st) => break st.into_raw(),
@@ -209,7 +235,7 @@ fn shim_main() -> i32 {
     let at_unix_ms = unix_ms();
     // Its last words are in the log before its end is known (end-of-file at once, unless
     // something it left in its group holds the pipe).
-    let drained = pump.is_err() || done_rx.recv_timeout(FIRST_DRAIN).is_ok();
+    out.drain_for(FIRST_DRAIN);
     let record = ExitRecord {
         pid: state.pid,
         status,
@@ -218,12 +244,68 @@ fn shim_main() -> i32 {
     let recorded = write_json(&spec.run_dir, EXIT, &record);
     // What the workload left in its group may write on until the agent stopped it (at once
     // after a crash, after the grace period on a stop).
-    if !drained {
-        let _ = done_rx.recv_timeout(Duration::from_millis(spec.grace_ms) + DRAIN_SLACK);
-    }
+    out.drain_for(Duration::from_millis(spec.grace_ms) + DRAIN_SLACK);
+    out.sink.finish();
     match recorded {
         Ok(()) => 0,
         Err(_) => 3,
+    }
+}
+
+/// A shim outlives its agent, and whatever the agent inherited without close-on-exec (a pipe
+/// of the shell that started `flotilla up`, say) would stay open as long as its workload runs:
+/// everything but stdin, stdout and stderr is closed before the shim opens anything.
+fn close_inherited_descriptors() {
+    // SAFETY: close_range(2) on descriptors this process has not opened and does not use;
+    // std holds none at this point of `main`.
+    #[allow(unsafe_code)]
+    unsafe {
+        nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
+/// The read end of the workload's output pipe and where its lines go.
+struct Output {
+    fd: OwnedFd,
+    sink: LineSink,
+    buf: Vec<u8>,
+    /// Until end-of-file (or an error reading).
+    open: bool,
+}
+
+impl Output {
+    /// One read(2): what it got goes to the log; end-of-file or an error closes the output.
+    fn read_once(&mut self) {
+        match rustix::io::read(&self.fd, &mut self.buf) {
+            Ok(0) => self.open = false,
+            Ok(n) => self.sink.feed(self.buf.get(..n).unwrap_or_default()),
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+            Err(_) => self.open = false,
+        }
+    }
+
+    /// Reads until end-of-file or until `limit` has passed.
+    fn drain_for(&mut self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.open {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let timeout = rustix::time::Timespec {
+                tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                &self.fd,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => {}
+                Ok(_) => self.read_once(),
+                Err(_) => return,
+            }
+        }
     }
 }
 
@@ -234,6 +316,14 @@ fn shim_main() -> i32 {
 /// are not writable and hold no private or anonymous page are dropped, so every page comes back
 /// unchanged from the file on its next use.
 fn trim_start_up_pages() {
+    // The heap the start-up freed (the spec, JSON) goes back too.
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; nothing
+    // allocated is touched.
+    #[cfg(target_env = "gnu")]
+    #[allow(unsafe_code)]
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
     let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
         return;
     };

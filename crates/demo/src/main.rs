@@ -38,7 +38,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 /// Longest delay `/slow` accepts, so a typo cannot pin a connection for days.
 const MAX_SLOW_MS: u64 = 10 * 60 * 1000;
@@ -101,8 +102,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        .finish()
+        .with(
+            std::env::var("RUST_LOG")
+                .ok()
+                .and_then(|text| text.parse::<Targets>().ok())
+                .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
         )
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -727,16 +727,26 @@ fn colour() -> bool {
 }
 
 fn init_logging(format: LogFormat, is_up: bool) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
     let default = if is_up { "info" } else { "warn" };
-    let filter =
-        EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // `FLOTILLA_LOG`: a level, or `target=level` directives separated by commas
+    // (`info,flotilla_gateway=debug`). A value that does not parse is said, not ignored.
+    let filter = match std::env::var("FLOTILLA_LOG") {
+        Ok(text) if !text.trim().is_empty() => text.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!(
+                "flotilla: FLOTILLA_LOG={text:?} is not a log filter ({e}); logging at {default}"
+            );
+            default.parse().unwrap_or_default()
+        }),
+        _ => default.parse().unwrap_or_default(),
+    };
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colour())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
 }

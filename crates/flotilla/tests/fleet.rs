@@ -345,18 +345,17 @@ impl Fleet {
     /// after etcd members come back, their election answers a read or two with it, and the
     /// server says to retry; a store that stays unavailable still fails the test.
     fn get(&self, path: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let r = https(&self.api, &self.tls, "GET", path, Some(&self.token), "")
-                .unwrap_or_else(|| panic!("GET {path}: no answer"));
-            if r.status == 503 && r.body.contains("StoreUnavailable") && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            assert_eq!(r.status, 200, "GET {path}: {}", r.body);
-            return serde_json::from_str(&r.body).unwrap();
-        }
+        let r = wait_for(
+            &format!("GET {path} without a 503 from the store"),
+            Duration::from_secs(15),
+            || {
+                let r = https(&self.api, &self.tls, "GET", path, Some(&self.token), "")
+                    .unwrap_or_else(|| panic!("GET {path}: no answer"));
+                (r.status != 503 || !r.body.contains("StoreUnavailable")).then_some(r)
+            },
+        );
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
     }
 
     fn apply(&self, text: &str) {

@@ -199,3 +199,48 @@ fn a_workload_whose_instance_is_gone_is_stopped_not_adopted() {
     });
     assert_ne!(replacement["status"]["pid"].as_u64(), Some(pid));
 }
+
+/// What `/proc/<pid>/fd` of `pid` links to.
+fn descriptors(pid: u64) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn shims_and_workloads_hold_nothing_up_inherited() {
+    // A descriptor without close-on-exec, as a shell or a CI runner leaves them: `up` gets it.
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let inode = nix::sys::stat::fstat(&write_end).unwrap().st_ino;
+    let pipe = format!("pipe:[{inode}]");
+    let mut up = Up::start(&demo_service("web", 1, ""));
+    drop(write_end);
+    let pid = up.wait_ready("web", 1)[0]["status"]["pid"]
+        .as_u64()
+        .unwrap();
+    let shim = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap();
+    let up_pid = u64::from(up.child.as_ref().unwrap().id());
+    assert!(
+        descriptors(up_pid).contains(&pipe),
+        "the test's pipe did not reach up: the test proves nothing"
+    );
+    for (who, p) in [("the workload", pid), ("its shim", shim)] {
+        let fds = descriptors(p);
+        assert!(!fds.is_empty(), "{who} ({p}) has no descriptors to read");
+        assert!(
+            !fds.contains(&pipe),
+            "{who} holds up's inherited {pipe}: {fds:?}"
+        );
+    }
+    up.stop();
+    drop(read_end);
+}
