@@ -11,8 +11,8 @@
 //! status still captured; the next agent finds the shims in `<data_dir>/run` ([`scan`]) and
 //! re-adopts them.
 //!
-//! The shim uses no async runtime, no logging and one thread: `poll(2)` on the output pipe and
-//! a pidfd of the workload, `read(2)` and `write(2)` into the log, all without libc. Its stdin, stdout (after the start-up answer) and stderr are `/dev/null`, so the
+//! The shim uses no async runtime, no logging and one thread: `poll(2)` on the output pipe
+//! and a pidfd of the workload, `read(2)` and `write(2)` into the log as raw system calls. Its stdin, stdout (after the start-up answer) and stderr are `/dev/null`, so the
 //! agent's pipes closing never reaches it.
 
 use std::collections::BTreeMap;
@@ -201,21 +201,27 @@ fn shim_main() -> i32 {
         let _ = nix::unistd::dup2_stdout(&null);
     }
     let mut out = Output {
-        fd: output,
+        fd: Some(output),
         sink: LineSink::new(writer, spec.instance.clone()),
         buf: vec![0; 16 * 1024],
-        open: true,
     };
     trim_start_up_pages();
     // One thread: poll(2) on the pipe and the pidfd, read(2) and write(2) into the log.
-    while out.open {
+    while let Some(fd) = out.fd.as_ref() {
         let mut fds = [
-            rustix::event::PollFd::new(&out.fd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN),
             rustix::event::PollFd::new(&exited, rustix::event::PollFlags::IN),
         ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(_) => break,
+            // Out of kernel memory, say: never stop reading (a full pipe would block the
+            // workload), try again in a moment.
+            Err(_) => {
+                // No runtime here, and not a synchronization: a pause before trying again.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
         }
         let (output_ready, ended) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
         if output_ready {
@@ -266,28 +272,35 @@ fn close_inherited_descriptors() {
 
 /// The read end of the workload's output pipe and where its lines go.
 struct Output {
-    fd: OwnedFd,
+    /// Until end-of-file (or an error reading): then closed, so a writer gets EPIPE rather
+    /// than blocking on a pipe nobody reads.
+    fd: Option<OwnedFd>,
     sink: LineSink,
     buf: Vec<u8>,
-    /// Until end-of-file (or an error reading).
-    open: bool,
 }
 
 impl Output {
-    /// One read(2): what it got goes to the log; end-of-file or an error closes the output.
+    /// One read(2): what it got goes to the log. End-of-file or an error closes the output,
+    /// and a last line without its newline is written then, before any exit record.
     fn read_once(&mut self) {
-        match rustix::io::read(&self.fd, &mut self.buf) {
-            Ok(0) => self.open = false,
+        let Some(fd) = self.fd.as_ref() else { return };
+        match rustix::io::read(fd, &mut self.buf) {
+            Ok(0) => self.close(),
             Ok(n) => self.sink.feed(self.buf.get(..n).unwrap_or_default()),
             Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
-            Err(_) => self.open = false,
+            Err(_) => self.close(),
         }
+    }
+
+    fn close(&mut self) {
+        self.fd = None;
+        self.sink.finish();
     }
 
     /// Reads until end-of-file or until `limit` has passed.
     fn drain_for(&mut self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
-        while self.open {
+        while let Some(fd) = self.fd.as_ref() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return;
@@ -296,10 +309,7 @@ impl Output {
                 tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
                 tv_nsec: i64::from(left.subsec_nanos()),
             };
-            let mut fds = [rustix::event::PollFd::new(
-                &self.fd,
-                rustix::event::PollFlags::IN,
-            )];
+            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
             match rustix::event::poll(&mut fds, Some(&timeout)) {
                 Ok(0) | Err(rustix::io::Errno::INTR) => {}
                 Ok(_) => self.read_once(),

@@ -108,6 +108,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         eprint!("{}", crate::bench::summary(&samples));
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Import {
+        files,
+        output,
+        image_map,
+    } = &command
+    {
+        return crate::import::run(files, output.as_deref(), image_map.as_deref());
+    }
     if let Command::Version { .. } = command {
         println!("flotilla {} (client)", env!("CARGO_PKG_VERSION"));
         if let Ok(client) = connect(api, token, ca, data_dir) {
@@ -198,6 +206,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         | Command::SimulateNodes(_)
         | Command::Store { .. }
         | Command::Bench { .. }
+        | Command::Import { .. }
         | Command::Version { .. } => Ok(ExitCode::SUCCESS),
     }
 }

@@ -11,6 +11,7 @@ mod context;
 mod fleet;
 mod follow;
 mod gateway;
+mod import;
 mod member;
 mod migrate;
 mod output;
@@ -135,6 +136,22 @@ pub enum Command {
     /// against a server.
     #[command(hide = true)]
     SimulateNodes(SimulateArgs),
+    /// Turn Kubernetes manifests (Deployments, Pods, Services, Ingresses, ConfigMaps,
+    /// Secrets; files, directories or `-` for stdin) into a flotilla file, or say exactly
+    /// which field of which file cannot be honoured.
+    Import {
+        /// Manifest files or directories (their `.yaml`, `.yml` and `.json` files); `-` reads
+        /// stdin.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Write the flotilla file here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Image → command and arguments, a TOML file:
+        /// `"ghcr.io/acme/web" = { command = "/opt/web/bin/web", args = ["--port", "${PORT}"] }`.
+        #[arg(long = "image-map")]
+        image_map: Option<PathBuf>,
+    },
     /// Create or update the services in a file.
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -264,6 +281,7 @@ impl Command {
             | Command::Down
             | Command::Server(_)
             | Command::Store { .. }
+            | Command::Import { .. }
             | Command::Bench { .. } => {
                 return Conn::default();
             }
@@ -727,19 +745,19 @@ fn colour() -> bool {
 }
 
 fn init_logging(format: LogFormat, is_up: bool) {
-    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let default = if is_up { "info" } else { "warn" };
-    // `FLOTILLA_LOG`: a level, or `target=level` directives separated by commas
-    // (`info,flotilla_gateway=debug`). A value that does not parse is said, not ignored.
+    let default = if is_up {
+        LevelFilter::INFO
+    } else {
+        LevelFilter::WARN
+    };
     let filter = match std::env::var("FLOTILLA_LOG") {
-        Ok(text) if !text.trim().is_empty() => text.parse::<Targets>().unwrap_or_else(|e| {
-            eprintln!(
-                "flotilla: FLOTILLA_LOG={text:?} is not a log filter ({e}); logging at {default}"
-            );
-            default.parse().unwrap_or_default()
+        Ok(text) => log_filter(&text, default).unwrap_or_else(|e| {
+            eprintln!("flotilla: FLOTILLA_LOG={text:?}: {e}; logging at {default}");
+            Targets::new().with_default(default)
         }),
-        _ => default.parse().unwrap_or_default(),
+        Err(_) => Targets::new().with_default(default),
     };
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colour())
@@ -748,5 +766,53 @@ fn init_logging(format: LogFormat, is_up: bool) {
     match format {
         LogFormat::Json => registry.with(layer.json()).init(),
         LogFormat::Text => registry.with(layer).init(),
+    }
+}
+
+/// `FLOTILLA_LOG`: a level, and/or `target=level` directives, separated by commas
+/// (`info,flotilla_gateway=debug`); spaces around them and empty ones do not count.
+fn log_filter(
+    text: &str,
+    default: tracing_subscriber::filter::LevelFilter,
+) -> Result<tracing_subscriber::filter::Targets, String> {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let level = |s: &str| {
+        s.trim()
+            .parse::<LevelFilter>()
+            .map_err(|_| format!("{s:?} is not a level (trace, debug, info, warn, error or off)"))
+    };
+    let mut filter = Targets::new().with_default(default);
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        filter = match directive.split_once('=') {
+            Some((target, lvl)) if !target.trim().is_empty() => {
+                filter.with_target(target.trim().to_string(), level(lvl)?)
+            }
+            Some(_) => return Err(format!("{directive:?} names no target before `=`")),
+            None => filter.with_default(level(directive)?),
+        };
+    }
+    Ok(filter)
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::log_filter;
+    use tracing::Level;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn levels_and_targets() {
+        let f = log_filter(" info , flotilla_gateway=debug,, ", LevelFilter::WARN).unwrap();
+        assert!(f.would_enable("flotilla_gateway::proxy", &Level::DEBUG));
+        assert!(!f.would_enable("flotilla_gateway::proxy", &Level::TRACE));
+        assert!(f.would_enable("flotilla_agent", &Level::INFO));
+        assert!(!f.would_enable("flotilla_agent", &Level::DEBUG));
+        let f = log_filter("", LevelFilter::WARN).unwrap();
+        assert!(!f.would_enable("x", &Level::INFO));
+        assert!(f.would_enable("x", &Level::WARN));
+        for bad in ["verbose", "x=loud", "=debug"] {
+            let e = log_filter(bad, LevelFilter::WARN).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
     }
 }
