@@ -133,6 +133,17 @@ struct Data {
     secret: bool,
 }
 
+/// What a workload's parts read (the image map, ConfigMaps and Secrets) and where they write.
+struct Build<'a> {
+    images: &'a ImageMap,
+    data: &'a BTreeMap<String, Data>,
+    /// The `[service.NAME]` table.
+    table: Table,
+    /// Its `deploy` table.
+    deploy: Table,
+    warnings: &'a mut Vec<Diag>,
+}
+
 /// A Service document: its selector and ports.
 struct Svc<'a> {
     file: &'a str,
@@ -764,8 +775,13 @@ fn workload(
         cx.err(node.pos, "spec", "no `spec`");
         return None;
     };
-    let mut table = Table::new();
-    let mut deploy = Table::new();
+    let mut b = Build {
+        images,
+        data,
+        table: Table::new(),
+        deploy: Table::new(),
+        warnings,
+    };
     let (pod_spec, pod_path, labels) = if w.kind == "Deployment" {
         cx.fields(
             spec,
@@ -783,25 +799,28 @@ fn workload(
         if let Some(r) = spec.get("replicas")
             && let Some(n) = cx.int(r, "spec.replicas")
         {
-            table.insert("replicas".into(), Toml::Integer(n));
+            b.table.insert("replicas".into(), Toml::Integer(n));
         }
         if let Some(s) = spec.get("strategy") {
-            strategy(cx, s, &mut deploy);
+            strategy(cx, s, &mut b.deploy);
         }
         if let Some(m) = spec.get("minReadySeconds")
             && let Some(n) = cx.int(m, "spec.minReadySeconds")
         {
-            deploy.insert("min_ready".into(), Toml::String(format!("{n}s")));
+            b.deploy
+                .insert("min_ready".into(), Toml::String(format!("{n}s")));
         }
         if let Some(m) = spec.get("revisionHistoryLimit")
             && let Some(n) = cx.int(m, "spec.revisionHistoryLimit")
         {
-            deploy.insert("revision_history".into(), Toml::Integer(n.max(1)));
+            b.deploy
+                .insert("revision_history".into(), Toml::Integer(n.max(1)));
         }
         if let Some(m) = spec.get("progressDeadlineSeconds")
             && let Some(n) = cx.int(m, "spec.progressDeadlineSeconds")
         {
-            deploy.insert("progress_deadline".into(), Toml::String(format!("{n}s")));
+            b.deploy
+                .insert("progress_deadline".into(), Toml::String(format!("{n}s")));
         }
         let Some(template) = spec.get("template") else {
             cx.err(spec.pos, "spec.template", "no `template`");
@@ -845,17 +864,10 @@ fn workload(
             .unwrap_or_default();
         (spec, "spec", labels)
     };
-    let ports = pod(
-        cx,
-        w,
-        pod_spec,
-        pod_path,
-        images,
-        data,
-        &mut table,
-        &mut deploy,
-        warnings,
-    )?;
+    let ports = pod(cx, w, pod_spec, pod_path, &mut b)?;
+    let Build {
+        mut table, deploy, ..
+    } = b;
     if !deploy.is_empty() {
         table.insert("deploy".into(), Toml::Table(deploy));
     }
@@ -942,18 +954,7 @@ fn strategy(cx: &mut Cx, s: &Node, deploy: &mut Table) {
 }
 
 /// The pod template: one container, its process.
-#[allow(clippy::too_many_arguments)]
-fn pod(
-    cx: &mut Cx,
-    w: &Workload,
-    spec: &Node,
-    path: &str,
-    images: &ImageMap,
-    data: &BTreeMap<String, Data>,
-    table: &mut Table,
-    deploy: &mut Table,
-    warnings: &mut Vec<Diag>,
-) -> Option<Vec<(i64, String)>> {
+fn pod(cx: &mut Cx, w: &Workload, spec: &Node, path: &str, b: &mut Build) -> Option<PortNames> {
     cx.fields(
         spec,
         path,
@@ -1012,17 +1013,17 @@ fn pod(
     if policy != "always" {
         let mut r = Table::new();
         r.insert("policy".into(), Toml::String(policy.into()));
-        table.insert("restart".into(), Toml::Table(r));
+        b.table.insert("restart".into(), Toml::Table(r));
     }
     if let Some(g) = spec.get("terminationGracePeriodSeconds")
         && let Some(n) = cx.int(g, &join(path, "terminationGracePeriodSeconds"))
     {
         let mut stop = Table::new();
         stop.insert("grace_period".into(), Toml::String(format!("{n}s")));
-        table.insert("stop".into(), Toml::Table(stop));
+        b.table.insert("stop".into(), Toml::Table(stop));
     }
     if let Some(sc) = spec.get("securityContext") {
-        security_context(cx, sc, &join(path, "securityContext"), table);
+        security_context(cx, sc, &join(path, "securityContext"), &mut b.table);
     }
     let mut placement = Table::new();
     if let Some(ns) = spec.get("nodeSelector") {
@@ -1083,7 +1084,7 @@ fn pod(
         }
     }
     if !placement.is_empty() {
-        table.insert("placement".into(), Toml::Table(placement));
+        b.table.insert("placement".into(), Toml::Table(placement));
     }
     let cp = join(path, "containers");
     let containers = match spec.get("containers") {
@@ -1097,17 +1098,7 @@ fn pod(
     if let Some(second) = containers.get(1) {
         cx.err(second.pos, &index(&cp, 1), "a second container: not supported (an instance is one process; make each container a service of its own)");
     }
-    container_into(
-        cx,
-        w,
-        container,
-        &index(&cp, 0),
-        images,
-        data,
-        table,
-        deploy,
-        warnings,
-    )
+    container_into(cx, w, container, &index(&cp, 0), b)
 }
 
 fn security_context(cx: &mut Cx, sc: &Node, path: &str, table: &mut Table) {
@@ -1136,18 +1127,13 @@ fn security_context(cx: &mut Cx, sc: &Node, path: &str, table: &mut Table) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn container_into(
     cx: &mut Cx,
     w: &Workload,
     c: &Node,
     path: &str,
-    images: &ImageMap,
-    data: &BTreeMap<String, Data>,
-    table: &mut Table,
-    deploy: &mut Table,
-    warnings: &mut Vec<Diag>,
-) -> Option<Vec<(i64, String)>> {
+    b: &mut Build,
+) -> Option<PortNames> {
     cx.fields(
         c,
         path,
@@ -1180,7 +1166,7 @@ fn container_into(
     let image = c
         .get("image")
         .and_then(|n| cx.string(n, &join(path, "image")));
-    let mapped = image.as_deref().and_then(|i| images.get(i));
+    let mapped = image.as_deref().and_then(|i| b.images.get(i));
     let (program, mut argv) = match (&command, mapped) {
         (Some(cmd), _) if !cmd.is_empty() => (cmd[0].clone(), cmd[1..].to_vec()),
         (_, Some((program, default_args))) => (program.clone(), default_args.clone()),
@@ -1196,9 +1182,9 @@ fn container_into(
     if let Some(a) = args {
         argv = a;
     }
-    table.insert("command".into(), Toml::String(program));
+    b.table.insert("command".into(), Toml::String(program));
     if !argv.is_empty() {
-        table.insert(
+        b.table.insert(
             "args".into(),
             Toml::Array(
                 argv.into_iter()
@@ -1211,7 +1197,7 @@ fn container_into(
         .get("workingDir")
         .and_then(|n| cx.string(n, &join(path, "workingDir")))
     {
-        table.insert("workdir".into(), Toml::String(wd));
+        b.table.insert("workdir".into(), Toml::String(wd));
     }
     // Ports: named as in the manifest, else `p<number>`.
     let mut ports: Vec<(i64, String)> = Vec::new();
@@ -1241,25 +1227,25 @@ fn container_into(
         }
     }
     if !ports.is_empty() {
-        table.insert(
+        b.table.insert(
             "ports".into(),
             Toml::Array(ports.iter().map(|(_, n)| Toml::String(n.clone())).collect()),
         );
-        warnings.push(cx.diag(c.get("ports").map_or(c.pos, |n| n.pos), &join(path, "ports"), format!(
+        b.warnings.push(cx.diag(c.get("ports").map_or(c.pos, |n| n.pos), &join(path, "ports"), format!(
                 "{}: each instance gets its own host port, in ${{PORT}} (the first) and ${{PORT_<NAME>}}; the process must listen there, not on {}",
                 w.name,
                 ports.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", ")
             )));
     }
-    let env = environment(cx, c, path, data, warnings);
+    let env = environment(cx, c, path, b.data, b.warnings);
     if !env.is_empty() {
-        table.insert(
+        b.table.insert(
             "env".into(),
             Toml::Table(env.into_iter().map(|(k, v)| (k, Toml::String(v))).collect()),
         );
     }
     if let Some(r) = c.get("resources") {
-        resources(cx, r, &join(path, "resources"), table, warnings);
+        resources(cx, r, &join(path, "resources"), &mut b.table, b.warnings);
     }
     let mut probes = Table::new();
     for (k8s, ours) in [
@@ -1274,13 +1260,13 @@ fn container_into(
         }
     }
     if !probes.is_empty() {
-        table.insert("probes".into(), Toml::Table(probes));
+        b.table.insert("probes".into(), Toml::Table(probes));
     }
     if let Some(l) = c.get("lifecycle") {
-        lifecycle(cx, l, &join(path, "lifecycle"), deploy);
+        lifecycle(cx, l, &join(path, "lifecycle"), &mut b.deploy);
     }
     if let Some(sc) = c.get("securityContext") {
-        security_context(cx, sc, &join(path, "securityContext"), table);
+        security_context(cx, sc, &join(path, "securityContext"), &mut b.table);
     }
     Some(ports)
 }
