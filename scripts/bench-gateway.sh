@@ -130,7 +130,12 @@ cleanup() {
   local i pid
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     pid=${PIDS[i]}
-    kill -TERM "$pid" 2>/dev/null || true
+    # flotilla on SIGINT stops its workloads (SIGTERM would leave the backend running).
+    if [ "$pid" = "${FL_PID:-}" ]; then
+      kill -INT "$pid" 2>/dev/null || true
+    else
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
   done
   for pid in "${PIDS[@]}"; do
     for _ in $(seq 1 100); do # at most 20 s each
@@ -187,7 +192,7 @@ start_flotilla() { # $1: tls | plain | bare
 
 FLOTILLA_TLS=1
 if ! start_flotilla tls; then
-  kill -TERM "$FL_PID" 2>/dev/null || true
+  kill -INT "$FL_PID" 2>/dev/null || true
   wait "$FL_PID" 2>/dev/null || true
   # shellcheck disable=SC2016 # literal backticks in the error message
   if grep -q 'unknown field `gateway`' "$T/flotilla/up.log"; then

@@ -56,7 +56,9 @@ PIDS=()
 cleanup() {
   local status=$? pid
   trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # SIGINT: flotilla stops its workloads with it (on SIGTERM it would leave them running);
+  # nginx takes it as a fast shutdown, as SIGTERM.
+  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do
     for _ in $(seq 1 150); do
       kill -0 "$pid" 2>/dev/null || break

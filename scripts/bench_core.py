@@ -107,7 +107,8 @@ class Up:
         return -1
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
+        # SIGINT stops the workloads too (SIGTERM would leave them running for the next up).
+        self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

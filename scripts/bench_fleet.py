@@ -118,7 +118,8 @@ class Fleet:
 
     def stop(self):
         for p in self.agents.values():
-            p.send_signal(signal.SIGTERM)
+            # SIGINT: an agent stops its instances (on SIGTERM it leaves them running).
+            p.send_signal(signal.SIGINT)
         for p in self.agents.values():
             p.wait(timeout=60)
         self.server.send_signal(signal.SIGTERM)
