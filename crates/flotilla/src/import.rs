@@ -60,15 +60,30 @@ pub fn run(files: &[PathBuf], output: Option<&Path>, image_map: Option<&Path>) -
         return Ok(ExitCode::FAILURE);
     }
     match output {
-        Some(path) => {
-            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?
-        }
+        Some(path) => write_output(path, &text, imported.secrets)
+            .with_context(|| format!("writing {}", path.display()))?,
         None => std::io::stdout()
             .lock()
             .write_all(text.as_bytes())
             .context("writing stdout")?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A file holding values of Secrets is readable by its owner only (0600), as a new file and
+/// as one written over.
+fn write_output(path: &Path, text: &str, secrets: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if secrets {
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    if secrets {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(text.as_bytes())
 }
 
 fn shown(files: &[PathBuf]) -> String {

@@ -130,6 +130,10 @@ fn the_shop_imports_and_runs_behind_the_gateway() {
         !stderr.contains("s3cr3t") && !stderr.contains("hunter2"),
         "{stderr}"
     );
+    // Values of Secrets are in it: readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let text = std::fs::read_to_string(&out_file).unwrap();
     let file: toml::Table = text.parse().unwrap();
     let web = &file["service"]["web"];

@@ -98,6 +98,8 @@ pub struct Imported {
     /// `[service.NAME]` tables, by name.
     pub services: BTreeMap<String, Table>,
     pub warnings: Vec<Diag>,
+    /// Some `env` value came from a Secret: the file is as private as the Secret.
+    pub secrets: bool,
 }
 
 impl Imported {
@@ -142,6 +144,8 @@ struct Build<'a> {
     /// Its `deploy` table.
     deploy: Table,
     warnings: &'a mut Vec<Diag>,
+    /// Set once a value comes from a Secret.
+    secrets: &'a mut bool,
 }
 
 /// A Service document: its selector and ports.
@@ -440,7 +444,14 @@ pub fn import(inputs: &[Input], images: &ImageMap) -> Result<Imported, Vec<Diag>
             );
             continue;
         }
-        match workload(&mut cx, w, images, &data, &mut out.warnings) {
+        match workload(
+            &mut cx,
+            w,
+            images,
+            &data,
+            &mut out.warnings,
+            &mut out.secrets,
+        ) {
             Some((table, labels, ports)) => {
                 shapes.insert(w.name.clone(), (labels, ports));
                 out.services.insert(w.name.clone(), table);
@@ -764,6 +775,7 @@ fn workload(
     images: &ImageMap,
     data: &BTreeMap<String, Data>,
     warnings: &mut Vec<Diag>,
+    secrets: &mut bool,
 ) -> Option<(Table, Labels, PortNames)> {
     let node = w.node;
     cx.fields(
@@ -781,6 +793,7 @@ fn workload(
         table: Table::new(),
         deploy: Table::new(),
         warnings,
+        secrets,
     };
     let (pod_spec, pod_path, labels) = if w.kind == "Deployment" {
         cx.fields(
@@ -1237,7 +1250,7 @@ fn container_into(
                 ports.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", ")
             )));
     }
-    let env = environment(cx, c, path, b.data, b.warnings);
+    let env = environment(cx, c, path, b);
     if !env.is_empty() {
         b.table.insert(
             "env".into(),
@@ -1299,13 +1312,8 @@ fn k8s_to_expansion(s: &str) -> String {
     out
 }
 
-fn environment(
-    cx: &mut Cx,
-    c: &Node,
-    path: &str,
-    data: &BTreeMap<String, Data>,
-    warnings: &mut Vec<Diag>,
-) -> BTreeMap<String, String> {
+fn environment(cx: &mut Cx, c: &Node, path: &str, b: &mut Build) -> BTreeMap<String, String> {
+    let data = b.data;
     let mut env = BTreeMap::new();
     let mut from_secrets = Vec::new();
     if let Some(ef) = c.get("envFrom") {
@@ -1447,7 +1455,8 @@ fn environment(
         }
     }
     if !from_secrets.is_empty() {
-        warnings.push(cx.diag(c.pos, path, format!(
+        *b.secrets = true;
+        b.warnings.push(cx.diag(c.pos, path, format!(
                 "{} come from Secrets: their values are written into the flotilla file as plain env; keep it as private as the Secret",
                 from_secrets.join(", ")
             )));
