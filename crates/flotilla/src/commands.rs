@@ -150,6 +150,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             service,
             ..
         } => get(&client, kind, name, output, selector, service).await,
+        Command::Export { name, output, .. } => {
+            let service: Service = client.get(&format!("/api/v1/services/{name}")).await?;
+            let out = flotilla_kube::export(&name, &service.spec);
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
+            match output {
+                Some(path) => std::fs::write(&path, &out.yaml)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{}", out.yaml),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Describe {
             kind: crate::DescribeKind::Service,
             name,

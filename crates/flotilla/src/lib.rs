@@ -152,6 +152,18 @@ pub enum Command {
         #[arg(long = "image-map")]
         image_map: Option<PathBuf>,
     },
+    /// Print a stored service as Kubernetes YAML: a Deployment, and a Service and an Ingress
+    /// for its routes (what has no Kubernetes field is said on stderr).
+    Export {
+        #[arg(value_enum)]
+        kind: ExportKind,
+        name: String,
+        /// Write the YAML here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        conn: SubConn,
+    },
     /// Create or update the services in a file.
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -291,6 +303,7 @@ impl Command {
             Command::Apply { conn, .. }
             | Command::Get { conn, .. }
             | Command::Describe { conn, .. }
+            | Command::Export { conn, .. }
             | Command::Logs { conn, .. }
             | Command::Events { conn, .. }
             | Command::Delete { conn, .. }
@@ -450,6 +463,12 @@ pub enum Kind {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportKind {
+    #[value(alias = "services", alias = "svc")]
+    Service,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DescribeKind {
     #[value(alias = "services", alias = "svc")]
     Service,

@@ -214,4 +214,69 @@ fn the_shop_imports_and_runs_behind_the_gateway() {
         },
     );
     assert!(body.starts_with("api says from api-"), "{body}");
+
+    // And back: `flotilla export` of the stored services is YAML the real kubectl reads as
+    // typed objects, and importing it gives the services that are stored.
+    let home = tempfile::tempdir().unwrap();
+    let mut exported = Vec::new();
+    for name in ["web", "api"] {
+        let path = dir.path().join(format!("{name}.k8s.yaml"));
+        let out = up.cli(&["export", "service", name, "-o", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "export {name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("warning: {name}: image:")),
+            "{stderr}"
+        );
+        let kubectl = Command::new("kubectl")
+            .args(["set", "image", "--local", "-o", "name", "-f"])
+            .arg(&path)
+            .arg("*=registry.example.com/shop/x:1")
+            .arg("--cache-dir")
+            .arg(home.path().join("cache"))
+            .env("HOME", home.path())
+            .env("KUBECONFIG", home.path().join("none"))
+            .output()
+            .expect("kubectl (on the PATH of every machine of this project)");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&kubectl.stdout),
+            String::from_utf8_lossy(&kubectl.stderr),
+        );
+        assert!(
+            stdout.contains(&format!("deployment.apps/{name}")),
+            "kubectl: {stdout}{stderr}"
+        );
+        // The Service and the Ingress decode too (a Service has no pod template to set).
+        assert!(
+            !stderr.contains("unable to decode") && !stderr.contains("cannot unmarshal"),
+            "kubectl: {stderr}"
+        );
+        assert!(
+            stderr.contains("*v1.Service") && stderr.contains("*v1.Ingress"),
+            "{stderr}"
+        );
+        exported.push(path);
+    }
+    let mut args = Vec::new();
+    for p in &exported {
+        args.push("-f");
+        args.push(p.to_str().unwrap());
+    }
+    let again = import(&args);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let again = flotilla_spec::parse_file(&String::from_utf8_lossy(&again.stdout), "again")
+        .unwrap()
+        .service;
+    for name in ["web", "api"] {
+        let stored = up.api_get(&format!("/api/v1/services/{name}"))["spec"].clone();
+        assert_eq!(
+            serde_json::to_value(&again[name]).unwrap(),
+            stored,
+            "{name}"
+        );
+    }
 }

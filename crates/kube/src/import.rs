@@ -1250,7 +1250,19 @@ fn container_into(
                 ports.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", ")
             )));
     }
-    let env = environment(cx, c, path, b);
+    let mut env = environment(cx, c, path, b);
+    // `PORT` and `PORT_<NAME>` set to the container's own port numbers (as `flotilla export`
+    // writes them) are what flotilla gives every instance anyway, with its host ports.
+    for (i, (number, port)) in ports.iter().enumerate() {
+        let n = number.to_string();
+        if i == 0 && env.get("PORT") == Some(&n) {
+            env.remove("PORT");
+        }
+        let var = flotilla_spec::port_env_var(port);
+        if env.get(&var) == Some(&n) {
+            env.remove(&var);
+        }
+    }
     if !env.is_empty() {
         b.table.insert(
             "env".into(),
@@ -1300,8 +1312,9 @@ fn k8s_to_expansion(s: &str) -> String {
             out.push_str(&inner[..end]);
             out.push('}');
             rest = &inner[end + 1..];
-        } else if let Some(escaped) = after.strip_prefix("$(") {
-            out.push_str("$$(");
+        } else if let Some(escaped) = after.strip_prefix('$') {
+            // `$$` is one literal `$` (Kubernetes' escape, as in `$$(VAR)`).
+            out.push_str("$$");
             rest = escaped;
         } else {
             out.push_str("$$");
