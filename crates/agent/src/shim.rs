@@ -305,9 +305,8 @@ impl Output {
             if left.is_zero() {
                 return;
             }
-            let timeout = rustix::time::Timespec {
-                tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
-                tv_nsec: i64::from(left.subsec_nanos()),
+            let Ok(timeout) = rustix::time::Timespec::try_from(left) else {
+                return;
             };
             let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
             match rustix::event::poll(&mut fds, Some(&timeout)) {

@@ -5,7 +5,6 @@
 //! and YAML path and what is supported instead. Nothing is skipped silently.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use base64::Engine;
 use toml::{Table, Value as Toml};
@@ -18,24 +17,9 @@ pub struct Input {
     pub text: String,
 }
 
-/// A refusal or a warning: where, the YAML path, and what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diag {
-    pub file: String,
-    pub pos: Pos,
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for Diag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.pos.line, self.pos.col)?;
-        if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
-        }
-        f.write_str(&self.message)
-    }
-}
+/// A refusal or a warning: file, line, column, YAML path and what (displayed as
+/// `file:line:col: path: message`, as the flotilla file's own errors).
+pub type Diag = flotilla_spec::SpecError;
 
 /// Image → the command (and default arguments) that runs it here, until a container driver
 /// exists. Read from `--image-map FILE`: `"registry/app:1.2" = { command = "…", args = […] }`.
@@ -180,8 +164,9 @@ impl Cx<'_> {
             (pre, p) => format!("{pre}{p}"),
         };
         Diag {
-            file: self.file.to_string(),
-            pos,
+            file: Some(self.file.to_string()),
+            line: pos.line,
+            col: pos.col,
             path,
             message: message.into(),
         }
@@ -253,6 +238,24 @@ impl Cx<'_> {
         }
     }
 
+    /// The mappings of the list at `path`, each with its own path, every key not in
+    /// `supported` refused (an item that is not a mapping is refused and left out).
+    fn items<'n>(
+        &mut self,
+        n: &'n Node,
+        path: &str,
+        supported: &[&str],
+    ) -> Vec<(String, &'n Node)> {
+        let mut out = Vec::new();
+        for (i, item) in self.list(n, path).iter().enumerate() {
+            let p = index(path, i);
+            if self.fields(item, &p, supported).is_some() {
+                out.push((p, item));
+            }
+        }
+        out
+    }
+
     fn strings(&mut self, n: &Node, path: &str) -> Vec<String> {
         let items = self.list(n, path);
         items
@@ -313,8 +316,9 @@ pub fn import(inputs: &[Input], images: &ImageMap) -> Result<Imported, Vec<Diag>
         match yaml::parse(&input.text) {
             Ok(docs) => parsed.push((input.file.as_str(), docs)),
             Err(e) => errors.push(Diag {
-                file: input.file.clone(),
-                pos: e.pos,
+                file: Some(input.file.clone()),
+                line: e.pos.line,
+                col: e.pos.col,
                 path: String::new(),
                 message: format!("not YAML: {}", e.message),
             }),
@@ -714,14 +718,7 @@ fn service_doc<'a>(cx: &mut Cx, file: &'a str, node: &'a Node, name: String) -> 
     let mut ports = Vec::new();
     if let Some(p) = spec.get("ports") {
         let pp = join(&path, "ports");
-        for (i, item) in cx.list(p, &pp).iter().enumerate() {
-            let ip = index(&pp, i);
-            if cx
-                .fields(item, &ip, &["name", "port", "targetPort", "protocol"])
-                .is_none()
-            {
-                continue;
-            }
+        for (ip, item) in cx.items(p, &pp, &["name", "port", "targetPort", "protocol"]) {
             protocol_tcp(cx, item, &ip);
             let port_name = item
                 .get("name")
@@ -1051,14 +1048,7 @@ fn pod(cx: &mut Cx, w: &Workload, spec: &Node, path: &str, b: &mut Build) -> Opt
     if let Some(t) = spec.get("tolerations") {
         let tp = join(path, "tolerations");
         let mut out = Vec::new();
-        for (i, item) in cx.list(t, &tp).iter().enumerate() {
-            let ip = index(&tp, i);
-            if cx
-                .fields(item, &ip, &["key", "operator", "value", "effect"])
-                .is_none()
-            {
-                continue;
-            }
+        for (ip, item) in cx.items(t, &tp, &["key", "operator", "value", "effect"]) {
             let mut tol = Table::new();
             if let Some(k) = item
                 .get("key")
@@ -1216,14 +1206,7 @@ fn container_into(
     let mut ports: Vec<(i64, String)> = Vec::new();
     if let Some(p) = c.get("ports") {
         let pp = join(path, "ports");
-        for (i, item) in cx.list(p, &pp).iter().enumerate() {
-            let ip = index(&pp, i);
-            if cx
-                .fields(item, &ip, &["name", "containerPort", "protocol"])
-                .is_none()
-            {
-                continue;
-            }
+        for (ip, item) in cx.items(p, &pp, &["name", "containerPort", "protocol"]) {
             protocol_tcp(cx, item, &ip);
             let Some(number) = item
                 .get("containerPort")
@@ -1331,14 +1314,7 @@ fn environment(cx: &mut Cx, c: &Node, path: &str, b: &mut Build) -> BTreeMap<Str
     let mut from_secrets = Vec::new();
     if let Some(ef) = c.get("envFrom") {
         let ep = join(path, "envFrom");
-        for (i, item) in cx.list(ef, &ep).iter().enumerate() {
-            let ip = index(&ep, i);
-            if cx
-                .fields(item, &ip, &["configMapRef", "secretRef", "prefix"])
-                .is_none()
-            {
-                continue;
-            }
+        for (ip, item) in cx.items(ef, &ep, &["configMapRef", "secretRef", "prefix"]) {
             let prefix = item
                 .get("prefix")
                 .and_then(Node::as_str)
@@ -1376,14 +1352,7 @@ fn environment(cx: &mut Cx, c: &Node, path: &str, b: &mut Build) -> BTreeMap<Str
     }
     if let Some(e) = c.get("env") {
         let ep = join(path, "env");
-        for (i, item) in cx.list(e, &ep).iter().enumerate() {
-            let ip = index(&ep, i);
-            if cx
-                .fields(item, &ip, &["name", "value", "valueFrom"])
-                .is_none()
-            {
-                continue;
-            }
+        for (ip, item) in cx.items(e, &ep, &["name", "value", "valueFrom"]) {
             let Some(name) = item
                 .get("name")
                 .and_then(|n| cx.string(n, &join(&ip, "name")))
@@ -1821,14 +1790,10 @@ fn ingress(
     }
     let rp = join(&path, "rules");
     let rules = match spec.get("rules") {
-        Some(r) => cx.list(r, &rp),
-        None => &[],
+        Some(r) => cx.items(r, &rp, &["host", "http"]),
+        None => Vec::new(),
     };
-    for (i, rule) in rules.iter().enumerate() {
-        let ip = index(&rp, i);
-        if cx.fields(rule, &ip, &["host", "http"]).is_none() {
-            continue;
-        }
+    for (ip, rule) in rules {
         let host = rule
             .get("host")
             .and_then(|h| cx.string(h, &join(&ip, "host")));
@@ -1841,17 +1806,10 @@ fn ingress(
         }
         let pp = join(&hp, "paths");
         let paths = match http.get("paths") {
-            Some(p) => cx.list(p, &pp),
-            None => &[],
+            Some(p) => cx.items(p, &pp, &["path", "pathType", "backend"]),
+            None => Vec::new(),
         };
-        for (j, item) in paths.iter().enumerate() {
-            let jp = index(&pp, j);
-            if cx
-                .fields(item, &jp, &["path", "pathType", "backend"])
-                .is_none()
-            {
-                continue;
-            }
+        for (jp, item) in paths {
             if let Some(t) = item.get("pathType")
                 && let Some(kind) = cx.string(t, &join(&jp, "pathType"))
                 && kind != "Prefix"
