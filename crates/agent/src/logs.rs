@@ -198,21 +198,13 @@ impl LineSink {
     /// written straight from `data`; nothing is allocated once the pending buffer has grown.
     pub fn feed(&mut self, data: &[u8]) {
         if self.pending.is_empty() {
-            let cut = match data.iter().rposition(|b| *b == b'\n') {
-                Some(i) => i + 1,
-                None if data.len() >= MAX_LINE => data.len(),
-                None => 0,
-            };
+            let cut = complete(data);
             self.write(&data[..cut]);
             self.pending.extend_from_slice(&data[cut..]);
             return;
         }
         self.pending.extend_from_slice(data);
-        let cut = match self.pending.iter().rposition(|b| *b == b'\n') {
-            Some(i) => i + 1,
-            None if self.pending.len() >= MAX_LINE => self.pending.len(),
-            None => return,
-        };
+        let cut = complete(&self.pending);
         let pending = std::mem::take(&mut self.pending);
         self.write(&pending[..cut]);
         self.pending = pending;
@@ -238,6 +230,16 @@ impl LineSink {
             tracing::warn!(instance = %self.instance, error = %e, "cannot write instance log");
             self.warned = true;
         }
+    }
+}
+
+/// How much of `buf` is whole lines: up to its last newline; all of it once it holds
+/// [`MAX_LINE`] bytes without one; else nothing.
+fn complete(buf: &[u8]) -> usize {
+    match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        None if buf.len() >= MAX_LINE => buf.len(),
+        None => 0,
     }
 }
 
