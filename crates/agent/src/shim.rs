@@ -170,7 +170,11 @@ fn shim_main() -> i32 {
     };
     let (mut child, output, state) = started;
     // The workload's end, as a descriptor the output loop polls beside the pipe.
-    let exited = match rustix::process::Pid::from_raw(state.pid as i32)
+    // Not `open_pidfd`: a workload that already exited is still our unreaped child, and its
+    // pidfd is what tells the loop so.
+    let exited = match i32::try_from(state.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
         .ok_or(rustix::io::Errno::SRCH)
         .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()))
     {
