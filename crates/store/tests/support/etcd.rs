@@ -36,12 +36,16 @@ pub fn skip(test: &str, why: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free ports: every listener is held until all are chosen (one at a time, the
+/// kernel may hand the same port out twice, and two members would then share a client URL).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// One etcd member of a one-member cluster.
@@ -109,7 +113,8 @@ impl Etcd {
 
     async fn start_with(tls: Option<&TestTls>) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
+        let ports = free_ports(2);
+        let (client, peer) = (ports[0], ports[1]);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -222,11 +227,12 @@ impl Cluster {
     /// Starts `n` members and waits until the cluster takes writes.
     pub async fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2 * n);
         let members: Vec<Member> = (1..=n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: format!("http://127.0.0.1:{}", free_port()),
-                peer: format!("http://127.0.0.1:{}", free_port()),
+                client: format!("http://127.0.0.1:{}", ports[2 * (i - 1)]),
+                peer: format!("http://127.0.0.1:{}", ports[2 * (i - 1) + 1]),
                 data: dir.path().join(format!("m{i}")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
